@@ -1,0 +1,8 @@
+"""orthoopt: learned orthogonal rotations for post-training quantization, as one manifold problem.
+
+Data flows one way: model -> adapter -> weight blocks -> objective -> solver -> rotations ->
+adapter write-back -> checkpoint. Conventions (row vectors, ``x -> x @ R``, ``W @ R`` for blocks that
+read the rotated space, ``R.T @ W`` for blocks that write it) are in ``docs/conventions.md``.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from orthoopt.cli import main
+
+sys.exit(main())

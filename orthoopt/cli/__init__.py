@@ -1,0 +1,40 @@
+"""``orthoopt`` command line: one module per subcommand.
+
+Each subcommand module defines ``add_parser(subparsers)`` (which registers its arguments and sets
+``func``) and ``run(args) -> int``. Progress bars go to stderr; ``--json`` output goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = ("rotate", "quantize", "eval", "diagnose")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orthoopt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"orthoopt.cli.{name}_cmd")
+        except ModuleNotFoundError as e:  # a subcommand not built yet
+            if e.name != f"orthoopt.cli.{name}_cmd":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"orthoopt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
