@@ -1,0 +1,33 @@
+"""Hadamard constructions and fast transforms.
+
+``hadamard_matrix(n)`` builds an exact ±1 Hadamard matrix for every ``n = 2^j * m`` whose base ``m`` is 1 or
+a Paley I / Paley II / Williamson order (``docs/hadamard.md``); ``random_hadamard`` gives the orthogonal
+``H @ D / sqrt(n)``; ``fwht`` and ``hadamard_transform`` apply ``x -> x @ H / sqrt(n)`` without the dense
+matrix.
+"""
+
+from .construct import (
+    HadamardPlan,
+    hadamard_matrix,
+    hadamard_plan,
+    hadamard_sizes,
+    is_hadamard_size,
+    nearest_hadamard_sizes,
+    sylvester_matrix,
+)
+from .fwht import fwht, hadamard_transform
+from .random import random_hadamard, random_signs
+
+__all__ = [
+    "HadamardPlan",
+    "fwht",
+    "hadamard_matrix",
+    "hadamard_plan",
+    "hadamard_sizes",
+    "hadamard_transform",
+    "is_hadamard_size",
+    "nearest_hadamard_sizes",
+    "random_hadamard",
+    "random_signs",
+    "sylvester_matrix",
+]
