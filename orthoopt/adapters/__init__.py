@@ -1,0 +1,20 @@
+"""Hugging Face decoders <-> weight blocks: norm fusion, rotation write-back, calibration inputs, I/O.
+
+Supported: Llama, Mistral, Qwen2, Qwen3 (RMSNorm + gated-MLP decoders). See ``docs/adapters.md``;
+conventions (row vectors, sides) are in ``docs/conventions.md``.
+"""
+
+from orthoopt.adapters.archs import ARCHS, ArchSpec, UnsupportedModelError, locate
+from orthoopt.adapters.decoder import DecoderAdapter
+from orthoopt.adapters.io import load_model, load_rotations, load_tokenizer, save_rotated
+from orthoopt.adapters.llama2c import read_llama2c, write_llama2c
+from orthoopt.adapters.tiny import BYTE_VOCAB_SIZE, byte_tokenizer, planted_outlier_model, save_planted
+from orthoopt.adapters.verify import logits_relative_error
+from orthoopt.adapters.writeback import orthogonality_tolerance
+
+__all__ = [
+    "ARCHS", "ArchSpec", "BYTE_VOCAB_SIZE", "DecoderAdapter", "UnsupportedModelError", "byte_tokenizer",
+    "load_model", "load_rotations", "load_tokenizer", "locate", "logits_relative_error",
+    "orthogonality_tolerance", "planted_outlier_model", "read_llama2c", "save_planted", "save_rotated",
+    "write_llama2c",
+]

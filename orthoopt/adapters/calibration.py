@@ -1,0 +1,140 @@
+"""Inputs of a decoder's linear layers on calibration text, for data-driven objectives.
+
+Forward pre-hooks record the input rows ``x`` (``[tokens, in_features]``, row vectors as in
+``docs/conventions.md``) of the named ``nn.Linear`` modules. Layers that read the same tensor
+(q/k/v read ``input_layernorm``'s output, gate/up read ``post_attention_layernorm``'s) are recorded
+once and share the result. Nothing here knows about objectives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from orthoopt.adapters.archs import DecoderModules
+
+
+def input_groups(m: DecoderModules, modules: Iterable[str] | None = None) -> dict[str, list[str]]:
+    """``{hooked module name: [names sharing its input]}`` for the requested linear modules.
+
+    ``modules`` defaults to every projection and ``lm_head`` (see ``DecoderModules.linears``);
+    an unknown name raises ValueError.
+    """
+    linears = m.linears()
+    wanted = list(linears) if modules is None else list(dict.fromkeys(modules))
+    unknown = [n for n in wanted if n not in linears]
+    if unknown:
+        raise ValueError(f"not linear modules of this model: {unknown[:5]} (e.g. {next(iter(linears))!r})")
+    shared: dict[str, str] = {}  # module -> group leader
+    for L in m.layers:
+        for group in (("q", "k", "v"), ("o",), ("gate", "up"), ("down",)):
+            for role in group:
+                shared[L.names[role]] = L.names[group[0]]
+    shared[m.names["lm_head"]] = m.names["lm_head"]
+    groups: dict[str, list[str]] = {}
+    for n in wanted:
+        groups.setdefault(shared[n], []).append(n)
+    return groups
+
+
+def _batches(batches: Iterable[torch.Tensor], progress: bool, desc: str):
+    items = list(batches) if not isinstance(batches, torch.Tensor) else [batches]
+    for ids in tqdm(items, desc=desc, disable=not progress, leave=False):
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"calibration batches must be integer token-id tensors [batch, seq], got {type(ids).__name__}"
+                             + (f" of {ids.dtype}" if isinstance(ids, torch.Tensor) else ""))
+        yield ids if ids.ndim == 2 else ids.reshape(1, -1)
+
+
+def _run(model: nn.Module, ids: torch.Tensor) -> None:
+    device = next(model.parameters()).device
+    model(input_ids=ids.to(device), use_cache=False)
+
+
+@torch.no_grad()
+def linear_inputs(model: nn.Module, m: DecoderModules, batches: Iterable[torch.Tensor], max_tokens: int = 2048,
+                  modules: Iterable[str] | None = None, seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
+    """``{module name: X}`` with ``X`` float32 ``[T, in_features]`` on the CPU: the module's inputs
+    at ``T = min(max_tokens, total tokens)`` tokens drawn uniformly without replacement (the same
+    tokens for every module). ``batches``: token-id tensors ``[batch, seq]`` (all positions count).
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    groups = input_groups(m, modules)
+    linears = m.linears()
+    gen = torch.Generator().manual_seed(seed)
+    kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # leader -> (keys [T], rows [T, in])
+    keys: list[torch.Tensor] = []  # this batch's per-token keys (bottom-k sampling)
+
+    def hook(leader):
+        def fn(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to("cpu", torch.float32)
+            k = keys[0]
+            if leader in kept:
+                k = torch.cat([kept[leader][0], k])
+                x = torch.cat([kept[leader][1], x])
+            if k.numel() > max_tokens:
+                idx = torch.topk(k, max_tokens, largest=False).indices.sort().values
+                k, x = k[idx], x[idx]
+            kept[leader] = (k, x)
+        return fn
+
+    handles = [linears[leader].register_forward_pre_hook(hook(leader)) for leader in groups]
+    try:
+        for ids in _batches(batches, progress, "capture inputs"):
+            keys[:] = [torch.rand(ids.numel(), generator=gen, dtype=torch.float64)]
+            _run(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    if not kept:
+        raise ValueError("no calibration batches given")
+    return {name: kept[leader][1] for leader, names in groups.items() for name in names}
+
+
+@torch.no_grad()
+def input_hessians(model: nn.Module, m: DecoderModules, batches: Iterable[torch.Tensor],
+                   modules: Iterable[str] | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
+    """``{module name: H}`` with ``H = (1/T) sum_t x_t.T x_t`` float64 ``[in, in]`` on the CPU, over
+    all ``T`` tokens of ``batches`` (token-id tensors ``[batch, seq]``). Memory: one ``[in, in]``
+    float64 matrix per group of modules sharing an input (q/k/v share one, gate/up another).
+    """
+    groups = input_groups(m, modules)
+    linears = m.linears()
+    acc: dict[str, torch.Tensor] = {}
+    count = [0]
+
+    def hook(leader):
+        def fn(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            xtx = x.T @ x
+            acc[leader] = xtx if leader not in acc else acc[leader] + xtx
+        return fn
+
+    handles = [linears[leader].register_forward_pre_hook(hook(leader)) for leader in groups]
+    try:
+        for ids in _batches(batches, progress, "input hessians"):
+            _run(model, ids)
+            count[0] += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    if count[0] == 0:
+        raise ValueError("no calibration batches given")
+    means = {leader: (acc[leader] / count[0]).cpu() for leader in groups}
+    return {name: means[leader] for leader, names in groups.items() for name in names}
+
+
+def block_inputs(entries: list, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{block name: X[:, slice]}`` from :func:`orthoopt.adapters.writeback.block_entries` triples and
+    :func:`linear_inputs` output; blocks without an input (the embedding) or whose module was not
+    captured are left out."""
+    out = {}
+    for block, module, sl in entries:
+        if module is not None and module in inputs:
+            X = inputs[module]
+            out[block.name] = X if sl is None else X[:, sl]
+    return out
