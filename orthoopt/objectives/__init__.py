@@ -1,0 +1,35 @@
+"""Pluggable losses of named rotations (``{"R1": [n, n], "R2.3": [d, d], ...}`` -> scalar).
+
+Conventions (row vectors, ``x -> x @ R``, side "in" ``W @ R``, side "out" ``R.T @ W``):
+``docs/conventions.md``. Formulas, defaults and sources of each objective: ``docs/objectives.md``.
+
+* :class:`FourthPower`      OptRot: fourth power of the rotated weights (closed-form gradient).
+* :class:`HessianWeighted`  OptRot+-style: fourth power of ``W H^(1/2)`` rotated (closed-form gradient).
+* :class:`Kurtosis`         KurTail-style: ``|kurtosis(x R) - target|`` of activations or weight rows.
+* :class:`DFRotLoss`        DFRot: weighted per-token quantization error, with Procrustes targets.
+
+Objectives compose: ``a + 0.5 * b`` is an objective (:class:`Sum`).
+"""
+
+from .base import Objective, Rotations, Sum, WeightBlock, rotation_dims
+from .dfrot import DFRotLoss, massive_tokens
+from .fake_quant import fake_quantize_per_token
+from .fourth_power import FourthPower
+from .hessian import HessianWeighted, hessian_sqrt
+from .kurtosis import Kurtosis, row_kurtosis
+
+__all__ = [
+    "DFRotLoss",
+    "FourthPower",
+    "HessianWeighted",
+    "Kurtosis",
+    "Objective",
+    "Rotations",
+    "Sum",
+    "WeightBlock",
+    "fake_quantize_per_token",
+    "hessian_sqrt",
+    "massive_tokens",
+    "rotation_dims",
+    "row_kurtosis",
+]
