@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -69,9 +69,11 @@ def _report_json(report: Mapping) -> str:
 
 
 def save_rotated(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike,
-                 rotations: Mapping[str, torch.Tensor], report: Mapping) -> Path:
+                 rotations: Mapping[str, torch.Tensor], report: Mapping,
+                 extras: Callable[[Path], None] | None = None) -> Path:
     """Write ``model`` (safetensors), ``tokenizer`` (if not None), ``rotations.safetensors`` and
     ``report.json`` into ``out_dir`` atomically (a previous ``out_dir`` is replaced only on success).
+    ``extras(folder)`` may add files (plots) to the temporary folder before it is renamed.
 
     Raises ValueError before writing anything if ``report`` is not JSON-serializable (NaN included)
     or a rotation is not a tensor.
@@ -88,6 +90,8 @@ def save_rotated(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike,
             tokenizer.save_pretrained(tmp)
         save_file(tensors, str(tmp / ROTATIONS_FILE))
         (tmp / REPORT_FILE).write_text(text + "\n")
+        if extras is not None:
+            extras(tmp)
     return Path(out_dir)
 
 

@@ -1,0 +1,123 @@
+"""Retractions on O(n): maps from a tangent step back onto the orthogonal group.
+
+Two ways to give a step at ``R`` ([n, n], ``x -> x @ R``, see ``docs/conventions.md``):
+
+* a skew-symmetric *generator* ``W`` ([n, n], ``W.T = -W``) for the Cayley retractions, which
+  multiply ``R`` from the **left**: ``R_new = C @ R`` with ``C`` orthogonal, so ``x @ R_new =
+  (x @ C) @ R``: the increment acts first, on the unrotated coordinates. The tangent vector of the
+  step is ``W @ R``.
+* an ambient tangent vector ``xi`` ([n, n], e.g. ``-lr * riemannian_grad(R, G)``) for the QR and
+  polar retractions, which map ``R + step * xi`` back onto O(n).
+
+All retractions keep the dtype and device of ``R``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .orthogonal import check_square
+
+
+def _check_generator(R: torch.Tensor, W: torch.Tensor) -> None:
+    check_square(R)
+    if W.shape != R.shape:
+        raise ValueError(f"generator W must have the shape of R {tuple(R.shape)}, got {tuple(W.shape)}")
+    asym = float(torch.linalg.matrix_norm(W + W.T))
+    scale = max(1.0, float(torch.linalg.matrix_norm(W)))
+    if asym > torch.finfo(W.dtype).eps ** 0.5 * scale:
+        raise ValueError(f"generator W must be skew-symmetric (W.T = -W); ||W + W.T||_F = {asym:.3g}")
+
+
+def _check_tangent_arg(R: torch.Tensor, xi: torch.Tensor) -> None:
+    check_square(R)
+    if xi.shape != R.shape:
+        raise ValueError(f"tangent vector xi must have the shape of R {tuple(R.shape)}, got {tuple(xi.shape)}")
+
+
+def cayley_retraction(R: torch.Tensor, W: torch.Tensor, step: float) -> torch.Tensor:
+    """Exact Cayley retraction ``(I - step/2 W)^{-1} (I + step/2 W) @ R`` (left multiplication).
+
+    ``W`` is a skew-symmetric ``[n, n]`` generator; the Cayley factor is orthogonal for every real
+    ``step`` (``I - step/2 W`` is always invertible for skew ``W``), so the result is orthogonal to
+    rounding. Solved with ``torch.linalg.solve``, no explicit inverse. The curve
+    ``Y(step)`` satisfies ``Y(0) = R`` and ``Y'(0) = W @ R``.
+    """
+    _check_generator(R, W)
+    n = R.shape[0]
+    eye = torch.eye(n, dtype=R.dtype, device=R.device)
+    half = 0.5 * step * W
+    return torch.linalg.solve(eye - half, (eye + half) @ R)
+
+
+def cayley_retraction_iterative(R: torch.Tensor, W: torch.Tensor, step: float, n_iters: int = 2) -> torch.Tensor:
+    """Fixed-point estimate of :func:`cayley_retraction` (Li, Fuxin & Todorovic, ICLR 2020, eq. 8).
+
+    ``Y_0 = R + step * W @ R``, then ``n_iters`` times ``Y_i = R + step/2 * W @ (R + Y_{i-1})``.
+    The exact Cayley point ``Y*`` is the fixed point of this map, which is a contraction with factor
+    ``|step| * ||W|| / 2``; the iteration converges when that is below 1 (Cayley SGD clips ``step``
+    to keep it at most ``q = 1/2``). ``Y_s`` equals the power series of the Cayley factor up to the
+    ``(step W)^{s+1}`` term, so it is orthogonal only up to ``O(|step| ||W||)^{s+2}``: callers
+    re-project (:func:`reorthogonalize`) when that matters. Matrix products only, no solve.
+    """
+    _check_generator(R, W)
+    if not isinstance(n_iters, int) or n_iters < 1:
+        raise ValueError(f"n_iters must be a positive int, got {n_iters!r}")
+    WR = W @ R
+    Y = R + step * WR
+    for _ in range(n_iters):
+        Y = R + (0.5 * step) * (WR + W @ Y)
+    return Y
+
+
+def _qf(A: torch.Tensor) -> torch.Tensor:
+    """Q factor of ``A = Q @ T`` with ``diag(T) > 0`` (unique for invertible ``A``)."""
+    Q, T = torch.linalg.qr(A)
+    signs = torch.sign(torch.diagonal(T))
+    signs[signs == 0] = 1.0
+    return Q * signs
+
+
+def _polar(A: torch.Tensor) -> torch.Tensor:
+    """Orthogonal polar factor ``U @ Vh`` of ``A = U S Vh``: the nearest orthogonal matrix in Frobenius norm."""
+    U, _, Vh = torch.linalg.svd(A)
+    return U @ Vh
+
+
+def qr_retraction(R: torch.Tensor, xi: torch.Tensor, step: float = 1.0) -> torch.Tensor:
+    """QR retraction ``qf(R + step * xi)``: the Q factor with a positive-diagonal triangular factor.
+
+    ``xi`` is an ambient ``[n, n]`` tangent vector at ``R`` (e.g. ``R @ Omega``). This is geoopt's
+    ``EuclideanStiefel.retr`` for square matrices.
+    """
+    _check_tangent_arg(R, xi)
+    return _qf(R + step * xi)
+
+
+def polar_retraction(R: torch.Tensor, xi: torch.Tensor, step: float = 1.0) -> torch.Tensor:
+    """Polar retraction: the orthogonal polar factor of ``R + step * xi`` (via SVD).
+
+    ``xi`` is an ambient ``[n, n]`` tangent vector at ``R``. The result is the orthogonal matrix
+    nearest to ``R + step * xi`` in Frobenius norm.
+    """
+    _check_tangent_arg(R, xi)
+    return _polar(R + step * xi)
+
+
+def reorthogonalize(R: torch.Tensor, method: str = "polar") -> torch.Tensor:
+    """Project a nearly orthogonal ``[n, n]`` matrix back onto O(n); computed in float64.
+
+    ``method="polar"``: the nearest orthogonal matrix (``U @ Vh`` from the SVD), which moves ``R``
+    the least. ``method="qr"``: the Q factor with positive-diagonal triangular factor (cheaper,
+    not the nearest). The result is cast back to ``R``'s dtype; float64 arithmetic keeps it at the
+    rounding floor of that dtype.
+    """
+    check_square(R)
+    R64 = R.detach().to(torch.float64)
+    if method == "polar":
+        out = _polar(R64)
+    elif method == "qr":
+        out = _qf(R64)
+    else:
+        raise ValueError(f"method must be 'polar' or 'qr', got {method!r}")
+    return out.to(R.dtype)

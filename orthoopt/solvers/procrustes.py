@@ -1,0 +1,81 @@
+"""Orthogonal Procrustes and DFRot's alternation.
+
+``orthogonal_procrustes(A, B)`` solves ``min_R ||A @ R - B||_F`` over orthogonal ``[n, n]`` ``R``
+(``A``, ``B``: ``[m, n]`` rows, rotated from the right as ``x -> x @ R``, ``docs/conventions.md``):
+with the SVD ``A.T @ B = U S Vh`` the minimizer is ``R = U @ Vh`` (Schonemann 1966).
+
+:class:`ProcrustesAlternation` is DFRot's closed-form alternation (Xiang & Zhang, 2024): with ``R``
+fixed the objective computes targets ``B`` (e.g. the quantized ``A @ R``) through
+``objective.procrustes_targets(rotations) -> {name: (A, B)}``; then each ``R`` is replaced by the
+Procrustes minimizer for its ``(A, B)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..objectives.base import Objective
+from .base import NonFiniteLossError, Solver
+
+
+def orthogonal_procrustes(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """The orthogonal ``R`` ([n, n]) minimizing ``||A @ R - B||_F`` for ``A``, ``B`` of shape ``[m, n]``.
+
+    ``R = U @ Vh`` from the SVD ``A.T @ B = U S Vh``, computed in float64 and returned in the promoted
+    dtype of ``A`` and ``B``. Same answer as ``scipy.linalg.orthogonal_procrustes(A, B)[0]``.
+    When ``A.T @ B`` is singular the minimizer is not unique and any one of them is returned.
+    """
+    if not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor):
+        raise ValueError("A and B must be torch tensors")
+    if A.ndim != 2 or A.shape != B.shape:
+        raise ValueError(f"A and B must be 2-D of the same shape [m, n], got {tuple(A.shape)} and {tuple(B.shape)}")
+    dtype = torch.promote_types(A.dtype, B.dtype)
+    if not dtype.is_floating_point:
+        raise ValueError(f"A and B must be floating point, got {A.dtype} and {B.dtype}")
+    M = A.detach().to(torch.float64).T @ B.detach().to(torch.float64)
+    U, _, Vh = torch.linalg.svd(M)
+    return (U @ Vh).to(dtype)
+
+
+class ProcrustesAlternation(Solver):
+    """DFRot's alternation: ``R <- orthogonal_procrustes(A, B)`` for the objective's targets.
+
+    Needs an objective with ``procrustes_targets(rotations) -> {name: (A, B)}`` (``A``, ``B``:
+    ``[m, n]``); others raise ValueError. A step's loss is ``objective.loss`` at the rotations
+    before the update. No learning rate and no state. Rotations without targets stay unchanged.
+    """
+
+    name = "procrustes"
+
+    def __init__(self, ortho_tol: float | None = None) -> None:
+        super().__init__(ortho_tol)
+
+    def _update(self, objective: Objective) -> tuple[float, list[str]]:
+        targets_fn = getattr(objective, "procrustes_targets", None)
+        if not callable(targets_fn):
+            raise ValueError(
+                f"solver 'procrustes' needs an objective with procrustes_targets(rotations); "
+                f"{type(objective).__name__} has none (use a gradient solver such as 'cayley-sgd' or 'radam')"
+            )
+        current = self._current()
+        frozen = {k: R.detach() for k, R in current.items()}
+        with torch.no_grad():
+            loss = self._checked_loss(objective.loss(frozen))
+            targets = targets_fn(frozen)
+        new = {}
+        for k, pair in targets.items():
+            if k not in current:
+                raise ValueError(f"procrustes_targets returned rotation {k!r} that was not given to init()")
+            A, B = pair
+            n = current[k].shape[0]
+            if A.ndim != 2 or A.shape[1] != n:
+                raise ValueError(f"procrustes target A for {k!r} must be [m, {n}], got {tuple(A.shape)}")
+            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+                raise NonFiniteLossError(
+                    f"{self.name}: non-finite procrustes targets for {k!r} at step {self.num_steps}; "
+                    "rotations left unchanged"
+                )
+            new[k] = orthogonal_procrustes(A, B).to(dtype=current[k].dtype, device=current[k].device)
+        for k, R in new.items():
+            self._set(k, R)
+        return loss, list(new)

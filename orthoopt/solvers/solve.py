@@ -1,0 +1,151 @@
+"""``solve``: drive a solver on an objective for a number of steps.
+
+Rotations are ``{name: [n, n]}`` acting as ``x -> x @ R`` (``docs/conventions.md``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+from ..manifold import check_square, orthogonality_error
+from ..objectives.base import Objective
+from .base import Solver
+from .init import initial_rotations
+from .registry import make_solver
+
+# An init rotation further than this from O(n) (||R^T R - I||_F) is rejected as a caller mistake.
+INIT_ORTHOGONALITY_LIMIT = 1e-3
+
+Callback = Callable[[int, float, dict[str, torch.Tensor]], object]
+
+
+@dataclass
+class SolveResult:
+    """What :func:`solve` returns.
+
+    rotations:           ``{name: [n, n]}`` final iterate (copies).
+    history:             loss before each step taken (``history[i]`` is the loss at step ``i``'s start).
+    orthogonality_error: max over rotations of ``||R^T R - I||_F`` (float64) of the final iterate.
+    steps:               number of steps taken (``len(history)``; fewer than asked if stopped early).
+    seconds:             wall time of the steps.
+    final_loss:          ``objective.loss`` at the final rotations (the loss after the last step).
+    """
+
+    rotations: dict[str, torch.Tensor]
+    history: list[float]
+    orthogonality_error: float
+    steps: int
+    seconds: float
+    final_loss: float
+
+
+def _start_rotations(
+    objective: Objective,
+    init: Mapping[str, torch.Tensor] | str,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    seed: int,
+) -> dict[str, torch.Tensor]:
+    dims = objective.dims
+    if isinstance(init, str):
+        return initial_rotations(dims, init, seed=seed, dtype=dtype or torch.float32, device=device)
+    if not isinstance(init, Mapping):
+        raise ValueError(
+            "init must be a dict of rotations, a SolveResult, None or one of identity/random/hadamard, "
+            f"got {type(init).__name__}"
+        )
+    missing = [k for k in dims if k not in init]
+    if missing:
+        raise ValueError(f"init lacks rotations {missing} that the objective needs (it needs {dict(dims)})")
+    out = {}
+    for k, R in init.items():
+        n = check_square(R, f"init rotation {k!r}")
+        if k in dims and n != dims[k]:
+            raise ValueError(f"init rotation {k!r} is {n}x{n}, the objective needs {dims[k]}x{dims[k]}")
+        err = orthogonality_error(R)
+        if not err <= INIT_ORTHOGONALITY_LIMIT:
+            raise ValueError(
+                f"init rotation {k!r} is not orthogonal (||R^T R - I||_F = {err:.3g}); "
+                "pass orthoopt.manifold.reorthogonalize(R) if it is meant to be"
+            )
+        out[k] = R.detach().to(dtype=dtype or R.dtype, device=device or R.device)
+    return out
+
+
+def solve(
+    objective: Objective,
+    init: Mapping[str, torch.Tensor] | str | SolveResult | None,
+    solver: Solver | str,
+    steps: int,
+    callback: Callback | None = None,
+    progress: bool = True,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> SolveResult:
+    """Run ``steps`` solver steps on ``objective`` and return a :class:`SolveResult`.
+
+    objective: an :class:`~orthoopt.objectives.base.Objective` (``dims``, ``loss``, ``value_and_grad``;
+               ``procrustes_targets`` for the ``"procrustes"`` solver).
+    init:      ``"identity" | "random" | "hadamard"`` (built for ``objective.dims`` with ``seed``, in
+               ``dtype`` or float32); a dict ``{name: [n, n]}`` of orthogonal matrices (cast to
+               ``dtype`` if given; names the objective does not use are carried along unchanged);
+               a previous :class:`SolveResult` (its rotations); or ``None`` to continue an already
+               initialized ``solver`` object with its state (momentum, Adam moments) intact.
+    solver:    a solver object or a name for :func:`make_solver` with its defaults. Resuming with
+               ``init=previous.rotations`` calls ``solver.init``, which restarts momentum/moments;
+               ``init=None`` keeps them.
+    callback:  ``callback(step, loss, rotations)`` after each step, with the 0-based step index, the
+               loss before that step and a copy of the rotations after it; a true return stops early.
+    progress:  tqdm bar on stderr with the latest loss.
+    dtype, device: of the rotations the solver works on (the objective computes on the rotations'
+               device); by default float32 on the CPU for a named init, the given tensors' otherwise.
+    Raises ValueError for bad arguments and :class:`~orthoopt.solvers.base.NonFiniteLossError` (a
+    ValueError) naming the step when the loss or a gradient is NaN/inf.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    if isinstance(solver, str):
+        solver = make_solver(solver)
+    elif not (callable(getattr(solver, "init", None)) and callable(getattr(solver, "step", None))):
+        raise ValueError(f"solver must be a name or an object with init/step/rotations, got {type(solver).__name__}")
+    if isinstance(init, SolveResult):
+        init = init.rotations
+    if init is None:
+        if not getattr(solver, "initialized", False):
+            raise ValueError("init=None continues a solver's state, but the solver was never initialized")
+        if dtype is not None or device is not None:
+            raise ValueError("dtype and device cannot change when continuing a solver (init=None)")
+    else:
+        solver.init(_start_rotations(objective, init, dtype, device, seed))
+
+    history: list[float] = []
+    name = getattr(solver, "name", type(solver).__name__)
+    t0 = time.perf_counter()
+    with tqdm(total=steps, desc=f"solve {name}", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+        for i in range(steps):
+            loss = solver.step(objective)
+            history.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.6g}", refresh=False)
+            if callback is not None and callback(i, loss, solver.rotations):
+                break
+    seconds = time.perf_counter() - t0
+
+    rotations = solver.rotations
+    with torch.no_grad():
+        final_loss = float(objective.loss(rotations))
+    return SolveResult(
+        rotations=rotations,
+        history=history,
+        orthogonality_error=max(orthogonality_error(R) for R in rotations.values()),
+        steps=len(history),
+        seconds=seconds,
+        final_loss=final_loss,
+    )
