@@ -1,0 +1,216 @@
+"""Rotate a Hugging Face decoder with one method, end to end: the job behind ``orthoopt rotate``.
+
+Data flows one way (``docs/architecture.md``): the adapter turns the model into weight blocks (and
+calibration activations), a method turns those into an objective, a solver learns the rotations,
+and the adapter fuses them back. This module is the only place that knows both sides.
+
+Phases: ``R1`` is learned first and fused; then every ``R2.i`` is learned on the R1-rotated weights
+(the value/output blocks then already carry R1, so the R2 objective sees the weights it will
+actually change). Rotations are re-orthogonalized in float64 (polar) before they are fused, so the
+saved ``rotations.safetensors`` is exactly what the weights carry.
+
+Methods (``docs/objectives.md`` has the formulas):
+
+===========  ============================================================  ==========  ===========
+method       rotation                                                      data        solver
+===========  ============================================================  ==========  ===========
+identity     none (norms are still fused)                                  no          -
+random       Haar-random orthogonal                                        no          -
+hadamard     random Hadamard ``H D / sqrt(n)`` (QuaRot)                    no          -
+optrot       learned: :class:`~orthoopt.objectives.FourthPower`            no          cayley-sgd
+optrot+      learned: :class:`~orthoopt.objectives.HessianWeighted`        calibration cayley-sgd
+kurtosis     learned: :class:`~orthoopt.objectives.Kurtosis` (KurTail)     calibration radam
+dfrot        learned: :class:`~orthoopt.objectives.DFRotLoss`              calibration procrustes
+===========  ============================================================  ==========  ===========
+
+Learned methods start from a random Hadamard matrix (the usual start of OptRot and DFRot) unless
+``init`` gives rotations.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from orthoopt.adapters import DecoderAdapter, logits_relative_error  # noqa: F401 (re-exported helper)
+from orthoopt.adapters.verify import logits as model_logits
+from orthoopt.manifold import orthogonality_error, reorthogonalize
+from orthoopt.objectives import DFRotLoss, FourthPower, HessianWeighted, Kurtosis, Objective
+from orthoopt.solvers import SolveResult, initial_rotations, make_solver, solve
+
+FIXED_METHODS = {"identity": "identity", "random": "random", "hadamard": "hadamard"}
+LEARNED_METHODS = {"optrot": "cayley-sgd", "optrot+": "cayley-sgd", "kurtosis": "radam", "dfrot": "procrustes"}
+DATA_METHODS = ("optrot+", "kurtosis", "dfrot")
+METHODS = (*FIXED_METHODS, *LEARNED_METHODS)
+PHASES = ("R1", "R2")
+
+
+def _phase_names(dims: Mapping[str, int], phase: str) -> dict[str, int]:
+    return {k: n for k, n in dims.items() if k == phase or k.startswith(phase + ".")}
+
+
+def _activations(adapter: DecoderAdapter, phase: str, calib: torch.Tensor, max_tokens: int,
+                 seed: int, progress: bool) -> dict[str, torch.Tensor]:
+    """``{rotation: X [rows, n]}``: the rows each rotation of ``phase`` multiplies, i.e. the inputs of
+    the side-"in" blocks (q/k/v and gate/up share one input per layer and count once; o_proj heads of
+    layer i give ``[T * heads, head_dim]`` rows for ``R2.i``)."""
+    blocks = [b for b in adapter.weight_blocks(phase) if b.side == "in"]
+    sources = adapter.block_sources(phase)
+    modules = sorted({sources[b.name][0] for b in blocks if sources[b.name] is not None})
+    inputs = adapter.linear_inputs(calib, max_tokens=max_tokens, modules=modules, seed=seed, progress=progress)
+    rows: dict[str, list[torch.Tensor]] = {}
+    seen: set[tuple[int, str]] = set()
+    for b in blocks:
+        src = sources[b.name]
+        if src is None:
+            continue
+        X = inputs[src[0]]
+        key = (X.data_ptr(), str(src[1]))  # modules reading one tensor share it: count it once
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.setdefault(b.rotation, []).append(X if src[1] is None else X[:, src[1]])
+    return {name: torch.cat(xs) for name, xs in rows.items()}
+
+
+def build_objective(method: str, adapter: DecoderAdapter, phase: str, calib: torch.Tensor | None = None,
+                    calib_tokens: int = 2048, seed: int = 0, progress: bool = True) -> Objective:
+    """The objective of a learned ``method`` for the rotations of ``phase`` (``"R1"`` or ``"R2"``) on the
+    adapter's current (fused, possibly partly rotated) weights. ``calib``: token ids ``[N, L]``, needed
+    by the data-driven methods."""
+    if method not in LEARNED_METHODS:
+        raise ValueError(f"method {method!r} learns nothing; learned methods: {', '.join(LEARNED_METHODS)}")
+    if method in DATA_METHODS and calib is None:
+        raise ValueError(f"method {method!r} needs calibration text (--calib TEXT_FILE)")
+    if method == "optrot":
+        return FourthPower(adapter.weight_blocks(phase))
+    if method == "optrot+":
+        blocks = adapter.weight_blocks(phase)
+        sources = adapter.block_sources(phase)
+        modules = sorted({s[0] for s in sources.values() if s is not None})
+        H = adapter.input_hessians(calib, modules=modules, progress=progress)
+        hessians = []
+        for b in blocks:
+            src = sources[b.name]
+            hessians.append(None if src is None else (H[src[0]] if src[1] is None else H[src[0]][src[1], src[1]]))
+        return HessianWeighted(blocks, hessians)
+    X = _activations(adapter, phase, calib, calib_tokens, seed, progress)
+    if method == "kurtosis":
+        return Kurtosis(X)
+    return DFRotLoss(X)
+
+
+@dataclass
+class RotateResult:
+    """What :func:`rotate_model` returns: the fused rotations (float64) and a JSON-able report."""
+
+    rotations: dict[str, torch.Tensor]
+    report: dict
+    solves: dict[str, SolveResult] = field(default_factory=dict)
+
+
+def _summary(history: list[float]) -> dict:
+    if not history:
+        return {"steps": 0}
+    k = max(1, len(history) // 50)  # at most ~50 points for the report
+    return {"steps": len(history), "first": history[0], "last": history[-1], "min": min(history),
+            "every": k, "curve": history[::k]}
+
+
+def rotate_model(
+    model,
+    method: str,
+    rotations: Iterable[str] = PHASES,
+    *,
+    solver: str | None = None,
+    steps: int | Mapping[str, int] = 100,
+    lr: float | None = None,
+    seed: int = 0,
+    calib: torch.Tensor | None = None,
+    calib_tokens: int = 2048,
+    init: Mapping[str, torch.Tensor] | None = None,
+    verify_ids: torch.Tensor | None = None,
+    verify_tol: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    callback: Callable[[str, int, float, dict], bool | None] | None = None,
+) -> RotateResult:
+    """Fuse norms, learn (or draw) the rotations of ``method`` and fuse them into ``model`` in place.
+
+    rotations:  which of ``"R1"``, ``"R2"`` to use (R1 first, see the module doc).
+    solver, lr: override the method's default solver / learning rate (:func:`orthoopt.solvers.make_solver`).
+    steps:      solver steps per phase (learned methods only), or ``{phase: steps}`` (a resumed run
+                passes the steps left; a phase missing from the dict takes no step).
+    calib:      calibration token ids ``[N, L]`` for optrot+, kurtosis, dfrot.
+    init:       starting rotations (e.g. a previous run's ``rotations.safetensors``); rotations it
+                names start there instead of at a random Hadamard. A fixed method ignores it.
+    verify_ids: token ids ``[B, L]`` on which the logits before and after must agree; the relative
+                error goes into the report and a ValueError is raised above ``verify_tol`` (default
+                1e-4 for float32 models, 1e-6 for float64 ones: transformers' RMSNorm computes in
+                float32 whatever the model dtype, see ``docs/adapters.md``).
+    dtype:      dtype the rotations are learned in.
+    callback:   ``callback(phase, step, loss, rotations)`` after each solver step, with the rotations
+                of the finished phases (as fused) and the current iterate; a true return stops that
+                phase early.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    phases = [p for p in PHASES if p in set(rotations)]
+    unknown = set(rotations) - set(PHASES)
+    if unknown or not phases:
+        raise ValueError(f"rotations must be a non-empty subset of {PHASES}, got {sorted(set(rotations))}")
+    phase_steps = dict(steps) if isinstance(steps, Mapping) else {p: steps for p in phases}
+    start = time.perf_counter()
+    ref = model_logits(model, verify_ids) if verify_ids is not None else None
+    adapter = DecoderAdapter(model)
+    adapter.fuse_norms()
+    dims = adapter.rotation_dims()
+    learned = method in LEARNED_METHODS
+    solver_name = (solver or LEARNED_METHODS[method]) if learned else None
+    out: dict[str, torch.Tensor] = {}
+    solves: dict[str, SolveResult] = {}
+    for phase in phases:
+        pdims = _phase_names(dims, phase)
+        if not learned:
+            rots = initial_rotations(pdims, FIXED_METHODS[method], seed=seed, dtype=torch.float64)
+        else:
+            objective = build_objective(method, adapter, phase, calib, calib_tokens, seed, progress)
+            start_rots = initial_rotations(pdims, "hadamard", seed=seed, dtype=dtype)
+            for k in pdims:
+                if init is not None and k in init:
+                    start_rots[k] = init[k].to(dtype)
+            kwargs = {} if lr is None else {"lr": lr}
+            cb = None if callback is None else (lambda i, loss, r, _p=phase: callback(_p, i, loss, {**out, **r}))
+            result = solve(objective, start_rots, make_solver(solver_name, **kwargs), phase_steps.get(phase, 0),
+                           callback=cb, progress=progress)
+            solves[phase] = result
+            rots = result.rotations
+        rots = {k: reorthogonalize(R.detach().to(torch.float64)) for k, R in rots.items()}
+        adapter.apply_rotations(rots)
+        out.update(rots)
+    report = {
+        "method": method,
+        "rotations": phases,
+        "solver": solver_name,
+        "steps": phase_steps if learned else 0,
+        "lr": lr,
+        "seed": seed,
+        "dtype": str(dtype).removeprefix("torch."),
+        "seconds": time.perf_counter() - start,
+        "orthogonality_error": max(orthogonality_error(R) for R in out.values()),
+        "loss": {p: _summary(r.history) | {"final": r.final_loss, "orthogonality_error": r.orthogonality_error}
+                 for p, r in solves.items()},
+    }
+    if ref is not None:
+        err = float((model_logits(model, verify_ids) - ref).norm() / ref.norm())
+        report["invariance_error"] = err
+        param_dtype = next(model.parameters()).dtype
+        tol = verify_tol if verify_tol is not None else (1e-6 if param_dtype == torch.float64 else 1e-4)
+        report["invariance_tolerance"] = tol
+        if not err <= tol:
+            raise ValueError(f"rotated model's logits differ from the original's by {err:.3e} (relative), "
+                             f"above the tolerance {tol:.1e}: the write-back is wrong")
+    return RotateResult(out, report, solves)
