@@ -23,6 +23,12 @@ kurtosis     learned: :class:`~orthoopt.objectives.Kurtosis` (KurTail)     calib
 dfrot        learned: :class:`~orthoopt.objectives.DFRotLoss`              calibration procrustes
 ===========  ============================================================  ==========  ===========
 
+Learned objectives see only the blocks that get quantized: ``embed_tokens`` and ``lm_head`` stay in
+full precision in every quantization setting here (as in QuaRot, SpinQuant and OptRot's evaluation),
+so they are left out of the objective by default (``include_embeddings=True`` puts them back; the
+embedding's planted outlier columns would otherwise dominate a plain fourth-power sum). They are
+still rotated, of course, so the model's function is unchanged.
+
 Learned methods start from a random Hadamard matrix (the usual start of OptRot and DFRot) unless
 ``init`` gives rotations.
 """
@@ -52,12 +58,20 @@ def _phase_names(dims: Mapping[str, int], phase: str) -> dict[str, int]:
     return {k: n for k, n in dims.items() if k == phase or k.startswith(phase + ".")}
 
 
+FULL_PRECISION_BLOCKS = ("embed_tokens", "lm_head")
+
+
+def _blocks(adapter: DecoderAdapter, phase: str, include_embeddings: bool):
+    blocks = adapter.weight_blocks(phase)
+    return blocks if include_embeddings else [b for b in blocks if b.name not in FULL_PRECISION_BLOCKS]
+
+
 def _activations(adapter: DecoderAdapter, phase: str, calib: torch.Tensor, max_tokens: int,
-                 seed: int, progress: bool) -> dict[str, torch.Tensor]:
+                 seed: int, progress: bool, include_embeddings: bool) -> dict[str, torch.Tensor]:
     """``{rotation: X [rows, n]}``: the rows each rotation of ``phase`` multiplies, i.e. the inputs of
     the side-"in" blocks (q/k/v and gate/up share one input per layer and count once; o_proj heads of
     layer i give ``[T * heads, head_dim]`` rows for ``R2.i``)."""
-    blocks = [b for b in adapter.weight_blocks(phase) if b.side == "in"]
+    blocks = [b for b in _blocks(adapter, phase, include_embeddings) if b.side == "in"]
     sources = adapter.block_sources(phase)
     modules = sorted({sources[b.name][0] for b in blocks if sources[b.name] is not None})
     inputs = adapter.linear_inputs(calib, max_tokens=max_tokens, modules=modules, seed=seed, progress=progress)
@@ -77,18 +91,19 @@ def _activations(adapter: DecoderAdapter, phase: str, calib: torch.Tensor, max_t
 
 
 def build_objective(method: str, adapter: DecoderAdapter, phase: str, calib: torch.Tensor | None = None,
-                    calib_tokens: int = 2048, seed: int = 0, progress: bool = True) -> Objective:
+                    calib_tokens: int = 2048, seed: int = 0, progress: bool = True,
+                    include_embeddings: bool = False) -> Objective:
     """The objective of a learned ``method`` for the rotations of ``phase`` (``"R1"`` or ``"R2"``) on the
     adapter's current (fused, possibly partly rotated) weights. ``calib``: token ids ``[N, L]``, needed
-    by the data-driven methods."""
+    by the data-driven methods. ``include_embeddings``: see the module doc."""
     if method not in LEARNED_METHODS:
         raise ValueError(f"method {method!r} learns nothing; learned methods: {', '.join(LEARNED_METHODS)}")
     if method in DATA_METHODS and calib is None:
         raise ValueError(f"method {method!r} needs calibration text (--calib TEXT_FILE)")
     if method == "optrot":
-        return FourthPower(adapter.weight_blocks(phase))
+        return FourthPower(_blocks(adapter, phase, include_embeddings))
     if method == "optrot+":
-        blocks = adapter.weight_blocks(phase)
+        blocks = _blocks(adapter, phase, include_embeddings)
         sources = adapter.block_sources(phase)
         modules = sorted({s[0] for s in sources.values() if s is not None})
         H = adapter.input_hessians(calib, modules=modules, progress=progress)
@@ -97,7 +112,7 @@ def build_objective(method: str, adapter: DecoderAdapter, phase: str, calib: tor
             src = sources[b.name]
             hessians.append(None if src is None else (H[src[0]] if src[1] is None else H[src[0]][src[1], src[1]]))
         return HessianWeighted(blocks, hessians)
-    X = _activations(adapter, phase, calib, calib_tokens, seed, progress)
+    X = _activations(adapter, phase, calib, calib_tokens, seed, progress, include_embeddings)
     if method == "kurtosis":
         return Kurtosis(X)
     return DFRotLoss(X)
@@ -135,6 +150,7 @@ def rotate_model(
     verify_ids: torch.Tensor | None = None,
     verify_tol: float | None = None,
     dtype: torch.dtype = torch.float32,
+    include_embeddings: bool = False,
     progress: bool = True,
     callback: Callable[[str, int, float, dict], bool | None] | None = None,
 ) -> RotateResult:
@@ -152,6 +168,7 @@ def rotate_model(
                 1e-4 for float32 models, 1e-6 for float64 ones: transformers' RMSNorm computes in
                 float32 whatever the model dtype, see ``docs/adapters.md``).
     dtype:      dtype the rotations are learned in.
+    include_embeddings: put ``embed_tokens``/``lm_head`` into learned objectives (module doc).
     callback:   ``callback(phase, step, loss, rotations)`` after each solver step, with the rotations
                 of the finished phases (as fused) and the current iterate; a true return stops that
                 phase early.
@@ -177,7 +194,8 @@ def rotate_model(
         if not learned:
             rots = initial_rotations(pdims, FIXED_METHODS[method], seed=seed, dtype=torch.float64)
         else:
-            objective = build_objective(method, adapter, phase, calib, calib_tokens, seed, progress)
+            objective = build_objective(method, adapter, phase, calib, calib_tokens, seed, progress,
+                                        include_embeddings)
             start_rots = initial_rotations(pdims, "hadamard", seed=seed, dtype=dtype)
             for k in pdims:
                 if init is not None and k in init:
@@ -198,6 +216,7 @@ def rotate_model(
         "steps": phase_steps if learned else 0,
         "lr": lr,
         "seed": seed,
+        "include_embeddings": include_embeddings,
         "dtype": str(dtype).removeprefix("torch."),
         "seconds": time.perf_counter() - start,
         "orthogonality_error": max(orthogonality_error(R) for R in out.values()),

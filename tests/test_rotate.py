@@ -85,7 +85,7 @@ def test_optrot_beats_hadamard_on_fourth_power_and_max(tmp_path):
                      "--steps", "60", "--quiet"]) == 0
     had = _block_stats(load_model(tmp_path / "hadamard"))
     opt = _block_stats(load_model(tmp_path / "optrot"))
-    r1 = [k for k in had if ".head" not in k]
+    r1 = [k for k in had if ".head" not in k and k not in ("embed_tokens", "lm_head")]  # the quantized R1 blocks
     assert sum(opt[k][0] for k in r1) < 0.97 * sum(had[k][0] for k in r1)
     assert sum(opt[k][1] for k in r1) < sum(had[k][1] for k in r1)
 

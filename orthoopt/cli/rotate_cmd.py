@@ -72,6 +72,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                    help="dtype of the model and of the learned rotations")
+    p.add_argument("--include-embeddings", action="store_true",
+                   help="also count embed_tokens/lm_head (kept in full precision) in learned objectives")
     p.add_argument("--init", default=None, help="start from these rotations (a rotations.safetensors)")
     p.add_argument("--resume", action="store_true", help="start from OUT.partial.safetensors if present")
     p.add_argument("--checkpoint-every", type=int, default=25, help="steps between partial checkpoints (0: off)")
@@ -145,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(args.seed))
     result = rotate_model(model, args.method, phases, solver=args.solver, steps=steps, lr=args.lr,
                           seed=args.seed, calib=calib, calib_tokens=args.calib_tokens, init=init,
-                          verify_ids=ids, dtype=dtype, progress=not args.quiet, callback=checkpoint)
+                          verify_ids=ids, dtype=dtype, include_embeddings=args.include_embeddings,
+                          progress=not args.quiet, callback=checkpoint)
     report = {"model": source, **result.report}
     if resumed:
         report["resumed"] = resumed

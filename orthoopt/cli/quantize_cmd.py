@@ -1,0 +1,107 @@
+"""``orthoopt quantize``: fake-quantize a checkpoint's weights (RTN or GPTQ) and record activation settings.
+
+Writes OUT_DIR atomically: the dequantized weights (``save_pretrained``, safetensors), the tokenizer,
+and ``quant.json`` (settings, calibration, seconds), which ``orthoopt eval`` reads to re-install the
+activation quantization and online Hadamard. See docs/quantization.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from orthoopt.eval.perplexity import default_seq_len
+from orthoopt.quant.act import ActQuantConfig
+from orthoopt.quant.calib import calibration_batches
+from orthoopt.quant.model import load_checkpoint, quantize_model, save_quantized
+from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "quantize",
+        help="fake-quantize a model's weights (RTN/GPTQ) and set activation quantization",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument("model_dir", help="Hugging Face model folder (with tokenizer)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--method", required=True, choices=("rtn", "gptq"), help="weight quantization method")
+    p.add_argument("--wbits", type=int, default=4, help=f"weight bits, {MIN_BITS}-{MAX_BITS} or 16 (off); default 4")
+    p.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: per output channel)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric weight grid (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric weight grid with zero point")
+    p.add_argument("--mse-clip", action="store_true", help="search the weight clipping ratio per row (MSE grid)")
+    p.add_argument("--abits", type=int, default=16, choices=(16, 8, 4), help="activation bits (16 = off); default 16")
+    p.add_argument("--act-asym", action="store_true", help="asymmetric per-token activation grid (default symmetric)")
+    p.add_argument("--act-clip", type=float, default=1.0, help="activation clipping ratio in (0, 1]; default 1")
+    p.add_argument("--online-hadamard", action="store_true", help="online Hadamard before down_proj (R4)")
+    p.add_argument("--calib", default=None, help="calibration text file (required for GPTQ)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows; default 128")
+    p.add_argument("--seq-len", type=int, default=None, help="calibration window length (default: context, max 2048)")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed; default 0")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H); default 0.01")
+    p.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block size; default 128")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.set_defaults(func=run)
+    return p
+
+
+def _validate(args) -> None:
+    if not (args.wbits == 16 or MIN_BITS <= args.wbits <= MAX_BITS):
+        raise ValueError(f"--wbits must be in [{MIN_BITS}, {MAX_BITS}] or 16, got {args.wbits}")
+    if args.group_size is not None and args.group_size < 1:
+        raise ValueError(f"--group-size must be positive, got {args.group_size}")
+    if args.method == "gptq" and args.wbits < 16 and args.calib is None:
+        raise ValueError("--method gptq needs calibration text: pass --calib TEXT_FILE")
+    if args.nsamples < 1:
+        raise ValueError(f"--nsamples must be positive, got {args.nsamples}")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise ValueError(f"--seq-len must be positive, got {args.seq_len}")
+    if not 0 <= args.damp:
+        raise ValueError(f"--damp must be non-negative, got {args.damp}")
+    if args.block_size < 1:
+        raise ValueError(f"--block-size must be positive, got {args.block_size}")
+    if Path(args.out).resolve() == Path(args.model_dir).resolve():
+        raise ValueError("--out must differ from MODEL_DIR (the input checkpoint would be replaced)")
+
+
+def run(args) -> int:
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own loading/saving bars
+    _validate(args)
+    act = ActQuantConfig(
+        bits=args.abits, symmetric=not args.act_asym, clip_ratio=args.act_clip, online_hadamard=args.online_hadamard
+    )
+    model, tokenizer = load_checkpoint(args.model_dir)
+    calib, calib_info = None, None
+    if args.method == "gptq" and args.wbits < 16:
+        seq_len = args.seq_len if args.seq_len is not None else default_seq_len(model)
+        calib = calibration_batches(args.calib, tokenizer, nsamples=args.nsamples, seq_len=seq_len, seed=args.seed)
+        calib_info = {"file": str(args.calib), "nsamples": args.nsamples, "seq_len": seq_len, "seed": args.seed}
+    elif args.calib is not None:
+        print("orthoopt quantize: note: --calib is not used by --method rtn", file=sys.stderr)
+
+    result = quantize_model(
+        model, method=args.method, wbits=args.wbits, group_size=args.group_size, sym=args.sym, act=act,
+        calib=calib, act_order=args.act_order, mse_clip=args.mse_clip, percdamp=args.damp,
+        block_size=args.block_size, progress=not args.no_progress,
+    )
+    settings = {**result.settings, "source": str(args.model_dir), "calibration": calib_info}
+    out = save_quantized(model, tokenizer, args.out, settings)
+    if args.json:
+        print(json.dumps({**settings, "out": str(out)}))
+    else:
+        desc = f"W{args.wbits}A{args.abits} {args.method}"
+        if args.group_size:
+            desc += f" g{args.group_size}"
+        if args.online_hadamard:
+            desc += " +R4"
+        print(f"{desc}: wrote {out} ({settings['seconds']:.1f} s)")
+    return 0

@@ -1,0 +1,108 @@
+"""Perplexity on non-overlapping windows (the WikiText-2 protocol of GPTQ, QuaRot and SpinQuant).
+
+The whole text is tokenized once (``tokenizer(text)``, default special tokens). The token ids are cut
+into ``windows = tokens // seq_len`` consecutive, non-overlapping windows of ``seq_len`` tokens; the
+tail is dropped. Each window is scored independently: positions ``1 .. seq_len - 1`` are predicted
+from the tokens before them in the same window. With ``N = windows * (seq_len - 1)`` predicted tokens,
+
+    nll = (1 / N) * sum over windows and positions of -log p(token | window prefix)
+    ppl = exp(nll)
+
+which equals the reference ``exp(mean over windows of the window's mean NLL)`` since all windows have
+the same length. For WikiText-2 the text is ``read_text("../shared/data/wikitext2-test.txt")`` (see
+:func:`orthoopt.quant.calib.read_text`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from orthoopt.quant.calib import tokenize_text
+
+MAX_DEFAULT_SEQ_LEN = 2048
+
+
+def default_seq_len(model: nn.Module) -> int:
+    """The model's context (``config.max_position_embeddings``), capped at 2048."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or MAX_DEFAULT_SEQ_LEN
+    return min(int(context), MAX_DEFAULT_SEQ_LEN)
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    tokenizer_or_ids,
+    text: str | None = None,
+    seq_len: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Perplexity of a causal LM on ``text`` (tokenized with a tokenizer) or on given token ids.
+
+    tokenizer_or_ids: a tokenizer (then ``text`` is required) or a LongTensor of ids (``[N]`` or
+                      ``[1, N]``; then ``text`` must be None).
+    seq_len:          window length (default :func:`default_seq_len`); at least 2.
+    max_tokens:       use only the first ``max_tokens`` ids (before windowing).
+    batch_size:       windows per forward pass.
+
+    Log-probabilities are computed from float32 logits (float64 for a float64 model) and summed in
+    float64. The model runs in eval
+    mode (its previous mode is restored). Returns ``{"ppl", "nll", "tokens", "windows", "seq_len"}``
+    with ``tokens`` the number of predicted tokens ``windows * (seq_len - 1)`` and ``nll`` their mean
+    negative log-likelihood (nats).
+    """
+    if isinstance(tokenizer_or_ids, torch.Tensor):
+        if text is not None:
+            raise ValueError("give either token ids or a tokenizer with text, not ids and text")
+        ids = tokenizer_or_ids
+        if ids.ndim == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.ndim != 1 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"token ids must be an integer tensor [N] or [1, N], got {ids.dtype} {tuple(tokenizer_or_ids.shape)}")
+        ids = ids.long()
+    else:
+        if text is None:
+            raise ValueError("perplexity with a tokenizer needs text=...")
+        ids = tokenize_text(text, tokenizer_or_ids)
+    seq_len = default_seq_len(model) if seq_len is None else seq_len
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        ids = ids[:max_tokens]
+    windows = ids.numel() // seq_len
+    if windows == 0:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
+    device = next(model.parameters()).device
+    ids = ids[: windows * seq_len].reshape(windows, seq_len)
+
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    try:
+        with tqdm(total=windows, desc="perplexity", unit="window", disable=not progress, file=sys.stderr) as bar:
+            for start in range(0, windows, batch_size):
+                batch = ids[start : start + batch_size].to(device)
+                logits = model(input_ids=batch, use_cache=False).logits
+                if logits.dtype != torch.float64:
+                    logits = logits.float()
+                nll = F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                )
+                total += nll.double().cpu()
+                bar.update(batch.shape[0])
+    finally:
+        model.train(was_training)
+    tokens = windows * (seq_len - 1)
+    nll = float(total) / tokens
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens, "windows": windows, "seq_len": seq_len}

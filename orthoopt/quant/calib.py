@@ -1,0 +1,66 @@
+"""Calibration data: random fixed-length token windows from one text file.
+
+As in the GPTQ / QuaRot / SpinQuant code: the whole text is tokenized once (with the tokenizer's
+default special tokens, e.g. one BOS at the start for Llama) and ``nsamples`` windows of ``seq_len``
+consecutive tokens start at seeded random offsets. Windows may overlap.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The text of a UTF-8 file with universal newlines (``\\r\\n`` -> ``\\n``).
+
+    ``../shared/data/wikitext2-test.txt`` is the raw WikiText-2 test split joined with ``"\\n\\n"``
+    (the rotation papers' ``"\\n\\n".join(testdata["text"])``) stored with CRLF line ends, so reading
+    it this way gives exactly the papers' evaluation string. Raises FileNotFoundError / ValueError
+    for a missing file or one that holds no non-blank text.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"text file is empty: {path}")
+    return text
+
+
+def tokenize_text(text: str, tokenizer) -> torch.Tensor:
+    """Token ids of ``text`` as a 1-D LongTensor (default special tokens, no truncation)."""
+    if not text.strip():
+        raise ValueError("text is empty")
+    ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"]
+    return ids.reshape(-1).long()
+
+
+def calibration_batches(
+    text_file: str | os.PathLike,
+    tokenizer,
+    nsamples: int = 128,
+    seq_len: int = 2048,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``[nsamples, seq_len]`` LongTensor of token windows from ``text_file``.
+
+    Window starts are drawn uniformly from ``[0, tokens - seq_len]`` with
+    ``torch.Generator().manual_seed(seed)``: the same file, tokenizer and seed give the same batches.
+    Raises FileNotFoundError for a missing file, ValueError for an empty text, a text shorter than
+    ``seq_len`` tokens, or non-positive sizes.
+    """
+    if nsamples < 1:
+        raise ValueError(f"nsamples must be positive, got {nsamples}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    ids = tokenize_text(read_text(text_file), tokenizer)
+    if ids.numel() < seq_len:
+        raise ValueError(
+            f"calibration text {text_file} has {ids.numel()} tokens, fewer than seq_len={seq_len}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (nsamples,), generator=gen)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

@@ -1,0 +1,163 @@
+"""GPTQ for one linear layer (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers").
+
+A linear layer ``y = x @ W.T`` (``W``: ``[out, in]``) is quantized column by column, minimizing the
+layer-output error ``||(W - Q) X^T||_F^2`` over calibration inputs ``X`` (``[tokens, in]``). Its
+Hessian (for every output row) is ``H = 2 X^T X / tokens`` (``[in, in]``). After quantizing column
+``j`` with error ``e_j = (w_j - q_j) / [H_F^-1]_jj``, the not-yet-quantized columns absorb it:
+``w_F -= e_j * [H_F^-1]_{j, F}``, where ``F`` is the set of remaining columns. The rows
+``[H_F^-1]_{j, F} / sqrt([H_F^-1]_jj)`` are exactly the rows of the upper Cholesky factor of ``H^-1``,
+so one factorization serves all steps; updates are applied lazily per block of ``block_size`` columns.
+
+Options: dampening ``H + percdamp * mean(diag H) * I``; act-order (columns in order of decreasing
+``diag H``, permutation undone at the end); dead inputs (``diag H = 0``, never active) get weight 0;
+grouped scales are computed when the first column of a group is reached, from the weights as updated
+so far. With act-order the groups are ``group_size`` consecutive columns in processing order (the
+layout the reference calls ``g_idx``); :attr:`GPTQResult.group_index` records it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from orthoopt.quant.quantizer import QuantSpec, fake_quantize, find_params
+
+
+class HessianAccumulator:
+    """Running ``H = 2 X^T X / tokens`` over batches of layer inputs ``X`` (``[..., n]`` rows).
+
+    Accumulated as a running mean, so the value does not grow with the number of tokens.
+    """
+
+    def __init__(self, n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        self.n = n
+        self.hessian = torch.zeros(n, n, dtype=dtype, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs of shape ``[..., n]`` (every leading index is one token)."""
+        if x.shape[-1] != self.n:
+            raise ValueError(f"HessianAccumulator of size {self.n} got inputs of width {x.shape[-1]}")
+        x = x.detach().reshape(-1, self.n).to(self.hessian.dtype)
+        m = x.shape[0]
+        if m == 0:
+            return
+        self.hessian *= self.tokens / (self.tokens + m)
+        self.tokens += m
+        self.hessian += (2.0 / self.tokens) * (x.T @ x)
+
+
+@dataclass
+class GPTQResult:
+    """Output of :func:`gptq_quantize`.
+
+    weight:      fake-quantized (dequantized) weight, ``[out, in]``, the input's dtype.
+    scale, zero: quantizer parameters, ``[out, groups]`` (one column when not grouped); group ``k`` in
+                 processing order.
+    group_index: ``[in]`` long tensor, the group of each (original) input column.
+    loss:        GPTQ's estimate ``sum_j ||w_j - q_j||^2 / (2 [H_F^-1]_jj)`` of the added output error.
+    """
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_index: torch.Tensor
+    loss: float
+
+
+def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
+    try:
+        L = torch.linalg.cholesky(H)
+        return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    except torch.linalg.LinAlgError as e:
+        raise ValueError(
+            "GPTQ: the dampened Hessian is not positive definite; increase percdamp or use more calibration data"
+        ) from e
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+) -> GPTQResult:
+    """Quantize ``weight`` (``[out, in]``) with GPTQ given the input Hessian ``hessian`` (``[in, in]``).
+
+    Computed in float64 if ``weight`` is float64, else float32. ``spec.group_size`` must divide ``in``.
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"gptq_quantize expects a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not match weight with {cols} input columns")
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if percdamp < 0:
+        raise ValueError(f"percdamp must be non-negative, got {percdamp}")
+    g = spec.group_size or cols
+    if cols % g:
+        raise ValueError(f"group_size {g} does not divide the number of input columns {cols}")
+
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    W = weight.detach().to(dtype).clone()
+    H = hessian.detach().to(dtype=dtype, device=W.device).clone()
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    else:
+        perm = torch.arange(cols, device=W.device)
+    H += percdamp * torch.diag(H).mean() * torch.eye(cols, dtype=dtype, device=W.device)
+    U = _upper_cholesky_of_inverse(H)  # upper Cholesky factor of H^-1
+
+    ngroups = cols // g
+    scales = torch.empty(rows, ngroups, dtype=dtype, device=W.device)
+    zeros = torch.empty_like(scales)
+    if spec.group_size is None:
+        scale, zero = find_params(W, spec)
+        scales[:, :1], zeros[:, :1] = scale, zero
+
+    Q = torch.empty_like(W)
+    loss = torch.zeros((), dtype=dtype, device=W.device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if spec.group_size is not None and j % g == 0:
+                # Current (updated) weights of the group: in-block columns from W1; columns past the
+                # block from W with this block's pending updates applied (Err1 is zero from column i).
+                stop = j + g
+                current = W1[:, i : stop - i1]
+                if stop > i2:
+                    rest = W[:, i2:stop] - Err1 @ U[i1:i2, i2:stop]
+                    current = torch.cat([current, rest], dim=1)
+                scale, zero = find_params(current, spec)
+                scales[:, j // g : j // g + 1], zeros[:, j // g : j // g + 1] = scale, zero
+            w = W1[:, i]
+            d = U1[i, i]
+            q = fake_quantize(w.unsqueeze(1), scale, zero, spec).squeeze(1)
+            Q[:, j] = q
+            err = (w - q) / d
+            loss += 0.5 * (err * err).sum()
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    group_index = torch.empty(cols, dtype=torch.long, device=W.device)
+    group_index[perm] = torch.arange(cols, device=W.device) // g
+    if act_order:
+        Q = Q[:, torch.argsort(perm)]
+    return GPTQResult(Q.to(weight.dtype), scales, zeros, group_index, float(loss))

@@ -1,0 +1,227 @@
+"""Quantize a whole Hugging Face decoder, save it with ``quant.json``, load it back.
+
+Only the linears of the decoder layers (q/k/v/o, gate/up/down) are quantized; the token embedding and
+``lm_head`` stay in full precision, as in GPTQ, QuaRot and SpinQuant. Weights are *fake*-quantized:
+the checkpoint stores the dequantized floats (a normal ``save_pretrained`` folder), and ``quant.json``
+records the settings, including activation quantization, which :func:`load_quantized` re-installs
+as forward pre-hooks (:mod:`orthoopt.quant.act`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from orthoopt.adapters.archs import locate
+from orthoopt.adapters.io import load_model, load_tokenizer
+from orthoopt.quant.act import (
+    ActQuantConfig,
+    LINEAR_ROLES,
+    ActQuantHooks,
+    hadamard_fingerprint,
+    install_act_quant,
+    rotate_down_proj_weights,
+)
+from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS, QuantSpec
+from orthoopt.quant.rtn import quantize_rtn
+from orthoopt.quant.sequential import check_calib, gptq_quantize_model
+from orthoopt.utils.atomic import atomic_dir
+
+METHODS = ("rtn", "gptq")
+QUANT_JSON = "quant.json"
+QUANT_FORMAT = "orthoopt.quant/1"
+FULL_PRECISION = ("embed_tokens", "lm_head")
+
+
+@dataclass
+class QuantResult:
+    """What :func:`quantize_model` did.
+
+    settings: JSON-ready record (the content of quant.json; callers may add keys, e.g. the
+              calibration file).
+    hooks:    the activation hooks now installed on the model (empty when activations are not
+              quantized and there is no online Hadamard); ``hooks.remove()`` takes them out.
+    losses:   GPTQ's loss estimate per linear (empty for RTN).
+    """
+
+    settings: dict
+    hooks: ActQuantHooks
+    losses: dict[str, float]
+
+
+def _check_wbits(wbits: int) -> None:
+    if isinstance(wbits, bool) or not isinstance(wbits, int) or not (wbits == 16 or MIN_BITS <= wbits <= MAX_BITS):
+        raise ValueError(f"weight bits must be 16 (off) or in [{MIN_BITS}, {MAX_BITS}], got {wbits!r}")
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    method: str = "rtn",
+    wbits: int = 4,
+    group_size: int | None = None,
+    sym: bool = True,
+    act: ActQuantConfig | None = None,
+    calib: torch.Tensor | None = None,
+    *,
+    act_order: bool = False,
+    mse_clip: bool = False,
+    percdamp: float = 0.01,
+    block_size: int = 128,
+    progress: bool = True,
+) -> QuantResult:
+    """Quantize ``model`` in place and install its activation hooks; the model is then ready to evaluate.
+
+    method:     "rtn" or "gptq" (GPTQ needs ``calib``, a ``[nsamples, seq_len]`` LongTensor).
+    wbits:      2..8, or 16 to keep weights in full precision (e.g. W16A4).
+    group_size: ``None`` per output channel, else input columns per scale (must divide every ``in``).
+    sym:        symmetric weight grid (else asymmetric).
+    act:        activation quantization and online Hadamard (default: off).
+    act_order, percdamp, block_size: GPTQ options (:func:`orthoopt.quant.gptq.gptq_quantize`).
+    mse_clip:   per-row MSE search of the clipping ratio (both methods).
+
+    Order of operations: the weight half of the online Hadamard (``W_down -> W_down @ H``), weight
+    quantization (GPTQ calibrates with the activation half of the Hadamard active and activations in
+    full precision, as QuaRot does), then activation hooks.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_wbits(wbits)
+    act = act if act is not None else ActQuantConfig()
+    spec = None
+    if wbits < 16:
+        spec = QuantSpec(bits=wbits, symmetric=sym, group_size=group_size, mse=mse_clip)
+        if method == "gptq" and calib is None:
+            raise ValueError("GPTQ needs calibration data: pass calib (a [nsamples, seq_len] LongTensor)")
+        if method == "gptq":
+            check_calib(calib)
+            if percdamp < 0 or block_size < 1:
+                raise ValueError(f"GPTQ needs percdamp >= 0 and block_size >= 1, got {percdamp}, {block_size}")
+    located = locate(model)  # raises for an unsupported architecture before anything changes
+    if group_size is not None and spec is not None:
+        for L in located.layers:
+            for role in LINEAR_ROLES:
+                lin = getattr(L, role)
+                if lin.in_features % group_size:
+                    raise ValueError(
+                        f"group_size {group_size} does not divide {L.names[role]}'s {lin.in_features} input columns"
+                    )
+
+    start = time.perf_counter()
+    hadamard = rotate_down_proj_weights(model) if act.online_hadamard else None
+    losses: dict[str, float] = {}
+    if spec is not None and method == "rtn":
+        for L in located.layers:
+            for role in LINEAR_ROLES:
+                lin = getattr(L, role)
+                lin.weight.copy_(quantize_rtn(lin.weight, spec))
+    elif spec is not None:
+        with install_act_quant(model, ActQuantConfig(online_hadamard=act.online_hadamard)):
+            losses = gptq_quantize_model(
+                model, calib, spec, act_order=act_order, percdamp=percdamp, block_size=block_size, progress=progress
+            )
+    hooks = install_act_quant(model, act)
+    settings = {
+        "format": QUANT_FORMAT,
+        "method": method,
+        "wbits": wbits,
+        "abits": act.bits,
+        "group_size": group_size,
+        "sym": sym,
+        "mse_clip": mse_clip,
+        "gptq": {"act_order": act_order, "percdamp": percdamp, "block_size": block_size} if method == "gptq" else None,
+        "act": act.to_dict(),
+        "online_hadamard": hadamard,
+        "calibration": (
+            {"nsamples": int(calib.shape[0]), "seq_len": int(calib.shape[1])}
+            if method == "gptq" and spec is not None
+            else None
+        ),
+        "full_precision": list(FULL_PRECISION),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return QuantResult(settings, hooks, losses)
+
+
+def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, settings: dict) -> Path:
+    """Write ``model`` (``save_pretrained``, safetensors), ``tokenizer`` and ``quant.json`` atomically."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / QUANT_JSON).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def load_checkpoint(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` from a Hugging Face folder (or a llama2.c checkpoint, see
+    :func:`orthoopt.adapters.load_model`) whose folder also holds a tokenizer; model in eval mode.
+
+    Raises FileNotFoundError naming the folder when it or its tokenizer files are missing.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise FileNotFoundError(f"model folder not found: {model_dir}")
+    tokenizer_dir = model_dir if model_dir.is_dir() else model_dir.parent
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer is None:
+        raise FileNotFoundError(
+            f"{tokenizer_dir} has no tokenizer (tokenizer.json / tokenizer_config.json / tokenizer.model); "
+            "copy the tokenizer files into it"
+        )
+    return load_model(model_dir, dtype=dtype), tokenizer
+
+
+def read_quant_settings(model_dir: str | os.PathLike) -> dict | None:
+    """The content of ``model_dir/quant.json``, or None when the folder has none."""
+    path = Path(model_dir) / QUANT_JSON
+    if not path.is_file():
+        return None
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    if settings.get("format") != QUANT_FORMAT:
+        raise ValueError(f"{path}: unknown format {settings.get('format')!r}, expected {QUANT_FORMAT!r}")
+    return settings
+
+
+def install_from_settings(model: nn.Module, settings: dict) -> ActQuantHooks:
+    """Install the activation hooks that quant.json ``settings`` describe on a loaded checkpoint.
+
+    With online Hadamard, checks that the stored fingerprint matches the Hadamard this version builds
+    for the model's intermediate size (so the rotated weights and the activation hook agree).
+    """
+    act = ActQuantConfig.from_dict(settings["act"])
+    if act.online_hadamard:
+        stored = settings.get("online_hadamard") or {}
+        n = {L.down.in_features for L in locate(model).layers}
+        if {stored.get("size")} != n:
+            raise ValueError(f"quant.json online Hadamard size {stored.get('size')} does not match the model's {sorted(n)}")
+        if stored.get("sha256") != hadamard_fingerprint(stored["size"]):
+            raise ValueError(
+                f"quant.json online Hadamard fingerprint does not match hadamard_matrix({stored['size']}) "
+                "of this orthoopt version; the checkpoint's down_proj weights were rotated by another matrix"
+            )
+    return install_act_quant(model, act)
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint ready to evaluate: ``quant`` is quant.json (None if absent), ``hooks`` its hooks."""
+
+    model: nn.Module
+    tokenizer: object
+    quant: dict | None
+    hooks: ActQuantHooks | None
+
+
+def load_quantized(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a checkpoint and, if it has quant.json, install its activation quantization / online Hadamard."""
+    model, tokenizer = load_checkpoint(model_dir, dtype)
+    settings = read_quant_settings(model_dir)
+    hooks = install_from_settings(model, settings) if settings is not None else None
+    return LoadedModel(model, tokenizer, settings, hooks)

@@ -1,0 +1,165 @@
+"""GPTQ on a whole decoder, layer by layer, as in the reference algorithm.
+
+1. The inputs of decoder layer 0 for every calibration window are captured by swapping the layers for
+   recorders that store what the model passes them (hidden states, and for each layer its keyword
+   arguments: attention mask, ``position_embeddings``, ``position_ids``, ...) and stop the forward.
+2. For each decoder layer, the linears are quantized in the reference's sequential order
+   (:data:`SEQUENTIAL_GROUPS`: q/k/v together, o, gate/up together, down). For each group, the layer is
+   run on all windows with hooks accumulating each linear's input Hessian (the groups before it
+   already quantized), then every linear of the group is quantized with :func:`gptq_quantize`.
+3. The quantized layer's outputs become the next layer's inputs.
+
+Any forward pre-hooks on the linears (e.g. the online Hadamard of :mod:`orthoopt.quant.act`) act
+during calibration, so the Hessians describe the inputs the linears really see.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from orthoopt.adapters.archs import locate
+from orthoopt.quant.gptq import HessianAccumulator, gptq_quantize
+from orthoopt.quant.quantizer import QuantSpec
+
+#: Linears (roles of :class:`orthoopt.adapters.archs.LayerModules`) quantized together, in order.
+SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+
+class _Stop(Exception):
+    """Raised by hooks to end a forward pass early."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer ``index``: records its call and passes the hidden states on."""
+
+    def __init__(self, index: int, last: bool, store: dict):
+        super().__init__()
+        self.index, self.last, self.store = index, last, store
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if args:
+            raise ValueError("decoder layers are expected to receive only hidden_states positionally")
+        if self.index == 0:
+            self.store["inputs"].append(hidden_states.detach())
+        self.store["kwargs"].setdefault(self.index, kwargs)
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+def _layer_list(model: nn.Module) -> nn.ModuleList:
+    spec = locate(model).spec
+    return getattr(getattr(model, spec.decoder), spec.layers)
+
+
+def _first(output):
+    """A decoder layer's hidden states (transformers 5 returns a tensor, 4.x a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, calib: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
+    """Inputs of decoder layer 0 (one ``[1, seq_len, hidden]`` tensor per window of ``calib``) and the
+    keyword arguments the model passes each decoder layer (recorded on the first window; the windows
+    are unpadded and equally long, so masks and positions are the same for all)."""
+    layers = _layer_list(model)
+    originals = list(layers)
+    store: dict = {"inputs": [], "kwargs": {}}
+    for i in range(len(layers)):
+        layers[i] = _Recorder(i, i == len(layers) - 1, store)
+    try:
+        device = next(model.parameters()).device
+        for row in calib:
+            try:
+                model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return store["inputs"], [store["kwargs"][i] for i in range(len(layers))]
+
+
+def _collect_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs, kwargs) -> dict[str, HessianAccumulator]:
+    """Run ``layer`` on every input, accumulating the input Hessian of each of ``linears``.
+
+    Each forward stops as soon as all of ``linears`` have seen their input. Hessians are float32
+    (float64 for float64 weights).
+    """
+    accs = {
+        name: HessianAccumulator(
+            lin.in_features,
+            dtype=torch.float64 if lin.weight.dtype == torch.float64 else torch.float32,
+            device=lin.weight.device,
+        )
+        for name, lin in linears.items()
+    }
+    seen: set[str] = set()
+
+    def hook(name, module, args, output):
+        accs[name].add(args[0])
+        seen.add(name)
+        if len(seen) == len(linears):
+            raise _Stop
+
+    handles = [lin.register_forward_hook(lambda m, a, o, n=name: hook(n, m, a, o)) for name, lin in linears.items()]
+    try:
+        for x in inputs:
+            seen.clear()
+            try:
+                layer(x, **kwargs)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return accs
+
+
+def check_calib(calib) -> None:
+    """Raise ValueError unless ``calib`` is a non-empty ``[nsamples, seq_len]`` LongTensor."""
+    if not isinstance(calib, torch.Tensor) or calib.ndim != 2 or calib.dtype != torch.long or calib.numel() == 0:
+        got = f"{calib.dtype} {tuple(calib.shape)}" if isinstance(calib, torch.Tensor) else type(calib).__name__
+        raise ValueError(f"calib must be a non-empty [nsamples, seq_len] LongTensor of token ids, got {got}")
+
+
+@torch.no_grad()
+def gptq_quantize_model(
+    model: nn.Module,
+    calib: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    act_order: bool = False,
+    percdamp: float = 0.01,
+    block_size: int = 128,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Quantize every decoder-layer linear of ``model`` in place with GPTQ.
+
+    ``calib``: ``[nsamples, seq_len]`` token ids (see :func:`orthoopt.quant.calib.calibration_batches`).
+    Embeddings and ``lm_head`` are not touched. Returns GPTQ's loss estimate per linear, keyed by
+    module name relative to the decoder (``"layers.3.mlp.down_proj"``).
+    """
+    check_calib(calib)
+    located = locate(model)
+    layers = _layer_list(model)
+    inputs, layer_kwargs = capture_layer_inputs(model, calib)
+    losses: dict[str, float] = {}
+    for i in tqdm(range(len(layers)), desc="GPTQ layers", disable=not progress, file=sys.stderr):
+        layer, mods = layers[i], located.layers[i]
+        for group in SEQUENTIAL_GROUPS:
+            linears = {mods.names[role]: getattr(mods, role) for role in group}
+            accs = _collect_hessians(layer, linears, inputs, layer_kwargs[i])
+            for name, lin in linears.items():
+                result = gptq_quantize(
+                    lin.weight, accs[name].hessian, spec,
+                    block_size=block_size, percdamp=percdamp, act_order=act_order,
+                )
+                lin.weight.copy_(result.weight)
+                losses[name] = result.loss
+        inputs = [_first(layer(x, **layer_kwargs[i])) for x in inputs]
+    return losses
