@@ -11,7 +11,6 @@ Checkpoints written by ``orthoopt rotate`` have fused norms, so their blocks are
 import argparse
 import json
 
-import torch
 
 from orthoopt.adapters import DecoderAdapter, load_model
 

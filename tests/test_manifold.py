@@ -30,15 +30,6 @@ seeds = st.integers(min_value=0, max_value=2**31 - 1)
 dtypes = st.sampled_from([torch.float64, torch.float32])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny matrices gain nothing from intra-op threads, and on a busy machine they oversubscribe it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randn(*shape, seed, dtype=torch.float64):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
 

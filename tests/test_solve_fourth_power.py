@@ -13,15 +13,6 @@ from orthoopt.objectives import FourthPower, WeightBlock
 from orthoopt.solvers import initial_rotations, make_solver, solve
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny matrices gain nothing from intra-op threads, and on a busy machine they oversubscribe it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def outlier_weight():
     W = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))

@@ -78,7 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="start from OUT.partial.safetensors if present")
     p.add_argument("--checkpoint-every", type=int, default=25, help="steps between partial checkpoints (0: off)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)
 
 
