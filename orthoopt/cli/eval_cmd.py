@@ -30,10 +30,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    if args.no_progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # transformers' own loading/saving bars
     text = read_text(args.text)  # fail on a bad text before loading the model
     loaded = load_quantized(args.model_dir)
     start = time.perf_counter()

@@ -71,10 +71,6 @@ def _validate(args) -> None:
 
 
 def run(args) -> int:
-    if args.no_progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # transformers' own loading/saving bars
     _validate(args)
     act = ActQuantConfig(
         bits=args.abits, symmetric=not args.act_asym, clip_ratio=args.act_clip, online_hadamard=args.online_hadamard

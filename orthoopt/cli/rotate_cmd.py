@@ -78,7 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="start from OUT.partial.safetensors if present")
     p.add_argument("--checkpoint-every", type=int, default=25, help="steps between partial checkpoints (0: off)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
-    p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bars on stderr")
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)
 
 
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     result = rotate_model(model, args.method, phases, solver=args.solver, steps=steps, lr=args.lr,
                           seed=args.seed, calib=calib, calib_tokens=args.calib_tokens, init=init,
                           verify_ids=ids, dtype=dtype, include_embeddings=args.include_embeddings,
-                          progress=not args.quiet, callback=checkpoint)
+                          progress=not args.no_progress, callback=checkpoint)
     report = {"model": source, **result.report}
     if resumed:
         report["resumed"] = resumed

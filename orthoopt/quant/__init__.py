@@ -4,28 +4,29 @@ See ``docs/quantization.md``. Only decoder-layer linears are quantized; embeddin
 stay in full precision.
 """
 
-from orthoopt.quant.act import (
-    ActQuantConfig,
-    ActQuantHooks,
-    install_act_quant,
-    online_hadamard_matrix,
-    quantize_activations,
-    rotate_down_proj_weights,
-)
+from importlib import import_module
+
 from orthoopt.quant.calib import calibration_batches, read_text, tokenize_text
 from orthoopt.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize
-from orthoopt.quant.model import (
-    LoadedModel,
-    QuantResult,
-    load_checkpoint,
-    load_quantized,
-    quantize_model,
-    read_quant_settings,
-    save_quantized,
-)
 from orthoopt.quant.quantizer import QuantSpec, fake_quantize, find_params, quantize_rows
 from orthoopt.quant.rtn import quantize_rtn
-from orthoopt.quant.sequential import gptq_quantize_model
+
+# Whole-model pieces import transformers (through the adapters): loaded on first use, so that the
+# tensor-level quantizers above stay cheap to import (diagnostics and objectives use them).
+_LAZY = {
+    "ActQuantConfig": "act", "ActQuantHooks": "act", "install_act_quant": "act",
+    "online_hadamard_matrix": "act", "quantize_activations": "act", "rotate_down_proj_weights": "act",
+    "LoadedModel": "model", "QuantResult": "model", "load_checkpoint": "model", "load_quantized": "model",
+    "quantize_model": "model", "read_quant_settings": "model", "save_quantized": "model",
+    "gptq_quantize_model": "sequential",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f"orthoopt.quant.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'orthoopt.quant' has no attribute {name!r}")
+
 
 __all__ = [
     "ActQuantConfig",
