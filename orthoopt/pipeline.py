@@ -92,16 +92,21 @@ def _activations(adapter: DecoderAdapter, phase: str, calib: torch.Tensor, max_t
 
 def build_objective(method: str, adapter: DecoderAdapter, phase: str, calib: torch.Tensor | None = None,
                     calib_tokens: int = 2048, seed: int = 0, progress: bool = True,
-                    include_embeddings: bool = False) -> Objective:
+                    include_embeddings: bool = False, sample_fraction: float | None = None,
+                    device: torch.device | str | None = None) -> Objective:
     """The objective of a learned ``method`` for the rotations of ``phase`` (``"R1"`` or ``"R2"``) on the
     adapter's current (fused, possibly partly rotated) weights. ``calib``: token ids ``[N, L]``, needed
-    by the data-driven methods. ``include_embeddings``: see the module doc."""
+    by the data-driven methods. ``include_embeddings``: see the module doc. ``sample_fraction`` and
+    ``device`` are passed to :class:`~orthoopt.objectives.FourthPower` (optrot only)."""
     if method not in LEARNED_METHODS:
         raise ValueError(f"method {method!r} learns nothing; learned methods: {', '.join(LEARNED_METHODS)}")
+    if method != "optrot" and (sample_fraction is not None or device is not None):
+        raise ValueError(f"sample_fraction and device are supported by method 'optrot' only, not {method!r}")
     if method in DATA_METHODS and calib is None:
         raise ValueError(f"method {method!r} needs calibration text (--calib TEXT_FILE)")
     if method == "optrot":
-        return FourthPower(_blocks(adapter, phase, include_embeddings))
+        return FourthPower(_blocks(adapter, phase, include_embeddings), sample_fraction=sample_fraction,
+                           seed=seed, device=device)
     if method == "optrot+":
         blocks = _blocks(adapter, phase, include_embeddings)
         sources = adapter.block_sources(phase)
@@ -127,7 +132,8 @@ class RotateResult:
     solves: dict[str, SolveResult] = field(default_factory=dict)
 
 
-def _summary(history: list[float]) -> dict:
+def loss_summary(history: list[float]) -> dict:
+    """A report's view of a loss history: first, last, min and at most ~50 evenly spaced points."""
     if not history:
         return {"steps": 0}
     k = max(1, len(history) // 50)  # at most ~50 points for the report
@@ -151,6 +157,8 @@ def rotate_model(
     verify_tol: float | None = None,
     dtype: torch.dtype = torch.float32,
     include_embeddings: bool = False,
+    sample_fraction: float | None = None,
+    device: torch.device | str | None = None,
     progress: bool = True,
     callback: Callable[[str, int, float, dict], bool | None] | None = None,
 ) -> RotateResult:
@@ -169,6 +177,8 @@ def rotate_model(
                 float32 whatever the model dtype, see ``docs/adapters.md``).
     dtype:      dtype the rotations are learned in.
     include_embeddings: put ``embed_tokens``/``lm_head`` into learned objectives (module doc).
+    sample_fraction, device: optrot only: rows sampled per step (unbiased, ``docs/performance.md``)
+                and the device the objective and solver compute on (weights are fused on the CPU).
     callback:   ``callback(phase, step, loss, rotations)`` after each solver step, with the rotations
                 of the finished phases (as fused) and the current iterate; a true return stops that
                 phase early.
@@ -195,18 +205,18 @@ def rotate_model(
             rots = initial_rotations(pdims, FIXED_METHODS[method], seed=seed, dtype=torch.float64)
         else:
             objective = build_objective(method, adapter, phase, calib, calib_tokens, seed, progress,
-                                        include_embeddings)
-            start_rots = initial_rotations(pdims, "hadamard", seed=seed, dtype=dtype)
+                                        include_embeddings, sample_fraction, device)
+            start_rots = initial_rotations(pdims, "hadamard", seed=seed, dtype=dtype, device=device)
             for k in pdims:
                 if init is not None and k in init:
-                    start_rots[k] = init[k].to(dtype)
+                    start_rots[k] = init[k].to(dtype=dtype, device=start_rots[k].device)
             kwargs = {} if lr is None else {"lr": lr}
             cb = None if callback is None else (lambda i, loss, r, _p=phase: callback(_p, i, loss, {**out, **r}))
             result = solve(objective, start_rots, make_solver(solver_name, **kwargs), phase_steps.get(phase, 0),
                            callback=cb, progress=progress)
             solves[phase] = result
             rots = result.rotations
-        rots = {k: reorthogonalize(R.detach().to(torch.float64)) for k, R in rots.items()}
+        rots = {k: reorthogonalize(R.detach().to("cpu", torch.float64)) for k, R in rots.items()}
         adapter.apply_rotations(rots)
         out.update(rots)
     report = {
@@ -217,10 +227,12 @@ def rotate_model(
         "lr": lr,
         "seed": seed,
         "include_embeddings": include_embeddings,
+        "sample_fraction": sample_fraction,
+        "device": None if device is None else str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "seconds": time.perf_counter() - start,
         "orthogonality_error": max(orthogonality_error(R) for R in out.values()),
-        "loss": {p: _summary(r.history) | {"final": r.final_loss, "orthogonality_error": r.orthogonality_error}
+        "loss": {p: loss_summary(r.history) | {"final": r.final_loss, "orthogonality_error": r.orthogonality_error}
                  for p, r in solves.items()},
     }
     if ref is not None:

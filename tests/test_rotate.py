@@ -143,3 +143,13 @@ def test_bad_input_gives_clear_errors_and_writes_nothing(model_dir, tmp_path, ca
     assert "R3" in capsys.readouterr().err
     assert not out.exists()
     assert [p for p in tmp_path.iterdir()] == []
+
+
+def test_sampled_optrot_keeps_the_function_and_other_methods_refuse_sampling(model_dir):
+    model = load_model(model_dir)
+    ids = _ids(model.config.vocab_size)
+    result = rotate_model(model, "optrot", steps=3, sample_fraction=0.5, verify_ids=ids, progress=False)
+    assert result.report["sample_fraction"] == 0.5
+    assert result.report["invariance_error"] < 1e-4
+    with pytest.raises(ValueError, match="optrot"):
+        rotate_model(load_model(model_dir), "kurtosis", steps=1, sample_fraction=0.5, calib=ids, progress=False)

@@ -23,13 +23,23 @@ def unfused_norms(m: DecoderModules) -> list[str]:
     return [name for name, norm in m.residual_norms().items() if not bool((norm.weight == 1).all())]
 
 
+def fold_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``W * w``: an RMSNorm scale ``w`` (``[in]``) folded into a reader's weight ``W`` (``[out, in]``,
+    column ``j`` scaled by ``w[j]``), formed in float64 and cast back to ``W``'s dtype.
+
+    The tensor-level step of :func:`fuse_norms`, shared with the streamed path
+    (:mod:`orthoopt.streaming`), which folds weights read from disk the same way.
+    """
+    return (weight.detach().to(torch.float64) * scale.detach().to(torch.float64)[None, :]).to(weight.dtype)
+
+
 @torch.no_grad()
 def _fold(norm: nn.Module, readers: list[nn.Linear]) -> None:
-    w = norm.weight.detach().to(torch.float64)
+    w = norm.weight.detach()
     if bool((w == 1).all()):
         return
     for lin in readers:
-        lin.weight.data.copy_((lin.weight.to(torch.float64) * w[None, :]).to(lin.weight.dtype))
+        lin.weight.data.copy_(fold_scale(lin.weight, w))
     norm.weight.data.fill_(1.0)
 
 

@@ -118,13 +118,13 @@ def check_finite(model: nn.Module) -> None:
             raise ValueError(f"parameter {name!r} has NaN or inf entries")
 
 
-def _blockdiag_left(W: torch.Tensor, R: torch.Tensor, heads: int) -> torch.Tensor:
+def blockdiag_left(W: torch.Tensor, R: torch.Tensor, heads: int) -> torch.Tensor:
     """``blockdiag(R, ..., R).T @ W`` for ``W`` ``[heads*d, k]``: each head's rows ``R.T @ W_h``."""
     d = R.shape[0]
     return torch.einsum("ji,hjk->hik", R, W.reshape(heads, d, -1)).reshape(W.shape)
 
 
-def _blockdiag_right(W: torch.Tensor, R: torch.Tensor, heads: int) -> torch.Tensor:
+def blockdiag_right(W: torch.Tensor, R: torch.Tensor, heads: int) -> torch.Tensor:
     """``W @ blockdiag(R, ..., R)`` for ``W`` ``[k, heads*d]``: each head's columns ``W_h @ R``."""
     d = R.shape[0]
     return (W.reshape(W.shape[0], heads, d) @ R).reshape(W.shape)
@@ -166,16 +166,16 @@ def apply_rotations(m: DecoderModules, rotations: Mapping[str, torch.Tensor]) ->
         Wv = L.v.weight.to(torch.float64)
         Wv = Wv @ r1 if r1 is not None else Wv
         if r2 is not None:
-            Wv = _blockdiag_left(Wv, r2, L.v.out_features // r2.shape[0])
+            Wv = blockdiag_left(Wv, r2, L.v.out_features // r2.shape[0])
             if L.v.bias is not None:
-                put(L.v.bias, _blockdiag_left(L.v.bias.to(torch.float64)[:, None], r2, L.v.out_features // r2.shape[0])[:, 0])
+                put(L.v.bias, blockdiag_left(L.v.bias.to(torch.float64)[:, None], r2, L.v.out_features // r2.shape[0])[:, 0])
         if r1 is not None or r2 is not None:
             put(L.v.weight, Wv)
         # o: columns per query head by R2 (input side), rows by R1 (output side).
         Wo = L.o.weight.to(torch.float64)
         Wo = r1.T @ Wo if r1 is not None else Wo
         if r2 is not None:
-            Wo = _blockdiag_right(Wo, r2, L.o.in_features // r2.shape[0])
+            Wo = blockdiag_right(Wo, r2, L.o.in_features // r2.shape[0])
         if r1 is not None or r2 is not None:
             put(L.o.weight, Wo)
         if r1 is not None and L.o.bias is not None:

@@ -77,6 +77,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", default=None, help="start from these rotations (a rotations.safetensors)")
     p.add_argument("--resume", action="store_true", help="start from OUT.partial.safetensors if present")
     p.add_argument("--checkpoint-every", type=int, default=25, help="steps between partial checkpoints (0: off)")
+    p.add_argument("--streamed", action="store_true",
+                   help="optrot only: read MODEL_DIR's safetensors layer by layer and write sharded output, "
+                        "never holding the whole model (docs/performance.md)")
+    p.add_argument("--device", default=None, help="optrot: where the objective and solver compute, e.g. cuda")
+    p.add_argument("--sample-fraction", type=float, default=None,
+                   help="optrot: use this fraction of the weight rows per step (unbiased; docs/performance.md)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
     p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)
@@ -122,8 +128,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     partial = _partial_path(out)
     dtype = DTYPES[args.dtype]
-    model, tokenizer, source = load_default_or(args.model_dir, dtype)
-    calib = _calibration(args, tokenizer)
+    if args.streamed:
+        if args.model_dir is None:
+            raise ValueError("--streamed needs MODEL_DIR (a Hugging Face folder with safetensors weights)")
+        if args.method != "optrot":
+            raise ValueError(f"--streamed supports --method optrot only (data-free), got {args.method!r}")
+        model, tokenizer, source, calib = None, None, str(args.model_dir), None
+    else:
+        model, tokenizer, source = load_default_or(args.model_dir, dtype)
+        calib = _calibration(args, tokenizer)
 
     init = load_rotations(args.init) if args.init else None
     steps: int | dict[str, int] = args.steps
@@ -144,29 +157,46 @@ def run(args: argparse.Namespace) -> int:
             with atomic_path(partial) as tmp:
                 save_file(tensors, str(tmp), metadata={"phase": phase, "step": str(step + 1 + done_before[phase])})
 
+    def plots(folder: Path, solves: dict) -> None:
+        from orthoopt.diagnostics import plot_solve_history
+
+        for phase, res in solves.items():
+            if res.history:
+                plot_solve_history(res, title=f"orthoopt rotate --method {args.method}: {phase}",
+                                   save=folder / f"loss_{phase}")
+
+    if args.streamed:
+        from orthoopt.streaming import rotate_streamed
+
+        result = rotate_streamed(args.model_dir, out, args.method, phases, solver=args.solver, steps=steps, lr=args.lr,
+                                 seed=args.seed, init=init, dtype=dtype, model_dtype=dtype,
+                                 sample_fraction=args.sample_fraction, device=args.device,
+                                 include_embeddings=args.include_embeddings, progress=not args.no_progress,
+                                 callback=checkpoint,
+                                 report_extra={"model": source, **({"resumed": resumed} if resumed else {})},
+                                 extras=lambda folder, res: plots(folder, res.solves))
+        return _finish(args, out, partial, result.report)
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(args.seed))
     result = rotate_model(model, args.method, phases, solver=args.solver, steps=steps, lr=args.lr,
                           seed=args.seed, calib=calib, calib_tokens=args.calib_tokens, init=init,
                           verify_ids=ids, dtype=dtype, include_embeddings=args.include_embeddings,
+                          sample_fraction=args.sample_fraction, device=args.device,
                           progress=not args.no_progress, callback=checkpoint)
     report = {"model": source, **result.report}
     if resumed:
         report["resumed"] = resumed
 
-    def extras(folder: Path) -> None:
-        from orthoopt.diagnostics import plot_solve_history
+    save_rotated(model, tokenizer, out, result.rotations, report, extras=lambda folder: plots(folder, result.solves))
+    return _finish(args, out, partial, report)
 
-        for phase, res in result.solves.items():
-            if res.history:
-                plot_solve_history(res, title=f"orthoopt rotate --method {args.method}: {phase}",
-                                   save=folder / f"loss_{phase}")
 
-    save_rotated(model, tokenizer, out, result.rotations, report, extras=extras)
+def _finish(args: argparse.Namespace, out: Path, partial: Path, report: dict) -> int:
     partial.unlink(missing_ok=True)
     if args.json:
         print(json.dumps(report))
     else:
-        err = report.get("invariance_error")
+        err = report.get("invariance_error")  # not checked in streamed mode (the model is never loaded)
+        logit = "" if err is None else f"logit error {err:.2e}, "
         print(f"orthoopt rotate: {args.method} -> {out} in {report['seconds']:.1f} s; "
-              f"logit error {err:.2e}, orthogonality error {report['orthogonality_error']:.2e}", file=sys.stderr)
+              f"{logit}orthogonality error {report['orthogonality_error']:.2e}", file=sys.stderr)
     return 0

@@ -77,8 +77,10 @@ class CayleySGD(Solver):
         for k, G in grads.items():
             R = self._current()[k]
             M = self.momentum * self._M[k] - G
-            W_hat = M @ R.T - 0.5 * R @ (R.T @ M @ R.T)
-            W = W_hat - W_hat.T
+            # The paper's W_hat = M R^T - R (R^T M R^T) / 2 is M R^T / 2 for square orthogonal R
+            # (R R^T = I), so W = W_hat - W_hat^T takes one product instead of four.
+            MRt = M @ R.T
+            W = 0.5 * (MRt - MRt.T)
             self._M[k] = W @ R
             alpha = min(self.lr, 2.0 * self.q / (float(torch.linalg.matrix_norm(W, ord=1)) + self.epsilon))
             if self.iterative:

@@ -1,0 +1,87 @@
+"""OptRot's R1 objective on a checkpoint on disk: the fourth power of the R1 blocks, read layer by layer.
+
+Every call to :meth:`StreamedFourthPower.value_and_grad` reads the norm-fused R1 blocks
+(:class:`~orthoopt.streaming.fused.FusedReader`) unit by unit (embedding slices, one layer, lm_head
+slices), packs their rows into segments with a reused buffer and accumulates the loss and the R1
+gradient, so the resident memory is about one layer plus the ``[chunk_rows, hidden]`` buffers. The row
+stream, the segments and the accumulation loop are those of
+``FourthPower(adapter.weight_blocks("R1"))`` (:mod:`orthoopt.objectives.row_segments`), so both give
+the same numbers bit for bit. Conventions: ``docs/conventions.md`` (R1 acts as ``x -> x @ R1``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from orthoopt.objectives.base import Objective, Rotations
+from orthoopt.objectives.fourth_power import get_rotation
+from orthoopt.objectives.row_segments import (
+    FourthPowerKernel,
+    RowPacker,
+    RowSampler,
+    accumulate_rows,
+    check_chunk_rows,
+    packed,
+    value_rows,
+)
+from orthoopt.streaming.fused import FusedReader, Unit
+
+
+class StreamedFourthPower(Objective):
+    """``sum_b sum((A_b @ R1) ** 4)`` over the R1 blocks of ``units`` (default: all) of a checkpoint.
+
+    reader:          the norm-fused tensors (its ``dtype`` plays the model dtype of ``load_model``).
+    units:           the part of the row stream this objective covers (``"embed"``, layer indices,
+                     ``"lm_head"``, in stream order); a distributed run gives each rank a share.
+    chunk_rows, sample_fraction, seed: as in :class:`~orthoopt.objectives.FourthPower` (``fused=True``).
+    device:          where segments are computed (rows are copied there as they are read); rotations on
+                     another device are moved there and gradients returned on theirs. Default: CPU.
+    """
+
+    def __init__(self, reader: FusedReader, units: Iterable[Unit] | None = None, *, chunk_rows: int | None = None,
+                 sample_fraction: float | None = None, seed: int = 0,
+                 device: torch.device | str | None = None) -> None:
+        self.reader = reader
+        all_units = reader.units()
+        self.units = list(all_units if units is None else units)
+        unknown = [u for u in self.units if u not in all_units]
+        if unknown or not self.units:
+            raise ValueError(f"units must be a non-empty subset of {all_units}, got {self.units}")
+        self.n = reader.layout.hidden
+        self.chunk_rows = check_chunk_rows(chunk_rows, self.n)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.sample_fraction = None if sample_fraction is None or sample_fraction == 1 else float(sample_fraction)
+        self.sampler = None if self.sample_fraction is None else RowSampler(self.sample_fraction, seed)
+        self.kernel = FourthPowerKernel(self.n, self.chunk_rows)
+        self.dtype = torch.promote_types(reader.dtype, torch.float32)
+        self._packer = RowPacker(self.n, self.chunk_rows, self.dtype, self.device, reuse=True)  # one buffer for all calls
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {"R1": self.n}
+
+    def _segments(self):
+        self._packer.reset()
+        return packed((rows for _, rows in self.reader.r1_pieces(self.units)), self._packer)
+
+    def _rotation(self, rotations: Rotations) -> tuple[torch.Tensor, torch.Tensor]:
+        R = get_rotation(rotations, "R1", self.n).detach()
+        return R.to(self.device), R
+
+    def loss(self, rotations: Rotations) -> torch.Tensor:
+        """The exact loss (float64 0-dim tensor; not differentiable: use :meth:`value_and_grad`)."""
+        with torch.no_grad():
+            Rc, _ = self._rotation(rotations)
+            return value_rows(self._segments(), Rc, self.kernel).cpu()
+
+    def value_and_grad(self, rotations: Rotations) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss float64, {"R1": 4 sum_b A_b.T @ (A_b @ R1) ** 3})``; sampled when ``sample_fraction < 1``."""
+        with torch.no_grad():
+            Rc, R = self._rotation(rotations)
+            loss, G = accumulate_rows(self._segments(), Rc, self.kernel, self.sampler)
+        return loss.cpu(), {"R1": G.to(R.device)}
+
+    def __repr__(self) -> str:
+        return f"StreamedFourthPower({self.reader.ckpt.path}, {len(self.units)} units, n={self.n})"
