@@ -26,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from orthoopt.diagnostics.stats import as_matrix
+
 DEFAULT_MASSIVE_RATIO = 100.0
 """A token is massive when its max ``|x|`` exceeds this many times the median ``|x|`` of all entries."""
 
@@ -34,13 +36,7 @@ DEFAULT_TOP = 10
 
 
 def _as_activations(X: torch.Tensor) -> torch.Tensor:
-    if not isinstance(X, torch.Tensor):
-        raise ValueError(f"activations must be a torch.Tensor, got {type(X).__name__}")
-    if X.ndim != 2:
-        raise ValueError(f"activations must be 2-D [tokens, channels], got shape {tuple(X.shape)}")
-    if X.numel() == 0:
-        raise ValueError(f"activations have no entries (shape {tuple(X.shape)})")
-    X = X.detach().to(torch.float64)
+    X = as_matrix(X, "activations", "[tokens, channels]")
     if not torch.isfinite(X).all():
         raise ValueError("activations contain NaN or infinite values")
     return X

@@ -42,12 +42,12 @@ DEFAULT_BITS = 4
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
-def _as_matrix(W: torch.Tensor, what: str = "weight") -> torch.Tensor:
+def as_matrix(W: torch.Tensor, what: str = "weight", axes: str = "[out, in]") -> torch.Tensor:
     """``W`` detached as a float64 2-D tensor; raises ValueError for other shapes or no entries."""
     if not isinstance(W, torch.Tensor):
         raise ValueError(f"{what} must be a torch.Tensor, got {type(W).__name__}")
     if W.ndim != 2:
-        raise ValueError(f"{what} must be 2-D [out, in], got shape {tuple(W.shape)}")
+        raise ValueError(f"{what} must be 2-D {axes}, got shape {tuple(W.shape)}")
     if W.numel() == 0:
         raise ValueError(f"{what} has no entries (shape {tuple(W.shape)})")
     return W.detach().to(torch.float64)
@@ -55,7 +55,7 @@ def _as_matrix(W: torch.Tensor, what: str = "weight") -> torch.Tensor:
 
 def incoherence(W: torch.Tensor) -> float:
     """``max|w| * sqrt(numel) / ||W||_F`` of a 2-D ``W``; raises ValueError if ``W`` is all zeros."""
-    W = _as_matrix(W)
+    W = as_matrix(W)
     norm = torch.linalg.matrix_norm(W).item()
     if norm == 0.0:
         raise ValueError("incoherence is undefined for an all-zero matrix")
@@ -95,7 +95,7 @@ def rtn_error(W: torch.Tensor, bits: int = DEFAULT_BITS) -> float:
     output channel (row of ``W``), ``scale = max|W[r]| / (2**(bits-1) - 1)``, no clipping; computed in
     float64. Raises ValueError if ``W`` is all zeros or ``bits`` is outside 2..8.
     """
-    W = _as_matrix(W)
+    W = as_matrix(W)
     norm = torch.linalg.matrix_norm(W).item()
     if norm == 0.0:
         raise ValueError("relative RTN error is undefined for an all-zero matrix")
@@ -113,7 +113,7 @@ def weight_stats(W: torch.Tensor, k: float = DEFAULT_K, bits: int = DEFAULT_BITS
     """
     if not k > 0:
         raise ValueError(f"outlier threshold k must be positive, got {k}")
-    W = _as_matrix(W)
+    W = as_matrix(W)
     sq = W.square()
     norm = math.sqrt(sq.sum().item())
     if norm == 0.0:
