@@ -16,7 +16,7 @@ method       rotation                                                      data 
 ===========  ============================================================  ==========  ===========
 identity     none (norms are still fused)                                  no          -
 random       Haar-random orthogonal                                        no          -
-hadamard     random Hadamard ``H D / sqrt(n)`` (QuaRot)                    no          -
+hadamard     random Hadamard ``D H / sqrt(n)`` (QuaRot)                    no          -
 optrot       learned: :class:`~orthoopt.objectives.FourthPower`            no          cayley-sgd
 optrot+      learned: :class:`~orthoopt.objectives.HessianWeighted`        calibration cayley-sgd
 kurtosis     learned: :class:`~orthoopt.objectives.Kurtosis` (KurTail)     calibration radam

@@ -290,10 +290,18 @@ def test_random_hadamard_orthogonal_and_sign_structure(n, seed):
     signs = random_signs(n, seed)
     assert torch.equal(signs.abs(), torch.ones(n, dtype=torch.float64))
     h = hadamard_matrix(n)
-    # D multiplies columns: every column of R * sqrt(n) / H is one constant sign.
+    # D multiplies rows: every row of R * sqrt(n) / H is one constant sign.
     ratio = r * math.sqrt(n) / h
-    assert torch.allclose(ratio, signs.expand(n, n), rtol=0, atol=1e-12)
+    assert torch.allclose(ratio, signs[:, None].expand(n, n), rtol=0, atol=1e-12)
     assert torch.equal(random_hadamard(n, seed=seed), r)
+
+
+def test_random_hadamard_seeds_differ_beyond_output_signs():
+    """Two seeds must not differ only by flipping output channels (invisible to symmetric quantizers):
+    R0.T @ R1 is a signed permutation exactly when they do."""
+    n = 64
+    m = random_hadamard(n, seed=0).T @ random_hadamard(n, seed=1)
+    assert (m.abs() > 1e-9).sum(dim=1).max() > 1
 
 
 def test_random_hadamard_seeds_and_dtype():

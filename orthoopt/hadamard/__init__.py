@@ -2,7 +2,7 @@
 
 ``hadamard_matrix(n)`` builds an exact ±1 Hadamard matrix for every ``n = 2^j * m`` whose base ``m`` is 1 or
 a Paley I / Paley II / Williamson order (``docs/hadamard.md``); ``random_hadamard`` gives the orthogonal
-``H @ D / sqrt(n)``; ``fwht`` and ``hadamard_transform`` apply ``x -> x @ H / sqrt(n)`` without the dense
+``D @ H / sqrt(n)``; ``fwht`` and ``hadamard_transform`` apply ``x -> x @ H / sqrt(n)`` without the dense
 matrix.
 """
 

@@ -16,12 +16,15 @@ def random_signs(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def random_hadamard(n: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The orthogonal ``[n, n]`` matrix ``R = H @ D / sqrt(n)``, ``H = hadamard_matrix(n)``.
+    """The orthogonal ``[n, n]`` matrix ``R = D @ H / sqrt(n)``, ``H = hadamard_matrix(n)`` (QuaRot's form).
 
-    ``D = diag(random_signs(n, seed))`` multiplies the *columns* of ``H``: ``R[:, j] = d_j H[:, j] / sqrt(n)``.
-    Acting as ``x -> x @ R`` (docs/conventions.md), ``x`` is Hadamard-transformed and then each output
-    coordinate ``j`` is multiplied by ``d_j``. Computed in float64, then cast to ``dtype``. Raises
-    ``ValueError`` if ``n`` is not a supported Hadamard order (see :func:`is_hadamard_size`).
+    ``D = diag(random_signs(n, seed))`` multiplies the *rows* of ``H``: ``R[i, :] = d_i H[i, :] / sqrt(n)``.
+    Acting as ``x -> x @ R`` (docs/conventions.md), each input coordinate ``i`` is multiplied by ``d_i``
+    and then the result is Hadamard-transformed. The signs go *before* the mixing on purpose: signs
+    after it (``H @ D``) would only flip whole output channels, which no sign-symmetric quantizer
+    (per-channel weights, per-token activations) can see, so every seed would quantize alike.
+    Computed in float64, then cast to ``dtype``. Raises ``ValueError`` if ``n`` is not a supported
+    Hadamard order (see :func:`is_hadamard_size`).
     """
     h = hadamard_matrix(n, dtype=torch.float64)
-    return (h * (random_signs(h.shape[0], seed) / math.sqrt(h.shape[0]))).to(dtype)
+    return (h * (random_signs(h.shape[0], seed) / math.sqrt(h.shape[0]))[:, None]).to(dtype)
