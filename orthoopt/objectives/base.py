@@ -63,6 +63,25 @@ class WeightBlock:
         return self.weight if self.side == "in" else self.weight.T
 
 
+def check_finite(t: torch.Tensor, what: str) -> None:
+    """Raise ValueError naming ``what`` if ``t`` holds NaN or inf."""
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} contains NaN or inf")
+
+
+def get_rotation(rotations: Mapping[str, torch.Tensor], name: str, n: int) -> torch.Tensor:
+    """``rotations[name]`` after checking it is a floating ``[n, n]`` tensor (ValueError otherwise)."""
+    if name not in rotations:
+        raise ValueError(f"rotation {name!r} ([{n}, {n}]) is missing; got {sorted(rotations)}")
+    R = rotations[name]
+    if not isinstance(R, torch.Tensor) or R.shape != (n, n):
+        shape = tuple(R.shape) if isinstance(R, torch.Tensor) else type(R).__name__
+        raise ValueError(f"rotation {name!r} must be a [{n}, {n}] tensor, got {shape}")
+    if not R.is_floating_point():
+        raise ValueError(f"rotation {name!r} must be floating point, got {R.dtype}")
+    return R
+
+
 def rotation_dims(blocks: list[WeightBlock]) -> dict[str, int]:
     """``{rotation name: n}`` for a list of blocks; raises if two blocks disagree on ``n``."""
     dims: dict[str, int] = {}

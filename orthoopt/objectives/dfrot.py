@@ -37,7 +37,7 @@ import torch
 
 from .base import Objective, Rotations
 from .fake_quant import MAX_BITS, MIN_BITS, fake_quantize_per_token
-from .fourth_power import check_finite, get_rotation
+from .base import check_finite, get_rotation
 
 DEFAULT_MASSIVE_THRESHOLD = 0.5
 DEFAULT_MASSIVE_WEIGHT = 1.0e4  # DFRot's alpha = 100 on the activations -> alpha^2 on the squared error

@@ -12,16 +12,14 @@ with ``c_b = 1`` (the paper's plain sum, the default) or, with ``normalize=True`
 unchanged by ``W -> c * W``. The Frobenius norm is rotation invariant, so ``c_b`` is a constant.
 See docs/objectives.md; speed, memory and the stochastic variant: docs/performance.md.
 
-This module also holds the small input checks shared by the objectives package.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 
 import torch
 
-from .base import Objective, Rotations, WeightBlock, rotation_dims
+from .base import Objective, Rotations, WeightBlock, check_finite, get_rotation, rotation_dims
 from .row_segments import (
     FourthPowerKernel,
     RowPacker,
@@ -30,25 +28,6 @@ from .row_segments import (
     check_chunk_rows,
     value_rows,
 )
-
-
-def check_finite(t: torch.Tensor, what: str) -> None:
-    """Raise ValueError naming ``what`` if ``t`` holds NaN or inf."""
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{what} contains NaN or inf")
-
-
-def get_rotation(rotations: Mapping[str, torch.Tensor], name: str, n: int) -> torch.Tensor:
-    """``rotations[name]`` after checking it is a floating ``[n, n]`` tensor (ValueError otherwise)."""
-    if name not in rotations:
-        raise ValueError(f"rotation {name!r} ([{n}, {n}]) is missing; got {sorted(rotations)}")
-    R = rotations[name]
-    if not isinstance(R, torch.Tensor) or R.shape != (n, n):
-        shape = tuple(R.shape) if isinstance(R, torch.Tensor) else type(R).__name__
-        raise ValueError(f"rotation {name!r} must be a [{n}, {n}] tensor, got {shape}")
-    if not R.is_floating_point():
-        raise ValueError(f"rotation {name!r} must be floating point, got {R.dtype}")
-    return R
 
 
 class FourthPower(Objective):

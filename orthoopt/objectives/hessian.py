@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 
 from .base import Objective, Rotations, WeightBlock
-from .fourth_power import FourthPower, check_finite
+from .base import check_finite
+from .fourth_power import FourthPower
 
 
 def hessian_sqrt(H: torch.Tensor, what: str = "H", normalize: bool = True) -> torch.Tensor:

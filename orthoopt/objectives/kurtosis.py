@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from .base import Objective, Rotations, WeightBlock, rotation_dims
-from .fourth_power import check_finite, get_rotation
+from .base import check_finite, get_rotation
 
 UNIFORM_KURTOSIS = 1.8
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 
 from orthoopt.objectives.base import Objective, Rotations
-from orthoopt.objectives.fourth_power import get_rotation
+from orthoopt.objectives.base import get_rotation
 from orthoopt.objectives.row_segments import (
     FourthPowerKernel,
     RowPacker,
