@@ -46,6 +46,7 @@ from orthoopt.adapters.verify import logits as model_logits
 from orthoopt.manifold import orthogonality_error, reorthogonalize
 from orthoopt.objectives import DFRotLoss, FourthPower, HessianWeighted, Kurtosis, Objective
 from orthoopt.solvers import SolveResult, initial_rotations, make_solver, solve
+from orthoopt.utils.checks import check_device
 
 FIXED_METHODS = {"identity": "identity", "random": "random", "hadamard": "hadamard"}
 LEARNED_METHODS = {"optrot": "cayley-sgd", "optrot+": "cayley-sgd", "kurtosis": "radam", "dfrot": "procrustes"}
@@ -185,6 +186,7 @@ def rotate_model(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    device = check_device(device, "device")
     phases = [p for p in PHASES if p in set(rotations)]
     unknown = set(rotations) - set(PHASES)
     if unknown or not phases:

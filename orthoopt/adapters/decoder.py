@@ -19,6 +19,7 @@ from torch import nn
 from orthoopt.adapters import calibration, fusion, writeback
 from orthoopt.adapters.archs import DecoderModules, check_rms_norm, locate
 from orthoopt.objectives.base import WeightBlock
+from orthoopt.utils.checks import check_not_meta
 
 
 class DecoderAdapter:
@@ -32,6 +33,8 @@ class DecoderAdapter:
 
     def __init__(self, model: nn.Module, arch: str | None = None) -> None:
         self.model = model
+        for name, p in model.named_parameters():  # a model without data gives raw torch errors later
+            check_not_meta(p, f"weight {name!r}")
         self.modules: DecoderModules = locate(model, arch)
         for name, norm in self.modules.residual_norms().items():
             check_rms_norm(name, norm, self.modules.hidden)

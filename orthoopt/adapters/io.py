@@ -13,11 +13,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from orthoopt.adapters import llama2c
 from orthoopt.utils.atomic import atomic_dir
+from orthoopt.utils.checks import check_model_weights
+from orthoopt.utils.tensorfile import check_weight_files, read_safetensors
 
 ROTATIONS_FILE = "rotations.safetensors"
 REPORT_FILE = "report.json"
@@ -38,18 +40,25 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     """An eval-mode ``*ForCausalLM`` from a Hugging Face folder (``config.json`` + weights) or a
     llama2.c checkpoint (a ``.bin`` file, or a folder without ``config.json`` holding one).
 
-    Raises FileNotFoundError when ``path`` does not exist or holds neither.
+    Raises FileNotFoundError when ``path`` does not exist or holds neither, and ValueError naming
+    the file and the fault for a damaged weight file (:mod:`orthoopt.utils.tensorfile`) and naming
+    the tensor for a weight that holds NaN or inf.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path not found: {path}")
     if path.is_dir() and (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        check_weight_files(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except OSError as e:  # transformers' missing or unreadable files
+            raise ValueError(f"cannot load the model in {path}: {e}") from None
     else:
         bin_file = _llama2c_file(path)
         if bin_file is None:
             raise FileNotFoundError(f"{path}: no config.json (Hugging Face folder) and no llama2.c .bin checkpoint")
         model = llama2c.read_llama2c(bin_file, dtype)
+    check_model_weights(model, str(path))
     return model.to(device).eval()
 
 
@@ -101,4 +110,4 @@ def load_rotations(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     f = path / ROTATIONS_FILE if path.is_dir() else path
     if not f.is_file():
         raise FileNotFoundError(f"no {ROTATIONS_FILE} at {path}")
-    return load_file(str(f))
+    return read_safetensors(f, "rotations file")

@@ -25,7 +25,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for plots and summary.json (written atomically)")
     p.add_argument("--calib", default=None, help="text file: add activation statistics on its first tokens")
     p.add_argument("--calib-tokens", type=int, default=2048, help="tokens of --calib to run; default 2048")
-    p.add_argument("--seq-len", type=int, default=512, help="--calib tokens per forward sequence; default 512")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="--calib tokens per forward sequence; default 512, or the model's context if shorter")
     p.add_argument("--labels", default=None, help="comma-separated series labels (default: folder names)")
     p.add_argument("--block", default=None,
                    help="weight block of the histogram, e.g. layers.3.mlp.down_proj (default: most incoherent)")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
 
 from orthoopt.eval.perplexity import perplexity
@@ -41,8 +43,9 @@ def run(args) -> int:
         "model": str(args.model_dir), "text": str(args.text), **result,
         "quant": loaded.quant, "seconds": round(time.perf_counter() - start, 3),
     }
+    error = undefined_figures(record)
     if args.json:
-        print(json.dumps(record))
+        print(json.dumps(record, allow_nan=False))
     else:
         q = loaded.quant
         tag = f" (W{q['wbits']}A{q['abits']} {q['method']})" if q else ""
@@ -50,4 +53,24 @@ def run(args) -> int:
             f"perplexity {result['ppl']:.4f}{tag}: nll {result['nll']:.4f} over {result['tokens']} tokens "
             f"in {result['windows']} windows of {result['seq_len']}"
         )
+    if error:
+        print(f"orthoopt eval: warning: {error}", file=sys.stderr)
     return 0
+
+
+def undefined_figures(record: dict) -> str | None:
+    """Replace non-finite ``ppl`` / ``nll`` in ``record`` by None (strict JSON) and add an ``"error"``
+    entry saying why; returns that message (None when both are finite)."""
+    ppl, nll = record.get("ppl"), record.get("nll")
+    if isinstance(nll, float) and not math.isfinite(nll):
+        message = (f"the mean negative log-likelihood is {nll}: the model's logits are not finite on this "
+                   "text (overflow in its dtype?); perplexity is undefined")
+    elif isinstance(ppl, float) and not math.isfinite(ppl):
+        message = f"perplexity exp({nll:.6g}) overflows float64; the figure is the nll"
+    else:
+        return None
+    for key in ("ppl", "nll"):
+        if isinstance(record.get(key), float) and not math.isfinite(record[key]):
+            record[key] = None
+    record["error"] = message
+    return message

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from orthoopt.eval.perplexity import default_seq_len
 from orthoopt.quant.act import ActQuantConfig
-from orthoopt.quant.calib import calibration_batches
+from orthoopt.quant.calib import calibration_batches, check_context
 from orthoopt.quant.model import load_checkpoint, quantize_model, save_quantized
 from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS
+from orthoopt.utils.paths import prepare_output
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -66,8 +66,8 @@ def _validate(args) -> None:
         raise ValueError(f"--damp must be non-negative, got {args.damp}")
     if args.block_size < 1:
         raise ValueError(f"--block-size must be positive, got {args.block_size}")
-    if Path(args.out).resolve() == Path(args.model_dir).resolve():
-        raise ValueError("--out must differ from MODEL_DIR (the input checkpoint would be replaced)")
+    # before any work: --out may not be, contain or lie inside an input, and must be writable
+    prepare_output(args.out, {"MODEL_DIR": args.model_dir, "--calib": args.calib}, marker="quant.json")
 
 
 def run(args) -> int:
@@ -79,6 +79,7 @@ def run(args) -> int:
     calib, calib_info = None, None
     if args.method == "gptq" and args.wbits < 16:
         seq_len = args.seq_len if args.seq_len is not None else default_seq_len(model)
+        check_context(model, seq_len, "--seq-len")
         calib = calibration_batches(args.calib, tokenizer, nsamples=args.nsamples, seq_len=seq_len, seed=args.seed)
         calib_info = {"file": str(args.calib), "nsamples": args.nsamples, "seq_len": seq_len, "seed": args.seed}
     elif args.calib is not None:
@@ -92,7 +93,7 @@ def run(args) -> int:
     settings = {**result.settings, "source": str(args.model_dir), "calibration": calib_info}
     out = save_quantized(model, tokenizer, args.out, settings)
     if args.json:
-        print(json.dumps({**settings, "out": str(out)}))
+        print(json.dumps({**settings, "out": str(out)}, allow_nan=False))
     else:
         desc = f"W{args.wbits}A{args.abits} {args.method}"
         if args.group_size:

@@ -14,10 +14,13 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from orthoopt.pipeline import DATA_METHODS, METHODS, PHASES, rotate_model
 from orthoopt.utils.atomic import atomic_path
+from orthoopt.utils.checks import check_device
+from orthoopt.utils.paths import prepare_output
+from orthoopt.utils.tensorfile import read_safetensors, safetensors_metadata
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_PLANTED = {"arch": "llama", "hidden_size": 512, "num_layers": 8, "seed": 0}
@@ -88,7 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _calibration(args, tokenizer) -> torch.Tensor | None:
+def _calibration(args, tokenizer, model_config=None) -> torch.Tensor | None:
     if args.method not in DATA_METHODS:
         return None
     if args.calib is None:
@@ -97,8 +100,11 @@ def _calibration(args, tokenizer) -> torch.Tensor | None:
         raise ValueError(f"method {args.method!r} needs a tokenizer in the model folder to read --calib")
     from orthoopt.quant.calib import calibration_batches
 
+    from orthoopt.quant.calib import check_context
+
     seq_len = min(args.calib_seq_len, args.calib_tokens)
     nsamples = max(1, -(-args.calib_tokens // seq_len))
+    check_context(model_config, seq_len, "--calib-seq-len")
     return calibration_batches(args.calib, tokenizer, nsamples=nsamples, seq_len=seq_len, seed=args.seed)
 
 
@@ -108,13 +114,10 @@ def _partial_path(out: Path) -> Path:
 
 def _read_partial(path: Path) -> tuple[dict[str, torch.Tensor], tuple[str, int]]:
     """Rotations of a partial checkpoint and the (phase, steps done) it was written at."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = safetensors_metadata(path, "resume file")
     if meta.get("phase") not in PHASES or not meta.get("step", "").isdigit():
         raise ValueError(f"{path} is not an orthoopt partial checkpoint (metadata {meta})")
-    return load_file(str(path)), (meta["phase"], int(meta["step"]))
+    return read_safetensors(path, "resume file"), (meta["phase"], int(meta["step"]))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,9 +128,20 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--rotations must name a subset of {','.join(PHASES)}, got {args.rotations!r}")
     if args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
+    if args.method in DATA_METHODS and (args.calib_tokens < 1 or args.calib_seq_len < 1):
+        raise ValueError(f"--calib-tokens and --calib-seq-len must be >= 1, got {args.calib_tokens} and "
+                         f"{args.calib_seq_len}")
+    check_device(args.device, "--device")
     out = Path(args.out)
     partial = _partial_path(out)
     dtype = DTYPES[args.dtype]
+    # before any work: no output may be, contain or lie inside an input, and both must be writable
+    model_dir = args.model_dir if args.model_dir is not None else (None if args.streamed else default_model_dir())
+    resume_file = partial if args.resume and partial.is_file() else None
+    inputs = {"MODEL_DIR": model_dir, "--calib": args.calib, "--init": args.init, "--resume file": resume_file}
+    prepare_output(out, inputs, marker="report.json")
+    prepare_output(partial, {k: v for k, v in inputs.items() if k != "--resume file"}, kind="file",
+                   what="partial checkpoint")
     if args.streamed:
         if args.model_dir is None:
             raise ValueError("--streamed needs MODEL_DIR (a Hugging Face folder with safetensors weights)")
@@ -136,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, source, calib = None, None, str(args.model_dir), None
     else:
         model, tokenizer, source = load_default_or(args.model_dir, dtype)
-        calib = _calibration(args, tokenizer)
+        calib = _calibration(args, tokenizer, model.config)
 
     init = load_rotations(args.init) if args.init else None
     steps: int | dict[str, int] = args.steps
@@ -144,6 +158,9 @@ def run(args: argparse.Namespace) -> int:
     done_before = {p: 0 for p in PHASES}  # steps a resumed phase had already taken
     if args.resume and partial.is_file():
         init, (phase, done) = _read_partial(partial)
+        if done > args.steps:
+            raise ValueError(f"--steps {args.steps} is below the {done} steps of phase {phase} already done in "
+                             f"{partial}; pass --steps {done} or more to continue, or drop --resume to start over")
         # phases before the checkpointed one are complete; the checkpointed one has `done` steps
         steps = {p: (0 if PHASES.index(p) < PHASES.index(phase) else args.steps - done if p == phase else args.steps)
                  for p in phases}

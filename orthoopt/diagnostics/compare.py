@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +49,13 @@ from orthoopt.diagnostics.report import (
 )
 from orthoopt.diagnostics.stats import DEFAULT_BITS, DEFAULT_K, aggregate_blocks
 from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS
+from orthoopt.quant.calib import check_context, model_context
 from orthoopt.utils.atomic import atomic_dir
+from orthoopt.utils.paths import prepare_output
 
 SUMMARY_FILE = "summary.json"
+DEFAULT_SEQ_LEN = 512
+"""``--calib`` tokens per forward sequence when not given (shorter when the model's context is)."""
 HEATMAP_TOKENS = 128
 WEIGHT_METRICS = ("incoherence_mean", "excess_kurtosis_mean", "rtn_error")
 ROLE_PANELS = ("attn_in", "attn_out", "mlp_in", "mlp_hidden")
@@ -68,20 +73,29 @@ class _Series:
     heatmap: torch.Tensor | None = None
 
 
-def check_output_folder(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> None:
-    """Raise ValueError unless ``out_dir`` can be replaced safely: it must not be (or contain) an
-    input folder, and an existing non-empty ``out_dir`` must hold a previous ``summary.json``."""
-    out = Path(out_dir).resolve()
-    for p in inputs:
-        p = Path(p).resolve()
-        if out == p or out in p.parents:
-            raise ValueError(f"output folder {out_dir} would replace the input {p}")
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"output path {out_dir} exists and is not a folder")
-        if any(out.iterdir()) and not (out / SUMMARY_FILE).is_file():
-            raise ValueError(f"output folder {out_dir} exists, is not empty and holds no {SUMMARY_FILE} "
-                             f"(not a previous diagnose output); choose another --out")
+def check_output_folder(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike],
+                        calib: str | os.PathLike | None = None) -> None:
+    """Raise ValueError unless ``out_dir`` can be replaced safely (:func:`orthoopt.utils.paths.prepare_output`):
+    it must not be, contain or lie inside an input (model folders, ``calib``), must be writable, and
+    an existing non-empty ``out_dir`` must hold a previous ``summary.json``."""
+    prepare_output(out_dir, {"MODEL_DIR": list(inputs), "--calib": calib}, marker=SUMMARY_FILE)
+
+
+def _num_layers(path: Path) -> int | None:
+    """The decoder depth of a model folder from its ``config.json`` (None when unknown)."""
+    config = path / "config.json" if path.is_dir() else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        value = json.loads(config.read_text(encoding="utf-8")).get("num_hidden_layers")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def _layer_index(name: str) -> int | None:
+    m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
 
 
 def diagnose_models(
@@ -90,7 +104,7 @@ def diagnose_models(
     labels: Sequence[str] | None = None,
     calib: str | os.PathLike | None = None,
     calib_tokens: int = 2048,
-    seq_len: int = 512,
+    seq_len: int | None = None,
     block: str | None = None,
     act_module: str | None = None,
     k: float = DEFAULT_K,
@@ -105,8 +119,10 @@ def diagnose_models(
     calib:       text file; with it, the first ``calib_tokens`` tokens (each model's own tokenizer),
                  cut into sequences of ``seq_len``, feed every linear layer and the activation
                  statistics and plots are added.
+    seq_len:     at most each model's context (ValueError otherwise); default
+                 :data:`DEFAULT_SEQ_LEN` or the model's context if shorter.
     block:       weight block of the histogram (default: the block with the largest incoherence in
-                 the first model); must exist in every model.
+                 the first model among the layers every model has); must exist in every model.
     act_module:  linear layer whose input the channel plot and heat map show (default: among the
                  layers reading the normalized residual stream, which R1 rotates (q/k/v, gate/up,
                  lm_head; see :data:`~orthoopt.diagnostics.report.INPUT_ROLES`), the one whose input
@@ -134,7 +150,7 @@ def diagnose_models(
         raise ValueError(f"series labels must be unique, got {labels} (pass labels explicitly)")
     if calib is not None and not Path(calib).is_file():
         raise FileNotFoundError(f"calibration text not found: {calib}")
-    if calib_tokens < 1 or seq_len < 1:
+    if calib_tokens < 1 or (seq_len is not None and seq_len < 1):
         raise ValueError(f"calib_tokens and seq_len must be >= 1, got {calib_tokens} and {seq_len}")
     if act_module is not None and calib is None:
         raise ValueError("an activation module was chosen but no calibration text was given (--calib)")
@@ -142,14 +158,16 @@ def diagnose_models(
         raise ValueError(f"outlier threshold k must be positive, got {k}")
     if not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"RTN bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
-    check_output_folder(out_dir, paths)
+    check_output_folder(out_dir, paths, calib)
 
+    depths = [_num_layers(p) for p in paths]
+    common_depth = min(depths) if all(d is not None for d in depths) else None
     records, series = [], []
     for path, label in zip(paths, labels):
         record, s, block, act_module = _diagnose_one(
             path, label, calib=calib, calib_tokens=calib_tokens, seq_len=seq_len, block=block,
             act_module=act_module, k=k, bits=bits, massive_ratio=massive_ratio,
-            massive_min_abs=massive_min_abs, progress=progress,
+            massive_min_abs=massive_min_abs, progress=progress, common_depth=common_depth,
         )
         records.append(record)
         series.append(s)
@@ -160,7 +178,7 @@ def diagnose_models(
         "settings": {
             "outlier_k": k, "rtn_bits": bits, "calib": None if calib is None else str(calib),
             "calib_tokens": calib_tokens if calib is not None else None,
-            "seq_len": seq_len if calib is not None else None,
+            "seq_len": (seq_len or DEFAULT_SEQ_LEN) if calib is not None else None,
             "massive_ratio": massive_ratio, "massive_min_abs": massive_min_abs,
         },
         "block": block,
@@ -177,14 +195,17 @@ def diagnose_models(
 
 def _diagnose_one(path: Path, label: str, *, calib, calib_tokens: int, seq_len: int, block: str | None,
                   act_module: str | None, k: float, bits: int, massive_ratio: float, massive_min_abs: float,
-                  progress: bool) -> tuple[dict, _Series, str, str | None]:
+                  progress: bool, common_depth: int | None = None) -> tuple[dict, _Series, str, str | None]:
     """One model's summary record and plot data; ``block`` / ``act_module`` are chosen here when None
-    (from the first model) and returned for the next models."""
+    (from the first model, among its first ``common_depth`` layers) and returned for the next models."""
     model = load_model(path, dtype=torch.float32)
+    if calib is not None and seq_len is not None:
+        check_context(model, seq_len, "seq_len")  # before the (slow) weight statistics
     weights = stored_weights(model)
     wrep = weight_report(weights, k=k, bits=bits, progress=progress)
     if block is None:
-        block = max(wrep["blocks"], key=lambda r: r["incoherence"])["name"]
+        shared = [r for r in wrep["blocks"] if common_depth is None or (_layer_index(r["name"]) or 0) < common_depth]
+        block = max(shared or wrep["blocks"], key=lambda r: r["incoherence"])["name"]
     if block not in weights:
         raise ValueError(f"block {block!r} is not a weight of {path} (e.g. {list(weights)[:3]})")
     overall = aggregate_blocks(wrep["blocks"])
@@ -202,6 +223,8 @@ def _diagnose_one(path: Path, label: str, *, calib, calib_tokens: int, seq_len: 
         if tokenizer is None:
             raise ValueError(f"--calib needs a tokenizer in the model folder {path}")
         ids = calibration_tokens(calib, tokenizer, calib_tokens)
+        if seq_len is None:
+            seq_len = min(DEFAULT_SEQ_LEN, model_context(model) or DEFAULT_SEQ_LEN)
         inputs = capture_inputs(model, ids, seq_len=seq_len, progress=progress)
         arep = activation_report(inputs, massive_ratio, massive_min_abs, roles=input_roles(model), progress=progress)
         if act_module is None:

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from orthoopt.quant.calib import tokenize_text
+from orthoopt.quant.calib import check_context, tokenize_text
+from orthoopt.utils.checks import check_not_meta
 
 MAX_DEFAULT_SEQ_LEN = 2048
 
@@ -56,7 +57,9 @@ def perplexity(
     float64. The model runs in eval
     mode (its previous mode is restored). Returns ``{"ppl", "nll", "tokens", "windows", "seq_len"}``
     with ``tokens`` the number of predicted tokens ``windows * (seq_len - 1)`` and ``nll`` their mean
-    negative log-likelihood (nats).
+    negative log-likelihood (nats). ``ppl`` is ``inf`` when ``exp(nll)`` overflows float64 and NaN when
+    the model's logits are not finite (``orthoopt eval --json`` writes such figures as null).
+    Raises ValueError for windows longer than the model's context.
     """
     if isinstance(tokenizer_or_ids, torch.Tensor):
         if text is not None:
@@ -74,6 +77,9 @@ def perplexity(
     seq_len = default_seq_len(model) if seq_len is None else seq_len
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    check_context(model, seq_len, "seq_len")
+    for name, p in model.named_parameters():
+        check_not_meta(p, f"weight {name!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if max_tokens is not None:
@@ -105,4 +111,8 @@ def perplexity(
         model.train(was_training)
     tokens = windows * (seq_len - 1)
     nll = float(total) / tokens
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens, "windows": windows, "seq_len": seq_len}
+    try:
+        ppl = math.exp(nll)  # NaN stays NaN
+    except OverflowError:  # nll above ~709.8 nats: the perplexity is beyond float64
+        ppl = math.inf
+    return {"ppl": ppl, "nll": nll, "tokens": tokens, "windows": windows, "seq_len": seq_len}

@@ -64,7 +64,9 @@ class WeightBlock:
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
-    """Raise ValueError naming ``what`` if ``t`` holds NaN or inf."""
+    """Raise ValueError naming ``what`` if ``t`` holds NaN or inf, or is on the meta device (no data)."""
+    if t.is_meta:
+        raise ValueError(f"{what} is on the meta device: it holds no data; load the real weights first")
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{what} contains NaN or inf")
 

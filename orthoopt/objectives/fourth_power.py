@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from orthoopt.utils.checks import check_device
+
 from .base import Objective, Rotations, WeightBlock, check_finite, get_rotation, rotation_dims
 from .row_segments import (
     FourthPowerKernel,
@@ -102,7 +104,7 @@ class FourthPower(Objective):
         # one generator per rotation, all seeded with `seed`: a rotation's draws do not depend on the
         # other rotations of the objective (one R2.i at a time draws what a joint objective draws)
         self._samplers = {name: RowSampler(sample_fraction, seed) for name in self._dims} if sampled else {}
-        self.device = torch.device(device) if device is not None else blocks[0].weight.device
+        self.device = check_device(device, "device") if device is not None else blocks[0].weight.device
         self._kernels = {name: FourthPowerKernel(n, self.chunk_rows[name]) for name, n in self._dims.items()}
         # {rotation name: [(rows [m, n], coefficient c_b), ...]}: the blocks as views (reference path)
         self._groups: dict[str, list[tuple[torch.Tensor, float]]] = {}

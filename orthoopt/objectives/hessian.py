@@ -83,6 +83,8 @@ class HessianWeighted(Objective):
         normalize_hessian: bool = True,
     ) -> None:
         blocks, hessians = list(blocks), list(hessians)
+        if not blocks:
+            raise ValueError("HessianWeighted needs at least one weight block")
         if len(blocks) != len(hessians):
             raise ValueError(
                 f"got {len(blocks)} blocks but {len(hessians)} hessians (one per block, None for unweighted)"

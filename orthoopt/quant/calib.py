@@ -24,10 +24,30 @@ def read_text(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"text file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text file {path} is not UTF-8: byte {e.object[e.start]:#04x} at offset {e.start} "
+                         f"({e.reason}); convert it to UTF-8") from None
     if not text.strip():
         raise ValueError(f"text file is empty: {path}")
     return text
+
+
+def model_context(model_or_config) -> int | None:
+    """The model's context length (``config.max_position_embeddings``), or None when it has none."""
+    config = getattr(model_or_config, "config", model_or_config)
+    ctx = getattr(config, "max_position_embeddings", None)
+    return int(ctx) if isinstance(ctx, int) and ctx > 0 else None
+
+
+def check_context(model_or_config, seq_len: int, what: str = "seq_len") -> None:
+    """Raise ValueError when windows of ``seq_len`` tokens are longer than the model's context (a
+    model or its config; nothing is checked when the context is unknown)."""
+    ctx = model_context(model_or_config)
+    if ctx is not None and seq_len > ctx:
+        raise ValueError(f"{what} {seq_len} is longer than the model's context of {ctx} tokens "
+                         f"(max_position_embeddings); use at most {ctx}")
 
 
 def tokenize_text(text: str, tokenizer) -> torch.Tensor:

@@ -32,6 +32,7 @@ from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS, QuantSpec
 from orthoopt.quant.rtn import quantize_rtn
 from orthoopt.quant.sequential import check_calib, gptq_quantize_model
 from orthoopt.utils.atomic import atomic_dir
+from orthoopt.utils.checks import check_model_weights
 
 METHODS = ("rtn", "gptq")
 QUANT_JSON = "quant.json"
@@ -93,6 +94,7 @@ def quantize_model(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _check_wbits(wbits)
+    check_model_weights(model)  # no meta tensors, no NaN/inf weights (they would be written as they are)
     act = act if act is not None else ActQuantConfig()
     spec = None
     if wbits < 16:
@@ -155,7 +157,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, sett
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / QUANT_JSON).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        (tmp / QUANT_JSON).write_text(json.dumps(settings, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return out_dir
 
 

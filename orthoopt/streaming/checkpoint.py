@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from orthoopt.utils.checks import check_finite_tensor
+from orthoopt.utils.tensorfile import check_safetensors
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -62,6 +65,7 @@ class SafetensorsCheckpoint:
         for file in sorted(set(self.files.values())) or [self.path / SINGLE_FILE]:
             if not file.is_file():
                 raise FileNotFoundError(f"weight file {file} named by {INDEX_FILE} is missing")
+            check_safetensors(file, "weight file")
             with safe_open(str(file), framework="pt") as f:
                 names = f.keys()
                 for name in names:
@@ -115,7 +119,9 @@ class SafetensorsCheckpoint:
         for file, group in by_file.items():
             with safe_open(str(file), framework="pt") as f:
                 for n in group:
-                    out[n] = _cast(f.get_tensor(n), dtype)
+                    t = f.get_tensor(n)
+                    check_finite_tensor(t, f"{file}: tensor {n!r}")
+                    out[n] = _cast(t, dtype)
         return {n: out[n] for n in names}
 
     def read_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -124,7 +130,9 @@ class SafetensorsCheckpoint:
         if len(shape) != 2 or not 0 <= start <= stop <= shape[0]:
             raise ValueError(f"rows {start}:{stop} of {name!r} with shape {shape}")
         with safe_open(str(self.files[name]), framework="pt") as f:
-            return _cast(f.get_slice(name)[start:stop], dtype)
+            t = f.get_slice(name)[start:stop]
+        check_finite_tensor(t, f"{self.files[name]}: tensor {name!r} rows {start}:{stop}")
+        return _cast(t, dtype)
 
     def nbytes(self) -> int:
         """Total size of the stored tensors in bytes."""

@@ -59,6 +59,8 @@ from orthoopt.streaming.layout import DecoderLayout
 from orthoopt.streaming.objective import StreamedFourthPower
 from orthoopt.streaming.shards import ShardedWriter
 from orthoopt.utils.atomic import atomic_dir
+from orthoopt.utils.checks import check_device
+from orthoopt.utils.paths import prepare_output
 
 try:
     import resource
@@ -299,8 +301,8 @@ def rotate_streamed(
         raise ValueError(f"layers_per_shard must be a positive int, got {layers_per_shard!r}")
     phase_steps = dict(steps) if isinstance(steps, Mapping) else {p: steps for p in phases}
     out_dir = Path(out_dir)
-    if out_dir.resolve() == Path(model_dir).resolve():
-        raise ValueError(f"out_dir {out_dir} is the input folder; write the rotated model elsewhere")
+    device = check_device(device, "device")
+    prepare_output(out_dir, {"model_dir": model_dir}, what="out_dir")
     began = time.perf_counter()
     run = _Streamed(model_dir, solver or DEFAULT_SOLVER, lr, seed, init, dtype, model_dtype, chunk_rows,
                     sample_fraction, device, arch, include_embeddings, progress)

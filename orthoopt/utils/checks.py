@@ -1,0 +1,61 @@
+"""Checks on tensors and devices shared by every entry point (CLI and API), with messages that name
+the offending tensor: no data (the ``meta`` device), NaN or inf weights, an unusable device."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+META_HINT = ("it holds no data (the 'meta' device, e.g. a model built under init_empty_weights or loaded with "
+             "device_map='meta'); load the real weights first")
+
+
+def check_device(device: torch.device | str | None, what: str = "device") -> torch.device | None:
+    """``torch.device(device)`` (None stays None) after checking it can compute: not ``meta``, a known
+    type, and for CUDA an available GPU. Raises ValueError."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{what} {device!r} is not a device ({e})") from None
+    if dev.type == "meta":
+        raise ValueError(f"{what} 'meta' cannot compute: meta tensors hold no data; use cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{what} {device!r}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{what} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def check_not_meta(t: torch.Tensor, what: str) -> None:
+    """Raise ValueError naming ``what`` if ``t`` is on the meta device."""
+    if isinstance(t, torch.Tensor) and t.is_meta:
+        raise ValueError(f"{what} is on the meta device: {META_HINT}")
+
+
+def check_finite_tensor(t: torch.Tensor, what: str) -> None:
+    """Raise ValueError naming ``what`` and the count if ``t`` holds NaN or inf (meta: see :func:`check_not_meta`)."""
+    check_not_meta(t, what)
+    if t.is_floating_point() or t.is_complex():
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            nan = int(torch.isnan(t).sum())
+            raise ValueError(f"{what} has {int(bad.sum())} non-finite value(s) of {t.numel()} ({nan} NaN, "
+                             f"{int(bad.sum()) - nan} inf); refusing a damaged model")
+
+
+def check_model_weights(model: nn.Module, source: str | None = None, finite: bool = True) -> None:
+    """Raise ValueError naming the first parameter or buffer of ``model`` that is on the meta device,
+    or (``finite``) the first parameter holding NaN/inf (buffers such as attention masks may hold
+    -inf by design); ``source`` (e.g. the model folder) prefixes the message."""
+    prefix = f"{source}: " if source else ""
+    for name, t in model.named_parameters():
+        check_not_meta(t, f"{prefix}weight {name!r}")
+        if finite:
+            check_finite_tensor(t.detach(), f"{prefix}weight {name!r}")
+    for name, t in model.named_buffers():
+        check_not_meta(t, f"{prefix}buffer {name!r}")
+
+
+__all__ = ["check_device", "check_finite_tensor", "check_model_weights", "check_not_meta"]

@@ -1,0 +1,149 @@
+"""Output paths checked before any work: an output may not destroy an input, and must be writable.
+
+Every command calls :func:`prepare_output` for each path it writes (its ``--out`` folder, a side file)
+with every path it reads, before it loads or computes anything::
+
+    prepare_output(args.out, {"MODEL_DIR": args.model_dir, "--calib": args.calib}, marker="report.json")
+
+It raises ValueError (the CLI's exit 2) when
+
+* the output is an input, lies inside an input folder, or contains an input (replacing the output
+  folder would delete it). Paths are compared after resolving symbolic links, and also by inode
+  (``os.path.samefile``: bind mounts, hard links); an input folder's symlinked entries count as
+  inputs where they point (a Hugging Face cache snapshot links its files into ``blobs/``);
+* the output cannot be written: a parent is a file, the nearest existing parent folder refuses a
+  new entry (read-only folder or file system; probed by creating and removing a folder there), or a
+  folder output exists as a file (or a file output as a folder);
+* ``marker`` is given and the output is an existing, non-empty folder without that file (so not a
+  previous output of the same command: replacing it would delete someone else's files).
+
+and then removes the output's stale temporaries (:func:`orthoopt.utils.atomic.remove_stale`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from orthoopt.utils.atomic import remove_stale
+
+PathLike = str | os.PathLike
+Inputs = Mapping[str, PathLike | Iterable[PathLike] | None]
+
+
+def resolve(path: PathLike) -> Path:
+    """``path`` absolute, ``~`` expanded, symbolic links resolved (missing tails kept as given)."""
+    return Path(os.path.expanduser(os.fspath(path))).resolve()
+
+
+def input_paths(path: PathLike) -> list[Path]:
+    """The resolved ``path`` and, for a folder, the resolved targets of its symlinked entries."""
+    p = resolve(path)
+    out = [p]
+    raw = Path(os.path.expanduser(os.fspath(path)))
+    if raw.is_dir():
+        try:
+            entries = list(raw.iterdir())
+        except OSError:
+            entries = []
+        for e in entries:
+            if e.is_symlink():
+                t = e.resolve()
+                if t not in out:
+                    out.append(t)
+    return out
+
+
+def _samefile(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _existing_chain(p: Path) -> list[Path]:
+    """``p`` and its ancestors that exist."""
+    return [q for q in (p, *p.parents) if q.exists()]
+
+
+def overlap(out: PathLike, inp: PathLike) -> str | None:
+    """How output ``out`` would harm input ``inp``: ``"is"``, ``"contains"``, ``"is inside"``, or None."""
+    o, i = resolve(out), resolve(inp)
+    if o == i or (o.exists() and _samefile(o, i)):
+        return "is"
+    if o in i.parents or (o.exists() and any(_samefile(o, a) for a in _existing_chain(i)[1:])):
+        return "contains"
+    if i in o.parents or (i.exists() and any(_samefile(i, a) for a in _existing_chain(o)[1:])):
+        return "is inside"
+    return None
+
+
+def _flatten(inputs: Inputs) -> list[tuple[str, PathLike]]:
+    out = []
+    for label, value in inputs.items():
+        if value is None:
+            continue
+        values = [value] if isinstance(value, (str, os.PathLike)) else list(value)
+        out.extend((label, v) for v in values if v is not None)
+    return out
+
+
+def check_not_input(out: PathLike, inputs: Inputs, what: str = "--out") -> None:
+    """Raise ValueError if output ``out`` is, contains or lies inside any of ``inputs``
+    (``{label: path or paths or None}``, e.g. ``{"MODEL_DIR": ..., "--calib": ...}``)."""
+    for label, path in _flatten(inputs):
+        for target in input_paths(path):
+            how = overlap(out, target)
+            if how is None:
+                continue
+            shown = str(path) if target == resolve(path) else f"{path} (its file {target})"
+            consequence = {
+                "is": "writing it would replace the input",
+                "contains": "replacing it would delete the input",
+                "is inside": "writing it would change the input folder",
+            }[how]
+            raise ValueError(f"{what} {out} {how} the input {label} {shown}: {consequence}; choose another {what}")
+
+
+def check_writable(out: PathLike, kind: str = "folder", what: str = "--out", marker: str | None = None) -> None:
+    """Raise ValueError unless ``out`` (a ``"folder"`` or a ``"file"``) can be written by renaming a
+    temporary sibling into place; see the module doc for ``marker``."""
+    if kind not in ("folder", "file"):
+        raise ValueError(f"kind must be 'folder' or 'file', got {kind!r}")
+    p = Path(os.path.expanduser(os.fspath(out))).absolute()
+    if p.exists():
+        if kind == "folder" and not p.is_dir():
+            raise ValueError(f"{what} {out} exists and is not a folder")
+        if kind == "file" and p.is_dir():
+            raise ValueError(f"{what} {out} exists and is a folder, not a file")
+        if kind == "folder" and marker is not None and any(p.iterdir()) and not (p / marker).is_file():
+            raise ValueError(f"{what} {out} exists, is not empty and holds no {marker} (it is not a previous "
+                             f"output of this command, and writing would delete its files); choose another {what}")
+    parent = p.parent
+    while not parent.exists() and not parent.is_symlink():
+        if parent == parent.parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {what} {out}: {parent} is {'a file' if parent.exists() else 'missing'}, "
+                         "not a folder")
+    try:
+        probe = tempfile.mkdtemp(prefix=".orthoopt-write-test.", dir=parent)
+    except OSError as e:
+        raise ValueError(f"cannot write {what} {out}: the folder {parent} is not writable ({e.strerror})") from None
+    os.rmdir(probe)
+
+
+def prepare_output(out: PathLike, inputs: Inputs, kind: str = "folder", what: str = "--out",
+                   marker: str | None = None) -> Path:
+    """Check output ``out`` against ``inputs`` and for writability (module doc), then remove its stale
+    temporaries. Call before any work. Returns ``Path(out)``."""
+    check_not_input(out, inputs, what)
+    check_writable(out, kind, what, marker)
+    remove_stale(Path(os.path.expanduser(os.fspath(out))).absolute())
+    return Path(out)
+
+
+__all__ = ["check_not_input", "check_writable", "input_paths", "overlap", "prepare_output", "resolve"]
