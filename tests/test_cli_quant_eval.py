@@ -136,7 +136,7 @@ def test_errors(capsys, tmp_path, model_dir, text_file):
     base = ["quantize", str(model_dir), "--out", str(out), "--no-progress"]
     assert "--calib" in run_error(capsys, [*base, "--method", "gptq"])
     assert "--wbits" in run_error(capsys, [*base, "--method", "rtn", "--wbits", "9"])
-    assert "--out must differ" in run_error(capsys, ["quantize", str(model_dir), "--out", str(model_dir),
+    assert "would replace the input" in run_error(capsys, ["quantize", str(model_dir), "--out", str(model_dir),
                                                      "--method", "rtn"])
     assert "not found" in run_error(capsys, ["quantize", str(tmp_path / "nope"), "--out", str(out),
                                              "--method", "rtn"])

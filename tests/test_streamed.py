@@ -163,7 +163,7 @@ def test_bad_inputs(saved, tmp_path):
     src = saved["llama-gqa-bias"]
     with pytest.raises(ValueError, match="optrot"):
         rotate_streamed(src, tmp_path / "o", method="dfrot")
-    with pytest.raises(ValueError, match="input folder"):
+    with pytest.raises(ValueError, match="would replace the input"):
         rotate_streamed(src, src, progress=False)
     with pytest.raises(FileNotFoundError, match="not found"):
         rotate_streamed(tmp_path / "missing", tmp_path / "o")

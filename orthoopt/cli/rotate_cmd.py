@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = {"MODEL_DIR": model_dir, "--calib": args.calib, "--init": args.init, "--resume file": resume_file}
     prepare_output(out, inputs, marker="report.json")
     prepare_output(partial, {k: v for k, v in inputs.items() if k != "--resume file"}, kind="file",
-                   what="partial checkpoint")
+                   what="the partial checkpoint of --out,")
     if args.streamed:
         if args.model_dir is None:
             raise ValueError("--streamed needs MODEL_DIR (a Hugging Face folder with safetensors weights)")

@@ -104,7 +104,8 @@ def check_not_input(out: PathLike, inputs: Inputs, what: str = "--out") -> None:
                 "contains": "replacing it would delete the input",
                 "is inside": "writing it would change the input folder",
             }[how]
-            raise ValueError(f"{what} {out} {how} the input {label} {shown}: {consequence}; choose another {what}")
+            fix = f"choose another {what}" if what.startswith("--") else "choose another output path"
+            raise ValueError(f"{what} {out} {how} the input {label} {shown}: {consequence}; {fix}")
 
 
 def check_writable(out: PathLike, kind: str = "folder", what: str = "--out", marker: str | None = None) -> None:
