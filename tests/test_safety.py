@@ -530,3 +530,13 @@ def test_diagnose_models_of_different_depth_on_the_default_histogram_block(tiny,
     summary = json.loads(capsys.readouterr().out)
     assert "layers.2." not in summary["block"], summary["block"]  # a block both models have
     assert [m["num_layers"] for m in summary["models"]] == [3, 2]
+
+
+def test_non_finite_init_rotations_are_refused(tiny, tmp_path, capsys):
+    init = tmp_path / "init.safetensors"
+    R = torch.eye(64)
+    R[0, 1] = float("nan")
+    save_file({"R1": R}, str(init))
+    err = run_error(capsys, ["rotate", str(tiny), "--out", str(tmp_path / "o"), "--method", "optrot", "--init",
+                             str(init), "--no-progress"])
+    assert str(init) in err and "'R1'" in err and "non-finite" in err

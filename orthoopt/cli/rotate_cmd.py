@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
 def _finish(args: argparse.Namespace, out: Path, partial: Path, report: dict) -> int:
     partial.unlink(missing_ok=True)
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report, allow_nan=False))
     else:
         err = report.get("invariance_error")  # not checked in streamed mode (the model is never loaded)
         logit = "" if err is None else f"logit error {err:.2e}, "

@@ -42,7 +42,7 @@ def check_finite_tensor(t: torch.Tensor, what: str) -> None:
         if bool(bad.any()):
             nan = int(torch.isnan(t).sum())
             raise ValueError(f"{what} has {int(bad.sum())} non-finite value(s) of {t.numel()} ({nan} NaN, "
-                             f"{int(bad.sum()) - nan} inf); refusing a damaged model")
+                             f"{int(bad.sum()) - nan} inf)")
 
 
 def check_model_weights(model: nn.Module, source: str | None = None, finite: bool = True) -> None:

@@ -84,17 +84,24 @@ def safetensors_metadata(path: str | os.PathLike, what: str = "safetensors file"
     return dict(check_safetensors(path, what).get("__metadata__") or {})
 
 
-def read_safetensors(path: str | os.PathLike, what: str = "safetensors file",
-                     device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of ``path`` (``safetensors.torch.load_file``) after :func:`check_safetensors`."""
+def read_safetensors(path: str | os.PathLike, what: str = "safetensors file", device: str = "cpu",
+                     finite: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of ``path`` (``safetensors.torch.load_file``) after :func:`check_safetensors`;
+    ``finite``: raise ValueError naming the tensor if a floating one holds NaN or inf."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from orthoopt.utils.checks import check_finite_tensor
+
     check_safetensors(path, what)
     try:
-        return load_file(str(path), device=device)
+        tensors = load_file(str(path), device=device)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise _damaged(Path(path), what, str(e)) from None
+    if finite:
+        for name, t in tensors.items():
+            check_finite_tensor(t, f"{what} {path}: tensor {name!r}")
+    return tensors
 
 
 def check_weight_files(folder: str | os.PathLike) -> list[Path]:
