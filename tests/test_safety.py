@@ -540,3 +540,28 @@ def test_non_finite_init_rotations_are_refused(tiny, tmp_path, capsys):
     err = run_error(capsys, ["rotate", str(tiny), "--out", str(tmp_path / "o"), "--method", "optrot", "--init",
                              str(init), "--no-progress"])
     assert str(init) in err and "'R1'" in err and "non-finite" in err
+
+
+@pytest.mark.parametrize("command", ["rotate", "rotate --streamed", "quantize", "eval", "diagnose"])
+def test_a_damaged_config_json_is_a_clean_error_naming_it(command, tiny, text, tmp_path, capsys):
+    m = copy_model(tiny, tmp_path / "m")
+    (m / "config.json").write_text('{"model_type": "llama", ')
+    out = tmp_path / "out"
+    argv = {
+        "rotate": ["rotate", str(m), "--out", str(out), "--method", "hadamard"],
+        "rotate --streamed": ["rotate", str(m), "--out", str(out), "--method", "optrot", "--streamed"],
+        "quantize": ["quantize", str(m), "--out", str(out), "--method", "rtn"],
+        "eval": ["eval", str(m), "--text", str(text)],
+        "diagnose": ["diagnose", str(m), "--out", str(out)],
+    }[command]
+    err = run_error(capsys, [*argv, "--no-progress"])
+    assert "config.json" in err and str(m) in err
+    assert not out.exists()
+
+
+def test_every_test_named_in_the_guarantees_page_exists():
+    page = (ROOT / "docs" / "guarantees.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`(test_\w+)`", page))
+    defined = set(re.findall(r"^def (test_\w+)", Path(__file__).read_text(encoding="utf-8"), re.M))
+    assert len(named) >= 20
+    assert named <= defined, sorted(named - defined)

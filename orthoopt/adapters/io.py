@@ -67,7 +67,10 @@ def load_tokenizer(path: str | os.PathLike):
     path = Path(path)
     if not path.is_dir() or not any((path / f).is_file() for f in TOKENIZER_FILES):
         return None
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # a damaged tokenizer.json or config.json
+        raise ValueError(f"cannot load the tokenizer in {path}: {e}") from None
 
 
 def _report_json(report: Mapping) -> str:

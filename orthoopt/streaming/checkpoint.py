@@ -45,10 +45,10 @@ class SafetensorsCheckpoint:
         config = self.path / "config.json"
         if not config.is_file():
             raise FileNotFoundError(f"{self.path} has no config.json (streamed mode reads Hugging Face folders)")
-        self.config: dict = json.loads(config.read_text())
+        self.config: dict = _read_json(config)
         self.files: dict[str, Path] = {}  # tensor name -> file
         if (self.path / INDEX_FILE).is_file():
-            weight_map = json.loads((self.path / INDEX_FILE).read_text()).get("weight_map")
+            weight_map = _read_json(self.path / INDEX_FILE).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{self.path / INDEX_FILE} has no weight_map")
             self.files = {name: self.path / file for name, file in weight_map.items()}
@@ -137,6 +137,17 @@ class SafetensorsCheckpoint:
     def nbytes(self) -> int:
         """Total size of the stored tensors in bytes."""
         return sum(self.numel(n) * torch.empty((), dtype=self.dtype(n)).element_size() for n in self._meta)
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object file; ValueError naming the file when it is not one."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is damaged: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is damaged: not a JSON object")
+    return value
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
