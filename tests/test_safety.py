@@ -565,3 +565,15 @@ def test_every_test_named_in_the_guarantees_page_exists():
     defined = set(re.findall(r"^def (test_\w+)", Path(__file__).read_text(encoding="utf-8"), re.M))
     assert len(named) >= 20
     assert named <= defined, sorted(named - defined)
+
+
+def test_the_finite_check_counts_exactly_and_passes_huge_finite_values():
+    from orthoopt.utils.checks import check_finite_tensor
+
+    check_finite_tensor(torch.full((10,), 3e38), "huge")  # the fast path's sum overflows; the values are finite
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        x = torch.ones(100, dtype=dtype)
+        x[[3, 7]] = float("nan")
+        x[9], x[11] = float("inf"), -float("inf")  # +inf and -inf sum to NaN: still caught
+        with pytest.raises(ValueError, match=r"^w has 4 non-finite value\(s\) of 100 \(2 NaN, 2 inf\)"):
+            check_finite_tensor(x, "w")
