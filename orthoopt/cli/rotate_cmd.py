@@ -98,9 +98,7 @@ def _calibration(args, tokenizer, model_config=None) -> torch.Tensor | None:
         raise ValueError(f"method {args.method!r} needs calibration text: --calib TEXT_FILE")
     if tokenizer is None:
         raise ValueError(f"method {args.method!r} needs a tokenizer in the model folder to read --calib")
-    from orthoopt.quant.calib import calibration_batches
-
-    from orthoopt.quant.calib import check_context
+    from orthoopt.quant.calib import calibration_batches, check_context
 
     seq_len = min(args.calib_seq_len, args.calib_tokens)
     nsamples = max(1, -(-args.calib_tokens // seq_len))
@@ -141,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = {"MODEL_DIR": model_dir, "--calib": args.calib, "--init": args.init, "--resume file": resume_file}
     prepare_output(out, inputs, marker="report.json")
     prepare_output(partial, {k: v for k, v in inputs.items() if k != "--resume file"}, kind="file",
-                   what="the partial checkpoint of --out,")
+                   what="partial checkpoint")
     if args.streamed:
         if args.model_dir is None:
             raise ValueError("--streamed needs MODEL_DIR (a Hugging Face folder with safetensors weights)")
