@@ -3,9 +3,11 @@
     python benchmarks/rotation_quality.py                      # full run (< 30 min on a 2-core CPU)
     python benchmarks/rotation_quality.py --quick --results /tmp/r.md   # smoke test, tiny model
 
-For one model: rotate (R1 then R2, ``orthoopt.pipeline.rotate_model``) with each of identity, random
-orthogonal, random Hadamard, OptRot, OptRot+, KurTail kurtosis and DFRot; quantize every rotated
-model with W4 RTN, W4 GPTQ and W4A8 RTN (per-channel symmetric 4-bit weights; 8-bit per-token
+For one model: the unrotated original (norms not fused: the real baseline), then rotate (R1 then R2,
+``orthoopt.pipeline.rotate_model``) with each of identity (norms fused, no rotation), random
+orthogonal, random Hadamard, OptRot, OptRot+, KurTail kurtosis and DFRot; quantize every model with
+W4 RTN, W4 RTN g64, W4 GPTQ and W4A8 RTN (symmetric 4-bit weights per output channel, or per group of
+64 input columns; 8-bit per-token
 activations; embeddings and lm_head in full precision, ``docs/quantization.md``); report
 WikiText-style perplexity (non-overlapping windows), the float baseline, each rotation's seconds and
 the relative logit error ``||L_q - L_float||_F / ||L_float||_F`` of each quantized model.
@@ -53,12 +55,16 @@ REPO = Path(__file__).resolve().parents[1]
 INVARIANCE_TOL = 1e-4  # rotate_model's own tolerance for float32 models
 DEFAULT_RESULTS = REPO / "docs" / "results.md"
 
+ORIGINAL = "original"
+"""The pseudo-method of the unrotated checkpoint as loaded: no norm fusion, no rotation (the real baseline)."""
 METHOD_LABELS = {
-    "identity": "identity (no rotation)", "random": "random orthogonal", "hadamard": "random Hadamard",
+    ORIGINAL: "unrotated original (norms not fused)",
+    "identity": "norm-fused, no rotation", "random": "random orthogonal", "hadamard": "random Hadamard",
     "optrot": "OptRot", "optrot+": "OptRot+", "kurtosis": "KurTail (kurtosis)", "dfrot": "DFRot",
 }
 QUANT_CONFIGS: dict[str, dict] = {
     "W4 RTN": {"method": "rtn", "wbits": 4},
+    "W4 RTN g64": {"method": "rtn", "wbits": 4, "group_size": 64},
     "W4 GPTQ": {"method": "gptq", "wbits": 4},
     "W4A8 RTN": {"method": "rtn", "wbits": 4, "act": ActQuantConfig(bits=8)},
 }
@@ -119,6 +125,8 @@ def relative_error(L: torch.Tensor, ref: torch.Tensor) -> float:
 def rotate(base: torch.nn.Module, method: str, settings: Settings, calib: torch.Tensor, seed: int):
     """A rotated copy of ``base`` and :func:`rotate_model`'s result."""
     rotated = copy.deepcopy(base)
+    if method == ORIGINAL:
+        return rotated, None
     result = rotate_model(rotated, method, steps=settings.steps, seed=seed,
                           calib=calib if method in LEARNED_METHODS else None,
                           calib_tokens=settings.calib_tokens, progress=settings.progress)
@@ -150,8 +158,11 @@ def run_method(base: torch.nn.Module, method: str, settings: Settings, calib: to
     invariance = relative_error(logits(rotated, probe), ref_logits)
     if not invariance <= INVARIANCE_TOL:
         raise RuntimeError(f"{method}: the rotated float model's logits differ by {invariance:.2e} (relative)")
-    loss = {p: (r.history[0] if r.history else None, r.final_loss) for p, r in result.solves.items()}
-    row = MethodResult(method, result.report["seconds"], invariance, loss)
+    if result is None:  # the unrotated original
+        row = MethodResult(method, 0.0, invariance, {})
+    else:
+        loss = {p: (r.history[0] if r.history else None, r.final_loss) for p, r in result.solves.items()}
+        row = MethodResult(method, result.report["seconds"], invariance, loss)
     for name, config in QUANT_CONFIGS.items():
         r = quantize_and_eval(rotated, config, settings, calib, eval_ids, probe, ref_logits)
         row.ppl[name], row.logit_error[name] = r["ppl"], r["logit_error"]
@@ -179,60 +190,53 @@ def fmt(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if math.isfinite(x) and abs(x) < 1e5 else f"{x:.3e}"
 
 
+def _verdict(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
 def ordering_check(rows: dict[str, MethodResult]) -> list[str]:
-    """The issue's done-when on W4 GPTQ (OptRot < random Hadamard < no rotation), stated with numbers
-    for the main seed and, when several GPTQ calibration seeds ran, for each of them; the verdict says
-    whether the main-seed difference is larger than what the calibration sample alone changes."""
-    need = ("identity", "hadamard", "optrot")
+    """The claims of issue 9 (point 4), each stated with its numbers and a yes/NO verdict:
+
+    1. W4 GPTQ after OptRot below random Hadamard and below the unrotated original, by a margin larger
+       than the spread of any of those rows over GPTQ calibration seeds (the spread table);
+    2. the best rotation's W4 RTN (per channel and g64) at or below the unrotated original's;
+    3. OptRot+ at or below OptRot (W4 GPTQ, main seed; W4 RTN shown too).
+    """
+    need = (ORIGINAL, "hadamard", "optrot")
     if not all(m in rows for m in need):
-        return [f"Ordering check skipped: it needs the methods {', '.join(need)}."]
+        return [f"Check skipped: it needs the methods {', '.join(need)}."]
     g = {m: rows[m].ppl[SPREAD_CONFIG] for m in need}
-    below_hadamard = g["optrot"] < g["hadamard"]
-    below_none = g["optrot"] < g["identity"] and g["hadamard"] < g["identity"]
+    spreads = {m: max(rows[m].calib_ppl.values()) - min(rows[m].calib_ppl.values()) for m in need}
+    spread = max(spreads.values())
+    n_seeds = len(rows["optrot"].calib_ppl)
+    margin_h, margin_o = g["hadamard"] - g["optrot"], g[ORIGINAL] - g["optrot"]
     lines = [
-        f"{SPREAD_CONFIG} perplexity (main seed): OptRot {g['optrot']:.4f}, random Hadamard {g['hadamard']:.4f}, "
-        f"no rotation {g['identity']:.4f}.",
-        f"- OptRot below random Hadamard: {'yes' if below_hadamard else 'NO'} "
-        f"(Hadamard - OptRot = {g['hadamard'] - g['optrot']:+.4f}).",
-        f"- OptRot and random Hadamard both below no rotation: {'yes' if below_none else 'NO'}.",
+        f"1. {SPREAD_CONFIG} (main seed): OptRot {g['optrot']:.4f}, random Hadamard {g['hadamard']:.4f}, "
+        f"unrotated original {g[ORIGINAL]:.4f}; largest spread of these rows over {n_seeds} GPTQ calibration "
+        f"seed(s): {spread:.4f}.",
+        f"   - OptRot below random Hadamard by more than the spread: {_verdict(margin_h > spread)} "
+        f"(margin {margin_h:+.4f}).",
+        f"   - OptRot below the unrotated original by more than the spread: {_verdict(margin_o > spread)} "
+        f"(margin {margin_o:+.4f}).",
     ]
-    rtn = {m: rows[m].ppl["W4 RTN"] for m in need}
-    lines.append(f"- W4 RTN for comparison: OptRot {rtn['optrot']:.4f}, random Hadamard {rtn['hadamard']:.4f}, "
-                 f"no rotation {rtn['identity']:.4f}.")
-    opt, had, none = (rows[m].calib_ppl for m in need[::-1])
-    caveats = None
-    if len(opt) > 1:
-        n = len(opt)
+    if n_seeds > 1:
+        opt, had, orig = (rows[m].calib_ppl for m in ("optrot", "hadamard", ORIGINAL))
         wins = sum(opt[k] < had[k] for k in opt)
-        wins_none = sum(opt[k] < none[k] and had[k] < none[k] for k in opt)
-        mean = {m: sum(rows[m].calib_ppl.values()) / n for m in need}
-        spread = max(max(r.calib_ppl.values()) - min(r.calib_ppl.values()) for r in rows.values())
-        lines.append(
-            f"- Over GPTQ calibration seeds {sorted(opt)} (same windows for every method): OptRot below random "
-            f"Hadamard for {wins} of {n}, both below no rotation for {wins_none} of {n}; means OptRot "
-            f"{mean['optrot']:.4f}, random Hadamard {mean['hadamard']:.4f}, no rotation {mean['identity']:.4f}; "
-            f"the largest spread of one method over these seeds is {spread:.4f}.")
-        caveats = []
-        if wins < n:
-            caveats.append(f"OptRot is below random Hadamard for only {wins} of {n} calibration seeds")
-        if wins_none < n:
-            caveats.append(f"both are below no rotation for only {wins_none} of {n}")
+        wins_o = sum(opt[k] < orig[k] for k in opt)
+        lines.append(f"   - per calibration seed: OptRot below random Hadamard for {wins} of {n_seeds}, below the "
+                     f"unrotated original for {wins_o} of {n_seeds}.")
+    rotated = [m for m in rows if m not in (ORIGINAL, "identity")]
+    for config in ("W4 RTN", "W4 RTN g64"):
+        best = min(rotated, key=lambda m: rows[m].ppl[config])
+        b, o = rows[best].ppl[config], rows[ORIGINAL].ppl[config]
+        fused = f"; norm-fused, no rotation {rows['identity'].ppl[config]:.4f}" if "identity" in rows else ""
+        lines.append(f"2. {config}: best rotation ({METHOD_LABELS[best]}) {b:.4f} vs unrotated original {o:.4f}"
+                     f"{fused}; at or below the original: {_verdict(b <= o)}.")
     if "optrot+" in rows:
-        p = rows["optrot+"].ppl[SPREAD_CONFIG]
-        lines.append(f"- OptRot+ ({p:.4f}) below OptRot: {'yes' if p < g['optrot'] else 'NO'}.")
-    paper = ("the ordering the OptRot paper reports for weight-only GPTQ (OptRot better than Hadamard "
-             "rotations, and rotations better than none)")
-    if not (below_hadamard and below_none):
-        lines.append(f"On the main seed this does NOT agree with {paper}.")
-    elif caveats is None:
-        lines.append(f"On the main seed this agrees with {paper}; with one calibration seed its robustness "
-                     "is not measured (--seeds).")
-    elif not caveats:
-        lines.append(f"This agrees with {paper} on every calibration seed.")
-    else:
-        lines.append(f"On the main seed this agrees with {paper}, but {' and '.join(caveats)}: on this model "
-                     "that difference is within what the GPTQ calibration sample alone changes, so this run "
-                     "does not resolve it.")
+        p, q = rows["optrot+"].ppl, rows["optrot"].ppl
+        lines.append(f"3. OptRot+ at or below OptRot, {SPREAD_CONFIG}: {_verdict(p[SPREAD_CONFIG] <= q[SPREAD_CONFIG])} "
+                     f"({p[SPREAD_CONFIG]:.4f} vs {q[SPREAD_CONFIG]:.4f}); W4 RTN: {p['W4 RTN']:.4f} vs "
+                     f"{q['W4 RTN']:.4f}.")
     return lines
 
 
@@ -380,7 +384,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="Hugging Face model folder; 'auto': the first in ../shared/models, else the planted "
                         "model; 'planted': always the trained planted-outlier model")
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text file: first half calibrates, second evaluates")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated rotation methods [all]")
+    p.add_argument("--methods", default=",".join((ORIGINAL, *METHODS)),
+                   help=f"comma-separated rotation methods, '{ORIGINAL}' = the unrotated checkpoint [all]")
     sizes = [("--steps", "steps", "solver steps per phase (R1, R2) of every learned method"),
              ("--eval-tokens", "eval_tokens", "tokens evaluated"),
              ("--seq-len", "seq_len", "window length of calibration, GPTQ and evaluation"),
@@ -414,9 +419,9 @@ def resolve(args: argparse.Namespace) -> Settings:
     base = QUICK if args.quick else FULL
     v = {k: getattr(args, k) if getattr(args, k) is not None else d for k, d in base.items()}
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in (ORIGINAL, *METHODS)]
     if bad or not methods:
-        raise ValueError(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown methods {bad}; choose from {', '.join((ORIGINAL, *METHODS))}")
     for k in ("steps", "eval_tokens", "seq_len", "calib_samples", "calib_tokens", "logit_windows", "train_steps",
               "seeds"):
         if v[k] < (2 if k == "seq_len" else 1):

@@ -59,20 +59,20 @@ def test_quick_run_prints_full_table_and_writes_only_the_given_path(tmp_path, ca
     assert "python benchmarks/rotation_quality.py --quick" in written
     for text in (printed, written):
         header, rows = _table(text, "Perplexity")
-        assert header == ["method", "rotation s", "W4 RTN", "W4 GPTQ", "W4A8 RTN"]
+        assert header == ["method", "rotation s", "W4 RTN", "W4 RTN g64", "W4 GPTQ", "W4A8 RTN"]
         labels = [r[0] for r in rows]
-        assert labels == ["float (unquantized)"] + [rotation_quality.METHOD_LABELS[m]
-                                                    for m in rotation_quality.METHODS]
+        methods = (rotation_quality.ORIGINAL, *rotation_quality.METHODS)
+        assert labels == ["float (unquantized)"] + [rotation_quality.METHOD_LABELS[m] for m in methods]
         for r in rows:
             ppl = [float(x) for x in r[2:]]
             assert all(math.isfinite(p) and p > 1 for p in ppl), r
         for r in rows[1:]:
             assert float(r[1]) >= 0  # rotation seconds
         _, err_rows = _table(text, "Relative logit error vs the float model")
-        assert len(err_rows) == len(rotation_quality.METHODS)
+        assert len(err_rows) == len(methods)
         for r in err_rows:
             assert float(r[1]) < rotation_quality.INVARIANCE_TOL  # rotation kept the float function
-            assert all(0 < float(x) < 10 for x in r[2:5]), r
+            assert all(0 < float(x) < 10 for x in r[2:6]), r
         header, seed_rows = _table(text, "W4 GPTQ perplexity over GPTQ calibration seeds")
         assert header == ["method", "seed 0", "seed 1", "mean", "max - min"]
         assert [r[0] for r in seed_rows] == labels[1:]
@@ -81,12 +81,16 @@ def test_quick_run_prints_full_table_and_writes_only_the_given_path(tmp_path, ca
             assert math.isfinite(a) and math.isfinite(b)
             assert mean == pytest.approx((a + b) / 2, abs=2e-4) and spread == pytest.approx(abs(a - b), abs=2e-4)
         # seed 0 of the spread table is the main table's W4 GPTQ figure
-        gptq = {r[0]: float(r[3]) for r in rows}
+        gptq = {r[0]: float(r[4]) for r in rows}
         assert all(gptq[r[0]] == float(r[1]) for r in seed_rows)
     # the settings the issue asks to see are printed
     for needle in ("solver steps per phase", "calibration:", "evaluation:", "windows x 64 tokens", "model:"):
         assert needle in printed
-    assert re.search(r"W4 GPTQ perplexity \(main seed\): OptRot [\d.]+, random Hadamard [\d.]+, no rotation [\d.]+", printed)
+    assert re.search(r"W4 GPTQ \(main seed\): OptRot [\d.]+, random Hadamard [\d.]+, unrotated original [\d.]+", printed)
+    for claim in ("OptRot below random Hadamard by more than the spread: (yes|NO)",
+                  r"W4 RTN: best rotation \(.+\) [\d.]+ vs unrotated original [\d.]+",
+                  r"W4 RTN g64: best rotation", r"OptRot\+ at or below OptRot"):
+        assert re.search(claim, printed), claim
 
 
 def test_quick_mode_writes_no_results_page_unless_asked():
