@@ -361,11 +361,23 @@ def machine_info(load_start: tuple, load_end: tuple) -> list[str]:
             f"{os.cpu_count()})"]
 
 
+FINDINGS_MARKER = "<!-- findings: written by hand, kept when the benchmark rewrites this page -->"
+"""Everything from this line on in an existing results page is kept: the analysis of the numbers
+(how they were made is stated there) is not the benchmark's to overwrite."""
+
+
 def write_results(path: Path, body: str, command: str, header: list[str]) -> None:
-    """``path`` <- a markdown page with the command, date, machine and ``body``, atomically."""
+    """``path`` <- a markdown page with the command, date, machine and ``body``, atomically; the
+    hand-written findings of an existing page (from :data:`FINDINGS_MARKER` on) are carried over."""
+    findings = ""
+    if path.is_file():
+        old = path.read_text(encoding="utf-8")
+        if FINDINGS_MARKER in old:
+            findings = "\n" + old[old.index(FINDINGS_MARKER):]
     text = "\n".join(["# Rotation quality benchmark", "",
-                      "Written by `benchmarks/rotation_quality.py`; do not edit by hand, rerun it.", "",
-                      "```", command, "```", ""] + header + ["", body])
+                      "Written by `benchmarks/rotation_quality.py` down to the findings marker; rerun it rather "
+                      "than editing the tables by hand.", "",
+                      "```", command, "```", ""] + header + ["", body]) + findings
     with atomic_file(path) as f:
         f.write(text)
 

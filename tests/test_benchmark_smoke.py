@@ -161,3 +161,16 @@ def test_trained_planted_model_is_cached(tmp_path):
         assert torch.equal(a, b), n
     other = _models.load_or_train_planted(spec, text, "sha-b", tmp_path, progress=False)  # other text -> other key
     assert not other.info["cached"] and other.info["cache"] != first.info["cache"]
+
+
+def test_rewriting_the_results_page_keeps_the_hand_written_findings(tmp_path):
+    page = tmp_path / "results.md"
+    findings = rotation_quality.FINDINGS_MARKER + "\n\n## Findings\n\nmeasured by hand, keep me\n"
+    page.write_text("# old tables\n\n| a | b |\n" + findings, encoding="utf-8")
+    rotation_quality.write_results(page, "## Perplexity\n\nnew table\n", "python benchmarks/x.py", ["- date: now"])
+    text = page.read_text(encoding="utf-8")
+    assert "old tables" not in text and "new table" in text
+    assert text.endswith(findings)
+    page.write_text("# no marker\n", encoding="utf-8")
+    rotation_quality.write_results(page, "body\n", "cmd", [])
+    assert "no marker" not in page.read_text(encoding="utf-8")
