@@ -16,49 +16,34 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from orthoopt.adapters.sources import PLANTED_CONFIG
 from orthoopt.pipeline import DATA_METHODS, METHODS, PHASES, rotate_model
 from orthoopt.utils.atomic import atomic_path
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-DEFAULT_PLANTED = {"arch": "llama", "hidden_size": 512, "num_layers": 8, "seed": 0}
+DEFAULT_MODEL = "smollm2-135m"
+"""MODEL when none is given: the registered SmolLM2-135M (fetched into the cache on first use)."""
+DEFAULT_PLANTED = PLANTED_CONFIG
 
 
-def shared_dir() -> Path:
-    """``../shared`` beside the project (the working folder's or this checkout's)."""
-    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if (base.parent / "shared").is_dir():
-            return base.parent / "shared"
-    return Path.cwd().parent / "shared"
+def load_default_or(path: str | None, dtype: torch.dtype, progress: bool = True):
+    """``(model, tokenizer, description)`` of model source ``path`` (default :data:`DEFAULT_MODEL`;
+    ``planted`` is the planted-outlier Llama, see :mod:`orthoopt.adapters.sources`)."""
+    from orthoopt.adapters import load_model, load_tokenizer, resolve_source
 
-
-def default_model_dir() -> Path | None:
-    """The first model folder in ``../shared/models`` (a ``config.json`` or a llama2.c ``.bin``), if any."""
-    models = shared_dir() / "models"
-    if not models.is_dir():
-        return None
-    for d in sorted(p for p in models.iterdir() if p.is_dir()):
-        if (d / "config.json").is_file() or any(d.glob("*.bin")):
-            return d
-    return None
-
-
-def load_default_or(path: str | None, dtype: torch.dtype):
-    """``(model, tokenizer, description)`` of ``path``, else of the shared real model, else of the
-    planted-outlier Llama (hidden 512, 8 layers; :func:`orthoopt.adapters.planted_outlier_model`)."""
-    from orthoopt.adapters import byte_tokenizer, load_model, load_tokenizer, planted_outlier_model
-
-    model_dir = Path(path) if path else default_model_dir()
-    if model_dir is not None:
-        return load_model(model_dir, dtype=dtype), load_tokenizer(model_dir), str(model_dir)
-    model = planted_outlier_model(**DEFAULT_PLANTED, dtype=dtype)
-    return model, byte_tokenizer(), f"planted-outlier llama {DEFAULT_PLANTED}"
+    source = resolve_source(path or DEFAULT_MODEL, progress=progress)
+    spec = str(source.path) if source.path is not None else source.spec
+    description = f"planted-outlier llama {PLANTED_CONFIG}" if source.kind == "planted" else source.describe()
+    return load_model(spec, dtype=dtype), load_tokenizer(spec), description
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rotate", help="learn rotations and save the rotated checkpoint",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", nargs="?", default=None,
-                   help="Hugging Face model folder (default: ../shared/models/*, else a planted-outlier Llama)")
+    p.add_argument("model_dir", nargs="?", default=None, metavar="MODEL",
+                   help=f"model folder, .gguf file, registered name or Hub id (default: {DEFAULT_MODEL}, fetched "
+                        "on first use; 'planted' is the planted-outlier toy Llama)")
+    p.add_argument("--model", dest="model_opt", default=None, metavar="MODEL", help="the same as the MODEL argument")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--method", choices=METHODS, default="optrot")
     p.add_argument("--rotations", default="R1,R2", help="comma-separated subset of R1,R2 (default: both)")
@@ -125,17 +110,26 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--rotations must name a subset of {','.join(PHASES)}, got {args.rotations!r}")
     if args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
+    if args.model_opt is not None:
+        if args.model_dir is not None and args.model_dir != args.model_opt:
+            raise ValueError(f"two models given: {args.model_dir!r} and --model {args.model_opt!r}")
+        args.model_dir = args.model_opt
     out = Path(args.out)
     partial = _partial_path(out)
     dtype = DTYPES[args.dtype]
     if args.streamed:
-        if args.model_dir is None:
-            raise ValueError("--streamed needs MODEL_DIR (a Hugging Face folder with safetensors weights)")
+        from orthoopt.adapters import resolve_source
+
         if args.method != "optrot":
             raise ValueError(f"--streamed supports --method optrot only (data-free), got {args.method!r}")
-        model, tokenizer, source, calib = None, None, str(args.model_dir), None
+        resolved = resolve_source(args.model_dir or DEFAULT_MODEL, progress=not args.no_progress)
+        if resolved.folder is None:
+            raise ValueError(f"--streamed needs a Hugging Face folder with safetensors weights (or a registered "
+                             f"name), got {resolved.kind} {args.model_dir!r}")
+        args.model_dir = str(resolved.folder)
+        model, tokenizer, source, calib = None, None, resolved.describe(), None
     else:
-        model, tokenizer, source = load_default_or(args.model_dir, dtype)
+        model, tokenizer, source = load_default_or(args.model_dir, dtype, progress=not args.no_progress)
         calib = _calibration(args, tokenizer)
 
     init = load_rotations(args.init) if args.init else None

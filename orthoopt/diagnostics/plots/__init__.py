@@ -6,6 +6,7 @@ from orthoopt.diagnostics.plots._figure import DPI, save_figure
 from orthoopt.diagnostics.plots.channels import (
     plot_activation_heatmap,
     plot_channel_magnitudes,
+    plot_weight_channels,
 )
 from orthoopt.diagnostics.plots.histogram import plot_weight_histogram
 from orthoopt.diagnostics.plots.layer_bars import plot_layer_bars
@@ -17,6 +18,7 @@ __all__ = [
     "plot_channel_magnitudes",
     "plot_layer_bars",
     "plot_solve_history",
+    "plot_weight_channels",
     "plot_weight_histogram",
     "save_figure",
 ]
