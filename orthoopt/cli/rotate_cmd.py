@@ -191,6 +191,12 @@ def _finish(args: argparse.Namespace, out: Path, partial: Path, report: dict) ->
     else:
         err = report.get("invariance_error")  # not checked in streamed mode (the model is never loaded)
         logit = "" if err is None else f"logit error {err:.2e}, "
-        print(f"orthoopt rotate: {args.method} -> {out} in {report['seconds']:.1f} s; "
-              f"{logit}orthogonality error {report['orthogonality_error']:.2e}", file=sys.stderr)
+        phases = ",".join(report.get("rotations") or [])
+        print(f"orthoopt rotate: {args.method} ({phases}) on {report.get('model')} -> {out} in "
+              f"{report['seconds']:.1f} s; {logit}orthogonality error {report['orthogonality_error']:.2e}",
+              file=sys.stderr)
+        for phase, loss in (report.get("loss") or {}).items():
+            if loss.get("steps"):
+                print(f"  {phase}: {loss['steps']} {report.get('solver')} steps, loss {loss['first']:.6g} -> "
+                      f"{loss['final']:.6g}", file=sys.stderr)
     return 0
