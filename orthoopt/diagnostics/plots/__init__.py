@@ -7,6 +7,7 @@ from orthoopt.diagnostics.plots.channels import (
     plot_activation_heatmap,
     plot_channel_magnitudes,
     plot_weight_channels,
+    weight_channel_max,
 )
 from orthoopt.diagnostics.plots.histogram import plot_weight_histogram
 from orthoopt.diagnostics.plots.layer_bars import plot_layer_bars
@@ -21,4 +22,5 @@ __all__ = [
     "plot_weight_channels",
     "plot_weight_histogram",
     "save_figure",
+    "weight_channel_max",
 ]
