@@ -13,7 +13,7 @@ runs), with the first ``--calib-tokens`` tokens of WikiText-2 test for the activ
 only). The PNGs are copied into ``--out`` as ``smollm2_<plot>.png`` (8-bit palette, small) and a
 Markdown table of the overall numbers is printed.
 
-Usage (from the repository root; a few minutes on 2 CPU cores)::
+Usage (from the repository root; 37 min on a shared 2-core machine under load, see docs/diagnostics.md)::
 
     python examples/diagnostics_smollm2.py [--out docs/img] [--block layers.10.mlp.gate_proj]
 """
