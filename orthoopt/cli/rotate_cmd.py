@@ -1,4 +1,4 @@
-"""``orthoopt rotate``: learn (or draw) rotations for a model folder and save the rotated checkpoint.
+"""``orthoopt rotate``: learn (or draw) rotations for a model (default smollm2-135m) and save the rotated checkpoint.
 
 The output folder holds a plain Hugging Face checkpoint (safetensors) with the rotations fused in,
 ``rotations.safetensors``, ``report.json`` and ``loss_R1.png`` / ``loss_R2.png`` (+ SVG; learned methods). It is written to a
