@@ -74,11 +74,12 @@ def test_diagnose_writes_plots_and_summary(models, diagnosed):
     assert [m["label"] for m in summary["models"]] == ["original", "rotated"]
 
     # plots: every listed file exists; PNGs have the documented pixel size and are not flat
-    stems = ["activation_channels", "activation_heatmap", "activation_layers", "weight_histogram", "weight_layers"]
+    stems = ["activation_channels", "activation_heatmap", "activation_layers", "weight_channels", "weight_histogram",
+             "weight_layers"]
     assert sorted(summary["plots"]) == sorted(f"{s}.{e}" for s in stems for e in ("png", "svg"))
     sizes = {"weight_layers": layer_bars.SIZE, "activation_layers": layer_bars.SIZE,
              "weight_histogram": histogram.SIZE, "activation_channels": channels.SIZE,
-             "activation_heatmap": channels.SIZE}
+             "activation_heatmap": channels.SIZE, "weight_channels": channels.SIZE}
     for stem, (w, h) in sizes.items():
         img = matplotlib.image.imread(out / f"{stem}.png")
         assert img.shape[:2] == (round(h * DPI), round(w * DPI)), stem
@@ -150,12 +151,12 @@ def test_diagnose_single_model_without_calibration_and_chosen_block(models, caps
     out = root / "single"
     assert main(["diagnose", str(orig), "--out", str(out), "--block", "layers.0.self_attn.o_proj", "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "planted" in printed and "wrote 4 plots" in printed
+    assert "planted" in printed and "wrote 3 plots" in printed  # weights only: layers, histogram, channels
     summary = json.loads((out / "summary.json").read_text())
     assert summary["block"] == "layers.0.self_attn.o_proj" and summary["act_module"] is None
     assert "activations" not in summary["models"][0]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["summary.json"] + [f"{s}.{e}" for s in ("weight_histogram", "weight_layers") for e in ("png", "svg")])
+        ["summary.json"] + [f"{s}.{e}" for s in ("weight_channels", "weight_histogram", "weight_layers") for e in ("png", "svg")])
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -189,4 +190,5 @@ def test_diagnose_refuses_to_replace_inputs_or_foreign_folders(models, capsys):
     assert "not empty" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "keep me"
     assert main(["diagnose", str(root / "nowhere"), "--out", str(root / "x"), "--no-progress"]) == 2
-    assert "model folder not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not found" in err and "nowhere" in err

@@ -34,6 +34,7 @@ from orthoopt.diagnostics import (
     plot_channel_magnitudes,
     plot_layer_bars,
     plot_solve_history,
+    plot_weight_channels,
     plot_weight_histogram,
     rtn_error,
     save_figure,
@@ -455,6 +456,24 @@ def test_plot_channel_magnitudes(tmp_path):
     assert plot_channel_magnitudes({"a": [1.0, 2.0]}, log_y=True).axes[0].get_yscale() == "log"
     with pytest.raises(ValueError):
         plot_channel_magnitudes({"a": []})
+
+
+def test_plot_weight_channels(tmp_path):
+    W = randn(48, 32, seed=18)
+    W[:, 5] *= 40.0  # one outlier input column
+    rotated = W @ random_hadamard(32, seed=3)
+    fig = plot_weight_channels({"identity": W, "hadamard": rotated}, "layers.2.mlp.up_proj", save=tmp_path / "wch")
+    check_saved(tmp_path / "wch", channels.SIZE)
+    check_fonts(fig)
+    top, bottom = fig.axes[:2]
+    np.testing.assert_allclose(top.patches[0].get_data()[0], W.abs().amax(0).numpy())
+    np.testing.assert_allclose(bottom.patches[0].get_data()[0], rotated.abs().amax(0).numpy())
+    assert int(np.argmax(top.patches[0].get_data()[0])) == 5
+    assert top.get_ylabel() == "max |W|" and "layers.2.mlp.up_proj" in fig.get_suptitle()
+    with pytest.raises(ValueError, match="2-D"):
+        plot_weight_channels({"a": torch.ones(3)})
+    with pytest.raises(ValueError):
+        plot_weight_channels({})
 
 
 def test_plot_activation_heatmap(tmp_path):

@@ -8,13 +8,16 @@ from orthoopt.adapters.archs import ARCHS, ArchSpec, UnsupportedModelError, loca
 from orthoopt.adapters.decoder import DecoderAdapter
 from orthoopt.adapters.io import load_model, load_rotations, load_tokenizer, save_rotated
 from orthoopt.adapters.llama2c import read_llama2c, write_llama2c
+from orthoopt.adapters.registry import REGISTRY, ModelFetchError, cached_model, fetch_model
+from orthoopt.adapters.sources import ModelSource, resolve_source
 from orthoopt.adapters.tiny import BYTE_VOCAB_SIZE, byte_tokenizer, planted_outlier_model, save_planted
 from orthoopt.adapters.verify import logits_relative_error
 from orthoopt.adapters.writeback import orthogonality_tolerance
 
 __all__ = [
-    "ARCHS", "ArchSpec", "BYTE_VOCAB_SIZE", "DecoderAdapter", "UnsupportedModelError", "byte_tokenizer",
+    "ARCHS", "ArchSpec", "BYTE_VOCAB_SIZE", "DecoderAdapter", "ModelFetchError", "ModelSource", "REGISTRY",
+    "UnsupportedModelError", "byte_tokenizer", "cached_model", "fetch_model",
     "load_model", "load_rotations", "load_tokenizer", "locate", "logits_relative_error",
-    "orthogonality_tolerance", "planted_outlier_model", "read_llama2c", "save_planted", "save_rotated",
-    "write_llama2c",
+    "orthogonality_tolerance", "planted_outlier_model", "read_llama2c", "resolve_source", "save_planted",
+    "save_rotated", "write_llama2c",
 ]

@@ -1,4 +1,4 @@
-"""Loading models (Hugging Face folders, llama2.c ``.bin``) and saving rotated ones atomically.
+"""Loading models (any source of :mod:`orthoopt.adapters.sources`) and saving rotated ones atomically.
 
 A rotated checkpoint folder holds ``save_pretrained`` output (safetensors weights, config), the
 tokenizer when there is one, ``rotations.safetensors`` (``{"R1": [hidden, hidden], "R2.i": [d, d]}``)
@@ -36,41 +36,69 @@ def _llama2c_file(path: Path) -> Path | None:
     return found[0] if found else None
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> PreTrainedModel:
-    """An eval-mode ``*ForCausalLM`` from a Hugging Face folder (``config.json`` + weights) or a
-    llama2.c checkpoint (a ``.bin`` file, or a folder without ``config.json`` holding one).
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               progress: bool = True) -> PreTrainedModel:
+    """An eval-mode ``*ForCausalLM`` from any model source (:mod:`orthoopt.adapters.sources`): a
+    Hugging Face folder, a ``.gguf`` file (or a folder holding one; dequantized, loaded as a plain
+    float model), a llama2.c ``.bin`` (or a folder holding one), ``planted`` (the planted-outlier toy
+    Llama), a registered name such as ``smollm2-135m`` (its verified cache folder, fetched on first
+    use; ``progress`` shows the fetch) or a Hugging Face Hub id.
 
-    Raises FileNotFoundError when ``path`` does not exist or holds neither, and ValueError naming
-    the file and the fault for a damaged weight file (:mod:`orthoopt.utils.tensorfile`) and naming
-    the tensor for a weight that holds NaN or inf.
+    Raises FileNotFoundError when ``path`` names nothing loadable (also for a Hub id while the Hub is
+    unreachable, with what to pass instead), and ValueError naming the file and the fault for a
+    damaged weight file (:mod:`orthoopt.utils.tensorfile`) and naming the tensor for a weight that
+    holds NaN or inf.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model path not found: {path}")
-    if path.is_dir() and (path / "config.json").is_file():
-        check_weight_files(path)
+    from orthoopt.adapters.sources import load_hub, resolve_source
+
+    source = resolve_source(path, progress=progress)
+    if source.folder is not None:
+        check_weight_files(source.folder)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype)
         except OSError as e:  # transformers' missing or unreadable files
-            raise ValueError(f"cannot load the model in {path}: {e}") from None
-    else:
-        bin_file = _llama2c_file(path)
-        if bin_file is None:
-            raise FileNotFoundError(f"{path}: no config.json (Hugging Face folder) and no llama2.c .bin checkpoint")
-        model = llama2c.read_llama2c(bin_file, dtype)
+            raise ValueError(f"cannot load the model in {source.folder}: {e}") from None
+    elif source.kind == "gguf":
+        from orthoopt.adapters.gguf import load_gguf_model
+
+        model = load_gguf_model(source.path, dtype)
+    elif source.kind == "llama2c":
+        model = llama2c.read_llama2c(source.path, dtype)
+    elif source.kind == "planted":
+        from orthoopt.adapters.sources import PLANTED_CONFIG
+        from orthoopt.adapters.tiny import planted_outlier_model
+
+        model = planted_outlier_model(**PLANTED_CONFIG, dtype=dtype)
+    else:  # hub
+        model = load_hub(source.spec, AutoModelForCausalLM.from_pretrained, dtype=dtype)
     check_model_weights(model, str(path))
     return model.to(device).eval()
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer saved in folder ``path`` (``AutoTokenizer``), or None when it holds none."""
-    path = Path(path)
-    if not path.is_dir() or not any((path / f).is_file() for f in TOKENIZER_FILES):
+def load_tokenizer(path: str | os.PathLike, progress: bool = True):
+    """The tokenizer of a model source (see :func:`load_model`), or None when it has none: the
+    tokenizer files of a folder (``AutoTokenizer``), the one inside a ``.gguf`` file, the byte
+    tokenizer of ``planted``, the Hub's."""
+    from orthoopt.adapters.sources import load_hub, resolve_source
+
+    source = resolve_source(path, progress=progress)
+    if source.kind == "gguf":
+        from orthoopt.adapters.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(source.path)
+    if source.kind == "planted":
+        from orthoopt.adapters.tiny import byte_tokenizer
+
+        return byte_tokenizer()
+    if source.kind == "hub":
+        return load_hub(source.spec, AutoTokenizer.from_pretrained)
+    folder = source.path if source.path.is_dir() else source.path.parent
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         return None
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:  # a damaged tokenizer.json or config.json
-        raise ValueError(f"cannot load the tokenizer in {path}: {e}") from None
+        raise ValueError(f"cannot load the tokenizer in {folder}: {e}") from None
 
 
 def _report_json(report: Mapping) -> str:

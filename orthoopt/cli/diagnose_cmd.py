@@ -1,7 +1,8 @@
 """``orthoopt diagnose``: outlier statistics and plots of one or more model folders, overlaid.
 
 Measures the weights as stored (no norm fusion, no rotation): per block and per layer max |w|,
-incoherence, excess kurtosis, fourth-power sum, outlier fraction and W4 RTN error; with ``--calib``
+incoherence, excess kurtosis, fourth-power sum, outlier fraction and W4 RTN error, with the histogram and
+the per-input-channel max |W| of one block; with ``--calib``
 also the inputs of every linear layer on the first N tokens of a text. Writes PNG + SVG plots and
 ``summary.json`` into ``--out`` atomically. See docs/diagnostics.md.
 """
@@ -21,7 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "diagnose", help="outlier statistics and plots of model folders (e.g. before/after rotation)",
         description=__doc__.splitlines()[0],
     )
-    p.add_argument("models", nargs="+", metavar="MODEL_DIR", help="Hugging Face model folders, one series each")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="model folders (or .gguf files, registered names, planted, Hub ids), one series each")
     p.add_argument("--out", required=True, help="output folder for plots and summary.json (written atomically)")
     p.add_argument("--calib", default=None, help="text file: add activation statistics on its first tokens")
     p.add_argument("--calib-tokens", type=int, default=2048, help="tokens of --calib to run; default 2048")
@@ -76,5 +78,6 @@ def run(args) -> int:
             ratio = next(r["channel_max_ratio"] for r in m["activations"]["inputs"] if act in r["modules"])
             line += f"  {'-' if ratio is None else f'{ratio:.1f}'}"
         print(line)
-    print(f"wrote {len(summary['plots'])} plots and summary.json to {args.out}")
+    figures = sum(name.endswith(".png") for name in summary["plots"])
+    print(f"wrote {figures} plots (PNG + SVG) and summary.json to {args.out}")
     return 0

@@ -20,7 +20,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "eval", help="perplexity of a (quantized) checkpoint on a text file", description=__doc__.splitlines()[0]
     )
-    p.add_argument("model_dir", help="Hugging Face model folder (with tokenizer; quant.json if quantized)")
+    p.add_argument("model_dir", metavar="MODEL",
+                   help="model folder (with tokenizer; quant.json if quantized), .gguf file, registered name, planted, or Hub id")
     p.add_argument("--text", required=True, help="evaluation text file (e.g. ../shared/data/wikitext2-test.txt)")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: context, max 2048)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")

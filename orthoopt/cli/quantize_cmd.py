@@ -25,7 +25,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="fake-quantize a model's weights (RTN/GPTQ) and set activation quantization",
         description=__doc__.splitlines()[0],
     )
-    p.add_argument("model_dir", help="Hugging Face model folder (with tokenizer)")
+    p.add_argument("model_dir", metavar="MODEL",
+                   help="model folder (with tokenizer), .gguf file, registered name (smollm2-135m), planted, or Hub id")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--method", required=True, choices=("rtn", "gptq"), help="weight quantization method")
     p.add_argument("--wbits", type=int, default=4, help=f"weight bits, {MIN_BITS}-{MAX_BITS} or 16 (off); default 4")

@@ -1,4 +1,4 @@
-"""``orthoopt rotate``: learn (or draw) rotations for a model folder and save the rotated checkpoint.
+"""``orthoopt rotate``: learn (or draw) rotations for a model (default smollm2-135m) and save the rotated checkpoint.
 
 The output folder holds a plain Hugging Face checkpoint (safetensors) with the rotations fused in,
 ``rotations.safetensors``, ``report.json`` and ``loss_R1.png`` / ``loss_R2.png`` (+ SVG; learned methods). It is written to a
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from orthoopt.adapters.sources import PLANTED_CONFIG, input_location
 from orthoopt.pipeline import DATA_METHODS, METHODS, PHASES, rotate_model
 from orthoopt.utils.atomic import atomic_path
 from orthoopt.utils.checks import check_device
@@ -23,45 +24,29 @@ from orthoopt.utils.paths import prepare_output
 from orthoopt.utils.tensorfile import read_safetensors, safetensors_metadata
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-DEFAULT_PLANTED = {"arch": "llama", "hidden_size": 512, "num_layers": 8, "seed": 0}
+DEFAULT_MODEL = "smollm2-135m"
+"""MODEL when none is given: the registered SmolLM2-135M (fetched into the cache on first use)."""
+DEFAULT_PLANTED = PLANTED_CONFIG
 
 
-def shared_dir() -> Path:
-    """``../shared`` beside the project (the working folder's or this checkout's)."""
-    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if (base.parent / "shared").is_dir():
-            return base.parent / "shared"
-    return Path.cwd().parent / "shared"
+def load_default_or(path: str | None, dtype: torch.dtype, progress: bool = True):
+    """``(model, tokenizer, description)`` of model source ``path`` (default :data:`DEFAULT_MODEL`;
+    ``planted`` is the planted-outlier Llama, see :mod:`orthoopt.adapters.sources`)."""
+    from orthoopt.adapters import load_model, load_tokenizer, resolve_source
 
-
-def default_model_dir() -> Path | None:
-    """The first model folder in ``../shared/models`` (a ``config.json`` or a llama2.c ``.bin``), if any."""
-    models = shared_dir() / "models"
-    if not models.is_dir():
-        return None
-    for d in sorted(p for p in models.iterdir() if p.is_dir()):
-        if (d / "config.json").is_file() or any(d.glob("*.bin")):
-            return d
-    return None
-
-
-def load_default_or(path: str | None, dtype: torch.dtype):
-    """``(model, tokenizer, description)`` of ``path``, else of the shared real model, else of the
-    planted-outlier Llama (hidden 512, 8 layers; :func:`orthoopt.adapters.planted_outlier_model`)."""
-    from orthoopt.adapters import byte_tokenizer, load_model, load_tokenizer, planted_outlier_model
-
-    model_dir = Path(path) if path else default_model_dir()
-    if model_dir is not None:
-        return load_model(model_dir, dtype=dtype), load_tokenizer(model_dir), str(model_dir)
-    model = planted_outlier_model(**DEFAULT_PLANTED, dtype=dtype)
-    return model, byte_tokenizer(), f"planted-outlier llama {DEFAULT_PLANTED}"
+    source = resolve_source(path or DEFAULT_MODEL, progress=progress)
+    spec = str(source.path) if source.path is not None else source.spec
+    description = f"planted-outlier llama {PLANTED_CONFIG}" if source.kind == "planted" else source.describe()
+    return load_model(spec, dtype=dtype), load_tokenizer(spec), description
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rotate", help="learn rotations and save the rotated checkpoint",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", nargs="?", default=None,
-                   help="Hugging Face model folder (default: ../shared/models/*, else a planted-outlier Llama)")
+    p.add_argument("model_dir", nargs="?", default=None, metavar="MODEL",
+                   help=f"model folder, .gguf file, registered name or Hub id (default: {DEFAULT_MODEL}, fetched "
+                        "on first use; 'planted' is the planted-outlier toy Llama)")
+    p.add_argument("--model", dest="model_opt", default=None, metavar="MODEL", help="the same as the MODEL argument")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--method", choices=METHODS, default="optrot")
     p.add_argument("--rotations", default="R1,R2", help="comma-separated subset of R1,R2 (default: both)")
@@ -130,24 +115,33 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--calib-tokens and --calib-seq-len must be >= 1, got {args.calib_tokens} and "
                          f"{args.calib_seq_len}")
     check_device(args.device, "--device")
+    if args.model_opt is not None:
+        if args.model_dir is not None and args.model_dir != args.model_opt:
+            raise ValueError(f"two models given: {args.model_dir!r} and --model {args.model_opt!r}")
+        args.model_dir = args.model_opt
     out = Path(args.out)
     partial = _partial_path(out)
     dtype = DTYPES[args.dtype]
     # before any work: no output may be, contain or lie inside an input, and both must be writable
-    model_dir = args.model_dir if args.model_dir is not None else (None if args.streamed else default_model_dir())
+    model_dir = input_location(args.model_dir or DEFAULT_MODEL)
     resume_file = partial if args.resume and partial.is_file() else None
     inputs = {"MODEL_DIR": model_dir, "--calib": args.calib, "--init": args.init, "--resume file": resume_file}
     prepare_output(out, inputs, marker="report.json")
     prepare_output(partial, {k: v for k, v in inputs.items() if k != "--resume file"}, kind="file",
                    what="partial checkpoint")
     if args.streamed:
-        if args.model_dir is None:
-            raise ValueError("--streamed needs MODEL_DIR (a Hugging Face folder with safetensors weights)")
+        from orthoopt.adapters import resolve_source
+
         if args.method != "optrot":
             raise ValueError(f"--streamed supports --method optrot only (data-free), got {args.method!r}")
-        model, tokenizer, source, calib = None, None, str(args.model_dir), None
+        resolved = resolve_source(args.model_dir or DEFAULT_MODEL, progress=not args.no_progress)
+        if resolved.folder is None:
+            raise ValueError(f"--streamed needs a Hugging Face folder with safetensors weights (or a registered "
+                             f"name), got {resolved.kind} {args.model_dir!r}")
+        args.model_dir = str(resolved.folder)
+        model, tokenizer, source, calib = None, None, resolved.describe(), None
     else:
-        model, tokenizer, source = load_default_or(args.model_dir, dtype)
+        model, tokenizer, source = load_default_or(args.model_dir, dtype, progress=not args.no_progress)
         calib = _calibration(args, tokenizer, model.config)
 
     init = load_rotations(args.init) if args.init else None
@@ -212,6 +206,12 @@ def _finish(args: argparse.Namespace, out: Path, partial: Path, report: dict) ->
     else:
         err = report.get("invariance_error")  # not checked in streamed mode (the model is never loaded)
         logit = "" if err is None else f"logit error {err:.2e}, "
-        print(f"orthoopt rotate: {args.method} -> {out} in {report['seconds']:.1f} s; "
-              f"{logit}orthogonality error {report['orthogonality_error']:.2e}", file=sys.stderr)
+        phases = ",".join(report.get("rotations") or [])
+        print(f"orthoopt rotate: {args.method} ({phases}) on {report.get('model')} -> {out} in "
+              f"{report['seconds']:.1f} s; {logit}orthogonality error {report['orthogonality_error']:.2e}",
+              file=sys.stderr)
+        for phase, loss in (report.get("loss") or {}).items():
+            if loss.get("steps"):
+                print(f"  {phase}: {loss['steps']} {report.get('solver')} steps, loss {loss['first']:.6g} -> "
+                      f"{loss['final']:.6g}", file=sys.stderr)
     return 0

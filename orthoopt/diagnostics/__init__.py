@@ -20,6 +20,7 @@ from orthoopt.diagnostics.plots import (
     plot_channel_magnitudes,
     plot_layer_bars,
     plot_solve_history,
+    plot_weight_channels,
     plot_weight_histogram,
     save_figure,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "plot_channel_magnitudes",
     "plot_layer_bars",
     "plot_solve_history",
+    "plot_weight_channels",
     "plot_weight_histogram",
     "rtn_error",
     "save_figure",

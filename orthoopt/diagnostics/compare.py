@@ -9,6 +9,7 @@ Files written into the output folder (atomically, as one folder):
 ====================================  ==========================================================
 ``weight_layers.{png,svg}``           per-layer bars: incoherence, excess kurtosis, W4 RTN error
 ``weight_histogram.{png,svg}``        histogram of one block's entries (``block``) per model
+``weight_channels.{png,svg}``         per-input-channel max |W| of the same block (weight outliers)
 ``activation_channels.{png,svg}``     per-channel max |x| of one linear input (with calibration)
 ``activation_heatmap.{png,svg}``      |x| over tokens x channels of the same input
 ``activation_layers.{png,svg}``       per-layer bars: max/median channel ratio of each input role
@@ -30,11 +31,13 @@ import torch
 
 import orthoopt
 from orthoopt.adapters.io import load_model, load_tokenizer
+from orthoopt.adapters.sources import resolve_source
 from orthoopt.diagnostics.activations import DEFAULT_MASSIVE_RATIO, channel_max_abs
 from orthoopt.diagnostics.plots import (
     plot_activation_heatmap,
     plot_channel_magnitudes,
     plot_layer_bars,
+    plot_weight_channels,
     plot_weight_histogram,
     save_figure,
 )
@@ -137,13 +140,13 @@ def diagnose_models(
                      "activations": {"inputs": [...], "layers": [...]}   # with calib only
                     }, ...]}
     """
-    paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError("diagnose needs at least one model folder")
-    for p in paths:
-        if not p.exists():
-            raise FileNotFoundError(f"model folder not found: {p}")
-    labels = list(labels) if labels is not None else [p.resolve().name for p in paths]
+    sources = [resolve_source(p, progress=progress) for p in paths]  # fetches registered names if needed
+    if labels is None:
+        labels = [Path(s.spec).resolve().name if s.path is not None else s.spec for s in sources]
+    labels = list(labels)
+    paths = [s.path if s.path is not None else s.spec for s in sources]
     if len(labels) != len(paths):
         raise ValueError(f"got {len(labels)} labels for {len(paths)} models")
     if len(set(labels)) != len(labels):
@@ -158,9 +161,9 @@ def diagnose_models(
         raise ValueError(f"outlier threshold k must be positive, got {k}")
     if not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"RTN bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
-    check_output_folder(out_dir, paths, calib)
+    check_output_folder(out_dir, [s.path for s in sources if s.path is not None], calib)
 
-    depths = [_num_layers(p) for p in paths]
+    depths = [_num_layers(p) if isinstance(p, Path) else None for p in paths]
     common_depth = min(depths) if all(d is not None for d in depths) else None
     records, series = [], []
     for path, label in zip(paths, labels):
@@ -193,7 +196,7 @@ def diagnose_models(
     return summary
 
 
-def _diagnose_one(path: Path, label: str, *, calib, calib_tokens: int, seq_len: int, block: str | None,
+def _diagnose_one(path: Path | str, label: str, *, calib, calib_tokens: int, seq_len: int, block: str | None,
                   act_module: str | None, k: float, bits: int, massive_ratio: float, massive_min_abs: float,
                   progress: bool, common_depth: int | None = None) -> tuple[dict, _Series, str, str | None]:
     """One model's summary record and plot data; ``block`` / ``act_module`` are chosen here when None
@@ -246,6 +249,7 @@ def _write_plots(folder: Path, records: list[dict], series: list[_Series], block
     figures = {
         "weight_layers": plot_layer_bars({r["label"]: r["weights"]["layers"] for r in records}, WEIGHT_METRICS),
         "weight_histogram": plot_weight_histogram({s.label: s.block_weight for s in series}, block),
+        "weight_channels": plot_weight_channels({s.label: s.block_weight for s in series}, block),
     }
     if act_module is not None:
         figures["activation_channels"] = plot_channel_magnitudes(

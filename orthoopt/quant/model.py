@@ -162,22 +162,24 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, sett
 
 
 def load_checkpoint(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` from a Hugging Face folder (or a llama2.c checkpoint, see
-    :func:`orthoopt.adapters.load_model`) whose folder also holds a tokenizer; model in eval mode.
+    """``(model, tokenizer)`` from a model source with a tokenizer (a Hugging Face folder, a ``.gguf``
+    file, a registered name, ``planted``, a Hub id; see :func:`orthoopt.adapters.load_model`); model
+    in eval mode.
 
-    Raises FileNotFoundError naming the folder when it or its tokenizer files are missing.
+    Raises FileNotFoundError naming the source when it or its tokenizer files are missing.
     """
-    model_dir = Path(model_dir)
-    if not model_dir.exists():
-        raise FileNotFoundError(f"model folder not found: {model_dir}")
-    tokenizer_dir = model_dir if model_dir.is_dir() else model_dir.parent
-    tokenizer = load_tokenizer(tokenizer_dir)
+    from orthoopt.adapters.sources import resolve_source
+
+    source = resolve_source(model_dir)
+    spec = str(source.path) if source.path is not None else source.spec
+    tokenizer = load_tokenizer(spec)
     if tokenizer is None:
+        folder = source.path if source.path.is_dir() else source.path.parent
         raise FileNotFoundError(
-            f"{tokenizer_dir} has no tokenizer (tokenizer.json / tokenizer_config.json / tokenizer.model); "
+            f"{folder} has no tokenizer (tokenizer.json / tokenizer_config.json / tokenizer.model); "
             "copy the tokenizer files into it"
         )
-    return load_model(model_dir, dtype=dtype), tokenizer
+    return load_model(spec, dtype=dtype), tokenizer
 
 
 def read_quant_settings(model_dir: str | os.PathLike) -> dict | None:
@@ -223,7 +225,10 @@ class LoadedModel:
 
 def load_quantized(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a checkpoint and, if it has quant.json, install its activation quantization / online Hadamard."""
-    model, tokenizer = load_checkpoint(model_dir, dtype)
-    settings = read_quant_settings(model_dir)
+    from orthoopt.adapters.sources import resolve_source
+
+    source = resolve_source(model_dir)
+    model, tokenizer = load_checkpoint(str(source.path) if source.path is not None else source.spec, dtype)
+    settings = read_quant_settings(source.folder) if source.folder is not None else None
     hooks = install_from_settings(model, settings) if settings is not None else None
     return LoadedModel(model, tokenizer, settings, hooks)

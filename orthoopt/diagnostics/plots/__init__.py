@@ -6,6 +6,8 @@ from orthoopt.diagnostics.plots._figure import DPI, save_figure
 from orthoopt.diagnostics.plots.channels import (
     plot_activation_heatmap,
     plot_channel_magnitudes,
+    plot_weight_channels,
+    weight_channel_max,
 )
 from orthoopt.diagnostics.plots.histogram import plot_weight_histogram
 from orthoopt.diagnostics.plots.layer_bars import plot_layer_bars
@@ -17,6 +19,8 @@ __all__ = [
     "plot_channel_magnitudes",
     "plot_layer_bars",
     "plot_solve_history",
+    "plot_weight_channels",
     "plot_weight_histogram",
     "save_figure",
+    "weight_channel_max",
 ]

@@ -1,4 +1,5 @@
-"""Per-channel activation magnitude ("outlier channel" picture) and a token x channel heat map."""
+"""Per-channel activation magnitude ("outlier channel" picture), its weight counterpart (per input
+channel max |W| of a block) and a token x channel heat map."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def plot_channel_magnitudes(
     log_y: bool = False,
     title: str | None = None,
     save: str | os.PathLike | None = None,
+    ylabel: str = "max |x|",
 ) -> Figure:
     """Per-channel ``max_t |x|`` of one linear layer's input, one panel per series, shared axes.
 
@@ -42,6 +44,7 @@ def plot_channel_magnitudes(
     module_name: the linear layer whose input was captured (shown in the title).
     log_y:       logarithmic magnitude axis (default linear, where outlier channels stand out).
     save:        path stem; writes ``<save>.png`` and ``<save>.svg``.
+    ylabel:      label of the magnitude axes (e.g. ``"max |W|"`` for :func:`plot_weight_channels`).
     """
     if not series:
         raise ValueError("plot_channel_magnitudes needs at least one series")
@@ -53,7 +56,7 @@ def plot_channel_magnitudes(
             ratio = v.max() / np.median(v) if np.median(v) > 0 else float("inf")
             ax.stairs(v, np.arange(v.size + 1), fill=True, color=color(i), label=label)
             ax.set_title(f"{label}: max {v.max():.3g}, max / median channel {ratio:.1f}", loc="left", fontsize=11)
-            ax.set_ylabel("max |x|")
+            ax.set_ylabel(ylabel)
             ax.grid(axis="x", visible=False)
             if log_y:
                 ax.set_yscale("log")
@@ -62,6 +65,35 @@ def plot_channel_magnitudes(
         name = f" of {module_name}" if module_name else ""
         fig.suptitle(title or f"Per-channel input magnitude{name} (max over tokens, activation units)")
     return finish(fig, save)
+
+
+def weight_channel_max(W: torch.Tensor) -> torch.Tensor:
+    """``max_r |W[r, c]|`` per input channel ``c`` of a weight ``W`` of shape ``[out, in]``: ``[in]``."""
+    if not isinstance(W, torch.Tensor) or W.ndim != 2 or W.numel() == 0:
+        raise ValueError(f"a weight must be a non-empty 2-D [out, in] tensor, got {getattr(W, 'shape', type(W))}")
+    return W.detach().abs().amax(dim=0)
+
+
+def plot_weight_channels(
+    weights: Mapping[str, torch.Tensor],
+    block_name: str | None = None,
+    log_y: bool = False,
+    title: str | None = None,
+    save: str | os.PathLike | None = None,
+) -> Figure:
+    """The weight-outlier picture: per input channel ``c`` of one block, ``max_r |W[r, c]|``, one panel
+    per series (the same layout as :func:`plot_channel_magnitudes`). A column far above the others
+    is an input channel that sets the quantization scale of every row it meets (OptRot's motivation).
+
+    weights: ``{label: W}``, ``W`` of shape ``[out, in]`` (the same block as stored or rotated).
+    """
+    if not weights:
+        raise ValueError("plot_weight_channels needs at least one series")
+    series = {label: weight_channel_max(W) for label, W in weights.items()}
+    name = f" of {block_name}" if block_name else ""
+    return plot_channel_magnitudes(
+        series, log_y=log_y, save=save, ylabel="max |W|",
+        title=title or f"Per-input-channel weight magnitude{name} (max over output rows)")
 
 
 def plot_activation_heatmap(
