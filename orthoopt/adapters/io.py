@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -34,9 +35,33 @@ def _llama2c_file(path: Path) -> Path | None:
     return found[0] if found else None
 
 
+def _quantized_load_kwargs(path: Path) -> dict:
+    """``from_pretrained`` keyword arguments for a folder whose config.json has a ``quantization_config``:
+    compressed-tensors checkpoints load dequantized (``dequantize=True``: dense weights, and the only
+    route by which transformers 5.2x loads asymmetric packed zero points)."""
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method != "compressed-tensors":
+        return {}
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError as e:
+        raise ValueError(
+            f"{path} is a compressed-tensors checkpoint; install the compressed-tensors package "
+            '(pip install "orthoopt[export]") to load it'
+        ) from e
+    from transformers import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+
+
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> PreTrainedModel:
     """An eval-mode ``*ForCausalLM`` from a Hugging Face folder (``config.json`` + weights) or a
     llama2.c checkpoint (a ``.bin`` file, or a folder without ``config.json`` holding one).
+
+    A compressed-tensors checkpoint (packed integer weights, e.g. from ``orthoopt quantize --format
+    compressed-tensors`` or llm-compressor) is dequantized to dense float weights while loading
+    (needs the ``compressed-tensors`` package), so adapters and evaluation see ordinary linears.
 
     Raises FileNotFoundError when ``path`` does not exist or holds neither.
     """
@@ -44,7 +69,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     if not path.exists():
         raise FileNotFoundError(f"model path not found: {path}")
     if path.is_dir() and (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        with warnings.catch_warnings():  # "quantization_config from the model will be used" (it is; we set dequantize)
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **_quantized_load_kwargs(path))
     else:
         bin_file = _llama2c_file(path)
         if bin_file is None:

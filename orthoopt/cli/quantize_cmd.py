@@ -2,7 +2,9 @@
 
 Writes OUT_DIR atomically: the dequantized weights (``save_pretrained``, safetensors), the tokenizer,
 and ``quant.json`` (settings, calibration, seconds), which ``orthoopt eval`` reads to re-install the
-activation quantization and online Hadamard. See docs/quantization.md.
+activation quantization and online Hadamard. See docs/quantization.md. With ``--format
+compressed-tensors`` the weights are stored packed (integer codes, scales, zero-points) with a
+``quantization_config`` in config.json, for transformers and vLLM (docs/export.md).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 from orthoopt.eval.perplexity import default_seq_len
+from orthoopt.export import FORMATS
 from orthoopt.quant.act import ActQuantConfig
 from orthoopt.quant.calib import calibration_batches
 from orthoopt.quant.model import load_checkpoint, quantize_model, save_quantized
@@ -45,6 +48,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H); default 0.01")
     p.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block size; default 128")
+    p.add_argument(
+        "--format", default="orthoopt", choices=FORMATS,
+        help="orthoopt: fake-quantized float weights + quant.json (default); compressed-tensors: packed "
+        "integer weights loadable by transformers/vLLM (weight-only; docs/export.md)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)
@@ -68,6 +76,15 @@ def _validate(args) -> None:
         raise ValueError(f"--block-size must be positive, got {args.block_size}")
     if Path(args.out).resolve() == Path(args.model_dir).resolve():
         raise ValueError("--out must differ from MODEL_DIR (the input checkpoint would be replaced)")
+    if args.format == "compressed-tensors":  # refuse before spending time on quantization
+        from orthoopt.export.compressed_tensors import _import_ct, check_exportable
+
+        check_exportable({
+            "wbits": args.wbits, "abits": args.abits, "group_size": args.group_size,
+            "gptq": {"act_order": args.act_order} if args.method == "gptq" else None,
+            "act": {"bits": args.abits, "online_hadamard": args.online_hadamard},
+        })
+        _import_ct()
 
 
 def run(args) -> int:
@@ -90,7 +107,13 @@ def run(args) -> int:
         block_size=args.block_size, progress=not args.no_progress,
     )
     settings = {**result.settings, "source": str(args.model_dir), "calibration": calib_info}
-    out = save_quantized(model, tokenizer, args.out, settings)
+    if args.format == "compressed-tensors":
+        from orthoopt.export.compressed_tensors import save_compressed_tensors
+
+        out = save_compressed_tensors(model, tokenizer, args.out, result, settings)
+        settings = json.loads((out / "quant.json").read_text(encoding="utf-8"))  # with its export record
+    else:
+        out = save_quantized(model, tokenizer, args.out, settings)
     if args.json:
         print(json.dumps({**settings, "out": str(out)}))
     else:
@@ -99,5 +122,7 @@ def run(args) -> int:
             desc += f" g{args.group_size}"
         if args.online_hadamard:
             desc += " +R4"
+        if args.format != "orthoopt":
+            desc += f" ({args.format})"
         print(f"{desc}: wrote {out} ({settings['seconds']:.1f} s)")
     return 0
