@@ -81,3 +81,14 @@ def test_llmcompressor_gptq_on_orthoopt_rotation_evaluates_with_orthoopt(tmp_pat
     model, _ = load_checkpoint(quantized)
     w = model.model.layers[0].mlp.down_proj.weight
     assert max(len(torch.unique(row)) for row in w) <= 16
+
+
+def test_peer_benchmark_without_llmcompressor_says_so_and_exits_cleanly():
+    if importlib.util.find_spec("llmcompressor") is not None:
+        pytest.skip("llmcompressor is importable here: the benchmark would measure (a long run)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peer_llmcompressor.py")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "nothing measured" in out.stderr and "llm-compressor is not importable" in out.stderr
+    assert out.stdout == ""
