@@ -68,7 +68,7 @@ def default_model() -> Path | None:
 
 
 def log(msg: str) -> None:
-    print(f"[peer] {msg}", file=sys.stderr, flush=True)
+    print(f"[peer {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv):
@@ -121,6 +121,45 @@ def main(argv=None) -> int:
     float_ppl = ppl(base)
     log(f"float perplexity {float_ppl['ppl']:.3f} on {float_ppl['tokens']} predicted tokens")
     rows = []
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__}
+    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/peer_llmcompressor.py",
+                                                           *(sys.argv[1:] if argv is None else argv)])
+
+    def render(final: bool) -> str:
+        header = [
+            f"- command: `{command}`",
+            f"- model: {model_dir}; text: {split.describe()}",
+            f"- calibration: {args.calib_samples} windows x {args.seq_len} tokens (seed {args.seed}) from the first "
+            f"half, the same token ids for both tools; evaluation: {float_ppl['tokens']} predicted tokens of the "
+            f"second half in windows of {args.seq_len}",
+            f"- W4 symmetric per output channel, embeddings and lm_head in full precision; GPTQ damp 0.01, no "
+            f"act-order; OptRot/OptRot+: {args.steps} solver steps per phase (R1, R2)",
+            f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}; {platform.platform()}, "
+            f"{os.cpu_count()} CPUs, {args.threads} torch thread(s); load average at start "
+            f"{'/'.join(f'{x:.1f}' for x in load_start)}, now {'/'.join(f'{x:.1f}' for x in os.getloadavg())}",
+            f"- wall time so far {time.perf_counter() - t0:.0f} s" + ("" if final else " (run still in progress)"),
+        ]
+
+        def f(x, d=2):
+            return "-" if x is None else f"{x:.{d}f}"
+
+        table = ["| tool | rotation | W4 RTN ppl | W4 GPTQ ppl | rotation s | RTN s | GPTQ s |",
+                 "|---|---|---:|---:|---:|---:|---:|",
+                 f"| - | float (unquantized) | {f(float_ppl['ppl'])} | {f(float_ppl['ppl'])} | - | - | - |"]
+        for r in rows:
+            table.append(f"| {r['tool']} | {r['rotation']} | {f(r.get('rtn'))} | {f(r.get('gptq'))} | "
+                         f"{f(r['rotation_s'], 1)} | {f(r.get('rtn_s'), 1)} | {f(r.get('gptq_s'), 1)} |")
+        text = "\n".join(header + [""] + table) + "\n"
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            for path, content in ((args.out, text), (args.out.with_suffix(".json"), json.dumps(
+                    {"float_ppl": float_ppl, "rows": rows, "versions": versions, "command": command,
+                     "complete": final}, indent=2) + "\n")):
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text(content, encoding="utf-8")
+                tmp.replace(path)
+        return text
 
     if "llmcompressor" in tools:
         for rot in (r for r in LLMC_ROTATIONS if r in wanted):
@@ -134,7 +173,9 @@ def main(argv=None) -> int:
                 row[q] = ppl(model)["ppl"]
                 log(f"llm-compressor {rot} {q}: ppl {row[q]:.3f}, {info['seconds']:.1f} s")
                 del model
-            rows.append(row)
+                if not any(r is row for r in rows):
+                    rows.append(row)
+                render(final=False)
 
     if "orthoopt" in tools:
         for rot in (r for r in ORTHOOPT_ROTATIONS if r in wanted):
@@ -153,45 +194,12 @@ def main(argv=None) -> int:
                 row[q] = ppl(model)["ppl"]
                 log(f"orthoopt {rot} {q}: ppl {row[q]:.3f}, {row[f'{q}_s']:.1f} s")
                 del model
-            rows.append(row)
+                if not any(r is row for r in rows):
+                    rows.append(row)
+                render(final=False)
             del rotated
 
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
-                "llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__}
-    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/peer_llmcompressor.py",
-                                                           *(sys.argv[1:] if argv is None else argv)])
-    header = [
-        f"- command: `{command}`",
-        f"- model: {model_dir}; text: {split.describe()}",
-        f"- calibration: {args.calib_samples} windows x {args.seq_len} tokens (seed {args.seed}) from the first "
-        f"half, the same token ids for both tools; evaluation: {float_ppl['tokens']} predicted tokens of the "
-        f"second half in windows of {args.seq_len}",
-        f"- W4 symmetric per output channel, embeddings and lm_head in full precision; GPTQ damp 0.01, no "
-        f"act-order; OptRot/OptRot+: {args.steps} solver steps per phase (R1, R2)",
-        f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}; {platform.platform()}, "
-        f"{os.cpu_count()} CPUs, {args.threads} torch thread(s); load average at start "
-        f"{'/'.join(f'{x:.1f}' for x in load_start)}, at end {'/'.join(f'{x:.1f}' for x in os.getloadavg())}",
-        f"- total wall time {time.perf_counter() - t0:.0f} s",
-    ]
-
-    def f(x, d=2):
-        return "-" if x is None else f"{x:.{d}f}"
-
-    table = ["| tool | rotation | W4 RTN ppl | W4 GPTQ ppl | rotation s | RTN s | GPTQ s |",
-             "|---|---|---:|---:|---:|---:|---:|",
-             f"| - | float (unquantized) | {f(float_ppl['ppl'])} | {f(float_ppl['ppl'])} | - | - | - |"]
-    for r in rows:
-        table.append(f"| {r['tool']} | {r['rotation']} | {f(r.get('rtn'))} | {f(r.get('gptq'))} | "
-                     f"{f(r['rotation_s'], 1)} | {f(r.get('rtn_s'), 1)} | {f(r.get('gptq_s'), 1)} |")
-    text = "\n".join(header + [""] + table) + "\n"
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(args.out)
-        record = {"float_ppl": float_ppl, "rows": rows, "versions": versions, "command": command}
-        args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(render(final=True))
     return 0
 
 
