@@ -85,6 +85,7 @@ def parse_args(argv):
     p.add_argument("--tools", default="llmcompressor,orthoopt", help="which tools to run [both]")
     p.add_argument("--rotations", default=None,
                    help=f"subset of {','.join(LLMC_ROTATIONS + ORTHOOPT_ROTATIONS)} [all]")
+    p.add_argument("--no-float", action="store_true", help="skip the float baseline (e.g. a second, partial run)")
     p.add_argument("--out", type=Path, default=None, help="write the markdown table (and .json beside it)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -118,8 +119,11 @@ def main(argv=None) -> int:
     def ppl(model) -> float:
         return perplexity(model, eval_ids, seq_len=args.seq_len, max_tokens=args.eval_tokens, progress=progress)
 
-    float_ppl = ppl(base)
-    log(f"float perplexity {float_ppl['ppl']:.3f} on {float_ppl['tokens']} predicted tokens")
+    if args.no_float:
+        float_ppl = {"ppl": None, "tokens": min(args.eval_tokens, eval_ids.numel()) // args.seq_len * (args.seq_len - 1)}
+    else:
+        float_ppl = ppl(base)
+        log(f"float perplexity {float_ppl['ppl']:.3f} on {float_ppl['tokens']} predicted tokens")
     rows = []
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
                 "llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__}
