@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -36,6 +37,29 @@ def _llama2c_file(path: Path) -> Path | None:
     return found[0] if found else None
 
 
+def _quantized_load_kwargs(path: Path) -> dict:
+    """``from_pretrained`` keyword arguments for a folder whose config.json has a ``quantization_config``:
+    compressed-tensors checkpoints load dequantized (``dequantize=True``: dense weights, and the only
+    route by which transformers 5.2x loads asymmetric packed zero points)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path / 'config.json'} is damaged: not valid JSON ({e})") from None
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method != "compressed-tensors":
+        return {}
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError as e:
+        raise ValueError(
+            f"{path} is a compressed-tensors checkpoint; install the compressed-tensors package "
+            '(pip install "orthoopt[export]") to load it'
+        ) from e
+    from transformers import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+
+
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                progress: bool = True) -> PreTrainedModel:
     """An eval-mode ``*ForCausalLM`` from any model source (:mod:`orthoopt.adapters.sources`): a
@@ -55,7 +79,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     if source.folder is not None:
         check_weight_files(source.folder)
         try:
-            model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype)
+            with warnings.catch_warnings():  # "quantization_config from the model will be used" (it is; we set dequantize)
+                warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+                model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype,
+                                                             **_quantized_load_kwargs(source.folder))
         except OSError as e:  # transformers' missing or unreadable files
             raise ValueError(f"cannot load the model in {source.folder}: {e}") from None
     elif source.kind == "gguf":

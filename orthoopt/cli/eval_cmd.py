@@ -1,6 +1,8 @@
 """``orthoopt eval``: perplexity of a checkpoint on a text, with its quant.json activation settings applied.
 
 Windows are non-overlapping and ``seq_len`` long (the WikiText-2 protocol, docs/quantization.md).
+``--tasks`` adds zero-shot task accuracy through lm-eval-harness (optional dependency; datasets from
+the local cache, :mod:`orthoopt.eval.tasks`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("model_dir", metavar="MODEL",
                    help="model folder (with tokenizer; quant.json if quantized), .gguf file, registered name, planted, or Hub id")
-    p.add_argument("--text", required=True, help="evaluation text file (e.g. ../shared/data/wikitext2-test.txt)")
+    p.add_argument("--text", default=None, help="evaluation text file (e.g. ../shared/data/wikitext2-test.txt)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks (e.g. piqa,arc_easy) or task YAML files; needs lm-eval "
+                        "and the tasks' datasets in the local Hugging Face cache")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot examples (default: the task's)")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (fraction if < 1)")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: context, max 2048)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass; default 1")
@@ -33,27 +40,45 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    text = read_text(args.text)  # fail on a bad text before loading the model
+    if args.text is None and args.tasks is None:
+        raise ValueError("nothing to evaluate: pass --text TEXT_FILE (perplexity) and/or --tasks TASKS (lm-eval)")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks is not None else []
+    if args.tasks is not None and not tasks:
+        raise ValueError("--tasks is empty")
+    text = read_text(args.text) if args.text is not None else None  # fail on a bad text before loading
+    if tasks:
+        from orthoopt.eval.tasks import _import_lm_eval
+
+        _import_lm_eval()  # fail on a missing lm-eval before loading the model
     loaded = load_quantized(args.model_dir)
     start = time.perf_counter()
-    result = perplexity(
-        loaded.model, loaded.tokenizer, text=text, seq_len=args.seq_len, max_tokens=args.max_tokens,
-        batch_size=args.batch_size, progress=not args.no_progress,
-    )
-    record = {
-        "model": str(args.model_dir), "text": str(args.text), **result,
-        "quant": loaded.quant, "seconds": round(time.perf_counter() - start, 3),
-    }
+    record = {"model": str(args.model_dir), "text": None if text is None else str(args.text)}
+    if text is not None:
+        record.update(perplexity(
+            loaded.model, loaded.tokenizer, text=text, seq_len=args.seq_len, max_tokens=args.max_tokens,
+            batch_size=args.batch_size, progress=not args.no_progress,
+        ))
+    if tasks:
+        from orthoopt.eval.tasks import evaluate_tasks
+
+        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+        record.update(evaluate_tasks(loaded.model, loaded.tokenizer, tasks, num_fewshot=args.num_fewshot,
+                                     limit=limit, batch_size=args.batch_size))
+    record.update({"quant": loaded.quant, "seconds": round(time.perf_counter() - start, 3)})
     error = undefined_figures(record)
     if args.json:
         print(json.dumps(record, allow_nan=False))
     else:
         q = loaded.quant
         tag = f" (W{q['wbits']}A{q['abits']} {q['method']})" if q else ""
-        print(
-            f"perplexity {result['ppl']:.4f}{tag}: nll {result['nll']:.4f} over {result['tokens']} tokens "
-            f"in {result['windows']} windows of {result['seq_len']}"
-        )
+        if text is not None and record.get("ppl") is not None:
+            print(
+                f"perplexity {record['ppl']:.4f}{tag}: nll {record['nll']:.4f} over {record['tokens']} tokens "
+                f"in {record['windows']} windows of {record['seq_len']}"
+            )
+        for task, metrics in record.get("tasks", {}).items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            print(f"{task}{tag}: {shown}")
     if error:
         print(f"orthoopt eval: warning: {error}", file=sys.stderr)
     return 0

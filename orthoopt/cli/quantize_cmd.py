@@ -2,7 +2,9 @@
 
 Writes OUT_DIR atomically: the dequantized weights (``save_pretrained``, safetensors), the tokenizer,
 and ``quant.json`` (settings, calibration, seconds), which ``orthoopt eval`` reads to re-install the
-activation quantization and online Hadamard. See docs/quantization.md.
+activation quantization and online Hadamard. See docs/quantization.md. With ``--format
+compressed-tensors`` the weights are stored packed (integer codes, scales, zero-points) with a
+``quantization_config`` in config.json, for transformers and vLLM (docs/export.md).
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import json
 import sys
 
 from orthoopt.eval.perplexity import default_seq_len
+from orthoopt.export import FORMATS
 from orthoopt.quant.act import ActQuantConfig
 from orthoopt.quant.calib import calibration_batches, check_context
 from orthoopt.quant.model import load_checkpoint, quantize_model, save_quantized
 from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS
+from orthoopt.adapters.sources import input_location
 from orthoopt.utils.paths import prepare_output
 
 
@@ -46,6 +50,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H); default 0.01")
     p.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block size; default 128")
+    p.add_argument(
+        "--format", default="orthoopt", choices=FORMATS,
+        help="orthoopt: fake-quantized float weights + quant.json (default); compressed-tensors: packed "
+        "integer weights loadable by transformers/vLLM (weight-only; docs/export.md)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)
@@ -68,7 +77,16 @@ def _validate(args) -> None:
     if args.block_size < 1:
         raise ValueError(f"--block-size must be positive, got {args.block_size}")
     # before any work: --out may not be, contain or lie inside an input, and must be writable
-    prepare_output(args.out, {"MODEL_DIR": args.model_dir, "--calib": args.calib}, marker="quant.json")
+    prepare_output(args.out, {"MODEL": input_location(args.model_dir), "--calib": args.calib}, marker="quant.json")
+    if args.format == "compressed-tensors":  # refuse before spending time on quantization
+        from orthoopt.export.compressed_tensors import _import_ct, check_exportable
+
+        check_exportable({
+            "wbits": args.wbits, "abits": args.abits, "group_size": args.group_size,
+            "gptq": {"act_order": args.act_order} if args.method == "gptq" else None,
+            "act": {"bits": args.abits, "online_hadamard": args.online_hadamard},
+        })
+        _import_ct()
 
 
 def run(args) -> int:
@@ -92,7 +110,13 @@ def run(args) -> int:
         block_size=args.block_size, progress=not args.no_progress,
     )
     settings = {**result.settings, "source": str(args.model_dir), "calibration": calib_info}
-    out = save_quantized(model, tokenizer, args.out, settings)
+    if args.format == "compressed-tensors":
+        from orthoopt.export.compressed_tensors import save_compressed_tensors
+
+        out = save_compressed_tensors(model, tokenizer, args.out, result, settings)
+        settings = json.loads((out / "quant.json").read_text(encoding="utf-8"))  # with its export record
+    else:
+        out = save_quantized(model, tokenizer, args.out, settings)
     if args.json:
         print(json.dumps({**settings, "out": str(out)}, allow_nan=False))
     else:
@@ -101,5 +125,7 @@ def run(args) -> int:
             desc += f" g{args.group_size}"
         if args.online_hadamard:
             desc += " +R4"
+        if args.format != "orthoopt":
+            desc += f" ({args.format})"
         print(f"{desc}: wrote {out} ({settings['seconds']:.1f} s)")
     return 0

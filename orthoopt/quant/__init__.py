@@ -8,8 +8,8 @@ from importlib import import_module
 
 from orthoopt.quant.calib import calibration_batches, read_text, tokenize_text
 from orthoopt.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize
-from orthoopt.quant.quantizer import QuantSpec, fake_quantize, find_params, quantize_rows
-from orthoopt.quant.rtn import quantize_rtn
+from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams, fake_quantize, find_params, quantize_rows
+from orthoopt.quant.rtn import quantize_rtn, quantize_rtn_params
 
 # Whole-model pieces import transformers (through the adapters): loaded on first use, so that the
 # tensor-level quantizers above stay cheap to import (diagnostics and objectives use them).
@@ -36,6 +36,7 @@ __all__ = [
     "LoadedModel",
     "QuantResult",
     "QuantSpec",
+    "WeightQuantParams",
     "calibration_batches",
     "fake_quantize",
     "find_params",
@@ -49,6 +50,7 @@ __all__ = [
     "quantize_model",
     "quantize_rows",
     "quantize_rtn",
+    "quantize_rtn_params",
     "read_quant_settings",
     "read_text",
     "rotate_down_proj_weights",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,8 +28,8 @@ from orthoopt.quant.act import (
     install_act_quant,
     rotate_down_proj_weights,
 )
-from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS, QuantSpec
-from orthoopt.quant.rtn import quantize_rtn
+from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS, QuantSpec, WeightQuantParams
+from orthoopt.quant.rtn import quantize_rtn_params
 from orthoopt.quant.sequential import check_calib, gptq_quantize_model
 from orthoopt.utils.atomic import atomic_dir
 from orthoopt.utils.checks import check_model_weights
@@ -49,11 +49,17 @@ class QuantResult:
     hooks:    the activation hooks now installed on the model (empty when activations are not
               quantized and there is no online Hadamard); ``hooks.remove()`` takes them out.
     losses:   GPTQ's loss estimate per linear (empty for RTN).
+    params:   the grid of every quantized linear, keyed by its full module name
+              (``"model.layers.0.self_attn.q_proj"``); empty when weights are not quantized. Exporters
+              that store integer codes (:mod:`orthoopt.export`) read it.
+    spec:     the weight quantizer (None when weights are not quantized).
     """
 
     settings: dict
     hooks: ActQuantHooks
     losses: dict[str, float]
+    params: dict[str, WeightQuantParams] = field(default_factory=dict)
+    spec: QuantSpec | None = None
 
 
 def _check_wbits(wbits: int) -> None:
@@ -118,16 +124,24 @@ def quantize_model(
     start = time.perf_counter()
     hadamard = rotate_down_proj_weights(model) if act.online_hadamard else None
     losses: dict[str, float] = {}
+    full_name = {id(m): n for n, m in model.named_modules()}
+    params: dict[str, WeightQuantParams] = {}
     if spec is not None and method == "rtn":
         for L in located.layers:
             for role in LINEAR_ROLES:
                 lin = getattr(L, role)
-                lin.weight.copy_(quantize_rtn(lin.weight, spec))
+                q, params[full_name[id(lin)]] = quantize_rtn_params(lin.weight, spec)
+                lin.weight.copy_(q)
     elif spec is not None:
+        by_decoder_name: dict[str, WeightQuantParams] = {}
         with install_act_quant(model, ActQuantConfig(online_hadamard=act.online_hadamard)):
             losses = gptq_quantize_model(
-                model, calib, spec, act_order=act_order, percdamp=percdamp, block_size=block_size, progress=progress
+                model, calib, spec, act_order=act_order, percdamp=percdamp, block_size=block_size, progress=progress,
+                params=by_decoder_name,
             )
+        for L in located.layers:
+            for role in LINEAR_ROLES:
+                params[full_name[id(getattr(L, role))]] = by_decoder_name[L.names[role]]
     hooks = install_act_quant(model, act)
     settings = {
         "format": QUANT_FORMAT,
@@ -148,7 +162,7 @@ def quantize_model(
         "full_precision": list(FULL_PRECISION),
         "seconds": round(time.perf_counter() - start, 3),
     }
-    return QuantResult(settings, hooks, losses)
+    return QuantResult(settings, hooks, losses, params, spec)
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, settings: dict) -> Path:

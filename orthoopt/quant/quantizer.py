@@ -74,6 +74,28 @@ class QuantSpec:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
 
+@dataclass
+class WeightQuantParams:
+    """The grid a weight ``W`` (``[out, in]``) was quantized on, for exporters that store integer codes.
+
+    scale, zero: ``[out, groups]``; column ``j`` of ``W`` uses ``scale[:, group_index[j]]`` and
+                 ``zero[:, group_index[j]]`` (with GPTQ act-order, group ``k`` is in processing order).
+    group_index: ``[in]`` long tensor.
+    """
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_index: torch.Tensor
+
+    def codes(self, weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        """Integer codes ``q`` (``[out, in]`` long, in ``[spec.qmin, spec.qmax]``) of a weight on this grid:
+        for the fake-quantized weight ``scale * (q - zero)`` they are exactly the ``q`` it came from."""
+        scale = self.scale[:, self.group_index].to(torch.float64)
+        zero = self.zero[:, self.group_index].to(torch.float64)
+        q = torch.round(weight.to(torch.float64) / scale) + zero
+        return torch.clamp(q, spec.qmin, spec.qmax).long()
+
+
 def _params_for_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, zero)`` for ranges ``[lo, hi]`` with ``lo <= 0 <= hi`` (same shapes)."""
     if spec.symmetric:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from orthoopt.quant.quantizer import QuantSpec, quantize_rows
+from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams, fake_quantize, find_params
 
 
 def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -13,7 +13,22 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     Groups are ``spec.group_size`` consecutive input columns. Computed in float32 (or float64 if ``W``
     is float64); the result has ``W``'s dtype.
     """
+    return quantize_rtn_params(weight, spec)[0]
+
+
+def quantize_rtn_params(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, WeightQuantParams]:
+    """:func:`quantize_rtn` and the grid it used: ``(Q, params)`` with ``params.scale``/``params.zero``
+    of shape ``[out, groups]`` (float32, or float64 for a float64 ``W``) and ``params.group_index[j] =
+    j // group_size``."""
     if weight.ndim != 2:
         raise ValueError(f"quantize_rtn expects a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
     work = weight if weight.dtype == torch.float64 else weight.float()
-    return quantize_rows(work, spec).to(weight.dtype)
+    rows, n = work.shape
+    g = spec.group_size or n
+    if n % g:
+        raise ValueError(f"group_size {g} does not divide the row length {n}")
+    flat = work.reshape(rows * (n // g), g)
+    scale, zero = find_params(flat, spec)
+    q = fake_quantize(flat, scale, zero, spec).reshape(rows, n).to(weight.dtype)
+    group_index = torch.arange(n, device=weight.device) // g
+    return q, WeightQuantParams(scale.reshape(rows, n // g), zero.reshape(rows, n // g), group_index)

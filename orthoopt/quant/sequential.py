@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from orthoopt.adapters.archs import locate
 from orthoopt.quant.gptq import HessianAccumulator, gptq_quantize
-from orthoopt.quant.quantizer import QuantSpec
+from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams
 
 #: Linears (roles of :class:`orthoopt.adapters.archs.LayerModules`) quantized together, in order.
 SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
@@ -137,12 +137,14 @@ def gptq_quantize_model(
     percdamp: float = 0.01,
     block_size: int = 128,
     progress: bool = True,
+    params: dict[str, WeightQuantParams] | None = None,
 ) -> dict[str, float]:
     """Quantize every decoder-layer linear of ``model`` in place with GPTQ.
 
     ``calib``: ``[nsamples, seq_len]`` token ids (see :func:`orthoopt.quant.calib.calibration_batches`).
     Embeddings and ``lm_head`` are not touched. Returns GPTQ's loss estimate per linear, keyed by
-    module name relative to the decoder (``"layers.3.mlp.down_proj"``).
+    module name relative to the decoder (``"layers.3.mlp.down_proj"``). When ``params`` is a dict, it
+    receives each linear's grid (scale, zero, group index) under the same keys.
     """
     check_calib(calib)
     located = locate(model)
@@ -161,5 +163,7 @@ def gptq_quantize_model(
                 )
                 lin.weight.copy_(result.weight)
                 losses[name] = result.loss
+                if params is not None:
+                    params[name] = WeightQuantParams(result.scale, result.zero, result.group_index)
         inputs = [_first(layer(x, **layer_kwargs[i])) for x in inputs]
     return losses
