@@ -91,6 +91,19 @@ class CayleySGD(Solver):
             self.last_step_sizes[k] = alpha
         return loss, list(grads)
 
+    def config(self) -> dict:
+        return {"lr": self.lr, "momentum": self.momentum, "iterative": self.iterative, "n_iters": self.n_iters,
+                "q": self.q, "epsilon": self.epsilon, "ortho_tol": self.ortho_tol}
+
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return {f"M.{k}": M for k, M in self._M.items()}, {"last_step_sizes": dict(self.last_step_sizes)}
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+        for k in self._M:
+            M = tensors[f"M.{k}"]
+            self._M[k] = M.to(dtype=self._M[k].dtype, device=self._M[k].device).clone()
+        self.last_step_sizes = dict(scalars.get("last_step_sizes", {}))
+
     def _describe(self) -> str:
         mode = f"iterative, n_iters={self.n_iters}" if self.iterative else "exact"
         return f"lr={self.lr}, momentum={self.momentum}, {mode}, q={self.q}"
