@@ -57,7 +57,7 @@ from orthoopt.resume import Partial, read_partial, settings_difference, tensor_c
 from orthoopt.solvers import SolveResult, initial_rotations, make_solver, solve
 
 FIXED_METHODS = {"identity": "identity", "random": "random", "hadamard": "hadamard"}
-LEARNED_METHODS = {"optrot": "cayley-sgd", "optrot+": "cayley-sgd", "kurtosis": "radam", "dfrot": "procrustes"}
+LEARNED_METHODS = {"optrot": "cayley-lbfgs", "optrot+": "cayley-lbfgs", "kurtosis": "radam", "dfrot": "procrustes"}
 DATA_METHODS = ("optrot+", "kurtosis", "dfrot")
 METHODS = (*FIXED_METHODS, *LEARNED_METHODS)
 PHASES = ("R1", "R2")
@@ -271,8 +271,9 @@ def rotate_model(
     solver_name = (solver or LEARNED_METHODS[method]) if learned else None
     kwargs = {} if lr is None else {"lr": lr}
     settings = partial = None
-    if learned and checkpoint is not None and (checkpoint_every or resume):
-        settings = _run_settings(model, method, phases, solver_name, make_solver(solver_name, **kwargs).config(),
+    if checkpoint is not None and (resume or (learned and checkpoint_every)):
+        config = make_solver(solver_name, **kwargs).config() if learned else None
+        settings = _run_settings(model, method, phases, solver_name, config,
                                  phase_steps, lr, seed, dtype, include_embeddings, sample_fraction, device,
                                  calib, calib_tokens, init, stop)
         if resume and Path(checkpoint).is_file():
@@ -321,7 +322,7 @@ def rotate_model(
         adapter.apply_rotations(rots)
         out.update(rots)
         nxt = phases.index(phase) + 1
-        if learned and settings is not None and checkpoint_every and nxt < len(phases):
+        if learned and settings is not None and checkpoint_every and nxt < len(phases):  # phase boundary
             write_partial(checkpoint, _partial(settings, phases[nxt], 0, out, solves))
     report = {
         "method": method,
