@@ -72,19 +72,19 @@ def _kill_after_checkpoint(cmd: list[str], partial: Path, phase: str, timeout: f
     return _partial_meta(partial)
 
 
-@pytest.mark.parametrize("extra", [
-    [],  # the default solver of optrot (L-BFGS memory, cached gradient)
-    ["--solver", "cayley-sgd", "--sample-fraction", "0.5"],  # momentum and the row-sampling generators
+@pytest.mark.parametrize("extra, kill_phases", [
+    ([], ("R1", "R2")),  # the default solver of optrot (L-BFGS memory, cached gradient)
+    (["--solver", "cayley-sgd", "--sample-fraction", "0.5"], ("R2",)),  # momentum, row-sampling generators
 ], ids=["default", "cayley-sgd-sampled"])
-def test_kill9_then_resume_is_bit_identical(model_dir, tmp_path, extra):
-    steps = ["--steps", "300"]
+def test_kill9_then_resume_is_bit_identical(model_dir, tmp_path, extra, kill_phases):
+    steps = ["--steps", "150"]
     ref_out = tmp_path / "ref"
     done = subprocess.run(_cli(model_dir, ref_out, *steps, *extra), env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     ref = load_file(str(ref_out / "rotations.safetensors"))
     ref_report = json.loads((ref_out / "report.json").read_text())
 
-    for phase in ("R1", "R2"):  # several kill points: during R1, and during R2 after R1 was fused
+    for phase in kill_phases:  # several kill points: during R1, and during R2 after R1 was fused
         out = tmp_path / f"killed_{phase}"
         partial = out.with_name(out.name + ".partial.safetensors")
         meta = _kill_after_checkpoint(_cli(model_dir, out, *steps, *extra), partial, phase)

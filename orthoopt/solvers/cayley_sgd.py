@@ -85,8 +85,8 @@ class CayleySGD(Solver):
             alpha = min(self.lr, 2.0 * self.q / (float(torch.linalg.matrix_norm(W, ord=1)) + self.epsilon))
             if self.iterative:
                 R_new = cayley_retraction_iterative(R, W, alpha, self.n_iters)
-            else:
-                R_new = cayley_retraction(R, W, alpha)
+            else:  # in float64, so that float32 rotations do not drift (no re-projection needed)
+                R_new = cayley_retraction(R.double(), W.double(), alpha).to(R.dtype)
             self._set(k, R_new)
             self.last_step_sizes[k] = alpha
         return loss, list(grads)

@@ -53,7 +53,9 @@ class _GeooptSolver(Solver):
                     tensors[f"{names[i]}.{key}"] = v
                 else:
                     scalars[f"{names[i]}.{key}"] = v
-        return tensors, {"optimizer": scalars}
+        groups = [{k: v for k, v in g.items() if k not in ("params", "betas") and isinstance(v, (int, float, type(None)))}
+                  for g in sd["param_groups"]]  # e.g. geoopt's group["step"]
+        return tensors, {"optimizer": scalars, "groups": groups}
 
     def _load_state(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
         names = list(self._current())
@@ -65,7 +67,10 @@ class _GeooptSolver(Solver):
             if st:
                 state[i] = st
         sd = self.optimizer.state_dict()
-        self.optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+        groups = sd["param_groups"]
+        for g, saved in zip(groups, scalars.get("groups", [])):
+            g.update(saved)
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         # torch's load_state_dict turns Adam's int "step" into a tensor; geoopt keeps it a Python int
         params = list(self._current().values())
         for i, st in state.items():
