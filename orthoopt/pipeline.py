@@ -17,8 +17,8 @@ method       rotation                                                      data 
 identity     none (norms are still fused)                                  no          -
 random       Haar-random orthogonal                                        no          -
 hadamard     random Hadamard ``D H / sqrt(n)`` (QuaRot)                    no          -
-optrot       learned: :class:`~orthoopt.objectives.FourthPower`            no          cayley-sgd
-optrot+      learned: :class:`~orthoopt.objectives.HessianWeighted`        calibration cayley-sgd
+optrot       learned: :class:`~orthoopt.objectives.FourthPower`            no          cayley-lbfgs
+optrot+      learned: :class:`~orthoopt.objectives.HessianWeighted`        calibration cayley-lbfgs
 kurtosis     learned: :class:`~orthoopt.objectives.Kurtosis` (KurTail)     calibration radam
 dfrot        learned: :class:`~orthoopt.objectives.DFRotLoss`              calibration procrustes
 ===========  ============================================================  ==========  ===========
