@@ -20,6 +20,13 @@ Sections (one run, one machine; every ratio compares numbers measured in this ru
    (``--scaling-weights``, default 2**23 weights as rows of n, in blocks of at most n rows), so the
    objective grows like n and the retraction like n^3. Solver steps above ``--scaling-solver-max`` are
    skipped (a float64 SVD of 4096 takes minutes on 2 cores).
+5. ``convergence`` (issue 11): the R1 problem of (1) (``--layers N``: only the blocks of layers 0..N-1,
+   e.g. ``--model /work/models/smollm2-135m --layers 4``), from the random Hadamard start, float32.
+   Each solver of ``--solvers`` (default settings) runs for ``--budget`` loss-and-gradient evaluations
+   and the default (``cayley-lbfgs``) once more for ``--reference-evals``; the best loss seen by any
+   run is the reference. Prints, side by side, each solver's evaluations and wall time to 95% and 99%
+   of the gap between the start and that best loss, and draws loss - best against evaluations
+   (``--plot``, default ``docs/img/optrot_convergence.png``).
 4. ``sampling``: the R1 problem of (1) for ``--sampling-steps`` steps exact, the same number of steps
    with ``sample_fraction=--fraction``, and as many sampled steps as fit in the exact run's wall time;
    the exact final loss of each (``--sampling-solver``, default the pipeline's cayley-sgd).
@@ -45,7 +52,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("step", "rss", "scaling", "sampling")
+SECTIONS = ("step", "rss", "scaling", "sampling", "convergence")
 
 
 def load_average() -> str:
@@ -75,7 +82,7 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- step
-def r1_blocks(model_dir: str | None, include_embeddings: bool):
+def r1_blocks(model_dir: str | None, include_embeddings: bool, layers: int | None = None):
     from orthoopt.adapters import DecoderAdapter, load_model, planted_outlier_model
     from orthoopt.pipeline import FULL_PRECISION_BLOCKS
 
@@ -85,6 +92,8 @@ def r1_blocks(model_dir: str | None, include_embeddings: bool):
     blocks = adapter.weight_blocks("R1")
     if not include_embeddings:
         blocks = [b for b in blocks if b.name not in FULL_PRECISION_BLOCKS]
+    if layers is not None:
+        blocks = [b for b in blocks if b.name.startswith("layers.") and int(b.name.split(".")[1]) < layers]
     return blocks, adapter.hidden_size
 
 
@@ -283,6 +292,98 @@ def section_sampling(args) -> dict:
             "same_steps": same_steps, "same_time": same_time}
 
 
+# ------------------------------------------------------------------------------------- convergence
+def _trace(objective, start, solver_name: str, budget: int) -> dict:
+    """Run ``solver_name`` until ``budget`` evaluations; ``[(evaluations, seconds, loss)]`` with the loss
+    of each iterate at the evaluation count when it was known."""
+    from orthoopt.solvers import make_solver, solve
+
+    solver = make_solver(solver_name)
+    points: list[tuple[int, float, float]] = []
+    t0 = time.perf_counter()
+
+    def cb(i, loss, rotations):
+        known = solver.current_loss()
+        if known is None:  # the step evaluated the loss before it (one evaluation per step)
+            points.append((solver.num_evaluations, time.perf_counter() - t0, loss))
+        else:  # line-search solvers know the loss of the new iterate
+            if i == 0:
+                points.append((1, time.perf_counter() - t0, loss))
+            points.append((solver.num_evaluations, time.perf_counter() - t0, known))
+        return solver.num_evaluations >= budget
+
+    res = solve(objective, start, solver, 10 * budget, callback=cb, progress=False)
+    return {"solver": solver_name, "points": points, "seconds": time.perf_counter() - t0,
+            "evaluations": res.num_evaluations, "final_loss": res.final_loss,
+            "reorthogonalizations": res.num_reorthogonalizations, "stop_reason": res.stop_reason}
+
+
+def _first(points, threshold):
+    for e, t, loss in points:
+        if loss <= threshold:
+            return e, t
+    return None, None
+
+
+def section_convergence(args) -> dict:
+    from orthoopt.objectives import FourthPower
+    from orthoopt.solvers import initial_rotations
+
+    blocks, n = r1_blocks(args.model, args.include_embeddings, args.layers)
+    objective = FourthPower(blocks)
+    start = initial_rotations({"R1": n}, "hadamard", seed=0)
+    initial = float(objective.loss(start))
+    rows_total = sum(b.as_rows().shape[0] for b in blocks)
+    runs = [_trace(objective, start, name, args.budget) for name in args.solvers.split(",")]
+    reference = _trace(objective, start, "cayley-lbfgs", args.reference_evals) if args.reference_evals else None
+    best = min(p[2] for r in runs + ([reference] if reference else []) for p in r["points"])
+    gap = initial - best
+    print(f"\n## 5. Convergence: R1 FourthPower, {len(blocks)} blocks ({rows_total} rows x {n}), Hadamard start "
+          f"loss {initial:.6g}, best seen {best:.6g} (gap {gap:.6g}); budget {args.budget} evaluations per solver")
+    rows, out = [], []
+    for r in runs:
+        e95, t95 = _first(r["points"], best + 0.05 * gap)
+        e99, t99 = _first(r["points"], best + 0.01 * gap)
+        final = min(p[2] for p in r["points"])
+        item = {**{k: v for k, v in r.items() if k != "points"}, "best_loss_seen": final,
+                "share_of_gap": (initial - final) / gap, "evals_95": e95, "seconds_95": t95,
+                "evals_99": e99, "seconds_99": t99, "curve": r["points"]}
+        out.append(item)
+        fmt = lambda x: "-" if x is None else x  # noqa: E731
+        rows.append([r["solver"], r["evaluations"], final, item["share_of_gap"], fmt(e95), fmt(t95), fmt(e99),
+                     fmt(t99), r["seconds"] / max(1, r["evaluations"]), r["reorthogonalizations"]])
+    print(table(["solver", "evals", "best loss", "share of gap", "evals to 95%", "s to 95%", "evals to 99%",
+                 "s to 99%", "s / eval", "re-projections"], rows))
+    if reference:
+        e99, t99 = _first(reference["points"], best + 0.01 * gap)
+        print(f"reference cayley-lbfgs, {reference['evaluations']} evaluations: loss {reference['final_loss']:.6g}; "
+              f"99% of the gap after {e99} evaluations ({t99 if t99 is None else round(t99, 1)} s)")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for r in runs + ([reference | {"solver": "cayley-lbfgs (reference)"}] if reference else []):
+            e = [p[0] for p in r["points"]]
+            ax.semilogy(e, [max(p[2] - best, 1e-9 * gap) / gap for p in r["points"]], label=r["solver"])
+        ax.axhline(0.05, color="grey", ls=":", lw=0.8)
+        ax.axhline(0.01, color="grey", ls="--", lw=0.8)
+        ax.set_xlim(0, max(args.budget, 1))
+        ax.set_xlabel("loss-and-gradient evaluations")
+        ax.set_ylabel("(loss - best) / (start - best)")
+        ax.set_title(f"OptRot R1, {rows_total} x {n} rows, Hadamard start")
+        ax.legend()
+        fig.tight_layout()
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=110)
+        print(f"plot: {args.plot}")
+    return {"rows": rows_total, "n": n, "initial_loss": initial, "best_loss": best, "budget": args.budget,
+            "solvers": out, "reference": None if reference is None else
+            {k: v for k, v in reference.items() if k != "points"} | {"curve": reference["points"]}}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF model folder for sections 1 and 4 (default: planted 512 / 8)")
@@ -299,6 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fraction", type=float, default=0.25)
     p.add_argument("--sampling-steps", type=int, default=20)
     p.add_argument("--sampling-solver", default="cayley-sgd", help="solver of section 4 (cayley-sgd, radam, rsgd)")
+    p.add_argument("--layers", type=int, default=None, help="sections 1, 4, 5: only the blocks of layers 0..N-1")
+    p.add_argument("--solvers", default="cayley-lbfgs,cayley-bb,cayley-sgd,radam", help="section 5: solvers")
+    p.add_argument("--budget", type=int, default=100, help="section 5: evaluations per solver")
+    p.add_argument("--reference-evals", type=int, default=300,
+                   help="section 5: evaluations of the reference cayley-lbfgs run (0: none)")
+    p.add_argument("--plot", default=str(REPO / "docs" / "img" / "optrot_convergence.png"),
+                   help="section 5: where to save the loss-vs-evaluations plot ('' for none)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     skip = {s for s in args.skip.split(",") if s}
@@ -312,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# OptRot speed benchmark: torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs, "
           f"load average {results['load_average_start']}")
     for name, fn in (("step", section_step), ("rss", section_rss), ("scaling", section_scaling),
-                     ("sampling", section_sampling)):
+                     ("sampling", section_sampling), ("convergence", section_convergence)):
         if name not in skip:
             results[name] = fn(args)
     results["load_average_end"] = load_average()

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="Hugging Face model folder with safetensors weights")
     p.add_argument("--out", required=True, help="output folder (written by rank 0)")
     p.add_argument("--rotations", default="R1,R2", help="comma-separated subset of R1,R2")
-    p.add_argument("--solver", default=None, help="default: cayley-sgd")
+    p.add_argument("--solver", default=None, help="default: cayley-lbfgs")
     p.add_argument("--steps", type=int, default=100, help="solver steps per rotation phase")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)

@@ -17,8 +17,8 @@ method       rotation                                                      data 
 identity     none (norms are still fused)                                  no          -
 random       Haar-random orthogonal                                        no          -
 hadamard     random Hadamard ``D H / sqrt(n)`` (QuaRot)                    no          -
-optrot       learned: :class:`~orthoopt.objectives.FourthPower`            no          cayley-sgd
-optrot+      learned: :class:`~orthoopt.objectives.HessianWeighted`        calibration cayley-sgd
+optrot       learned: :class:`~orthoopt.objectives.FourthPower`            no          cayley-lbfgs
+optrot+      learned: :class:`~orthoopt.objectives.HessianWeighted`        calibration cayley-lbfgs
 kurtosis     learned: :class:`~orthoopt.objectives.Kurtosis` (KurTail)     calibration radam
 dfrot        learned: :class:`~orthoopt.objectives.DFRotLoss`              calibration procrustes
 ===========  ============================================================  ==========  ===========
@@ -31,12 +31,20 @@ still rotated, of course, so the model's function is unchanged.
 
 Learned methods start from a random Hadamard matrix (the usual start of OptRot and DFRot) unless
 ``init`` gives rotations.
+
+Exact resume: with ``checkpoint=PATH`` and ``checkpoint_every=k`` the run writes its whole state
+(finished rotations in float64, the solver's state, the objective's sampling generators, the loss
+histories; :mod:`orthoopt.resume`) to ``PATH`` every ``k`` steps and at each phase boundary;
+``resume=True`` continues from ``PATH`` when it exists, refusing (ValueError naming the differences)
+a file written with another method, model, solver or settings. A resumed run gives bit-identical
+rotations to an uninterrupted one on the same machine with the same number of threads.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -45,11 +53,12 @@ from orthoopt.adapters import DecoderAdapter, logits_relative_error  # noqa: F40
 from orthoopt.adapters.verify import logits as model_logits
 from orthoopt.manifold import orthogonality_error, reorthogonalize
 from orthoopt.objectives import DFRotLoss, FourthPower, HessianWeighted, Kurtosis, Objective
+from orthoopt.resume import Partial, read_partial, settings_difference, tensor_checksum, write_partial
 from orthoopt.solvers import SolveResult, initial_rotations, make_solver, solve
 from orthoopt.utils.checks import check_device
 
 FIXED_METHODS = {"identity": "identity", "random": "random", "hadamard": "hadamard"}
-LEARNED_METHODS = {"optrot": "cayley-sgd", "optrot+": "cayley-sgd", "kurtosis": "radam", "dfrot": "procrustes"}
+LEARNED_METHODS = {"optrot": "cayley-lbfgs", "optrot+": "cayley-lbfgs", "kurtosis": "radam", "dfrot": "procrustes"}
 DATA_METHODS = ("optrot+", "kurtosis", "dfrot")
 METHODS = (*FIXED_METHODS, *LEARNED_METHODS)
 PHASES = ("R1", "R2")
@@ -124,6 +133,58 @@ def build_objective(method: str, adapter: DecoderAdapter, phase: str, calib: tor
     return DFRotLoss(X)
 
 
+def _run_settings(model, method, phases, solver_name, solver_config, phase_steps, lr, seed, dtype,
+                  include_embeddings, sample_fraction, device, calib, calib_tokens, init, stop) -> dict:
+    """Everything a run's trajectory depends on, JSON-able, for refusing a foreign partial checkpoint."""
+    return {
+        "method": method, "rotations": list(phases), "solver": solver_name, "solver_settings": solver_config,
+        "steps": dict(phase_steps), "lr": lr, "seed": seed, "dtype": str(dtype).removeprefix("torch."),
+        "include_embeddings": include_embeddings, "sample_fraction": sample_fraction,
+        "device": None if device is None else str(device), "calib_tokens": calib_tokens if calib is not None else None,
+        "calib": None if calib is None else tensor_checksum([calib]),
+        "init": None if init is None else tensor_checksum([init[k] for k in sorted(init)]),
+        "model": tensor_checksum(t for _, t in sorted(model.state_dict().items())),
+        "model_config": getattr(getattr(model, "config", None), "model_type", None),
+        "stop": {k: v for k, v in sorted(stop.items())},
+    }
+
+
+def _result_summary(r: SolveResult) -> dict:
+    return {"final_loss": r.final_loss, "orthogonality_error": r.orthogonality_error, "seconds": r.seconds,
+            "stop_reason": r.stop_reason, "num_evaluations": r.num_evaluations,
+            "num_reorthogonalizations": r.num_reorthogonalizations, "grad_norm": r.grad_norm}
+
+
+def _saved_result(rots: dict[str, torch.Tensor], history: list[float], saved: dict) -> SolveResult:
+    return SolveResult(rotations=rots, history=list(history), steps=len(history), **saved)
+
+
+def _partial(settings: dict, phase: str, step: int, out: dict, solves: dict, solver=None, objective=None,
+             history: list[float] | None = None) -> Partial:
+    histories = {p: r.history for p, r in solves.items()}
+    if history is not None:
+        histories[phase] = history
+    obj_state = objective.state_dict() if callable(getattr(objective, "state_dict", None)) else {}
+    return Partial(settings=settings, phase=phase, step=step, done=dict(out),
+                   solver=None if solver is None else solver.state_dict(), objective=obj_state,
+                   histories=histories, results={p: _result_summary(r) for p, r in solves.items()})
+
+
+def _phase_callback(phase, done, before, callback, out, solves, solver, objective, checkpoint, every, settings):
+    """The per-step callback of one phase: the user's callback (step counted from the phase start)
+    and the partial checkpoint every ``every`` steps."""
+    history = list(before)
+
+    def cb(i: int, loss: float, rotations: dict) -> bool:
+        step = done + i
+        history.append(loss)
+        if checkpoint is not None and settings is not None and (step + 1) % every == 0:
+            write_partial(checkpoint, _partial(settings, phase, step + 1, out, solves, solver, objective, history))
+        return bool(callback(phase, step, loss, {**out, **rotations})) if callback is not None else False
+
+    return cb if (callback is not None or checkpoint is not None) else None
+
+
 @dataclass
 class RotateResult:
     """What :func:`rotate_model` returns: the fused rotations (float64) and a JSON-able report."""
@@ -162,6 +223,10 @@ def rotate_model(
     device: torch.device | str | None = None,
     progress: bool = True,
     callback: Callable[[str, int, float, dict], bool | None] | None = None,
+    stop: Mapping[str, float | int | None] | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
 ) -> RotateResult:
     """Fuse norms, learn (or draw) the rotations of ``method`` and fuse them into ``model`` in place.
 
@@ -180,9 +245,14 @@ def rotate_model(
     include_embeddings: put ``embed_tokens``/``lm_head`` into learned objectives (module doc).
     sample_fraction, device: optrot only: rows sampled per step (unbiased, ``docs/performance.md``)
                 and the device the objective and solver compute on (weights are fused on the CPU).
-    callback:   ``callback(phase, step, loss, rotations)`` after each solver step, with the rotations
-                of the finished phases (as fused) and the current iterate; a true return stops that
-                phase early.
+    callback:   ``callback(phase, step, loss, rotations)`` after each solver step (``step`` counts from
+                the phase's start, also in a resumed run), with the rotations of the finished phases
+                (as fused) and the current iterate; a true return stops that phase early.
+    stop:       stopping criteria passed to :func:`~orthoopt.solvers.solve` (``min_grad_norm``,
+                ``min_rel_decrease``, ``window``, ``max_seconds``); ``steps`` stays the maximum.
+    checkpoint, checkpoint_every, resume: exact resume, see the module doc. ``steps`` are the phases'
+                totals (a resumed phase takes the steps left). The file is left in place when the run
+                ends; the caller removes it once the output is safely written.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -192,19 +262,40 @@ def rotate_model(
     if unknown or not phases:
         raise ValueError(f"rotations must be a non-empty subset of {PHASES}, got {sorted(set(rotations))}")
     phase_steps = dict(steps) if isinstance(steps, Mapping) else {p: steps for p in phases}
+    stop = dict(stop or {})
+    if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be a non-negative int, got {checkpoint_every!r}")
+    if (checkpoint_every or resume) and checkpoint is None:
+        raise ValueError("checkpoint_every and resume need checkpoint=PATH")
     start = time.perf_counter()
     ref = model_logits(model, verify_ids) if verify_ids is not None else None
+    learned = method in LEARNED_METHODS
+    solver_name = (solver or LEARNED_METHODS[method]) if learned else None
+    kwargs = {} if lr is None else {"lr": lr}
+    settings = partial = None
+    if checkpoint is not None and (resume or (learned and checkpoint_every)):
+        config = make_solver(solver_name, **kwargs).config() if learned else None
+        settings = _run_settings(model, method, phases, solver_name, config,
+                                 phase_steps, lr, seed, dtype, include_embeddings, sample_fraction, device,
+                                 calib, calib_tokens, init, stop)
+        if resume and Path(checkpoint).is_file():
+            partial = read_partial(checkpoint)
+            diff = settings_difference(partial.settings, settings)
+            if diff:
+                raise ValueError(f"{checkpoint} is the partial checkpoint of a different run ({'; '.join(diff)}); "
+                                 "rerun with the same settings, or delete it to start afresh")
     adapter = DecoderAdapter(model)
     adapter.fuse_norms()
     dims = adapter.rotation_dims()
-    learned = method in LEARNED_METHODS
-    solver_name = (solver or LEARNED_METHODS[method]) if learned else None
     out: dict[str, torch.Tensor] = {}
     solves: dict[str, SolveResult] = {}
     for phase in phases:
         pdims = _phase_names(dims, phase)
         if not learned:
             rots = initial_rotations(pdims, FIXED_METHODS[method], seed=seed, dtype=torch.float64)
+        elif partial is not None and phase in partial.results:  # finished before the interruption
+            rots = {k: partial.done[k] for k in pdims}
+            solves[phase] = _saved_result(rots, partial.histories[phase], partial.results[phase])
         else:
             objective = build_objective(method, adapter, phase, calib, calib_tokens, seed, progress,
                                         include_embeddings, sample_fraction, device)
@@ -212,15 +303,29 @@ def rotate_model(
             for k in pdims:
                 if init is not None and k in init:
                     start_rots[k] = init[k].to(dtype=dtype, device=start_rots[k].device)
-            kwargs = {} if lr is None else {"lr": lr}
-            cb = None if callback is None else (lambda i, loss, r, _p=phase: callback(_p, i, loss, {**out, **r}))
-            result = solve(objective, start_rots, make_solver(solver_name, **kwargs), phase_steps.get(phase, 0),
-                           callback=cb, progress=progress)
+            solver_obj = make_solver(solver_name, **kwargs)
+            done, before = 0, []
+            if partial is not None and partial.phase == phase and partial.solver is not None:
+                if partial.objective:
+                    objective.load_state_dict(partial.objective)
+                where = next(iter(start_rots.values())).device
+                solver_obj.load_state_dict({"tensors": {k: v.to(where) for k, v in partial.solver["tensors"].items()},
+                                            "meta": partial.solver["meta"]})
+                done, before = partial.step, list(partial.histories.get(phase, []))
+            cb = _phase_callback(phase, done, before, callback, out, solves, solver_obj, objective,
+                                 checkpoint if checkpoint_every else None, checkpoint_every, settings)
+            result = solve(objective, None if done or before else start_rots, solver_obj,
+                           max(0, phase_steps.get(phase, 0) - done), callback=cb, progress=progress,
+                           prior_history=before, **stop)
+            result.history = before + result.history
+            result.steps = len(result.history)
             solves[phase] = result
-            rots = result.rotations
-        rots = {k: reorthogonalize(R.detach().to("cpu", torch.float64)) for k, R in rots.items()}
+            rots = {k: reorthogonalize(R.detach().to("cpu", torch.float64)) for k, R in result.rotations.items()}
         adapter.apply_rotations(rots)
         out.update(rots)
+        nxt = phases.index(phase) + 1
+        if learned and settings is not None and checkpoint_every and nxt < len(phases):  # phase boundary
+            write_partial(checkpoint, _partial(settings, phases[nxt], 0, out, solves))
     report = {
         "method": method,
         "rotations": phases,
@@ -234,9 +339,15 @@ def rotate_model(
         "dtype": str(dtype).removeprefix("torch."),
         "seconds": time.perf_counter() - start,
         "orthogonality_error": max(orthogonality_error(R) for R in out.values()),
-        "loss": {p: loss_summary(r.history) | {"final": r.final_loss, "orthogonality_error": r.orthogonality_error}
+        "loss": {p: loss_summary(r.history) | {"final": r.final_loss, "orthogonality_error": r.orthogonality_error,
+                                               "evaluations": r.num_evaluations, "stop_reason": r.stop_reason,
+                                               "reorthogonalizations": r.num_reorthogonalizations}
                  for p, r in solves.items()},
     }
+    if stop:
+        report["stop"] = stop
+    if partial is not None:
+        report["resumed"] = {"from": str(checkpoint), "phase": partial.phase, "steps_done": partial.step}
     if ref is not None:
         err = float((model_logits(model, verify_ids) - ref).norm() / ref.norm())
         report["invariance_error"] = err

@@ -105,9 +105,8 @@ def test_interrupted_run_leaves_no_output_and_resumes(model_dir, tmp_path, monke
     out = tmp_path / "run"
     real = cmd.rotate_model
 
-    def interrupted(*a, callback, **kw):
+    def interrupted(*a, callback=None, **kw):
         def cb(phase, step, loss, rots):
-            callback(phase, step, loss, rots)
             if phase == "R2" and step == 5:
                 raise KeyboardInterrupt
 
@@ -121,16 +120,17 @@ def test_interrupted_run_leaves_no_output_and_resumes(model_dir, tmp_path, monke
     partial = tmp_path / "run.partial.safetensors"
     assert partial.is_file()
     saved = load_file(str(partial))
-    assert {"R1", "R2.0", "R2.1"} <= set(saved)
+    assert {"done.R1", "solver.R.R2.0", "solver.R.R2.1"} <= set(saved)
+    assert saved["done.R1"].dtype == torch.float64  # the finished R1 exactly as fused
 
     monkeypatch.setattr(cmd, "rotate_model", real)
     assert main(["rotate", *args, "--resume"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["resumed"]["phase"] == "R2" and report["resumed"]["steps_done"] == 6
-    assert report["steps"] == {"R1": 0, "R2": 4}
+    assert report["steps"] == {"R1": 10, "R2": 10} and report["loss"]["R2"]["steps"] == 10
     assert not partial.exists()
     # R1 was finished before the interruption: the resumed run keeps it exactly
-    assert torch.allclose(load_file(str(out / "rotations.safetensors"))["R1"], saved["R1"].double(), atol=1e-12)
+    assert torch.equal(load_file(str(out / "rotations.safetensors"))["R1"], saved["done.R1"])
 
 
 def test_bad_input_gives_clear_errors_and_writes_nothing(model_dir, tmp_path, capsys):

@@ -384,7 +384,7 @@ def test_initial_rotations_errors():
 
 
 def test_make_solver_names_and_errors():
-    assert set(SOLVERS) == {"cayley-sgd", "radam", "rsgd", "procrustes"}
+    assert set(SOLVERS) == {"cayley-lbfgs", "cayley-bb", "cayley-sgd", "radam", "rsgd", "procrustes"}
     assert isinstance(make_solver("cayley-sgd"), CayleySGD)
     assert make_solver("radam", lr=0.1).lr == 0.1
     assert make_solver("rsgd").lr == 5e-2

@@ -49,9 +49,11 @@ def state(path: Path) -> dict[str, torch.Tensor]:
 def test_streamed_equals_in_memory(saved, tmp_path, case):
     src = saved[case]
     model = load_model(src)
-    mem = rotate_model(model, "optrot", steps=STEPS, seed=3, progress=False)
+    # cayley-sgd on both sides: the default cayley-lbfgs's line search amplifies the rounding
+    # differences of the two objectives' accumulation orders (measured: 0.19 after STEPS steps)
+    mem = rotate_model(model, "optrot", solver="cayley-sgd", steps=STEPS, seed=3, progress=False)
     out = tmp_path / "out"
-    res = rotate_streamed(src, out, steps=STEPS, seed=3, progress=False)
+    res = rotate_streamed(src, out, solver="cayley-sgd", steps=STEPS, seed=3, progress=False)
     got, want = state(out), model.state_dict()
     assert set(got) == set(want)
     worst = max(float((got[k] - want[k]).abs().max()) for k in want)

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from orthoopt.adapters.sources import PLANTED_CONFIG, input_location
 from orthoopt.pipeline import DATA_METHODS, METHODS, PHASES, rotate_model
+from orthoopt.solvers import SOLVERS
 from orthoopt.utils.atomic import atomic_path
 from orthoopt.utils.checks import check_device
 from orthoopt.utils.paths import prepare_output
@@ -50,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--method", choices=METHODS, default="optrot")
     p.add_argument("--rotations", default="R1,R2", help="comma-separated subset of R1,R2 (default: both)")
-    p.add_argument("--solver", choices=("cayley-sgd", "radam", "rsgd", "procrustes"), default=None,
+    p.add_argument("--solver", choices=tuple(SOLVERS), default=None,
                    help="default: the method's (docs/solvers.md)")
     p.add_argument("--steps", type=int, default=100, help="solver steps per rotation phase")
     p.add_argument("--lr", type=float, default=None)
@@ -63,7 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include-embeddings", action="store_true",
                    help="also count embed_tokens/lm_head (kept in full precision) in learned objectives")
     p.add_argument("--init", default=None, help="start from these rotations (a rotations.safetensors)")
-    p.add_argument("--resume", action="store_true", help="start from OUT.partial.safetensors if present")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT.partial.safetensors if present (exact: whole solver state; "
+                        "refused if written with other settings)")
     p.add_argument("--checkpoint-every", type=int, default=25, help="steps between partial checkpoints (0: off)")
     p.add_argument("--streamed", action="store_true",
                    help="optrot only: read MODEL_DIR's safetensors layer by layer and write sharded output, "
@@ -147,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
     init = load_rotations(args.init) if args.init else None
     steps: int | dict[str, int] = args.steps
     resumed = None
-    done_before = {p: 0 for p in PHASES}  # steps a resumed phase had already taken
-    if args.resume and partial.is_file():
+    done_before = {p: 0 for p in PHASES}  # steps a resumed phase had already taken (streamed runs)
+    if args.streamed and args.resume and partial.is_file():
         init, (phase, done) = _read_partial(partial)
         if done > args.steps:
             raise ValueError(f"--steps {args.steps} is below the {done} steps of phase {phase} already done in "
@@ -161,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"orthoopt rotate: resuming from {partial} ({phase}, step {done})", file=sys.stderr)
 
     def checkpoint(phase: str, step: int, loss: float, rotations: dict) -> None:
+        """Streamed runs: rotations-only partial checkpoints (in-memory runs save the whole state in
+        the pipeline, orthoopt.resume)."""
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
             tensors = {k: v.detach().cpu().contiguous() for k, v in rotations.items()}
             with atomic_path(partial) as tmp:
@@ -190,10 +195,12 @@ def run(args: argparse.Namespace) -> int:
                           seed=args.seed, calib=calib, calib_tokens=args.calib_tokens, init=init,
                           verify_ids=ids, dtype=dtype, include_embeddings=args.include_embeddings,
                           sample_fraction=args.sample_fraction, device=args.device,
-                          progress=not args.no_progress, callback=checkpoint)
+                          progress=not args.no_progress, checkpoint=partial,
+                          checkpoint_every=args.checkpoint_every, resume=args.resume)
     report = {"model": source, **result.report}
-    if resumed:
-        report["resumed"] = resumed
+    if "resumed" in report:
+        r = report["resumed"]
+        print(f"orthoopt rotate: resumed from {partial} ({r['phase']}, step {r['steps_done']})", file=sys.stderr)
 
     save_rotated(model, tokenizer, out, result.rotations, report, extras=lambda folder: plots(folder, result.solves))
     return _finish(args, out, partial, report)

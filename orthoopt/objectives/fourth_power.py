@@ -202,6 +202,19 @@ class FourthPower(Objective):
                 grads[name] = G.to(R.device)
         return total, grads
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The sampling generators' states (``{"sampler.<rotation>": uint8 tensor}``; empty when exact),
+        so that a resumed run draws the rows an uninterrupted one would."""
+        return {f"sampler.{k}": s.generator.get_state() for k, s in self._samplers.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`; ValueError if it names other samplers."""
+        want = {f"sampler.{k}" for k in self._samplers}
+        if set(state) != want:
+            raise ValueError(f"objective state has samplers {sorted(state)}, this objective {sorted(want)}")
+        for k, s in self._samplers.items():
+            s.generator.set_state(state[f"sampler.{k}"].clone())
+
     def __repr__(self) -> str:
         extra = "" if self.sample_fraction is None else f", sample_fraction={self.sample_fraction}"
         return (f"FourthPower({len(self.blocks)} blocks, dims={self._dims}, normalize={self.normalize}, "

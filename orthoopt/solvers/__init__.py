@@ -5,6 +5,7 @@ loss before the update), ``.rotations``. Update rules and defaults: ``docs/solve
 """
 
 from .base import NonFiniteLossError, Solver
+from .cayley_bb import CayleyBB, CayleyLBFGS
 from .cayley_sgd import CayleySGD
 from .init import INIT_KINDS, derived_seed, initial_rotations
 from .procrustes import ProcrustesAlternation, orthogonal_procrustes
@@ -15,6 +16,8 @@ from .solve import SolveResult, solve
 __all__ = [
     "INIT_KINDS",
     "SOLVERS",
+    "CayleyBB",
+    "CayleyLBFGS",
     "CayleySGD",
     "NonFiniteLossError",
     "ProcrustesAlternation",

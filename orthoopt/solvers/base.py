@@ -26,6 +26,23 @@ from ..manifold import check_square, default_tolerance, orthogonality_error, reo
 from ..objectives.base import Objective
 
 
+def riemannian_grad_norm(rotations: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]) -> float:
+    """``sqrt(sum_k ||skew(R_k^T G_k)||_F^2)``: the norm of the Riemannian gradient
+    ``R skew(R^T G)`` (metric inherited from ``R^{n x n}``) over all rotations with a gradient."""
+    total = 0.0
+    for k, G in grads.items():
+        A = rotations[k].detach().T @ G.detach()
+        total += float(torch.linalg.matrix_norm(0.5 * (A - A.T)).double()) ** 2
+    return math.sqrt(total)
+
+
+def json_roundtrip(obj):
+    """``obj`` as JSON would give it back (tuples become lists), for comparing saved settings."""
+    import json
+
+    return json.loads(json.dumps(obj))
+
+
 class NonFiniteLossError(ValueError):
     """The objective returned a NaN/inf loss or gradient; the rotations were left unchanged."""
 
@@ -45,6 +62,8 @@ class Solver:
         self._R: dict[str, torch.Tensor] | None = None
         self.num_steps = 0
         self.num_reorthogonalizations = 0
+        self.num_evaluations = 0
+        self.grad_norm: float | None = None
 
     # -- interface ---------------------------------------------------------------------------
     def init(self, rotations: Mapping[str, torch.Tensor]) -> None:
@@ -59,6 +78,8 @@ class Solver:
         self._R = copies
         self.num_steps = 0
         self.num_reorthogonalizations = 0
+        self.num_evaluations = 0
+        self.grad_norm = None
         self._reset_state()
 
     @property
@@ -76,8 +97,66 @@ class Solver:
             raise ValueError(f"{self.name}: call init(rotations) before step()")
         loss, updated = self._update(objective)
         self.num_steps += 1
-        self._maintain_orthogonality(updated)
+        if self._maintain_orthogonality(updated):
+            self._reprojected()
         return loss
+
+    def current_loss(self) -> float | None:
+        """The loss at the current iterate when the solver already knows it (no evaluation), else None."""
+        return None
+
+    def config(self) -> dict:
+        """The solver's settings (constructor arguments) as a JSON-able dict; a resume checks them."""
+        return {"ortho_tol": self.ortho_tol}
+
+    # -- exact resume ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The whole solver state: ``{"tensors": {str: Tensor}, "meta": JSON-able dict}``.
+
+        ``tensors`` holds the iterate (``"R.<name>"``) and the optimizer state (``"s.<key>"``: momentum,
+        Adam moments, BB memory, cached gradients) in their own dtype; ``meta`` the solver's name,
+        :meth:`config`, step/evaluation/re-projection counters and scalar state. Floats are kept as
+        Python floats, which JSON writes exactly (shortest round-trip repr), so
+        :meth:`load_state_dict` of a saved state continues bit for bit.
+        """
+        current = self._current()
+        tensors = {f"R.{k}": R.detach().clone() for k, R in current.items()}
+        extra, scalars = self._state()
+        tensors.update({f"s.{k}": v.detach().clone() for k, v in extra.items()})
+        meta = {"solver": self.name, "config": self.config(), "num_steps": self.num_steps,
+                "num_reorthogonalizations": self.num_reorthogonalizations,
+                "num_evaluations": self.num_evaluations, "grad_norm": self.grad_norm, "state": scalars}
+        return {"tensors": tensors, "meta": meta}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict`'s output. Raises ValueError naming the difference when it comes
+        from another solver or other settings."""
+        meta, tensors = state["meta"], state["tensors"]
+        if meta.get("solver") != self.name:
+            raise ValueError(f"solver state is from solver {meta.get('solver')!r}, this solver is {self.name!r}")
+        mine = json_roundtrip(self.config())
+        theirs = meta.get("config", {})
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            raise ValueError("solver state has other settings: " +
+                             ", ".join(f"{k} {theirs.get(k)!r} (this solver: {mine.get(k)!r})" for k in diff))
+        rotations = {k[2:]: v for k, v in tensors.items() if k.startswith("R.")}
+        self.init(rotations)
+        self.num_steps = int(meta["num_steps"])
+        self.num_reorthogonalizations = int(meta["num_reorthogonalizations"])
+        self.num_evaluations = int(meta["num_evaluations"])
+        self.grad_norm = meta.get("grad_norm")
+        self._load_state({k[2:]: v for k, v in tensors.items() if k.startswith("s.")}, meta.get("state", {}))
+
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Subclass state beyond the iterate: ``(tensors, JSON-able scalars)``."""
+        return {}, {}
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+        """Restore :meth:`_state` after :meth:`init` (which reset it)."""
+
+    def _reprojected(self) -> None:
+        """Called after a re-projection changed the iterate (subclasses drop caches of it)."""
 
     # -- for subclasses ----------------------------------------------------------------------
     def _current(self) -> dict[str, torch.Tensor]:
@@ -97,10 +176,13 @@ class Solver:
         """Update the live iterate; return the loss before the update and the names it changed."""
         raise NotImplementedError
 
-    def _value_and_grad(self, objective: Objective) -> tuple[float, dict[str, torch.Tensor]]:
-        """Loss and Euclidean gradients at the current iterate, checked finite and cast to each
-        rotation's dtype. Rotations the objective does not depend on get no entry."""
-        current = self._current()
+    def _value_and_grad(self, objective: Objective, rotations: Mapping[str, torch.Tensor] | None = None
+                        ) -> tuple[float, dict[str, torch.Tensor]]:
+        """Loss and Euclidean gradients at the current iterate (or at ``rotations``, a trial point),
+        checked finite and cast to each rotation's dtype. Rotations the objective does not depend on
+        get no entry. Counts one evaluation; at the current iterate it also sets :attr:`grad_norm`."""
+        at_iterate = rotations is None
+        current = self._current() if at_iterate else rotations
         missing = [k for k in objective.dims if k not in current]
         if missing:
             raise ValueError(f"{self.name}: objective needs rotations {missing} that were not given to init()")
@@ -121,6 +203,9 @@ class Solver:
                     f"(loss {loss:.6g}); rotations left unchanged"
                 )
             out[k] = g.detach().to(current[k].dtype)
+        self.num_evaluations += 1
+        if at_iterate:
+            self.grad_norm = riemannian_grad_norm(current, out)
         return loss, out
 
     def _checked_loss(self, value: torch.Tensor | float) -> float:
@@ -129,13 +214,16 @@ class Solver:
             raise NonFiniteLossError(f"{self.name}: loss is {loss} at step {self.num_steps}; rotations left unchanged")
         return loss
 
-    def _maintain_orthogonality(self, names: list[str]) -> None:
+    def _maintain_orthogonality(self, names: list[str]) -> int:
+        count = 0
         for k in names:
             R = self._current()[k]
             tol = self.ortho_tol if self.ortho_tol is not None else default_tolerance(R.dtype, R.shape[0])
             if orthogonality_error(R) > tol:
                 self._set(k, reorthogonalize(R))
                 self.num_reorthogonalizations += 1
+                count += 1
+        return count
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._describe()})"

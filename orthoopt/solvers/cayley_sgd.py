@@ -85,11 +85,24 @@ class CayleySGD(Solver):
             alpha = min(self.lr, 2.0 * self.q / (float(torch.linalg.matrix_norm(W, ord=1)) + self.epsilon))
             if self.iterative:
                 R_new = cayley_retraction_iterative(R, W, alpha, self.n_iters)
-            else:
-                R_new = cayley_retraction(R, W, alpha)
+            else:  # in float64, so that float32 rotations do not drift (no re-projection needed)
+                R_new = cayley_retraction(R.double(), W.double(), alpha).to(R.dtype)
             self._set(k, R_new)
             self.last_step_sizes[k] = alpha
         return loss, list(grads)
+
+    def config(self) -> dict:
+        return {"lr": self.lr, "momentum": self.momentum, "iterative": self.iterative, "n_iters": self.n_iters,
+                "q": self.q, "epsilon": self.epsilon, "ortho_tol": self.ortho_tol}
+
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return {f"M.{k}": M for k, M in self._M.items()}, {"last_step_sizes": dict(self.last_step_sizes)}
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+        for k in self._M:
+            M = tensors[f"M.{k}"]
+            self._M[k] = M.to(dtype=self._M[k].dtype, device=self._M[k].device).clone()
+        self.last_step_sizes = dict(scalars.get("last_step_sizes", {}))
 
     def _describe(self) -> str:
         mode = f"iterative, n_iters={self.n_iters}" if self.iterative else "exact"

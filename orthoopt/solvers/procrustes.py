@@ -62,6 +62,7 @@ class ProcrustesAlternation(Solver):
         with torch.no_grad():
             loss = self._checked_loss(objective.loss(frozen))
             targets = targets_fn(frozen)
+        self.num_evaluations += 1
         new = {}
         for k, pair in targets.items():
             if k not in current:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from .base import Solver
+from .cayley_bb import CayleyBB, CayleyLBFGS
 from .cayley_sgd import CayleySGD
 from .procrustes import ProcrustesAlternation
 from .riemannian import RiemannianAdam, RiemannianSGD
 
 SOLVERS: dict[str, type[Solver]] = {
+    "cayley-lbfgs": CayleyLBFGS,  # memory=8, rho=1e-4, eta=0 (monotone), angle=0.1: L-BFGS, exact Cayley
+    "cayley-bb": CayleyBB,  # rho=1e-4, eta=0.85, angle=0.1: BB step, nonmonotone line search, exact Cayley
     "cayley-sgd": CayleySGD,  # lr=0.5, momentum=0.9, iterative, n_iters=2, q=0.5, epsilon=1e-8
     "radam": RiemannianAdam,  # lr=2e-2, betas=(0.9, 0.999), CanonicalStiefel
     "rsgd": RiemannianSGD,  # lr=5e-2, momentum=0.9, CanonicalStiefel (lr depends on the loss scale)
@@ -16,7 +19,7 @@ SOLVERS: dict[str, type[Solver]] = {
 
 
 def make_solver(name: str, **kwargs) -> Solver:
-    """A new solver by name (``"cayley-sgd" | "radam" | "rsgd" | "procrustes"``); ``kwargs`` go to its
+    """A new solver by name (``"cayley-bb" | "cayley-sgd" | "radam" | "rsgd" | "procrustes"``); ``kwargs`` go to its
     constructor and override the defaults listed in ``docs/solvers.md``."""
     try:
         cls = SOLVERS[name]

@@ -43,6 +43,41 @@ class _GeooptSolver(Solver):
         self._R = params  # the parameters are the live iterate (they share storage with the copies)
         self.optimizer = self._make_optimizer(list(params.values()))
 
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        names = list(self._current())
+        sd = self.optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for i, st in sd["state"].items():
+            for key, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"{names[i]}.{key}"] = v
+                else:
+                    scalars[f"{names[i]}.{key}"] = v
+        groups = [{k: v for k, v in g.items() if k not in ("params", "betas") and isinstance(v, (int, float, type(None)))}
+                  for g in sd["param_groups"]]  # e.g. geoopt's group["step"]
+        return tensors, {"optimizer": scalars, "groups": groups}
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+        names = list(self._current())
+        state: dict[int, dict] = {}
+        for i, name in enumerate(names):
+            prefix = name + "."
+            st = {k[len(prefix):]: v.clone() for k, v in tensors.items() if k.startswith(prefix)}
+            st.update({k[len(prefix):]: v for k, v in scalars.get("optimizer", {}).items() if k.startswith(prefix)})
+            if st:
+                state[i] = st
+        sd = self.optimizer.state_dict()
+        groups = sd["param_groups"]
+        for g, saved in zip(groups, scalars.get("groups", [])):
+            g.update(saved)
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        # torch's load_state_dict turns Adam's int "step" into a tensor; geoopt keeps it a Python int
+        params = list(self._current().values())
+        for i, st in state.items():
+            for key, v in st.items():
+                if not isinstance(v, torch.Tensor):
+                    self.optimizer.state[params[i]][key] = v
+
     def _set(self, name: str, R: torch.Tensor) -> None:
         with torch.no_grad():
             self._current()[name].copy_(R)
@@ -83,6 +118,10 @@ class RiemannianAdam(_GeooptSolver):
     def _make_optimizer(self, params):
         return geoopt.optim.RiemannianAdam(params, lr=self.lr, betas=self.betas, eps=self.eps, amsgrad=self.amsgrad)
 
+    def config(self) -> dict:
+        return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps, "amsgrad": self.amsgrad,
+                "canonical": self.canonical, "ortho_tol": self.ortho_tol}
+
     def _describe(self) -> str:
         return f"lr={self.lr}, betas={self.betas}, canonical={self.canonical}"
 
@@ -114,6 +153,10 @@ class RiemannianSGD(_GeooptSolver):
 
     def _make_optimizer(self, params):
         return geoopt.optim.RiemannianSGD(params, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov)
+
+    def config(self) -> dict:
+        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov, "canonical": self.canonical,
+                "ortho_tol": self.ortho_tol}
 
     def _describe(self) -> str:
         return f"lr={self.lr}, momentum={self.momentum}, canonical={self.canonical}"

@@ -35,6 +35,15 @@ class SolveResult:
     steps:               number of steps taken (``len(history)``; fewer than asked if stopped early).
     seconds:             wall time of the steps.
     final_loss:          ``objective.loss`` at the final rotations (the loss after the last step).
+    stop_reason:         which criterion ended the run: ``"max_steps"``, ``"min_grad_norm"``,
+                         ``"min_rel_decrease"``, ``"max_seconds"``, ``"callback"`` or ``"stalled"`` (a
+                         line-search solver found no acceptable step twice in a row).
+    num_evaluations:     loss-and-gradient evaluations of the objective made by this run's steps (the
+                         cost unit of ``docs/solvers.md``; procrustes: loss-and-targets evaluations).
+    num_reorthogonalizations: re-projections onto O(n) during this run (0 for the exact Cayley and
+                         geoopt solvers; a broken retraction shows here).
+    grad_norm:           Riemannian gradient norm ``sqrt(sum ||skew(R^T G)||_F^2)`` at the start of the
+                         last step (None for procrustes or when no step was taken).
     """
 
     rotations: dict[str, torch.Tensor]
@@ -43,6 +52,10 @@ class SolveResult:
     steps: int
     seconds: float
     final_loss: float
+    stop_reason: str = "max_steps"
+    num_evaluations: int = 0
+    num_reorthogonalizations: int = 0
+    grad_norm: float | None = None
 
 
 def _start_rotations(
@@ -78,6 +91,10 @@ def _start_rotations(
     return out
 
 
+def _small_decrease(h: list[float], window: int, tol: float) -> bool:
+    return len(h) > window and h[-1 - window] - h[-1] <= tol * abs(h[-1 - window])
+
+
 def solve(
     objective: Objective,
     init: Mapping[str, torch.Tensor] | str | SolveResult | None,
@@ -88,8 +105,14 @@ def solve(
     dtype: torch.dtype | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
+    *,
+    min_grad_norm: float | None = None,
+    min_rel_decrease: float | None = None,
+    window: int = 10,
+    max_seconds: float | None = None,
+    prior_history: list[float] | None = None,
 ) -> SolveResult:
-    """Run ``steps`` solver steps on ``objective`` and return a :class:`SolveResult`.
+    """Run at most ``steps`` solver steps on ``objective`` and return a :class:`SolveResult`.
 
     objective: an :class:`~orthoopt.objectives.base.Objective` (``dims``, ``loss``, ``value_and_grad``;
                ``procrustes_targets`` for the ``"procrustes"`` solver).
@@ -106,11 +129,31 @@ def solve(
     progress:  tqdm bar on stderr with the latest loss.
     dtype, device: of the rotations the solver works on (the objective computes on the rotations'
                device); by default float32 on the CPU for a named init, the given tensors' otherwise.
+    Stopping criteria (checked after every step; the first that holds ends the run and is named in
+    ``SolveResult.stop_reason``; ``None`` turns one off):
+
+    steps:            at most this many steps (``"max_steps"``).
+    min_grad_norm:    the Riemannian gradient norm at the start of the step (``solver.grad_norm``) is at
+                      most this (``"min_grad_norm"``); solvers without a gradient (procrustes) never stop here.
+    min_rel_decrease, window: ``history[-1-window] - history[-1] <= min_rel_decrease *
+                      |history[-1-window]|``: the loss fell by less than this fraction over the last
+                      ``window`` steps (``"min_rel_decrease"``).
+    max_seconds:      wall time of the steps reached this (``"max_seconds"``).
+    prior_history:    losses of steps taken before this call (a resumed run), counted in the window
+                      test only (``history`` holds this call's steps).
+    A callback returning true gives ``"callback"``; a line-search solver (cayley-bb, cayley-lbfgs)
+    that finds no acceptable step twice in a row gives ``"stalled"``.
     Raises ValueError for bad arguments and :class:`~orthoopt.solvers.base.NonFiniteLossError` (a
     ValueError) naming the step when the loss or a gradient is NaN/inf.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    for label, v in (("min_grad_norm", min_grad_norm), ("min_rel_decrease", min_rel_decrease),
+                     ("max_seconds", max_seconds)):
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
+            raise ValueError(f"{label} must be a non-negative number or None, got {v!r}")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
     if isinstance(solver, str):
         solver = make_solver(solver)
     elif not (callable(getattr(solver, "init", None)) and callable(getattr(solver, "step", None))):
@@ -126,7 +169,12 @@ def solve(
         solver.init(_start_rotations(objective, init, dtype, device, seed))
 
     history: list[float] = []
+    prior = list(prior_history or [])
     name = getattr(solver, "name", type(solver).__name__)
+    evals0 = getattr(solver, "num_evaluations", 0)
+    reorth0 = getattr(solver, "num_reorthogonalizations", 0)
+    stop_reason = "max_steps"
+    stalls = 0
     t0 = time.perf_counter()
     with tqdm(total=steps, desc=f"solve {name}", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
         for i in range(steps):
@@ -134,13 +182,30 @@ def solve(
             history.append(loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.6g}", refresh=False)
+            grad_norm = getattr(solver, "grad_norm", None)
+            stalls = stalls + 1 if getattr(solver, "stalled", False) else 0
             if callback is not None and callback(i, loss, solver.rotations):
-                break
+                stop_reason = "callback"
+            elif min_grad_norm is not None and grad_norm is not None and grad_norm <= min_grad_norm:
+                stop_reason = "min_grad_norm"
+            elif min_rel_decrease is not None and _small_decrease(prior + history, window, min_rel_decrease):
+                stop_reason = "min_rel_decrease"
+            elif max_seconds is not None and time.perf_counter() - t0 >= max_seconds:
+                stop_reason = "max_seconds"
+            elif stalls >= 2:
+                stop_reason = "stalled"
+            else:
+                continue
+            break
     seconds = time.perf_counter() - t0
 
     rotations = solver.rotations
-    with torch.no_grad():
-        final_loss = float(objective.loss(rotations))
+    known = solver.current_loss() if callable(getattr(solver, "current_loss", None)) else None
+    if known is not None:
+        final_loss = float(known)
+    else:
+        with torch.no_grad():
+            final_loss = float(objective.loss(rotations))
     return SolveResult(
         rotations=rotations,
         history=history,
@@ -148,4 +213,8 @@ def solve(
         steps=len(history),
         seconds=seconds,
         final_loss=final_loss,
+        stop_reason=stop_reason,
+        num_evaluations=getattr(solver, "num_evaluations", 0) - evals0,
+        num_reorthogonalizations=getattr(solver, "num_reorthogonalizations", 0) - reorth0,
+        grad_norm=getattr(solver, "grad_norm", None) if history else None,
     )

@@ -68,7 +68,7 @@ except ImportError:  # pragma: no cover - Windows
     resource = None
 
 STREAMED_METHODS = ("optrot",)
-DEFAULT_SOLVER = "cayley-sgd"
+DEFAULT_SOLVER = "cayley-lbfgs"  # the in-memory pipeline's default for optrot
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _NOT_COPIED = {"config.json", INDEX_FILE, "pytorch_model.bin.index.json", ROTATIONS_FILE, REPORT_FILE}
 F64 = torch.float64

@@ -1,0 +1,213 @@
+"""Update rules, re-projection accounting and stopping criteria of the solvers (issue 11, item 3).
+
+* one step of every solver against a float64 reference of its update rule, written here from the
+  formulas of ``docs/solvers.md`` (not by calling the solver's helpers);
+* the exact-Cayley and geoopt solvers never re-project (a broken retraction would show up as
+  re-projections, and ``SolveResult`` reports them);
+* each stopping criterion of ``solve`` stops the run and is named in ``stop_reason``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from orthoopt.manifold import orthogonality_error
+from orthoopt.objectives import FourthPower, WeightBlock
+from orthoopt.solvers import CayleySGD, initial_rotations, make_solver, orthogonal_procrustes, solve
+
+
+def _toy(n: int = 24, dtype=torch.float64, seed: int = 0) -> FourthPower:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(4 * n, n, generator=g, dtype=torch.float64)
+    W[:, [1, n // 2]] *= 12.0
+    return FourthPower([WeightBlock(W.to(dtype), "R1", "in")], normalize=True)
+
+
+def _start(n: int = 24, dtype=torch.float64) -> dict[str, torch.Tensor]:
+    return initial_rotations({"R1": n}, "hadamard", seed=2, dtype=dtype)
+
+
+def _vg(objective, R):
+    value, grads = objective.value_and_grad({"R1": R})
+    return float(value), grads["R1"]
+
+
+def _cayley(R, P, tau):
+    n = R.shape[0]
+    eye = torch.eye(n, dtype=torch.float64)
+    return torch.linalg.inv(eye - tau / 2 * P) @ (eye + tau / 2 * P) @ R
+
+
+def _skew(A):
+    return (A - A.T) / 2
+
+
+def _reference_first_step(name: str, objective, R: torch.Tensor) -> torch.Tensor:
+    """The first update of solver ``name`` (default settings) from ``R``, in float64, from the
+    formulas of docs/solvers.md."""
+    f0, G = _vg(objective, R)
+    if name in ("cayley-sgd", "cayley-sgd-exact"):
+        M = -G  # momentum starts at zero
+        W = _skew(M @ R.T)  # W_hat - W_hat^T for square orthogonal R
+        alpha = min(0.5, 2 * 0.5 / (float(torch.linalg.matrix_norm(W, ord=1)) + 1e-8))
+        if name == "cayley-sgd-exact":
+            return _cayley(R, W, alpha)
+        Y = R + alpha * W @ R
+        for _ in range(2):
+            Y = R + alpha / 2 * W @ (R + Y)
+        if orthogonality_error(Y) > 1e-10:  # the documented re-projection (polar, float64)
+            U, _, Vh = torch.linalg.svd(Y)
+            Y = U @ Vh
+        return Y
+    if name in ("cayley-bb", "cayley-lbfgs"):
+        g = _skew(G @ R.T)  # gradient generator; the first step has no memory: P = -g, tau = 0.1 / ||g||
+        gnorm2 = float((g * g).sum())
+        tau, slope = 0.1 / math.sqrt(gnorm2), -gnorm2
+        while True:
+            Rn = _cayley(R, -g, tau)
+            fn, _ = _vg(objective, Rn)
+            if fn <= f0 + 1e-4 * tau * slope:
+                return Rn
+            tq = -slope * tau * tau / (2 * (fn - f0 - slope * tau))
+            tau = min(max(tq, 0.1 * tau), 0.5 * tau)
+    if name == "radam":  # canonical Stiefel: rgrad = G - R G^T R; Adam's first step; Cayley retraction
+        rg = G - R @ G.T @ R
+        # geoopt's second moment is the manifold's inner product (a scalar per matrix), here the
+        # canonical one: <u, u> = tr(u^T (I - R R^T / 2) u)
+        inner = float(torch.trace(rg.T @ (torch.eye(R.shape[0], dtype=R.dtype) - R @ R.T / 2) @ rg))
+        m, v = 0.1 * rg, 0.001 * inner
+        u = -0.02 * (m / 0.1) / (math.sqrt(v / 0.001) + 1e-8)
+        return _cayley(R, u @ R.T - R @ u.T, 1.0)
+    if name == "rsgd":  # geoopt seeds the buffer with the Euclidean gradient, then b = 0.9 b + rgrad
+        rg = G - R @ G.T @ R
+        b = 0.9 * G + rg
+        u = -0.05 * b
+        return _cayley(R, u @ R.T - R @ u.T, 1.0)
+    if name == "procrustes":
+        raise AssertionError("procrustes is tested separately")
+    raise AssertionError(name)
+
+
+SOLVER_SETTINGS = {
+    "cayley-sgd": ("cayley-sgd", {}),
+    "cayley-sgd-exact": ("cayley-sgd", {"iterative": False}),
+    "cayley-bb": ("cayley-bb", {}),
+    "cayley-lbfgs": ("cayley-lbfgs", {}),
+    "radam": ("radam", {}),
+    "rsgd": ("rsgd", {}),
+}
+
+
+@pytest.mark.parametrize("label", sorted(SOLVER_SETTINGS))
+def test_one_step_matches_a_float64_reference_of_the_update_rule(label):
+    objective, R = _toy(), _start()["R1"]
+    name, kw = SOLVER_SETTINGS[label]
+    solver = make_solver(name, **kw)
+    solver.init({"R1": R})
+    loss = solver.step(objective)
+    assert loss == pytest.approx(_vg(objective, R)[0], rel=1e-14)
+    want = _reference_first_step(label, objective, R)
+    got = solver.rotations["R1"]
+    assert float((got - want).abs().max()) < 1e-10, f"{label}: the step differs from its update rule"
+    assert float((got - R).abs().max()) > 1e-4  # it did move
+
+
+def test_procrustes_step_matches_svd_of_the_targets():
+    from orthoopt.objectives import DFRotLoss
+
+    X = torch.randn(300, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    X[:, 3] *= 30
+    objective = DFRotLoss({"R1": X})
+    R = _start(16)["R1"]
+    solver = make_solver("procrustes")
+    solver.init({"R1": R})
+    A, B = objective.procrustes_targets({"R1": R})["R1"]
+    U, _, Vh = torch.linalg.svd(A.T.double() @ B.double())
+    solver.step(objective)
+    assert torch.allclose(solver.rotations["R1"], U @ Vh, atol=1e-12)
+    assert torch.allclose(orthogonal_procrustes(A, B), U @ Vh, atol=1e-12)
+
+
+@pytest.mark.parametrize("label, dtype", [
+    *[(s, d) for s in ("cayley-sgd-exact", "cayley-bb", "cayley-lbfgs") for d in (torch.float32, torch.float64)],
+    # geoopt computes its Cayley step in the parameter's dtype: exact in float64; in float32 its
+    # rounding drifts past the float32 tolerance within tens of steps (re-projected and counted)
+    ("radam", torch.float64), ("rsgd", torch.float64),
+])
+def test_exact_cayley_and_geoopt_solvers_never_reproject(label, dtype):
+    objective, start = _toy(48, dtype), _start(48, dtype)
+    name, kw = SOLVER_SETTINGS[label]
+    result = solve(objective, start, make_solver(name, **kw), 60, progress=False)
+    assert result.num_reorthogonalizations == 0, f"{label} needed re-projection: its retraction is not exact"
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert result.orthogonality_error < tol
+    assert result.final_loss < result.history[0]
+
+
+class _EulerSGD(CayleySGD):
+    """A broken Cayley SGD: the exact Cayley retraction replaced by a plain Euler step ``R + alpha W R``."""
+
+    def __init__(self):
+        super().__init__(iterative=False)
+
+    def _update(self, objective):
+        import orthoopt.solvers.cayley_sgd as mod
+
+        real = mod.cayley_retraction
+        mod.cayley_retraction = lambda R, W, alpha: R + alpha * W @ R
+        try:
+            return super()._update(objective)
+        finally:
+            mod.cayley_retraction = real
+
+
+def test_a_broken_retraction_is_reported_not_hidden():
+    result = solve(_toy(), _start(), _EulerSGD(), 10, progress=False)
+    assert result.num_reorthogonalizations > 0  # the re-projection happened, and it is on record
+    assert result.orthogonality_error < 1e-10
+
+
+def test_counters_and_final_loss():
+    objective = _toy()
+    r = solve(objective, _start(), "cayley-sgd", 7, progress=False)
+    assert (r.steps, r.num_evaluations, r.stop_reason) == (7, 7, "max_steps")
+    r = solve(objective, _start(), "cayley-lbfgs", 7, progress=False)
+    assert r.num_evaluations >= 8  # the start plus at least one trial per step
+    assert r.final_loss == pytest.approx(float(objective.loss(r.rotations)), rel=1e-12)
+    assert r.grad_norm is not None and r.grad_norm > 0
+
+
+def test_stop_min_grad_norm():
+    objective = _toy(16)
+    r = solve(objective, _start(16), "cayley-lbfgs", 500, progress=False, min_grad_norm=1e-3)
+    assert r.stop_reason == "min_grad_norm" and r.steps < 500
+    assert r.grad_norm <= 1e-3
+
+
+def test_stop_min_rel_decrease():
+    objective = _toy(16)
+    r = solve(objective, _start(16), "cayley-sgd", 2000, progress=False, min_rel_decrease=1e-4, window=5)
+    assert r.stop_reason == "min_rel_decrease" and r.steps < 2000
+    h = r.history
+    assert h[-6] - h[-1] <= 1e-4 * abs(h[-6])
+    assert all(h[i - 5] - h[i] > 1e-4 * abs(h[i - 5]) for i in range(5, len(h) - 1))  # not earlier
+
+
+def test_stop_max_seconds_callback_and_stalled():
+    objective = _toy(16)
+    r = solve(objective, _start(16), "cayley-sgd", 1000, progress=False, max_seconds=0.0)
+    assert (r.stop_reason, r.steps) == ("max_seconds", 1)
+    r = solve(objective, _start(16), "cayley-sgd", 1000, progress=False, callback=lambda i, loss, rots: i == 3)
+    assert (r.stop_reason, r.steps) == ("callback", 4)
+    flat = FourthPower([WeightBlock(torch.zeros(8, 16, dtype=torch.float64), "R1", "in")])
+    r = solve(flat, _start(16), "cayley-bb", 50, progress=False)  # zero gradient: nothing to do
+    assert r.stop_reason == "stalled" and r.steps == 2
+
+
+def test_bad_stopping_arguments():
+    for kw in ({"min_grad_norm": -1}, {"min_rel_decrease": "x"}, {"window": 0}, {"max_seconds": float("nan")}):
+        with pytest.raises(ValueError):
+            solve(_toy(8), _start(8), "cayley-sgd", 3, progress=False, **kw)
