@@ -21,7 +21,14 @@ optrot       learned: :class:`~orthoopt.objectives.FourthPower`            no   
 optrot+      learned: :class:`~orthoopt.objectives.HessianWeighted`        calibration cayley-sgd
 kurtosis     learned: :class:`~orthoopt.objectives.Kurtosis` (KurTail)     calibration radam
 dfrot        learned: :class:`~orthoopt.objectives.DFRotLoss`              calibration procrustes
+spinquant    learned: :class:`~orthoopt.objectives.QuantizedLMLoss`        calibration cayley-sgd
 ===========  ============================================================  ==========  ===========
+
+spinquant (SpinQuant's end-to-end objective) learns R1 and every R2.i *jointly* in one solve (the
+other methods learn R1, fuse it, then the R2s): the causal-LM loss of the rotated network with the
+quantization of ``sim_quant`` simulated (:class:`orthoopt.quant.rotated.SimQuantConfig`), one batch of
+``batch_size`` calibration windows per step, Cayley SGD with SpinQuant's lr 1.5 and a cosine decay of
+the step size to 0 over the steps (SpinQuant: 100 steps of 8 x 2048 WikiText-2 tokens).
 
 Learned objectives see only the blocks that get quantized: ``embed_tokens`` and ``lm_head`` stay in
 full precision in every quantization setting here (as in QuaRot, SpinQuant and OptRot's evaluation),
@@ -44,12 +51,19 @@ import torch
 from orthoopt.adapters import DecoderAdapter, logits_relative_error  # noqa: F401 (re-exported helper)
 from orthoopt.adapters.verify import logits as model_logits
 from orthoopt.manifold import orthogonality_error, reorthogonalize
-from orthoopt.objectives import DFRotLoss, FourthPower, HessianWeighted, Kurtosis, Objective
+from orthoopt.objectives import DFRotLoss, FourthPower, HessianWeighted, Kurtosis, Objective, QuantizedLMLoss
 from orthoopt.solvers import SolveResult, initial_rotations, make_solver, solve
 
 FIXED_METHODS = {"identity": "identity", "random": "random", "hadamard": "hadamard"}
-LEARNED_METHODS = {"optrot": "cayley-sgd", "optrot+": "cayley-sgd", "kurtosis": "radam", "dfrot": "procrustes"}
-DATA_METHODS = ("optrot+", "kurtosis", "dfrot")
+LEARNED_METHODS = {"optrot": "cayley-sgd", "optrot+": "cayley-sgd", "kurtosis": "radam", "dfrot": "procrustes",
+                   "spinquant": "cayley-sgd"}
+DATA_METHODS = ("optrot+", "kurtosis", "dfrot", "spinquant")
+JOINT_METHODS = ("spinquant",)
+"""Methods that learn all selected rotations in one solve (their objective is not a sum over phases)."""
+DEFAULT_LR = {"spinquant": 1.5}
+"""Learning rates that differ from the solver's default (SpinQuant's published setting)."""
+COSINE_METHODS = ("spinquant",)
+"""Methods whose solver step size decays as ``lr * (1 + cos(pi * step / steps)) / 2``."""
 METHODS = (*FIXED_METHODS, *LEARNED_METHODS)
 PHASES = ("R1", "R2")
 
@@ -90,20 +104,30 @@ def _activations(adapter: DecoderAdapter, phase: str, calib: torch.Tensor, max_t
     return {name: torch.cat(xs) for name, xs in rows.items()}
 
 
-def build_objective(method: str, adapter: DecoderAdapter, phase: str, calib: torch.Tensor | None = None,
+def build_objective(method: str, adapter: DecoderAdapter, phase: str | Iterable[str], calib: torch.Tensor | None = None,
                     calib_tokens: int = 2048, seed: int = 0, progress: bool = True,
                     include_embeddings: bool = False, sample_fraction: float | None = None,
-                    device: torch.device | str | None = None) -> Objective:
+                    device: torch.device | str | None = None, sim_quant=None, batch_size: int = 1,
+                    micro_batch_size: int | None = None) -> Objective:
     """The objective of a learned ``method`` for the rotations of ``phase`` (``"R1"`` or ``"R2"``) on the
     adapter's current (fused, possibly partly rotated) weights. ``calib``: token ids ``[N, L]``, needed
     by the data-driven methods. ``include_embeddings``: see the module doc. ``sample_fraction`` and
-    ``device`` are passed to :class:`~orthoopt.objectives.FourthPower` (optrot only)."""
+    ``device`` are passed to :class:`~orthoopt.objectives.FourthPower` (optrot only). spinquant: ``phase``
+    may be several phases (learned jointly), ``sim_quant`` is the simulated quantization
+    (:class:`orthoopt.quant.rotated.SimQuantConfig`, default W4 RTN only), ``batch_size`` /
+    ``micro_batch_size`` the calibration windows per step / per backward pass."""
     if method not in LEARNED_METHODS:
         raise ValueError(f"method {method!r} learns nothing; learned methods: {', '.join(LEARNED_METHODS)}")
     if method != "optrot" and (sample_fraction is not None or device is not None):
         raise ValueError(f"sample_fraction and device are supported by method 'optrot' only, not {method!r}")
     if method in DATA_METHODS and calib is None:
         raise ValueError(f"method {method!r} needs calibration text (--calib TEXT_FILE)")
+    if method == "spinquant":
+        from orthoopt.quant.rotated import RotatedQuantLM
+
+        phases = (phase,) if isinstance(phase, str) else tuple(phase)
+        loss_fn = RotatedQuantLM(adapter.model, sim_quant, rotations=phases)
+        return QuantizedLMLoss(loss_fn, calib, batch_size=batch_size, micro_batch_size=micro_batch_size)
     if method == "optrot":
         return FourthPower(_blocks(adapter, phase, include_embeddings), sample_fraction=sample_fraction,
                            seed=seed, device=device)
@@ -121,6 +145,23 @@ def build_objective(method: str, adapter: DecoderAdapter, phase: str, calib: tor
     if method == "kurtosis":
         return Kurtosis(X)
     return DFRotLoss(X)
+
+
+def _cosine(solver, lr: float, total: int, done: int, callback):
+    """Set ``solver.lr`` to the cosine schedule ``lr * (1 + cos(pi * t / total)) / 2`` before each step
+    ``t`` (``done`` steps were taken by an earlier run); chains ``callback``."""
+    import math
+
+    def at(t: int) -> float:
+        return lr * 0.5 * (1.0 + math.cos(math.pi * min(t, total) / max(total, 1)))
+
+    solver.lr = max(at(done), 1e-12)
+
+    def cb(i, loss, r):
+        solver.lr = max(at(done + i + 1), 1e-12)  # CayleySGD rejects lr <= 0
+        return callback(i, loss, r) if callback is not None else None
+
+    return cb
 
 
 @dataclass
@@ -161,6 +202,10 @@ def rotate_model(
     device: torch.device | str | None = None,
     progress: bool = True,
     callback: Callable[[str, int, float, dict], bool | None] | None = None,
+    sim_quant=None,
+    batch_size: int = 1,
+    micro_batch_size: int | None = None,
+    schedule_steps: int | None = None,
 ) -> RotateResult:
     """Fuse norms, learn (or draw) the rotations of ``method`` and fuse them into ``model`` in place.
 
@@ -181,7 +226,11 @@ def rotate_model(
                 and the device the objective and solver compute on (weights are fused on the CPU).
     callback:   ``callback(phase, step, loss, rotations)`` after each solver step, with the rotations
                 of the finished phases (as fused) and the current iterate; a true return stops that
-                phase early.
+                phase early. A joint method (spinquant) reports its one solve as phase ``"R1"`` (the
+                first selected phase) with all its rotations, and takes ``steps`` of that phase.
+    sim_quant, batch_size, micro_batch_size: spinquant only (:func:`build_objective`).
+    schedule_steps: length of the cosine step-size decay of spinquant (default: the steps of this
+                call; a resumed run passes the original total so the schedule continues).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -197,23 +246,40 @@ def rotate_model(
     dims = adapter.rotation_dims()
     learned = method in LEARNED_METHODS
     solver_name = (solver or LEARNED_METHODS[method]) if learned else None
+    if method != "spinquant" and (sim_quant is not None or batch_size != 1 or micro_batch_size is not None):
+        raise ValueError(f"sim_quant, batch_size and micro_batch_size are for method 'spinquant', not {method!r}")
+    if method == "spinquant" and sim_quant is None:
+        from orthoopt.quant.rotated import SimQuantConfig
+
+        sim_quant = SimQuantConfig()
+    if lr is None and solver is None and method in DEFAULT_LR:
+        lr = DEFAULT_LR[method]
+    joint = method in JOINT_METHODS
+    groups = [tuple(phases)] if joint else [(p,) for p in phases]
     out: dict[str, torch.Tensor] = {}
     solves: dict[str, SolveResult] = {}
-    for phase in phases:
-        pdims = _phase_names(dims, phase)
+    for group in groups:
+        phase = group[0]
+        pdims = {k: n for p in group for k, n in _phase_names(dims, p).items()}
         if not learned:
             rots = initial_rotations(pdims, FIXED_METHODS[method], seed=seed, dtype=torch.float64)
         else:
-            objective = build_objective(method, adapter, phase, calib, calib_tokens, seed, progress,
-                                        include_embeddings, sample_fraction, device)
+            objective = build_objective(method, adapter, group if joint else phase, calib, calib_tokens, seed,
+                                        progress, include_embeddings, sample_fraction, device,
+                                        **({"sim_quant": sim_quant, "batch_size": batch_size,
+                                            "micro_batch_size": micro_batch_size} if method == "spinquant" else {}))
             start_rots = initial_rotations(pdims, "hadamard", seed=seed, dtype=dtype, device=device)
             for k in pdims:
                 if init is not None and k in init:
                     start_rots[k] = init[k].to(dtype=dtype, device=start_rots[k].device)
             kwargs = {} if lr is None else {"lr": lr}
-            cb = None if callback is None else (lambda i, loss, r, _p=phase: callback(_p, i, loss, {**out, **r}))
-            result = solve(objective, start_rots, make_solver(solver_name, **kwargs), phase_steps.get(phase, 0),
-                           callback=cb, progress=progress)
+            the_solver = make_solver(solver_name, **kwargs)
+            n_steps = phase_steps.get(phase, 0)
+            step_cb = None if callback is None else (lambda i, loss, r, _p=phase: callback(_p, i, loss, {**out, **r}))
+            if method in COSINE_METHODS and hasattr(the_solver, "lr"):
+                step_cb = _cosine(the_solver, float(the_solver.lr), schedule_steps or n_steps,
+                                  (schedule_steps or n_steps) - n_steps, step_cb)
+            result = solve(objective, start_rots, the_solver, n_steps, callback=step_cb, progress=progress)
             solves[phase] = result
             rots = result.rotations
         rots = {k: reorthogonalize(R.detach().to("cpu", torch.float64)) for k, R in rots.items()}
@@ -228,6 +294,9 @@ def rotate_model(
         "seed": seed,
         "include_embeddings": include_embeddings,
         "sample_fraction": sample_fraction,
+        **({"sim_quant": (sim_quant.to_dict() if sim_quant is not None else None), "batch_size": batch_size,
+            "micro_batch_size": micro_batch_size or batch_size, "lr_schedule": "cosine"}
+           if method == "spinquant" else {}),
         "device": None if device is None else str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "seconds": time.perf_counter() - start,
