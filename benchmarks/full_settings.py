@@ -70,6 +70,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=str(Path(__file__).resolve().parent / ".cache" / "full_settings"))
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--float-all", action="store_true", help="also evaluate every rotated float model")
+    ap.add_argument("--settings", default="W4A4KV4,W4A8KV8")
     ap.add_argument("--mse-clip", action="store_true", help="per-row MSE clipping search of the weights (slow)")
     args = ap.parse_args()
     cache = Path(args.cache)
@@ -93,16 +95,22 @@ def main() -> int:
                       "sim_quant": SimQuantConfig(wbits=4, act=ActQuantConfig(bits=4, symmetric=False,
                                                                               online_hadamard=True),
                                                   kv=KVQuantConfig(bits=4, r3=True))}
-            res = rotate_model(model, method, progress=False, seed=args.seed, **kw)
+            verify = windows(calib_ids, 2, 32, args.seed + 2)
+            res = rotate_model(model, method, progress=False, seed=args.seed, verify_ids=verify, **kw)
             rot_s = time.perf_counter() - t0
             rec = {"method": method, "rotation_s": round(rot_s, 1), "report_loss": res.report.get("loss"),
-                   "ppl": {}, "seconds": {}}
-            fp = perplexity(model, tok, text=split.eval, seq_len=args.seq_len, max_tokens=args.eval_tokens,
-                            progress=False)
-            rec["ppl"]["float"] = fp["ppl"]
-            rec["eval_tokens"] = fp["tokens"]
+                   "invariance_error": res.report["invariance_error"], "ppl": {}, "seconds": {},
+                   "settings": vars(args),
+                   "machine": f"{platform.platform()}, torch {torch.__version__}, {torch.get_num_threads()} threads"}
+            out_file = cache / f"{method}.json"
+            if method == "identity" or args.float_all:  # rotations keep the float function (invariance_error)
+                fp = perplexity(model, tok, text=split.eval, seq_len=args.seq_len, max_tokens=args.eval_tokens,
+                                progress=False)
+                rec["ppl"]["float"] = fp["ppl"]
+                out_file.write_text(json.dumps(rec, indent=1))
             rotated = method != "identity"
-            for setting, bits in SETTINGS.items():
+            for setting in args.settings.split(","):
+                bits = SETTINGS[setting]
                 for wq in ("rtn", "gptq"):
                     t1 = time.perf_counter()
                     q = copy.deepcopy(model)
@@ -114,26 +122,29 @@ def main() -> int:
                     r.hooks.remove()
                     rec["ppl"][f"{setting} {wq}"] = p["ppl"]
                     rec["seconds"][f"{setting} {wq}"] = round(time.perf_counter() - t1, 1)
+                    rec["eval_tokens"] = p["tokens"]
+                    out_file.write_text(json.dumps(rec, indent=1))  # partial results survive an interrupted run
                     del q
                     print(f"{method} {setting} {wq}: ppl {p['ppl']:.3f}", file=sys.stderr, flush=True)
             rec["total_s"] = round(time.perf_counter() - t0, 1)
-            rec["settings"] = vars(args)
-            rec["machine"] = f"{platform.platform()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-            (cache / f"{method}.json").write_text(json.dumps(rec, indent=1))
-            print(f"{method}: float {fp['ppl']:.3f}, rotation {rot_s:.0f} s, total {rec['total_s']:.0f} s",
-                  file=sys.stderr, flush=True)
+            out_file.write_text(json.dumps(rec, indent=1))
+            print(f"{method}: rotation {rot_s:.0f} s, total {rec['total_s']:.0f} s", file=sys.stderr, flush=True)
             del model
 
-    cols = ["float"] + [f"{s} {w}" for s in SETTINGS for w in ("rtn", "gptq")]
-    print("| method | rotation s | " + " | ".join(c.replace(" rtn", " RTN").replace(" gptq", " GPTQ") for c in cols)
-          + " |")
-    print("|---|---:|" + "---:|" * len(cols))
+    cols = [f"{s} {w}" for s in SETTINGS for w in ("rtn", "gptq")]
+    print("| method | rotation s | logit error | " + " | ".join(c.replace(" rtn", " RTN").replace(" gptq", " GPTQ")
+                                                          for c in cols) + " |")
+    print("|---|---:|---:|" + "---:|" * len(cols))
     for method in NAMES:
         f = cache / f"{method}.json"
         if not f.is_file():
             continue
         rec = json.loads(f.read_text())
-        print(f"| {NAMES[method]} | {rec['rotation_s']:.0f} | " + " | ".join(f"{rec['ppl'][c]:.2f}" for c in cols) + " |")
+        cells = [f"{rec['ppl'][c]:.2f}" if c in rec["ppl"] else "-" for c in cols]
+        print(f"| {NAMES[method]} | {rec['rotation_s']:.0f} | {rec['invariance_error']:.1e} | " + " | ".join(cells) + " |")
+        if "float" in rec["ppl"]:
+            print(f"\nfloat perplexity ({NAMES[method]}): {rec['ppl']['float']:.2f} over {rec.get('eval_tokens')} "
+                  "predicted tokens\n", file=sys.stderr)
     return 0
 
 
