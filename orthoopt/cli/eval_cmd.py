@@ -45,7 +45,8 @@ def run(args) -> int:
         print(json.dumps(record))
     else:
         q = loaded.quant
-        tag = f" (W{q['wbits']}A{q['abits']} {q['method']})" if q else ""
+        kv = f"KV{q['kvbits']}" if q and (q.get("kvbits") or 16) < 16 else ""
+        tag = f" (W{q['wbits']}A{q['abits']}{kv} {q['method']})" if q else ""
         print(
             f"perplexity {result['ppl']:.4f}{tag}: nll {result['nll']:.4f} over {result['tokens']} tokens "
             f"in {result['windows']} windows of {result['seq_len']}"
