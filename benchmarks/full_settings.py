@@ -135,6 +135,7 @@ def main() -> int:
     print("| method | rotation s | logit error | " + " | ".join(c.replace(" rtn", " RTN").replace(" gptq", " GPTQ")
                                                           for c in cols) + " |")
     print("|---|---:|---:|" + "---:|" * len(cols))
+    notes = []
     for method in NAMES:
         f = cache / f"{method}.json"
         if not f.is_file():
@@ -143,8 +144,10 @@ def main() -> int:
         cells = [f"{rec['ppl'][c]:.2f}" if c in rec["ppl"] else "-" for c in cols]
         print(f"| {NAMES[method]} | {rec['rotation_s']:.0f} | {rec['invariance_error']:.1e} | " + " | ".join(cells) + " |")
         if "float" in rec["ppl"]:
-            print(f"\nfloat perplexity ({NAMES[method]}): {rec['ppl']['float']:.2f} over {rec.get('eval_tokens')} "
-                  "predicted tokens\n", file=sys.stderr)
+            notes.append(f"float perplexity ({NAMES[method]}): {rec['ppl']['float']:.2f} over "
+                         f"{rec.get('eval_tokens')} predicted tokens")
+    for n in notes:
+        print(f"\n{n}")
     return 0
 
 
