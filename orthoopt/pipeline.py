@@ -21,7 +21,14 @@ optrot       learned: :class:`~orthoopt.objectives.FourthPower`            no   
 optrot+      learned: :class:`~orthoopt.objectives.HessianWeighted`        calibration cayley-lbfgs
 kurtosis     learned: :class:`~orthoopt.objectives.Kurtosis` (KurTail)     calibration radam
 dfrot        learned: :class:`~orthoopt.objectives.DFRotLoss`              calibration procrustes
+spinquant    learned: :class:`~orthoopt.objectives.QuantizedLMLoss`        calibration cayley-sgd
 ===========  ============================================================  ==========  ===========
+
+spinquant (SpinQuant's end-to-end objective) learns R1 and every R2.i *jointly* in one solve (the
+other methods learn R1, fuse it, then the R2s): the causal-LM loss of the rotated network with the
+quantization of ``sim_quant`` simulated (:class:`orthoopt.quant.rotated.SimQuantConfig`), one batch of
+``batch_size`` calibration windows per step, Cayley SGD with SpinQuant's lr 1.5 and a cosine decay of
+the step size to 0 over the steps (SpinQuant: 100 steps of 8 x 2048 WikiText-2 tokens).
 
 Learned objectives see only the blocks that get quantized: ``embed_tokens`` and ``lm_head`` stay in
 full precision in every quantization setting here (as in QuaRot, SpinQuant and OptRot's evaluation),
@@ -52,14 +59,21 @@ import torch
 from orthoopt.adapters import DecoderAdapter, logits_relative_error  # noqa: F401 (re-exported helper)
 from orthoopt.adapters.verify import logits as model_logits
 from orthoopt.manifold import orthogonality_error, reorthogonalize
-from orthoopt.objectives import DFRotLoss, FourthPower, HessianWeighted, Kurtosis, Objective
+from orthoopt.objectives import DFRotLoss, FourthPower, HessianWeighted, Kurtosis, Objective, QuantizedLMLoss
 from orthoopt.resume import Partial, read_partial, settings_difference, tensor_checksum, write_partial
 from orthoopt.solvers import SolveResult, initial_rotations, make_solver, solve
 from orthoopt.utils.checks import check_device
 
 FIXED_METHODS = {"identity": "identity", "random": "random", "hadamard": "hadamard"}
-LEARNED_METHODS = {"optrot": "cayley-lbfgs", "optrot+": "cayley-lbfgs", "kurtosis": "radam", "dfrot": "procrustes"}
-DATA_METHODS = ("optrot+", "kurtosis", "dfrot")
+LEARNED_METHODS = {"optrot": "cayley-lbfgs", "optrot+": "cayley-lbfgs", "kurtosis": "radam", "dfrot": "procrustes",
+                   "spinquant": "cayley-sgd"}
+DATA_METHODS = ("optrot+", "kurtosis", "dfrot", "spinquant")
+JOINT_METHODS = ("spinquant",)
+"""Methods that learn all selected rotations in one solve (their objective is not a sum over phases)."""
+DEFAULT_LR = {"spinquant": 1.5}
+"""Learning rates that differ from the solver's default (SpinQuant's published setting)."""
+COSINE_METHODS = ("spinquant",)
+"""Methods whose solver step size decays as ``lr * (1 + cos(pi * step / steps)) / 2``."""
 METHODS = (*FIXED_METHODS, *LEARNED_METHODS)
 PHASES = ("R1", "R2")
 
@@ -100,20 +114,30 @@ def _activations(adapter: DecoderAdapter, phase: str, calib: torch.Tensor, max_t
     return {name: torch.cat(xs) for name, xs in rows.items()}
 
 
-def build_objective(method: str, adapter: DecoderAdapter, phase: str, calib: torch.Tensor | None = None,
+def build_objective(method: str, adapter: DecoderAdapter, phase: str | Iterable[str], calib: torch.Tensor | None = None,
                     calib_tokens: int = 2048, seed: int = 0, progress: bool = True,
                     include_embeddings: bool = False, sample_fraction: float | None = None,
-                    device: torch.device | str | None = None) -> Objective:
+                    device: torch.device | str | None = None, sim_quant=None, batch_size: int = 1,
+                    micro_batch_size: int | None = None) -> Objective:
     """The objective of a learned ``method`` for the rotations of ``phase`` (``"R1"`` or ``"R2"``) on the
     adapter's current (fused, possibly partly rotated) weights. ``calib``: token ids ``[N, L]``, needed
     by the data-driven methods. ``include_embeddings``: see the module doc. ``sample_fraction`` and
-    ``device`` are passed to :class:`~orthoopt.objectives.FourthPower` (optrot only)."""
+    ``device`` are passed to :class:`~orthoopt.objectives.FourthPower` (optrot only). spinquant: ``phase``
+    may be several phases (learned jointly), ``sim_quant`` is the simulated quantization
+    (:class:`orthoopt.quant.rotated.SimQuantConfig`, default W4 RTN only), ``batch_size`` /
+    ``micro_batch_size`` the calibration windows per step / per backward pass."""
     if method not in LEARNED_METHODS:
         raise ValueError(f"method {method!r} learns nothing; learned methods: {', '.join(LEARNED_METHODS)}")
     if method != "optrot" and (sample_fraction is not None or device is not None):
         raise ValueError(f"sample_fraction and device are supported by method 'optrot' only, not {method!r}")
     if method in DATA_METHODS and calib is None:
         raise ValueError(f"method {method!r} needs calibration text (--calib TEXT_FILE)")
+    if method == "spinquant":
+        from orthoopt.quant.rotated import RotatedQuantLM
+
+        phases = (phase,) if isinstance(phase, str) else tuple(phase)
+        loss_fn = RotatedQuantLM(adapter.model, sim_quant, rotations=phases)
+        return QuantizedLMLoss(loss_fn, calib, batch_size=batch_size, micro_batch_size=micro_batch_size)
     if method == "optrot":
         return FourthPower(_blocks(adapter, phase, include_embeddings), sample_fraction=sample_fraction,
                            seed=seed, device=device)
@@ -185,6 +209,23 @@ def _phase_callback(phase, done, before, callback, out, solves, solver, objectiv
     return cb if (callback is not None or checkpoint is not None) else None
 
 
+def _cosine(solver, lr: float, total: int, done: int, callback):
+    """Set ``solver.lr`` to the cosine schedule ``lr * (1 + cos(pi * t / total)) / 2`` before each step
+    ``t`` (``done`` steps were taken by an earlier run); chains ``callback``."""
+    import math
+
+    def at(t: int) -> float:
+        return lr * 0.5 * (1.0 + math.cos(math.pi * min(t, total) / max(total, 1)))
+
+    solver.lr = max(at(done), 1e-12)
+
+    def cb(i, loss, r):
+        solver.lr = max(at(done + i + 1), 1e-12)  # CayleySGD rejects lr <= 0
+        return callback(i, loss, r) if callback is not None else None
+
+    return cb
+
+
 @dataclass
 class RotateResult:
     """What :func:`rotate_model` returns: the fused rotations (float64) and a JSON-able report."""
@@ -227,6 +268,10 @@ def rotate_model(
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    sim_quant=None,
+    batch_size: int = 1,
+    micro_batch_size: int | None = None,
+    schedule_steps: int | None = None,
 ) -> RotateResult:
     """Fuse norms, learn (or draw) the rotations of ``method`` and fuse them into ``model`` in place.
 
@@ -247,12 +292,16 @@ def rotate_model(
                 and the device the objective and solver compute on (weights are fused on the CPU).
     callback:   ``callback(phase, step, loss, rotations)`` after each solver step (``step`` counts from
                 the phase's start, also in a resumed run), with the rotations of the finished phases
-                (as fused) and the current iterate; a true return stops that phase early.
+                (as fused) and the current iterate; a true return stops that phase early. A joint
+                method (spinquant) reports its one solve as phase ``"R1"`` (the first selected phase)
+                with all its rotations, and takes ``steps`` of that phase.
     stop:       stopping criteria passed to :func:`~orthoopt.solvers.solve` (``min_grad_norm``,
                 ``min_rel_decrease``, ``window``, ``max_seconds``); ``steps`` stays the maximum.
     checkpoint, checkpoint_every, resume: exact resume, see the module doc. ``steps`` are the phases'
                 totals (a resumed phase takes the steps left). The file is left in place when the run
                 ends; the caller removes it once the output is safely written.
+    sim_quant, batch_size, micro_batch_size: spinquant only (:func:`build_objective`).
+    schedule_steps: length of the cosine step-size decay of spinquant (default: the phase's steps).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -271,6 +320,14 @@ def rotate_model(
     ref = model_logits(model, verify_ids) if verify_ids is not None else None
     learned = method in LEARNED_METHODS
     solver_name = (solver or LEARNED_METHODS[method]) if learned else None
+    if method != "spinquant" and (sim_quant is not None or batch_size != 1 or micro_batch_size is not None):
+        raise ValueError(f"sim_quant, batch_size and micro_batch_size are for method 'spinquant', not {method!r}")
+    if method == "spinquant" and sim_quant is None:
+        from orthoopt.quant.rotated import SimQuantConfig
+
+        sim_quant = SimQuantConfig()
+    if lr is None and solver is None and method in DEFAULT_LR:
+        lr = DEFAULT_LR[method]
     kwargs = {} if lr is None else {"lr": lr}
     settings = partial = None
     if checkpoint is not None and (resume or (learned and checkpoint_every)):
@@ -287,18 +344,23 @@ def rotate_model(
     adapter = DecoderAdapter(model)
     adapter.fuse_norms()
     dims = adapter.rotation_dims()
+    joint = method in JOINT_METHODS
+    groups = [tuple(phases)] if joint else [(p,) for p in phases]
     out: dict[str, torch.Tensor] = {}
     solves: dict[str, SolveResult] = {}
-    for phase in phases:
-        pdims = _phase_names(dims, phase)
+    for gi, group in enumerate(groups):
+        phase = group[0]
+        pdims = {k: n for p in group for k, n in _phase_names(dims, p).items()}
         if not learned:
             rots = initial_rotations(pdims, FIXED_METHODS[method], seed=seed, dtype=torch.float64)
         elif partial is not None and phase in partial.results:  # finished before the interruption
             rots = {k: partial.done[k] for k in pdims}
             solves[phase] = _saved_result(rots, partial.histories[phase], partial.results[phase])
         else:
-            objective = build_objective(method, adapter, phase, calib, calib_tokens, seed, progress,
-                                        include_embeddings, sample_fraction, device)
+            objective = build_objective(method, adapter, group if joint else phase, calib, calib_tokens, seed,
+                                        progress, include_embeddings, sample_fraction, device,
+                                        **({"sim_quant": sim_quant, "batch_size": batch_size,
+                                            "micro_batch_size": micro_batch_size} if method == "spinquant" else {}))
             start_rots = initial_rotations(pdims, "hadamard", seed=seed, dtype=dtype, device=device)
             for k in pdims:
                 if init is not None and k in init:
@@ -314,6 +376,9 @@ def rotate_model(
                 done, before = partial.step, list(partial.histories.get(phase, []))
             cb = _phase_callback(phase, done, before, callback, out, solves, solver_obj, objective,
                                  checkpoint if checkpoint_every else None, checkpoint_every, settings)
+            if method in COSINE_METHODS and hasattr(solver_obj, "lr"):
+                total = schedule_steps or phase_steps.get(phase, 0)
+                cb = _cosine(solver_obj, float(solver_obj.lr), total, done, cb)
             result = solve(objective, None if done or before else start_rots, solver_obj,
                            max(0, phase_steps.get(phase, 0) - done), callback=cb, progress=progress,
                            prior_history=before, **stop)
@@ -323,9 +388,8 @@ def rotate_model(
             rots = {k: reorthogonalize(R.detach().to("cpu", torch.float64)) for k, R in result.rotations.items()}
         adapter.apply_rotations(rots)
         out.update(rots)
-        nxt = phases.index(phase) + 1
-        if learned and settings is not None and checkpoint_every and nxt < len(phases):  # phase boundary
-            write_partial(checkpoint, _partial(settings, phases[nxt], 0, out, solves))
+        if learned and settings is not None and checkpoint_every and gi + 1 < len(groups):  # phase boundary
+            write_partial(checkpoint, _partial(settings, groups[gi + 1][0], 0, out, solves))
     report = {
         "method": method,
         "rotations": phases,
@@ -335,6 +399,9 @@ def rotate_model(
         "seed": seed,
         "include_embeddings": include_embeddings,
         "sample_fraction": sample_fraction,
+        **({"sim_quant": (sim_quant.to_dict() if sim_quant is not None else None), "batch_size": batch_size,
+            "micro_batch_size": micro_batch_size or batch_size, "lr_schedule": "cosine"}
+           if method == "spinquant" else {}),
         "device": None if device is None else str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "seconds": time.perf_counter() - start,

@@ -167,3 +167,44 @@ def test_eval_refuses_a_mismatched_hadamard(capsys, tmp_path, model_dir, text_fi
     settings["online_hadamard"]["sha256"] = "0" * 64
     (out / "quant.json").write_text(json.dumps(settings))
     assert "fingerprint" in run_error(capsys, ["eval", str(out), "--text", str(text_file), *EVAL])
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_w4a4kv4_r3_r4_roundtrip_every_arch(capsys, tmp_path, text_file, arch):
+    """quantize --abits 4 --kvbits 4 --r3 --online-hadamard; eval re-installs R3/KV from quant.json."""
+    src = save_planted(tmp_path / "m", arch=arch, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       intermediate_size=128)
+    out = tmp_path / "q"
+    record = run_json(capsys, ["quantize", str(src), "--out", str(out), "--method", "rtn", "--abits", "4",
+                               "--kvbits", "4", "--kv-group-size", "8", "--r3", "--online-hadamard", "--json",
+                               "--no-progress"])
+    assert record["kv"] == {"bits": 4, "group_size": 8, "symmetric": False, "k_clip_ratio": 1.0,
+                            "v_clip_ratio": 1.0, "r3": True}
+    assert record["kvbits"] == 4 and record["r3"]["size"] == 16
+    evaluated = run_json(capsys, ["eval", str(out), "--text", str(text_file), *EVAL, "--json"])
+
+    from orthoopt.quant.kv import KVQuantConfig
+
+    model, tok = load_checkpoint(src)
+    quantize_model(model, "rtn", wbits=4, progress=False, act=ActQuantConfig(bits=4, online_hadamard=True),
+                   kv=KVQuantConfig(bits=4, group_size=8, r3=True))
+    direct = perplexity(model, tok, text=text_file.read_text(), seq_len=32, max_tokens=512, progress=False)
+    assert evaluated["ppl"] == pytest.approx(direct["ppl"], rel=1e-6)
+    # quant.json without the kv record: the KV quantization is gone and the perplexity moves
+    settings = json.loads((out / "quant.json").read_text())
+    settings.pop("kv")
+    (out / "quant.json").write_text(json.dumps(settings))
+    no_kv = run_json(capsys, ["eval", str(out), "--text", str(text_file), *EVAL, "--json"])
+    assert no_kv["ppl"] != pytest.approx(evaluated["ppl"], rel=1e-6)
+
+
+def test_eval_refuses_a_mismatched_r3(capsys, tmp_path, model_dir, text_file):
+    out = tmp_path / "r3"
+    run_json(capsys, ["quantize", str(model_dir), "--out", str(out), "--method", "rtn", "--wbits", "16",
+                      "--r3", "--json", "--no-progress"])
+    settings = json.loads((out / "quant.json").read_text())
+    settings["r3"]["sha256"] = "0" * 64
+    (out / "quant.json").write_text(json.dumps(settings))
+    assert "R3" in run_error(capsys, ["eval", str(out), "--text", str(text_file), *EVAL])
+    assert "group_size" in run_error(capsys, ["quantize", str(model_dir), "--out", str(tmp_path / "x"), "--method",
+                                              "rtn", "--kvbits", "4", "--kv-group-size", "7"])

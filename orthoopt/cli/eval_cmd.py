@@ -70,7 +70,8 @@ def run(args) -> int:
         print(json.dumps(record, allow_nan=False))
     else:
         q = loaded.quant
-        tag = f" (W{q['wbits']}A{q['abits']} {q['method']})" if q else ""
+        kv = f"KV{q['kvbits']}" if q and (q.get("kvbits") or 16) < 16 else ""
+        tag = f" (W{q['wbits']}A{q['abits']}{kv} {q['method']})" if q else ""
         if text is not None and record.get("ppl") is not None:
             print(
                 f"perplexity {record['ppl']:.4f}{tag}: nll {record['nll']:.4f} over {record['tokens']} tokens "

@@ -17,6 +17,7 @@ from orthoopt.eval.perplexity import default_seq_len
 from orthoopt.export import FORMATS
 from orthoopt.quant.act import ActQuantConfig
 from orthoopt.quant.calib import calibration_batches, check_context
+from orthoopt.quant.kv import KVQuantConfig
 from orthoopt.quant.model import load_checkpoint, quantize_model, save_quantized
 from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS
 from orthoopt.adapters.sources import input_location
@@ -43,6 +44,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--act-asym", action="store_true", help="asymmetric per-token activation grid (default symmetric)")
     p.add_argument("--act-clip", type=float, default=1.0, help="activation clipping ratio in (0, 1]; default 1")
     p.add_argument("--online-hadamard", action="store_true", help="online Hadamard before down_proj (R4)")
+    p.add_argument("--kvbits", type=int, default=16, help="K/V-cache bits (16 = off); default 16")
+    p.add_argument("--kv-group-size", type=int, default=None,
+                   help="K/V channels per scale within a head (default: head_dim, one scale per token and head)")
+    p.add_argument("--kv-sym", action="store_true", help="symmetric K/V grid (default asymmetric, as QuaRot/SpinQuant)")
+    p.add_argument("--k-clip", type=float, default=1.0, help="K clipping ratio in (0, 1]; default 1")
+    p.add_argument("--v-clip", type=float, default=1.0, help="V clipping ratio in (0, 1]; default 1")
+    p.add_argument("--r3", action="store_true", help="online head-wise Hadamard on queries and keys after RoPE (R3)")
     p.add_argument("--calib", default=None, help="calibration text file (required for GPTQ)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows; default 128")
     p.add_argument("--seq-len", type=int, default=None, help="calibration window length (default: context, max 2048)")
@@ -85,6 +93,7 @@ def _validate(args) -> None:
             "wbits": args.wbits, "abits": args.abits, "group_size": args.group_size,
             "gptq": {"act_order": args.act_order} if args.method == "gptq" else None,
             "act": {"bits": args.abits, "online_hadamard": args.online_hadamard},
+            "kvbits": args.kvbits, "r3": args.r3,
         })
         _import_ct()
 
@@ -94,6 +103,8 @@ def run(args) -> int:
     act = ActQuantConfig(
         bits=args.abits, symmetric=not args.act_asym, clip_ratio=args.act_clip, online_hadamard=args.online_hadamard
     )
+    kv = KVQuantConfig(bits=args.kvbits, group_size=args.kv_group_size, symmetric=args.kv_sym,
+                       k_clip_ratio=args.k_clip, v_clip_ratio=args.v_clip, r3=args.r3)
     model, tokenizer = load_checkpoint(args.model_dir)
     calib, calib_info = None, None
     if args.method == "gptq" and args.wbits < 16:
@@ -106,7 +117,7 @@ def run(args) -> int:
 
     result = quantize_model(
         model, method=args.method, wbits=args.wbits, group_size=args.group_size, sym=args.sym, act=act,
-        calib=calib, act_order=args.act_order, mse_clip=args.mse_clip, percdamp=args.damp,
+        calib=calib, kv=kv, act_order=args.act_order, mse_clip=args.mse_clip, percdamp=args.damp,
         block_size=args.block_size, progress=not args.no_progress,
     )
     settings = {**result.settings, "source": str(args.model_dir), "calibration": calib_info}
@@ -120,9 +131,11 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({**settings, "out": str(out)}, allow_nan=False))
     else:
-        desc = f"W{args.wbits}A{args.abits} {args.method}"
+        desc = f"W{args.wbits}A{args.abits}" + (f"KV{args.kvbits}" if args.kvbits < 16 else "") + f" {args.method}"
         if args.group_size:
             desc += f" g{args.group_size}"
+        if args.r3:
+            desc += " +R3"
         if args.online_hadamard:
             desc += " +R4"
         if args.format != "orthoopt":

@@ -74,6 +74,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="optrot: where the objective and solver compute, e.g. cuda")
     p.add_argument("--sample-fraction", type=float, default=None,
                    help="optrot: use this fraction of the weight rows per step (unbiased; docs/performance.md)")
+    q = p.add_argument_group("spinquant", "the quantization SpinQuant's loss simulates (match it in `orthoopt quantize`)")
+    q.add_argument("--wbits", type=int, default=4, help="weight bits (RTN, straight-through; 16 = off); default 4")
+    q.add_argument("--abits", type=int, default=16, help="activation bits (16 = off); default 16")
+    q.add_argument("--act-asym", action="store_true", help="asymmetric per-token activation grid")
+    q.add_argument("--kvbits", type=int, default=16, help="K/V-cache bits (16 = off); default 16")
+    q.add_argument("--r3", action="store_true", help="online head-wise Hadamard on queries/keys after RoPE")
+    q.add_argument("--online-hadamard", action="store_true", help="online Hadamard before down_proj (R4)")
+    q.add_argument("--batch-size", type=int, default=1, help="calibration windows per step; default 1")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
     p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)
@@ -190,13 +198,24 @@ def run(args: argparse.Namespace) -> int:
                                  report_extra={"model": source, **({"resumed": resumed} if resumed else {})},
                                  extras=lambda folder, res: plots(folder, res.solves))
         return _finish(args, out, partial, result.report)
+    spin = {}
+    if args.method == "spinquant":
+        from orthoopt.quant.act import ActQuantConfig
+        from orthoopt.quant.kv import KVQuantConfig
+        from orthoopt.quant.rotated import SimQuantConfig
+
+        spin = {"sim_quant": SimQuantConfig(
+            wbits=args.wbits, act=ActQuantConfig(bits=args.abits, symmetric=not args.act_asym,
+                                                 online_hadamard=args.online_hadamard),
+            kv=KVQuantConfig(bits=args.kvbits, r3=args.r3)), "batch_size": args.batch_size,
+            "schedule_steps": args.steps}
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(args.seed))
     result = rotate_model(model, args.method, phases, solver=args.solver, steps=steps, lr=args.lr,
                           seed=args.seed, calib=calib, calib_tokens=args.calib_tokens, init=init,
                           verify_ids=ids, dtype=dtype, include_embeddings=args.include_embeddings,
                           sample_fraction=args.sample_fraction, device=args.device,
                           progress=not args.no_progress, checkpoint=partial,
-                          checkpoint_every=args.checkpoint_every, resume=args.resume)
+                          checkpoint_every=args.checkpoint_every, resume=args.resume, **spin)
     report = {"model": source, **result.report}
     if "resumed" in report:
         r = report["resumed"]

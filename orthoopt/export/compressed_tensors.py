@@ -61,6 +61,13 @@ def unrepresentable(settings: dict) -> list[str]:
             "checkpoint loaded by transformers or vLLM runs no orthoopt hook, so down_proj would see unrotated "
             "inputs; drop --online-hadamard (R1/R2 are fused into the weights and need nothing at run time)"
         )
+    kv = settings.get("kv") or {}
+    if (settings.get("kvbits") or kv.get("bits") or 16) < 16 or settings.get("r3") or kv.get("r3"):
+        reasons.append(
+            "K/V-cache fake quantization and the online R3 Hadamard on queries and keys are orthoopt hooks "
+            "around the attention function; a compressed-tensors checkpoint loaded by transformers or vLLM "
+            "runs no orthoopt hook; drop --kvbits/--r3 (or use the serving engine's own KV-cache quantization)"
+        )
     gptq = settings.get("gptq") or {}
     if gptq.get("act_order") and settings.get("group_size"):
         reasons.append(

@@ -7,6 +7,8 @@ Conventions (row vectors, ``x -> x @ R``, side "in" ``W @ R``, side "out" ``R.T 
 * :class:`HessianWeighted`  OptRot+-style: fourth power of ``W H^(1/2)`` rotated (closed-form gradient).
 * :class:`Kurtosis`         KurTail-style: ``|kurtosis(x R) - target|`` of activations or weight rows.
 * :class:`DFRotLoss`        DFRot: weighted per-token quantization error, with Procrustes targets.
+* :class:`QuantizedLMLoss`  SpinQuant: causal-LM loss of the rotated, fake-quantized network (through
+                            a model-side callable, :class:`orthoopt.quant.rotated.RotatedQuantLM`).
 
 Objectives compose: ``a + 0.5 * b`` is an objective (:class:`Sum`).
 """
@@ -17,6 +19,7 @@ from .fake_quant import fake_quantize_per_token
 from .fourth_power import FourthPower
 from .hessian import HessianWeighted, hessian_sqrt
 from .kurtosis import Kurtosis, row_kurtosis
+from .lm_loss import QuantizedLMLoss
 
 __all__ = [
     "DFRotLoss",
@@ -24,6 +27,7 @@ __all__ = [
     "HessianWeighted",
     "Kurtosis",
     "Objective",
+    "QuantizedLMLoss",
     "Rotations",
     "Sum",
     "WeightBlock",

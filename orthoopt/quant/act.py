@@ -136,6 +136,11 @@ class ActQuantHooks:
     def __len__(self) -> int:
         return len(self._handles)
 
+    def add(self, handle) -> None:
+        """Take over another removable hook (anything with ``remove()``, e.g. the R3/KV hooks of
+        :mod:`orthoopt.quant.kv`), so that one ``remove()`` takes everything out."""
+        self._handles.append(handle)
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
@@ -151,6 +156,9 @@ class ActQuantHooks:
 class _InputHook:
     """Forward pre-hook ``x -> quantize(x @ H)`` (either part optional).
 
+    Under autograd (``x.requires_grad``, SpinQuant's objective) the quantizer is straight-through:
+    forward value ``quantize(x @ H)``, gradient that of ``x @ H``.
+
     ``x @ H`` is the fast transform :func:`orthoopt.hadamard.hadamard_transform` in ``x``'s dtype
     (no dense ``[n, n]`` matrix is stored).
     """
@@ -163,7 +171,8 @@ class _InputHook:
         if self.rotate:
             x = hadamard_transform(x)
         if self.spec is not None:
-            x = quantize_activations(x, self.spec)
+            q = quantize_activations(x.detach(), self.spec)
+            x = x + (q - x).detach() if torch.is_grad_enabled() and x.requires_grad else q
         return (x, *args[1:])
 
 

@@ -4,7 +4,8 @@ Only the linears of the decoder layers (q/k/v/o, gate/up/down) are quantized; th
 ``lm_head`` stay in full precision, as in GPTQ, QuaRot and SpinQuant. Weights are *fake*-quantized:
 the checkpoint stores the dequantized floats (a normal ``save_pretrained`` folder), and ``quant.json``
 records the settings, including activation quantization, which :func:`load_quantized` re-installs
-as forward pre-hooks (:mod:`orthoopt.quant.act`).
+as forward pre-hooks (:mod:`orthoopt.quant.act`), and the online R3 / K-V cache quantization, which it
+re-installs around the attention function (:mod:`orthoopt.quant.kv`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from orthoopt.quant.act import (
     install_act_quant,
     rotate_down_proj_weights,
 )
+from orthoopt.quant.kv import KVQuantConfig, install_kv_quant, r3_size
 from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS, QuantSpec, WeightQuantParams
 from orthoopt.quant.rtn import quantize_rtn_params
 from orthoopt.quant.sequential import check_calib, gptq_quantize_model
@@ -46,8 +48,8 @@ class QuantResult:
 
     settings: JSON-ready record (the content of quant.json; callers may add keys, e.g. the
               calibration file).
-    hooks:    the activation hooks now installed on the model (empty when activations are not
-              quantized and there is no online Hadamard); ``hooks.remove()`` takes them out.
+    hooks:    the activation and R3/KV hooks now installed on the model (empty when nothing is
+              quantized online and there is no online Hadamard); ``hooks.remove()`` takes them out.
     losses:   GPTQ's loss estimate per linear (empty for RTN).
     params:   the grid of every quantized linear, keyed by its full module name
               (``"model.layers.0.self_attn.q_proj"``); empty when weights are not quantized. Exporters
@@ -77,6 +79,7 @@ def quantize_model(
     act: ActQuantConfig | None = None,
     calib: torch.Tensor | None = None,
     *,
+    kv: KVQuantConfig | None = None,
     act_order: bool = False,
     mse_clip: bool = False,
     percdamp: float = 0.01,
@@ -90,18 +93,20 @@ def quantize_model(
     group_size: ``None`` per output channel, else input columns per scale (must divide every ``in``).
     sym:        symmetric weight grid (else asymmetric).
     act:        activation quantization and online Hadamard (default: off).
+    kv:         online R3 and K/V-cache quantization (default: off; :mod:`orthoopt.quant.kv`).
     act_order, percdamp, block_size: GPTQ options (:func:`orthoopt.quant.gptq.gptq_quantize`).
     mse_clip:   per-row MSE search of the clipping ratio (both methods).
 
     Order of operations: the weight half of the online Hadamard (``W_down -> W_down @ H``), weight
-    quantization (GPTQ calibrates with the activation half of the Hadamard active and activations in
-    full precision, as QuaRot does), then activation hooks.
+    quantization (GPTQ calibrates with the activation half of the Hadamard active and activations and
+    K/V in full precision, as QuaRot does), then activation hooks, then R3/KV hooks.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _check_wbits(wbits)
     check_model_weights(model)  # no meta tensors, no NaN/inf weights (they would be written as they are)
     act = act if act is not None else ActQuantConfig()
+    kv = kv if kv is not None else KVQuantConfig()
     spec = None
     if wbits < 16:
         spec = QuantSpec(bits=wbits, symmetric=sym, group_size=group_size, mse=mse_clip)
@@ -112,6 +117,10 @@ def quantize_model(
             if percdamp < 0 or block_size < 1:
                 raise ValueError(f"GPTQ needs percdamp >= 0 and block_size >= 1, got {percdamp}, {block_size}")
     located = locate(model)  # raises for an unsupported architecture before anything changes
+    if kv.r3:
+        r3_size(model)  # head_dim without a Hadamard matrix: fail before anything changes
+    if kv.group_size is not None and located.head_dim % kv.group_size:
+        raise ValueError(f"KV-cache group_size {kv.group_size} does not divide head_dim {located.head_dim}")
     if group_size is not None and spec is not None:
         for L in located.layers:
             for role in LINEAR_ROLES:
@@ -143,6 +152,8 @@ def quantize_model(
             for role in LINEAR_ROLES:
                 params[full_name[id(getattr(L, role))]] = by_decoder_name[L.names[role]]
     hooks = install_act_quant(model, act)
+    if kv.active:
+        hooks.add(install_kv_quant(model, kv))
     settings = {
         "format": QUANT_FORMAT,
         "method": method,
@@ -154,6 +165,9 @@ def quantize_model(
         "gptq": {"act_order": act_order, "percdamp": percdamp, "block_size": block_size} if method == "gptq" else None,
         "act": act.to_dict(),
         "online_hadamard": hadamard,
+        "kvbits": kv.bits,
+        "kv": kv.to_dict(),
+        "r3": _r3_record(model) if kv.r3 else None,
         "calibration": (
             {"nsamples": int(calib.shape[0]), "seq_len": int(calib.shape[1])}
             if method == "gptq" and spec is not None
@@ -163,6 +177,12 @@ def quantize_model(
         "seconds": round(time.perf_counter() - start, 3),
     }
     return QuantResult(settings, hooks, losses, params, spec)
+
+
+def _r3_record(model: nn.Module) -> dict:
+    """quant.json's record of the R3 matrix: its size (head_dim) and fingerprint."""
+    d = r3_size(model)
+    return {"size": d, "sha256": hadamard_fingerprint(d)}
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, settings: dict) -> Path:
@@ -208,10 +228,12 @@ def read_quant_settings(model_dir: str | os.PathLike) -> dict | None:
 
 
 def install_from_settings(model: nn.Module, settings: dict) -> ActQuantHooks:
-    """Install the activation hooks that quant.json ``settings`` describe on a loaded checkpoint.
+    """Install the activation and R3/KV hooks that quant.json ``settings`` describe on a loaded checkpoint.
 
     With online Hadamard, checks that the stored fingerprint matches the Hadamard this version builds
-    for the model's intermediate size (so the rotated weights and the activation hook agree).
+    for the model's intermediate size (so the rotated weights and the activation hook agree); with R3,
+    that the recorded matrix is the one this version builds for the model's head_dim. quant.json files
+    written before R3/KV quantization existed (no ``"kv"`` key) mean both off.
     """
     act = ActQuantConfig.from_dict(settings["act"])
     if act.online_hadamard:
@@ -224,7 +246,18 @@ def install_from_settings(model: nn.Module, settings: dict) -> ActQuantHooks:
                 f"quant.json online Hadamard fingerprint does not match hadamard_matrix({stored['size']}) "
                 "of this orthoopt version; the checkpoint's down_proj weights were rotated by another matrix"
             )
-    return install_act_quant(model, act)
+    kv = KVQuantConfig.from_dict(settings.get("kv") or {})
+    if kv.r3:
+        stored = settings.get("r3") or {}
+        d = locate(model).head_dim
+        if stored.get("size") != d or stored.get("sha256") != hadamard_fingerprint(d):
+            raise ValueError(f"quant.json R3 record {stored} does not match hadamard_matrix({d}) of this orthoopt "
+                             "version for the model's head_dim")
+    kv_hooks = install_kv_quant(model, kv)  # raises before the activation hooks go in
+    hooks = install_act_quant(model, act)
+    if kv.active:
+        hooks.add(kv_hooks)
+    return hooks
 
 
 @dataclass

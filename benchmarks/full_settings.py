@@ -1,0 +1,155 @@
+"""The papers' full settings on a real model: W4A4KV4 and W4A8KV8 perplexity per rotation method.
+
+For each rotation method (no rotation, random Hadamard, OptRot, SpinQuant's end-to-end objective) the
+model is rotated once (R1 and R2; calibration from the first half of the text), then quantized in
+each setting with RTN and GPTQ weights and evaluated on the second half:
+
+* weights: 4-bit symmetric per output channel, RTN or GPTQ (damp 0.01, no act-order; calibration
+  windows from the first half); ``--mse-clip`` adds the per-row MSE clipping search (SpinQuant's and
+  QuaRot's ``--w_clip``), left off by default for CPU time;
+* activations: A4 or A8, asymmetric per token (SpinQuant's ``--a_asym``), clip 1.0, inputs of every
+  decoder-layer linear; embeddings and lm_head in full precision;
+* K/V cache: same bits as the activations, asymmetric, one group per head (QuaRot/SpinQuant defaults);
+* online Hadamards: R4 (before down_proj) and R3 (queries/keys after RoPE) for every rotated method;
+  none for "no rotation" (the plain quantized model, as the papers' RTN/GPTQ baselines).
+
+SpinQuant trains its rotations for the W4A4KV4 setting (RTN weights, straight-through); its W4A8KV8
+rows reuse those rotations. Results per method are cached as JSON under ``--cache`` so a run can be
+split (``--methods``) and the table printed from everything measured (``--table-only``).
+
+    OMP_NUM_THREADS=1 python benchmarks/full_settings.py --methods identity,hadamard,optrot,spinquant
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _data import DEFAULT_TEXT, split_halves  # noqa: E402
+
+from orthoopt.adapters import load_model, load_tokenizer  # noqa: E402
+from orthoopt.eval import perplexity  # noqa: E402
+from orthoopt.pipeline import rotate_model  # noqa: E402
+from orthoopt.quant import quantize_model, tokenize_text  # noqa: E402
+from orthoopt.quant.act import ActQuantConfig  # noqa: E402
+from orthoopt.quant.kv import KVQuantConfig  # noqa: E402
+from orthoopt.quant.rotated import SimQuantConfig  # noqa: E402
+
+NAMES = {"identity": "no rotation", "hadamard": "random Hadamard", "optrot": "OptRot", "spinquant": "SpinQuant (end-to-end)"}
+SETTINGS = {"W4A4KV4": 4, "W4A8KV8": 8}
+
+
+def windows(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``[n, seq_len]`` windows at seeded uniform starts of ``ids``."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (n,), generator=g)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="/work/models/smollm2-135m")
+    ap.add_argument("--text", default=str(DEFAULT_TEXT) if DEFAULT_TEXT.is_file() else "/work/shared/data/wikitext2-test.txt")
+    ap.add_argument("--methods", default="identity,hadamard,optrot,spinquant")
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--gptq-windows", type=int, default=32)
+    ap.add_argument("--optrot-steps", type=int, default=100)
+    ap.add_argument("--spin-steps", type=int, default=30)
+    ap.add_argument("--spin-windows", type=int, default=30, help="calibration windows SpinQuant cycles through")
+    ap.add_argument("--spin-batch", type=int, default=1)
+    ap.add_argument("--spin-seq-len", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default=str(Path(__file__).resolve().parent / ".cache" / "full_settings"))
+    ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--float-all", action="store_true", help="also evaluate every rotated float model")
+    ap.add_argument("--settings", default="W4A4KV4,W4A8KV8")
+    ap.add_argument("--mse-clip", action="store_true", help="per-row MSE clipping search of the weights (slow)")
+    args = ap.parse_args()
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    methods = [m for m in args.methods.split(",") if m]
+
+    if not args.table_only:
+        split = split_halves(args.text)
+        tok = load_tokenizer(args.model)
+        calib_ids = tokenize_text(split.calib, tok)
+        gptq_calib = windows(calib_ids, args.gptq_windows, args.seq_len, args.seed)
+        spin_calib = windows(calib_ids, args.spin_windows, args.spin_seq_len, args.seed + 1)
+        for method in methods:
+            t0 = time.perf_counter()
+            model = load_model(args.model)
+            kw = {}
+            if method == "optrot":
+                kw = {"steps": args.optrot_steps}
+            elif method == "spinquant":
+                kw = {"steps": args.spin_steps, "calib": spin_calib, "batch_size": args.spin_batch,
+                      "sim_quant": SimQuantConfig(wbits=4, act=ActQuantConfig(bits=4, symmetric=False,
+                                                                              online_hadamard=True),
+                                                  kv=KVQuantConfig(bits=4, r3=True))}
+            verify = windows(calib_ids, 2, 32, args.seed + 2)
+            res = rotate_model(model, method, progress=False, seed=args.seed, verify_ids=verify, **kw)
+            rot_s = time.perf_counter() - t0
+            rec = {"method": method, "rotation_s": round(rot_s, 1), "report_loss": res.report.get("loss"),
+                   "invariance_error": res.report["invariance_error"], "ppl": {}, "seconds": {},
+                   "settings": vars(args),
+                   "machine": f"{platform.platform()}, torch {torch.__version__}, {torch.get_num_threads()} threads"}
+            out_file = cache / f"{method}.json"
+            if method == "identity" or args.float_all:  # rotations keep the float function (invariance_error)
+                fp = perplexity(model, tok, text=split.eval, seq_len=args.seq_len, max_tokens=args.eval_tokens,
+                                progress=False)
+                rec["ppl"]["float"] = fp["ppl"]
+                out_file.write_text(json.dumps(rec, indent=1))
+            rotated = method != "identity"
+            for setting in args.settings.split(","):
+                bits = SETTINGS[setting]
+                for wq in ("rtn", "gptq"):
+                    t1 = time.perf_counter()
+                    q = copy.deepcopy(model)
+                    r = quantize_model(q, wq, wbits=4, mse_clip=args.mse_clip, calib=gptq_calib if wq == "gptq" else None,
+                                       act=ActQuantConfig(bits=bits, symmetric=False, online_hadamard=rotated),
+                                       kv=KVQuantConfig(bits=bits, r3=rotated), progress=False)
+                    p = perplexity(q, tok, text=split.eval, seq_len=args.seq_len, max_tokens=args.eval_tokens,
+                                   progress=False)
+                    r.hooks.remove()
+                    rec["ppl"][f"{setting} {wq}"] = p["ppl"]
+                    rec["seconds"][f"{setting} {wq}"] = round(time.perf_counter() - t1, 1)
+                    rec["eval_tokens"] = p["tokens"]
+                    out_file.write_text(json.dumps(rec, indent=1))  # partial results survive an interrupted run
+                    del q
+                    print(f"{method} {setting} {wq}: ppl {p['ppl']:.3f}", file=sys.stderr, flush=True)
+            rec["total_s"] = round(time.perf_counter() - t0, 1)
+            out_file.write_text(json.dumps(rec, indent=1))
+            print(f"{method}: rotation {rot_s:.0f} s, total {rec['total_s']:.0f} s", file=sys.stderr, flush=True)
+            del model
+
+    cols = [f"{s} {w}" for s in SETTINGS for w in ("rtn", "gptq")]
+    print("| method | rotation s | logit error | " + " | ".join(c.replace(" rtn", " RTN").replace(" gptq", " GPTQ")
+                                                          for c in cols) + " |")
+    print("|---|---:|---:|" + "---:|" * len(cols))
+    notes = []
+    for method in NAMES:
+        f = cache / f"{method}.json"
+        if not f.is_file():
+            continue
+        rec = json.loads(f.read_text())
+        cells = [f"{rec['ppl'][c]:.2f}" if c in rec["ppl"] else "-" for c in cols]
+        print(f"| {NAMES[method]} | {rec['rotation_s']:.0f} | {rec['invariance_error']:.1e} | " + " | ".join(cells) + " |")
+        if "float" in rec["ppl"]:
+            notes.append(f"float perplexity ({NAMES[method]}): {rec['ppl']['float']:.2f} over "
+                         f"{rec.get('eval_tokens')} predicted tokens")
+    for n in notes:
+        print(f"\n{n}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

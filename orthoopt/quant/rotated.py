@@ -1,0 +1,187 @@
+"""The rotated, fake-quantized causal-LM loss as a function of the rotations (SpinQuant's objective).
+
+:class:`RotatedQuantLM` is the model-side half of SpinQuant (Liu et al., 2024): a callable
+``loss_fn(rotations, ids) -> scalar`` that evaluates the causal-LM cross-entropy of the model as it
+would be after fusing ``rotations`` (``{"R1": [hidden, hidden], "R2.i": [head_dim, head_dim]}``,
+``docs/conventions.md``) and quantizing it, without changing the model. It is differentiable in the
+rotations (autograd through the whole network), so :class:`orthoopt.objectives.QuantizedLMLoss`
+can hand it to any solver; objectives never see the model, only this callable.
+
+What one call does (norms must be fused, :meth:`orthoopt.adapters.DecoderAdapter.fuse_norms`):
+
+* every decoder-layer linear gets its rotated weight through ``torch.func.functional_call`` (the
+  model's parameters are not touched): q, k, gate, up ``W @ R1``; v ``blockdiag(R2).T @ W @ R1``
+  (bias ``b @ blockdiag(R2)``); o ``R1.T @ W @ blockdiag(R2)``; down ``R1.T @ W`` (``@ H`` too with the
+  online R4 Hadamard); o/down biases ``b @ R1``; the same products as the write-back
+  (:mod:`orthoopt.adapters.writeback`);
+* then the rotated weights are RTN fake-quantized (``wbits < 16``) with a straight-through estimator
+  (forward value quantized, gradient of the identity), as in SpinQuant's training;
+* the token embedding and ``lm_head`` stay in full precision, so instead of rotating their
+  ``[vocab, hidden]`` matrices the embedding's output is multiplied by ``R1`` and ``lm_head``'s input by
+  ``R1.T`` (identical values, no vocabulary-sized products);
+* activation fake-quant / online R4 (:mod:`orthoopt.quant.act`) and R3 / K-V quantization
+  (:mod:`orthoopt.quant.kv`) are installed for the duration of the call; their quantizers are
+  straight-through under autograd.
+
+A rotation missing from ``rotations`` acts as the identity. With everything at 16 bits the loss
+does not depend on the rotations (the rotated network computes the same function).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from orthoopt.adapters.decoder import DecoderAdapter
+from orthoopt.adapters.writeback import blockdiag_left, blockdiag_right
+from orthoopt.hadamard import hadamard_transform
+from orthoopt.quant.act import ActQuantConfig, _intermediate_size, install_act_quant
+from orthoopt.quant.kv import KVQuantConfig, install_kv_quant, straight_through
+from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS, QuantSpec, quantize_rows
+
+
+@dataclass(frozen=True)
+class SimQuantConfig:
+    """The quantization the loss simulates (SpinQuant trains its rotations for the target setting).
+
+    wbits:        weight bits of every decoder-layer linear (16 = full precision), RTN.
+    w_group_size: input columns per weight scale (None: one scale per output channel).
+    w_sym:        symmetric weight grid.
+    w_mse:        per-row MSE clipping search (GPTQ's ``mse``, SpinQuant's ``--w_clip``); slower.
+    act:          activation quantization and online R4 (:class:`~orthoopt.quant.act.ActQuantConfig`).
+    kv:           R3 and K/V-cache quantization (:class:`~orthoopt.quant.kv.KVQuantConfig`).
+    """
+
+    wbits: int = 4
+    w_group_size: int | None = None
+    w_sym: bool = True
+    w_mse: bool = False
+    act: ActQuantConfig = field(default_factory=ActQuantConfig)
+    kv: KVQuantConfig = field(default_factory=KVQuantConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.wbits, bool) or not isinstance(self.wbits, int) or not (
+            self.wbits == 16 or MIN_BITS <= self.wbits <= MAX_BITS
+        ):
+            raise ValueError(f"weight bits must be 16 (off) or in [{MIN_BITS}, {MAX_BITS}], got {self.wbits!r}")
+        if self.wbits < 16:  # validates the group size
+            QuantSpec(bits=self.wbits, symmetric=self.w_sym, group_size=self.w_group_size, mse=self.w_mse)
+
+    @property
+    def weight_spec(self) -> QuantSpec | None:
+        return None if self.wbits >= 16 else QuantSpec(bits=self.wbits, symmetric=self.w_sym,
+                                                       group_size=self.w_group_size, mse=self.w_mse)
+
+    def to_dict(self) -> dict:
+        return {"wbits": self.wbits, "w_group_size": self.w_group_size, "w_sym": self.w_sym, "w_mse": self.w_mse,
+                "act": self.act.to_dict(), "kv": self.kv.to_dict()}
+
+
+class RotatedQuantLM:
+    """``loss_fn(rotations, ids) -> mean causal-LM loss`` of ``model`` rotated and fake-quantized on the fly.
+
+    model:     a supported ``*ForCausalLM`` with fused norms (the pipeline fuses them first).
+    config:    :class:`SimQuantConfig`.
+    rotations: which of ``"R1"``, ``"R2"`` the loss depends on (:attr:`dims`); others are ignored.
+
+    ``ids`` is a ``[batch, seq_len]`` LongTensor; the loss is the mean next-token cross-entropy
+    (``labels = ids``). The model's parameters and mode are left unchanged.
+    """
+
+    def __init__(self, model: nn.Module, config: SimQuantConfig | None = None,
+                 rotations: Iterable[str] = ("R1", "R2")) -> None:
+        self.model = model
+        self.config = config if config is not None else SimQuantConfig()
+        self.adapter = DecoderAdapter(model)
+        self.adapter._require_fused("RotatedQuantLM")
+        m = self.adapter.modules
+        if self.config.act.online_hadamard:
+            _intermediate_size(model)
+        if self.config.w_group_size is not None and self.config.wbits < 16:
+            for L in m.layers:
+                for role in ("q", "k", "v", "o", "gate", "up", "down"):
+                    if getattr(L, role).in_features % self.config.w_group_size:
+                        raise ValueError(f"weight group_size {self.config.w_group_size} does not divide "
+                                         f"{L.names[role]}'s {getattr(L, role).in_features} input columns")
+        selected = set(rotations)
+        if not selected or selected - {"R1", "R2"}:
+            raise ValueError(f"rotations must be a non-empty subset of ('R1', 'R2'), got {sorted(selected)}")
+        self.dims = {k: n for k, n in self.adapter.rotation_dims().items()
+                     if (k == "R1" and "R1" in selected) or (k.startswith("R2.") and "R2" in selected)}
+        prefix = m.spec.decoder + "."
+        self._param_names = {id(p): n for n, p in model.named_parameters()}
+        self._prefix = prefix
+        # the online R4's weight half, computed once (the model's own down_proj weights stay as they are)
+        self._down_h = {}
+        if self.config.act.online_hadamard:
+            with torch.no_grad():
+                self._down_h = {L.index: hadamard_transform(L.down.weight.detach().double()).to(L.down.weight.dtype)
+                                for L in m.layers}
+
+    def _name(self, p: torch.Tensor) -> str:
+        return self._param_names[id(p)]
+
+    def rotated_weights(self, rotations: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{parameter name: rotated (and fake-quantized) tensor}`` for every decoder-layer linear."""
+        m = self.adapter.modules
+        R1 = rotations.get("R1") if "R1" in self.dims else None
+        spec = self.config.weight_spec
+        out: dict[str, torch.Tensor] = {}
+
+        def cast(W):
+            dtype = R1.dtype if R1 is not None else W.dtype
+            return W.to(dtype)
+
+        for L in m.layers:
+            R2 = rotations.get(f"R2.{L.index}") if f"R2.{L.index}" in self.dims else None
+            W = {role: cast(getattr(L, role).weight) for role in ("q", "k", "v", "o", "gate", "up", "down")}
+            if L.index in self._down_h:
+                W["down"] = cast(self._down_h[L.index])
+            if R1 is not None:
+                for role in ("q", "k", "v", "gate", "up"):
+                    W[role] = W[role] @ R1
+                W["o"] = R1.T @ W["o"]
+                W["down"] = R1.T @ W["down"]
+            if R2 is not None:
+                W["v"] = blockdiag_left(W["v"], R2.to(W["v"].dtype), m.num_kv_heads)
+                W["o"] = blockdiag_right(W["o"], R2.to(W["o"].dtype), m.num_heads)
+                if L.v.bias is not None:
+                    out[self._name(L.v.bias)] = blockdiag_right(cast(L.v.bias)[None], R2, m.num_kv_heads)[0].to(
+                        L.v.bias.dtype)
+            if R1 is not None:
+                for role in ("o", "down"):
+                    b = getattr(L, role).bias
+                    if b is not None:
+                        out[self._name(b)] = (cast(b) @ R1).to(b.dtype)
+            for role, Wr in W.items():
+                p = getattr(L, role).weight
+                Wr = Wr.to(p.dtype)
+                if spec is not None:
+                    work = Wr.detach() if Wr.dtype == torch.float64 else Wr.detach().float()
+                    Wr = straight_through(Wr, quantize_rows(work, spec).to(p.dtype))
+                out[self._name(p)] = Wr
+        return out
+
+    def __call__(self, rotations: Mapping[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.ndim != 2 or ids.shape[1] < 2:
+            raise ValueError("ids must be a [batch, seq_len >= 2] LongTensor of token ids")
+        m = self.adapter.modules
+        R1 = rotations.get("R1") if "R1" in self.dims else None
+        params = self.rotated_weights(rotations)
+        with ExitStack() as stack:
+            if R1 is not None:
+                h1 = m.embed.register_forward_hook(lambda mod, args, out: out @ R1.to(out.dtype))
+                stack.callback(h1.remove)
+                h2 = m.lm_head.register_forward_pre_hook(lambda mod, args: (args[0] @ R1.T.to(args[0].dtype),
+                                                                            *args[1:]))
+                stack.callback(h2.remove)
+            stack.enter_context(install_act_quant(self.model, self.config.act))
+            stack.enter_context(install_kv_quant(self.model, self.config.kv))
+            out = functional_call(self.model, params, (ids.to(m.embed.weight.device),),
+                                  {"labels": ids.to(m.embed.weight.device), "use_cache": False}, strict=False)
+        return out.loss
