@@ -337,6 +337,12 @@ def rotate_model(
                                  calib, calib_tokens, init, stop)
         if resume and Path(checkpoint).is_file():
             partial = read_partial(checkpoint)
+            asked = phase_steps.get(partial.phase, 0)
+            if partial.step > asked:
+                raise ValueError(f"{checkpoint}: phase {partial.phase} has already taken {partial.step} steps, more "
+                                 f"than the {asked} asked for now (--steps {asked}); rerun with the interrupted run's "
+                                 f"settings (steps {partial.settings.get('steps')}) to continue, or delete the file "
+                                 "to start afresh")
             diff = settings_difference(partial.settings, settings)
             if diff:
                 raise ValueError(f"{checkpoint} is the partial checkpoint of a different run ({'; '.join(diff)}); "
