@@ -147,12 +147,19 @@ def quantize_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     With ``spec.group_size = g`` (which must divide ``n``) each row is split into ``n / g`` groups of
     ``g`` consecutive columns, each with its own scale. Returns a tensor of the same shape and dtype.
     """
+    return quantize_groups(x, spec, "quantize_rows")[0]
+
+
+def quantize_groups(x: torch.Tensor, spec: QuantSpec, caller: str = "quantize_groups"):
+    """``(Q, scale, zero)``: ``x`` (``[rows, n]``) fake-quantized per row or per group of
+    ``spec.group_size`` consecutive columns, with the grid it used (``scale``/``zero`` of shape
+    ``[rows * groups, 1]``, groups in row-major order). ``caller`` names the function in errors."""
     if x.ndim != 2:
-        raise ValueError(f"quantize_rows expects a 2-D [rows, n] tensor, got shape {tuple(x.shape)}")
+        raise ValueError(f"{caller} expects a 2-D [rows, n] tensor, got shape {tuple(x.shape)}")
     rows, n = x.shape
     g = spec.group_size or n
     if n % g:
         raise ValueError(f"group_size {g} does not divide the row length {n}")
     flat = x.reshape(rows * (n // g), g)
     scale, zero = find_params(flat, spec)
-    return fake_quantize(flat, scale, zero, spec).reshape(rows, n)
+    return fake_quantize(flat, scale, zero, spec).reshape(rows, n), scale, zero

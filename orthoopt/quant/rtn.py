@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams, fake_quantize, find_params
+from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams, quantize_groups
 
 
 def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -25,10 +25,7 @@ def quantize_rtn_params(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Te
     work = weight if weight.dtype == torch.float64 else weight.float()
     rows, n = work.shape
     g = spec.group_size or n
-    if n % g:
-        raise ValueError(f"group_size {g} does not divide the row length {n}")
-    flat = work.reshape(rows * (n // g), g)
-    scale, zero = find_params(flat, spec)
-    q = fake_quantize(flat, scale, zero, spec).reshape(rows, n).to(weight.dtype)
+    q, scale, zero = quantize_groups(work, spec, "quantize_rtn")
+    q = q.to(weight.dtype)
     group_index = torch.arange(n, device=weight.device) // g
     return q, WeightQuantParams(scale.reshape(rows, n // g), zero.reshape(rows, n // g), group_index)
