@@ -12,7 +12,8 @@ activations; embeddings and lm_head in full precision, ``docs/quantization.md``)
 WikiText-style perplexity (non-overlapping windows), the float baseline, each rotation's seconds and
 the relative logit error ``||L_q - L_float||_F / ||L_float||_F`` of each quantized model.
 
-Model: the first real checkpoint in ``../shared/models`` if there is one (``--model-dir``), else a
+Model: SmolLM2-135M when it is in the orthoopt cache (``orthoopt fetch smollm2-135m``), else the first
+real checkpoint in ``../shared/models`` if there is one (``--model-dir``), else a
 planted-outlier Llama trained briefly on the calibration half of the text (``_models.py``; cached in
 ``benchmarks/.cache``). Text: the first half of ``--text`` (default ``../shared/data/wikitext2-test.txt``)
 trains the fallback model and calibrates (optrot+, kurtosis, dfrot, GPTQ); the second half is only
@@ -41,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from orthoopt.adapters.registry import cached_model
+from orthoopt.adapters.sources import resolve_source
 from orthoopt.adapters.verify import logits
 from orthoopt.eval import perplexity
 from orthoopt.pipeline import LEARNED_METHODS, METHODS, rotate_model
@@ -56,6 +59,8 @@ from _data import DEFAULT_TEXT, SHARED, random_windows, split_halves, token_ids
 from _models import CACHE_DIR, PlantedLMSpec, PreparedModel, load_or_train_planted, load_shared, shared_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_REAL_MODEL = "smollm2-135m"
+"""The model of ``--model-dir auto`` when it is in the orthoopt cache (``orthoopt fetch smollm2-135m``)."""
 INVARIANCE_TOL = 1e-4  # rotate_model's own tolerance for float32 models
 DEFAULT_RESULTS = REPO / "docs" / "results.md"
 
@@ -397,7 +402,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 epilog="Defaults in [brackets] are the full run's; --quick changes them.")
     p.add_argument("--model-dir", default="auto",
-                   help="Hugging Face model folder; 'auto': the first in ../shared/models, else the planted "
+                   help="Hugging Face model folder or a fetched registered name (smollm2-135m); 'auto': "
+                        "smollm2-135m when cached, else the first folder in ../shared/models, else the planted "
                         "model; 'planted': always the trained planted-outlier model")
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text file: first half calibrates, second evaluates")
     p.add_argument("--methods", default=",".join((ORIGINAL, *METHODS)),
@@ -445,13 +451,17 @@ def resolve(args: argparse.Namespace) -> Settings:
     if v["eval_tokens"] < v["seq_len"] * v["logit_windows"]:
         raise ValueError(f"--eval-tokens {v['eval_tokens']} is less than --logit-windows x --seq-len")
     if args.model_dir == "auto":
-        model_dir = None if args.quick else shared_model_dir(SHARED)
+        model_dir = None if args.quick else (cached_model(DEFAULT_REAL_MODEL) or shared_model_dir(SHARED))
     elif args.model_dir == "planted":
         model_dir = None
     else:
-        model_dir = Path(args.model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"--model-dir {model_dir} is not a Hugging Face folder (no config.json)")
+        try:
+            model_dir = resolve_source(args.model_dir, fetch=False).folder
+        except FileNotFoundError:
+            model_dir = None
+        if model_dir is None:
+            raise FileNotFoundError(f"--model-dir {args.model_dir} is not a Hugging Face folder (no config.json) "
+                                    "nor a fetched registered name")
     planted = PlantedLMSpec(hidden_size=v["hidden"], num_layers=v["layers"], num_heads=v["heads"],
                             steps=v["train_steps"], warmup=min(30, v["train_steps"] // 10), seed=args.seed,
                             seq_len=v["seq_len"])
