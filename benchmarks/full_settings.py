@@ -56,7 +56,7 @@ def windows(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="/work/models/smollm2-135m")
+    ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--text", default=str(DEFAULT_TEXT) if DEFAULT_TEXT.is_file() else "/work/shared/data/wikitext2-test.txt")
     ap.add_argument("--methods", default="identity,hadamard,optrot,spinquant")
     ap.add_argument("--eval-tokens", type=int, default=4096)

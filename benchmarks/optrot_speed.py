@@ -21,7 +21,7 @@ Sections (one run, one machine; every ratio compares numbers measured in this ru
    objective grows like n and the retraction like n^3. Solver steps above ``--scaling-solver-max`` are
    skipped (a float64 SVD of 4096 takes minutes on 2 cores).
 5. ``convergence`` (issue 11): the R1 problem of (1) (``--layers N``: only the blocks of layers 0..N-1,
-   e.g. ``--model /work/models/smollm2-135m --layers 4``), from the random Hadamard start, float32.
+   e.g. ``--model smollm2-135m --layers 4``), from the random Hadamard start, float32.
    Each solver of ``--solvers`` (default settings) runs for ``--budget`` loss-and-gradient evaluations
    and the default (``cayley-lbfgs``) once more for ``--reference-evals``; the best loss seen by any
    run is the reference. Prints, side by side, each solver's evaluations and wall time to 95% and 99%

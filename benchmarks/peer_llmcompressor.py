@@ -20,7 +20,7 @@ llm-compressor pins its own transformers; run this script with a Python where ``
 imports (``pip install -e '.[peer]'`` in a separate venv, docs/export.md). Where it does not, the
 script says so and exits 0 without measuring anything.
 
-    /work/venvs/peer/bin/python benchmarks/peer_llmcompressor.py --model /work/models/smollm2-135m \\
+    /work/venvs/peer/bin/python benchmarks/peer_llmcompressor.py --model smollm2-135m \\
         --out runs/peer.md
 """
 
@@ -61,7 +61,7 @@ NAMES = {"identity": "no rotation", "hadamard": "random Hadamard", "optrot": "Op
 
 def default_model() -> Path | None:
     for c in (os.environ.get("ORTHOOPT_SMOLLM"), Path.home() / ".cache/orthoopt/models/smollm2-135m",
-              Path("/work/models/smollm2-135m"), REPO.parent / "shared/models/smollm2-135m"):
+              REPO.parent / "shared/models/smollm2-135m"):
         if c and (Path(c) / "config.json").is_file():
             return Path(c)
     return None

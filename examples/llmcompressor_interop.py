@@ -11,7 +11,7 @@ llm-compressor pins its own transformers; when it is not importable in this Pyth
 with this checkout first on its path. Without either, the script says what is missing and exits 2.
 
     python examples/llmcompressor_interop.py --work runs/interop                  # tiny planted model
-    python examples/llmcompressor_interop.py /work/models/smollm2-135m --work runs/interop \\
+    python examples/llmcompressor_interop.py smollm2-135m --work runs/interop \\
         --text ../shared/data/wikitext2-test.txt --nsamples 32 --seq-len 256 --max-tokens 16384
 """
 

@@ -24,9 +24,9 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def real_model_dir() -> Path | None:
-    """SmolLM2-135M when cached (``$ORTHOOPT_SMOLLM``, the fetch cache, /work/models, ../shared/models)."""
+    """SmolLM2-135M when cached (``$ORTHOOPT_SMOLLM``, the fetch cache, ../shared/models)."""
     candidates = [os.environ.get("ORTHOOPT_SMOLLM"), Path.home() / ".cache/orthoopt/models/smollm2-135m",
-                  Path("/work/models/smollm2-135m"), ROOT.parent / "shared/models/smollm2-135m"]
+                  ROOT.parent / "shared/models/smollm2-135m"]
     for c in candidates:
         if c and (Path(c) / "config.json").is_file() and (Path(c) / "tokenizer.json").is_file():
             return Path(c)
