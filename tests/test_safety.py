@@ -268,19 +268,24 @@ def _damage(path: Path, how: str) -> None:
 DAMAGES = ["truncated", "header", "length", "empty", "offsets"]
 
 
-@pytest.mark.parametrize("how", DAMAGES)
-@pytest.mark.parametrize("command", ["rotate", "rotate --streamed", "quantize", "eval", "diagnose"])
-def test_a_damaged_model_file_is_a_clean_error_naming_it(command, how, tiny, text, tmp_path, capsys):
-    m = copy_model(tiny, tmp_path / "m")
-    _damage(m / "model.safetensors", how)
-    out = tmp_path / "out"
-    argv = {
+def _command_argv(command: str, m, out, text) -> list[str]:
+    """The argv of one of the five model-reading commands on model folder ``m`` writing ``out``."""
+    return {
         "rotate": ["rotate", str(m), "--out", str(out), "--method", "hadamard"],
         "rotate --streamed": ["rotate", str(m), "--out", str(out), "--method", "optrot", "--streamed"],
         "quantize": ["quantize", str(m), "--out", str(out), "--method", "rtn"],
         "eval": ["eval", str(m), "--text", str(text)],
         "diagnose": ["diagnose", str(m), "--out", str(out)],
     }[command]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("command", ["rotate", "rotate --streamed", "quantize", "eval", "diagnose"])
+def test_a_damaged_model_file_is_a_clean_error_naming_it(command, how, tiny, text, tmp_path, capsys):
+    m = copy_model(tiny, tmp_path / "m")
+    _damage(m / "model.safetensors", how)
+    out = tmp_path / "out"
+    argv = _command_argv(command, m, out, text)
     err = run_error(capsys, [*argv, "--no-progress"])
     assert str(m / "model.safetensors") in err and "damaged" in err
     assert not out.exists()
@@ -547,13 +552,7 @@ def test_a_damaged_config_json_is_a_clean_error_naming_it(command, tiny, text, t
     m = copy_model(tiny, tmp_path / "m")
     (m / "config.json").write_text('{"model_type": "llama", ')
     out = tmp_path / "out"
-    argv = {
-        "rotate": ["rotate", str(m), "--out", str(out), "--method", "hadamard"],
-        "rotate --streamed": ["rotate", str(m), "--out", str(out), "--method", "optrot", "--streamed"],
-        "quantize": ["quantize", str(m), "--out", str(out), "--method", "rtn"],
-        "eval": ["eval", str(m), "--text", str(text)],
-        "diagnose": ["diagnose", str(m), "--out", str(out)],
-    }[command]
+    argv = _command_argv(command, m, out, text)
     err = run_error(capsys, [*argv, "--no-progress"])
     assert "config.json" in err and str(m) in err
     assert not out.exists()
