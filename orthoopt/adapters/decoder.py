@@ -18,7 +18,7 @@ from torch import nn
 
 from orthoopt.adapters import calibration, fusion, writeback
 from orthoopt.adapters.archs import DecoderModules, check_rms_norm, locate
-from orthoopt.objectives.base import WeightBlock
+from orthoopt.core import WeightBlock
 from orthoopt.utils.checks import check_not_meta
 
 

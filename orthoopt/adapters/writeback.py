@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from orthoopt.adapters.archs import DecoderModules
-from orthoopt.objectives.base import WeightBlock
+from orthoopt.core import WeightBlock
 
 ORTHO_RTOL = {torch.float64: 1e-8}
 """Orthogonality tolerance relative to ``||I||_F = sqrt(n)``, by rotation dtype; others use 1e-3."""

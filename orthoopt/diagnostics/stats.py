@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from orthoopt.objectives.base import WeightBlock
+from orthoopt.core import WeightBlock
 from orthoopt.quant import QuantSpec, quantize_rtn
 
 DEFAULT_K = 3.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from orthoopt.adapters.writeback import blockdiag_left, blockdiag_right
-from orthoopt.objectives.base import WeightBlock
+from orthoopt.core import WeightBlock
 from orthoopt.streaming.layout import DecoderLayout
 
 F64 = torch.float64
