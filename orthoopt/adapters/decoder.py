@@ -1,4 +1,4 @@
-"""One adapter for every supported RMSNorm + gated-MLP decoder (Llama, Mistral, Qwen2, Qwen3).
+"""One adapter for every decoder of the architecture table (:data:`orthoopt.adapters.archs.ARCHS`).
 
 Typical use (sides and shapes: ``docs/conventions.md``; the steps: ``docs/adapters.md``)::
 
@@ -36,8 +36,8 @@ class DecoderAdapter:
         for name, p in model.named_parameters():  # a model without data gives raw torch errors later
             check_not_meta(p, f"weight {name!r}")
         self.modules: DecoderModules = locate(model, arch)
-        for name, norm in self.modules.residual_norms().items():
-            check_rms_norm(name, norm, self.modules.hidden)
+        for name, (norm, kind) in self.modules.all_norms().items():
+            check_rms_norm(name, norm, self.modules.hidden, kind)
 
     # sizes ---------------------------------------------------------------------------------------
     @property
