@@ -33,6 +33,7 @@ models refuse ``R1`` with the reason, while ``R2`` (inside attention, between v 
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +62,7 @@ class Proj:
              (sizes: :data:`PART_SIZES`).
     experts: the weight is ``[experts, out, in]`` (rotations act per expert: ``W[e] @ R1``, ``R1.T @ W[e]``).
     optional: some layers lack it (Qwen2-MoE's dense layers have ``mlp.gate_proj`` instead of experts).
+    quantize: weight quantizers quantize it (False: kept in full precision, e.g. MoE routers).
     """
 
     role: str
@@ -71,6 +73,7 @@ class Proj:
     parts: tuple[tuple[str, str], ...] = ()
     experts: bool = False
     optional: bool = False
+    quantize: bool = True
 
     @property
     def is_linear(self) -> bool:
@@ -118,6 +121,21 @@ class ArchSpec:
     qk_norms: tuple[str, str] | None = None
     embed_scale: str | None = None
     logit_softcap: bool = False
+    r4_role: str | None = "down"
+    """The ``nn.Linear`` whose input gets the online Hadamard R4 (the MLP's hidden -> residual writer);
+    None where R4 is not supported (MoE experts)."""
+
+    @property
+    def full_precision(self) -> tuple[str, ...]:
+        """Module names kept in full precision by the quantizers (and left out of learned objectives by
+        default): the embedding, ``lm_head`` and every projection with ``quantize=False``, as
+        ``layers.*.<path>`` patterns (:func:`is_full_precision`)."""
+        return (self.embed, self.lm_head) + tuple(f"{self.layers}.*.{p.path}" for p in self.projs if not p.quantize)
+
+    def is_full_precision(self, name: str) -> bool:
+        """True when module or block ``name`` (relative to the decoder) is in :attr:`full_precision`."""
+        return any(fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(name, pat + ".*")
+                   for pat in self.full_precision)
 
     def proj(self, role: str) -> Proj:
         for p in self.projs:
@@ -198,7 +216,7 @@ def _gemma(model_type: str, **kw) -> ArchSpec:
 
 
 _MOE_ROUTED = (
-    _proj("router", "mlp.gate", "in", "mlp_in"),
+    _proj("router", "mlp.gate", "in", "mlp_in", quantize=False),
     _proj("experts.gate_up", "mlp.experts", "in", "mlp_in", param="gate_up_proj",
           parts=(("gate", "half"), ("up", "half")), experts=True),
     _proj("experts.down", "mlp.experts", "out", "expert_hidden", param="down_proj", experts=True),
@@ -211,7 +229,7 @@ _MOE_NORMS = (
 
 
 def _optional(projs: tuple[Proj, ...]) -> tuple[Proj, ...]:
-    return tuple(Proj(p.role, p.path, p.side, p.group, p.param, p.parts, p.experts, True) for p in projs)
+    return tuple(Proj(p.role, p.path, p.side, p.group, p.param, p.parts, p.experts, True, p.quantize) for p in projs)
 
 
 def _moe(model_type: str, shared: bool, dense_layers: bool, **kw) -> ArchSpec:
@@ -220,12 +238,12 @@ def _moe(model_type: str, shared: bool, dense_layers: bool, **kw) -> ArchSpec:
         projs += (
             _proj("shared.gate", "mlp.shared_expert.gate_proj", "in", "mlp_in", optional=dense_layers),
             _proj("shared.up", "mlp.shared_expert.up_proj", "in", "mlp_in", optional=dense_layers),
-            _proj("shared.router", "mlp.shared_expert_gate", "in", "mlp_in", optional=dense_layers),
+            _proj("shared.router", "mlp.shared_expert_gate", "in", "mlp_in", optional=dense_layers, quantize=False),
             _proj("shared.down", "mlp.shared_expert.down_proj", "out", "shared_hidden", optional=dense_layers),
         )
     if dense_layers:  # layers listed in mlp_only_layers (or off the sparse step) have a plain MLP
         projs += _optional(_MLP)
-    return ArchSpec(model_type, projs, _MOE_NORMS, **kw)
+    return ArchSpec(model_type, projs, _MOE_NORMS, r4_role=None, **kw)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -292,6 +310,12 @@ class LayerModules:
     down: nn.Linear | None = None
     input_norm: nn.Module | None = None
     post_attn_norm: nn.Module | None = None
+
+    def quant_linears(self, spec: ArchSpec) -> dict[str, nn.Linear]:
+        """``{role: nn.Linear}`` of the projections weight quantizers quantize (``Proj.quantize``), in
+        table order."""
+        return {r: m for r, m in self.projs.items()
+                if spec.proj(r).is_linear and spec.proj(r).quantize and isinstance(m, nn.Linear)}
 
     def weight(self, spec: ArchSpec, role: str) -> nn.Parameter:
         return getattr(self.projs[role], spec.proj(role).param)
