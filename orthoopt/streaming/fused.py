@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from orthoopt.adapters.archs import UnsupportedModelError, effective_scale, r1_refusal
+from orthoopt.adapters.archs import UnsupportedModelError, effective_scale, identity_weight, r1_refusal
 from orthoopt.adapters.fusion import fold_layer, fold_scale
 from orthoopt.adapters.writeback import layer_r1_entries
 from orthoopt.streaming.checkpoint import SafetensorsCheckpoint
@@ -36,7 +36,11 @@ class FusedReader:
         self.ckpt, self.layout, self.dtype = ckpt, layout, dtype
         self.rows_per_read = int(rows_per_read)
         final = ckpt.read([layout.key(layout.final_norm)], dtype)[layout.key(layout.final_norm)]
-        self.final_norm_scale = effective_scale(final, layout.spec.final_norm_kind).to(dtype)
+        kind = layout.spec.final_norm_kind
+        self._final_fold = effective_scale(final, kind)  # float64, as the adapter folds it
+        self.final_norm_scale = self._final_fold.to(dtype)
+        self.final_norm_identity = identity_weight(final, kind)
+        """The final norm's weight after fusion (ones; zeros for a ``(1 + w)`` norm), in ``dtype``."""
         self.untie = layout.tied and not bool((self.final_norm_scale == 1).all())
         post = {layout.key(layout.layer_modules(i)[n.role]): n.kind
                 for i in range(layout.num_layers) for n in layout.spec.post_norms}
@@ -104,7 +108,7 @@ class FusedReader:
             return
         key = self.lm_head_source
         for start, stop in self._row_slices(key):
-            yield fold_scale(self.ckpt.read_rows(key, start, stop, self.dtype), self.final_norm_scale)
+            yield fold_scale(self.ckpt.read_rows(key, start, stop, self.dtype), self._final_fold)
 
     def r1_pieces(self, units: Iterable[Unit] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """``(block name, rows [m, hidden])`` of the R1 blocks in ``units`` (default all), in block order.

@@ -57,6 +57,12 @@ class DecoderLayout:
                 "a decoder with the Llama layout may be forced with arch='llama'"
             )
         spec = ARCHS[key]
+        if any(p.experts for p in spec.projs):
+            raise UnsupportedModelError(
+                f"model_type {model_type!r}: streamed rotation does not support MoE checkpoints: their experts are "
+                "stored one tensor per expert on disk (mlp.experts.<e>.gate_proj ...), while the architecture "
+                "table describes the [experts, out, in] tensors transformers loads; rotate it in memory instead"
+            )
         missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers") if cfg.get(k) is None]
         if missing:
             raise UnsupportedModelError(f"{ckpt.path}/config.json lacks {missing}")
