@@ -178,20 +178,16 @@ class ArchSpec:
         return {n.role: n.readers for n in self.pre_norms}
 
 
-def _proj(role, path, side, group, **kw):
-    return Proj(role, path, side, group, **kw)
-
-
 _ATTN = (
-    _proj("q", "self_attn.q_proj", "in", "attn_in"),
-    _proj("k", "self_attn.k_proj", "in", "attn_in"),
-    _proj("v", "self_attn.v_proj", "in", "attn_in"),
-    _proj("o", "self_attn.o_proj", "out", "attn_out"),
+    Proj("q", "self_attn.q_proj", "in", "attn_in"),
+    Proj("k", "self_attn.k_proj", "in", "attn_in"),
+    Proj("v", "self_attn.v_proj", "in", "attn_in"),
+    Proj("o", "self_attn.o_proj", "out", "attn_out"),
 )
 _MLP = (
-    _proj("gate", "mlp.gate_proj", "in", "mlp_in"),
-    _proj("up", "mlp.up_proj", "in", "mlp_in"),
-    _proj("down", "mlp.down_proj", "out", "mlp_hidden"),
+    Proj("gate", "mlp.gate_proj", "in", "mlp_in"),
+    Proj("up", "mlp.up_proj", "in", "mlp_in"),
+    Proj("down", "mlp.down_proj", "out", "mlp_hidden"),
 )
 _LLAMA_NORMS = (
     Norm("input_norm", "input_layernorm", "rms", "pre", ("q", "k", "v")),
@@ -216,10 +212,10 @@ def _gemma(model_type: str, **kw) -> ArchSpec:
 
 
 _MOE_ROUTED = (
-    _proj("router", "mlp.gate", "in", "mlp_in", quantize=False),
-    _proj("experts.gate_up", "mlp.experts", "in", "mlp_in", param="gate_up_proj",
+    Proj("router", "mlp.gate", "in", "mlp_in", quantize=False),
+    Proj("experts.gate_up", "mlp.experts", "in", "mlp_in", param="gate_up_proj",
           parts=(("gate", "half"), ("up", "half")), experts=True),
-    _proj("experts.down", "mlp.experts", "out", "expert_hidden", param="down_proj", experts=True),
+    Proj("experts.down", "mlp.experts", "out", "expert_hidden", param="down_proj", experts=True),
 )
 _MOE_NORMS = (
     Norm("input_norm", "input_layernorm", "rms", "pre", ("q", "k", "v")),
@@ -236,10 +232,10 @@ def _moe(model_type: str, shared: bool, dense_layers: bool, **kw) -> ArchSpec:
     projs = _ATTN + (_optional(_MOE_ROUTED) if dense_layers else _MOE_ROUTED)
     if shared:
         projs += (
-            _proj("shared.gate", "mlp.shared_expert.gate_proj", "in", "mlp_in", optional=dense_layers),
-            _proj("shared.up", "mlp.shared_expert.up_proj", "in", "mlp_in", optional=dense_layers),
-            _proj("shared.router", "mlp.shared_expert_gate", "in", "mlp_in", optional=dense_layers, quantize=False),
-            _proj("shared.down", "mlp.shared_expert.down_proj", "out", "shared_hidden", optional=dense_layers),
+            Proj("shared.gate", "mlp.shared_expert.gate_proj", "in", "mlp_in", optional=dense_layers),
+            Proj("shared.up", "mlp.shared_expert.up_proj", "in", "mlp_in", optional=dense_layers),
+            Proj("shared.router", "mlp.shared_expert_gate", "in", "mlp_in", optional=dense_layers, quantize=False),
+            Proj("shared.down", "mlp.shared_expert.down_proj", "out", "shared_hidden", optional=dense_layers),
         )
     if dense_layers:  # layers listed in mlp_only_layers (or off the sparse step) have a plain MLP
         projs += _optional(_MLP)
@@ -256,11 +252,11 @@ ARCHS: dict[str, ArchSpec] = {
     "phi3": ArchSpec(
         "phi3",
         (
-            _proj("qkv", "self_attn.qkv_proj", "in", "attn_in",
+            Proj("qkv", "self_attn.qkv_proj", "in", "attn_in",
                   parts=(("q", "q_heads"), ("k", "kv_heads"), ("v", "kv_heads"))),
-            _proj("o", "self_attn.o_proj", "out", "attn_out"),
-            _proj("gate_up", "mlp.gate_up_proj", "in", "mlp_in", parts=(("gate", "half"), ("up", "half"))),
-            _proj("down", "mlp.down_proj", "out", "mlp_hidden"),
+            Proj("o", "self_attn.o_proj", "out", "attn_out"),
+            Proj("gate_up", "mlp.gate_up_proj", "in", "mlp_in", parts=(("gate", "half"), ("up", "half"))),
+            Proj("down", "mlp.down_proj", "out", "mlp_hidden"),
         ),
         (
             Norm("input_norm", "input_layernorm", "rms", "pre", ("qkv",)),
