@@ -282,3 +282,40 @@ def test_layernorm_kind_and_wrong_parametrization_are_refused():
     assert adapter_ok.modules.spec.final_norm_kind == "rms1p"
     with pytest.raises(UnsupportedModelError, match=r"input_layernorm.*x / rms\(x\) \* weight"):
         DecoderAdapter(model, arch="llama")  # a Gemma model read as Llama has the wrong norm form
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "mixtral", "qwen2_moe"])
+def test_calibration_inputs_follow_the_table_groups(model_type):
+    """Every R1 block with an input gets one; modules of one input-sharing group share one capture."""
+    model = build(model_type)
+    adapter = DecoderAdapter(model)
+    adapter.fuse_norms()
+    batches = [torch.randint(3, BASE["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    X = adapter.linear_inputs(batches, max_tokens=100, progress=False)
+    sources = adapter.block_sources("R1")
+    for block, src in sources.items():
+        if src is not None:
+            assert X[src[0]].shape[0] == 16, block  # all 2 x 8 tokens
+    m = adapter.modules
+    for L in m.layers:
+        for group in m.spec.groups:
+            names = list(dict.fromkeys(L.names[r] for r in group if r in L.projs))
+            assert all(X[n] is X[names[0]] for n in names), names
+    # the expert-down and hidden-side tensors have no captured input; everything reading R1 does
+    readers = [b for b in adapter.weight_blocks("R1") if b.side == "in" and b.name != m.names["embed"]]
+    assert all(sources[b.name] is not None and X[sources[b.name][0]].shape[1] == adapter.hidden_size for b in readers)
+
+
+def test_quantization_reads_the_table():
+    from orthoopt.quant.act import ActQuantConfig
+    from orthoopt.quant.model import quantize_model
+
+    model = build("phi3", torch.float32)
+    m = DecoderAdapter(model).modules
+    r = quantize_model(model, wbits=4, method="rtn", act=ActQuantConfig(bits=8, online_hadamard=True), progress=False)
+    assert len(r.params) == sum(len(L.quant_linears(m.spec)) for L in m.layers) == 4 * len(m.layers)
+    assert any(k.endswith("self_attn.qkv_proj") for k in r.params)
+    moe = build("qwen2_moe", torch.float32)
+    assert set(DecoderAdapter(moe).modules.spec.full_precision) >= {"embed_tokens", "lm_head", "layers.*.mlp.gate"}
+    with pytest.raises(ValueError, match="MoE expert tensors"):
+        quantize_model(moe, wbits=4, method="rtn", progress=False)

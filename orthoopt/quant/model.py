@@ -118,6 +118,10 @@ def quantize_model(
             if percdamp < 0 or block_size < 1:
                 raise ValueError(f"GPTQ needs percdamp >= 0 and block_size >= 1, got {percdamp}, {block_size}")
     located = locate(model)  # raises for an unsupported architecture before anything changes
+    experts = [L.names[r] for L in located.layers for r in L.projs if located.spec.proj(r).experts]
+    if spec is not None and experts:
+        raise ValueError(f"weight quantization of MoE expert tensors ({experts[0]} ...) is not implemented: "
+                         "the quantizers handle nn.Linear weights only")
     if kv.r3:
         r3_size(model)  # head_dim without a Hadamard matrix: fail before anything changes
     if kv.group_size is not None and located.head_dim % kv.group_size:
