@@ -207,13 +207,15 @@ def blockdiag_right(W: torch.Tensor, R: torch.Tensor, heads: int) -> torch.Tenso
 
 
 def rotate_layer(spec: ArchSpec, t: Mapping[str, torch.Tensor], prefix: str, R1: torch.Tensor | None = None,
-                 R2: torch.Tensor | None = None, *, num_heads: int, num_kv_heads: int) -> dict[str, torch.Tensor]:
+                 R2: torch.Tensor | None = None, *, num_heads: int, num_kv_heads: int,
+                 dtype: torch.dtype | None = F64) -> dict[str, torch.Tensor]:
     """The rotated tensors of one layer: ``{key: float64 tensor}`` for every key of ``t`` that changes.
 
     ``t`` maps ``f"{prefix}.{path}.{param}"`` (and ``.bias``) to the layer's projection tensors (absent
     roles are skipped); ``R1`` ``[hidden, hidden]`` and ``R2`` ``[head_dim, head_dim]`` are float64
-    on the tensors' device, or None. Each weight is transformed once in float64 (the caller casts it
-    back): side "in" ``W @ R1``; side "out" ``R1.T @ W`` with bias ``b @ R1``; then the value rows
+    on the tensors' device, or None. Each weight is transformed once in ``dtype`` (float64; None: the
+    tensors' own dtype, as SpinQuant's differentiable path uses it), and the caller casts it back:
+    side "in" ``W @ R1``; side "out" ``R1.T @ W`` with bias ``b @ R1``; then the value rows
     ``blockdiag(R2).T @ W_v`` (bias per head ``b_v[h] @ R2``) and o_proj's columns ``W_o @ blockdiag(R2)``.
     ``t`` is not modified.
     """
@@ -224,8 +226,8 @@ def rotate_layer(spec: ArchSpec, t: Mapping[str, torch.Tensor], prefix: str, R1:
         if wk not in t:
             continue
         bk = _key(prefix, pr.path, pr.bias_param) if pr.bias_param else None
-        W = t[wk].to(F64)
-        b = t[bk].to(F64) if bk is not None and bk in t else None
+        W = t[wk] if dtype is None else t[wk].to(dtype)
+        b = None if bk is None or bk not in t else (t[bk] if dtype is None else t[bk].to(dtype))
         w_changed = b_changed = False
         if R1 is not None:
             W = W @ R1 if pr.side == "in" else R1.T @ W
