@@ -319,3 +319,24 @@ def test_quantization_reads_the_table():
     assert set(DecoderAdapter(moe).modules.spec.full_precision) >= {"embed_tokens", "lm_head", "layers.*.mlp.gate"}
     with pytest.raises(ValueError, match="MoE expert tensors"):
         quantize_model(moe, wbits=4, method="rtn", progress=False)
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "gemma2"])
+def test_streamed_rotation_equals_in_memory(model_type, tmp_path):
+    """The whole streamed OptRot run (fused qkv / (1 + w) norms, uniform post-norms) writes the
+    in-memory pipeline's checkpoint."""
+    from orthoopt.pipeline import rotate_model
+    from orthoopt.streaming import rotate_streamed
+
+    model = build(model_type, torch.float32)
+    if not CASES[model_type][2]:
+        uniform_post_norms(model)
+    model.save_pretrained(tmp_path / "src")
+    mem = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32)
+    rotate_model(mem, "optrot", solver="cayley-sgd", steps=3, seed=3, progress=False)
+    rotate_streamed(tmp_path / "src", tmp_path / "out", solver="cayley-sgd", steps=3, seed=3, progress=False)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
+    want = mem.state_dict()
+    assert set(got) == set(want)
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) <= 1e-6  # bit-identical on one machine
+    assert not torch.equal(got["model.embed_tokens.weight"], model.state_dict()["model.embed_tokens.weight"])
