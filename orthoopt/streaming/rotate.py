@@ -218,7 +218,7 @@ def _write_model(run: _Streamed, folder: Path, R1, r2: dict | None, r2_steps: in
             writer.write(layer_shard[i], pending)
             pending = {}
 
-    last = {L.key(L.final_norm): torch.ones_like(reader.final_norm_scale)}
+    last = {L.key(L.final_norm): reader.final_norm_identity}
     if reader.has_lm_head_block:
         H = torch.empty(ckpt.shape(reader.lm_head_source), dtype=reader.dtype)
         start = 0
