@@ -16,7 +16,6 @@ All functions require fused norms (see :mod:`orthoopt.adapters.fusion`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -24,9 +23,7 @@ from torch import nn
 
 from orthoopt.adapters.archs import DecoderModules
 from orthoopt.core import WeightBlock
-
-ORTHO_RTOL = {torch.float64: 1e-8}
-"""Orthogonality tolerance relative to ``||I||_F = sqrt(n)``, by rotation dtype; others use 1e-3."""
+from orthoopt.core.tolerance import orthogonality_tolerance  # noqa: F401  (the one policy, re-exported)
 
 
 def rotation_dims(m: DecoderModules) -> dict[str, int]:
@@ -81,13 +78,6 @@ def block_entries(m: DecoderModules, rotations: Iterable[str] = ("R1", "R2")) ->
             s = slice(h * d, (h + 1) * d)
             out.append((WeightBlock(Wo[:, s], r, "in", f"{L.names['o']}.head{h}"), L.names["o"], s))
     return out
-
-
-def orthogonality_tolerance(n: int, dtype: torch.dtype) -> float:
-    """Largest accepted ``||R.T @ R - I||_F`` for an ``[n, n]`` rotation of ``dtype``:
-    ``sqrt(n) * 1e-8`` for float64, ``sqrt(n) * 1e-3`` otherwise (float32 rotations of a few
-    thousand rows reach ~1e-4 * sqrt(n) after orthogonalization)."""
-    return math.sqrt(n) * ORTHO_RTOL.get(dtype, 1e-3)
 
 
 def validate_rotations(m: DecoderModules, rotations: Mapping[str, torch.Tensor], tol: float | None = None) -> None:
