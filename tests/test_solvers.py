@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from orthoopt.core.tolerance import orthogonality_tolerance
 from orthoopt.manifold import (
     cayley_retraction,
     orthogonality_error,
@@ -447,10 +448,14 @@ def test_solve_init_validation_and_extras(trace_problem):
     with pytest.raises(ValueError, match="init kind"):
         solve(objective, "eye", "radam", 1, progress=False)
     # a rotation the objective does not use is carried along untouched (not even re-projected)
-    extra = random_orthogonal(3, 1) + 1e-7 * randn(3, 3, seed=2)
-    assert 1e-10 < orthogonality_error(extra) < 1e-3
+    # (float32 within its tolerance, cast to float64 where it is above float64's: still not re-projected)
+    extra = (random_orthogonal(3, 1) + 1e-7 * randn(3, 3, seed=2)).float()
+    assert orthogonality_tolerance(3, F64) < orthogonality_error(extra) < orthogonality_tolerance(3, torch.float32)
     result = solve(objective, {"R": torch.eye(6), "other": extra}, "radam", 3, progress=False, dtype=F64)
-    assert torch.equal(result.rotations["other"], extra)
+    assert torch.equal(result.rotations["other"], extra.double())
+    # the one tolerance policy, in the init's own dtype: the same matrix in float64 is refused
+    with pytest.raises(ValueError, match=r"rotation 'init other' is not orthogonal: .* > tolerance 1.000e-10"):
+        solve(objective, {"R": torch.eye(6), "other": extra.double()}, "radam", 1, progress=False)
     zero = solve(objective, "identity", "radam", 0, progress=False)
     assert zero.steps == 0 and zero.history == [] and torch.equal(zero.rotations["R"], torch.eye(6))
 
