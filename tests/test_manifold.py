@@ -65,7 +65,7 @@ def test_random_orthogonal_is_orthogonal_and_seeded(n, seed, dtype):
 def test_random_orthogonal_seeds_differ_and_dtypes_agree():
     a, b = random_orthogonal(6, 0), random_orthogonal(6, 1)
     assert not torch.allclose(a, b)
-    assert torch.allclose(random_orthogonal(6, 0, dtype=torch.float32).double(), a, atol=1e-7)
+    assert torch.allclose(random_orthogonal(6, 0, dtype=torch.float32).double(), a, atol=1e-7, rtol=0)
 
 
 def test_random_orthogonal_is_haar_not_raw_qr():
@@ -140,9 +140,9 @@ def test_project_tangent_is_tangent_idempotent_and_matches_geoopt(n, seed):
     G = randn(n, n, seed=seed + 1)
     xi = project_tangent(R, G)
     assert torch.linalg.matrix_norm(R.T @ xi + xi.T @ R) < 1e-12 * (1 + G.norm())  # tangent
-    assert torch.allclose(project_tangent(R, xi), xi, atol=1e-12)  # idempotent
-    assert torch.allclose(xi, geoopt.EuclideanStiefel().proju(R, G), atol=1e-12)
-    assert torch.allclose(xi, skew(G @ R.T) @ R, atol=1e-12)  # left generator form
+    assert torch.allclose(project_tangent(R, xi), xi, atol=1e-12, rtol=0)  # idempotent
+    assert torch.allclose(xi, geoopt.EuclideanStiefel().proju(R, G), atol=1e-12, rtol=0)
+    assert torch.allclose(xi, skew(G @ R.T) @ R, atol=1e-12, rtol=0)  # left generator form
     # orthogonal projection: the residual is normal to every tangent vector
     other = project_tangent(R, randn(n, n, seed=seed + 2))
     assert abs(inner(G - xi, other)) < 1e-10 * (1 + G.norm() * other.norm())
@@ -193,9 +193,9 @@ def test_retractions_are_first_order(n, seed):
     xi = W @ R
     t = 1e-4
     for retr, arg in ((cayley_retraction, W), (qr_retraction, xi), (polar_retraction, xi)):
-        assert torch.allclose(retr(R, arg, 0.0), R, atol=1e-13)
+        assert torch.allclose(retr(R, arg, 0.0), R, atol=1e-13, rtol=0)
         derivative = (retr(R, arg, t) - retr(R, arg, -t)) / (2 * t)
-        assert torch.allclose(derivative, xi, atol=1e-6), getattr(retr, '__name__', str(retr))
+        assert torch.allclose(derivative, xi, atol=1e-6, rtol=0), getattr(retr, '__name__', str(retr))
 
 
 def test_cayley_multiplies_from_the_left():
@@ -204,7 +204,7 @@ def test_cayley_multiplies_from_the_left():
     W = random_skew(5, 4) / 5
     eye = torch.eye(5, dtype=torch.float64)
     C = torch.linalg.inv(eye - 0.35 * W) @ (eye + 0.35 * W)
-    assert torch.allclose(cayley_retraction(R, W, 0.7), C @ R, atol=1e-13)
+    assert torch.allclose(cayley_retraction(R, W, 0.7), C @ R, atol=1e-13, rtol=0)
 
 
 @settings(max_examples=20, deadline=None)
@@ -244,10 +244,10 @@ def test_reorthogonalize(n, seed, dtype):
         assert Y.dtype == dtype and orthogonality_error(Y) < TOL[dtype]
     # the polar factor is the nearest orthogonal matrix: scipy agrees, and it beats Q
     U, _ = scipy.linalg.polar(noisy.double().numpy())
-    assert np.allclose(polar.double().numpy(), U, atol=10 * TOL[dtype])
+    assert np.allclose(polar.double().numpy(), U, atol=10 * TOL[dtype], rtol=0)
     assert (polar.double() - noisy.double()).norm() <= (Q - noisy.double()).norm() + 1e-6
     # an orthogonal matrix is a fixed point
-    assert torch.allclose(reorthogonalize(Q), Q, atol=1e-12)
+    assert torch.allclose(reorthogonalize(Q), Q, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="method"):
         reorthogonalize(Q, method="svd")
 

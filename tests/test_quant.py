@@ -72,7 +72,7 @@ def test_values_on_grid_and_within_half_step(data, bits, symmetric):
     q = quantize_rows(x, QuantSpec(bits=bits, symmetric=symmetric))
     scale, zero, qmin, qmax = hand_params(x, bits, symmetric)
     codes = q / scale + zero
-    assert torch.allclose(codes, codes.round(), atol=1e-6)
+    assert torch.allclose(codes, codes.round(), atol=1e-6, rtol=0)
     assert codes.round().min() >= qmin and codes.round().max() <= qmax
     # no clipping: every element is within half a step of its quantized value
     assert ((q - x).abs() <= scale / 2 * (1 + 1e-9) + 1e-12).all()
@@ -237,9 +237,9 @@ def test_online_hadamard_preserves_full_precision_model():
     info = rotate_down_proj_weights(model)
     H = online_hadamard_matrix(128, torch.float64)
     assert info["size"] == 128 and len(info["sha256"]) == 64
-    assert torch.allclose(H @ H.T, torch.eye(128, dtype=torch.float64), atol=1e-14)
+    assert torch.allclose(H @ H.T, torch.eye(128, dtype=torch.float64), atol=1e-14, rtol=0)
     for W, L in zip(downs, layers(model)):
-        assert torch.allclose(L.down.weight, W @ H, atol=1e-14)  # side "in": W -> W @ H
+        assert torch.allclose(L.down.weight, W @ H, atol=1e-14, rtol=0)  # side "in": W -> W @ H
     with torch.no_grad():
         rotated_only = model(ids).logits
     assert not torch.allclose(rotated_only, ref, atol=1e-3)  # the weight half alone changes the model
@@ -262,7 +262,7 @@ def test_online_hadamard_rotates_before_quantizing():
     with torch.no_grad():
         model(torch.randint(0, 256, (1, 8)))
     rotated = hadamard_transform(raw["x"])  # the hook's fast transform: x @ H without the dense H
-    assert torch.allclose(rotated, raw["x"] @ online_hadamard_matrix(128), atol=1e-5 * raw["x"].abs().max())
+    assert torch.allclose(rotated, raw["x"] @ online_hadamard_matrix(128), atol=1e-5 * raw["x"].abs().max(), rtol=0)
     assert torch.equal(got["x"], quantize_activations(rotated, cfg.spec))
 
 
