@@ -338,3 +338,23 @@ def test_calibration_errors(tmp_path):
         calibration_batches(short, tok, nsamples=2, seq_len=8)
     with pytest.raises(ValueError, match="nsamples"):
         calibration_batches(short, tok, nsamples=0, seq_len=2)
+
+
+def test_one_grid_tokens_and_straight_through():
+    from orthoopt.core.grid import quantize_tokens, straight_through
+
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    spec = QuantSpec(bits=4, symmetric=False)
+    # per token over [..., n]: the same as quantize_rows on the flattened rows, and what activations use
+    flat = quantize_rows(x.reshape(-1, 16), spec).reshape(x.shape)
+    assert torch.equal(quantize_tokens(x, spec), flat)
+    assert torch.equal(quantize_activations(x, spec), flat)
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_tokens(x, QuantSpec(bits=4, group_size=8))
+    # gradients: through the scale only (codes constant) vs straight-through (identity)
+    y = x.clone().requires_grad_(True)
+    (quantize_tokens(y, spec) - y).square().sum().backward()
+    exact = y.grad.clone()
+    y.grad = None
+    straight_through(y, quantize_tokens(y.detach(), spec)).sum().backward()
+    assert torch.equal(y.grad, torch.ones_like(x)) and not torch.equal(exact, torch.zeros_like(x))

@@ -344,9 +344,27 @@ def test_procrustes_alternation_is_monotone_on_grid_quantization():
 
 
 def test_procrustes_alternation_needs_targets(trace_problem):
+    from orthoopt.objectives import SupportsProcrustes
+    from orthoopt.solvers import ProcrustesUnsupportedError
+
     objective, _ = trace_problem
-    with pytest.raises(ValueError, match="procrustes_targets"):
+    assert not isinstance(objective, SupportsProcrustes)
+    assert isinstance(LeastSquares(randn(5, 3, seed=0), randn(5, 3, seed=1)), SupportsProcrustes)
+    with pytest.raises(TypeError, match=r"procrustes_targets.*LinearTrace has none") as e:
         solve(objective, "identity", "procrustes", 3, progress=False)
+    assert isinstance(e.value, ProcrustesUnsupportedError) and isinstance(e.value, ValueError)  # CLI: exit 2
+
+
+def test_objective_is_an_abc():
+    class NoLoss(Objective):
+        @property
+        def dims(self):
+            return {"R": 2}
+
+    with pytest.raises(TypeError, match="abstract"):
+        NoLoss()
+    with pytest.raises(TypeError, match="abstract"):
+        Objective()
 
 
 # -- initial rotations ------------------------------------------------------------------------
