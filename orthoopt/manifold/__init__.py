@@ -15,7 +15,6 @@ from .orthogonal import (
     project_tangent,
     random_orthogonal,
     skew,
-    sym,
 )
 from .retractions import (
     cayley_retraction,
@@ -38,5 +37,4 @@ __all__ = [
     "random_orthogonal",
     "reorthogonalize",
     "skew",
-    "sym",
 ]

@@ -30,7 +30,7 @@ import torch
 
 from orthoopt.core.tolerance import check_orthogonal, orthogonality_tolerance
 
-from .orthogonal import orthogonality_error, project_tangent, random_orthogonal
+from .orthogonal import orthogonality_error, project_tangent, random_orthogonal, skew
 from .retractions import cayley_retraction, cayley_retraction_iterative, polar_factor, reorthogonalize
 
 
@@ -40,7 +40,7 @@ class OrthogonalGroup:
     @staticmethod
     def skew(A: torch.Tensor) -> torch.Tensor:
         """``(A - A.T) / 2``."""
-        return 0.5 * (A - A.T)
+        return skew(A)
 
     def generator(self, R: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         """Skew generator ``skew(G @ R.T)`` of the Riemannian gradient (``grad = generator @ R``)."""

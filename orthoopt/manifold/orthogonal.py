@@ -57,16 +57,11 @@ def skew(A: torch.Tensor) -> torch.Tensor:
     return 0.5 * (A - A.T)
 
 
-def sym(A: torch.Tensor) -> torch.Tensor:
-    """Symmetric part ``(A + A.T) / 2`` of a square matrix."""
-    return 0.5 * (A + A.T)
-
-
 def project_tangent(R: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """Orthogonal projection of an ``[n, n]`` matrix ``G`` onto the tangent space at ``R``.
 
     Returns ``R @ skew(R.T @ G)`` (the tangent space is ``{R @ Omega : Omega skew}``). For a square ``R``
-    this equals ``geoopt.EuclideanStiefel().proju(R, G) = G - R @ sym(R.T @ G)``. It is idempotent,
+    this equals ``geoopt.EuclideanStiefel().proju(R, G) = G - R @ (R.T G + G.T R) / 2``. It is idempotent,
     and the same vector in the left generator form is ``skew(G @ R.T) @ R``.
     """
     check_square(R)
