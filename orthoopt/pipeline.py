@@ -58,6 +58,7 @@ import torch
 
 from orthoopt.adapters import DecoderAdapter, logits_relative_error  # noqa: F401 (re-exported helper)
 from orthoopt.adapters.verify import logits as model_logits
+from orthoopt.core.tolerance import invariance_tolerance
 from orthoopt.manifold import orthogonality_error, reorthogonalize
 from orthoopt.objectives import DFRotLoss, FourthPower, HessianWeighted, Kurtosis, Objective, QuantizedLMLoss
 from orthoopt.resume import Partial, read_partial, settings_difference, tensor_checksum, write_partial
@@ -425,7 +426,7 @@ def rotate_model(
         err = float((model_logits(model, verify_ids) - ref).norm() / ref.norm())
         report["invariance_error"] = err
         param_dtype = next(model.parameters()).dtype
-        tol = verify_tol if verify_tol is not None else (1e-6 if param_dtype == torch.float64 else 1e-4)
+        tol = verify_tol if verify_tol is not None else invariance_tolerance(param_dtype)
         report["invariance_tolerance"] = tol
         if not err <= tol:
             raise ValueError(f"rotated model's logits differ from the original's by {err:.3e} (relative), "

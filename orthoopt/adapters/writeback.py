@@ -21,7 +21,6 @@ share them. All functions require fused norms (see :mod:`orthoopt.adapters.fusio
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -29,9 +28,7 @@ from torch import nn
 
 from orthoopt.adapters.archs import ArchSpec, DecoderModules, UnsupportedModelError, part_rows, r1_refusal
 from orthoopt.core import WeightBlock
-
-ORTHO_RTOL = {torch.float64: 1e-8}
-"""Orthogonality tolerance relative to ``||I||_F = sqrt(n)``, by rotation dtype; others use 1e-3."""
+from orthoopt.core.tolerance import orthogonality_tolerance  # noqa: F401  (the one policy, re-exported)
 
 F64 = torch.float64
 
@@ -154,13 +151,6 @@ def block_entries(m: DecoderModules, rotations: Iterable[str] = ("R1", "R2")) ->
         t = {k: v.detach() for k, v in layer_params(m, L).items()}
         out += layer_r2_entries(spec, t, L.prefix, L.prefix, L.index, m.num_heads, m.num_kv_heads, m.head_dim)
     return out
-
-
-def orthogonality_tolerance(n: int, dtype: torch.dtype) -> float:
-    """Largest accepted ``||R.T @ R - I||_F`` for an ``[n, n]`` rotation of ``dtype``:
-    ``sqrt(n) * 1e-8`` for float64, ``sqrt(n) * 1e-3`` otherwise (float32 rotations of a few
-    thousand rows reach ~1e-4 * sqrt(n) after orthogonalization)."""
-    return math.sqrt(n) * ORTHO_RTOL.get(dtype, 1e-3)
 
 
 def validate_rotations(m: DecoderModules, rotations: Mapping[str, torch.Tensor], tol: float | None = None) -> None:
