@@ -19,7 +19,7 @@ from torch import nn
 from orthoopt.adapters import calibration, fusion, writeback
 from orthoopt.adapters.archs import DecoderModules, check_rms_norm, locate
 from orthoopt.core import WeightBlock
-from orthoopt.utils.checks import check_not_meta
+from orthoopt.utils.checks import check_model_weights, check_not_meta
 
 
 class DecoderAdapter:
@@ -119,7 +119,7 @@ class DecoderAdapter:
         each rotation's name, shape, finiteness and orthogonality (float64; tolerance
         :func:`orthoopt.adapters.writeback.orthogonality_tolerance` unless ``tol``)."""
         self._require_fused("apply_rotations")
-        writeback.check_finite(self.model)
+        check_model_weights(self.model)
         writeback.validate_rotations(self.modules, rotations, tol)
 
     def apply_rotations(self, rotations: Mapping[str, torch.Tensor], tol: float | None = None) -> None:

@@ -28,7 +28,7 @@ from torch import nn
 
 from orthoopt.adapters.archs import ArchSpec, DecoderModules, UnsupportedModelError, part_rows, r1_refusal
 from orthoopt.core import WeightBlock
-from orthoopt.core.tolerance import orthogonality_tolerance  # noqa: F401  (the one policy, re-exported)
+from orthoopt.core.tolerance import check_orthogonal, orthogonality_tolerance  # noqa: F401  (the one policy, re-exported)
 
 F64 = torch.float64
 
@@ -168,20 +168,7 @@ def validate_rotations(m: DecoderModules, rotations: Mapping[str, torch.Tensor],
         n = dims[name]
         if tuple(R.shape) != (n, n):
             raise ValueError(f"rotation {name!r} has shape {tuple(R.shape)}, expected ({n}, {n})")
-        if not bool(torch.isfinite(R).all()):
-            raise ValueError(f"rotation {name!r} has NaN or inf entries")
-        R64 = R.detach().to(torch.float64)
-        err = torch.linalg.matrix_norm(R64.T @ R64 - torch.eye(n, dtype=torch.float64, device=R.device)).item()
-        limit = orthogonality_tolerance(n, R.dtype) if tol is None else tol
-        if not err <= limit:
-            raise ValueError(f"rotation {name!r} is not orthogonal: ||R.T R - I||_F = {err:.3e} > tolerance {limit:.3e}")
-
-
-def check_finite(model: nn.Module) -> None:
-    """Raise ValueError naming the first parameter with NaN or inf entries."""
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise ValueError(f"parameter {name!r} has NaN or inf entries")
+        check_orthogonal(R, name, tol)
 
 
 def blockdiag_left(W: torch.Tensor, R: torch.Tensor, heads: int) -> torch.Tensor:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from orthoopt.adapters.archs import locate
+from orthoopt.core.grid import straight_through
 from orthoopt.hadamard import hadamard_plan, hadamard_transform
 from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS, QuantSpec, quantize_rows
 
@@ -101,14 +102,6 @@ class KVQuantConfig:
         if unknown:
             raise ValueError(f"unknown KV-cache quantization settings: {sorted(unknown)}")
         return cls(**d)
-
-
-def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``q`` in the forward pass; under autograd (``x.requires_grad``) the gradient of the identity,
-    ``x + (q - x).detach()`` (the straight-through estimator). Without autograd returns ``q`` itself."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return x + (q - x).detach()
-    return q
 
 
 def quantize_heads(x: torch.Tensor, spec: QuantSpec, group_size: int) -> torch.Tensor:

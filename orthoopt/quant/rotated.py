@@ -41,7 +41,8 @@ from orthoopt.adapters.decoder import DecoderAdapter
 from orthoopt.adapters.writeback import layer_params, rotate_layer
 from orthoopt.hadamard import hadamard_transform
 from orthoopt.quant.act import ActQuantConfig, _intermediate_size, _r4_linears, install_act_quant
-from orthoopt.quant.kv import KVQuantConfig, install_kv_quant, straight_through
+from orthoopt.core.grid import straight_through
+from orthoopt.quant.kv import KVQuantConfig, install_kv_quant
 from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS, QuantSpec, quantize_rows
 
 
