@@ -2,12 +2,18 @@
 
     torchrun --nproc_per_node 4 -m orthoopt.distributed_rotate MODEL_DIR --out OUT_DIR [--steps 100]
 
-Each rank reads only its share of the layers (:func:`orthoopt.streaming.rotate_streamed`); the R1
+The same :class:`~orthoopt.config.RotateConfig` and phase loop as ``orthoopt rotate --streamed``
+(:func:`orthoopt.pipeline.rotate_streamed`). Each rank reads only its share of the layers; the R1
 gradient is all-reduced every step (gloo on CPU, NCCL with ``--device cuda``, each rank on GPU
 ``LOCAL_RANK``), so every rank takes the same steps and holds the same rotation; the layers' R2
 problems are split across ranks; rank 0 writes the output folder and prints the summary. Without
 ``torchrun`` (no ``WORLD_SIZE`` in the environment) it runs as one process, like
 ``orthoopt rotate --streamed``.
+
+Exact resume: every ``--checkpoint-every`` steps and after each layer's R2 each rank writes its whole
+state to ``OUT.partial.rankR-of-W.safetensors`` (``OUT.partial.safetensors`` for one process);
+``--resume`` continues from those files, bit-identical to an uninterrupted run with the same number
+of processes (``docs/guarantees.md``). Rank 0 removes the files once the output is written.
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ import datetime
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from orthoopt.config import DTYPES, RotateConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-fraction", type=float, default=None)
     p.add_argument("--layers-per-shard", type=int, default=1)
     p.add_argument("--include-embeddings", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=25, help="steps between partial checkpoints (0: off)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the partial checkpoints")
     p.add_argument("--json", action="store_true", help="rank 0 prints the report as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -64,23 +73,31 @@ def init_process_group(device: str) -> torch.device:
     return dev
 
 
+def config_from_args(args: argparse.Namespace, device: torch.device) -> RotateConfig:
+    """The run's :class:`~orthoopt.config.RotateConfig` (the same fields as ``orthoopt rotate --streamed``)."""
+    phases = tuple(s.strip() for s in args.rotations.split(",") if s.strip())
+    return RotateConfig(method="optrot", rotations=phases, solver=args.solver, steps=args.steps, lr=args.lr,
+                        seed=args.seed, dtype=args.dtype, model_dtype=args.model_dtype,
+                        device=None if device.type == "cpu" else str(device), chunk_rows=args.chunk_rows,
+                        sample_fraction=args.sample_fraction, layers_per_shard=args.layers_per_shard,
+                        include_embeddings=args.include_embeddings, checkpoint_every=args.checkpoint_every)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from orthoopt.solvers.distributed import world
-    from orthoopt.streaming import rotate_streamed
+    from orthoopt.pipeline import rank_checkpoint, rotate_streamed
+    from orthoopt.solvers.distributed import all_gather_objects, world
 
     args = build_parser().parse_args(argv)
-    phases = [s.strip() for s in args.rotations.split(",") if s.strip()]
     device = init_process_group(args.device)
     try:
         rank, size = world()
-        result = rotate_streamed(
-            args.model_dir, args.out, "optrot", phases, solver=args.solver, steps=args.steps, lr=args.lr,
-            seed=args.seed, dtype=DTYPES[args.dtype], model_dtype=DTYPES[args.model_dtype],
-            chunk_rows=args.chunk_rows, sample_fraction=args.sample_fraction,
-            device=None if device.type == "cpu" else device, layers_per_shard=args.layers_per_shard,
-            include_embeddings=args.include_embeddings, progress=not args.quiet,
-            report_extra={"model": str(args.model_dir)},
-        )
+        config = config_from_args(args, device)
+        out = Path(args.out)
+        partial = out.with_name(out.name + ".partial.safetensors")
+        result = rotate_streamed(args.model_dir, out, config, progress=not args.quiet, checkpoint=partial,
+                                 resume=args.resume, report_extra={"model": str(args.model_dir)})
+        all_gather_objects(None)  # every rank is done with its checkpoint before they are removed
+        rank_checkpoint(partial, rank, size).unlink(missing_ok=True)
         if rank == 0:
             if args.json:
                 print(json.dumps(result.report))
