@@ -10,10 +10,11 @@ problems are split across ranks; rank 0 writes the output folder and prints the 
 ``torchrun`` (no ``WORLD_SIZE`` in the environment) it runs as one process, like
 ``orthoopt rotate --streamed``.
 
-Exact resume: every ``--checkpoint-every`` steps and after each layer's R2 each rank writes its whole
-state to ``OUT.partial.rankR-of-W.safetensors`` (``OUT.partial.safetensors`` for one process);
-``--resume`` continues from those files, bit-identical to an uninterrupted run with the same number
-of processes (``docs/guarantees.md``). Rank 0 removes the files once the output is written.
+Exact resume: every ``--checkpoint-every`` steps the run writes its whole state: during R1 rank 0 writes
+every rank's state to ``OUT.partial.safetensors`` (the ranks step together), during R2 (and after each
+layer) each rank writes its own ``OUT.partial.rankR-of-W.safetensors``. ``--resume`` continues from
+them, bit-identical to an uninterrupted run with the same number of processes
+(``docs/guarantees.md``). The files are removed once the output is written.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> RotateCo
 
 
 def main(argv: list[str] | None = None) -> int:
-    from orthoopt.pipeline import rank_checkpoint, rotate_streamed
+    from orthoopt.pipeline import rotate_streamed
     from orthoopt.solvers.distributed import all_gather_objects, world
+    from orthoopt.streaming.rotate import rank_partial
 
     args = build_parser().parse_args(argv)
     device = init_process_group(args.device)
@@ -96,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         partial = out.with_name(out.name + ".partial.safetensors")
         result = rotate_streamed(args.model_dir, out, config, progress=not args.quiet, checkpoint=partial,
                                  resume=args.resume, report_extra={"model": str(args.model_dir)})
-        all_gather_objects(None)  # every rank is done with its checkpoint before they are removed
-        rank_checkpoint(partial, rank, size).unlink(missing_ok=True)
+        if size > 1:
+            rank_partial(partial, rank, size).unlink(missing_ok=True)
+            all_gather_objects(None)  # every rank removed its own file before the shared one goes
+        if rank == 0:
+            partial.unlink(missing_ok=True)
         if rank == 0:
             if args.json:
                 print(json.dumps(result.report))

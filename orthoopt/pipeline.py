@@ -56,8 +56,9 @@ histories; :mod:`orthoopt.resume`) to ``PATH`` every ``k`` steps of a unit and a
 streamed run continues from the first unfinished layer); ``resume=True`` continues from ``PATH`` when
 it exists, refusing (ValueError naming the differences) a file written with another method, model,
 solver or settings. A resumed run gives bit-identical rotations (and weights) to an uninterrupted one
-on the same machine with the same number of threads, in memory, streamed and distributed (each rank
-keeps its own file, ``PATH`` with ``.rankR-of-W`` before the suffix).
+on the same machine with the same number of threads, in memory, streamed and distributed (the store
+reads and writes the file: under ``torchrun`` rank 0 writes the collective R1 state of every rank to
+``PATH`` and each rank its own R2 layers to ``PATH`` with ``.rankR-of-W`` before the suffix).
 """
 
 from __future__ import annotations
@@ -210,6 +211,12 @@ class MemoryStore:
     def report(self) -> dict:
         return {}
 
+    def write_partial(self, path, partial: Partial, unit: Unit) -> None:
+        write_partial(path, partial)
+
+    def read_partial(self, path) -> Partial | None:
+        return read_partial(path) if Path(path).is_file() else None
+
 
 # ------------------------------------------------------------------------------------------------
 # the phase loop
@@ -253,7 +260,7 @@ def _partial(settings: dict, key: str, step: int, out: dict, results: dict, solv
                    histories=histories, results={k: _result_summary(r) for k, r in results.items()})
 
 
-def _unit_callback(unit, done, before, callback, out, results, solver, objective, checkpoint, every, settings):
+def _unit_callback(store, unit, done, before, callback, out, results, solver, objective, checkpoint, every, settings):
     """The per-step callback of one unit: the user's callback (step counted from the unit's start)
     and the partial checkpoint every ``every`` steps."""
     history = list(before)
@@ -262,7 +269,8 @@ def _unit_callback(unit, done, before, callback, out, results, solver, objective
         step = done + i
         history.append(loss)
         if checkpoint is not None and (step + 1) % every == 0:
-            write_partial(checkpoint, _partial(settings, unit.key, step + 1, out, results, solver, objective, history))
+            store.write_partial(checkpoint, _partial(settings, unit.key, step + 1, out, results, solver, objective,
+                                                     history), unit)
         return bool(callback(unit.phase, step, loss, {**out, **rotations})) if callback is not None else False
 
     return cb if (callback is not None or checkpoint is not None) else None
@@ -317,8 +325,8 @@ def run_phases(store: WeightStore, config: RotateConfig, *, calib: torch.Tensor 
     settings = partial = None
     if checkpoint is not None and (resume or (learned and every)):
         settings = run_settings(config, store.fingerprint(), calib, init)
-        if resume and Path(checkpoint).is_file():
-            partial = read_partial(checkpoint)
+        partial = store.read_partial(checkpoint) if resume else None
+        if partial is not None:
             asked = phase_steps.get(_unit_phase(partial.phase), 0)
             if partial.step > asked:
                 raise ValueError(f"{checkpoint}: {partial.phase} has already taken {partial.step} steps, more "
@@ -360,7 +368,7 @@ def run_phases(store: WeightStore, config: RotateConfig, *, calib: torch.Tensor 
                 solver.load_state_dict({"tensors": {k: v.to(where) for k, v in partial.solver["tensors"].items()},
                                         "meta": partial.solver["meta"]})
                 done, before = partial.step, list(partial.histories.get(unit.key, []))
-            cb = _unit_callback(unit, done, before, callback, out, results, solver, objective,
+            cb = _unit_callback(store, unit, done, before, callback, out, results, solver, objective,
                                 checkpoint if every else None, every, settings)
             if config.method in COSINE_METHODS and hasattr(solver, "lr"):
                 total = config.schedule_steps or phase_steps.get(unit.phase, 0)
@@ -377,7 +385,7 @@ def run_phases(store: WeightStore, config: RotateConfig, *, calib: torch.Tensor 
         store.apply(unit, rots)
         out.update(rots)
         if checkpoint is not None and every and j + 1 < len(plan):  # unit boundary
-            write_partial(checkpoint, _partial(settings, plan[j + 1].key, 0, out, results))
+            store.write_partial(checkpoint, _partial(settings, plan[j + 1].key, 0, out, results), unit)
     return PhaseRun(out, results, plan, partial)
 
 
@@ -533,15 +541,6 @@ def rotate_model(
     return RotateResult(run.rotations, report, solves)
 
 
-def rank_checkpoint(path: str | Path | None, rank: int, world_size: int) -> Path | None:
-    """The partial checkpoint of ``rank`` in a ``world_size``-process run: ``path`` itself for one
-    process, else ``NAME.rankR-of-W.safetensors`` (each rank keeps its own solver and sampler state)."""
-    if path is None or world_size == 1:
-        return None if path is None else Path(path)
-    path = Path(path)
-    return path.with_name(f"{path.stem}.rank{rank}-of-{world_size}{path.suffix}")
-
-
 def rotate_streamed(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -582,19 +581,18 @@ def rotate_streamed(
     prepare_output(out_dir, {"model_dir": model_dir}, what="out_dir")
     began = time.perf_counter()
     store = SafetensorsStore(model_dir, config, progress=progress)
-    ckpt_path = rank_checkpoint(checkpoint, store.rank, store.world_size)
 
     def finish(run: PhaseRun, rots: dict[str, torch.Tensor], results: dict[str, SolveResult]) -> RotateResult:
         solves = combine_results(store.all_units(run.units), results)
-        report = build_report(config, rots, solves, time.perf_counter() - began, run.resumed, ckpt_path)
+        report = build_report(config, rots, solves, time.perf_counter() - began, run.resumed, checkpoint)
         report.update(store.report())
         report.update(dict(report_extra or {}))
         return RotateResult(rots, report, solves)
 
     return store.run(out_dir, lambda: run_phases(store, config, init=init, progress=progress and store.rank == 0,
-                                                 callback=callback, checkpoint=ckpt_path, resume=resume),
+                                                 callback=callback, checkpoint=checkpoint, resume=resume),
                      finish, extras)
 
 
 __all__ = ["MemoryStore", "PhaseRun", "RotateConfig", "RotateResult", "build_objective", "build_report",
-           "combine_results", "rank_checkpoint", "rotate_model", "rotate_streamed", "run_phases"]
+           "combine_results", "rotate_model", "rotate_streamed", "run_phases"]

@@ -58,3 +58,11 @@ class WeightStore(Protocol):
 
     def report(self) -> dict:
         """Store-specific entries of ``report.json``."""
+
+    def write_partial(self, path, partial, unit: Unit) -> None:
+        """Write the partial checkpoint ``partial`` (:class:`orthoopt.resume.Partial`) of a run at
+        ``path``, during or right after ``unit``; every process calls it at the same points of a
+        collective unit."""
+
+    def read_partial(self, path):
+        """The partial checkpoint this process resumes from, or None when there is none."""

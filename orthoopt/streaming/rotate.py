@@ -33,6 +33,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ from tqdm.auto import tqdm
 from orthoopt.adapters.io import REPORT_FILE, ROTATIONS_FILE
 from orthoopt.config import FULL_PRECISION_BLOCKS, STREAMED_METHODS, RotateConfig
 from orthoopt.objectives import FourthPower, Objective
+from orthoopt.resume import Partial, read_partial, write_partial
 from orthoopt.solvers.distributed import (
     DistributedObjective,
     all_gather_objects,
@@ -75,6 +77,12 @@ def peak_rss_mib() -> float | None:
     if resource is None:  # pragma: no cover
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rank_partial(path: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """Rank ``rank``'s own partial checkpoint next to ``path``: ``NAME.rankR-of-W.safetensors``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.rank{rank}-of-{world_size}{path.suffix}")
 
 
 def folder_checksum(ckpt: SafetensorsCheckpoint, block: int = 1 << 23) -> str:
@@ -174,6 +182,44 @@ class SafetensorsStore:
                     self._write_layers(range(self._next_layer, i + 1))
         if unit.phase == "R2":
             self._cached = None
+
+    def _collective(self, unit: Unit) -> bool:
+        return self.world_size > 1 and unit.key == "R1"
+
+    def write_partial(self, path, partial: Partial, unit: Unit) -> None:
+        """One process: ``path``. Distributed: during and right after R1 (a collective unit: every rank
+        at the same step) rank 0 writes every rank's state to ``path`` (objective states under
+        ``rank{r}.``), after each rank removed its own file; in R2 each rank writes its own
+        :func:`rank_partial` file. So a rank's own file is always newer than the shared one, and
+        every rank that resumes agrees on whether R1 is finished."""
+        path = Path(path)
+        if self.world_size == 1:
+            write_partial(path, partial)
+        elif self._collective(unit):
+            rank_partial(path, self.rank, self.world_size).unlink(missing_ok=True)
+            states = all_gather_objects(partial.objective)  # also: every rank removed its file
+            if self.rank == 0:
+                write_partial(path, replace(partial, objective={f"rank{r}.{k}": v for r, st in enumerate(states)
+                                                                for k, v in st.items()}))
+            all_gather_objects(None)  # the shared file is in place before any rank goes on
+        else:
+            write_partial(rank_partial(path, self.rank, self.world_size), partial)
+
+    def read_partial(self, path) -> Partial | None:
+        """This rank's own file if the shared one says R1 is finished (or there is no R1), else the
+        shared one with this rank's objective state; None when there is neither."""
+        path = Path(path)
+        shared = read_partial(path) if path.is_file() else None
+        if self.world_size == 1:
+            return shared
+        mine = rank_partial(path, self.rank, self.world_size)
+        r1_done = "R1" not in self.config.rotations or (shared is not None and "R1" in shared.results)
+        if mine.is_file() and r1_done:
+            return read_partial(mine)
+        if shared is not None:
+            prefix = f"rank{self.rank}."
+            shared.objective = {k[len(prefix):]: v for k, v in shared.objective.items() if k.startswith(prefix)}
+        return shared
 
     def report(self) -> dict:
         c = self.config
@@ -334,4 +380,4 @@ def _write_config(src: Path, dst: Path, untie: bool, model_dtype: torch.dtype) -
 
 
 
-__all__ = ["STREAMED_METHODS", "SafetensorsStore", "folder_checksum", "peak_rss_mib"]
+__all__ = ["STREAMED_METHODS", "SafetensorsStore", "folder_checksum", "peak_rss_mib", "rank_partial"]
