@@ -75,11 +75,13 @@ def init_process_group(device: str) -> torch.device:
 
 
 def config_from_args(args: argparse.Namespace, device: torch.device) -> RotateConfig:
-    """The run's :class:`~orthoopt.config.RotateConfig` (the same fields as ``orthoopt rotate --streamed``)."""
+    """The run's :class:`~orthoopt.config.RotateConfig` (the same fields as ``orthoopt rotate --streamed``).
+    ``device`` is the type only (``"cuda"``): each rank computes on its current device (``LOCAL_RANK``),
+    and every rank's config, hence its resume settings, is the same."""
     phases = tuple(s.strip() for s in args.rotations.split(",") if s.strip())
     return RotateConfig(method="optrot", rotations=phases, solver=args.solver, steps=args.steps, lr=args.lr,
                         seed=args.seed, dtype=args.dtype, model_dtype=args.model_dtype,
-                        device=None if device.type == "cpu" else str(device), chunk_rows=args.chunk_rows,
+                        device=None if device.type == "cpu" else device.type, chunk_rows=args.chunk_rows,
                         sample_fraction=args.sample_fraction, layers_per_shard=args.layers_per_shard,
                         include_embeddings=args.include_embeddings, checkpoint_every=args.checkpoint_every)
 
