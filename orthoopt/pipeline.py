@@ -74,6 +74,7 @@ import torch
 
 from orthoopt.adapters import DecoderAdapter, logits_relative_error  # noqa: F401 (re-exported helper)
 from orthoopt.adapters.verify import logits as model_logits
+from orthoopt.core.tolerance import invariance_tolerance
 from orthoopt.config import (  # noqa: F401 (the method tables, re-exported)
     COSINE_METHODS,
     DATA_METHODS,
@@ -533,7 +534,7 @@ def rotate_model(
         err = float((model_logits(model, verify_ids) - ref).norm() / ref.norm())
         report["invariance_error"] = err
         param_dtype = next(model.parameters()).dtype
-        tol = verify_tol if verify_tol is not None else (1e-6 if param_dtype == torch.float64 else 1e-4)
+        tol = verify_tol if verify_tol is not None else invariance_tolerance(param_dtype)
         report["invariance_tolerance"] = tol
         if not err <= tol:
             raise ValueError(f"rotated model's logits differ from the original's by {err:.3e} (relative), "

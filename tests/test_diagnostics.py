@@ -523,3 +523,15 @@ def test_save_figure_writes_png_and_svg_atomically(tmp_path):
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["curve.png", "curve.svg"]
     with pytest.raises(ValueError, match="format"):
         save_figure(fig, tmp_path / "x", formats=("pdf",))
+
+
+def test_one_kurtosis_definition():
+    # diagnostics report core's Pearson kurtosis minus 3 (excess); the KurTail objective uses it about 0
+    from orthoopt.core.moments import kurtosis
+    from orthoopt.objectives import row_kurtosis
+
+    X = randn(16, 40, seed=3) ** 3
+    torch.testing.assert_close(token_kurtosis(X), kurtosis(X, dim=1) - 3, rtol=1e-14, atol=0)
+    assert excess_kurtosis(X) == pytest.approx(float(kurtosis(X.reshape(-1), dim=0)) - 3, rel=1e-14)
+    torch.testing.assert_close(row_kurtosis(X), kurtosis(X, center=False), rtol=0, atol=0)
+    torch.testing.assert_close(row_kurtosis(X, center=True), kurtosis(X), rtol=0, atol=0)

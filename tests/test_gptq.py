@@ -84,7 +84,7 @@ def test_hessian_accumulator_is_mean_of_batches():
     acc.add(X[7:31].reshape(2, 12, 6))  # leading dims are tokens
     acc.add(X[31:])
     assert acc.tokens == 50
-    assert torch.allclose(acc.hessian, 2 * X.T @ X / 50, atol=1e-13)
+    assert torch.allclose(acc.hessian, 2 * X.T @ X / 50, atol=1e-13, rtol=0)
     with pytest.raises(ValueError, match="width 5"):
         acc.add(torch.zeros(3, 5))
 
@@ -97,7 +97,7 @@ def test_matches_definition_and_block_size_does_not_matter(group_size):
     expected = naive_gptq(W, H, spec, percdamp=0.01)
     for block in (1, 5, 24, 128):  # 5: groups straddle blocks
         got = gptq_quantize(W, H, spec, block_size=block, percdamp=0.01).weight
-        assert torch.allclose(got, expected, atol=1e-12), block
+        assert torch.allclose(got, expected, atol=1e-12, rtol=0), block
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -149,7 +149,7 @@ def test_uncorrelated_inputs_reduce_to_rtn(act_order, group_size):
         expected = quantize_rows(W[:, perm], spec)[:, torch.argsort(perm)]
     else:
         expected = quantize_rtn(W, spec)
-    assert torch.allclose(res.weight, expected, atol=1e-14)
+    assert torch.allclose(res.weight, expected, atol=1e-14, rtol=0)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -163,7 +163,7 @@ def test_result_lies_on_reported_grid(symmetric, act_order):
     if not act_order:
         assert torch.equal(res.group_index, torch.arange(64) // 16)
     codes = res.weight / res.scale[:, res.group_index] + res.zero[:, res.group_index]
-    assert torch.allclose(codes, codes.round(), atol=1e-9)
+    assert torch.allclose(codes, codes.round(), atol=1e-9, rtol=0)
     assert codes.round().min() >= spec.qmin and codes.round().max() <= spec.qmax
     assert res.loss > 0
 
@@ -222,7 +222,7 @@ def test_layerwise_gptq_uses_inputs_of_the_quantized_prefix(arch, online_hadamar
         p.remove()
     for name, lin in linears.items():
         redo = gptq_quantize(original[f"model.{name}.weight"], accs[name].hessian, spec).weight
-        assert torch.allclose(lin.weight, redo, atol=1e-10), name
+        assert torch.allclose(lin.weight, redo, atol=1e-10, rtol=0), name
         assert not torch.equal(lin.weight, original[f"model.{name}.weight"])
     assert torch.equal(model.lm_head.weight, original["lm_head.weight"])
     assert torch.equal(model.model.embed_tokens.weight, original["model.embed_tokens.weight"])

@@ -10,19 +10,26 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from orthoopt.core.tolerance import check_orthogonal, orthogonality_tolerance
 from orthoopt.manifold import (
+    O_N,
     cayley_retraction,
     cayley_retraction_iterative,
-    default_tolerance,
     orthogonality_error,
-    polar_retraction,
     project_tangent,
-    qr_retraction,
     random_orthogonal,
     reorthogonalize,
-    riemannian_grad,
     skew,
 )
+
+
+def qr_retraction(R, xi, step):
+    """The QR retraction (geoopt's EuclideanStiefel.retr) as orthoopt computes it."""
+    return reorthogonalize(R + step * xi, "qr")
+
+
+def polar_retraction(R, xi, step):
+    return reorthogonalize(R + step * xi, "polar")
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 sizes = st.integers(min_value=1, max_value=12)
@@ -58,7 +65,7 @@ def test_random_orthogonal_is_orthogonal_and_seeded(n, seed, dtype):
 def test_random_orthogonal_seeds_differ_and_dtypes_agree():
     a, b = random_orthogonal(6, 0), random_orthogonal(6, 1)
     assert not torch.allclose(a, b)
-    assert torch.allclose(random_orthogonal(6, 0, dtype=torch.float32).double(), a, atol=1e-7)
+    assert torch.allclose(random_orthogonal(6, 0, dtype=torch.float32).double(), a, atol=1e-7, rtol=0)
 
 
 def test_random_orthogonal_is_haar_not_raw_qr():
@@ -94,14 +101,33 @@ def test_orthogonality_error_values():
         orthogonality_error(torch.eye(3, dtype=torch.int64))
 
 
-def test_default_tolerance():
-    assert default_tolerance(torch.float64, 4096) == 1e-10
-    assert default_tolerance(torch.float32, 16) == 1e-5
+def test_orthogonality_tolerance_is_one_policy():
+    assert orthogonality_tolerance(4096, torch.float64) == 1e-10
+    assert orthogonality_tolerance(16, torch.float32) == 1e-5
     # large float32 rotations: above the rounding floor of a stored rotation
     floor = orthogonality_error(random_orthogonal(256).float())
-    assert default_tolerance(torch.float32, 256) > 1e-5 and default_tolerance(torch.float32, 256) > 10 * floor
+    assert orthogonality_tolerance(256, torch.float32) > 1e-5 and orthogonality_tolerance(256, torch.float32) > 10 * floor
     with pytest.raises(ValueError, match="float32 or float64"):
-        default_tolerance(torch.bfloat16)
+        orthogonality_tolerance(8, torch.bfloat16)
+    # the same number everywhere: the group, write-back, solve's init check
+    from orthoopt.adapters.writeback import orthogonality_tolerance as writeback_tolerance
+
+    assert O_N.tolerance(576, torch.float32) == writeback_tolerance(576, torch.float32) == orthogonality_tolerance(576, torch.float32)
+
+
+def test_check_orthogonal_names_the_rotation_and_its_error():
+    R = random_orthogonal(8, 0)
+    assert check_orthogonal(R, "R1") == orthogonality_error(R)
+    bad = R + 1e-7 * randn(8, 8, seed=1)
+    err = orthogonality_error(bad)
+    with pytest.raises(ValueError, match=rf"rotation 'R2.3' is not orthogonal: .* = {err:.3e} > tolerance 1.000e-10"):
+        check_orthogonal(bad, "R2.3")
+    assert check_orthogonal(bad, "R2.3", tol=1e-3) == err
+    check_orthogonal(bad.float(), "R1")  # float32: ~1e-6 is below its tolerance
+    with pytest.raises(ValueError, match="'R1' has NaN"):
+        check_orthogonal(torch.full((2, 2), float("nan")), "R1")
+    with pytest.raises(ValueError, match="square"):
+        check_orthogonal(torch.zeros(2, 3), "R1")
 
 
 # -- tangent space --------------------------------------------------------------------------
@@ -114,9 +140,9 @@ def test_project_tangent_is_tangent_idempotent_and_matches_geoopt(n, seed):
     G = randn(n, n, seed=seed + 1)
     xi = project_tangent(R, G)
     assert torch.linalg.matrix_norm(R.T @ xi + xi.T @ R) < 1e-12 * (1 + G.norm())  # tangent
-    assert torch.allclose(project_tangent(R, xi), xi, atol=1e-12)  # idempotent
-    assert torch.allclose(xi, geoopt.EuclideanStiefel().proju(R, G), atol=1e-12)
-    assert torch.allclose(xi, skew(G @ R.T) @ R, atol=1e-12)  # left generator form
+    assert torch.allclose(project_tangent(R, xi), xi, atol=1e-12, rtol=0)  # idempotent
+    assert torch.allclose(xi, geoopt.EuclideanStiefel().proju(R, G), atol=1e-12, rtol=0)
+    assert torch.allclose(xi, skew(G @ R.T) @ R, atol=1e-12, rtol=0)  # left generator form
     # orthogonal projection: the residual is normal to every tangent vector
     other = project_tangent(R, randn(n, n, seed=seed + 2))
     assert abs(inner(G - xi, other)) < 1e-10 * (1 + G.norm() * other.norm())
@@ -129,12 +155,12 @@ def test_riemannian_grad_represents_the_derivative(n, seed):
     R = random_orthogonal(n, seed)
     C = randn(n, n, seed=seed + 1)
     xi = project_tangent(R, randn(n, n, seed=seed + 2))
-    assert inner(riemannian_grad(R, C), xi) == pytest.approx(inner(C, xi), abs=1e-10)
-    canonical = riemannian_grad(R, C, metric="canonical")
-    assert torch.allclose(canonical, 2 * riemannian_grad(R, C), atol=1e-12)
-    assert torch.allclose(canonical, geoopt.CanonicalStiefel().egrad2rgrad(R, C), atol=1e-12)
-    with pytest.raises(ValueError, match="metric"):
-        riemannian_grad(R, C, metric="spherical")
+    rgrad = O_N.egrad2rgrad(R, C)
+    assert inner(rgrad, xi) == pytest.approx(inner(C, xi), abs=1e-10)
+    assert torch.allclose(O_N.generator(R, C) @ R, rgrad, rtol=0, atol=1e-12)  # left generator form
+    assert O_N.grad_norm(R, C) == pytest.approx(float(rgrad.norm()), rel=1e-12)
+    # geoopt's canonical metric is half the Euclidean one on O(n): its gradient is twice ours
+    assert torch.allclose(geoopt.CanonicalStiefel().egrad2rgrad(R, C), 2 * rgrad, rtol=0, atol=1e-12)
 
 
 def test_tangent_shape_errors():
@@ -167,9 +193,9 @@ def test_retractions_are_first_order(n, seed):
     xi = W @ R
     t = 1e-4
     for retr, arg in ((cayley_retraction, W), (qr_retraction, xi), (polar_retraction, xi)):
-        assert torch.allclose(retr(R, arg, 0.0), R, atol=1e-13)
+        assert torch.allclose(retr(R, arg, 0.0), R, atol=1e-13, rtol=0)
         derivative = (retr(R, arg, t) - retr(R, arg, -t)) / (2 * t)
-        assert torch.allclose(derivative, xi, atol=1e-6), retr.__name__
+        assert torch.allclose(derivative, xi, atol=1e-6, rtol=0), getattr(retr, '__name__', str(retr))
 
 
 def test_cayley_multiplies_from_the_left():
@@ -178,7 +204,7 @@ def test_cayley_multiplies_from_the_left():
     W = random_skew(5, 4) / 5
     eye = torch.eye(5, dtype=torch.float64)
     C = torch.linalg.inv(eye - 0.35 * W) @ (eye + 0.35 * W)
-    assert torch.allclose(cayley_retraction(R, W, 0.7), C @ R, atol=1e-13)
+    assert torch.allclose(cayley_retraction(R, W, 0.7), C @ R, atol=1e-13, rtol=0)
 
 
 @settings(max_examples=20, deadline=None)
@@ -218,9 +244,19 @@ def test_reorthogonalize(n, seed, dtype):
         assert Y.dtype == dtype and orthogonality_error(Y) < TOL[dtype]
     # the polar factor is the nearest orthogonal matrix: scipy agrees, and it beats Q
     U, _ = scipy.linalg.polar(noisy.double().numpy())
-    assert np.allclose(polar.double().numpy(), U, atol=10 * TOL[dtype])
+    assert np.allclose(polar.double().numpy(), U, atol=10 * TOL[dtype], rtol=0)
     assert (polar.double() - noisy.double()).norm() <= (Q - noisy.double()).norm() + 1e-6
     # an orthogonal matrix is a fixed point
-    assert torch.allclose(reorthogonalize(Q), Q, atol=1e-12)
+    assert torch.allclose(reorthogonalize(Q), Q, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="method"):
         reorthogonalize(Q, method="svd")
+
+
+def test_qr_projection_is_geoopts_qr_retraction_and_polar_factor_is_procrustes():
+    R = random_orthogonal(6, 5)
+    xi = project_tangent(R, randn(6, 6, seed=6))
+    want = geoopt.EuclideanStiefel().retr(R, 0.3 * xi)
+    torch.testing.assert_close(qr_retraction(R, xi, 0.3), want, rtol=0, atol=1e-12)
+    M = randn(6, 6, seed=7)
+    U, _ = scipy.linalg.polar(M.numpy())
+    torch.testing.assert_close(O_N.polar_factor(M), torch.from_numpy(U), rtol=0, atol=1e-12)

@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from orthoopt.core.grid import QuantSpec, quantize_tokens
 from orthoopt.objectives import (
     DFRotLoss,
     FourthPower,
@@ -22,8 +23,7 @@ from orthoopt.objectives import (
     Objective,
     Sum,
     WeightBlock,
-    fake_quantize_per_token,
-    massive_tokens,
+    peak_share_tokens,
     row_kurtosis,
 )
 
@@ -279,7 +279,7 @@ def test_kurtosis_zero_rows_and_bad_inputs():
         Kurtosis({"R1": torch.zeros(3, 5, dtype=F64)})
     bad = x.clone()
     bad[0, 0] = float("inf")
-    with pytest.raises(ValueError, match="'R1'.*NaN or inf"):
+    with pytest.raises(ValueError, match="'R1'.*non-finite"):
         Kurtosis({"R1": bad})
     with pytest.raises(ValueError, match="2-D"):
         Kurtosis({"R1": x[0]})
@@ -291,7 +291,7 @@ def test_kurtosis_zero_rows_and_bad_inputs():
         Kurtosis({})
     W = randn(3, 5, seed=1)
     W[2, 4] = float("nan")
-    with pytest.raises(ValueError, match="block 'lm_head'.*NaN or inf"):
+    with pytest.raises(ValueError, match="block 'lm_head'.*non-finite"):
         Kurtosis.from_blocks([WeightBlock(W, "R1", "in", "lm_head")])
 
 
@@ -311,7 +311,7 @@ def test_fake_quantize_grid(symmetric):
     y[5] = 0.0
     y[6] = y[6].abs()  # one-signed rows: the asymmetric grid still contains 0
     for bits in range(2, 9):
-        q = fake_quantize_per_token(y, bits, symmetric)
+        q = quantize_tokens(y, QuantSpec(bits=bits, symmetric=symmetric))
         if symmetric:
             scale = y.abs().amax(dim=1, keepdim=True) / (2 ** (bits - 1) - 1)
         else:
@@ -326,15 +326,20 @@ def test_fake_quantize_grid(symmetric):
         assert torch.equal(q[5], torch.zeros(12, dtype=F64))
 
 
-def test_fake_quantize_matches_library_quantizer():
-    from orthoopt.quant.quantizer import QuantSpec, quantize_rows  # imported here: loads the quant package
+def test_dfrot_uses_the_library_grid():
+    import orthoopt.core.grid as grid
+    from orthoopt.quant import quantizer  # imported here: loads the quant package
 
-    y = randn(20, 16, seed=1) * 3.0
+    for name in ("QuantSpec", "find_params", "fake_quantize", "quantize_rows", "quantize_groups"):
+        assert getattr(quantizer, name) is getattr(grid, name)  # one grid, re-exported
+    x = randn(20, 16, seed=1) * 3.0
+    R = {"R1": orthogonal(16, 2)}
+    y = x @ R["R1"]
     for bits in (2, 4, 8):
         for symmetric in (True, False):
-            torch.testing.assert_close(
-                fake_quantize_per_token(y, bits, symmetric), quantize_rows(y, QuantSpec(bits=bits, symmetric=symmetric))
-            )
+            obj = DFRotLoss({"R1": x}, bits=bits, symmetric=symmetric)
+            want = (y - quantizer.quantize_rows(y, quantizer.QuantSpec(bits=bits, symmetric=symmetric))).square().sum(1)
+            torch.testing.assert_close(obj.token_errors(R)["R1"], want, rtol=0, atol=0)
 
 
 def test_dfrot_loss_matches_documented_formula_and_bits():
@@ -360,8 +365,8 @@ def test_dfrot_massive_tokens_get_weight():
     massive[[3, 17, 29]] = True
     x[massive, 5] = 300.0  # one dominant channel: peak share ~ 0.99 (Gaussian tokens: < 0.4)
     scales = torch.rand(T, generator=torch.Generator().manual_seed(1), dtype=F64) * 10 + 0.1
-    assert torch.equal(massive_tokens(x), massive)
-    assert torch.equal(massive_tokens(scales[:, None] * x), massive)  # per-token scale (e.g. RMSNorm) invariant
+    assert torch.equal(peak_share_tokens(x), massive)
+    assert torch.equal(peak_share_tokens(scales[:, None] * x), massive)  # per-token scale (e.g. RMSNorm) invariant
     obj = DFRotLoss({"R1": x}, massive_weight=50.0)
     w = obj.weights["R1"]
     assert float(w.sum()) == pytest.approx(1.0, rel=1e-14)
@@ -425,7 +430,7 @@ def test_dfrot_bad_inputs():
             DFRotLoss({"R1": x}, bits=bits)
     bad = x.clone()
     bad[1, 1] = float("nan")
-    with pytest.raises(ValueError, match="'R1'.*NaN or inf"):
+    with pytest.raises(ValueError, match="'R1'.*non-finite"):
         DFRotLoss({"R1": bad})
     with pytest.raises(ValueError, match="2-D"):
         DFRotLoss({"R1": x[0]})
@@ -514,5 +519,5 @@ def test_hessian_weighted_bad_inputs():
         HessianWeighted([b], [torch.diag(torch.tensor([1.0, 1.0, -1.0, 1.0], dtype=F64))])
     H_nan = torch.eye(4, dtype=F64)
     H_nan[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="q_proj.*NaN or inf"):
+    with pytest.raises(ValueError, match="q_proj.*non-finite"):
         HessianWeighted([b], [H_nan])

@@ -72,7 +72,7 @@ def test_values_on_grid_and_within_half_step(data, bits, symmetric):
     q = quantize_rows(x, QuantSpec(bits=bits, symmetric=symmetric))
     scale, zero, qmin, qmax = hand_params(x, bits, symmetric)
     codes = q / scale + zero
-    assert torch.allclose(codes, codes.round(), atol=1e-6)
+    assert torch.allclose(codes, codes.round(), atol=1e-6, rtol=0)
     assert codes.round().min() >= qmin and codes.round().max() <= qmax
     # no clipping: every element is within half a step of its quantized value
     assert ((q - x).abs() <= scale / 2 * (1 + 1e-9) + 1e-12).all()
@@ -237,9 +237,9 @@ def test_online_hadamard_preserves_full_precision_model():
     info = rotate_down_proj_weights(model)
     H = online_hadamard_matrix(128, torch.float64)
     assert info["size"] == 128 and len(info["sha256"]) == 64
-    assert torch.allclose(H @ H.T, torch.eye(128, dtype=torch.float64), atol=1e-14)
+    assert torch.allclose(H @ H.T, torch.eye(128, dtype=torch.float64), atol=1e-14, rtol=0)
     for W, L in zip(downs, layers(model)):
-        assert torch.allclose(L.down.weight, W @ H, atol=1e-14)  # side "in": W -> W @ H
+        assert torch.allclose(L.down.weight, W @ H, atol=1e-14, rtol=0)  # side "in": W -> W @ H
     with torch.no_grad():
         rotated_only = model(ids).logits
     assert not torch.allclose(rotated_only, ref, atol=1e-3)  # the weight half alone changes the model
@@ -262,7 +262,7 @@ def test_online_hadamard_rotates_before_quantizing():
     with torch.no_grad():
         model(torch.randint(0, 256, (1, 8)))
     rotated = hadamard_transform(raw["x"])  # the hook's fast transform: x @ H without the dense H
-    assert torch.allclose(rotated, raw["x"] @ online_hadamard_matrix(128), atol=1e-5 * raw["x"].abs().max())
+    assert torch.allclose(rotated, raw["x"] @ online_hadamard_matrix(128), atol=1e-5 * raw["x"].abs().max(), rtol=0)
     assert torch.equal(got["x"], quantize_activations(rotated, cfg.spec))
 
 
@@ -338,3 +338,23 @@ def test_calibration_errors(tmp_path):
         calibration_batches(short, tok, nsamples=2, seq_len=8)
     with pytest.raises(ValueError, match="nsamples"):
         calibration_batches(short, tok, nsamples=0, seq_len=2)
+
+
+def test_one_grid_tokens_and_straight_through():
+    from orthoopt.core.grid import quantize_tokens, straight_through
+
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    spec = QuantSpec(bits=4, symmetric=False)
+    # per token over [..., n]: the same as quantize_rows on the flattened rows, and what activations use
+    flat = quantize_rows(x.reshape(-1, 16), spec).reshape(x.shape)
+    assert torch.equal(quantize_tokens(x, spec), flat)
+    assert torch.equal(quantize_activations(x, spec), flat)
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_tokens(x, QuantSpec(bits=4, group_size=8))
+    # gradients: through the scale only (codes constant) vs straight-through (identity)
+    y = x.clone().requires_grad_(True)
+    (quantize_tokens(y, spec) - y).square().sum().backward()
+    exact = y.grad.clone()
+    y.grad = None
+    straight_through(y, quantize_tokens(y.detach(), spec)).sum().backward()
+    assert torch.equal(y.grad, torch.ones_like(x)) and not torch.equal(exact, torch.zeros_like(x))

@@ -1,9 +1,10 @@
 """Inputs of a decoder's linear layers on calibration text, for data-driven objectives.
 
 Forward pre-hooks record the input rows ``x`` (``[tokens, in_features]``, row vectors as in
-``docs/conventions.md``) of the named ``nn.Linear`` modules. Layers that read the same tensor
-(q/k/v read ``input_layernorm``'s output, gate/up read ``post_attention_layernorm``'s) are recorded
-once and share the result. Nothing here knows about objectives.
+``docs/conventions.md``) of the named modules (``nn.Linear`` projections, MoE routers and expert
+modules, whose first forward argument is their input). Modules that read the same tensor (one
+input-sharing group of the architecture table, ``Proj.group``: q/k/v read ``input_layernorm``'s
+output, gate/up ``post_attention_layernorm``'s) are recorded once and share the result. Nothing here knows about objectives.
 """
 
 from __future__ import annotations
@@ -20,19 +21,20 @@ from orthoopt.adapters.archs import DecoderModules
 def input_groups(m: DecoderModules, modules: Iterable[str] | None = None) -> dict[str, list[str]]:
     """``{hooked module name: [names sharing its input]}`` for the requested linear modules.
 
-    ``modules`` defaults to every projection and ``lm_head`` (see ``DecoderModules.linears``);
-    an unknown name raises ValueError.
+    ``modules`` defaults to every projection's module and ``lm_head`` (see
+    ``DecoderModules.input_modules``); an unknown name raises ValueError.
     """
-    linears = m.linears()
+    linears = m.input_modules()
     wanted = list(linears) if modules is None else list(dict.fromkeys(modules))
     unknown = [n for n in wanted if n not in linears]
     if unknown:
         raise ValueError(f"not linear modules of this model: {unknown[:5]} (e.g. {next(iter(linears))!r})")
     shared: dict[str, str] = {}  # module -> group leader
     for L in m.layers:
-        for group in (("q", "k", "v"), ("o",), ("gate", "up"), ("down",)):
-            for role in group:
-                shared[L.names[role]] = L.names[group[0]]
+        for group in m.spec.groups:
+            present = [L.names[r] for r in group if r in L.projs]
+            for name in present:
+                shared.setdefault(name, present[0])
     shared[m.names["lm_head"]] = m.names["lm_head"]
     groups: dict[str, list[str]] = {}
     for n in wanted:
@@ -64,7 +66,7 @@ def linear_inputs(model: nn.Module, m: DecoderModules, batches: Iterable[torch.T
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     groups = input_groups(m, modules)
-    linears = m.linears()
+    linears = m.input_modules()
     gen = torch.Generator().manual_seed(seed)
     kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # leader -> (keys [T], rows [T, in])
     keys: list[torch.Tensor] = []  # this batch's per-token keys (bottom-k sampling)
@@ -103,7 +105,7 @@ def input_hessians(model: nn.Module, m: DecoderModules, batches: Iterable[torch.
     float64 matrix per group of modules sharing an input (q/k/v share one, gate/up another).
     """
     groups = input_groups(m, modules)
-    linears = m.linears()
+    linears = m.input_modules()
     acc: dict[str, torch.Tensor] = {}
     count = [0]
 

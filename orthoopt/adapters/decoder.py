@@ -1,4 +1,4 @@
-"""One adapter for every supported RMSNorm + gated-MLP decoder (Llama, Mistral, Qwen2, Qwen3).
+"""One adapter for every decoder of the architecture table (:data:`orthoopt.adapters.archs.ARCHS`).
 
 Typical use (sides and shapes: ``docs/conventions.md``; the steps: ``docs/adapters.md``)::
 
@@ -36,8 +36,8 @@ class DecoderAdapter:
         for name, p in model.named_parameters():  # a model without data gives raw torch errors later
             check_not_meta(p, f"weight {name!r}")
         self.modules: DecoderModules = locate(model, arch)
-        for name, norm in self.modules.residual_norms().items():
-            check_rms_norm(name, norm, self.modules.hidden)
+        for name, (norm, kind) in self.modules.all_norms().items():
+            check_rms_norm(name, norm, self.modules.hidden, kind)
 
     # sizes ---------------------------------------------------------------------------------------
     @property
@@ -71,7 +71,8 @@ class DecoderAdapter:
 
     # 1. norm fusion ------------------------------------------------------------------------------
     def fuse_norms(self) -> None:
-        """Fold the residual RMSNorm scales into q/k/v, gate/up and lm_head; set them to one.
+        """Fold the residual pre-norm scales into their readers (the table's) and lm_head; set them to
+        the identity.
 
         Output unchanged (up to the parameter dtype's rounding); idempotent; unties a tied lm_head when
         the final norm's scale is not all ones. Required before :meth:`weight_blocks` and
@@ -95,10 +96,13 @@ class DecoderAdapter:
         """Blocks of the selected rotations (``"R1"``, ``"R2"`` = every ``R2.i``, or ``"R2.3"``).
 
         Weights are detached views of the parameters (they follow later in-place updates). R1:
-        ``embed_tokens`` (in), per layer q/k/v/gate/up (in), o_proj/down_proj (out), ``lm_head`` (in;
-        omitted while tied, the embedding block stands for both). R2.i: ``...v_proj.head{h}`` (out,
-        one per kv head) and ``...o_proj.head{h}`` (in, one per query head). Each block shows the
-        current weight, not rotated by the other rotations.
+        ``embed_tokens`` (in), per layer every projection of the architecture table with its side
+        (Llama: q/k/v/gate/up in, o_proj/down_proj out; expert tensors one block per expert),
+        ``lm_head`` (in; omitted while tied, the embedding block stands for both). R2.i: the value
+        rows ``...v_proj.head{h}`` (out, one per kv head) and ``...o_proj.head{h}`` (in, one per query
+        head). Each block shows the current weight, not rotated by the other rotations. Raises
+        ``UnsupportedModelError`` with the reason when R1 is asked for but cannot be fused exactly
+        (post-norms with non-uniform scales: OLMo-2, Gemma 2/3).
         """
         self._require_fused("weight_blocks")
         return [b for b, _, _ in writeback.block_entries(self.modules, rotations)]
@@ -123,7 +127,7 @@ class DecoderAdapter:
 
         Validates everything first (:meth:`validate`) and raises ValueError naming the problem before
         any weight changes. Products in float64, cast back to each parameter's dtype; biases rotate
-        with their outputs (v bias per head by R2, o/down biases by R1).
+        with their outputs (v bias per head by R2, writers' biases by R1).
         """
         self.validate(rotations, tol)
         writeback.apply_rotations(self.modules, rotations)

@@ -1,32 +1,38 @@
-"""Weight blocks of a decoder and the write-back of rotations into its weights.
+"""Weight blocks of a decoder and the write-back of rotations into its weights, from the table.
 
-Rotation names and sides follow ``docs/conventions.md``:
+Rotation names and sides follow ``docs/conventions.md``; which weight gets what comes from the
+architecture table (:data:`orthoopt.adapters.archs.ARCHS`), never from a list here:
 
-* ``R1`` ``[hidden, hidden]`` (residual stream): side "in" (``W @ R1``) for the embedding and every
-  layer that reads the residual (q, k, v, gate, up, lm_head); side "out" (``R1.T @ W``, bias
-  ``b @ R1``) for the layers that write it (o_proj, down_proj).
+* ``R1`` ``[hidden, hidden]`` (residual stream): side "in" (``W @ R1``) for the embedding, ``lm_head``
+  and every projection that reads the residual (q, k, v, qkv, gate, up, gate_up, routers, experts'
+  gate/up); side "out" (``R1.T @ W``, bias ``b @ R1``) for those that write it (o_proj, down_proj,
+  experts' down). Expert tensors ``[experts, out, in]`` are rotated per expert.
 * ``R2.{i}`` ``[head_dim, head_dim]`` (value/output head space of layer ``i``, one matrix shared by
-  all heads, so grouped-query attention stays consistent): side "out" for the rows of each kv head of
-  v_proj (``W_v[h*d:(h+1)*d, :]``, bias ``b_v[h*d:(h+1)*d] @ R2``), side "in" for the columns of each
-  query head of o_proj (``W_o[:, h*d:(h+1)*d]``). q/k (and Qwen3's q_norm/k_norm) are never touched
-  by R2, since RoPE and the q/k norms act on them.
+  all heads, so grouped-query attention stays consistent): side "out" for the rows of each kv head
+  of the value rows (``spec.v_rows``: v_proj, or the v part of Phi-3's qkv_proj; bias per head
+  ``b_v[h] @ R2``), side "in" for the columns of each query head of o_proj. q/k (and q/k norms) are
+  never touched by R2, since RoPE and the q/k norms act on them.
 
-All functions require fused norms (see :mod:`orthoopt.adapters.fusion`).
+The tensor-level functions (:func:`rotate_layer`, :func:`layer_r1_entries`, :func:`layer_r2_entries`)
+work on a ``{key: tensor}`` mapping with keys ``f"{prefix}.{path}.{param}"``, so the in-memory adapter
+(keys = parameter names relative to the decoder) and the streamed path (keys = safetensors names)
+share them. All functions require fused norms (see :mod:`orthoopt.adapters.fusion`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from orthoopt.adapters.archs import DecoderModules
+from orthoopt.adapters.archs import ArchSpec, DecoderModules, UnsupportedModelError, part_rows, r1_refusal
 from orthoopt.core import WeightBlock
+from orthoopt.core.tolerance import orthogonality_tolerance  # noqa: F401  (the one policy, re-exported)
 
-ORTHO_RTOL = {torch.float64: 1e-8}
-"""Orthogonality tolerance relative to ``||I||_F = sqrt(n)``, by rotation dtype; others use 1e-3."""
+F64 = torch.float64
+
+Entry = tuple[WeightBlock, "str | None", "slice | None"]
 
 
 def rotation_dims(m: DecoderModules) -> dict[str, int]:
@@ -50,50 +56,110 @@ def _select(m: DecoderModules, rotations: Iterable[str]) -> list[str]:
     return out
 
 
-def block_entries(m: DecoderModules, rotations: Iterable[str] = ("R1", "R2")) -> list[tuple[WeightBlock, str | None, slice | None]]:
+def check_r1_exact(m: DecoderModules) -> None:
+    """Raise :class:`UnsupportedModelError` with the reason when ``R1`` cannot be fused exactly
+    (a post-norm with a non-uniform scale: :func:`orthoopt.adapters.archs.r1_refusal`)."""
+    reason = r1_refusal(m.post_norm_scales())
+    if reason:
+        raise UnsupportedModelError(f"model_type {m.spec.model_type!r}: {reason}")
+
+
+def _key(prefix: str, path: str, param: str) -> str:
+    return f"{prefix}.{path}.{param}"
+
+
+def layer_r1_entries(spec: ArchSpec, t: Mapping[str, torch.Tensor], key_prefix: str, name_prefix: str) -> list[Entry]:
+    """``(block, input module name, None)`` of the ``R1`` blocks of one layer, in table order.
+
+    ``t`` maps ``f"{key_prefix}.{path}.{param}"`` to the layer's weights (roles absent from ``t`` are
+    skipped: optional roles). Blocks are views of ``t``'s tensors; block names are module names
+    ``f"{name_prefix}.{path}"`` (expert tensors: one block per expert, ``...experts.down_proj.{e}``).
+    The input module is the block's module for side-"in" blocks and linear layers; None for the
+    side-"out" expert tensors (their input is routed per expert, not captured).
+    """
+    out: list[Entry] = []
+    for pr in spec.projs:
+        k = _key(key_prefix, pr.path, pr.param)
+        if k not in t:
+            continue
+        W, name = t[k], f"{name_prefix}.{pr.path}"
+        if pr.experts:
+            source = name if pr.side == "in" else None
+            out += [(WeightBlock(W[e], "R1", pr.side, f"{name}.{pr.param}.{e}"), source, None) for e in range(W.shape[0])]
+        else:
+            out.append((WeightBlock(W, "R1", pr.side, name), name, None))
+    return out
+
+
+def layer_r2_entries(spec: ArchSpec, t: Mapping[str, torch.Tensor], key_prefix: str, name_prefix: str, index: int,
+                     num_heads: int, num_kv_heads: int, head_dim: int) -> list[Entry]:
+    """``(block, input module name, column slice)`` of ``R2.{index}``: the value rows per kv head (side
+    "out"), then o_proj's columns per query head (side "in", with the head's input columns)."""
+    vrole, vpart = spec.v_rows
+    vp, op = spec.proj(vrole), spec.proj(spec.o_role)
+    Wv, Wo = t[_key(key_prefix, vp.path, vp.param)], t[_key(key_prefix, op.path, op.param)]
+    rows = part_rows(spec, vrole, Wv.shape[0], num_heads, num_kv_heads, head_dim)[vpart or vrole]
+    vname, oname, d, r = f"{name_prefix}.{vp.path}", f"{name_prefix}.{op.path}", head_dim, f"R2.{index}"
+    label = vname if vpart is None else f"{vname}.{vpart}"
+    out: list[Entry] = []
+    for h in range(num_kv_heads):
+        a = rows.start + h * d
+        out.append((WeightBlock(Wv[a:a + d, :], r, "out", f"{label}.head{h}"), vname, None))
+    for h in range(num_heads):
+        s = slice(h * d, (h + 1) * d)
+        out.append((WeightBlock(Wo[:, s], r, "in", f"{oname}.head{h}"), oname, s))
+    return out
+
+
+def layer_params(m: DecoderModules, L) -> dict[str, torch.Tensor]:
+    """``{parameter name relative to the decoder: parameter}`` of layer ``L``'s projections (weights and
+    biases), the mapping the tensor-level functions take for the in-memory model (prefix ``L.prefix``)."""
+    out: dict[str, torch.Tensor] = {}
+    for role, mod in L.projs.items():
+        pr = m.spec.proj(role)
+        out[L.param_name(m.spec, role)] = getattr(mod, pr.param)
+        b = L.bias(m.spec, role)
+        if b is not None:
+            out[L.param_name(m.spec, role, pr.bias_param)] = b
+    return out
+
+
+def block_entries(m: DecoderModules, rotations: Iterable[str] = ("R1", "R2")) -> list[Entry]:
     """``(block, input module, input column slice)`` for every block of the selected rotations.
 
     The block weights are detached views of the parameters (no copy). The input module is the
-    ``nn.Linear`` whose input activations pair with the block (None for the embedding); the slice
-    selects the block's columns of that input (the head of an o_proj block), None for all.
-    Order: ``R1`` blocks in forward order, then ``R2.0``, ``R2.1``, ...
+    module whose input activations pair with the block (None for the embedding and the experts'
+    down tensors); the slice selects the block's columns of that input (the head of an o_proj block),
+    None for all. Order: ``R1`` blocks in forward order, then ``R2.0``, ``R2.1``, ...
+    Raises :class:`UnsupportedModelError` when ``R1`` is selected but cannot be fused exactly.
     """
     names = _select(m, rotations)
-    out: list[tuple[WeightBlock, str | None, slice | None]] = []
+    out: list[Entry] = []
+    spec = m.spec
     if "R1" in names:
+        check_r1_exact(m)
         out.append((WeightBlock(m.embed.weight.detach(), "R1", "in", m.names["embed"]), None, None))
         for L in m.layers:
-            for role in ("q", "k", "v", "o", "gate", "up", "down"):
-                side = "out" if role in ("o", "down") else "in"
-                W = getattr(L, role).weight.detach()
-                out.append((WeightBlock(W, "R1", side, L.names[role]), L.names[role], None))
+            t = {k: v.detach() for k, v in layer_params(m, L).items()}
+            out += layer_r1_entries(spec, t, L.prefix, L.prefix)
         if not m.tied:  # a tied lm_head is the embedding block
             out.append((WeightBlock(m.lm_head.weight.detach(), "R1", "in", m.names["lm_head"]), m.names["lm_head"], None))
-    d = m.head_dim
     for L in m.layers:
         r = f"R2.{L.index}"
         if r not in names:
             continue
-        Wv, Wo = L.v.weight.detach(), L.o.weight.detach()
-        for h in range(m.num_kv_heads):
-            out.append((WeightBlock(Wv[h * d:(h + 1) * d, :], r, "out", f"{L.names['v']}.head{h}"), L.names["v"], None))
-        for h in range(m.num_heads):
-            s = slice(h * d, (h + 1) * d)
-            out.append((WeightBlock(Wo[:, s], r, "in", f"{L.names['o']}.head{h}"), L.names["o"], s))
+        t = {k: v.detach() for k, v in layer_params(m, L).items()}
+        out += layer_r2_entries(spec, t, L.prefix, L.prefix, L.index, m.num_heads, m.num_kv_heads, m.head_dim)
     return out
-
-
-def orthogonality_tolerance(n: int, dtype: torch.dtype) -> float:
-    """Largest accepted ``||R.T @ R - I||_F`` for an ``[n, n]`` rotation of ``dtype``:
-    ``sqrt(n) * 1e-8`` for float64, ``sqrt(n) * 1e-3`` otherwise (float32 rotations of a few
-    thousand rows reach ~1e-4 * sqrt(n) after orthogonalization)."""
-    return math.sqrt(n) * ORTHO_RTOL.get(dtype, 1e-3)
 
 
 def validate_rotations(m: DecoderModules, rotations: Mapping[str, torch.Tensor], tol: float | None = None) -> None:
     """Raise ValueError naming the first bad rotation: unknown name, wrong shape, non-finite, or
-    ``||R.T @ R - I||_F`` (in float64) above ``tol`` (default :func:`orthogonality_tolerance`)."""
+    ``||R.T @ R - I||_F`` (in float64) above ``tol`` (default :func:`orthogonality_tolerance`);
+    :class:`UnsupportedModelError` when ``R1`` is given but cannot be fused exactly."""
     dims = rotation_dims(m)
+    if "R1" in rotations:
+        check_r1_exact(m)
     for name, R in rotations.items():
         if name not in dims:
             raise ValueError(f"unknown rotation {name!r}; this model has R1 and R2.0 .. R2.{len(m.layers) - 1}")
@@ -130,17 +196,67 @@ def blockdiag_right(W: torch.Tensor, R: torch.Tensor, heads: int) -> torch.Tenso
     return (W.reshape(W.shape[0], heads, d) @ R).reshape(W.shape)
 
 
+def rotate_layer(spec: ArchSpec, t: Mapping[str, torch.Tensor], prefix: str, R1: torch.Tensor | None = None,
+                 R2: torch.Tensor | None = None, *, num_heads: int, num_kv_heads: int,
+                 dtype: torch.dtype | None = F64) -> dict[str, torch.Tensor]:
+    """The rotated tensors of one layer: ``{key: float64 tensor}`` for every key of ``t`` that changes.
+
+    ``t`` maps ``f"{prefix}.{path}.{param}"`` (and ``.bias``) to the layer's projection tensors (absent
+    roles are skipped); ``R1`` ``[hidden, hidden]`` and ``R2`` ``[head_dim, head_dim]`` are float64
+    on the tensors' device, or None. Each weight is transformed once in ``dtype`` (float64; None: the
+    tensors' own dtype, as SpinQuant's differentiable path uses it), and the caller casts it back:
+    side "in" ``W @ R1``; side "out" ``R1.T @ W`` with bias ``b @ R1``; then the value rows
+    ``blockdiag(R2).T @ W_v`` (bias per head ``b_v[h] @ R2``) and o_proj's columns ``W_o @ blockdiag(R2)``.
+    ``t`` is not modified.
+    """
+    out: dict[str, torch.Tensor] = {}
+    vrole, vpart = spec.v_rows
+    for pr in spec.projs:
+        wk = _key(prefix, pr.path, pr.param)
+        if wk not in t:
+            continue
+        bk = _key(prefix, pr.path, pr.bias_param) if pr.bias_param else None
+        W = t[wk] if dtype is None else t[wk].to(dtype)
+        b = None if bk is None or bk not in t else (t[bk] if dtype is None else t[bk].to(dtype))
+        w_changed = b_changed = False
+        if R1 is not None:
+            W = W @ R1 if pr.side == "in" else R1.T @ W
+            w_changed = True
+            if pr.side == "out" and b is not None:
+                b, b_changed = b @ R1, True
+        if R2 is not None and pr.role == vrole:
+            d = R2.shape[0]
+            rows = part_rows(spec, vrole, W.shape[0], num_heads, num_kv_heads, d)[vpart or vrole]
+            heads = (rows.stop - rows.start) // d
+            if rows.start == 0 and rows.stop == W.shape[0]:
+                W = blockdiag_left(W, R2, heads)
+            else:
+                W = torch.cat([W[:rows.start], blockdiag_left(W[rows], R2, heads), W[rows.stop:]])
+            w_changed = True
+            if b is not None:
+                bv = blockdiag_left(b[rows][:, None], R2, heads)[:, 0]
+                b = bv if bv.shape[0] == b.shape[0] else torch.cat([b[:rows.start], bv, b[rows.stop:]])
+                b_changed = True
+        if R2 is not None and pr.role == spec.o_role:
+            W = blockdiag_right(W, R2, W.shape[-1] // R2.shape[0])
+            w_changed = True
+        if w_changed:
+            out[wk] = W
+        if b_changed:
+            out[bk] = b
+    return out
+
+
 @torch.no_grad()
 def apply_rotations(m: DecoderModules, rotations: Mapping[str, torch.Tensor]) -> None:
     """Fuse the given rotations into the weights in place (missing names act as the identity).
 
-    Each parameter is transformed once in float64 and cast back to its dtype:
-    embedding ``E @ R1``; q, k, gate, up, lm_head ``W @ R1``; v ``blockdiag(R2).T @ W @ R1`` with
-    bias ``b @ blockdiag(R2)``; o ``R1.T @ W @ blockdiag(R2)``; down ``R1.T @ W``; o/down biases
-    ``b @ R1``. Call :func:`validate_rotations` first; this function does not validate.
+    Each parameter is transformed once in float64 and cast back to its dtype: embedding and lm_head
+    ``E @ R1``; every layer by :func:`rotate_layer` (the table's sides). Call
+    :func:`validate_rotations` first; this function does not validate.
     """
     def f64(R):
-        return None if R is None else R.detach().to(torch.float64)
+        return None if R is None else R.detach().to(F64)
 
     def put(p: torch.Tensor, value: torch.Tensor) -> None:
         p.data.copy_(value.to(p.dtype))
@@ -148,35 +264,17 @@ def apply_rotations(m: DecoderModules, rotations: Mapping[str, torch.Tensor]) ->
     R1 = rotations.get("R1")
     R1 = None if R1 is None else f64(R1).to(m.embed.weight.device)
     if R1 is not None:
-        put(m.embed.weight, m.embed.weight.to(torch.float64) @ R1)
+        put(m.embed.weight, m.embed.weight.to(F64) @ R1)
         if not m.tied:
-            put(m.lm_head.weight, m.lm_head.weight.to(torch.float64) @ R1.to(m.lm_head.weight.device))
+            put(m.lm_head.weight, m.lm_head.weight.to(F64) @ R1.to(m.lm_head.weight.device))
     for L in m.layers:
-        dev = L.q.weight.device
+        params = layer_params(m, L)
+        dev = next(iter(params.values())).device
         r1 = None if R1 is None else R1.to(dev)
         R2 = rotations.get(f"R2.{L.index}")
         r2 = None if R2 is None else f64(R2).to(dev)
-        if r1 is not None:
-            for lin in (L.q, L.k, L.gate, L.up):
-                put(lin.weight, lin.weight.to(torch.float64) @ r1)
-            put(L.down.weight, r1.T @ L.down.weight.to(torch.float64))
-            if L.down.bias is not None:
-                put(L.down.bias, L.down.bias.to(torch.float64) @ r1)
-        # v: rows per kv head by R2 (output side), columns by R1 (input side).
-        Wv = L.v.weight.to(torch.float64)
-        Wv = Wv @ r1 if r1 is not None else Wv
-        if r2 is not None:
-            Wv = blockdiag_left(Wv, r2, L.v.out_features // r2.shape[0])
-            if L.v.bias is not None:
-                put(L.v.bias, blockdiag_left(L.v.bias.to(torch.float64)[:, None], r2, L.v.out_features // r2.shape[0])[:, 0])
-        if r1 is not None or r2 is not None:
-            put(L.v.weight, Wv)
-        # o: columns per query head by R2 (input side), rows by R1 (output side).
-        Wo = L.o.weight.to(torch.float64)
-        Wo = r1.T @ Wo if r1 is not None else Wo
-        if r2 is not None:
-            Wo = blockdiag_right(Wo, r2, L.o.in_features // r2.shape[0])
-        if r1 is not None or r2 is not None:
-            put(L.o.weight, Wo)
-        if r1 is not None and L.o.bias is not None:
-            put(L.o.bias, L.o.bias.to(torch.float64) @ r1)
+        if r1 is None and r2 is None:
+            continue
+        new = rotate_layer(m.spec, params, L.prefix, r1, r2, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads)
+        for k, v in new.items():
+            put(params[k], v)

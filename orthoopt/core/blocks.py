@@ -1,7 +1,8 @@
 """Core types shared by every layer: weight blocks and named rotations.
 
 Adapters produce :class:`WeightBlock` lists, objectives consume them, solvers update the rotations;
-none of them imports another for these types. Conventions (``docs/conventions.md``): side ``"in"``
+none of them imports another for these types. (``block_dims`` is over a list of blocks; an adapter's
+``rotation_dims()`` is over a model.) Conventions (``docs/conventions.md``): side ``"in"``
 rotates a block as ``W @ R``, side ``"out"`` as ``R.T @ W``.
 """
 
@@ -62,14 +63,6 @@ class WeightBlock:
         return self.weight if self.side == "in" else self.weight.T
 
 
-def check_finite(t: torch.Tensor, what: str) -> None:
-    """Raise ValueError naming ``what`` if ``t`` holds NaN or inf, or is on the meta device (no data)."""
-    if t.is_meta:
-        raise ValueError(f"{what} is on the meta device: it holds no data; load the real weights first")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{what} contains NaN or inf")
-
-
 def get_rotation(rotations: Mapping[str, torch.Tensor], name: str, n: int) -> torch.Tensor:
     """``rotations[name]`` after checking it is a floating ``[n, n]`` tensor (ValueError otherwise)."""
     if name not in rotations:
@@ -83,7 +76,7 @@ def get_rotation(rotations: Mapping[str, torch.Tensor], name: str, n: int) -> to
     return R
 
 
-def rotation_dims(blocks: list[WeightBlock]) -> dict[str, int]:
+def block_dims(blocks: list[WeightBlock]) -> dict[str, int]:
     """``{rotation name: n}`` for a list of blocks; raises if two blocks disagree on ``n``."""
     dims: dict[str, int] = {}
     for b in blocks:

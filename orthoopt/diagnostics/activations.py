@@ -10,15 +10,16 @@ Definitions:
   ``channel_max_ratio`` is the largest per-channel magnitude over their median (about 1-2 when no
   channel stands out).
 - per-token kurtosis: the excess kurtosis ``m4 / m2**2 - 3`` of each token's row (across channels,
-  population moments), summarised by mean / median / max over tokens. Constant rows (zero variance)
+  central population moments, :mod:`orthoopt.core.moments`), summarised by mean / median / max over tokens. Constant rows (zero variance)
   are skipped and counted in ``constant_tokens``.
-- massive activations (after Sun et al., 2024, "Massive Activations in Large Language Models"): a
+- massive activations (:func:`massive_tokens`; after Sun et al., 2024, "Massive Activations in Large Language Models"): a
   token is *massive* when its largest magnitude ``max_c |X[t, c]|`` exceeds
   ``threshold = max(ratio * median(|X|), min_abs)``, with the median over all entries of ``X``.
   Defaults ``ratio = 100`` and ``min_abs = 0``: Gaussian rows of a few thousand channels stay below
   ``10 * median``, so 100x singles out the rare tokens (often the first one) that carry a huge
   value in a few fixed channels. Sun et al. additionally ask for ``|x| > 100`` in real LLMs; pass
-  ``min_abs=100`` for that.
+  ``min_abs=100`` for that. (DFRot's objective selects its up-weighted tokens by another rule, the
+  peak's share of the token norm: ``orthoopt.objectives.peak_share_tokens``.)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from orthoopt.core.moments import moments
 from orthoopt.diagnostics.stats import as_matrix
 
 DEFAULT_MASSIVE_RATIO = 100.0
@@ -53,9 +55,7 @@ def token_kurtosis(X: torch.Tensor) -> torch.Tensor:
 
 
 def _token_kurtosis(X: torch.Tensor) -> torch.Tensor:
-    c2 = (X - X.mean(dim=1, keepdim=True)).square()
-    m2 = c2.mean(dim=1)
-    m4 = c2.square().mean(dim=1)
+    m2, m4 = moments(X, dim=1, center=True)
     nan = torch.full_like(m2, float("nan"))
     return torch.where(m2 > 0, m4 / torch.where(m2 > 0, m2, 1.0).square() - 3.0, nan)
 

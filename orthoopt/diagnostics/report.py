@@ -38,15 +38,23 @@ def stored_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{name: weight}`` of a decoder's embedding and linear layers, in forward order, as stored.
 
     Weights are the parameters themselves (not copies): ``embed_tokens`` ``[vocab, hidden]``, then
-    per layer q/k/v/o/gate/up/down ``[out, in]``, then ``lm_head`` ``[vocab, hidden]`` unless tied.
-    Raises ValueError (``UnsupportedModelError``) for a model the adapters do not support.
+    per layer every projection of the architecture table ``[out, in]`` (q/k/v/o/gate/up/down for
+    Llama; MoE expert tensors one ``...experts.down_proj.{e}`` per expert), then ``lm_head``
+    ``[vocab, hidden]`` unless tied. Raises ValueError (``UnsupportedModelError``) for a model the
+    adapters do not support.
     """
     m = DecoderAdapter(model).modules
     out = {m.names["embed"]: m.embed.weight.detach()}
-    for name, linear in m.linears().items():
-        if name == m.names["lm_head"] and m.tied:
-            continue
-        out[name] = linear.weight.detach()
+    for L in m.layers:
+        for role, mod in L.projs.items():
+            pr = m.spec.proj(role)
+            W = getattr(mod, pr.param).detach()
+            if pr.experts:
+                out.update({f"{L.names[role]}.{pr.param}.{e}": W[e] for e in range(W.shape[0])})
+            else:
+                out[L.names[role]] = W
+    if not m.tied:
+        out[m.names["lm_head"]] = m.lm_head.weight.detach()
     return out
 
 
@@ -55,19 +63,24 @@ INPUT_ROLES = {
     "attn_out": "attention output (o_proj input)",
     "mlp_in": "MLP input (gate/up_proj)",
     "mlp_hidden": "MLP hidden (down_proj input)",
+    "expert_hidden": "MoE experts' hidden (experts' down_proj input)",
+    "shared_hidden": "MoE shared expert's hidden (its down_proj input)",
     "head_in": "final hidden state (lm_head input)",
 }
-"""Roles of the linear-layer inputs of a decoder, in forward order. R1 rotates ``attn_in``,
+"""Roles of the linear-layer inputs of a decoder, in forward order: the input-sharing groups of the
+architecture table (``Proj.group``) and ``head_in``. R1 rotates ``attn_in``,
 ``mlp_in`` and ``head_in`` (the residual stream after a norm), ``R2`` the value heads that make up
 ``attn_out``; ``mlp_hidden`` is rotated by neither (only by an online Hadamard, R4)."""
 
 
 def input_roles(model: nn.Module) -> dict[str, str]:
-    """``{linear module name: role}`` (a key of :data:`INPUT_ROLES`) for every linear layer."""
+    """``{module name: role}`` (a key of :data:`INPUT_ROLES`: the table's group) for every module owning
+    a projection, and ``lm_head``."""
     m = DecoderAdapter(model).modules
-    roles = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out",
-             "gate": "mlp_in", "up": "mlp_in", "down": "mlp_hidden"}
-    out = {L.names[r]: role for L in m.layers for r, role in roles.items()}
+    out: dict[str, str] = {}
+    for L in m.layers:
+        for r in L.projs:  # a module owning several tensors (MoE experts) is hooked at its input
+            out.setdefault(L.names[r], m.spec.group_of(r))
     out[m.names["lm_head"]] = "head_in"
     return out
 

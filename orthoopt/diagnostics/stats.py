@@ -11,13 +11,14 @@ The statistics (``n = W.numel()``):
   use. ``1 <= mu <= sqrt(n)``: 1 for a matrix of equal magnitudes (a Hadamard matrix), ``sqrt(n)``
   for a single non-zero entry. Invariant to scaling ``W``.
 - ``excess_kurtosis``: ``m4 / m2**2 - 3`` of all entries, with central moments ``m_k = mean((w -
-  mean(w))**k)`` (the population, "biased" estimator, as ``scipy.stats.kurtosis(bias=True)``).
+  mean(w))**k)`` (the population, "biased" estimator, as ``scipy.stats.kurtosis(bias=True)``); the
+  kurtosis of :mod:`orthoopt.core.moments` minus 3.
   About 0 for Gaussian entries, -1.2 for uniform ones, large for heavy tails.
 - ``fourth_power_sum``: ``sum w**4``, the OptRot objective of the block (scales as ``|W|**4``).
 - ``outlier_fraction``: fraction of entries with ``|w - mean(w)| > k * std(w)`` (population std).
   Default ``k = 3``, where Gaussian entries give ``2 * (1 - Phi(3)) = 0.0027``.
 - ``rtn_error``: relative Frobenius error ``||W - Q(W)||_F / ||W||_F`` of symmetric, per-output-channel
-  (per row of ``W``) round-to-nearest quantization with ``bits`` bits (default 4), see :func:`rtn_error`.
+  (per row of ``W``) round-to-nearest quantization on the library's grid (:mod:`orthoopt.core.grid`) with ``bits`` bits (default 4), see :func:`rtn_error`.
   For a block that writes into the rotated space (side "out", ``R.T @ W``) this is still per row of
   the rotated ``[out, in]`` weight, i.e. per output channel of the layer as it will be quantized.
 """
@@ -31,7 +32,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from orthoopt.core import WeightBlock
-from orthoopt.quant import QuantSpec, quantize_rtn
+from orthoopt.core.grid import QuantSpec, quantize_rows
+from orthoopt.core.moments import moments
 
 DEFAULT_K = 3.0
 """Outlier threshold of :func:`outlier_fraction`, in standard deviations."""
@@ -70,11 +72,10 @@ def excess_kurtosis(x: torch.Tensor) -> float:
     x = x.detach().to(torch.float64).reshape(-1)
     if x.numel() == 0:
         raise ValueError("kurtosis of an empty tensor is undefined")
-    c = x - x.mean()
-    m2 = c.square().mean().item()
+    m2, m4 = (m.item() for m in moments(x, dim=0, center=True))
     if m2 == 0.0:
         raise ValueError("kurtosis is undefined when all entries are equal")
-    return c.pow(4).mean().item() / m2**2 - 3.0
+    return m4 / m2**2 - 3.0
 
 
 def outlier_fraction(W: torch.Tensor, k: float = DEFAULT_K) -> float:
@@ -91,15 +92,15 @@ def outlier_fraction(W: torch.Tensor, k: float = DEFAULT_K) -> float:
 def rtn_error(W: torch.Tensor, bits: int = DEFAULT_BITS) -> float:
     """Relative Frobenius error ``||W - Q(W)||_F / ||W||_F`` of round-to-nearest quantization.
 
-    ``Q`` is :func:`orthoopt.quant.quantize_rtn` with ``QuantSpec(bits)``: symmetric, one scale per
-    output channel (row of ``W``), ``scale = max|W[r]| / (2**(bits-1) - 1)``, no clipping; computed in
-    float64. Raises ValueError if ``W`` is all zeros or ``bits`` is outside 2..8.
+    ``Q`` is :func:`orthoopt.core.grid.quantize_rows` with ``QuantSpec(bits)`` (what
+    ``orthoopt.quant.quantize_rtn`` does): symmetric, one scale per output channel (row of ``W``),
+    ``scale = max|W[r]| / (2**(bits-1) - 1)``, no clipping; computed in float64. Raises ValueError if ``W`` is all zeros or ``bits`` is outside 2..8.
     """
     W = as_matrix(W)
     norm = torch.linalg.matrix_norm(W).item()
     if norm == 0.0:
         raise ValueError("relative RTN error is undefined for an all-zero matrix")
-    return torch.linalg.matrix_norm(W - quantize_rtn(W, QuantSpec(bits=bits))).item() / norm
+    return torch.linalg.matrix_norm(W - quantize_rows(W, QuantSpec(bits=bits))).item() / norm
 
 
 def weight_stats(W: torch.Tensor, k: float = DEFAULT_K, bits: int = DEFAULT_BITS) -> dict:
@@ -120,7 +121,7 @@ def weight_stats(W: torch.Tensor, k: float = DEFAULT_K, bits: int = DEFAULT_BITS
         raise ValueError("statistics are undefined for an all-zero matrix")
     max_abs = W.abs().max().item()
     c2 = (W - W.mean()).square()
-    m2 = c2.mean().item()
+    m2, m4 = (m.item() for m in moments(W.reshape(-1), dim=0, center=True))
     if m2 == 0.0:
         raise ValueError("kurtosis is undefined when all entries are equal")
     return {
@@ -129,7 +130,7 @@ def weight_stats(W: torch.Tensor, k: float = DEFAULT_K, bits: int = DEFAULT_BITS
         "frobenius_norm": norm,
         "max_abs": max_abs,
         "incoherence": max_abs * math.sqrt(W.numel()) / norm,
-        "excess_kurtosis": c2.square().mean().item() / m2**2 - 3.0,
+        "excess_kurtosis": m4 / m2**2 - 3.0,
         "fourth_power_sum": sq.square().sum().item(),
         "outlier_fraction": (c2 > k * k * m2).double().mean().item(),
         "outlier_k": float(k),

@@ -1,42 +1,40 @@
-"""The orthogonal group O(n): sampling, tangent projection, retractions.
+"""The orthogonal group O(n): :class:`OrthogonalGroup`, which every solver calls, and its functions.
 
 Rotations are ``[n, n]`` matrices acting as ``x -> x @ R`` (``docs/conventions.md``). Cayley
 retractions take a skew-symmetric generator ``W`` and multiply from the left (``R <- C @ R``);
-QR/polar retractions take an ambient tangent vector ``xi`` and map ``R + xi`` back to O(n).
+:func:`reorthogonalize` projects back onto O(n) (polar or QR). The orthogonality tolerance is the one
+policy of :mod:`orthoopt.core.tolerance` (re-exported here).
 """
 
+from orthoopt.core.tolerance import check_orthogonal, orthogonality_tolerance
+
+from .group import O_N, OrthogonalGroup
 from .orthogonal import (
-    ORTHOGONALITY_TOL,
     check_square,
-    default_tolerance,
     orthogonality_error,
     project_tangent,
     random_orthogonal,
-    riemannian_grad,
     skew,
-    sym,
 )
 from .retractions import (
     cayley_retraction,
     cayley_retraction_iterative,
-    polar_retraction,
-    qr_retraction,
+    polar_factor,
     reorthogonalize,
 )
 
 __all__ = [
-    "ORTHOGONALITY_TOL",
+    "O_N",
+    "OrthogonalGroup",
     "cayley_retraction",
     "cayley_retraction_iterative",
+    "check_orthogonal",
     "check_square",
-    "default_tolerance",
     "orthogonality_error",
-    "polar_retraction",
+    "orthogonality_tolerance",
+    "polar_factor",
     "project_tangent",
-    "qr_retraction",
     "random_orthogonal",
     "reorthogonalize",
-    "riemannian_grad",
     "skew",
-    "sym",
 ]

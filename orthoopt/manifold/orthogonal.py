@@ -10,13 +10,9 @@ Tangent vectors at ``R`` are the ``[n, n]`` matrices ``R @ Omega`` (equivalently
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-# Orthogonality tolerances of docs/conventions.md, by dtype (what tests check on small matrices).
-ORTHOGONALITY_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-
+from orthoopt.core.tolerance import orthogonality_error as _orthogonality_error
 
 def check_square(R: torch.Tensor, name: str = "R") -> int:
     """Return ``n`` for a 2-D ``[n, n]`` floating tensor; raise ValueError otherwise."""
@@ -27,19 +23,6 @@ def check_square(R: torch.Tensor, name: str = "R") -> int:
     if not R.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {R.dtype}")
     return R.shape[0]
-
-
-def default_tolerance(dtype: torch.dtype, n: int = 1) -> float:
-    """The orthogonality tolerance for an ``[n, n]`` rotation stored in ``dtype`` (float32 or float64).
-
-    ``max(ORTHOGONALITY_TOL[dtype], 8 * eps(dtype) * sqrt(n))``: the tolerance of
-    ``docs/conventions.md``, raised for large float32 matrices to about 25 times the rounding floor of
-    a stored rotation (``||R.T R - I||_F`` of an exactly orthogonal matrix rounded to float32 is about
-    ``0.3 * eps * sqrt(n)``, e.g. 1e-6 at n = 1024), so that rounding alone never exceeds it.
-    """
-    if dtype not in ORTHOGONALITY_TOL:
-        raise ValueError(f"rotations must be float32 or float64, got {dtype}")
-    return max(ORTHOGONALITY_TOL[dtype], 8.0 * torch.finfo(dtype).eps * math.sqrt(n))
 
 
 def random_orthogonal(
@@ -63,11 +46,10 @@ def random_orthogonal(
 
 
 def orthogonality_error(R: torch.Tensor) -> float:
-    """``||R.T @ R - I||_F``, computed in float64 whatever the dtype of ``R`` ([n, n])."""
-    n = check_square(R)
-    R64 = R.detach().to(torch.float64)
-    eye = torch.eye(n, dtype=torch.float64, device=R.device)
-    return float(torch.linalg.matrix_norm(R64.T @ R64 - eye))
+    """``||R.T @ R - I||_F``, computed in float64 whatever the dtype of ``R`` ([n, n]); the tolerance it
+    is held to is :func:`orthoopt.core.tolerance.orthogonality_tolerance`."""
+    check_square(R)
+    return _orthogonality_error(R)
 
 
 def skew(A: torch.Tensor) -> torch.Tensor:
@@ -75,37 +57,14 @@ def skew(A: torch.Tensor) -> torch.Tensor:
     return 0.5 * (A - A.T)
 
 
-def sym(A: torch.Tensor) -> torch.Tensor:
-    """Symmetric part ``(A + A.T) / 2`` of a square matrix."""
-    return 0.5 * (A + A.T)
-
-
 def project_tangent(R: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """Orthogonal projection of an ``[n, n]`` matrix ``G`` onto the tangent space at ``R``.
 
     Returns ``R @ skew(R.T @ G)`` (the tangent space is ``{R @ Omega : Omega skew}``). For a square ``R``
-    this equals ``geoopt.EuclideanStiefel().proju(R, G) = G - R @ sym(R.T @ G)``. It is idempotent,
+    this equals ``geoopt.EuclideanStiefel().proju(R, G) = G - R @ (R.T G + G.T R) / 2``. It is idempotent,
     and the same vector in the left generator form is ``skew(G @ R.T) @ R``.
     """
     check_square(R)
     if G.shape != R.shape:
         raise ValueError(f"G must have the shape of R {tuple(R.shape)}, got {tuple(G.shape)}")
     return R @ skew(R.T @ G)
-
-
-def riemannian_grad(R: torch.Tensor, G: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
-    """Riemannian gradient at ``R`` of a loss whose Euclidean gradient is ``G`` ([n, n]).
-
-    ``metric="euclidean"`` (the metric O(n) inherits from R^{n x n}): ``project_tangent(R, G) =
-    R @ skew(R.T @ G)``. ``metric="canonical"`` (geoopt's ``CanonicalStiefel``): ``G - R @ G.T @ R``,
-    which for square ``R`` is exactly twice the Euclidean one (the canonical metric is half the
-    Euclidean one on O(n)).
-    """
-    if metric == "euclidean":
-        return project_tangent(R, G)
-    if metric == "canonical":
-        check_square(R)
-        if G.shape != R.shape:
-            raise ValueError(f"G must have the shape of R {tuple(R.shape)}, got {tuple(G.shape)}")
-        return G - R @ G.T @ R
-    raise ValueError(f"metric must be 'euclidean' or 'canonical', got {metric!r}")

@@ -1,13 +1,13 @@
 """Retractions on O(n): maps from a tangent step back onto the orthogonal group.
 
-Two ways to give a step at ``R`` ([n, n], ``x -> x @ R``, see ``docs/conventions.md``):
+A step at ``R`` ([n, n], ``x -> x @ R``, see ``docs/conventions.md``) is given by a skew-symmetric
+*generator* ``W`` ([n, n], ``W.T = -W``); the Cayley retractions multiply ``R`` from the **left**:
+``R_new = C @ R`` with ``C`` orthogonal, so ``x @ R_new = (x @ C) @ R``: the increment acts first, on
+the unrotated coordinates. The tangent vector of the step is ``W @ R``.
 
-* a skew-symmetric *generator* ``W`` ([n, n], ``W.T = -W``) for the Cayley retractions, which
-  multiply ``R`` from the **left**: ``R_new = C @ R`` with ``C`` orthogonal, so ``x @ R_new =
-  (x @ C) @ R``: the increment acts first, on the unrotated coordinates. The tangent vector of the
-  step is ``W @ R``.
-* an ambient tangent vector ``xi`` ([n, n], e.g. ``-lr * riemannian_grad(R, G)``) for the QR and
-  polar retractions, which map ``R + step * xi`` back onto O(n).
+Projections back onto O(n) (:func:`reorthogonalize`): the polar factor (nearest orthogonal matrix) or
+the Q factor; ``reorthogonalize(R + xi, "qr")`` is the QR retraction of geoopt's ``EuclideanStiefel``
+and ``reorthogonalize(R + xi)`` the polar retraction, for an ambient tangent vector ``xi``.
 
 All retractions keep the dtype and device of ``R``.
 """
@@ -27,12 +27,6 @@ def _check_generator(R: torch.Tensor, W: torch.Tensor) -> None:
     scale = max(1.0, float(torch.linalg.matrix_norm(W)))
     if asym > torch.finfo(W.dtype).eps ** 0.5 * scale:
         raise ValueError(f"generator W must be skew-symmetric (W.T = -W); ||W + W.T||_F = {asym:.3g}")
-
-
-def _check_tangent_arg(R: torch.Tensor, xi: torch.Tensor) -> None:
-    check_square(R)
-    if xi.shape != R.shape:
-        raise ValueError(f"tangent vector xi must have the shape of R {tuple(R.shape)}, got {tuple(xi.shape)}")
 
 
 def cayley_retraction(R: torch.Tensor, W: torch.Tensor, step: float) -> torch.Tensor:
@@ -78,30 +72,10 @@ def _qf(A: torch.Tensor) -> torch.Tensor:
     return Q * signs
 
 
-def _polar(A: torch.Tensor) -> torch.Tensor:
+def polar_factor(A: torch.Tensor) -> torch.Tensor:
     """Orthogonal polar factor ``U @ Vh`` of ``A = U S Vh``: the nearest orthogonal matrix in Frobenius norm."""
     U, _, Vh = torch.linalg.svd(A)
     return U @ Vh
-
-
-def qr_retraction(R: torch.Tensor, xi: torch.Tensor, step: float = 1.0) -> torch.Tensor:
-    """QR retraction ``qf(R + step * xi)``: the Q factor with a positive-diagonal triangular factor.
-
-    ``xi`` is an ambient ``[n, n]`` tangent vector at ``R`` (e.g. ``R @ Omega``). This is geoopt's
-    ``EuclideanStiefel.retr`` for square matrices.
-    """
-    _check_tangent_arg(R, xi)
-    return _qf(R + step * xi)
-
-
-def polar_retraction(R: torch.Tensor, xi: torch.Tensor, step: float = 1.0) -> torch.Tensor:
-    """Polar retraction: the orthogonal polar factor of ``R + step * xi`` (via SVD).
-
-    ``xi`` is an ambient ``[n, n]`` tangent vector at ``R``. The result is the orthogonal matrix
-    nearest to ``R + step * xi`` in Frobenius norm.
-    """
-    _check_tangent_arg(R, xi)
-    return _polar(R + step * xi)
 
 
 def reorthogonalize(R: torch.Tensor, method: str = "polar") -> torch.Tensor:
@@ -115,7 +89,7 @@ def reorthogonalize(R: torch.Tensor, method: str = "polar") -> torch.Tensor:
     check_square(R)
     R64 = R.detach().to(torch.float64)
     if method == "polar":
-        out = _polar(R64)
+        out = polar_factor(R64)
     elif method == "qr":
         out = _qf(R64)
     else:

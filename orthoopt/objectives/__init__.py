@@ -10,12 +10,12 @@ Conventions (row vectors, ``x -> x @ R``, side "in" ``W @ R``, side "out" ``R.T 
 * :class:`QuantizedLMLoss`  SpinQuant: causal-LM loss of the rotated, fake-quantized network (through
                             a model-side callable, :class:`orthoopt.quant.rotated.RotatedQuantLM`).
 
-Objectives compose: ``a + 0.5 * b`` is an objective (:class:`Sum`).
+Objectives compose: ``a + 0.5 * b`` is an objective (:class:`Sum`). :class:`Objective` is an ABC;
+:class:`SupportsProcrustes` is the Protocol of objectives with a closed-form Procrustes step.
 """
 
-from .base import Objective, Rotations, Sum, WeightBlock, rotation_dims
-from .dfrot import DFRotLoss, massive_tokens
-from .fake_quant import fake_quantize_per_token
+from .base import Objective, Rotations, Sum, SupportsProcrustes, WeightBlock, block_dims
+from .dfrot import DFRotLoss, peak_share_tokens
 from .fourth_power import FourthPower
 from .hessian import HessianWeighted, hessian_sqrt
 from .kurtosis import Kurtosis, row_kurtosis
@@ -30,10 +30,10 @@ __all__ = [
     "QuantizedLMLoss",
     "Rotations",
     "Sum",
+    "SupportsProcrustes",
     "WeightBlock",
-    "fake_quantize_per_token",
+    "block_dims",
     "hessian_sqrt",
-    "massive_tokens",
-    "rotation_dims",
+    "peak_share_tokens",
     "row_kurtosis",
 ]

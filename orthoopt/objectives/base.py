@@ -1,37 +1,53 @@
-"""Weight blocks and the objective protocol.
+"""The objective interface: the :class:`Objective` ABC, :class:`Sum`, and the Procrustes capability.
 
 An objective maps a dict of named rotations (``{"R1": [n, n], "R2.3": [d, d], ...}``) to a scalar
 loss tensor. Objectives compose: ``a + b`` and ``0.5 * a`` are objectives. Shapes and the meaning of
 ``side`` follow ``docs/conventions.md``: side ``"in"`` rotates a block as ``W @ R``, side ``"out"``
-as ``R.T @ W``.
+as ``R.T @ W``. The shared types (``WeightBlock``, ``Rotations``, ``Side``) live in
+:mod:`orthoopt.core.blocks` and are re-exported here.
+
+An objective that supports DFRot's closed-form alternation also satisfies :class:`SupportsProcrustes`
+(a ``runtime_checkable`` Protocol): ``procrustes_targets(rotations) -> {name: (A, B)}``.
 """
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Protocol, runtime_checkable
 
 import torch
 
-from orthoopt.core.blocks import Rotations, Side, WeightBlock, check_finite, get_rotation, rotation_dims  # noqa: F401
+from orthoopt.core.blocks import Rotations, Side, WeightBlock, block_dims, get_rotation  # noqa: F401
+from orthoopt.core.checks import check_finite_tensor  # noqa: F401
 
 
-class Objective:
-    """Base class: a scalar loss of named rotations.
+@runtime_checkable
+class SupportsProcrustes(Protocol):
+    """An objective with DFRot's closed-form step: ``procrustes_targets(rotations) -> {name: (A, B)}``
+    (``A``, ``B``: ``[m, n]``); the next rotation minimizes ``||A @ R - B||_F`` over orthogonal ``R``.
+    :class:`~orthoopt.solvers.ProcrustesAlternation` checks ``isinstance(objective, SupportsProcrustes)``."""
 
-    Subclasses implement :meth:`loss` (differentiable with autograd) and :attr:`dims`.
+    def procrustes_targets(self, rotations: Rotations) -> dict[str, tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class Objective(abc.ABC):
+    """Abstract base class: a scalar loss of named rotations.
+
+    Subclasses implement the abstract :meth:`loss` (differentiable with autograd) and :attr:`dims`.
     :meth:`value_and_grad` returns the loss and its Euclidean gradient per rotation; the default uses
     autograd, subclasses may override it with a closed form. Solvers turn the Euclidean gradient
     into a Riemannian one themselves.
     """
 
-    def loss(self, rotations: Rotations) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def loss(self, rotations: Rotations) -> torch.Tensor:
+        """The scalar loss at ``rotations`` (``{name: [n, n]}``), differentiable by autograd."""
 
     @property
-    def dims(self) -> dict[str, int]:  # pragma: no cover - abstract
+    @abc.abstractmethod
+    def dims(self) -> dict[str, int]:
         """``{rotation name: n}`` of every rotation this objective depends on."""
-        raise NotImplementedError
 
     def __call__(self, rotations: Rotations) -> torch.Tensor:
         return self.loss(rotations)

@@ -9,15 +9,18 @@ Procrustes step toward those quantized targets. For activation rows ``x_t`` rota
 
     L(R) = sum_rotations sum_t w~_t ||y_t - Q(y_t)||^2          w~_t = w_t / sum_s w_s
 
-``Q`` is per-token round-to-nearest fake quantization (:mod:`.fake_quant`, the grid of the library's
-activation quantizer ``orthoopt.quant``: symmetric or asymmetric, ``bits`` bits, no clipping). Its
+``Q`` is per-token round-to-nearest fake quantization on the library's one grid
+(:func:`orthoopt.core.grid.quantize_tokens`, the grid of ``orthoopt.quant``'s activation quantizer:
+symmetric or asymmetric, ``bits`` bits, no clipping). Its
 autograd gradient is the exact derivative of this piecewise-smooth loss almost everywhere: the
 integer codes are locally constant and the gradient flows through each token's scale. (A
 straight-through estimate, ``d round(u)/du = 1``, would cancel the direct term of ``y - Q(y)`` and is
 not the derivative of this loss.)
 
 Weights: ``w_t = massive_weight`` for massive tokens, else 1, unless ``token_weights`` are given.
-A token is massive when its largest entry carries a large share of its norm,
+A token is massive here (:func:`peak_share_tokens`; not the same rule as the diagnostics'
+``orthoopt.diagnostics.massive_tokens``, which compares a token's peak with the median magnitude)
+when its largest entry carries a large share of its norm,
 ``max_j |x_tj| / ||x_t||_2 > massive_threshold`` (default 0.5: over a quarter of its energy in one
 channel). This ratio is unchanged by per-token scaling, so the same threshold works before or after
 RMSNorm, where massive-activation tokens differ from ordinary ones by concentration rather than
@@ -35,21 +38,23 @@ from collections.abc import Mapping
 
 import torch
 
+from orthoopt.core.grid import MAX_BITS, MIN_BITS, QuantSpec, quantize_tokens
+
 from .base import Objective, Rotations
-from .fake_quant import MAX_BITS, MIN_BITS, fake_quantize_per_token
-from .base import check_finite, get_rotation
+from .base import check_finite_tensor, get_rotation
 
 DEFAULT_MASSIVE_THRESHOLD = 0.5
 DEFAULT_MASSIVE_WEIGHT = 1.0e4  # DFRot's alpha = 100 on the activations -> alpha^2 on the squared error
 
 
-def massive_tokens(x: torch.Tensor, threshold: float = DEFAULT_MASSIVE_THRESHOLD) -> torch.Tensor:
-    """Boolean ``[T]`` mask of rows of ``x`` (``[T, n]``) with ``max|x_t| / ||x_t||_2 > threshold``.
+def peak_share_tokens(x: torch.Tensor, threshold: float = DEFAULT_MASSIVE_THRESHOLD) -> torch.Tensor:
+    """Boolean ``[T]`` mask of rows of ``x`` (``[T, n]``) with ``max|x_t| / ||x_t||_2 > threshold``
+    (DFRot's massive tokens as this objective selects them; see the module doc).
 
     The ratio lies in ``[1 / sqrt(n), 1]``; all-zero rows are never massive.
     """
     if x.ndim != 2:
-        raise ValueError(f"massive_tokens expects a 2-D [T, n] tensor, got shape {tuple(x.shape)}")
+        raise ValueError(f"peak_share_tokens expects a 2-D [T, n] tensor, got shape {tuple(x.shape)}")
     a = x.detach().abs()
     peak = a.amax(dim=1)
     norm = torch.linalg.vector_norm(a, dim=1)
@@ -97,6 +102,7 @@ class DFRotLoss(Objective):
         self.symmetric = bool(symmetric)
         self.massive_threshold = float(massive_threshold)
         self.massive_weight = float(massive_weight)
+        self.spec = QuantSpec(bits=bits, symmetric=self.symmetric)  # per token, no clipping
         self.activations: dict[str, torch.Tensor] = {}
         self.weights: dict[str, torch.Tensor] = {}  # normalized: sum to 1 per rotation, float64
         for name, x in activations.items():
@@ -106,19 +112,19 @@ class DFRotLoss(Objective):
                 raise ValueError(f"{what} must be a non-empty 2-D [T, n] tensor, got {shape}")
             if not x.is_floating_point():
                 raise ValueError(f"{what} must be floating point, got {x.dtype}")
-            check_finite(x, what)
+            check_finite_tensor(x, what)
             if name in token_weights:
                 w = token_weights[name]
                 if not isinstance(w, torch.Tensor) or tuple(w.shape) != (x.shape[0],):
                     shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
                     raise ValueError(f"token_weights for {name!r} must have shape [{x.shape[0]}], got {shape}")
                 w = w.detach().to(device=x.device, dtype=torch.float64)
-                check_finite(w, f"token_weights for {name!r}")
+                check_finite_tensor(w, f"token_weights for {name!r}")
                 if bool((w < 0).any()) or float(w.sum()) == 0.0:
                     raise ValueError(f"token_weights for {name!r} must be nonnegative and not all zero")
             else:
                 w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
-                w[massive_tokens(x, self.massive_threshold)] = self.massive_weight
+                w[peak_share_tokens(x, self.massive_threshold)] = self.massive_weight
             self.activations[name] = x
             self.weights[name] = w / w.sum()
 
@@ -128,7 +134,7 @@ class DFRotLoss(Objective):
 
     def massive_mask(self, name: str) -> torch.Tensor:
         """Boolean ``[T]`` mask of the tokens of rotation ``name`` that the massive rule selects."""
-        return massive_tokens(self.activations[name], self.massive_threshold)
+        return peak_share_tokens(self.activations[name], self.massive_threshold)
 
     def _rotated(self, rotations: Rotations, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.activations[name]
@@ -141,7 +147,7 @@ class DFRotLoss(Objective):
         for name in self.activations:
             x, R = self._rotated(rotations, name)
             y = x @ R
-            out[name] = (y - fake_quantize_per_token(y, self.bits, self.symmetric)).square().sum(dim=1)
+            out[name] = (y - quantize_tokens(y, self.spec)).square().sum(dim=1)
         return out
 
     def loss(self, rotations: Rotations) -> torch.Tensor:
@@ -164,7 +170,7 @@ class DFRotLoss(Objective):
         with torch.no_grad():
             for name in self.activations:
                 x, R = self._rotated(rotations, name)
-                target = fake_quantize_per_token(x @ R, self.bits, self.symmetric)
+                target = quantize_tokens(x @ R, self.spec)
                 sw = self.weights[name].to(device=x.device, dtype=x.dtype).sqrt().unsqueeze(1)
                 out[name] = (sw * x, sw * target)
         return out

@@ -21,7 +21,7 @@ import torch
 
 from orthoopt.utils.checks import check_device
 
-from .base import Objective, Rotations, WeightBlock, check_finite, get_rotation, rotation_dims
+from .base import Objective, Rotations, WeightBlock, check_finite_tensor, get_rotation, block_dims
 from .row_segments import (
     FourthPowerKernel,
     RowPacker,
@@ -91,11 +91,11 @@ class FourthPower(Objective):
                 raise ValueError(f"FourthPower expects WeightBlock items, got {type(b).__name__}")
             if not b.weight.is_floating_point():
                 raise ValueError(f"block {b.name!r}: weight must be floating point, got {b.weight.dtype}")
-            check_finite(b.weight, f"block {b.name!r} ({b.rotation}, side {b.side!r})")
+            check_finite_tensor(b.weight, f"block {b.name!r} ({b.rotation}, side {b.side!r})")
         self.blocks = blocks
         self.normalize = bool(normalize)
         self.fused = bool(fused)
-        self._dims = rotation_dims(blocks)
+        self._dims = block_dims(blocks)
         self.chunk_rows = {name: check_chunk_rows(chunk_rows, n) for name, n in self._dims.items()}
         sampled = sample_fraction is not None and sample_fraction != 1
         if sampled:

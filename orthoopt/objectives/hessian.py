@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .base import Objective, Rotations, WeightBlock
-from .base import check_finite
+from .base import check_finite_tensor
 from .fourth_power import FourthPower
 
 
@@ -38,7 +38,7 @@ def hessian_sqrt(H: torch.Tensor, what: str = "H", normalize: bool = True) -> to
     if not isinstance(H, torch.Tensor) or H.ndim != 2 or H.shape[0] != H.shape[1]:
         shape = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
         raise ValueError(f"{what} must be a square 2-D tensor, got {shape}")
-    check_finite(H, what)
+    check_finite_tensor(H, what)
     H = H.detach().to(torch.float64)
     scale = float(H.abs().max())
     if scale == 0.0:
@@ -100,7 +100,7 @@ class HessianWeighted(Objective):
             if not isinstance(H, torch.Tensor) or tuple(H.shape) != (k, k):
                 shape = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
                 raise ValueError(f"block {b.name!r}: hessian must be [{k}, {k}] (the layer's input size), got {shape}")
-            check_finite(b.weight, f"block {b.name!r} ({b.rotation}, side {b.side!r})")
+            check_finite_tensor(b.weight, f"block {b.name!r} ({b.rotation}, side {b.side!r})")
             S = hessian_sqrt(H, what=f"hessian of block {b.name!r}", normalize=normalize_hessian)
             dtype = torch.promote_types(b.weight.dtype, torch.float32)
             W = (b.weight.detach().to(torch.float64) @ S.to(b.weight.device)).to(dtype)

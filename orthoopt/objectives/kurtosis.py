@@ -14,7 +14,8 @@ models have grids anchored at 0, so spread about 0 is what costs precision; the 
 every nonzero vector (a constant vector, e.g. a one-hot token after a Sylvester Hadamard, gets the
 minimum 1 instead of 0/0); and since ``||x R||_2 = ||x||_2``, it equals ``n ||x R||_4^4 / ||x||_2^4``,
 OptRot's fourth power per token. For rotated activations the channel mean is near 0 and both
-definitions agree (Gaussian 3, uniform on [-a, a] 1.8). ``center=True`` gives Pearson's kurtosis.
+definitions agree (Gaussian 3, uniform on [-a, a] 1.8). ``center=True`` gives the textbook central
+kurtosis. The definition (and the Pearson vs excess convention) is :mod:`orthoopt.core.moments`.
 Rotations are summed (not averaged) so each rotation's gradient does not depend on how many others
 the objective holds.
 """
@@ -26,8 +27,10 @@ from typing import Literal
 
 import torch
 
-from .base import Objective, Rotations, WeightBlock, rotation_dims
-from .base import check_finite, get_rotation
+from orthoopt.core.moments import kurtosis
+
+from .base import Objective, Rotations, WeightBlock, block_dims
+from .base import check_finite_tensor, get_rotation
 
 UNIFORM_KURTOSIS = 1.8
 
@@ -35,15 +38,10 @@ UNIFORM_KURTOSIS = 1.8
 def row_kurtosis(y: torch.Tensor, center: bool = False) -> torch.Tensor:
     """Kurtosis of each row of ``y`` (``[..., n]``) over its last dimension: ``[...]``.
 
-    ``mean((y - c)^4) / mean((y - c)^2)^2`` with ``c = 0`` or the row mean (``center=True``).
-    A row with zero spread gives 0 (its fourth moment is 0 as well).
+    :func:`orthoopt.core.moments.kurtosis` (Pearson, ``m4 / m2^2``) about 0 by default, about the row
+    mean with ``center=True``. A row with zero spread gives 0 (its fourth moment is 0 as well).
     """
-    if center:
-        y = y - y.mean(dim=-1, keepdim=True)
-    y2 = y.square()
-    m2 = y2.mean(dim=-1)
-    m4 = y2.square().mean(dim=-1)
-    return m4 / m2.square().clamp_min(torch.finfo(y.dtype).tiny)
+    return kurtosis(y, dim=-1, center=center)
 
 
 class Kurtosis(Objective):
@@ -87,7 +85,7 @@ class Kurtosis(Objective):
         blocks = list(blocks)
         if not blocks:
             raise ValueError("Kurtosis.from_blocks needs at least one weight block")
-        rotation_dims(blocks)  # raises if blocks disagree on a rotation's size
+        block_dims(blocks)  # raises if blocks disagree on a rotation's size
         self = cls.__new__(cls)
         self.on = "weights"
         self._samples, labels = {}, {}
@@ -118,7 +116,7 @@ class Kurtosis(Objective):
                     raise ValueError(f"{what} has {x.shape[1]} columns, expected {n}")
                 if n < 2:
                     raise ValueError(f"{what}: kurtosis needs at least 2 channels, got {n}")
-                check_finite(x, what)
+                check_finite_tensor(x, what)
                 nonzero = x.detach().abs().amax(dim=1) > 0
                 if not bool(nonzero.all()):
                     x = x[nonzero]

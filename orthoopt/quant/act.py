@@ -24,11 +24,24 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from orthoopt.adapters.archs import locate
+from orthoopt.adapters.archs import ARCHS, locate
 from orthoopt.hadamard import hadamard_matrix, hadamard_plan, hadamard_transform
 from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS, QuantSpec, quantize_rows
 
-LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+LINEAR_ROLES = ARCHS["llama"].roles
+"""Llama's decoder-layer linears (kept for callers); every function here reads the model's own table
+(:meth:`orthoopt.adapters.archs.LayerModules.quant_linears`, ``ArchSpec.r4_role``)."""
+
+
+def _r4_linears(model: nn.Module) -> list[nn.Linear]:
+    """The ``nn.Linear`` of each layer that gets the online Hadamard (``ArchSpec.r4_role``)."""
+    m = locate(model)
+    role = m.spec.r4_role
+    lins = [L.projs.get(role) if role else None for L in m.layers]
+    if role is None or any(not isinstance(x, nn.Linear) for x in lins):
+        raise ValueError(f"the online Hadamard (R4) is not supported for model_type {m.spec.model_type!r}: "
+                         "no dense MLP output projection in every layer")
+    return lins
 
 
 @dataclass(frozen=True)
@@ -101,7 +114,7 @@ def hadamard_fingerprint(n: int) -> str:
 
 def _intermediate_size(model: nn.Module) -> int:
     """The ``down_proj`` input size, checked to be one size with a Hadamard matrix."""
-    sizes = {L.down.in_features for L in locate(model).layers}
+    sizes = {lin.in_features for lin in _r4_linears(model)}
     if len(sizes) != 1:
         raise ValueError(f"online Hadamard needs one intermediate size, the layers have {sorted(sizes)}")
     n = sizes.pop()
@@ -117,8 +130,8 @@ def rotate_down_proj_weights(model: nn.Module) -> dict:
     for quant.json. Apply once; the activation half is installed by :func:`install_act_quant`.
     """
     n = _intermediate_size(model)
-    for L in locate(model).layers:
-        W = L.down.weight
+    for lin in _r4_linears(model):
+        W = lin.weight
         W.copy_(hadamard_transform(W.double()).to(W.dtype))  # rows: W @ H
     return {"size": n, "sha256": hadamard_fingerprint(n)}
 
@@ -187,10 +200,11 @@ def install_act_quant(model: nn.Module, config: ActQuantConfig) -> ActQuantHooks
     if config.online_hadamard:
         _intermediate_size(model)  # fail now, not in the first forward
     handles = []
-    for L in locate(model).layers:
-        for role in LINEAR_ROLES:
-            rotate = config.online_hadamard and role == "down"
+    m = locate(model)
+    for L in m.layers:
+        for role, lin in L.quant_linears(m.spec).items():
+            rotate = config.online_hadamard and role == m.spec.r4_role
             if not rotate and spec is None:
                 continue
-            handles.append(getattr(L, role).register_forward_pre_hook(_InputHook(rotate, spec)))
+            handles.append(lin.register_forward_pre_hook(_InputHook(rotate, spec)))
     return ActQuantHooks(config, handles)

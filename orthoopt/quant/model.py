@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from orthoopt.adapters.archs import locate
+from orthoopt.adapters.archs import ARCHS, locate
 from orthoopt.adapters.io import load_model, load_tokenizer
 from orthoopt.quant.act import (
     ActQuantConfig,
-    LINEAR_ROLES,
+    _r4_linears,
     ActQuantHooks,
     hadamard_fingerprint,
     install_act_quant,
@@ -39,7 +39,8 @@ from orthoopt.utils.checks import check_model_weights
 METHODS = ("rtn", "gptq")
 QUANT_JSON = "quant.json"
 QUANT_FORMAT = "orthoopt.quant/1"
-FULL_PRECISION = ("embed_tokens", "lm_head")
+FULL_PRECISION = ARCHS["llama"].full_precision
+"""Llama's full-precision modules; quant.json records the model's own (``ArchSpec.full_precision``)."""
 
 
 @dataclass
@@ -117,14 +118,17 @@ def quantize_model(
             if percdamp < 0 or block_size < 1:
                 raise ValueError(f"GPTQ needs percdamp >= 0 and block_size >= 1, got {percdamp}, {block_size}")
     located = locate(model)  # raises for an unsupported architecture before anything changes
+    experts = [L.names[r] for L in located.layers for r in L.projs if located.spec.proj(r).experts]
+    if spec is not None and experts:
+        raise ValueError(f"weight quantization of MoE expert tensors ({experts[0]} ...) is not implemented: "
+                         "the quantizers handle nn.Linear weights only")
     if kv.r3:
         r3_size(model)  # head_dim without a Hadamard matrix: fail before anything changes
     if kv.group_size is not None and located.head_dim % kv.group_size:
         raise ValueError(f"KV-cache group_size {kv.group_size} does not divide head_dim {located.head_dim}")
     if group_size is not None and spec is not None:
         for L in located.layers:
-            for role in LINEAR_ROLES:
-                lin = getattr(L, role)
+            for role, lin in L.quant_linears(located.spec).items():
                 if lin.in_features % group_size:
                     raise ValueError(
                         f"group_size {group_size} does not divide {L.names[role]}'s {lin.in_features} input columns"
@@ -137,8 +141,7 @@ def quantize_model(
     params: dict[str, WeightQuantParams] = {}
     if spec is not None and method == "rtn":
         for L in located.layers:
-            for role in LINEAR_ROLES:
-                lin = getattr(L, role)
+            for lin in L.quant_linears(located.spec).values():
                 q, params[full_name[id(lin)]] = quantize_rtn_params(lin.weight, spec)
                 lin.weight.copy_(q)
     elif spec is not None:
@@ -149,8 +152,8 @@ def quantize_model(
                 params=by_decoder_name,
             )
         for L in located.layers:
-            for role in LINEAR_ROLES:
-                params[full_name[id(getattr(L, role))]] = by_decoder_name[L.names[role]]
+            for role, lin in L.quant_linears(located.spec).items():
+                params[full_name[id(lin)]] = by_decoder_name[L.names[role]]
     hooks = install_act_quant(model, act)
     if kv.active:
         hooks.add(install_kv_quant(model, kv))
@@ -173,7 +176,7 @@ def quantize_model(
             if method == "gptq" and spec is not None
             else None
         ),
-        "full_precision": list(FULL_PRECISION),
+        "full_precision": list(located.spec.full_precision),
         "seconds": round(time.perf_counter() - start, 3),
     }
     return QuantResult(settings, hooks, losses, params, spec)
@@ -238,7 +241,7 @@ def install_from_settings(model: nn.Module, settings: dict) -> ActQuantHooks:
     act = ActQuantConfig.from_dict(settings["act"])
     if act.online_hadamard:
         stored = settings.get("online_hadamard") or {}
-        n = {L.down.in_features for L in locate(model).layers}
+        n = {lin.in_features for lin in _r4_linears(model)}
         if {stored.get("size")} != n:
             raise ValueError(f"quant.json online Hadamard size {stored.get('size')} does not match the model's {sorted(n)}")
         if stored.get("sha256") != hadamard_fingerprint(stored["size"]):

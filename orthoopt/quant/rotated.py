@@ -9,11 +9,11 @@ can hand it to any solver; objectives never see the model, only this callable.
 
 What one call does (norms must be fused, :meth:`orthoopt.adapters.DecoderAdapter.fuse_norms`):
 
-* every decoder-layer linear gets its rotated weight through ``torch.func.functional_call`` (the
-  model's parameters are not touched): q, k, gate, up ``W @ R1``; v ``blockdiag(R2).T @ W @ R1``
-  (bias ``b @ blockdiag(R2)``); o ``R1.T @ W @ blockdiag(R2)``; down ``R1.T @ W`` (``@ H`` too with the
-  online R4 Hadamard); o/down biases ``b @ R1``; the same products as the write-back
-  (:mod:`orthoopt.adapters.writeback`);
+* every decoder-layer projection of the architecture table gets its rotated weight through
+  ``torch.func.functional_call`` (the model's parameters are not touched), computed by the write-back's
+  own :func:`orthoopt.adapters.writeback.rotate_layer` in the rotations' dtype (Llama: q, k, gate, up
+  ``W @ R1``; v ``blockdiag(R2).T @ W @ R1``, bias ``b @ blockdiag(R2)``; o ``R1.T @ W @ blockdiag(R2)``;
+  down ``R1.T @ W``, ``@ H`` too with the online R4 Hadamard; o/down biases ``b @ R1``);
 * then the rotated weights are RTN fake-quantized (``wbits < 16``) with a straight-through estimator
   (forward value quantized, gradient of the identity), as in SpinQuant's training;
 * the token embedding and ``lm_head`` stay in full precision, so instead of rotating their
@@ -38,9 +38,9 @@ from torch import nn
 from torch.func import functional_call
 
 from orthoopt.adapters.decoder import DecoderAdapter
-from orthoopt.adapters.writeback import blockdiag_left, blockdiag_right
+from orthoopt.adapters.writeback import layer_params, rotate_layer
 from orthoopt.hadamard import hadamard_transform
-from orthoopt.quant.act import ActQuantConfig, _intermediate_size, install_act_quant
+from orthoopt.quant.act import ActQuantConfig, _intermediate_size, _r4_linears, install_act_quant
 from orthoopt.quant.kv import KVQuantConfig, install_kv_quant, straight_through
 from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS, QuantSpec, quantize_rows
 
@@ -102,12 +102,15 @@ class RotatedQuantLM:
         m = self.adapter.modules
         if self.config.act.online_hadamard:
             _intermediate_size(model)
+        if self.config.wbits < 16 and any(m.spec.proj(r).experts for L in m.layers for r in L.projs):
+            raise ValueError("weight quantization of MoE expert tensors is not implemented: the quantizers "
+                             "handle nn.Linear weights only")
         if self.config.w_group_size is not None and self.config.wbits < 16:
             for L in m.layers:
-                for role in ("q", "k", "v", "o", "gate", "up", "down"):
-                    if getattr(L, role).in_features % self.config.w_group_size:
+                for role, lin in L.quant_linears(m.spec).items():
+                    if lin.in_features % self.config.w_group_size:
                         raise ValueError(f"weight group_size {self.config.w_group_size} does not divide "
-                                         f"{L.names[role]}'s {getattr(L, role).in_features} input columns")
+                                         f"{L.names[role]}'s {lin.in_features} input columns")
         selected = set(rotations)
         if not selected or selected - {"R1", "R2"}:
             raise ValueError(f"rotations must be a non-empty subset of ('R1', 'R2'), got {sorted(selected)}")
@@ -120,8 +123,8 @@ class RotatedQuantLM:
         self._down_h = {}
         if self.config.act.online_hadamard:
             with torch.no_grad():
-                self._down_h = {L.index: hadamard_transform(L.down.weight.detach().double()).to(L.down.weight.dtype)
-                                for L in m.layers}
+                self._down_h = {L.index: hadamard_transform(lin.weight.detach().double()).to(lin.weight.dtype)
+                                for L, lin in zip(m.layers, _r4_linears(model))}
 
     def _name(self, p: torch.Tensor) -> str:
         return self._param_names[id(p)]
@@ -139,29 +142,19 @@ class RotatedQuantLM:
 
         for L in m.layers:
             R2 = rotations.get(f"R2.{L.index}") if f"R2.{L.index}" in self.dims else None
-            W = {role: cast(getattr(L, role).weight) for role in ("q", "k", "v", "o", "gate", "up", "down")}
+            params = layer_params(m, L)  # {name relative to the decoder: parameter}, from the table
+            t = {k: cast(p) for k, p in params.items()}
+            quantized = {L.param_name(m.spec, r): lin.weight for r, lin in L.quant_linears(m.spec).items()}
             if L.index in self._down_h:
-                W["down"] = cast(self._down_h[L.index])
-            if R1 is not None:
-                for role in ("q", "k", "v", "gate", "up"):
-                    W[role] = W[role] @ R1
-                W["o"] = R1.T @ W["o"]
-                W["down"] = R1.T @ W["down"]
-            if R2 is not None:
-                W["v"] = blockdiag_left(W["v"], R2.to(W["v"].dtype), m.num_kv_heads)
-                W["o"] = blockdiag_right(W["o"], R2.to(W["o"].dtype), m.num_heads)
-                if L.v.bias is not None:
-                    out[self._name(L.v.bias)] = blockdiag_right(cast(L.v.bias)[None], R2, m.num_kv_heads)[0].to(
-                        L.v.bias.dtype)
-            if R1 is not None:
-                for role in ("o", "down"):
-                    b = getattr(L, role).bias
-                    if b is not None:
-                        out[self._name(b)] = (cast(b) @ R1).to(b.dtype)
-            for role, Wr in W.items():
-                p = getattr(L, role).weight
-                Wr = Wr.to(p.dtype)
-                if spec is not None:
+                t[L.param_name(m.spec, m.spec.r4_role)] = cast(self._down_h[L.index])
+            if R1 is not None or R2 is not None:
+                some = next(iter(t.values()))
+                t.update(rotate_layer(m.spec, t, L.prefix, None if R1 is None else R1.to(some.dtype),
+                                      None if R2 is None else R2.to(some.dtype),
+                                      num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, dtype=None))
+            for k, p in params.items():
+                Wr = t[k].to(p.dtype)
+                if spec is not None and k in quantized:
                     work = Wr.detach() if Wr.dtype == torch.float64 else Wr.detach().float()
                     Wr = straight_through(Wr, quantize_rows(work, spec).to(p.dtype))
                 out[self._name(p)] = Wr

@@ -3,8 +3,9 @@
 1. The inputs of decoder layer 0 for every calibration window are captured by swapping the layers for
    recorders that store what the model passes them (hidden states, and for each layer its keyword
    arguments: attention mask, ``position_embeddings``, ``position_ids``, ...) and stop the forward.
-2. For each decoder layer, the linears are quantized in the reference's sequential order
-   (:data:`SEQUENTIAL_GROUPS`: q/k/v together, o, gate/up together, down). For each group, the layer is
+2. For each decoder layer, the linears are quantized in the reference's sequential order: the
+   architecture table's input-sharing groups in forward order (``ArchSpec.groups``; Llama:
+   :data:`SEQUENTIAL_GROUPS`, q/k/v together, o, gate/up together, down). For each group, the layer is
    run on all windows with hooks accumulating each linear's input Hessian (the groups before it
    already quantized), then every linear of the group is quantized with :func:`gptq_quantize`.
 3. The quantized layer's outputs become the next layer's inputs.
@@ -21,12 +22,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from orthoopt.adapters.archs import locate
+from orthoopt.adapters.archs import ARCHS, locate
 from orthoopt.quant.gptq import HessianAccumulator, gptq_quantize
 from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams
 
-#: Linears (roles of :class:`orthoopt.adapters.archs.LayerModules`) quantized together, in order.
-SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+#: Llama's linears quantized together, in order (every model uses its own ``ArchSpec.groups``).
+SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = ARCHS["llama"].groups
 
 
 class _Stop(Exception):
@@ -153,8 +154,11 @@ def gptq_quantize_model(
     losses: dict[str, float] = {}
     for i in tqdm(range(len(layers)), desc="GPTQ layers", disable=not progress, file=sys.stderr):
         layer, mods = layers[i], located.layers[i]
-        for group in SEQUENTIAL_GROUPS:
-            linears = {mods.names[role]: getattr(mods, role) for role in group}
+        quantized = mods.quant_linears(located.spec)
+        for group in located.spec.groups:
+            linears = {mods.names[role]: quantized[role] for role in group if role in quantized}
+            if not linears:
+                continue
             accs = _collect_hessians(layer, linears, inputs, layer_kwargs[i])
             for name, lin in linears.items():
                 result = gptq_quantize(

@@ -8,7 +8,7 @@ from .base import NonFiniteLossError, Solver
 from .cayley_bb import CayleyBB, CayleyLBFGS
 from .cayley_sgd import CayleySGD
 from .init import INIT_KINDS, derived_seed, initial_rotations
-from .procrustes import ProcrustesAlternation, orthogonal_procrustes
+from .procrustes import ProcrustesAlternation, ProcrustesUnsupportedError, orthogonal_procrustes
 from .registry import SOLVERS, make_solver
 from .riemannian import RiemannianAdam, RiemannianSGD
 from .solve import SolveResult, solve
@@ -21,6 +21,7 @@ __all__ = [
     "CayleySGD",
     "NonFiniteLossError",
     "ProcrustesAlternation",
+    "ProcrustesUnsupportedError",
     "RiemannianAdam",
     "RiemannianSGD",
     "SolveResult",

@@ -9,10 +9,13 @@ A solver owns a dict of named ``[n, n]`` rotations (``x -> x @ R``, ``docs/conve
 
 Orthogonality is maintained, not assumed: after each update a rotation whose
 ``orthogonality_error`` exceeds ``ortho_tol`` is replaced by its polar factor
-(:func:`orthoopt.manifold.reorthogonalize`, computed in float64). The default ``ortho_tol=None``
-uses :func:`orthoopt.manifold.default_tolerance`: ``1e-10`` in float64, ``1e-5`` in float32 (the
-tolerances of ``docs/conventions.md``), raised to ``8 eps sqrt(n)`` for float32 rotations larger
-than about 110.
+(:meth:`OrthogonalGroup.reorthogonalize <orthoopt.manifold.OrthogonalGroup.reorthogonalize>`,
+computed in float64) and counted in ``num_reorthogonalizations``. The default ``ortho_tol=None`` is
+the one tolerance policy, :func:`orthoopt.core.tolerance.orthogonality_tolerance`:
+``max(1e-10, 8 eps sqrt(n))`` in float64, ``max(1e-5, 8 eps sqrt(n))`` in float32.
+
+Every solver reaches the geometry of O(n) through :attr:`Solver.group`, the shared
+:class:`orthoopt.manifold.OrthogonalGroup` (generators, Cayley retraction, polar factor, errors).
 """
 
 from __future__ import annotations
@@ -22,18 +25,15 @@ from typing import Mapping
 
 import torch
 
-from ..manifold import check_square, default_tolerance, orthogonality_error, reorthogonalize
+from ..core.tolerance import orthogonality_tolerance
+from ..manifold import O_N, OrthogonalGroup, check_square
 from ..objectives.base import Objective
 
 
 def riemannian_grad_norm(rotations: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]) -> float:
     """``sqrt(sum_k ||skew(R_k^T G_k)||_F^2)``: the norm of the Riemannian gradient
     ``R skew(R^T G)`` (metric inherited from ``R^{n x n}``) over all rotations with a gradient."""
-    total = 0.0
-    for k, G in grads.items():
-        A = rotations[k].detach().T @ G.detach()
-        total += float(torch.linalg.matrix_norm(0.5 * (A - A.T)).double()) ** 2
-    return math.sqrt(total)
+    return math.sqrt(sum(O_N.grad_norm(rotations[k], G) ** 2 for k, G in grads.items()))
 
 
 def json_roundtrip(obj):
@@ -54,6 +54,7 @@ class Solver:
     """
 
     name = "solver"
+    group: OrthogonalGroup = O_N  # the geometry of O(n) every solver calls
 
     def __init__(self, ortho_tol: float | None = None) -> None:
         if ortho_tol is not None and not ortho_tol > 0:
@@ -73,7 +74,7 @@ class Solver:
         copies: dict[str, torch.Tensor] = {}
         for k, R in rotations.items():
             check_square(R, f"rotation {k!r}")
-            default_tolerance(R.dtype)  # raises for dtypes other than float32/float64
+            orthogonality_tolerance(R.shape[0], R.dtype)  # raises for dtypes other than float32/float64
             copies[k] = R.detach().clone()
         self._R = copies
         self.num_steps = 0
@@ -218,9 +219,9 @@ class Solver:
         count = 0
         for k in names:
             R = self._current()[k]
-            tol = self.ortho_tol if self.ortho_tol is not None else default_tolerance(R.dtype, R.shape[0])
-            if orthogonality_error(R) > tol:
-                self._set(k, reorthogonalize(R))
+            tol = self.ortho_tol if self.ortho_tol is not None else orthogonality_tolerance(R.shape[0], R.dtype)
+            if self.group.error(R) > tol:
+                self._set(k, self.group.reorthogonalize(R))
                 self.num_reorthogonalizations += 1
                 count += 1
         return count

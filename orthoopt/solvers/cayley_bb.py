@@ -7,7 +7,7 @@ metric is the one O(n) inherits from ``R^{n x n}``, ``<P1 R, P2 R> = tr(P1^T P2)
 the objective move together along one curve parameter ``tau``:
 
     g      = skew(G @ R.T) = (G R^T - R G^T) / 2   # Riemannian gradient generator (grad = g @ R)
-    R(tau) = (I - tau/2 P)^{-1} (I + tau/2 P) @ R  # exact Cayley curve, orthogonal for every tau
+    R(tau) = (I - tau/2 P)^{-1} (I + tau/2 P) @ R  # exact Cayley curve (OrthogonalGroup.cayley)
     f'(0)  = <g, P>                                 # slope along the curve (R'(0) = P @ R)
 
 Directions ``P``:
@@ -54,18 +54,6 @@ from .base import Solver
 
 def _inner(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return math.fsum(float(torch.sum(a[k] * b[k])) for k in a)
-
-
-def cayley_curve(R: torch.Tensor, P: torch.Tensor, tau: float) -> torch.Tensor:
-    """``(I - tau/2 P)^{-1} (I + tau/2 P) @ R`` for skew ``P`` (no skewness check: ``P`` is built skew)."""
-    n = R.shape[0]
-    eye = torch.eye(n, dtype=R.dtype, device=R.device)
-    half = (0.5 * tau) * P
-    return torch.linalg.solve(eye - half, (eye + half) @ R)
-
-
-def _skew(A: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (A - A.T)
 
 
 class _CayleyLineSearch(Solver):
@@ -148,7 +136,7 @@ class _CayleyLineSearch(Solver):
 
     # -- the step ----------------------------------------------------------------------------
     def _gradient_generators(self, G: dict[str, torch.Tensor], R64: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: _skew(G[k].to(torch.float64) @ R64[k].T) for k in G}
+        return {k: self.group.generator(R64[k], G[k].to(torch.float64)) for k in G}
 
     def _direction(self, g: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float | None]:
         """``(P, trial tau)`` from the memory; ``tau=None`` asks for the scale-free first trial."""
@@ -182,7 +170,7 @@ class _CayleyLineSearch(Solver):
         names = list(g)
         R64 = {k: self._master[k] for k in names}
         for trial in range(self.max_backtracks):
-            new = {k: cayley_curve(R64[k], P[k], tau) for k in names}
+            new = {k: self.group.cayley(R64[k], P[k], tau) for k in names}
             cast = {k: v.to(self._current()[k].dtype) for k, v in new.items()}
             f_new, G_new = self._value_and_grad(objective, {**self._current(), **cast})
             if f_new <= self._C + self.rho * tau * slope:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from ..manifold import cayley_retraction, cayley_retraction_iterative
 from ..objectives.base import Objective
 from .base import Solver
 
@@ -79,14 +78,13 @@ class CayleySGD(Solver):
             M = self.momentum * self._M[k] - G
             # The paper's W_hat = M R^T - R (R^T M R^T) / 2 is M R^T / 2 for square orthogonal R
             # (R R^T = I), so W = W_hat - W_hat^T takes one product instead of four.
-            MRt = M @ R.T
-            W = 0.5 * (MRt - MRt.T)
+            W = self.group.skew(M @ R.T)
             self._M[k] = W @ R
             alpha = min(self.lr, 2.0 * self.q / (float(torch.linalg.matrix_norm(W, ord=1)) + self.epsilon))
             if self.iterative:
-                R_new = cayley_retraction_iterative(R, W, alpha, self.n_iters)
+                R_new = self.group.cayley_fixed_point(R, W, alpha, self.n_iters)
             else:  # in float64, so that float32 rotations do not drift (no re-projection needed)
-                R_new = cayley_retraction(R.double(), W.double(), alpha).to(R.dtype)
+                R_new = self.group.cayley(R.double(), W.double(), alpha).to(R.dtype)
             self._set(k, R_new)
             self.last_step_sizes[k] = alpha
         return loss, list(grads)

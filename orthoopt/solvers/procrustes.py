@@ -14,8 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from ..objectives.base import Objective
+from ..manifold import O_N
+from ..objectives.base import Objective, SupportsProcrustes
 from .base import NonFiniteLossError, Solver
+
+
+class ProcrustesUnsupportedError(TypeError, ValueError):
+    """The objective has no ``procrustes_targets`` (it does not satisfy
+    :class:`~orthoopt.objectives.SupportsProcrustes`). A TypeError; also a ValueError, so that the
+    command line reports it as a bad argument (exit 2)."""
 
 
 def orthogonal_procrustes(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -33,15 +40,15 @@ def orthogonal_procrustes(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     if not dtype.is_floating_point:
         raise ValueError(f"A and B must be floating point, got {A.dtype} and {B.dtype}")
     M = A.detach().to(torch.float64).T @ B.detach().to(torch.float64)
-    U, _, Vh = torch.linalg.svd(M)
-    return (U @ Vh).to(dtype)
+    return O_N.polar_factor(M).to(dtype)
 
 
 class ProcrustesAlternation(Solver):
     """DFRot's alternation: ``R <- orthogonal_procrustes(A, B)`` for the objective's targets.
 
-    Needs an objective with ``procrustes_targets(rotations) -> {name: (A, B)}`` (``A``, ``B``:
-    ``[m, n]``); others raise ValueError. A step's loss is ``objective.loss`` at the rotations
+    Needs an objective satisfying :class:`~orthoopt.objectives.SupportsProcrustes`
+    (``procrustes_targets(rotations) -> {name: (A, B)}``, ``A``, ``B``: ``[m, n]``); others raise
+    :class:`ProcrustesUnsupportedError` (a TypeError) naming the objective. A step's loss is ``objective.loss`` at the rotations
     before the update. No learning rate and no state. Rotations without targets stay unchanged.
     """
 
@@ -51,12 +58,13 @@ class ProcrustesAlternation(Solver):
         super().__init__(ortho_tol)
 
     def _update(self, objective: Objective) -> tuple[float, list[str]]:
-        targets_fn = getattr(objective, "procrustes_targets", None)
-        if not callable(targets_fn):
-            raise ValueError(
-                f"solver 'procrustes' needs an objective with procrustes_targets(rotations); "
-                f"{type(objective).__name__} has none (use a gradient solver such as 'cayley-sgd' or 'radam')"
+        if not isinstance(objective, SupportsProcrustes):
+            raise ProcrustesUnsupportedError(
+                f"solver 'procrustes' needs an objective with procrustes_targets(rotations) "
+                f"(orthoopt.objectives.SupportsProcrustes); {type(objective).__name__} has none "
+                "(use a gradient solver such as 'cayley-lbfgs' or 'radam')"
             )
+        targets_fn = objective.procrustes_targets
         current = self._current()
         frozen = {k: R.detach() for k, R in current.items()}
         with torch.no_grad():

@@ -13,14 +13,12 @@ from typing import Callable, Mapping
 import torch
 from tqdm.auto import tqdm
 
+from ..core.tolerance import check_orthogonal
 from ..manifold import check_square, orthogonality_error
 from ..objectives.base import Objective
 from .base import Solver
 from .init import initial_rotations
 from .registry import make_solver
-
-# An init rotation further than this from O(n) (||R^T R - I||_F) is rejected as a caller mistake.
-INIT_ORTHOGONALITY_LIMIT = 1e-3
 
 Callback = Callable[[int, float, dict[str, torch.Tensor]], object]
 
@@ -81,12 +79,7 @@ def _start_rotations(
         n = check_square(R, f"init rotation {k!r}")
         if k in dims and n != dims[k]:
             raise ValueError(f"init rotation {k!r} is {n}x{n}, the objective needs {dims[k]}x{dims[k]}")
-        err = orthogonality_error(R)
-        if not err <= INIT_ORTHOGONALITY_LIMIT:
-            raise ValueError(
-                f"init rotation {k!r} is not orthogonal (||R^T R - I||_F = {err:.3g}); "
-                "pass orthoopt.manifold.reorthogonalize(R) if it is meant to be"
-            )
+        check_orthogonal(R, f"init {k}")  # the one tolerance policy, in R's own dtype
         out[k] = R.detach().to(dtype=dtype or R.dtype, device=device or R.device)
     return out
 
@@ -117,8 +110,9 @@ def solve(
     objective: an :class:`~orthoopt.objectives.base.Objective` (``dims``, ``loss``, ``value_and_grad``;
                ``procrustes_targets`` for the ``"procrustes"`` solver).
     init:      ``"identity" | "random" | "hadamard"`` (built for ``objective.dims`` with ``seed``, in
-               ``dtype`` or float32); a dict ``{name: [n, n]}`` of orthogonal matrices (cast to
-               ``dtype`` if given; names the objective does not use are carried along unchanged);
+               ``dtype`` or float32); a dict ``{name: [n, n]}`` of orthogonal matrices (each within
+               :func:`orthoopt.core.tolerance.orthogonality_tolerance` of its size and dtype, else
+               ValueError; cast to ``dtype`` if given; names the objective does not use are carried along unchanged);
                a previous :class:`SolveResult` (its rotations); or ``None`` to continue an already
                initialized ``solver`` object with its state (momentum, Adam moments) intact.
     solver:    a solver object or a name for :func:`make_solver` with its defaults. Resuming with

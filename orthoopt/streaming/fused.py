@@ -1,9 +1,9 @@
 """Norm-fused weights read from disk, one layer (or one slice of the embedding) at a time.
 
 Exactly what :meth:`orthoopt.adapters.DecoderAdapter.fuse_norms` makes of a model loaded in ``dtype``
-(``load_model(path, dtype)``): every tensor is cast to ``dtype``, each residual RMSNorm scale is folded
-into the projections reading it with :func:`orthoopt.adapters.fusion.fold_scale` (q, k, v; gate, up;
-lm_head) and set to one. A tied ``lm_head`` gets its own folded copy of the embedding when the final
+(``load_model(path, dtype)``): every tensor is cast to ``dtype``, each residual pre-norm's scale is folded
+into the projections reading it by :func:`orthoopt.adapters.fusion.fold_layer` (the table's readers;
+the final norm into lm_head with :func:`orthoopt.adapters.fusion.fold_scale`) and set to the identity. A tied ``lm_head`` gets its own folded copy of the embedding when the final
 norm's scale is not all ones (the adapter unties it then); otherwise it stays tied and has no block.
 """
 
@@ -13,9 +13,11 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from orthoopt.adapters.fusion import fold_scale
+from orthoopt.adapters.archs import UnsupportedModelError, effective_scale, identity_weight, r1_refusal
+from orthoopt.adapters.fusion import fold_layer, fold_scale
+from orthoopt.adapters.writeback import layer_r1_entries
 from orthoopt.streaming.checkpoint import SafetensorsCheckpoint
-from orthoopt.streaming.layout import NORM_READERS, OUT_ROLES, ROLES, DecoderLayout
+from orthoopt.streaming.layout import DecoderLayout
 
 Unit = int | str
 """A piece of the R1 row stream: ``"embed"``, a layer index, or ``"lm_head"``."""
@@ -33,8 +35,18 @@ class FusedReader:
             raise ValueError(f"dtype must be floating point, got {dtype}")
         self.ckpt, self.layout, self.dtype = ckpt, layout, dtype
         self.rows_per_read = int(rows_per_read)
-        self.final_norm_scale = ckpt.read([layout.key(layout.final_norm)], dtype)[layout.key(layout.final_norm)].clone()
+        final = ckpt.read([layout.key(layout.final_norm)], dtype)[layout.key(layout.final_norm)]
+        kind = layout.spec.final_norm_kind
+        self._final_fold = effective_scale(final, kind)  # float64, as the adapter folds it
+        self.final_norm_scale = self._final_fold.to(dtype)
+        self.final_norm_identity = identity_weight(final, kind)
+        """The final norm's weight after fusion (ones; zeros for a ``(1 + w)`` norm), in ``dtype``."""
         self.untie = layout.tied and not bool((self.final_norm_scale == 1).all())
+        post = {layout.key(layout.layer_modules(i)[n.role]): n.kind
+                for i in range(layout.num_layers) for n in layout.spec.post_norms}
+        reason = r1_refusal({k: effective_scale(w, post[k]) for k, w in ckpt.read(list(post), dtype).items()}) if post else None
+        if reason:  # the streamed path learns R1
+            raise UnsupportedModelError(f"{ckpt.path}: {reason}")
         self.vocab = ckpt.shape(layout.key(layout.embed))[0]
         keys = list(ckpt)
         self._layer_keys = {i: [k for k in keys if k.startswith(layout.layer_prefix(i))] for i in range(layout.num_layers)}
@@ -65,8 +77,7 @@ class FusedReader:
             return c.numel(L.key(L.embed))
         if unit == "lm_head":
             return c.numel(self.lm_head_source)
-        names = L.layer_modules(unit)
-        return sum(c.numel(L.key(names[r])) for r in ROLES)
+        return sum(c.numel(L.param_key(unit, r)) for r in L.roles(unit))
 
     # tensors ------------------------------------------------------------------------------------
     def layer_keys(self, i: int) -> list[str]:
@@ -77,16 +88,7 @@ class FusedReader:
         """Every tensor of layer ``i`` (``{key: tensor}`` in ``dtype``) with its norms fused."""
         L = self.layout
         t = self.ckpt.read(self._layer_keys[i], self.dtype)
-        names = L.layer_modules(i)
-        for norm, readers in NORM_READERS.items():
-            nk = L.key(names[norm])
-            w = t[nk]
-            if bool((w == 1).all()):
-                continue
-            for r in readers:
-                rk = L.key(names[r])
-                t[rk] = fold_scale(t[rk], w)
-            t[nk] = torch.ones_like(w)
+        t.update(fold_layer(L.spec, t, L.layer_key_prefix(i)))
         return t
 
     def _row_slices(self, key: str) -> Iterator[tuple[int, int]]:
@@ -106,7 +108,7 @@ class FusedReader:
             return
         key = self.lm_head_source
         for start, stop in self._row_slices(key):
-            yield fold_scale(self.ckpt.read_rows(key, start, stop, self.dtype), self.final_norm_scale)
+            yield fold_scale(self.ckpt.read_rows(key, start, stop, self.dtype), self._final_fold)
 
     def r1_pieces(self, units: Iterable[Unit] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """``(block name, rows [m, hidden])`` of the R1 blocks in ``units`` (default all), in block order.
@@ -124,8 +126,6 @@ class FusedReader:
                     yield L.lm_head, rows
             else:
                 t = self.layer(unit)
-                names = L.layer_modules(unit)
-                for r in ROLES:
-                    W = t[L.key(names[r])]
-                    yield names[r], (W.T if r in OUT_ROLES else W)
+                for block, _, _ in layer_r1_entries(L.spec, t, L.layer_key_prefix(unit), f"{L.spec.layers}.{unit}"):
+                    yield block.name, block.as_rows()
                 del t

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orthoopt.adapters.archs import ARCHS, ArchSpec, UnsupportedModelError
+from orthoopt.adapters.archs import ARCHS, ArchSpec, UnsupportedModelError, part_rows
 from orthoopt.streaming.checkpoint import SafetensorsCheckpoint
 
-ROLES = ("q", "k", "v", "o", "gate", "up", "down")
-"""Projections of a layer in the adapter's block order; ``o`` and ``down`` write the residual (side "out")."""
-OUT_ROLES = ("o", "down")
-NORM_READERS = {"input_norm": ("q", "k", "v"), "post_attn_norm": ("gate", "up")}
-"""Residual RMSNorms and the projections that read them (``orthoopt.adapters.fusion``)."""
+_LLAMA = ARCHS["llama"]
+ROLES = _LLAMA.roles
+"""Projections of a Llama layer in the adapter's block order (derived from the table; every other
+architecture: :meth:`DecoderLayout.roles`)."""
+OUT_ROLES = _LLAMA.out_roles
+NORM_READERS = _LLAMA.norm_readers
+"""Llama's residual pre-norms and the projections that read them (``ArchSpec.norm_readers``)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,10 @@ class DecoderLayout:
     head_dim: int
     intermediate: int
     tied: bool
+    layer_roles: tuple[tuple[str, ...], ...] | None = None
+    """Roles present in each layer (optional roles may be absent); None: every role of the table."""
+    expert_counts: tuple[tuple[tuple[str, int], ...], ...] | None = None
+    """``((role, experts), ...)`` per layer for expert tensors."""
 
     @classmethod
     def from_checkpoint(cls, ckpt: SafetensorsCheckpoint, arch: str | None = None) -> DecoderLayout:
@@ -51,6 +57,12 @@ class DecoderLayout:
                 "a decoder with the Llama layout may be forced with arch='llama'"
             )
         spec = ARCHS[key]
+        if any(p.experts for p in spec.projs):
+            raise UnsupportedModelError(
+                f"model_type {model_type!r}: streamed rotation does not support MoE checkpoints: their experts are "
+                "stored one tensor per expert on disk (mlp.experts.<e>.gate_proj ...), while the architecture "
+                "table describes the [experts, out, in] tensors transformers loads; rotate it in memory instead"
+            )
         missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers") if cfg.get(k) is None]
         if missing:
             raise UnsupportedModelError(f"{ckpt.path}/config.json lacks {missing}")
@@ -58,8 +70,15 @@ class DecoderLayout:
         kv = int(cfg.get("num_key_value_heads") or heads)
         probe = cls(spec, layers, hidden, heads, kv, 1, 1, False)
         needed = [probe.key(probe.embed), probe.key(probe.final_norm)]
+        roles, experts = [], []
         for i in range(layers):
-            needed += [probe.key(m) for m in probe.layer_modules(i).values()]
+            names = probe.layer_modules(i)
+            needed += [probe.key(names[n.role]) for n in spec.norms]
+            needed += [probe.key(names[p.role], p.param) for p in spec.projs if not p.optional]
+            have = tuple(p.role for p in spec.projs if probe.key(names[p.role], p.param) in ckpt)
+            roles.append(have)
+            experts.append(tuple((p.role, ckpt.shape(probe.key(names[p.role], p.param))[0])
+                                 for p in spec.projs if p.experts and p.role in have))
         absent = [n for n in needed if n not in ckpt]
         if absent:
             raise UnsupportedModelError(
@@ -67,15 +86,16 @@ class DecoderLayout:
                 + (f" and {len(absent) - 6} more" if len(absent) > 6 else "")
             )
         names0 = probe.layer_modules(0)
-        q_out = ckpt.shape(probe.key(names0["q"]))[0]
-        if q_out % heads:
-            raise UnsupportedModelError(f"q_proj has {q_out} rows, not a multiple of {heads} heads")
-        inter = ckpt.shape(probe.key(names0["gate"]))[0]
+        o_in = ckpt.shape(probe.key(names0[spec.o_role], spec.proj(spec.o_role).param))[-1]
+        if o_in % heads:
+            raise UnsupportedModelError(f"{names0[spec.o_role]} has {o_in} input columns, not a multiple of {heads} heads")
+        writer = next((p for p in spec.projs if p.side == "out" and p.role != spec.o_role and p.role in roles[0]), None)
+        inter = ckpt.shape(probe.key(names0[writer.role], writer.param))[-1] if writer is not None else 0
         has_head = probe.key(spec.lm_head, top=True) in ckpt
         tied = bool(cfg.get("tie_word_embeddings", not has_head))
         if not tied and not has_head:
             raise UnsupportedModelError(f"{ckpt.path}: no {spec.lm_head}.weight and tie_word_embeddings is false")
-        out = cls(spec, layers, hidden, heads, kv, q_out // heads, inter, tied)
+        out = cls(spec, layers, hidden, heads, kv, o_in // heads, inter, tied, tuple(roles), tuple(experts))
         out.check_shapes(ckpt)
         return out
 
@@ -103,45 +123,72 @@ class DecoderLayout:
         return f"{self.spec.decoder}.{self.spec.layers}.{i}."
 
     def layer_modules(self, i: int) -> dict[str, str]:
-        """``{role: module name}`` of layer ``i``, as ``locate`` names them (roles: :data:`ROLES`,
-        ``input_norm``, ``post_attn_norm``)."""
-        s = self.spec
-        p, pa, pm = f"{s.layers}.{i}", f"{s.layers}.{i}.{s.attn}", f"{s.layers}.{i}.{s.mlp}"
-        return {
-            "input_norm": f"{p}.{s.input_norm}", "post_attn_norm": f"{p}.{s.post_attn_norm}",
-            "q": f"{pa}.{s.q}", "k": f"{pa}.{s.k}", "v": f"{pa}.{s.v}", "o": f"{pa}.{s.o}",
-            "gate": f"{pm}.{s.gate}", "up": f"{pm}.{s.up}", "down": f"{pm}.{s.down}",
-        }
+        """``{role: module name}`` of layer ``i``, as ``locate`` names them: every projection role of the
+        table (:meth:`roles`; optional ones too) and every norm role (``input_norm``, ...)."""
+        s, p = self.spec, f"{self.spec.layers}.{i}"
+        out = {pr.role: f"{p}.{pr.path}" for pr in s.projs}
+        out.update({n.role: f"{p}.{n.path}" for n in s.norms})
+        return out
+
+    def layer_key_prefix(self, i: int) -> str:
+        """The prefix of layer ``i``'s keys without the trailing dot (``model.layers.3``), as the
+        tensor-level functions of :mod:`orthoopt.adapters.writeback` take it."""
+        return self.layer_prefix(i)[:-1]
+
+    def roles(self, i: int | None = None) -> tuple[str, ...]:
+        """Projection roles (of layer ``i``, or of the table), in block order."""
+        if i is None or self.layer_roles is None:
+            return self.spec.roles
+        return self.layer_roles[i]
+
+    def param_key(self, i: int, role: str) -> str:
+        """Safetensors key of role ``role``'s weight in layer ``i``."""
+        return self.key(self.layer_modules(i)[role], self.spec.proj(role).param)
 
     def r1_blocks(self, untie: bool) -> list[tuple[str, str]]:
-        """``(block name, side)`` of R1 in the adapter's order: embedding, per layer q, k, v, o, gate, up,
-        down, then ``lm_head`` unless it stays tied (``untie``: fusion gives it its own weight)."""
+        """``(block name, side)`` of R1 in the adapter's order: embedding, per layer the table's
+        projections (expert tensors: one block per expert), then ``lm_head`` unless it stays tied
+        (``untie``: fusion gives it its own weight)."""
         out = [(self.embed, "in")]
         for i in range(self.num_layers):
             names = self.layer_modules(i)
-            out += [(names[r], "out" if r in OUT_ROLES else "in") for r in ROLES]
+            experts = dict(self.expert_counts[i]) if self.expert_counts is not None else {}
+            for r in self.roles(i):
+                pr = self.spec.proj(r)
+                if pr.experts:
+                    out += [(f"{names[r]}.{pr.param}.{e}", pr.side) for e in range(experts[r])]
+                else:
+                    out.append((names[r], pr.side))
         if not self.tied or untie:
             out.append((self.lm_head, "in"))
         return out
 
     def check_shapes(self, ckpt: SafetensorsCheckpoint) -> None:
         """Raise ``UnsupportedModelError`` naming every tensor whose shape does not fit the layout."""
-        h, d, nh, nkv, f = self.hidden, self.head_dim, self.num_heads, self.num_kv_heads, self.intermediate
+        h, d, nh, nkv = self.hidden, self.head_dim, self.num_heads, self.num_kv_heads
         want = {self.key(self.embed): (None, h), self.key(self.final_norm): (h,)}
         if not self.tied:
             want[self.key(self.lm_head)] = (None, h)
+        s = self.spec
         for i in range(self.num_layers):
             n = self.layer_modules(i)
-            want.update({
-                self.key(n["q"]): (nh * d, h), self.key(n["k"]): (nkv * d, h), self.key(n["v"]): (nkv * d, h),
-                self.key(n["o"]): (h, nh * d), self.key(n["gate"]): (f, h), self.key(n["up"]): (f, h),
-                self.key(n["down"]): (h, f), self.key(n["input_norm"]): (h,), self.key(n["post_attn_norm"]): (h,),
-            })
+            for r in self.roles(i):
+                pr = s.proj(r)
+                lead = (None,) if pr.experts else ()
+                want[self.key(n[r], pr.param)] = lead + ((None, h) if pr.side == "in" else (h, None))
+            want[self.key(n[s.o_role], s.proj(s.o_role).param)] = (h, nh * d)
+            want.update({self.key(n[x.role]): (h,) for x in s.norms})
         bad = []
         for name, shape in want.items():
             got = ckpt.shape(name)
             if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape)):
                 bad.append(f"{name} {got}, expected {tuple('*' if w is None else w for w in shape)}")
+        vrole, vpart = s.v_rows
+        for i in range(self.num_layers):
+            rows = ckpt.shape(self.param_key(i, vrole))[0]
+            sl = part_rows(s, vrole, rows, nh, nkv, d)[vpart or vrole]
+            if sl.stop - sl.start != nkv * d:
+                bad.append(f"{self.param_key(i, vrole)}: {sl.stop - sl.start} value rows, expected {nkv * d}")
         if nh % nkv:
             bad.append(f"num_attention_heads {nh} is not a multiple of num_key_value_heads {nkv}")
         if bad:

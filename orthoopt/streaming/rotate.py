@@ -293,7 +293,7 @@ class SafetensorsStore:
         others = [k for k in ckpt if k not in layer_keys and k not in special]
         self.writer.write(0, {L.key(L.embed): E, **ckpt.read(others, reader.dtype)})
         del E
-        last = {L.key(L.final_norm): torch.ones_like(reader.final_norm_scale)}
+        last = {L.key(L.final_norm): reader.final_norm_identity}
         if reader.has_lm_head_block:
             H = torch.empty(ckpt.shape(reader.lm_head_source), dtype=reader.dtype)
             start = 0

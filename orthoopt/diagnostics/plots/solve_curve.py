@@ -9,13 +9,14 @@ from collections.abc import Mapping
 import numpy as np
 from matplotlib.figure import Figure
 
+from orthoopt.core.tolerance import FLOOR
 from orthoopt.diagnostics.plots._figure import color, finish, new_figure, style
 
 SIZE = (10.0, 4.5)
 """Figure size in inches: 1000 x 450 px at 100 dpi."""
 
-TOLERANCES = {"float32 tolerance": 1e-5, "float64 tolerance": 1e-10}
-"""Reference lines of the orthogonality panel (the tolerances of ``docs/conventions.md``)."""
+TOLERANCES = {f"{str(d).removeprefix('torch.')} tolerance": v for d, v in sorted(FLOOR.items(), key=lambda t: -t[1])}
+"""Reference lines of the orthogonality panel: the floors of :func:`orthoopt.core.tolerance.orthogonality_tolerance`."""
 
 
 def _finite_1d(name: str, values) -> np.ndarray:
