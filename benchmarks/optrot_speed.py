@@ -159,7 +159,7 @@ CHILD = textwrap.dedent("""
                 return int(line.split()[1]) / 1024
     from orthoopt.adapters import load_model, load_tokenizer, save_rotated
     from orthoopt.pipeline import rotate_model
-    from orthoopt.streaming import rotate_streamed
+    from orthoopt.pipeline import rotate_streamed
     mode, src, out = sys.argv[1:4]
     t = time.perf_counter()
     if mode == "in-memory":

@@ -2,12 +2,19 @@
 
     torchrun --nproc_per_node 4 -m orthoopt.distributed_rotate MODEL_DIR --out OUT_DIR [--steps 100]
 
-Each rank reads only its share of the layers (:func:`orthoopt.streaming.rotate_streamed`); the R1
+The same :class:`~orthoopt.config.RotateConfig` and phase loop as ``orthoopt rotate --streamed``
+(:func:`orthoopt.pipeline.rotate_streamed`). Each rank reads only its share of the layers; the R1
 gradient is all-reduced every step (gloo on CPU, NCCL with ``--device cuda``, each rank on GPU
 ``LOCAL_RANK``), so every rank takes the same steps and holds the same rotation; the layers' R2
 problems are split across ranks; rank 0 writes the output folder and prints the summary. Without
 ``torchrun`` (no ``WORLD_SIZE`` in the environment) it runs as one process, like
 ``orthoopt rotate --streamed``.
+
+Exact resume: every ``--checkpoint-every`` steps the run writes its whole state: during R1 rank 0 writes
+every rank's state to ``OUT.partial.safetensors`` (the ranks step together), during R2 (and after each
+layer) each rank writes its own ``OUT.partial.rankR-of-W.safetensors``. ``--resume`` continues from
+them, bit-identical to an uninterrupted run with the same number of processes
+(``docs/guarantees.md``). The files are removed once the output is written.
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ import datetime
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from orthoopt.config import DTYPES, RotateConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-fraction", type=float, default=None)
     p.add_argument("--layers-per-shard", type=int, default=1)
     p.add_argument("--include-embeddings", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=25, help="steps between partial checkpoints (0: off)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the partial checkpoints")
     p.add_argument("--json", action="store_true", help="rank 0 prints the report as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -64,23 +74,37 @@ def init_process_group(device: str) -> torch.device:
     return dev
 
 
+def config_from_args(args: argparse.Namespace, device: torch.device) -> RotateConfig:
+    """The run's :class:`~orthoopt.config.RotateConfig` (the same fields as ``orthoopt rotate --streamed``).
+    ``device`` is the type only (``"cuda"``): each rank computes on its current device (``LOCAL_RANK``),
+    and every rank's config, hence its resume settings, is the same."""
+    phases = tuple(s.strip() for s in args.rotations.split(",") if s.strip())
+    return RotateConfig(method="optrot", rotations=phases, solver=args.solver, steps=args.steps, lr=args.lr,
+                        seed=args.seed, dtype=args.dtype, model_dtype=args.model_dtype,
+                        device=None if device.type == "cpu" else device.type, chunk_rows=args.chunk_rows,
+                        sample_fraction=args.sample_fraction, layers_per_shard=args.layers_per_shard,
+                        include_embeddings=args.include_embeddings, checkpoint_every=args.checkpoint_every)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from orthoopt.solvers.distributed import world
-    from orthoopt.streaming import rotate_streamed
+    from orthoopt.pipeline import rotate_streamed
+    from orthoopt.solvers.distributed import all_gather_objects, world
+    from orthoopt.streaming.rotate import rank_partial
 
     args = build_parser().parse_args(argv)
-    phases = [s.strip() for s in args.rotations.split(",") if s.strip()]
     device = init_process_group(args.device)
     try:
         rank, size = world()
-        result = rotate_streamed(
-            args.model_dir, args.out, "optrot", phases, solver=args.solver, steps=args.steps, lr=args.lr,
-            seed=args.seed, dtype=DTYPES[args.dtype], model_dtype=DTYPES[args.model_dtype],
-            chunk_rows=args.chunk_rows, sample_fraction=args.sample_fraction,
-            device=None if device.type == "cpu" else device, layers_per_shard=args.layers_per_shard,
-            include_embeddings=args.include_embeddings, progress=not args.quiet,
-            report_extra={"model": str(args.model_dir)},
-        )
+        config = config_from_args(args, device)
+        out = Path(args.out)
+        partial = out.with_name(out.name + ".partial.safetensors")
+        result = rotate_streamed(args.model_dir, out, config, progress=not args.quiet, checkpoint=partial,
+                                 resume=args.resume, report_extra={"model": str(args.model_dir)})
+        if size > 1:
+            rank_partial(partial, rank, size).unlink(missing_ok=True)
+            all_gather_objects(None)  # every rank removed its own file before the shared one goes
+        if rank == 0:
+            partial.unlink(missing_ok=True)
         if rank == 0:
             if args.json:
                 print(json.dumps(result.report))

@@ -1,4 +1,4 @@
-"""Rotate a Hugging Face decoder with one method, end to end: the job behind ``orthoopt rotate``.
+"""Rotate a model with one method, end to end: the job behind ``orthoopt rotate``, in memory or streamed.
 
 Data flows one way (``docs/architecture.md``): the adapter turns the model into weight blocks (and
 calibration activations), a method turns those into an objective, a solver learns the rotations,
@@ -39,16 +39,32 @@ still rotated, of course, so the model's function is unchanged.
 Learned methods start from a random Hadamard matrix (the usual start of OptRot and DFRot) unless
 ``init`` gives rotations.
 
-Exact resume: with ``checkpoint=PATH`` and ``checkpoint_every=k`` the run writes its whole state
+One phase loop (:func:`run_phases`) runs every method over a weight store (:mod:`orthoopt.store`):
+:class:`MemoryStore` (a Hugging Face module; :func:`rotate_model`) or the safetensors store
+(:class:`orthoopt.streaming.rotate.SafetensorsStore`, layers read from disk, sharded write-back;
+:func:`rotate_streamed`, also under ``torchrun``). The settings are one
+:class:`~orthoopt.config.RotateConfig`, validated once and written into ``report.json["config"]``.
+A phase is one or more units (solves): in memory R1 and R2 are one unit each (all R2.i jointly); the
+safetensors store solves R2 one layer at a time (``R2.0``, ``R2.1``, ...), fusing and writing each
+layer as it is done. The loop starts each unit (random Hadamard or ``init``), runs the solver with the
+cosine schedule of spinquant and the user's callback, re-orthogonalizes in float64 and hands the
+rotations to the store.
+
+Exact resume: with ``checkpoint=PATH`` and ``config.checkpoint_every=k`` the loop writes its whole state
 (finished rotations in float64, the solver's state, the objective's sampling generators, the loss
-histories; :mod:`orthoopt.resume`) to ``PATH`` every ``k`` steps and at each phase boundary;
-``resume=True`` continues from ``PATH`` when it exists, refusing (ValueError naming the differences)
-a file written with another method, model, solver or settings. A resumed run gives bit-identical
-rotations to an uninterrupted one on the same machine with the same number of threads.
+histories; :mod:`orthoopt.resume`) to ``PATH`` every ``k`` steps of a unit and after each unit (so a
+streamed run continues from the first unfinished layer); ``resume=True`` continues from ``PATH`` when
+it exists, refusing (ValueError naming the differences) a file written with another method, model,
+solver or settings. A resumed run gives bit-identical rotations (and weights) to an uninterrupted one
+on the same machine with the same number of threads, in memory, streamed and distributed (the store
+reads and writes the file: under ``torchrun`` rank 0 writes the collective R1 state of every rank to
+``PATH`` and each rank its own R2 layers to ``PATH`` with ``.rankR-of-W`` before the suffix).
 """
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,31 +75,27 @@ import torch
 from orthoopt.adapters import DecoderAdapter, logits_relative_error  # noqa: F401 (re-exported helper)
 from orthoopt.adapters.verify import logits as model_logits
 from orthoopt.core.tolerance import invariance_tolerance
+from orthoopt.config import (  # noqa: F401 (the method tables, re-exported)
+    COSINE_METHODS,
+    DATA_METHODS,
+    DEFAULT_LR,
+    FIXED_METHODS,
+    FULL_PRECISION_BLOCKS,
+    JOINT_METHODS,
+    LEARNED_METHODS,
+    METHODS,
+    PHASES,
+    RotateConfig,
+)
 from orthoopt.manifold import orthogonality_error, reorthogonalize
 from orthoopt.objectives import DFRotLoss, FourthPower, HessianWeighted, Kurtosis, Objective, QuantizedLMLoss
 from orthoopt.resume import Partial, read_partial, settings_difference, tensor_checksum, write_partial
 from orthoopt.solvers import SolveResult, initial_rotations, make_solver, solve
-from orthoopt.utils.checks import check_device
-
-FIXED_METHODS = {"identity": "identity", "random": "random", "hadamard": "hadamard"}
-LEARNED_METHODS = {"optrot": "cayley-lbfgs", "optrot+": "cayley-lbfgs", "kurtosis": "radam", "dfrot": "procrustes",
-                   "spinquant": "cayley-sgd"}
-DATA_METHODS = ("optrot+", "kurtosis", "dfrot", "spinquant")
-JOINT_METHODS = ("spinquant",)
-"""Methods that learn all selected rotations in one solve (their objective is not a sum over phases)."""
-DEFAULT_LR = {"spinquant": 1.5}
-"""Learning rates that differ from the solver's default (SpinQuant's published setting)."""
-COSINE_METHODS = ("spinquant",)
-"""Methods whose solver step size decays as ``lr * (1 + cos(pi * step / steps)) / 2``."""
-METHODS = (*FIXED_METHODS, *LEARNED_METHODS)
-PHASES = ("R1", "R2")
+from orthoopt.store import Unit, WeightStore
 
 
 def _phase_names(dims: Mapping[str, int], phase: str) -> dict[str, int]:
     return {k: n for k, n in dims.items() if k == phase or k.startswith(phase + ".")}
-
-
-FULL_PRECISION_BLOCKS = ("embed_tokens", "lm_head")
 
 
 def _blocks(adapter: DecoderAdapter, phase: str, include_embeddings: bool):
@@ -158,19 +170,73 @@ def build_objective(method: str, adapter: DecoderAdapter, phase: str | Iterable[
     return DFRotLoss(X)
 
 
-def _run_settings(model, method, phases, solver_name, solver_config, phase_steps, lr, seed, dtype,
-                  include_embeddings, sample_fraction, device, calib, calib_tokens, init, stop) -> dict:
-    """Everything a run's trajectory depends on, JSON-able, for refusing a foreign partial checkpoint."""
+# ------------------------------------------------------------------------------------------------
+# the in-memory store
+
+class MemoryStore:
+    """A Hugging Face decoder in memory as a :class:`~orthoopt.store.WeightStore`: norms fused by
+    :meth:`begin`, one unit per phase (all R2.i in one solve), rotations fused in place."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.adapter: DecoderAdapter | None = None
+
+    def fingerprint(self) -> dict:
+        return {"store": "memory",
+                "model": tensor_checksum(t for _, t in sorted(self.model.state_dict().items())),
+                "model_config": getattr(getattr(self.model, "config", None), "model_type", None)}
+
+    def begin(self) -> None:
+        self.adapter = DecoderAdapter(self.model)
+        self.adapter.fuse_norms()
+        self.dims = self.adapter.rotation_dims()
+
+    def units(self, phases: tuple[str, ...]) -> list[Unit]:
+        dims = {k: n for p in phases for k, n in _phase_names(self.dims, p).items()}
+        return [Unit(phases[0], phases[0], dims, tuple(phases))]
+
+    def objective(self, unit: Unit, config: RotateConfig, calib, progress: bool) -> Objective:
+        joint = config.method in JOINT_METHODS
+        extra = ({"sim_quant": config.sim_quant, "batch_size": config.batch_size,
+                  "micro_batch_size": config.micro_batch_size} if config.method == "spinquant" else {})
+        return build_objective(config.method, self.adapter, unit.phases if joint else unit.phase, calib,
+                               config.calib_tokens, config.seed, progress, config.include_embeddings,
+                               config.sample_fraction, config.device, **extra)
+
+    def settle(self, unit: Unit, rotations: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return rotations
+
+    def apply(self, unit: Unit, rotations: dict[str, torch.Tensor]) -> None:
+        self.adapter.apply_rotations(rotations)
+
+    def report(self) -> dict:
+        return {}
+
+    def write_partial(self, path, partial: Partial, unit: Unit) -> None:
+        write_partial(path, partial)
+
+    def read_partial(self, path) -> Partial | None:
+        return read_partial(path) if Path(path).is_file() else None
+
+
+# ------------------------------------------------------------------------------------------------
+# the phase loop
+
+def run_settings(config: RotateConfig, fingerprint: dict, calib: torch.Tensor | None, init) -> dict:
+    """Everything a run's trajectory depends on, JSON-able, for refusing a foreign partial checkpoint:
+    the config's trajectory fields, the solver's resolved settings, the store's fingerprint (a
+    checksum of the weights) and checksums of the calibration tokens and the init rotations."""
+    kwargs = {} if config.effective_lr is None else {"lr": config.effective_lr}
     return {
-        "method": method, "rotations": list(phases), "solver": solver_name, "solver_settings": solver_config,
-        "steps": dict(phase_steps), "lr": lr, "seed": seed, "dtype": str(dtype).removeprefix("torch."),
-        "include_embeddings": include_embeddings, "sample_fraction": sample_fraction,
-        "device": None if device is None else str(device), "calib_tokens": calib_tokens if calib is not None else None,
+        **config.trajectory(),
+        "solver": config.solver_name,
+        "solver_settings": make_solver(config.solver_name, **kwargs).config() if config.learned else None,
+        "steps": config.phase_steps(),
+        "lr": config.effective_lr,
+        "calib_tokens": config.calib_tokens if calib is not None else None,
         "calib": None if calib is None else tensor_checksum([calib]),
         "init": None if init is None else tensor_checksum([init[k] for k in sorted(init)]),
-        "model": tensor_checksum(t for _, t in sorted(model.state_dict().items())),
-        "model_config": getattr(getattr(model, "config", None), "model_type", None),
-        "stop": {k: v for k, v in sorted(stop.items())},
+        **fingerprint,
     }
 
 
@@ -184,28 +250,29 @@ def _saved_result(rots: dict[str, torch.Tensor], history: list[float], saved: di
     return SolveResult(rotations=rots, history=list(history), steps=len(history), **saved)
 
 
-def _partial(settings: dict, phase: str, step: int, out: dict, solves: dict, solver=None, objective=None,
+def _partial(settings: dict, key: str, step: int, out: dict, results: dict, solver=None, objective=None,
              history: list[float] | None = None) -> Partial:
-    histories = {p: r.history for p, r in solves.items()}
+    histories = {k: r.history for k, r in results.items()}
     if history is not None:
-        histories[phase] = history
+        histories[key] = history
     obj_state = objective.state_dict() if callable(getattr(objective, "state_dict", None)) else {}
-    return Partial(settings=settings, phase=phase, step=step, done=dict(out),
+    return Partial(settings=settings, phase=key, step=step, done=dict(out),
                    solver=None if solver is None else solver.state_dict(), objective=obj_state,
-                   histories=histories, results={p: _result_summary(r) for p, r in solves.items()})
+                   histories=histories, results={k: _result_summary(r) for k, r in results.items()})
 
 
-def _phase_callback(phase, done, before, callback, out, solves, solver, objective, checkpoint, every, settings):
-    """The per-step callback of one phase: the user's callback (step counted from the phase start)
+def _unit_callback(store, unit, done, before, callback, out, results, solver, objective, checkpoint, every, settings):
+    """The per-step callback of one unit: the user's callback (step counted from the unit's start)
     and the partial checkpoint every ``every`` steps."""
     history = list(before)
 
     def cb(i: int, loss: float, rotations: dict) -> bool:
         step = done + i
         history.append(loss)
-        if checkpoint is not None and settings is not None and (step + 1) % every == 0:
-            write_partial(checkpoint, _partial(settings, phase, step + 1, out, solves, solver, objective, history))
-        return bool(callback(phase, step, loss, {**out, **rotations})) if callback is not None else False
+        if checkpoint is not None and (step + 1) % every == 0:
+            store.write_partial(checkpoint, _partial(settings, unit.key, step + 1, out, results, solver, objective,
+                                                     history), unit)
+        return bool(callback(unit.phase, step, loss, {**out, **rotations})) if callback is not None else False
 
     return cb if (callback is not None or checkpoint is not None) else None
 
@@ -213,7 +280,6 @@ def _phase_callback(phase, done, before, callback, out, solves, solver, objectiv
 def _cosine(solver, lr: float, total: int, done: int, callback):
     """Set ``solver.lr`` to the cosine schedule ``lr * (1 + cos(pi * t / total)) / 2`` before each step
     ``t`` (``done`` steps were taken by an earlier run); chains ``callback``."""
-    import math
 
     def at(t: int) -> float:
         return lr * 0.5 * (1.0 + math.cos(math.pi * min(t, total) / max(total, 1)))
@@ -227,9 +293,135 @@ def _cosine(solver, lr: float, total: int, done: int, callback):
     return cb
 
 
+def _unit_phase(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+@dataclass
+class PhaseRun:
+    """What :func:`run_phases` returns: the fused rotations (float64), the solve of each unit (by unit
+    key), the units in order, and the partial checkpoint it resumed from (None for a fresh run)."""
+
+    rotations: dict[str, torch.Tensor]
+    results: dict[str, SolveResult]
+    units: list[Unit]
+    resumed: Partial | None = None
+
+
+def run_phases(store: WeightStore, config: RotateConfig, *, calib: torch.Tensor | None = None,
+               init: Mapping[str, torch.Tensor] | None = None, progress: bool = True,
+               callback: Callable[[str, int, float, dict], bool | None] | None = None,
+               checkpoint: str | Path | None = None, resume: bool = False) -> PhaseRun:
+    """The phase loop (module doc): R1 then R2 (or one joint group), unit by unit, over ``store``.
+
+    calib, init, progress, callback: as in :func:`rotate_model`. checkpoint, resume: exact resume
+    (module doc); ``config.checkpoint_every`` sets the period. Raises ValueError for a refused resume
+    before the store is touched (:meth:`~orthoopt.store.WeightStore.begin`).
+    """
+    if (config.checkpoint_every or resume) and checkpoint is None:
+        raise ValueError("checkpoint_every and resume need checkpoint=PATH")
+    learned = config.learned
+    phase_steps = config.phase_steps()
+    every = config.checkpoint_every
+    settings = partial = None
+    if checkpoint is not None and (resume or (learned and every)):
+        settings = run_settings(config, store.fingerprint(), calib, init)
+        partial = store.read_partial(checkpoint) if resume else None
+        if partial is not None:
+            asked = phase_steps.get(_unit_phase(partial.phase), 0)
+            if partial.step > asked:
+                raise ValueError(f"{checkpoint}: {partial.phase} has already taken {partial.step} steps, more "
+                                 f"than the {asked} asked for now (--steps {asked}); rerun with the interrupted run's "
+                                 f"settings (steps {partial.settings.get('steps')}) to continue, or delete the file "
+                                 "to start afresh")
+            diff = settings_difference(partial.settings, settings)
+            if diff:
+                raise ValueError(f"{checkpoint} is the partial checkpoint of a different run ({'; '.join(diff)}); "
+                                 "rerun with the same settings, or delete it to start afresh")
+    if not learned:
+        checkpoint = None
+    store.begin()
+    groups = [tuple(config.rotations)] if config.method in JOINT_METHODS else [(p,) for p in config.rotations]
+    plan = [u for g in groups for u in store.units(g)]
+    dtype, device = config.torch_dtype, config.device
+    lr = config.effective_lr
+    stop = dict(config.stop)
+    out: dict[str, torch.Tensor] = {}
+    results: dict[str, SolveResult] = {}
+    for j, unit in enumerate(plan):
+        if not learned:
+            rots = initial_rotations(unit.dims, FIXED_METHODS[config.method], seed=config.seed, dtype=torch.float64)
+        elif partial is not None and unit.key in partial.results:  # finished before the interruption
+            rots = {k: partial.done[k] for k in unit.dims}
+            results[unit.key] = _saved_result(rots, partial.histories[unit.key], partial.results[unit.key])
+        else:
+            objective = store.objective(unit, config, calib, progress)
+            start = initial_rotations(unit.dims, "hadamard", seed=config.seed, dtype=dtype, device=device)
+            for k in unit.dims:
+                if init is not None and k in init:
+                    start[k] = init[k].to(dtype=dtype, device=start[k].device)
+            solver = make_solver(config.solver_name, **({} if lr is None else {"lr": lr}))
+            done, before = 0, []
+            if partial is not None and partial.phase == unit.key and partial.solver is not None:
+                if partial.objective:
+                    objective.load_state_dict(partial.objective)
+                where = next(iter(start.values())).device
+                solver.load_state_dict({"tensors": {k: v.to(where) for k, v in partial.solver["tensors"].items()},
+                                        "meta": partial.solver["meta"]})
+                done, before = partial.step, list(partial.histories.get(unit.key, []))
+            cb = _unit_callback(store, unit, done, before, callback, out, results, solver, objective,
+                                checkpoint if every else None, every, settings)
+            if config.method in COSINE_METHODS and hasattr(solver, "lr"):
+                total = config.schedule_steps or phase_steps.get(unit.phase, 0)
+                cb = _cosine(solver, float(solver.lr), total, done, cb)
+            result = solve(objective, None if done or before else start, solver,
+                           max(0, phase_steps.get(unit.phase, 0) - done), callback=cb, progress=progress,
+                           prior_history=before, **stop)
+            result.history = before + result.history
+            result.steps = len(result.history)
+            results[unit.key] = result
+            del objective
+            settled = store.settle(unit, result.rotations)
+            rots = {k: reorthogonalize(R.detach().to("cpu", torch.float64)) for k, R in settled.items()}
+        store.apply(unit, rots)
+        out.update(rots)
+        if checkpoint is not None and every and j + 1 < len(plan):  # unit boundary
+            store.write_partial(checkpoint, _partial(settings, plan[j + 1].key, 0, out, results), unit)
+    return PhaseRun(out, results, plan, partial)
+
+
+def combine_results(units: Iterable[Unit], results: Mapping[str, SolveResult]) -> dict[str, SolveResult]:
+    """``{phase: SolveResult}``: a phase solved as one unit keeps its result; one solved in several units
+    (R2 layer by layer) gets one result as a joint solve reports it: histories and final losses summed
+    over units (in unit order), the worst orthogonality error, evaluations and seconds added."""
+    by_phase: dict[str, list[tuple[str, SolveResult]]] = {}
+    for u in units:
+        if u.key in results:
+            by_phase.setdefault(u.phase, []).append((u.key, results[u.key]))
+    out = {}
+    for phase, items in by_phase.items():
+        if len(items) == 1 and items[0][0] == phase:
+            out[phase] = items[0][1]
+            continue
+        rs = [r for _, r in items]
+        steps = min(r.steps for r in rs)
+        reasons = sorted({r.stop_reason for r in rs})
+        norms = [r.grad_norm for r in rs if r.grad_norm is not None]
+        out[phase] = SolveResult(
+            rotations={k: R for r in rs for k, R in r.rotations.items()},
+            history=[sum((r.history[s] for r in rs), 0.0) for s in range(steps)],
+            orthogonality_error=max(r.orthogonality_error for r in rs), steps=steps,
+            seconds=sum(r.seconds for r in rs), final_loss=sum((r.final_loss for r in rs), 0.0),
+            stop_reason=",".join(reasons), num_evaluations=sum(r.num_evaluations for r in rs),
+            num_reorthogonalizations=sum(r.num_reorthogonalizations for r in rs),
+            grad_norm=math.sqrt(sum(g * g for g in norms)) if norms else None)
+    return out
+
+
 @dataclass
 class RotateResult:
-    """What :func:`rotate_model` returns: the fused rotations (float64) and a JSON-able report."""
+    """What :func:`rotate_model` / :func:`rotate_streamed` return: the fused rotations (float64), a
+    JSON-able report and the solve of each phase."""
 
     rotations: dict[str, torch.Tensor]
     report: dict
@@ -245,183 +437,99 @@ def loss_summary(history: list[float]) -> dict:
             "every": k, "curve": history[::k]}
 
 
+def build_report(config: RotateConfig, rotations: Mapping[str, torch.Tensor], solves: Mapping[str, SolveResult],
+                 seconds: float, resumed: Partial | None = None, checkpoint=None) -> dict:
+    """``report.json`` of a run: the config (``"config"``, :meth:`RotateConfig.to_json`), its main
+    settings at the top level, the losses of each phase and the worst orthogonality error."""
+    report = {
+        "method": config.method,
+        "rotations": list(config.rotations),
+        "solver": config.solver_name,
+        "steps": config.phase_steps() if config.learned else 0,
+        "lr": config.effective_lr,
+        "seed": config.seed,
+        "include_embeddings": config.include_embeddings,
+        "sample_fraction": config.sample_fraction,
+        **({"sim_quant": config.sim_quant.to_dict(), "batch_size": config.batch_size,
+            "micro_batch_size": config.micro_batch_size or config.batch_size, "lr_schedule": "cosine"}
+           if config.method == "spinquant" else {}),
+        "device": config.device,
+        "dtype": config.dtype,
+        "seconds": seconds,
+        "orthogonality_error": max(orthogonality_error(R) for R in rotations.values()),
+        "loss": {p: loss_summary(r.history) | {"final": r.final_loss, "orthogonality_error": r.orthogonality_error,
+                                               "evaluations": r.num_evaluations, "stop_reason": r.stop_reason,
+                                               "reorthogonalizations": r.num_reorthogonalizations}
+                 for p, r in solves.items()},
+        "config": config.to_json(),
+    }
+    if config.stop:
+        report["stop"] = dict(config.stop)
+    if resumed is not None:
+        report["resumed"] = {"from": str(checkpoint), "phase": resumed.phase, "steps_done": resumed.step}
+    return report
+
+
+def _as_config(config: RotateConfig | str | None, rotations, kwargs: dict) -> RotateConfig:
+    """A :class:`RotateConfig` from ``config``, or from a method name and keyword settings (the
+    keyword form of :func:`rotate_model` / :func:`rotate_streamed`)."""
+    if isinstance(config, RotateConfig):
+        if kwargs or rotations is not None:
+            raise ValueError(f"pass settings either as a RotateConfig or as keywords, not both "
+                             f"(got {sorted(kwargs) + (['rotations'] if rotations is not None else [])})")
+        return config
+    if config is not None and not isinstance(config, str):
+        raise ValueError(f"config must be a RotateConfig or a method name, got {type(config).__name__}")
+    if "dtype" in kwargs and isinstance(kwargs["dtype"], torch.dtype):
+        kwargs["dtype"] = str(kwargs["dtype"]).removeprefix("torch.")
+    if "method" in kwargs and config is not None:
+        raise ValueError(f"method given twice: {config!r} and method={kwargs['method']!r}")
+    method = kwargs.pop("method", config or "optrot")
+    return RotateConfig(method=method, rotations=PHASES if rotations is None else tuple(rotations), **kwargs)
+
+
 def rotate_model(
     model,
-    method: str,
-    rotations: Iterable[str] = PHASES,
+    config: RotateConfig | str | None = None,
+    rotations: Iterable[str] | None = None,
     *,
-    solver: str | None = None,
-    steps: int | Mapping[str, int] = 100,
-    lr: float | None = None,
-    seed: int = 0,
     calib: torch.Tensor | None = None,
-    calib_tokens: int = 2048,
     init: Mapping[str, torch.Tensor] | None = None,
     verify_ids: torch.Tensor | None = None,
     verify_tol: float | None = None,
-    dtype: torch.dtype = torch.float32,
-    include_embeddings: bool = False,
-    sample_fraction: float | None = None,
-    device: torch.device | str | None = None,
     progress: bool = True,
     callback: Callable[[str, int, float, dict], bool | None] | None = None,
-    stop: Mapping[str, float | int | None] | None = None,
     checkpoint: str | Path | None = None,
-    checkpoint_every: int = 0,
     resume: bool = False,
-    sim_quant=None,
-    batch_size: int = 1,
-    micro_batch_size: int | None = None,
-    schedule_steps: int | None = None,
+    **settings,
 ) -> RotateResult:
-    """Fuse norms, learn (or draw) the rotations of ``method`` and fuse them into ``model`` in place.
+    """Fuse norms, learn (or draw) the rotations of ``config`` and fuse them into ``model`` in place.
 
-    rotations:  which of ``"R1"``, ``"R2"`` to use (R1 first, see the module doc).
-    solver, lr: override the method's default solver / learning rate (:func:`orthoopt.solvers.make_solver`).
-    steps:      solver steps per phase (learned methods only), or ``{phase: steps}`` (a resumed run
-                passes the steps left; a phase missing from the dict takes no step).
-    calib:      calibration token ids ``[N, L]`` for optrot+, kurtosis, dfrot.
+    config:     a :class:`~orthoopt.config.RotateConfig`, or a method name with the config's fields as
+                keywords (``rotate_model(model, "optrot", steps=50, seed=1)``; ``rotations`` may be
+                the third positional argument; ``checkpoint_every`` is a config field).
+    calib:      calibration token ids ``[N, L]`` for optrot+, kurtosis, dfrot, spinquant.
     init:       starting rotations (e.g. a previous run's ``rotations.safetensors``); rotations it
                 names start there instead of at a random Hadamard. A fixed method ignores it.
     verify_ids: token ids ``[B, L]`` on which the logits before and after must agree; the relative
                 error goes into the report and a ValueError is raised above ``verify_tol`` (default
                 1e-4 for float32 models, 1e-6 for float64 ones: transformers' RMSNorm computes in
                 float32 whatever the model dtype, see ``docs/adapters.md``).
-    dtype:      dtype the rotations are learned in.
-    include_embeddings: put ``embed_tokens``/``lm_head`` into learned objectives (module doc).
-    sample_fraction, device: optrot only: rows sampled per step (unbiased, ``docs/performance.md``)
-                and the device the objective and solver compute on (weights are fused on the CPU).
     callback:   ``callback(phase, step, loss, rotations)`` after each solver step (``step`` counts from
                 the phase's start, also in a resumed run), with the rotations of the finished phases
                 (as fused) and the current iterate; a true return stops that phase early. A joint
                 method (spinquant) reports its one solve as phase ``"R1"`` (the first selected phase)
                 with all its rotations, and takes ``steps`` of that phase.
-    stop:       stopping criteria passed to :func:`~orthoopt.solvers.solve` (``min_grad_norm``,
-                ``min_rel_decrease``, ``window``, ``max_seconds``); ``steps`` stays the maximum.
-    checkpoint, checkpoint_every, resume: exact resume, see the module doc. ``steps`` are the phases'
-                totals (a resumed phase takes the steps left). The file is left in place when the run
-                ends; the caller removes it once the output is safely written.
-    sim_quant, batch_size, micro_batch_size: spinquant only (:func:`build_objective`).
-    schedule_steps: length of the cosine step-size decay of spinquant (default: the phase's steps).
+    checkpoint, resume: exact resume, see the module doc. ``steps`` are the phases' totals. The file is
+                left in place when the run ends; the caller removes it once the output is safely written.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    device = check_device(device, "device")
-    phases = [p for p in PHASES if p in set(rotations)]
-    unknown = set(rotations) - set(PHASES)
-    if unknown or not phases:
-        raise ValueError(f"rotations must be a non-empty subset of {PHASES}, got {sorted(set(rotations))}")
-    phase_steps = dict(steps) if isinstance(steps, Mapping) else {p: steps for p in phases}
-    stop = dict(stop or {})
-    if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every must be a non-negative int, got {checkpoint_every!r}")
-    if (checkpoint_every or resume) and checkpoint is None:
-        raise ValueError("checkpoint_every and resume need checkpoint=PATH")
+    config = _as_config(config, rotations, settings)
     start = time.perf_counter()
     ref = model_logits(model, verify_ids) if verify_ids is not None else None
-    learned = method in LEARNED_METHODS
-    solver_name = (solver or LEARNED_METHODS[method]) if learned else None
-    if method != "spinquant" and (sim_quant is not None or batch_size != 1 or micro_batch_size is not None):
-        raise ValueError(f"sim_quant, batch_size and micro_batch_size are for method 'spinquant', not {method!r}")
-    if method == "spinquant" and sim_quant is None:
-        from orthoopt.quant.rotated import SimQuantConfig
-
-        sim_quant = SimQuantConfig()
-    if lr is None and solver is None and method in DEFAULT_LR:
-        lr = DEFAULT_LR[method]
-    kwargs = {} if lr is None else {"lr": lr}
-    settings = partial = None
-    if checkpoint is not None and (resume or (learned and checkpoint_every)):
-        config = make_solver(solver_name, **kwargs).config() if learned else None
-        settings = _run_settings(model, method, phases, solver_name, config,
-                                 phase_steps, lr, seed, dtype, include_embeddings, sample_fraction, device,
-                                 calib, calib_tokens, init, stop)
-        if resume and Path(checkpoint).is_file():
-            partial = read_partial(checkpoint)
-            asked = phase_steps.get(partial.phase, 0)
-            if partial.step > asked:
-                raise ValueError(f"{checkpoint}: phase {partial.phase} has already taken {partial.step} steps, more "
-                                 f"than the {asked} asked for now (--steps {asked}); rerun with the interrupted run's "
-                                 f"settings (steps {partial.settings.get('steps')}) to continue, or delete the file "
-                                 "to start afresh")
-            diff = settings_difference(partial.settings, settings)
-            if diff:
-                raise ValueError(f"{checkpoint} is the partial checkpoint of a different run ({'; '.join(diff)}); "
-                                 "rerun with the same settings, or delete it to start afresh")
-    adapter = DecoderAdapter(model)
-    adapter.fuse_norms()
-    dims = adapter.rotation_dims()
-    joint = method in JOINT_METHODS
-    groups = [tuple(phases)] if joint else [(p,) for p in phases]
-    out: dict[str, torch.Tensor] = {}
-    solves: dict[str, SolveResult] = {}
-    for gi, group in enumerate(groups):
-        phase = group[0]
-        pdims = {k: n for p in group for k, n in _phase_names(dims, p).items()}
-        if not learned:
-            rots = initial_rotations(pdims, FIXED_METHODS[method], seed=seed, dtype=torch.float64)
-        elif partial is not None and phase in partial.results:  # finished before the interruption
-            rots = {k: partial.done[k] for k in pdims}
-            solves[phase] = _saved_result(rots, partial.histories[phase], partial.results[phase])
-        else:
-            objective = build_objective(method, adapter, group if joint else phase, calib, calib_tokens, seed,
-                                        progress, include_embeddings, sample_fraction, device,
-                                        **({"sim_quant": sim_quant, "batch_size": batch_size,
-                                            "micro_batch_size": micro_batch_size} if method == "spinquant" else {}))
-            start_rots = initial_rotations(pdims, "hadamard", seed=seed, dtype=dtype, device=device)
-            for k in pdims:
-                if init is not None and k in init:
-                    start_rots[k] = init[k].to(dtype=dtype, device=start_rots[k].device)
-            solver_obj = make_solver(solver_name, **kwargs)
-            done, before = 0, []
-            if partial is not None and partial.phase == phase and partial.solver is not None:
-                if partial.objective:
-                    objective.load_state_dict(partial.objective)
-                where = next(iter(start_rots.values())).device
-                solver_obj.load_state_dict({"tensors": {k: v.to(where) for k, v in partial.solver["tensors"].items()},
-                                            "meta": partial.solver["meta"]})
-                done, before = partial.step, list(partial.histories.get(phase, []))
-            cb = _phase_callback(phase, done, before, callback, out, solves, solver_obj, objective,
-                                 checkpoint if checkpoint_every else None, checkpoint_every, settings)
-            if method in COSINE_METHODS and hasattr(solver_obj, "lr"):
-                total = schedule_steps or phase_steps.get(phase, 0)
-                cb = _cosine(solver_obj, float(solver_obj.lr), total, done, cb)
-            result = solve(objective, None if done or before else start_rots, solver_obj,
-                           max(0, phase_steps.get(phase, 0) - done), callback=cb, progress=progress,
-                           prior_history=before, **stop)
-            result.history = before + result.history
-            result.steps = len(result.history)
-            solves[phase] = result
-            rots = {k: reorthogonalize(R.detach().to("cpu", torch.float64)) for k, R in result.rotations.items()}
-        adapter.apply_rotations(rots)
-        out.update(rots)
-        if learned and settings is not None and checkpoint_every and gi + 1 < len(groups):  # phase boundary
-            write_partial(checkpoint, _partial(settings, groups[gi + 1][0], 0, out, solves))
-    report = {
-        "method": method,
-        "rotations": phases,
-        "solver": solver_name,
-        "steps": phase_steps if learned else 0,
-        "lr": lr,
-        "seed": seed,
-        "include_embeddings": include_embeddings,
-        "sample_fraction": sample_fraction,
-        **({"sim_quant": (sim_quant.to_dict() if sim_quant is not None else None), "batch_size": batch_size,
-            "micro_batch_size": micro_batch_size or batch_size, "lr_schedule": "cosine"}
-           if method == "spinquant" else {}),
-        "device": None if device is None else str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "seconds": time.perf_counter() - start,
-        "orthogonality_error": max(orthogonality_error(R) for R in out.values()),
-        "loss": {p: loss_summary(r.history) | {"final": r.final_loss, "orthogonality_error": r.orthogonality_error,
-                                               "evaluations": r.num_evaluations, "stop_reason": r.stop_reason,
-                                               "reorthogonalizations": r.num_reorthogonalizations}
-                 for p, r in solves.items()},
-    }
-    if stop:
-        report["stop"] = stop
-    if partial is not None:
-        report["resumed"] = {"from": str(checkpoint), "phase": partial.phase, "steps_done": partial.step}
+    run = run_phases(MemoryStore(model), config, calib=calib, init=init, progress=progress, callback=callback,
+                     checkpoint=checkpoint, resume=resume)
+    solves = combine_results(run.units, run.results)
+    report = build_report(config, run.rotations, solves, time.perf_counter() - start, run.resumed, checkpoint)
     if ref is not None:
         err = float((model_logits(model, verify_ids) - ref).norm() / ref.norm())
         report["invariance_error"] = err
@@ -431,4 +539,61 @@ def rotate_model(
         if not err <= tol:
             raise ValueError(f"rotated model's logits differ from the original's by {err:.3e} (relative), "
                              f"above the tolerance {tol:.1e}: the write-back is wrong")
-    return RotateResult(out, report, solves)
+    return RotateResult(run.rotations, report, solves)
+
+
+def rotate_streamed(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: RotateConfig | str | None = None,
+    rotations: Iterable[str] | None = None,
+    *,
+    init: Mapping[str, torch.Tensor] | None = None,
+    progress: bool = True,
+    callback: Callable[[str, int, float, dict], bool | None] | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    report_extra: Mapping | None = None,
+    extras: Callable[[Path, RotateResult], None] | None = None,
+    **settings,
+) -> RotateResult:
+    """Rotate the checkpoint in ``model_dir`` and write it to ``out_dir``, streaming (the safetensors
+    store, :class:`orthoopt.streaming.rotate.SafetensorsStore`: about one layer in memory).
+
+    config:        as in :func:`rotate_model` (method ``"optrot"`` only); ``model_dtype``,
+                   ``layers_per_shard``, ``chunk_rows``, ``arch`` are the store's fields.
+    init, progress, callback, checkpoint, resume: as in :func:`rotate_model`; R2 is solved layer by
+                   layer, each layer's solve reported as phase ``"R2"`` with steps from 0. Under
+                   ``torchrun`` each rank keeps its own checkpoint (:func:`rank_checkpoint`).
+    report_extra:  entries merged into ``report.json``; ``extras(folder, result)`` may add files.
+
+    The output folder matches ``save_rotated``'s (sharded safetensors, config, side files,
+    ``rotations.safetensors``, ``report.json``), written to a temporary sibling and renamed into place.
+    With the same settings the weights equal :func:`rotate_model`'s bit for bit on one machine. Under
+    ``torchrun`` every rank returns the result; rank 0 writes. Raises ValueError / FileNotFoundError
+    for bad arguments or inputs before anything is written.
+    """
+    from orthoopt.streaming.rotate import SafetensorsStore
+    from orthoopt.utils.paths import prepare_output
+
+    config = _as_config(config, rotations, settings)
+    config.check_streamed()
+    out_dir = Path(out_dir)
+    prepare_output(out_dir, {"model_dir": model_dir}, what="out_dir")
+    began = time.perf_counter()
+    store = SafetensorsStore(model_dir, config, progress=progress)
+
+    def finish(run: PhaseRun, rots: dict[str, torch.Tensor], results: dict[str, SolveResult]) -> RotateResult:
+        solves = combine_results(store.all_units(run.units), results)
+        report = build_report(config, rots, solves, time.perf_counter() - began, run.resumed, checkpoint)
+        report.update(store.report())
+        report.update(dict(report_extra or {}))
+        return RotateResult(rots, report, solves)
+
+    return store.run(out_dir, lambda: run_phases(store, config, init=init, progress=progress and store.rank == 0,
+                                                 callback=callback, checkpoint=checkpoint, resume=resume),
+                     finish, extras)
+
+
+__all__ = ["MemoryStore", "PhaseRun", "RotateConfig", "RotateResult", "build_objective", "build_report",
+           "combine_results", "rotate_model", "rotate_streamed", "run_phases"]

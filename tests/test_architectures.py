@@ -326,7 +326,7 @@ def test_streamed_rotation_equals_in_memory(model_type, tmp_path):
     """The whole streamed OptRot run (fused qkv / (1 + w) norms, uniform post-norms) writes the
     in-memory pipeline's checkpoint."""
     from orthoopt.pipeline import rotate_model
-    from orthoopt.streaming import rotate_streamed
+    from orthoopt.pipeline import rotate_streamed
 
     model = build(model_type, torch.float32)
     if not CASES[model_type][2]:

@@ -27,7 +27,7 @@ from orthoopt.solvers.distributed import (
     shard_blocks,
     shard_ranges,
 )
-from orthoopt.streaming import rotate_streamed
+from orthoopt.pipeline import rotate_streamed
 
 WORLD = 2
 TIMEOUT_S = 120

@@ -1,5 +1,6 @@
-"""Exact resume (issue 10, item 2): a run killed with SIGKILL after a partial checkpoint and resumed
-gives bit-identical rotations to an uninterrupted run; a partial checkpoint of another run is refused
+"""Exact resume (issue 10): a run killed with SIGKILL after a partial checkpoint and resumed gives
+bit-identical rotations (and weights) to an uninterrupted run, in memory, streamed (``--streamed``,
+R2 layer by layer) and distributed (2 gloo processes); a partial checkpoint of another run is refused
 with a message naming the difference; every solver's state round-trips bit for bit."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from orthoopt.adapters import planted_outlier_model, save_planted
 from orthoopt.cli import main
 from orthoopt.objectives import FourthPower, WeightBlock
-from orthoopt.pipeline import rotate_model
+from orthoopt.pipeline import rotate_model, rotate_streamed
 from orthoopt.solvers import SOLVERS, initial_rotations, make_solver
 
 SMALL = dict(arch="llama", hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2, seed=5)
@@ -48,14 +49,21 @@ def _partial_meta(path: Path) -> dict | None:
         return None
 
 
-def _kill_after_checkpoint(cmd: list[str], partial: Path, phase: str, timeout: float = 120.0) -> dict:
-    """Start ``cmd``, wait for a partial checkpoint of ``phase`` with at least one step, SIGKILL it."""
+def _at(unit: str):
+    """A predicate on partial-checkpoint metadata: unit ``unit`` in progress with at least one step."""
+    return lambda meta: meta.get("phase") == unit and int(meta.get("step", "0")) > 0
+
+
+def _kill_after_checkpoint(cmd: list[str], partial: Path, phase, timeout: float = 120.0) -> dict:
+    """Start ``cmd``, wait for a partial checkpoint of ``phase`` (a unit name, or a predicate on the
+    metadata) with at least one step, SIGKILL it."""
+    ready = _at(phase) if isinstance(phase, str) else phase
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             meta = _partial_meta(partial)
-            if meta and meta.get("phase") == phase and int(meta.get("step", "0")) > 0:
+            if meta and ready(meta):
                 break
             if proc.poll() is not None:
                 pytest.fail(f"the run ended before a {phase} checkpoint: {proc.stderr.read().decode()[-2000:]}")
@@ -103,6 +111,171 @@ def test_kill9_then_resume_is_bit_identical(model_dir, tmp_path, extra, kill_pha
             assert report["loss"][p]["curve"] == ref_report["loss"][p]["curve"]
             assert report["loss"][p]["final"] == ref_report["loss"][p]["final"]
         assert not partial.exists()
+
+
+def _shards(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("model*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _same_output(got: Path, want: Path) -> None:
+    """Rotations, every weight of the written model and the loss curves are bit-identical."""
+    a, b = load_file(str(got / "rotations.safetensors")), load_file(str(want / "rotations.safetensors"))
+    assert set(a) == set(b)
+    for k in b:
+        assert torch.equal(a[k], b[k]), f"rotation {k} differs"
+    wa, wb = _shards(got), _shards(want)
+    assert set(wa) == set(wb) and wa
+    for k in wb:
+        assert torch.equal(wa[k], wb[k]), f"weight {k} differs"
+    ra, rb = json.loads((got / "report.json").read_text()), json.loads((want / "report.json").read_text())
+    for p in ("R1", "R2"):
+        assert ra["loss"][p]["curve"] == rb["loss"][p]["curve"] and ra["loss"][p]["final"] == rb["loss"][p]["final"]
+
+
+def _cli_child(argv: list[str]) -> None:
+    torch.set_num_threads(1)
+    sys.exit(main(argv))
+
+
+def _kill_forked_cli(argv: list[str], partial: Path, ready, timeout: float = 120.0) -> dict:
+    """Run ``orthoopt rotate ARGV`` in a forked process (no interpreter start-up), SIGKILL it once its
+    partial checkpoint satisfies ``ready``; returns that checkpoint's metadata."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("fork").Process(target=_cli_child, args=(argv,))
+    proc.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            meta = _partial_meta(partial)
+            if meta and ready(meta):
+                proc.kill()  # SIGKILL
+                proc.join()
+                assert proc.exitcode == -signal.SIGKILL  # really killed, not finished
+                return _partial_meta(partial)
+            if proc.exitcode is not None:
+                pytest.fail(f"the run ended (exit {proc.exitcode}) before the awaited checkpoint")
+            time.sleep(0.002)
+        pytest.fail(f"no awaited checkpoint within {timeout} s")
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def test_streamed_kill9_in_r1_and_in_a_layers_r2_then_resume_is_bit_identical(model_dir, tmp_path, capsys,
+                                                                              monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed runs
+    try:
+        rotate_streamed(model_dir, tmp_path / "ref", steps=120, seed=0, progress=False)  # uninterrupted
+        out = tmp_path / "run"
+        partial = out.with_name(out.name + ".partial.safetensors")
+        argv = ["rotate", str(model_dir), "--out", str(out), "--streamed", "--steps", "120", "--checkpoint-every",
+                "5", "--quiet", "--json"]
+        assert _kill_forked_cli(argv, partial, _at("R1"))["phase"] == "R1"
+        assert not out.exists()
+        # resumed, and killed again while the second layer's R2 is being learned (the first is finished)
+        meta = _kill_forked_cli([*argv, "--resume"], partial, _at("R2.1"))
+        assert not out.exists()
+        assert "R2.0" in json.loads(meta["results"])
+        assert len(json.loads(meta["histories"])["R2.1"]) == int(meta["step"])
+        capsys.readouterr()
+        import orthoopt.pipeline as pipeline
+
+        solves = []  # (rotations, steps) of each solve the resumed run makes
+
+        def recording(objective, init, solver, steps, **kw):
+            solves.append((sorted(objective.dims), steps))
+            return real_solve(objective, init, solver, steps, **kw)
+
+        real_solve = pipeline.solve
+        monkeypatch.setattr(pipeline, "solve", recording)
+        assert main([*argv, "--resume"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    # it continued layer 1 where it stopped: R1 and layer 0 were not solved again
+    assert solves == [(["R2.1"], 120 - int(meta["step"]))]
+    report = json.loads(capsys.readouterr().out)
+    assert report["resumed"]["phase"] == "R2.1" and report["resumed"]["steps_done"] > 0
+    assert report["config"]["checkpoint_every"] == 5 and report["streamed"]["world_size"] == 1
+    _same_output(out, tmp_path / "ref")
+    assert not partial.exists()
+
+
+DIST_WORLD = 2
+
+
+def _dist_worker(rank: int, port: int, argv: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(DIST_WORLD), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from orthoopt.distributed_rotate import main as dist_main
+
+    dist_main(argv)
+
+
+def _dist_run(argv: list[str], watch: Path | None = None, ready=None, timeout: float = 120.0) -> dict | None:
+    """Run ``distributed_rotate`` in 2 forked gloo processes; with ``watch``, SIGKILL both once its
+    partial checkpoint satisfies ``ready`` and return that metadata."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_dist_worker, args=(port, argv), nprocs=DIST_WORLD, join=False, start_method="fork")
+    deadline = time.monotonic() + timeout
+    meta = None
+    try:
+        while time.monotonic() < deadline:
+            if watch is not None:
+                meta = _partial_meta(watch)
+                if meta and ready(meta):
+                    for p in ctx.processes:
+                        p.kill()  # SIGKILL
+                    for p in ctx.processes:
+                        p.join()
+                    assert all(p.exitcode == -signal.SIGKILL for p in ctx.processes)
+                    return meta
+                time.sleep(0.002)
+                if all(p.exitcode is not None for p in ctx.processes):
+                    pytest.fail("the distributed run ended before the awaited checkpoint")
+            elif ctx.join(timeout=0.5):
+                assert all(p.exitcode == 0 for p in ctx.processes)
+                return None
+        pytest.fail(f"the distributed run took more than {timeout} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def test_distributed_kill9_in_r1_and_in_r2_then_resume_is_bit_identical(model_dir, tmp_path):
+    # cayley-sgd with row sampling: momentum and each rank's sampling generator are part of the state
+    settings = ["--steps", "60", "--solver", "cayley-sgd", "--sample-fraction", "0.5", "--checkpoint-every", "3",
+                "--quiet", "--json"]
+    _dist_run([str(model_dir), "--out", str(tmp_path / "ref"), *settings])
+    out = tmp_path / "run"
+    argv = [str(model_dir), "--out", str(out), *settings]
+    shared = out.with_name("run.partial.safetensors")  # R1: rank 0 writes every rank's state
+    rank1 = out.with_name("run.partial.rank1-of-2.safetensors")  # R2: each rank its own layers
+    meta = _dist_run(argv, shared, _at("R1"))
+    assert meta["phase"] == "R1" and not out.exists()
+    with safe_open(str(shared), framework="pt") as f:  # both ranks' sampling generators are in it
+        assert {k.split(".")[1] for k in f.keys() if k.startswith("objective.")} == {"rank0", "rank1"}
+    meta = _dist_run([*argv, "--resume"], rank1, _at("R2.1"))  # rank 1 learns layer 1's R2
+    assert not out.exists() and meta["phase"] == "R2.1"
+    _dist_run([*argv, "--resume"])
+    _same_output(out, tmp_path / "ref")
+    assert not shared.exists() and not rank1.exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["streamed"]["world_size"] == DIST_WORLD and report["resumed"]["steps_done"] >= 0
 
 
 def _interrupted_partial(model, tmp_path: Path, **kw) -> Path:

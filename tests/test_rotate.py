@@ -153,3 +153,45 @@ def test_sampled_optrot_keeps_the_function_and_other_methods_refuse_sampling(mod
     assert result.report["invariance_error"] < 1e-4
     with pytest.raises(ValueError, match="optrot"):
         rotate_model(load_model(model_dir), "kurtosis", steps=1, sample_fraction=0.5, calib=ids, progress=False)
+
+
+def test_rotate_config_validates_names_the_field_and_round_trips(model_dir, tmp_path, capsys):
+    from orthoopt.config import RotateConfig
+
+    for bad, field in [(dict(method="nope"), "method"), (dict(steps=-1), "steps"), (dict(steps={"R3": 1}), "steps"),
+                       (dict(rotations=("R1", "R4")), "rotations"), (dict(lr=0.0), "lr"), (dict(dtype="int8"), "dtype"),
+                       (dict(solver="adamw"), "solver"), (dict(sample_fraction=1.5), "sample_fraction"),
+                       (dict(method="dfrot", sample_fraction=0.5), "sample_fraction"),
+                       (dict(checkpoint_every=-2), "checkpoint_every"), (dict(layers_per_shard=0), "layers_per_shard"),
+                       (dict(batch_size=2), "batch_size"), (dict(stop={"patience": 3}), "stop"),
+                       (dict(device="meta"), "meta")]:
+        with pytest.raises(ValueError, match=field):
+            RotateConfig(**bad)
+    spin = RotateConfig(method="spinquant", rotations=["R2", "R1"], steps={"R1": 3}, dtype=torch.float64, batch_size=2)
+    assert spin.rotations == ("R1", "R2") and spin.dtype == "float64" and spin.phase_steps() == {"R1": 3, "R2": 0}
+    assert spin.effective_lr == 1.5 and spin.sim_quant is not None
+    again = RotateConfig.from_json(json.loads(json.dumps(spin.to_json())))
+    assert again == spin
+    with pytest.raises(ValueError, match="unknown RotateConfig fields"):
+        RotateConfig.from_json({**spin.to_json(), "colour": 1})
+    # the CLI and the distributed entry point build the same config from argv; report.json carries it
+    from orthoopt.distributed_rotate import build_parser, config_from_args
+
+    out = tmp_path / "o"
+    argv = ["--steps", "2", "--seed", "4", "--sample-fraction", "0.5", "--checkpoint-every", "0"]
+    assert main(["rotate", str(model_dir), "--out", str(out), "--streamed", *argv, "--quiet"]) == 0
+    written = RotateConfig.from_json(json.loads((out / "report.json").read_text())["config"])
+    dist = config_from_args(build_parser().parse_args([str(model_dir), "--out", str(out), *argv]), torch.device("cpu"))
+    assert written == dist == RotateConfig(steps=2, seed=4, sample_fraction=0.5)
+
+
+def test_streaming_never_imports_the_pipeline():
+    import ast
+
+    import orthoopt.streaming
+
+    for path in Path(orthoopt.streaming.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.startswith("orthoopt.pipeline") for n in names), f"{path.name} imports the pipeline"

@@ -11,14 +11,13 @@ from transformers import AutoModelForCausalLM
 
 from orthoopt.adapters import DecoderAdapter, load_model, save_planted
 from orthoopt.objectives import FourthPower
-from orthoopt.pipeline import rotate_model
+from orthoopt.pipeline import rotate_model, rotate_streamed
 from orthoopt.streaming import (
     DecoderLayout,
     FusedReader,
     SafetensorsCheckpoint,
     ShardedWriter,
     StreamedFourthPower,
-    rotate_streamed,
 )
 from orthoopt.streaming.checkpoint import INDEX_FILE
 from orthoopt.streaming.layer_rotation import r2_blocks

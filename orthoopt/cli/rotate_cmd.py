@@ -2,8 +2,9 @@
 
 The output folder holds a plain Hugging Face checkpoint (safetensors) with the rotations fused in,
 ``rotations.safetensors``, ``report.json`` and ``loss_R1.png`` / ``loss_R2.png`` (+ SVG; learned methods). It is written to a
-temporary folder and renamed into place. Long runs checkpoint their rotations every
-``--checkpoint-every`` steps to ``OUT_DIR.partial.safetensors``; ``--resume`` starts from it.
+temporary folder and renamed into place. Long runs checkpoint their whole state every
+``--checkpoint-every`` steps (and after each phase, or each layer with --streamed) to
+``OUT_DIR.partial.safetensors``; ``--resume`` continues from it exactly (docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -14,17 +15,13 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from orthoopt.adapters.sources import PLANTED_CONFIG, input_location
-from orthoopt.pipeline import DATA_METHODS, METHODS, PHASES, rotate_model
+from orthoopt.config import DATA_METHODS, DTYPES, METHODS, PHASES, RotateConfig
+from orthoopt.pipeline import rotate_model, rotate_streamed
 from orthoopt.solvers import SOLVERS
-from orthoopt.utils.atomic import atomic_path
 from orthoopt.utils.checks import check_device
 from orthoopt.utils.paths import prepare_output
-from orthoopt.utils.tensorfile import read_safetensors, safetensors_metadata
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_MODEL = "smollm2-135m"
 """MODEL when none is given: the registered SmolLM2-135M (fetched into the cache on first use)."""
 DEFAULT_PLANTED = PLANTED_CONFIG
@@ -106,17 +103,8 @@ def _partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial.safetensors")
 
 
-def _read_partial(path: Path) -> tuple[dict[str, torch.Tensor], tuple[str, int]]:
-    """Rotations of a partial checkpoint and the (phase, steps done) it was written at."""
-    meta = safetensors_metadata(path, "resume file")
-    if meta.get("phase") not in PHASES or not meta.get("step", "").isdigit():
-        raise ValueError(f"{path} is not an orthoopt partial checkpoint (metadata {meta})")
-    return read_safetensors(path, "resume file"), (meta["phase"], int(meta["step"]))
-
-
-def run(args: argparse.Namespace) -> int:
-    from orthoopt.adapters import load_rotations, save_rotated
-
+def config_from_args(args: argparse.Namespace) -> RotateConfig:
+    """The run's :class:`~orthoopt.config.RotateConfig` from ``orthoopt rotate``'s arguments."""
     phases = [s.strip() for s in args.rotations.split(",") if s.strip()]
     if not phases or set(phases) - set(PHASES):
         raise ValueError(f"--rotations must name a subset of {','.join(PHASES)}, got {args.rotations!r}")
@@ -125,79 +113,9 @@ def run(args: argparse.Namespace) -> int:
     if args.method in DATA_METHODS and (args.calib_tokens < 1 or args.calib_seq_len < 1):
         raise ValueError(f"--calib-tokens and --calib-seq-len must be >= 1, got {args.calib_tokens} and "
                          f"{args.calib_seq_len}")
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     check_device(args.device, "--device")
-    if args.model_opt is not None:
-        if args.model_dir is not None and args.model_dir != args.model_opt:
-            raise ValueError(f"two models given: {args.model_dir!r} and --model {args.model_opt!r}")
-        args.model_dir = args.model_opt
-    out = Path(args.out)
-    partial = _partial_path(out)
-    dtype = DTYPES[args.dtype]
-    # before any work: no output may be, contain or lie inside an input, and both must be writable
-    model_dir = input_location(args.model_dir or DEFAULT_MODEL)
-    resume_file = partial if args.resume and partial.is_file() else None
-    inputs = {"MODEL_DIR": model_dir, "--calib": args.calib, "--init": args.init, "--resume file": resume_file}
-    prepare_output(out, inputs, marker="report.json")
-    prepare_output(partial, {k: v for k, v in inputs.items() if k != "--resume file"}, kind="file",
-                   what="partial checkpoint")
-    if args.streamed:
-        from orthoopt.adapters import resolve_source
-
-        if args.method != "optrot":
-            raise ValueError(f"--streamed supports --method optrot only (data-free), got {args.method!r}")
-        resolved = resolve_source(args.model_dir or DEFAULT_MODEL, progress=not args.no_progress)
-        if resolved.folder is None:
-            raise ValueError(f"--streamed needs a Hugging Face folder with safetensors weights (or a registered "
-                             f"name), got {resolved.kind} {args.model_dir!r}")
-        args.model_dir = str(resolved.folder)
-        model, tokenizer, source, calib = None, None, resolved.describe(), None
-    else:
-        model, tokenizer, source = load_default_or(args.model_dir, dtype, progress=not args.no_progress)
-        calib = _calibration(args, tokenizer, model.config)
-
-    init = load_rotations(args.init) if args.init else None
-    steps: int | dict[str, int] = args.steps
-    resumed = None
-    done_before = {p: 0 for p in PHASES}  # steps a resumed phase had already taken (streamed runs)
-    if args.streamed and args.resume and partial.is_file():
-        init, (phase, done) = _read_partial(partial)
-        if done > args.steps:
-            raise ValueError(f"--steps {args.steps} is below the {done} steps of phase {phase} already done in "
-                             f"{partial}; pass --steps {done} or more to continue, or drop --resume to start over")
-        # phases before the checkpointed one are complete; the checkpointed one has `done` steps
-        steps = {p: (0 if PHASES.index(p) < PHASES.index(phase) else args.steps - done if p == phase else args.steps)
-                 for p in phases}
-        done_before[phase] = done
-        resumed = {"from": str(partial), "phase": phase, "steps_done": done}
-        print(f"orthoopt rotate: resuming from {partial} ({phase}, step {done})", file=sys.stderr)
-
-    def checkpoint(phase: str, step: int, loss: float, rotations: dict) -> None:
-        """Streamed runs: rotations-only partial checkpoints (in-memory runs save the whole state in
-        the pipeline, orthoopt.resume)."""
-        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in rotations.items()}
-            with atomic_path(partial) as tmp:
-                save_file(tensors, str(tmp), metadata={"phase": phase, "step": str(step + 1 + done_before[phase])})
-
-    def plots(folder: Path, solves: dict) -> None:
-        from orthoopt.diagnostics import plot_solve_history
-
-        for phase, res in solves.items():
-            if res.history:
-                plot_solve_history(res, title=f"orthoopt rotate --method {args.method}: {phase}",
-                                   save=folder / f"loss_{phase}")
-
-    if args.streamed:
-        from orthoopt.streaming import rotate_streamed
-
-        result = rotate_streamed(args.model_dir, out, args.method, phases, solver=args.solver, steps=steps, lr=args.lr,
-                                 seed=args.seed, init=init, dtype=dtype, model_dtype=dtype,
-                                 sample_fraction=args.sample_fraction, device=args.device,
-                                 include_embeddings=args.include_embeddings, progress=not args.no_progress,
-                                 callback=checkpoint,
-                                 report_extra={"model": source, **({"resumed": resumed} if resumed else {})},
-                                 extras=lambda folder, res: plots(folder, res.solves))
-        return _finish(args, out, partial, result.report)
     spin = {}
     if args.method == "spinquant":
         from orthoopt.quant.act import ActQuantConfig
@@ -209,18 +127,69 @@ def run(args: argparse.Namespace) -> int:
                                                  online_hadamard=args.online_hadamard),
             kv=KVQuantConfig(bits=args.kvbits, r3=args.r3)), "batch_size": args.batch_size,
             "schedule_steps": args.steps}
-    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(args.seed))
-    result = rotate_model(model, args.method, phases, solver=args.solver, steps=steps, lr=args.lr,
-                          seed=args.seed, calib=calib, calib_tokens=args.calib_tokens, init=init,
-                          verify_ids=ids, dtype=dtype, include_embeddings=args.include_embeddings,
-                          sample_fraction=args.sample_fraction, device=args.device,
-                          progress=not args.no_progress, checkpoint=partial,
-                          checkpoint_every=args.checkpoint_every, resume=args.resume, **spin)
-    report = {"model": source, **result.report}
-    if "resumed" in report:
-        r = report["resumed"]
-        print(f"orthoopt rotate: resumed from {partial} ({r['phase']}, step {r['steps_done']})", file=sys.stderr)
+    return RotateConfig(method=args.method, rotations=tuple(phases), solver=args.solver, steps=args.steps,
+                        lr=args.lr, seed=args.seed, dtype=args.dtype, device=args.device,
+                        include_embeddings=args.include_embeddings, sample_fraction=args.sample_fraction,
+                        calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
+                        checkpoint_every=args.checkpoint_every, model_dtype=args.dtype, **spin)
 
+
+def run(args: argparse.Namespace) -> int:
+    from orthoopt.adapters import load_rotations, save_rotated
+
+    config = config_from_args(args)
+    if args.streamed:
+        config.check_streamed()
+    if args.model_opt is not None:
+        if args.model_dir is not None and args.model_dir != args.model_opt:
+            raise ValueError(f"two models given: {args.model_dir!r} and --model {args.model_opt!r}")
+        args.model_dir = args.model_opt
+    out = Path(args.out)
+    partial = _partial_path(out)
+    # before any work: no output may be, contain or lie inside an input, and both must be writable
+    model_dir = input_location(args.model_dir or DEFAULT_MODEL)
+    resume_file = partial if args.resume and partial.is_file() else None
+    inputs = {"MODEL_DIR": model_dir, "--calib": args.calib, "--init": args.init, "--resume file": resume_file}
+    prepare_output(out, inputs, marker="report.json")
+    prepare_output(partial, {k: v for k, v in inputs.items() if k != "--resume file"}, kind="file",
+                   what="partial checkpoint")
+    if args.streamed:
+        from orthoopt.adapters import resolve_source
+
+        resolved = resolve_source(args.model_dir or DEFAULT_MODEL, progress=not args.no_progress)
+        if resolved.folder is None:
+            raise ValueError(f"--streamed needs a Hugging Face folder with safetensors weights (or a registered "
+                             f"name), got {resolved.kind} {args.model_dir!r}")
+        args.model_dir = str(resolved.folder)
+        model, tokenizer, source, calib = None, None, resolved.describe(), None
+    else:
+        model, tokenizer, source = load_default_or(args.model_dir, config.torch_dtype, progress=not args.no_progress)
+        calib = _calibration(args, tokenizer, model.config)
+    init = load_rotations(args.init) if args.init else None
+
+    def plots(folder: Path, solves: dict) -> None:
+        from orthoopt.diagnostics import plot_solve_history
+
+        for phase, res in solves.items():
+            if res.history:
+                plot_solve_history(res, title=f"orthoopt rotate --method {args.method}: {phase}",
+                                   save=folder / f"loss_{phase}")
+
+    def said_resumed(report: dict) -> None:
+        if "resumed" in report:
+            r = report["resumed"]
+            print(f"orthoopt rotate: resumed from {partial} ({r['phase']}, step {r['steps_done']})", file=sys.stderr)
+
+    if args.streamed:
+        result = rotate_streamed(args.model_dir, out, config, init=init, progress=not args.no_progress,
+                                 checkpoint=partial, resume=args.resume, report_extra={"model": source},
+                                 extras=lambda folder, res: (said_resumed(res.report), plots(folder, res.solves)))
+        return _finish(args, out, partial, result.report)
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(args.seed))
+    result = rotate_model(model, config, calib=calib, init=init, verify_ids=ids, progress=not args.no_progress,
+                          checkpoint=partial, resume=args.resume)
+    report = {"model": source, **result.report}
+    said_resumed(report)
     save_rotated(model, tokenizer, out, result.rotations, report, extras=lambda folder: plots(folder, result.solves))
     return _finish(args, out, partial, report)
 

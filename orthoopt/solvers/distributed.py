@@ -120,6 +120,19 @@ class DistributedObjective(Objective):
             out[name] = g
         return self._reduce_loss(value, _device(rotations, self._dims)), out
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's local objective's state (its sampling generators; empty without one)."""
+        fn = getattr(self.local, "state_dict", None)
+        return fn() if callable(fn) else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict` into the local objective."""
+        fn = getattr(self.local, "load_state_dict", None)
+        if callable(fn):
+            fn(state)
+        elif state:
+            raise ValueError(f"objective state {sorted(state)} for a rank whose objective keeps none")
+
     def __repr__(self) -> str:
         rank, size = world(self.group)
         return f"DistributedObjective(rank {rank}/{size}, local={self.local!r})"

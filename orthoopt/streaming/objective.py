@@ -83,5 +83,18 @@ class StreamedFourthPower(Objective):
             loss, G = accumulate_rows(self._segments(), Rc, self.kernel, self.sampler)
         return loss.cpu(), {"R1": G.to(R.device)}
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The row sampler's generator state (``{"sampler.R1": uint8 tensor}``; empty when exact), so
+        that a resumed run draws the rows an uninterrupted one would."""
+        return {} if self.sampler is None else {"sampler.R1": self.sampler.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`; ValueError if it does not match this objective's sampling."""
+        want = set() if self.sampler is None else {"sampler.R1"}
+        if set(state) != want:
+            raise ValueError(f"objective state has samplers {sorted(state)}, this objective {sorted(want)}")
+        if self.sampler is not None:
+            self.sampler.generator.set_state(state["sampler.R1"].clone())
+
     def __repr__(self) -> str:
         return f"StreamedFourthPower({self.reader.ckpt.path}, {len(self.units)} units, n={self.n})"

@@ -1,38 +1,39 @@
-"""OptRot on a checkpoint that need not fit in memory: learn R1 and every R2.i streaming from disk.
+"""The safetensors weight store: a checkpoint that need not fit in memory, read layer by layer and
+written as shards, for the one phase loop of :mod:`orthoopt.pipeline` (``rotate_streamed``).
 
-:func:`rotate_streamed` is :func:`orthoopt.pipeline.rotate_model` ``(model, "optrot", ...)`` for a model
-folder, holding about one layer at a time:
+:class:`SafetensorsStore` implements :class:`orthoopt.store.WeightStore` for OptRot:
 
-1. **R1.** Each solver step reads the norm-fused R1 blocks layer by layer and accumulates the loss and
-   gradient (:class:`~orthoopt.streaming.objective.StreamedFourthPower`); the solver, the start (random
-   Hadamard, :func:`orthoopt.solvers.initial_rotations`) and the float64 polar re-orthogonalization
-   before fusing are the pipeline's.
-2. **R2 and write-back, one pass.** For each layer: read it, fuse the norms, fuse R1 (float64, cast back
-   as the pipeline does), learn ``R2.i`` on that layer's R1-rotated v/o blocks alone (they are the only
-   blocks next to it), fuse it, and write the layer's shard.
+1. **R1** is one unit: each solver step reads the norm-fused R1 blocks layer by layer and accumulates
+   the loss and gradient (:class:`~orthoopt.streaming.objective.StreamedFourthPower`).
+2. **R2** is one unit per layer (``R2.0``, ``R2.1``, ...): read the layer, fuse the norms, fuse R1
+   (float64, cast back as the in-memory write-back does), learn ``R2.i`` on that layer's R1-rotated
+   v/o blocks alone (they are the only blocks next to it), fuse it, and write the layer's shard. The
+   phase loop checkpoints after each layer, so a resumed run rewrites the finished layers from their
+   saved rotations and continues from the first unfinished one.
 
 The output folder matches ``save_rotated``'s: sharded safetensors with ``model.safetensors.index.json``,
 ``config.json`` (``tie_word_embeddings`` cleared when fusion unties lm_head), the other files of the
 input folder (tokenizer, generation config), ``rotations.safetensors`` and ``report.json``, written to a
 temporary sibling and renamed into place (``orthoopt.utils.atomic.atomic_dir``).
 
-With the same arguments the weights equal the in-memory pipeline's bit for bit on the same machine
-(the objective's segments and summation order are the same, :mod:`orthoopt.objectives.row_segments`),
-up to the float64 products of the embedding and lm_head, which are formed in row slices here.
+With the same settings the weights equal the in-memory store's bit for bit on the same machine (the
+objective's segments and summation order are the same, :mod:`orthoopt.objectives.row_segments`), up
+to the float64 products of the embedding and lm_head, which are formed in row slices here.
 
 Under ``torchrun`` (an initialized process group) the R1 row stream is split across ranks and the
 gradient all-reduced (:class:`orthoopt.solvers.distributed.DistributedObjective`); the layers' R2
-problems are split too and their results gathered; rank 0 writes the output.
+units are split too and their results gathered; rank 0 writes the output.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import sys
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,10 +42,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from orthoopt.adapters.io import REPORT_FILE, ROTATIONS_FILE
-from orthoopt.manifold import orthogonality_error, reorthogonalize
-from orthoopt.objectives import FourthPower
-from orthoopt.pipeline import FULL_PRECISION_BLOCKS, PHASES, RotateResult, loss_summary
-from orthoopt.solvers import SolveResult, initial_rotations, make_solver, solve
+from orthoopt.config import FULL_PRECISION_BLOCKS, STREAMED_METHODS, RotateConfig
+from orthoopt.objectives import FourthPower, Objective
+from orthoopt.resume import Partial, read_partial, write_partial
 from orthoopt.solvers.distributed import (
     DistributedObjective,
     all_gather_objects,
@@ -52,6 +52,7 @@ from orthoopt.solvers.distributed import (
     shard_ranges,
     world,
 )
+from orthoopt.store import Unit
 from orthoopt.streaming.checkpoint import INDEX_FILE, SafetensorsCheckpoint
 from orthoopt.streaming.fused import FusedReader
 from orthoopt.streaming.layer_rotation import apply_r1, apply_r2, r2_blocks, rotate_rows
@@ -59,16 +60,12 @@ from orthoopt.streaming.layout import DecoderLayout
 from orthoopt.streaming.objective import StreamedFourthPower
 from orthoopt.streaming.shards import ShardedWriter
 from orthoopt.utils.atomic import atomic_dir
-from orthoopt.utils.checks import check_device
-from orthoopt.utils.paths import prepare_output
 
 try:
     import resource
 except ImportError:  # pragma: no cover - Windows
     resource = None
 
-STREAMED_METHODS = ("optrot",)
-DEFAULT_SOLVER = "cayley-lbfgs"  # the in-memory pipeline's default for optrot
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _NOT_COPIED = {"config.json", INDEX_FILE, "pytorch_model.bin.index.json", ROTATIONS_FILE, REPORT_FILE}
 F64 = torch.float64
@@ -82,75 +79,273 @@ def peak_rss_mib() -> float | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class _Streamed:
-    """One streamed run: the reader, the settings shared by both phases, and this rank's place."""
+def rank_partial(path: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """Rank ``rank``'s own partial checkpoint next to ``path``: ``NAME.rankR-of-W.safetensors``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.rank{rank}-of-{world_size}{path.suffix}")
 
-    def __init__(self, model_dir, solver, lr, seed, init, dtype, model_dtype, chunk_rows, sample_fraction,
-                 device, arch, include_embeddings, progress) -> None:
+
+def folder_checksum(ckpt: SafetensorsCheckpoint, block: int = 1 << 23) -> str:
+    """SHA-256 (first 16 hex digits) of a checkpoint's ``config.json`` and weight files, read in
+    ``block``-byte pieces (one pass over the files: about one R1 step's reading)."""
+    h = hashlib.sha256()
+    for file in [ckpt.path / "config.json", *sorted(set(ckpt.files.values()) or {ckpt.path / "model.safetensors"})]:
+        h.update(file.name.encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(block):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+class SafetensorsStore:
+    """A model folder as a :class:`~orthoopt.store.WeightStore` (see the module doc).
+
+    model_dir: Hugging Face folder with safetensors weights; config: the run's
+    :class:`~orthoopt.config.RotateConfig` (``model_dtype``, ``chunk_rows``, ``sample_fraction``,
+    ``device``, ``arch``, ``include_embeddings``, ``layers_per_shard``, ``seed``). Raises
+    FileNotFoundError / ValueError for a missing or unreadable folder.
+    """
+
+    def __init__(self, model_dir, config: RotateConfig, progress: bool = True) -> None:
+        config.check_streamed()
+        self.config = config
         self.ckpt = SafetensorsCheckpoint(model_dir)
-        self.layout = DecoderLayout.from_checkpoint(self.ckpt, arch)
-        self.reader = FusedReader(self.ckpt, self.layout, model_dtype)
-        self.solver_name, self.solver_kwargs = solver, ({} if lr is None else {"lr": lr})
-        self.seed, self.init, self.dtype = seed, init, dtype
-        self.chunk_rows, self.sample_fraction = chunk_rows, sample_fraction
-        self.device = None if device is None else torch.device(device)
-        self.include_embeddings = include_embeddings
+        self.layout = DecoderLayout.from_checkpoint(self.ckpt, config.arch)
+        self.reader = FusedReader(self.ckpt, self.layout, config.torch_model_dtype)
+        self.device = None if config.device is None else torch.device(config.device)
         self.progress = progress
         self.rank, self.world_size = world()
         self.rank_difference = 0.0  # max |R1 - R1 of rank 0| at the end of a distributed R1 solve
+        self.R1: torch.Tensor | None = None
+        self.r2: dict[int, torch.Tensor] = {}
+        self._cached: tuple[int, dict[str, torch.Tensor]] | None = None  # the layer of the R2 unit in progress
+        self.writer: ShardedWriter | None = None
 
-    def start(self, name: str, n: int) -> dict[str, torch.Tensor]:
-        rots = initial_rotations({name: n}, "hadamard", seed=self.seed, dtype=self.dtype)
-        if self.init is not None and name in self.init:
-            rots[name] = self.init[name].to(self.dtype)
-        return rots
+    # WeightStore ------------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        checksum = folder_checksum(self.ckpt) if self.rank == 0 else None
+        return {"store": "safetensors", "model": all_gather_objects(checksum)[0],
+                "model_config": self.ckpt.config.get("model_type"), "world_size": self.world_size}
 
-    def solve(self, objective, name: str, n: int, steps: int, callback=None, progress=False) -> SolveResult:
-        return solve(objective, self.start(name, n), make_solver(self.solver_name, **self.solver_kwargs), steps,
-                     callback=callback, progress=progress, device=self.device)
+    def begin(self) -> None:
+        pass
 
-    # R1 ---------------------------------------------------------------------------------------
-    def learn_r1(self, steps: int, callback) -> tuple[torch.Tensor, SolveResult]:
-        units = [u for u in self.reader.units()
-                 if self.include_embeddings or self.reader.unit_block_name(u) not in FULL_PRECISION_BLOCKS]
-        share = shard_ranges([self.reader.unit_numel(u) for u in units], self.world_size)[self.rank]
-        local = None
-        if len(share):
-            local = StreamedFourthPower(self.reader, [units[j] for j in share], chunk_rows=self.chunk_rows,
-                                        sample_fraction=self.sample_fraction, seed=self.seed, device=self.device)
-        objective = local if self.world_size == 1 else DistributedObjective(local, {"R1": self.layout.hidden})
-        cb = None if callback is None else (lambda i, loss, r: callback("R1", i, loss, r))
-        result = self.solve(objective, "R1", self.layout.hidden, steps, cb, self.progress and self.rank == 0)
-        R1 = result.rotations["R1"]
-        if self.world_size > 1:
+    def _layer_units(self, layers) -> list[Unit]:
+        return [Unit(f"R2.{i}", "R2", {f"R2.{i}": self.layout.head_dim}, ("R2",)) for i in layers]
+
+    def units(self, phases: tuple[str, ...]) -> list[Unit]:
+        if phases == ("R1",):
+            return [Unit("R1", "R1", {"R1": self.layout.hidden}, ("R1",))]
+        if phases == ("R2",):  # this rank's share of the layers
+            return self._layer_units(shard_ranges([1] * self.layout.num_layers, self.world_size)[self.rank])
+        raise ValueError(f"the safetensors store solves R1 and R2 separately, not {phases}")
+
+    def all_units(self, units: list[Unit]) -> list[Unit]:
+        """``units`` of this rank with the R2 units of every rank (layer order)."""
+        if self.world_size == 1:
+            return units
+        r2 = any(u.phase == "R2" for u in units) or "R2" in self.config.rotations
+        return [u for u in units if u.phase != "R2"] + (self._layer_units(range(self.layout.num_layers)) if r2 else [])
+
+    def objective(self, unit: Unit, config: RotateConfig, calib, progress: bool) -> Objective:
+        c = self.config
+        if unit.key == "R1":
+            units = [u for u in self.reader.units()
+                     if c.include_embeddings or self.reader.unit_block_name(u) not in FULL_PRECISION_BLOCKS]
+            share = shard_ranges([self.reader.unit_numel(u) for u in units], self.world_size)[self.rank]
+            local = None
+            if len(share):
+                local = StreamedFourthPower(self.reader, [units[j] for j in share], chunk_rows=c.chunk_rows,
+                                            sample_fraction=c.sample_fraction, seed=c.seed, device=self.device)
+            return local if self.world_size == 1 else DistributedObjective(local, {"R1": self.layout.hidden})
+        i = int(unit.key.split(".")[1])
+        t = self._layer(i)
+        self._cached = (i, t)
+        return FourthPower(r2_blocks(t, self.layout, i), sample_fraction=c.sample_fraction, seed=c.seed,
+                           device=self.device)
+
+    def settle(self, unit: Unit, rotations: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if unit.key == "R1" and self.world_size > 1:
+            R1 = rotations["R1"]
             self.rank_difference = max_rank_difference({"R1": R1})
             dist.broadcast(R1, src=0)  # identical already (checked above); rank 0's is the one written
-        return reorthogonalize(R1.detach().to(F64)).cpu(), result
+        return rotations
 
-    # R2 ---------------------------------------------------------------------------------------
-    def learn_r2(self, t: dict[str, torch.Tensor], i: int, steps: int) -> tuple[torch.Tensor, SolveResult]:
-        """Learn ``R2.i`` on layer ``i``'s tensors ``t`` (norms fused, R1 fused)."""
-        objective = FourthPower(r2_blocks(t, self.layout, i), sample_fraction=self.sample_fraction, seed=self.seed,
-                                device=self.device)
-        result = self.solve(objective, f"R2.{i}", self.layout.head_dim, steps)
-        return reorthogonalize(result.rotations[f"R2.{i}"].detach().to(F64)).cpu(), result
+    def apply(self, unit: Unit, rotations: dict[str, torch.Tensor]) -> None:
+        if "R1" in rotations:
+            self.R1 = rotations["R1"]
+        for k, R in rotations.items():
+            if k.startswith("R2."):
+                i = int(k.split(".")[1])
+                self.r2[i] = R
+                if self.writer is not None:  # one process: write the layer now (layers come in order)
+                    self._write_layers(range(self._next_layer, i + 1))
+        if unit.phase == "R2":
+            self._cached = None
 
-    def layer(self, i: int, R1: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _collective(self, unit: Unit) -> bool:
+        return self.world_size > 1 and unit.key == "R1"
+
+    def write_partial(self, path, partial: Partial, unit: Unit) -> None:
+        """One process: ``path``. Distributed: during and right after R1 (a collective unit: every rank
+        at the same step) rank 0 writes every rank's state to ``path`` (objective states under
+        ``rank{r}.``), after each rank removed its own file; in R2 each rank writes its own
+        :func:`rank_partial` file. So a rank's own file is always newer than the shared one, and
+        every rank that resumes agrees on whether R1 is finished."""
+        path = Path(path)
+        if self.world_size == 1:
+            write_partial(path, partial)
+        elif self._collective(unit):
+            rank_partial(path, self.rank, self.world_size).unlink(missing_ok=True)
+            states = all_gather_objects(partial.objective)  # also: every rank removed its file
+            if self.rank == 0:
+                write_partial(path, replace(partial, objective={f"rank{r}.{k}": v for r, st in enumerate(states)
+                                                                for k, v in st.items()}))
+            all_gather_objects(None)  # the shared file is in place before any rank goes on
+        else:
+            write_partial(rank_partial(path, self.rank, self.world_size), partial)
+
+    def read_partial(self, path) -> Partial | None:
+        """This rank's own file if the shared one says R1 is finished (or there is no R1), else the
+        shared one with this rank's objective state; None when there is neither."""
+        path = Path(path)
+        shared = read_partial(path) if path.is_file() else None
+        if self.world_size == 1:
+            return shared
+        mine = rank_partial(path, self.rank, self.world_size)
+        r1_done = "R1" not in self.config.rotations or (shared is not None and "R1" in shared.results)
+        if mine.is_file() and r1_done:
+            return read_partial(mine)
+        if shared is not None:
+            prefix = f"rank{self.rank}."
+            shared.objective = {k[len(prefix):]: v for k, v in shared.objective.items() if k.startswith(prefix)}
+        return shared
+
+    def report(self) -> dict:
+        c = self.config
+        return {"streamed": {
+            "model_dtype": c.model_dtype, "chunk_rows": c.chunk_rows, "sample_fraction": c.sample_fraction,
+            "device": c.device, "layers_per_shard": c.layers_per_shard, "world_size": self.world_size,
+            "rank_max_abs_difference": self.rank_difference, "peak_rss_mib": peak_rss_mib(),
+            "checkpoint_bytes": self.ckpt.nbytes(),
+        }}
+
+    # layers -----------------------------------------------------------------------------------
+    def _layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s tensors, norms fused, R1 fused when known."""
+        if self._cached is not None and self._cached[0] == i:
+            return self._cached[1]
         t = self.reader.layer(i)
-        if R1 is not None:
-            apply_r1(t, self.layout, i, R1)
+        if self.R1 is not None:
+            apply_r1(t, self.layout, i, self.R1)
         return t
 
-    def learn_r2_share(self, R1, steps: int) -> dict[int, tuple[torch.Tensor, SolveResult]]:
-        """Distributed runs: learn the R2 of this rank's layers, then gather every rank's results."""
-        share = shard_ranges([1] * self.layout.num_layers, self.world_size)[self.rank]
-        mine = {}
-        for i in tqdm(share, desc="R2 (this rank's layers)", disable=not self.progress, file=sys.stderr):
-            mine[i] = self.learn_r2(self.layer(i, R1), i, steps)
-        out: dict[int, tuple[torch.Tensor, SolveResult]] = {}
-        for part in all_gather_objects(mine):
-            out.update(part)
-        return out
+    def gather(self, rotations: dict[str, torch.Tensor], results: dict) -> tuple[dict, dict]:
+        """Every rank's R2 rotations and solves (collective; unchanged in one process)."""
+        if self.world_size == 1:
+            return rotations, results
+        mine = ({k: v for k, v in rotations.items() if k.startswith("R2.")},
+                {k: v for k, v in results.items() if k.startswith("R2.")})
+        rots, res = dict(rotations), dict(results)
+        for r, s in all_gather_objects(mine):
+            rots.update(r)
+            res.update(s)
+        self.r2 = {int(k.split(".")[1]): v for k, v in rots.items() if k.startswith("R2.")}
+        order = ["R1"] * ("R1" in rots) + [f"R2.{i}" for i in sorted(self.r2)]
+        return {k: rots[k] for k in order}, res
+
+    # writing ----------------------------------------------------------------------------------
+    def open(self, folder: Path) -> None:
+        """Start writing shards into ``folder`` (rank 0)."""
+        self.num_shards, self.layer_shard = _shard_plan(self.layout, self.config.layers_per_shard)
+        self.writer = ShardedWriter(folder, self.num_shards)
+        self._next_layer = 0
+        self._pending: dict[str, torch.Tensor] = {}
+
+    def _write_layers(self, layers) -> None:
+        L = self.layout
+        for i in layers:
+            t = self._layer(i)
+            if i in self.r2:
+                apply_r2(t, L, i, self.r2[i])
+            self._pending.update(t)
+            del t
+            self._cached = None
+            self._next_layer = i + 1
+            if i + 1 == L.num_layers or self.layer_shard[i + 1] != self.layer_shard[i]:
+                self.writer.write(self.layer_shard[i], self._pending)
+                self._pending = {}
+
+    def write_rest(self) -> None:
+        """The layers not written yet, the embedding (shard 0), final norm and lm_head (last shard), index."""
+        L, reader, ckpt, R1 = self.layout, self.reader, self.ckpt, self.R1
+        rest = range(self._next_layer, L.num_layers)
+        for i in tqdm(rest, desc="rotate and write layers", disable=not self.progress or not len(rest),
+                      file=sys.stderr):
+            self._write_layers([i])
+        layer_keys = {k for i in range(L.num_layers) for k in reader.layer_keys(i)}
+        special = {L.key(L.embed), L.key(L.final_norm), L.key(L.lm_head)}
+        E = torch.empty(ckpt.shape(L.key(L.embed)), dtype=reader.dtype)
+        start = 0
+        for rows in reader.embed_rows():
+            E[start:start + rows.shape[0]] = rows if R1 is None else rotate_rows(rows, R1)
+            start += rows.shape[0]
+        others = [k for k in ckpt if k not in layer_keys and k not in special]
+        self.writer.write(0, {L.key(L.embed): E, **ckpt.read(others, reader.dtype)})
+        del E
+        last = {L.key(L.final_norm): reader.final_norm_identity}
+        if reader.has_lm_head_block:
+            H = torch.empty(ckpt.shape(reader.lm_head_source), dtype=reader.dtype)
+            start = 0
+            for rows in reader.lm_head_rows():
+                H[start:start + rows.shape[0]] = rows if R1 is None else rotate_rows(rows, R1)
+                start += rows.shape[0]
+            last[L.key(L.lm_head)] = H
+        self.writer.write(self.num_shards - 1, last)
+        self.writer.finish()
+
+    def write_files(self, folder: Path, rotations: dict[str, torch.Tensor], report: dict) -> None:
+        """``config.json``, the input's side files, ``rotations.safetensors`` and ``report.json``."""
+        text = json.dumps(report, indent=2, allow_nan=False)
+        _write_config(self.ckpt.path, folder, self.reader.untie, self.config.torch_model_dtype)
+        _copy_side_files(self.ckpt.path, folder)
+        save_file({k: v.contiguous() for k, v in rotations.items()}, str(folder / ROTATIONS_FILE))
+        (folder / REPORT_FILE).write_text(text + "\n")
+
+    def run(self, out_dir: Path, loop: Callable, finish: Callable, extras: Callable | None = None):
+        """Run ``loop()`` (the phase loop over this store), then write ``out_dir`` atomically (rank 0)
+        and return ``finish(run, rotations, results)`` (a ``RotateResult``) on every rank."""
+        if self.world_size == 1:
+            with atomic_dir(out_dir) as tmp:
+                self.open(tmp)
+                run = loop()
+                self.write_rest()
+                result = finish(run, run.rotations, run.results)
+                self.write_files(tmp, result.rotations, result.report)
+                if extras is not None:
+                    extras(tmp, result)
+            return result
+        run = loop()
+        rots, results = self.gather(run.rotations, run.results)
+        error: BaseException | None = None
+        result = None
+        if self.rank == 0:
+            try:
+                with atomic_dir(out_dir) as tmp:
+                    self.open(tmp)
+                    self.write_rest()
+                    result = finish(run, rots, results)
+                    self.write_files(tmp, result.rotations, result.report)
+                    if extras is not None:
+                        extras(tmp, result)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+                error = e
+        status = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")[0]
+        if error is not None:
+            raise error
+        if status is not None:
+            raise RuntimeError(f"rank 0 failed to write {out_dir}: {status}")
+        return result if result is not None else finish(run, rots, results)
 
 
 def _shard_plan(layout: DecoderLayout, layers_per_shard: int) -> tuple[int, dict[int, int]]:
@@ -184,189 +379,5 @@ def _write_config(src: Path, dst: Path, untie: bool, model_dtype: torch.dtype) -
     config.save_pretrained(dst)
 
 
-def _write_model(run: _Streamed, folder: Path, R1, r2: dict | None, r2_steps: int | None,
-                 layers_per_shard: int) -> dict[int, tuple[torch.Tensor, SolveResult]]:
-    """The R2-and-write-back pass (see the module doc). ``r2``: precomputed ``{layer: (R2, result)}``
-    (distributed runs), or None to learn each R2.i here when ``r2_steps`` is not None. Returns the R2s."""
-    L, reader, ckpt = run.layout, run.reader, run.ckpt
-    num_shards, layer_shard = _shard_plan(L, layers_per_shard)
-    writer = ShardedWriter(folder, num_shards)
-    learned: dict[int, tuple[torch.Tensor, SolveResult]] = dict(r2 or {})
-    layer_keys = {k for i in range(L.num_layers) for k in reader.layer_keys(i)}
-    special = {L.key(L.embed), L.key(L.final_norm), L.key(L.lm_head)}
 
-    # shard 0: the embedding (rotated in row slices) and any tensor outside the layers
-    E = torch.empty(ckpt.shape(L.key(L.embed)), dtype=reader.dtype)
-    start = 0
-    for rows in reader.embed_rows():
-        E[start:start + rows.shape[0]] = rows if R1 is None else rotate_rows(rows, R1)
-        start += rows.shape[0]
-    others = [k for k in ckpt if k not in layer_keys and k not in special]
-    writer.write(0, {L.key(L.embed): E, **ckpt.read(others, reader.dtype)})
-    del E
-
-    pending: dict[str, torch.Tensor] = {}
-    for i in tqdm(range(L.num_layers), desc="rotate and write layers", disable=not run.progress, file=sys.stderr):
-        t = run.layer(i, R1)
-        if r2 is not None or r2_steps is not None:
-            if i not in learned:
-                learned[i] = run.learn_r2(t, i, r2_steps)
-            apply_r2(t, L, i, learned[i][0])
-        pending.update(t)
-        del t
-        if i + 1 == L.num_layers or layer_shard[i + 1] != layer_shard[i]:
-            writer.write(layer_shard[i], pending)
-            pending = {}
-
-    last = {L.key(L.final_norm): reader.final_norm_identity}
-    if reader.has_lm_head_block:
-        H = torch.empty(ckpt.shape(reader.lm_head_source), dtype=reader.dtype)
-        start = 0
-        for rows in reader.lm_head_rows():
-            H[start:start + rows.shape[0]] = rows if R1 is None else rotate_rows(rows, R1)
-            start += rows.shape[0]
-        last[L.key(L.lm_head)] = H
-    writer.write(num_shards - 1, last)
-    writer.finish()
-    return learned
-
-
-def _combine_r2(learned: dict[int, tuple[torch.Tensor, SolveResult]]) -> SolveResult:
-    """One :class:`SolveResult` for all R2.i, as the in-memory pipeline's joint R2 solve reports it:
-    histories and final losses summed over layers (in layer order), the worst orthogonality error."""
-    results = [learned[i][1] for i in sorted(learned)]
-    steps = min(r.steps for r in results)
-    history = [sum((r.history[s] for r in results), 0.0) for s in range(steps)]
-    return SolveResult(
-        rotations={k: R for r in results for k, R in r.rotations.items()},
-        history=history,
-        orthogonality_error=max(r.orthogonality_error for r in results),
-        steps=steps,
-        seconds=sum(r.seconds for r in results),
-        final_loss=sum((r.final_loss for r in results), 0.0),
-    )
-
-
-def rotate_streamed(
-    model_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    method: str = "optrot",
-    rotations: Iterable[str] = PHASES,
-    *,
-    solver: str | None = None,
-    steps: int | Mapping[str, int] = 100,
-    lr: float | None = None,
-    seed: int = 0,
-    init: Mapping[str, torch.Tensor] | None = None,
-    dtype: torch.dtype = torch.float32,
-    model_dtype: torch.dtype = torch.float32,
-    chunk_rows: int | None = None,
-    sample_fraction: float | None = None,
-    device: torch.device | str | None = None,
-    layers_per_shard: int = 1,
-    arch: str | None = None,
-    include_embeddings: bool = False,
-    progress: bool = True,
-    callback: Callable[[str, int, float, dict], bool | None] | None = None,
-    report_extra: Mapping | None = None,
-    extras: Callable[[Path, RotateResult], None] | None = None,
-) -> RotateResult:
-    """Rotate the checkpoint in ``model_dir`` with OptRot and write it to ``out_dir``, streaming.
-
-    method:          ``"optrot"`` (the only data-free learned method; others raise ValueError).
-    rotations, solver, steps, lr, seed, init, dtype, include_embeddings: as in
-                     :func:`orthoopt.pipeline.rotate_model` (``dtype``: of the learned rotations; the
-                     embedding and lm_head are rotated but left out of the R1 objective by default).
-    model_dtype:     dtype the weights are read, fused and written in (``load_model``'s ``dtype``).
-    chunk_rows, sample_fraction: of the R1 objective (:class:`~orthoopt.objectives.FourthPower`);
-                     ``sample_fraction`` applies to the R2 objectives too.
-    device:          where the objectives and solvers compute (e.g. ``"cuda"``); weights are read on the
-                     CPU and rotated back in float64 on the CPU.
-    layers_per_shard: decoder layers per output shard (memory holds one shard being written).
-    callback:        ``callback("R1", step, loss, rotations)`` after each R1 step (true stops R1 early);
-                     the per-layer R2 solves do not call it.
-    report_extra:    entries merged into ``report.json``; ``extras(folder, result)`` may add files.
-
-    Returns a :class:`~orthoopt.pipeline.RotateResult` (float64 fused rotations, the report, the R1
-    solve and the R2 solves combined as one). Under ``torchrun`` every rank returns it; rank 0 writes.
-    Raises ValueError / FileNotFoundError for bad arguments or inputs before anything is written.
-    """
-    if method not in STREAMED_METHODS:
-        raise ValueError(f"streamed mode supports method {', '.join(STREAMED_METHODS)} only (data-free, weights "
-                         f"only); got {method!r}: run it in memory (without --streamed)")
-    phases = [p for p in PHASES if p in set(rotations)]
-    if set(rotations) - set(PHASES) or not phases:
-        raise ValueError(f"rotations must be a non-empty subset of {PHASES}, got {sorted(set(rotations))}")
-    if not isinstance(layers_per_shard, int) or layers_per_shard < 1:
-        raise ValueError(f"layers_per_shard must be a positive int, got {layers_per_shard!r}")
-    phase_steps = dict(steps) if isinstance(steps, Mapping) else {p: steps for p in phases}
-    out_dir = Path(out_dir)
-    device = check_device(device, "device")
-    prepare_output(out_dir, {"model_dir": model_dir}, what="out_dir")
-    began = time.perf_counter()
-    run = _Streamed(model_dir, solver or DEFAULT_SOLVER, lr, seed, init, dtype, model_dtype, chunk_rows,
-                    sample_fraction, device, arch, include_embeddings, progress)
-    fused: dict[str, torch.Tensor] = {}
-    solves: dict[str, SolveResult] = {}
-    R1 = None
-    if "R1" in phases:
-        R1, solves["R1"] = run.learn_r1(phase_steps.get("R1", 0), callback)
-        fused["R1"] = R1
-    r2_steps = phase_steps.get("R2", 0) if "R2" in phases else None
-    r2 = run.learn_r2_share(R1, r2_steps) if r2_steps is not None and run.world_size > 1 else None
-
-    def report_for(learned) -> dict:
-        rots = {**fused, **{f"R2.{i}": learned[i][0] for i in sorted(learned)}}
-        return {
-            "method": method, "rotations": phases, "solver": run.solver_name, "steps": phase_steps, "lr": lr,
-            "seed": seed, "include_embeddings": include_embeddings, "dtype": str(dtype).removeprefix("torch."),
-            "seconds": time.perf_counter() - began,
-            "orthogonality_error": max(orthogonality_error(R) for R in rots.values()),
-            "loss": {p: loss_summary(r.history) | {"final": r.final_loss, "orthogonality_error": r.orthogonality_error}
-                     for p, r in solves.items()},
-            "streamed": {
-                "model_dtype": str(model_dtype).removeprefix("torch."), "chunk_rows": run.chunk_rows,
-                "sample_fraction": sample_fraction, "device": None if device is None else str(device),
-                "layers_per_shard": layers_per_shard, "world_size": run.world_size,
-                "rank_max_abs_difference": run.rank_difference, "peak_rss_mib": peak_rss_mib(),
-                "checkpoint_bytes": run.ckpt.nbytes(),
-            },
-            **dict(report_extra or {}),
-        }
-
-    result: RotateResult | None = None
-    error: BaseException | None = None
-    if run.rank == 0:
-        try:
-            with atomic_dir(out_dir) as tmp:
-                learned = _write_model(run, tmp, R1, r2, r2_steps, layers_per_shard)
-                if learned:
-                    solves["R2"] = _combine_r2(learned)
-                rots = {**fused, **{f"R2.{i}": learned[i][0] for i in sorted(learned)}}
-                report = report_for(learned)
-                text = json.dumps(report, indent=2, allow_nan=False)
-                _write_config(run.ckpt.path, tmp, run.reader.untie, model_dtype)
-                _copy_side_files(run.ckpt.path, tmp)
-                save_file({k: v.contiguous() for k, v in rots.items()}, str(tmp / ROTATIONS_FILE))
-                (tmp / REPORT_FILE).write_text(text + "\n")
-                result = RotateResult(rots, report, solves)
-                if extras is not None:
-                    extras(tmp, result)
-        except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
-            error = e
-    if run.world_size > 1:
-        status = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")[0]
-        if error is None and status is not None:
-            raise RuntimeError(f"rank 0 failed to write {out_dir}: {status}")
-        if error is None and result is None:  # other ranks: the rotations and report rank 0 wrote
-            learned = r2 or {}
-            if learned:
-                solves["R2"] = _combine_r2(learned)
-            rots = {**fused, **{f"R2.{i}": learned[i][0] for i in sorted(learned)}}
-            result = RotateResult(rots, report_for(learned), solves)
-    if error is not None:
-        raise error
-    return result
-
-
-__all__ = ["STREAMED_METHODS", "peak_rss_mib", "rotate_streamed"]
+__all__ = ["STREAMED_METHODS", "SafetensorsStore", "folder_checksum", "peak_rss_mib", "rank_partial"]

@@ -1,0 +1,255 @@
+"""The settings of one ``rotate`` run: :class:`RotateConfig`, validated once, written into ``report.json``.
+
+One frozen dataclass is accepted by the Python API (:func:`orthoopt.pipeline.rotate_model`,
+:func:`orthoopt.pipeline.rotate_streamed`), built from argv by ``orthoopt rotate`` and by
+``python -m orthoopt.distributed_rotate``, and stored as JSON (``report.json["config"]``,
+:meth:`RotateConfig.to_json` / :meth:`RotateConfig.from_json`). Constructing one validates it: a bad
+field raises ValueError naming the field. The method tables live here too (a leaf module: the
+pipeline and the stores import it, it imports neither).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+FIXED_METHODS = {"identity": "identity", "random": "random", "hadamard": "hadamard"}
+LEARNED_METHODS = {"optrot": "cayley-lbfgs", "optrot+": "cayley-lbfgs", "kurtosis": "radam", "dfrot": "procrustes",
+                   "spinquant": "cayley-sgd"}
+"""Learned methods and their default solvers."""
+DATA_METHODS = ("optrot+", "kurtosis", "dfrot", "spinquant")
+JOINT_METHODS = ("spinquant",)
+"""Methods that learn all selected rotations in one solve (their objective is not a sum over phases)."""
+DEFAULT_LR = {"spinquant": 1.5}
+"""Learning rates that differ from the solver's default (SpinQuant's published setting)."""
+COSINE_METHODS = ("spinquant",)
+"""Methods whose solver step size decays as ``lr * (1 + cos(pi * step / steps)) / 2``."""
+METHODS = (*FIXED_METHODS, *LEARNED_METHODS)
+PHASES = ("R1", "R2")
+STREAMED_METHODS = ("optrot",)
+"""Methods a streamed (safetensors) store runs: data-free, weights only."""
+FULL_PRECISION_BLOCKS = ("embed_tokens", "lm_head")
+"""Blocks left out of learned objectives unless ``include_embeddings`` (kept in full precision)."""
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+NOT_TRAJECTORY = ("checkpoint_every", "layers_per_shard", "calib_seq_len")
+"""Fields that do not change the learned rotations: a resume may change them."""
+
+
+def _int(name: str, v: Any, low: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+
+
+@dataclass(frozen=True)
+class RotateConfig:
+    """Everything a ``rotate`` run's result depends on, besides the model, calibration and init data.
+
+    method:            one of :data:`METHODS` (``docs/objectives.md``).
+    rotations:         subset of ``("R1", "R2")``, kept in that order.
+    solver:            solver name (``orthoopt.solvers.SOLVERS``); None: the method's default.
+    steps:             solver steps per phase: an int, or ``{phase: steps}`` (a phase missing takes 0).
+    lr:                solver step size; None: the solver's default (spinquant: 1.5).
+    seed:              seeds the random Hadamard start, fixed rotations, sampling and calibration.
+    dtype:             dtype the rotations are learned in (``"float32"`` or ``"float64"``).
+    device:            where objective and solver compute (None: CPU); weights are fused on the CPU.
+    include_embeddings: count embed_tokens / lm_head in learned objectives.
+    sample_fraction, chunk_rows: optrot's row sampling and segment size (``docs/performance.md``).
+    calib_tokens, calib_seq_len: calibration tokens per objective and window length (data methods).
+    stop:              stopping criteria of :func:`orthoopt.solvers.solve` (``min_grad_norm``, ...).
+    checkpoint_every:  steps between partial checkpoints (0: off); units also checkpoint at their ends.
+    sim_quant, batch_size, micro_batch_size, schedule_steps: spinquant only
+                       (:class:`orthoopt.quant.rotated.SimQuantConfig`, windows per step / per backward,
+                       length of the cosine decay, default the phase's steps).
+    model_dtype, layers_per_shard, arch: the safetensors (streamed) store only: dtype the weights are
+                       read, fused and written in; decoder layers per output shard; architecture override.
+    """
+
+    method: str = "optrot"
+    rotations: tuple[str, ...] = PHASES
+    solver: str | None = None
+    steps: Any = 100
+    lr: float | None = None
+    seed: int = 0
+    dtype: Any = "float32"
+    device: str | None = None
+    include_embeddings: bool = False
+    sample_fraction: float | None = None
+    chunk_rows: int | None = None
+    calib_tokens: int = 2048
+    calib_seq_len: int = 256
+    stop: Any = field(default_factory=dict)
+    checkpoint_every: int = 0
+    sim_quant: Any = None
+    batch_size: int = 1
+    micro_batch_size: int | None = None
+    schedule_steps: int | None = None
+    model_dtype: Any = "float32"
+    layers_per_shard: int = 1
+    arch: str | None = None
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__.__get__(self)  # frozen: normalize in place once
+        rot = self.rotations
+        rots = [rot] if isinstance(rot, str) else list(rot)
+        if set(rots) - set(PHASES) or not rots:
+            raise ValueError(f"rotations must be a non-empty subset of {PHASES}, got {sorted(set(rots))}")
+        put("rotations", tuple(p for p in PHASES if p in set(rots)))
+        for name in ("dtype", "model_dtype"):
+            v = getattr(self, name)
+            s = str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
+            if s not in DTYPES:
+                raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, got {v!r}")
+            put(name, s)
+        if self.device is not None:
+            put("device", str(self.device))
+        steps = self.steps
+        if isinstance(steps, Mapping):
+            steps = {str(k): v for k, v in steps.items()}
+        put("steps", steps)
+        put("stop", {k: v for k, v in sorted(dict(self.stop or {}).items())})
+        if isinstance(self.sim_quant, Mapping):
+            put("sim_quant", _sim_quant_from_dict(self.sim_quant))
+        if self.method == "spinquant" and self.sim_quant is None:
+            from orthoopt.quant.rotated import SimQuantConfig
+
+            put("sim_quant", SimQuantConfig())
+        self.validate()
+
+    # ---------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field (called by the constructor)."""
+        from orthoopt.utils.checks import check_device
+
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.solver is not None:
+            from orthoopt.solvers import SOLVERS
+
+            if self.solver not in SOLVERS:
+                raise ValueError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
+        if isinstance(self.steps, Mapping):
+            bad = set(self.steps) - set(PHASES)
+            if bad:
+                raise ValueError(f"steps names unknown phases {sorted(bad)}; phases: {PHASES}")
+            for k, v in self.steps.items():
+                _int(f"steps[{k!r}]", v, 0)
+        else:
+            _int("steps", self.steps, 0)
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
+                                    or not self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        _int("seed", self.seed, 0)
+        check_device(self.device, "device")
+        if self.sample_fraction is not None and not (
+                isinstance(self.sample_fraction, (int, float)) and 0 < self.sample_fraction <= 1):
+            raise ValueError(f"sample_fraction must be in (0, 1], got {self.sample_fraction!r}")
+        if self.learned and self.method != "optrot" and (self.sample_fraction is not None or self.device is not None):
+            raise ValueError(f"sample_fraction and device are supported by method 'optrot' only, not {self.method!r}")
+        if self.chunk_rows is not None:
+            _int("chunk_rows", self.chunk_rows, 1)
+        _int("calib_tokens", self.calib_tokens, 1)
+        _int("calib_seq_len", self.calib_seq_len, 1)
+        _int("checkpoint_every", self.checkpoint_every, 0)
+        _int("layers_per_shard", self.layers_per_shard, 1)
+        _int("batch_size", self.batch_size, 1)
+        if self.micro_batch_size is not None:
+            _int("micro_batch_size", self.micro_batch_size, 1)
+        if self.schedule_steps is not None:
+            _int("schedule_steps", self.schedule_steps, 0)
+        spin_only = (self.method != "spinquant" and self.sim_quant is not None) or self.batch_size != 1 \
+            or self.micro_batch_size is not None
+        if self.method != "spinquant" and spin_only:
+            raise ValueError(f"sim_quant, batch_size and micro_batch_size are for method 'spinquant', "
+                             f"not {self.method!r}")
+        unknown = set(self.stop) - {"min_grad_norm", "min_rel_decrease", "window", "max_seconds"}
+        if unknown:
+            raise ValueError(f"stop has unknown criteria {sorted(unknown)}")
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def learned(self) -> bool:
+        return self.method in LEARNED_METHODS
+
+    @property
+    def solver_name(self) -> str | None:
+        """The solver a learned method uses (None for a fixed method)."""
+        return (self.solver or LEARNED_METHODS[self.method]) if self.learned else None
+
+    @property
+    def effective_lr(self) -> float | None:
+        """``lr``, or the method's published default when neither lr nor solver is given."""
+        if self.lr is None and self.solver is None:
+            return DEFAULT_LR.get(self.method)
+        return self.lr
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_model_dtype(self) -> torch.dtype:
+        return DTYPES[self.model_dtype]
+
+    def phase_steps(self) -> dict[str, int]:
+        """``{phase: steps}`` for the selected phases (0 where a dict leaves one out)."""
+        if isinstance(self.steps, Mapping):
+            return {p: int(self.steps.get(p, 0)) for p in self.rotations}
+        return {p: int(self.steps) for p in self.rotations}
+
+    def check_streamed(self) -> None:
+        """Raise ValueError unless a safetensors (streamed) store can run this config."""
+        if self.method not in STREAMED_METHODS:
+            raise ValueError(f"streamed mode supports method {', '.join(STREAMED_METHODS)} only (data-free, "
+                             f"weights only); got {self.method!r}: run it in memory (without --streamed)")
+
+    def to_json(self) -> dict:
+        """A JSON-able dict; :meth:`from_json` gives back an equal config."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "rotations":
+                v = list(v)
+            elif f.name == "sim_quant":
+                v = None if v is None else v.to_dict()
+            elif f.name in ("steps", "stop") and isinstance(v, Mapping):
+                v = dict(v)
+            out[f.name] = v
+        json.dumps(out, allow_nan=False)
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "RotateConfig":
+        """The config :meth:`to_json` wrote; ValueError naming unknown fields."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown RotateConfig fields {sorted(unknown)}")
+        return cls(**{k: (tuple(v) if k == "rotations" else v) for k, v in d.items()})
+
+    def trajectory(self) -> dict:
+        """The fields the learned rotations depend on (for refusing a foreign partial checkpoint)."""
+        return {k: v for k, v in self.to_json().items() if k not in NOT_TRAJECTORY}
+
+
+def _sim_quant_from_dict(d: Mapping):
+    from orthoopt.quant.act import ActQuantConfig
+    from orthoopt.quant.kv import KVQuantConfig
+    from orthoopt.quant.rotated import SimQuantConfig
+
+    d = dict(d)
+    unknown = set(d) - {"wbits", "w_group_size", "w_sym", "w_mse", "act", "kv"}
+    if unknown:
+        raise ValueError(f"sim_quant has unknown fields {sorted(unknown)}")
+    if "act" in d:
+        d["act"] = ActQuantConfig.from_dict(d["act"])
+    if "kv" in d:
+        d["kv"] = KVQuantConfig.from_dict(d["kv"])
+    return SimQuantConfig(**d)
+
+
+__all__ = ["COSINE_METHODS", "DATA_METHODS", "DEFAULT_LR", "DTYPES", "FIXED_METHODS", "FULL_PRECISION_BLOCKS",
+           "JOINT_METHODS", "LEARNED_METHODS", "METHODS", "PHASES", "RotateConfig", "STREAMED_METHODS"]

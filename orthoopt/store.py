@@ -1,0 +1,68 @@
+"""What the phase loop (:func:`orthoopt.pipeline.run_phases`) asks of the weights it rotates.
+
+A :class:`WeightStore` holds a model's weights somewhere (an in-memory Hugging Face module:
+:class:`orthoopt.pipeline.MemoryStore`; a safetensors folder read layer by layer and written as
+shards: :class:`orthoopt.streaming.rotate.SafetensorsStore`). The loop is written once; a store says
+how a phase splits into :class:`Unit` solves (one joint R2 solve in memory, one per layer when
+streamed), builds each unit's objective, and fuses (or writes) each unit's rotations. Rotations are
+``{name: [n, n]}`` (``docs/conventions.md``); ``apply`` receives them in float64 on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from orthoopt.objectives import Objective
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One solve of the phase loop.
+
+    key:    its name in partial checkpoints and results (``"R1"``, ``"R2"``, ``"R2.3"``).
+    phase:  the phase whose step budget it takes and that the callback reports (``"R1"`` / ``"R2"``).
+    dims:   ``{rotation name: n}`` it learns.
+    phases: the phases its objective covers (several for a joint method such as spinquant).
+    """
+
+    key: str
+    phase: str
+    dims: dict[str, int] = field(hash=False)
+    phases: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class WeightStore(Protocol):
+    """The store side of the phase loop (see the module doc)."""
+
+    def fingerprint(self) -> dict:
+        """JSON-able identity of the weights (a checksum), for refusing a foreign partial checkpoint."""
+
+    def begin(self) -> None:
+        """Prepare for the loop (e.g. fuse the norms); called once, after :meth:`fingerprint`."""
+
+    def units(self, phases: tuple[str, ...]) -> list[Unit]:
+        """The solves of one phase group (one phase, or all phases of a joint method), in order."""
+
+    def objective(self, unit: Unit, config, calib: torch.Tensor | None, progress: bool) -> Objective:
+        """The objective of ``unit`` on the weights with every earlier unit's rotations applied."""
+
+    def settle(self, unit: Unit, rotations: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The solved rotations as every process will fuse them (distributed: rank 0's)."""
+
+    def apply(self, unit: Unit, rotations: dict[str, torch.Tensor]) -> None:
+        """Fuse (or write) ``unit``'s rotations (float64, CPU)."""
+
+    def report(self) -> dict:
+        """Store-specific entries of ``report.json``."""
+
+    def write_partial(self, path, partial, unit: Unit) -> None:
+        """Write the partial checkpoint ``partial`` (:class:`orthoopt.resume.Partial`) of a run at
+        ``path``, during or right after ``unit``; every process calls it at the same points of a
+        collective unit."""
+
+    def read_partial(self, path):
+        """The partial checkpoint this process resumes from, or None when there is none."""
