@@ -37,11 +37,7 @@ COMBINERS = ["orthoopt.pipeline", "orthoopt.cli", "orthoopt.distributed_rotate",
 
 # Rules the code breaks today, with the reason; strict: fixing the code turns the xfail into a failure
 # that says to remove the entry.
-KNOWN_VIOLATIONS = {
-    "only cli, distributed_rotate and __main__ import pipeline (no upward import)":
-        "streaming/rotate.py imports orthoopt.pipeline (issue #12 item 2: the streamed run must share the "
-        "phase loop instead; owned by the pipeline redesign)",
-}
+KNOWN_VIOLATIONS: dict[str, str] = {}
 
 
 def module_name(path: Path) -> str:
