@@ -192,3 +192,25 @@ def test_diagnose_refuses_to_replace_inputs_or_foreign_folders(models, capsys):
     assert main(["diagnose", str(root / "nowhere"), "--out", str(root / "x"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "not found" in err and "nowhere" in err
+
+
+def test_diagnose_json_is_strict_with_an_all_zero_block(models, tmp_path, capsys):
+    """An all-zero weight has no incoherence or kurtosis: its figures are null with an error, the other
+    blocks and the pooled figures stay defined, and the run succeeds."""
+    _, orig, _, _ = models
+    model = load_model(orig)
+    zeroed = "model.layers.1.mlp.down_proj"
+    with torch.no_grad():
+        model.get_submodule(zeroed).weight.zero_()
+    folder = save_rotated(model, load_tokenizer(orig), tmp_path / "zeroed", {}, {"init": "identity"})
+    out = tmp_path / "diag"
+    assert main(["diagnose", str(folder), "--out", str(out), "--json", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)  # strict: json.loads would accept NaN, so check below too
+    assert "NaN" not in (out / "summary.json").read_text()
+    m = summary["models"][0]
+    rows = {r["name"]: r for r in m["weights"]["blocks"]}
+    bad = next(r for name, r in rows.items() if name.endswith("layers.1.mlp.down_proj"))
+    assert bad["incoherence"] is None and bad["rtn_error"] is None and "all-zero" in bad["error"]
+    assert all(r["incoherence"] is not None for r in rows.values() if r is not bad)
+    assert m["overall"]["incoherence_mean"] is not None
+    assert any(name.endswith("layers.1.mlp.down_proj") for name in m["overall"]["undefined_blocks"])

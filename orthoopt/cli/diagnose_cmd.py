@@ -57,6 +57,10 @@ def _labels(text: str | None, count: int) -> list[str] | None:
     return labels
 
 
+def _fmt(value: float | None, width: int, spec: str) -> str:
+    return f"{'-' if value is None else format(value, spec):>{width}}"
+
+
 def run(args) -> int:
     summary = diagnose_models(
         args.models, args.out, labels=_labels(args.labels, len(args.models)), calib=args.calib,
@@ -72,8 +76,10 @@ def run(args) -> int:
           + (f"  channel max/median of {act} input" if act else ""))
     for m in summary["models"]:
         o = m["overall"]
-        line = (f"{m['label']:<24} {o['incoherence_mean']:>9.2f} {o['incoherence_max']:>9.2f} "
-                f"{o['excess_kurtosis_mean']:>10.2f} {o['rtn_error']:>11.4f}")
+        line = (f"{m['label']:<24} {_fmt(o['incoherence_mean'], 9, '.2f')} {_fmt(o['incoherence_max'], 9, '.2f')} "
+                f"{_fmt(o['excess_kurtosis_mean'], 10, '.2f')} {_fmt(o['rtn_error'], 11, '.4f')}")
+        if o.get("undefined_blocks"):
+            line += f"  ({len(o['undefined_blocks'])} all-zero/constant blocks left out: {o['undefined_blocks'][0]} ...)"
         if act:
             ratio = next(r["channel_max_ratio"] for r in m["activations"]["inputs"] if act in r["modules"])
             line += f"  {'-' if ratio is None else f'{ratio:.1f}'}"

@@ -208,7 +208,8 @@ def _diagnose_one(path: Path | str, label: str, *, calib, calib_tokens: int, seq
     wrep = weight_report(weights, k=k, bits=bits, progress=progress)
     if block is None:
         shared = [r for r in wrep["blocks"] if common_depth is None or (_layer_index(r["name"]) or 0) < common_depth]
-        block = max(shared or wrep["blocks"], key=lambda r: r["incoherence"])["name"]
+        defined = [r for r in (shared or wrep["blocks"]) if r["incoherence"] is not None] or wrep["blocks"]
+        block = max(defined, key=lambda r: r["incoherence"] or 0.0)["name"]
     if block not in weights:
         raise ValueError(f"block {block!r} is not a weight of {path} (e.g. {list(weights)[:3]})")
     overall = aggregate_blocks(wrep["blocks"])

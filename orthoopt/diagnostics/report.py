@@ -29,6 +29,7 @@ from orthoopt.diagnostics.stats import (
     aggregate_layers,
     group_of,
     layer_of,
+    undefined_stats,
     weight_stats,
 )
 from orthoopt.quant.calib import read_text, tokenize_text
@@ -94,7 +95,8 @@ def weight_report(
     """``{"blocks": [...], "layers": [...]}`` for named 2-D weights.
 
     ``blocks``: one :func:`~orthoopt.diagnostics.stats.weight_stats` row per weight (plus ``name``),
-    in the given order; ``layers``: :func:`~orthoopt.diagnostics.stats.aggregate_layers` of them.
+    in the given order; a block whose statistics are undefined (all zeros, constant) gets None figures
+    and an ``error`` (:func:`~orthoopt.diagnostics.stats.undefined_stats`); ``layers``: :func:`~orthoopt.diagnostics.stats.aggregate_layers` of them.
     """
     if not weights:
         raise ValueError("weight_report needs at least one weight")
@@ -102,8 +104,8 @@ def weight_report(
     for name, W in tqdm(weights.items(), desc="weight stats", disable=not progress, leave=False):
         try:
             rows.append({"name": name, **weight_stats(W, k=k, bits=bits)})
-        except ValueError as e:
-            raise ValueError(f"weight {name!r}: {e}") from None
+        except ValueError as e:  # all-zero or constant block: its figures are undefined, not an error
+            rows.append({"name": name, **undefined_stats(W, str(e), k=k, bits=bits)})
     return {"blocks": rows, "layers": aggregate_layers(rows)}
 
 

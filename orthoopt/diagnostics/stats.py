@@ -186,8 +186,27 @@ def group_of(name: str) -> str:
     return name.removeprefix("model.")
 
 
+POOLED_KEYS = ("max_abs", "incoherence_mean", "incoherence_max", "excess_kurtosis_mean", "excess_kurtosis_max",
+               "fourth_power_sum", "outlier_fraction", "rtn_error")
+"""The statistics :func:`aggregate_blocks` pools (besides ``blocks`` and ``numel``)."""
+
+STAT_KEYS = ("frobenius_norm", "max_abs", "incoherence", "excess_kurtosis", "fourth_power_sum",
+             "outlier_fraction", "rtn_error")
+"""The statistics of one :func:`weight_stats` row that are undefined (None) for an all-zero or constant block."""
+
+
+def undefined_stats(W: torch.Tensor, error: str, k: float = DEFAULT_K, bits: int = DEFAULT_BITS) -> dict:
+    """The :func:`weight_stats` row of a block whose statistics are undefined (all-zero or constant):
+    ``shape``, ``numel``, ``outlier_k``, ``rtn_bits``, every statistic None, and ``error`` saying why."""
+    return {"shape": list(W.shape), "numel": W.numel(), **{key: None for key in STAT_KEYS}, "outlier_k": float(k),
+            "rtn_bits": bits, "error": error}
+
+
 def aggregate_blocks(rows: Sequence[dict]) -> dict:
     """Pool :func:`weight_stats` rows (one per block) into one summary.
+
+    Rows with an ``error`` (:func:`undefined_stats`) are left out of the pooled figures and listed in
+    ``undefined_blocks``; when no row is defined every figure is None and ``error`` says so.
 
     Exact statistics of all entries together: ``numel``, ``max_abs``, ``fourth_power_sum`` (sum),
     ``outlier_fraction`` (entry-weighted mean of the blocks' fractions, each about its own block's
@@ -197,13 +216,20 @@ def aggregate_blocks(rows: Sequence[dict]) -> dict:
     """
     if not rows:
         raise ValueError("aggregate_blocks needs at least one row")
+    names = [r.get("name", "") for r in rows]
+    undefined = [r.get("name", "") for r in rows if r.get("error") is not None]
+    rows = [r for r in rows if r.get("error") is None]
+    if not rows:
+        return {"blocks": names, "numel": None, **{k: None for k in POOLED_KEYS},
+                "undefined_blocks": undefined, "error": "no block of this group has defined statistics"}
     numel = sum(r["numel"] for r in rows)
     sq_norm = sum(r["frobenius_norm"] ** 2 for r in rows)
     sq_err = sum((r["rtn_error"] * r["frobenius_norm"]) ** 2 for r in rows)
     inc = [r["incoherence"] for r in rows]
     kurt = [r["excess_kurtosis"] for r in rows]
     return {
-        "blocks": [r.get("name", "") for r in rows],
+        "blocks": names,
+        **({"undefined_blocks": undefined} if undefined else {}),
         "numel": numel,
         "max_abs": max(r["max_abs"] for r in rows),
         "incoherence_mean": sum(inc) / len(inc),
