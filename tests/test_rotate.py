@@ -97,6 +97,8 @@ def test_float64_rotation_is_exact_to_norm_precision(model_dir):
     # transformers' RMSNorm computes in float32 whatever the model dtype (docs/adapters.md)
     assert result.report["invariance_error"] < 1e-6
     assert result.report["orthogonality_error"] < 1e-12
+    # the exact Cayley retraction stays on the group by itself: a re-projection would hide a broken step
+    assert all(loss["reorthogonalizations"] == 0 for loss in result.report["loss"].values())
 
 
 def test_interrupted_run_leaves_no_output_and_resumes(model_dir, tmp_path, monkeypatch, capsys):
