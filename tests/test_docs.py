@@ -4,7 +4,7 @@ the docstrings/comments of examples/*.py resolves.
 Checked, each test printing every failure at once:
 
 - a backticked dotted name starting with ``orthoopt.`` imports (longest importable module prefix, then
-  ``getattr`` for the rest);
+  ``getattr`` for the rest), and so does every ``from orthoopt... import name`` in a ```python block;
 - a backticked repo path (``orthoopt/...``, ``tests/...``, ``benchmarks/...``, ``docs/...``,
   ``examples/...``) exists (and a ``::test_name`` after it is a test of that file), and so does every
   relative markdown link target;
@@ -87,13 +87,29 @@ def report(failures: list[str]) -> None:
     assert not failures, f"{len(failures)} stale reference(s):\n" + "\n".join(failures)
 
 
+def imported_names(text: str) -> list[str]:
+    """``orthoopt.x.name`` for each ``from orthoopt.x import name`` / ``import orthoopt.x`` in ```python
+    blocks (a block that is not valid Python, e.g. a signature sketch, is read line by line)."""
+    out = []
+    for block in re.findall(r"^```python\n(.*?)^```", text, re.S | re.M):
+        try:
+            trees = [ast.parse(block)]
+        except SyntaxError:
+            trees = [ast.parse(line.strip()) for line in block.splitlines()
+                     if re.match(r"\s*(from|import) orthoopt[\w.]*( import [\w, ]+)?\s*$", line)]
+        for node in (n for tree in trees for n in ast.walk(tree)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "orthoopt":
+                out += [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                out += [a.name for a in node.names if a.name.split(".")[0] == "orthoopt"]
+    return out
+
+
 def test_every_dotted_orthoopt_name_resolves():
     failures = []
     for doc, text in sources().items():
-        for span in spans(text):
-            m = DOTTED.match(span)
-            if m and not resolves(m.group(0)):
-                failures.append(f"{doc}: {m.group(0)}")
+        names = [m.group(0) for m in map(DOTTED.match, spans(text)) if m] + imported_names(text)
+        failures += [f"{doc}: {name}" for name in names if not resolves(name)]
     report(sorted(set(failures)))
 
 
@@ -191,6 +207,8 @@ def test_the_checker_catches_stale_references():
     assert resolves("orthoopt.pipeline.run_phases") and resolves("orthoopt.core.grid")
     assert not resolves("orthoopt.objectives.rotation_dims")
     assert not resolves("orthoopt.no_such_module.thing")
+    assert imported_names("```python\nfrom orthoopt.objectives import rotation_dims, FourthPower\n```\n") == \
+        ["orthoopt.objectives.rotation_dims", "orthoopt.objectives.FourthPower"]
     assert REPO_PATH.match("orthoopt/objectives/fake_quant.py") and not (ROOT / "orthoopt/objectives/fake_quant.py").exists()
     assert commands("run `orthoopt rotate --model m --no-such-flag`") == [("rotate", " --model m --no-such-flag")]
     assert "--no-such-flag" not in cli_flags()["rotate"] and "--streamed" in cli_flags()["rotate"]
