@@ -564,7 +564,8 @@ def rotate_streamed(
                    ``layers_per_shard``, ``chunk_rows``, ``arch`` are the store's fields.
     init, progress, callback, checkpoint, resume: as in :func:`rotate_model`; R2 is solved layer by
                    layer, each layer's solve reported as phase ``"R2"`` with steps from 0. Under
-                   ``torchrun`` each rank keeps its own checkpoint (:func:`rank_checkpoint`).
+                   ``torchrun`` rank 0 writes R1's collective state to ``checkpoint`` and in R2 each rank
+                   writes its own file (:func:`orthoopt.streaming.rotate.rank_partial`).
     report_extra:  entries merged into ``report.json``; ``extras(folder, result)`` may add files.
 
     The output folder matches ``save_rotated``'s (sharded safetensors, config, side files,

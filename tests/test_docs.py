@@ -13,7 +13,8 @@ Checked, each test printing every failure at once:
 - each bare main name in docs/architecture.md's package table is an attribute of that row's package
   (or of a module the row names in full);
 - every ``--flag`` written after ``orthoopt <subcommand>`` (in a backtick span or a code-block line)
-  is an option of that subcommand in ``orthoopt.cli.build_parser()``.
+  is an option of that subcommand in ``orthoopt.cli.build_parser()`` (after ``orthoopt.distributed_rotate``:
+  of ``orthoopt.distributed_rotate.build_parser()``).
 
 Deliberate references to things that do not exist go in ``ALLOWED`` with the reason.
 """
@@ -42,7 +43,7 @@ REPO_PATH = re.compile(r"(?:orthoopt|tests|benchmarks|docs|examples)/[\w./\-]*")
 TEST_NAME = re.compile(r"\btest_\w+")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
-COMMAND = re.compile(r"\borthoopt\s+(rotate|quantize|eval|diagnose|fetch)\b([^|;&`\n]*)")
+COMMAND = re.compile(r"\borthoopt(\s+(?:rotate|quantize|eval|diagnose|fetch)|\.distributed_rotate)\b([^|;&`\n]*)")
 
 
 def sources() -> dict[str, str]:
@@ -155,20 +156,21 @@ def test_every_named_test_exists():
 
 
 def cli_flags() -> dict[str, set[str]]:
-    """``{subcommand: {option strings}}`` from the real parser."""
+    """``{subcommand: {option strings}}`` from the real parsers (``distributed_rotate``: the torchrun entry)."""
+    from orthoopt import distributed_rotate
     from orthoopt.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return {name: {s for a in p._actions for s in a.option_strings} for name, p in sub.choices.items()}
+    parsers = {**sub.choices, "distributed_rotate": distributed_rotate.build_parser()}
+    return {name: {s for a in p._actions for s in a.option_strings} for name, p in parsers.items()}
 
 
 def commands(text: str) -> list[tuple[str, str]]:
-    """``(subcommand, rest of the command)`` for each ``orthoopt <subcommand> ...`` in a span or code line."""
-    found = [m.groups() for s in spans(text) for m in COMMAND.finditer(s)]
-    for block in FENCE.findall(text):
-        for line in block.replace("\\\n", " ").splitlines():
-            found += [m.groups() for m in COMMAND.finditer(line.split("#")[0])]
-    return found
+    """``(subcommand, rest of the command)`` for each ``orthoopt <subcommand> ...`` (or ``-m
+    orthoopt.distributed_rotate ...``) in a span or code line."""
+    lines = [" ".join(s.split()) for s in spans(text)] + [line.split("#")[0] for block in FENCE.findall(text)
+                           for line in block.replace("\\\n", " ").splitlines()]
+    return [(m.group(1).strip(" ."), m.group(2)) for line in lines for m in COMMAND.finditer(line)]
 
 
 def test_every_cli_flag_written_exists():
@@ -212,3 +214,5 @@ def test_the_checker_catches_stale_references():
     assert REPO_PATH.match("orthoopt/objectives/fake_quant.py") and not (ROOT / "orthoopt/objectives/fake_quant.py").exists()
     assert commands("run `orthoopt rotate --model m --no-such-flag`") == [("rotate", " --model m --no-such-flag")]
     assert "--no-such-flag" not in cli_flags()["rotate"] and "--streamed" in cli_flags()["rotate"]
+    assert commands("```\ntorchrun -m orthoopt.distributed_rotate m --steps 3 # --x\n```\n") == \
+        [("distributed_rotate", " m --steps 3 ")]
