@@ -561,7 +561,8 @@ def test_a_damaged_config_json_is_a_clean_error_naming_it(command, tiny, text, t
 def test_every_test_named_in_the_guarantees_page_exists():
     page = (ROOT / "docs" / "guarantees.md").read_text(encoding="utf-8")
     named = set(re.findall(r"`(test_\w+)`", page))
-    defined = set(re.findall(r"^def (test_\w+)", Path(__file__).read_text(encoding="utf-8"), re.M))
+    defined = {name for f in (ROOT / "tests").glob("test_*.py")  # most live here; a few in other test files
+               for name in re.findall(r"^def (test_\w+)", f.read_text(encoding="utf-8"), re.M)}
     assert len(named) >= 20
     assert named <= defined, sorted(named - defined)
 
