@@ -18,9 +18,12 @@ from typing import Any
 import torch
 
 FIXED_METHODS = {"identity": "identity", "random": "random", "hadamard": "hadamard"}
-LEARNED_METHODS = {"optrot": "cayley-lbfgs", "optrot+": "cayley-lbfgs", "kurtosis": "radam", "dfrot": "procrustes",
-                   "spinquant": "cayley-sgd"}
-"""Learned methods and their default solvers."""
+LEARNED_METHODS = {"optrot": "cayley-lbfgs", "optrot+": "cayley-lbfgs", "kurtosis": "cayley-lbfgs",
+                   "dfrot": "procrustes", "spinquant": "cayley-sgd"}
+"""Learned methods and their default solvers (measured per method: docs/solvers.md, "Defaults per method")."""
+DEFAULT_STEPS = {"optrot": 150, "optrot+": 100, "kurtosis": 150, "dfrot": 100, "spinquant": 100}
+"""Default solver steps per phase of each learned method: the budget in which its default solver gets within
+1% of the best loss found (docs/solvers.md, ``benchmarks/method_convergence.py``). Other methods: 100."""
 DATA_METHODS = ("optrot+", "kurtosis", "dfrot", "spinquant")
 JOINT_METHODS = ("spinquant",)
 """Methods that learn all selected rotations in one solve (their objective is not a sum over phases)."""
@@ -51,7 +54,8 @@ class RotateConfig:
     method:            one of :data:`METHODS` (``docs/objectives.md``).
     rotations:         subset of ``("R1", "R2")``, kept in that order.
     solver:            solver name (``orthoopt.solvers.SOLVERS``); None: the method's default.
-    steps:             solver steps per phase: an int, or ``{phase: steps}`` (a phase missing takes 0).
+    steps:             solver steps per phase: an int, or ``{phase: steps}`` (a phase missing takes 0);
+                       None (default): the method's budget, :data:`DEFAULT_STEPS`.
     lr:                solver step size; None: the solver's default (spinquant: 1.5).
     seed:              seeds the random Hadamard start, fixed rotations, sampling and calibration.
     dtype:             dtype the rotations are learned in (``"float32"`` or ``"float64"``).
@@ -71,7 +75,7 @@ class RotateConfig:
     method: str = "optrot"
     rotations: tuple[str, ...] = PHASES
     solver: str | None = None
-    steps: Any = 100
+    steps: Any = None
     lr: float | None = None
     seed: int = 0
     dtype: Any = "float32"
@@ -106,7 +110,7 @@ class RotateConfig:
             put(name, s)
         if self.device is not None:
             put("device", str(self.device))
-        steps = self.steps
+        steps = DEFAULT_STEPS.get(self.method, 100) if self.steps is None else self.steps
         if isinstance(steps, Mapping):
             steps = {str(k): v for k, v in steps.items()}
         put("steps", steps)

@@ -1,6 +1,6 @@
 """``python -m orthoopt.distributed_rotate``: streamed OptRot over several processes (``torchrun``).
 
-    torchrun --nproc_per_node 4 -m orthoopt.distributed_rotate MODEL_DIR --out OUT_DIR [--steps 100]
+    torchrun --nproc_per_node 4 -m orthoopt.distributed_rotate MODEL_DIR --out OUT_DIR [--steps 150]
 
 The same :class:`~orthoopt.config.RotateConfig` and phase loop as ``orthoopt rotate --streamed``
 (:func:`orthoopt.pipeline.rotate_streamed`). Each rank reads only its share of the layers; the R1
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (written by rank 0)")
     p.add_argument("--rotations", default="R1,R2", help="comma-separated subset of R1,R2")
     p.add_argument("--solver", default=None, help="default: cayley-lbfgs")
-    p.add_argument("--steps", type=int, default=100, help="solver steps per rotation phase")
+    p.add_argument("--steps", type=int, default=None, help="solver steps per rotation phase; default optrot's budget (150)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the learned rotations")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from orthoopt.adapters.sources import PLANTED_CONFIG, input_location
-from orthoopt.config import DATA_METHODS, DTYPES, METHODS, PHASES, RotateConfig
+from orthoopt.config import DATA_METHODS, DEFAULT_STEPS, DTYPES, METHODS, PHASES, RotateConfig
 from orthoopt.pipeline import rotate_model, rotate_streamed
 from orthoopt.solvers import SOLVERS
 from orthoopt.utils.checks import check_device
@@ -50,7 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rotations", default="R1,R2", help="comma-separated subset of R1,R2 (default: both)")
     p.add_argument("--solver", choices=tuple(SOLVERS), default=None,
                    help="default: the method's (docs/solvers.md)")
-    p.add_argument("--steps", type=int, default=100, help="solver steps per rotation phase")
+    p.add_argument("--steps", type=int, default=None,
+                   help="solver steps per rotation phase; default the method's budget (optrot 150, kurtosis 150, "
+                        "others 100: docs/solvers.md)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--calib", default=None, help="calibration text file (optrot+, kurtosis, dfrot)")
     p.add_argument("--calib-tokens", type=int, default=2048)
@@ -108,7 +110,7 @@ def config_from_args(args: argparse.Namespace) -> RotateConfig:
     phases = [s.strip() for s in args.rotations.split(",") if s.strip()]
     if not phases or set(phases) - set(PHASES):
         raise ValueError(f"--rotations must name a subset of {','.join(PHASES)}, got {args.rotations!r}")
-    if args.steps < 0:
+    if args.steps is not None and args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
     if args.method in DATA_METHODS and (args.calib_tokens < 1 or args.calib_seq_len < 1):
         raise ValueError(f"--calib-tokens and --calib-seq-len must be >= 1, got {args.calib_tokens} and "
@@ -126,7 +128,7 @@ def config_from_args(args: argparse.Namespace) -> RotateConfig:
             wbits=args.wbits, act=ActQuantConfig(bits=args.abits, symmetric=not args.act_asym,
                                                  online_hadamard=args.online_hadamard),
             kv=KVQuantConfig(bits=args.kvbits, r3=args.r3)), "batch_size": args.batch_size,
-            "schedule_steps": args.steps}
+            "schedule_steps": args.steps if args.steps is not None else DEFAULT_STEPS["spinquant"]}
     return RotateConfig(method=args.method, rotations=tuple(phases), solver=args.solver, steps=args.steps,
                         lr=args.lr, seed=args.seed, dtype=args.dtype, device=args.device,
                         include_embeddings=args.include_embeddings, sample_fraction=args.sample_fraction,
