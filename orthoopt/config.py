@@ -21,7 +21,7 @@ FIXED_METHODS = {"identity": "identity", "random": "random", "hadamard": "hadama
 LEARNED_METHODS = {"optrot": "cayley-lbfgs", "optrot+": "cayley-lbfgs", "kurtosis": "cayley-lbfgs",
                    "dfrot": "procrustes", "spinquant": "cayley-sgd"}
 """Learned methods and their default solvers (measured per method: docs/solvers.md, "Defaults per method")."""
-DEFAULT_STEPS = {"optrot": 150, "optrot+": 100, "kurtosis": 150, "dfrot": 100, "spinquant": 100}
+DEFAULT_STEPS = {"optrot": 150, "optrot+": 100, "kurtosis": 250, "dfrot": 100, "spinquant": 100}
 """Default solver steps per phase of each learned method: the budget in which its default solver gets within
 1% of the best loss found (docs/solvers.md, ``benchmarks/method_convergence.py``). Other methods: 100."""
 DATA_METHODS = ("optrot+", "kurtosis", "dfrot", "spinquant")

@@ -51,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--solver", choices=tuple(SOLVERS), default=None,
                    help="default: the method's (docs/solvers.md)")
     p.add_argument("--steps", type=int, default=None,
-                   help="solver steps per rotation phase; default the method's budget (optrot 150, kurtosis 150, "
+                   help="solver steps per rotation phase; default the method's budget (optrot 150, kurtosis 250, "
                         "others 100: docs/solvers.md)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--calib", default=None, help="calibration text file (optrot+, kurtosis, dfrot)")
