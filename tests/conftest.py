@@ -3,3 +3,4 @@
 import torch
 
 torch.set_num_threads(1)
+

@@ -25,6 +25,8 @@ from orthoopt.adapters.archs import ARCHS, effective_scale
 from orthoopt.streaming import DecoderLayout, FusedReader, SafetensorsCheckpoint
 from orthoopt.streaming.layer_rotation import apply_r1, apply_r2, r2_blocks
 
+from helpers import assert_streamed_r1_blocks_match
+
 BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
@@ -227,13 +229,7 @@ def test_streamed_layer_functions_match_the_adapter(model_type, tmp_path):
     reader = FusedReader(ckpt, layout)
     adapter = DecoderAdapter(model)
     adapter.fuse_norms()
-    blocks = adapter.weight_blocks("R1")
-    assert layout.r1_blocks(reader.untie) == [(b.name, b.side) for b in blocks]
-    pieces: dict[str, list[torch.Tensor]] = {}
-    for name, rows in reader.r1_pieces():
-        pieces.setdefault(name, []).append(rows)
-    for b in blocks:
-        assert torch.equal(torch.cat(pieces[b.name]), b.as_rows()), b.name
+    assert_streamed_r1_blocks_match(reader, layout, adapter)
     rots = rotations(adapter, 6)
     t = reader.layer(1)
     apply_r1(t, layout, 1, rots["R1"])

@@ -22,6 +22,8 @@ from orthoopt.streaming import (
 from orthoopt.streaming.checkpoint import INDEX_FILE
 from orthoopt.streaming.layer_rotation import r2_blocks
 
+from helpers import assert_streamed_r1_blocks_match
+
 STEPS = 5
 TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 96}
 CASES = {
@@ -119,13 +121,8 @@ def test_streamed_objective_matches_in_memory_blocks_and_numbers(saved):
     reader = FusedReader(ckpt, layout, rows_per_read=100)  # embedding read in 3 slices of its 259 rows
     adapter = DecoderAdapter(load_model(src))
     adapter.fuse_norms()
+    assert_streamed_r1_blocks_match(reader, layout, adapter)
     blocks = adapter.weight_blocks("R1")
-    assert layout.r1_blocks(reader.untie) == [(b.name, b.side) for b in blocks]
-    pieces: dict[str, list[torch.Tensor]] = {}
-    for name, rows in reader.r1_pieces():
-        pieces.setdefault(name, []).append(rows)
-    for b in blocks:
-        assert torch.equal(torch.cat(pieces[b.name]), b.as_rows())
     R = {"R1": torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(1)))[0]}
     for chunk_rows in (None, 50):
         v_mem, g_mem = FourthPower(blocks, chunk_rows=chunk_rows).value_and_grad(R)

@@ -1,0 +1,14 @@
+"""Assertions shared by several test modules (imported as ``helpers``: pytest puts tests/ on sys.path)."""
+
+import torch
+
+
+def assert_streamed_r1_blocks_match(reader, layout, adapter) -> None:
+    """The streamed reader yields, block by block and in order, exactly the fused adapter's R1 rows."""
+    blocks = adapter.weight_blocks("R1")
+    assert layout.r1_blocks(reader.untie) == [(b.name, b.side) for b in blocks]
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for name, rows in reader.r1_pieces():
+        pieces.setdefault(name, []).append(rows)
+    for b in blocks:
+        assert torch.equal(torch.cat(pieces[b.name]), b.as_rows()), b.name
