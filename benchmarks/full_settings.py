@@ -63,6 +63,7 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--gptq-windows", type=int, default=32)
     ap.add_argument("--optrot-steps", type=int, default=100)
+    ap.add_argument("--optrot-solver", default=None, help="OptRot's solver (default: the method's default)")
     ap.add_argument("--spin-steps", type=int, default=30)
     ap.add_argument("--spin-windows", type=int, default=30, help="calibration windows SpinQuant cycles through")
     ap.add_argument("--spin-batch", type=int, default=1)
@@ -89,7 +90,7 @@ def main() -> int:
             model = load_model(args.model)
             kw = {}
             if method == "optrot":
-                kw = {"steps": args.optrot_steps}
+                kw = {"steps": args.optrot_steps, "solver": args.optrot_solver}
             elif method == "spinquant":
                 kw = {"steps": args.spin_steps, "calib": spin_calib, "batch_size": args.spin_batch,
                       "sim_quant": SimQuantConfig(wbits=4, act=ActQuantConfig(bits=4, symmetric=False,
