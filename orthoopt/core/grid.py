@@ -36,6 +36,13 @@ import torch
 MIN_BITS, MAX_BITS = 2, 8
 
 
+def check_bits_or_off(bits: object, what: str) -> None:
+    """Raise ValueError unless ``bits`` is 16 (quantization off) or an int in ``[MIN_BITS, MAX_BITS]``;
+    ``what`` names the setting (``"weight"``, ``"activation"``, ``"KV-cache"``)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not (bits == 16 or MIN_BITS <= bits <= MAX_BITS):
+        raise ValueError(f"{what} bits must be 16 (off) or in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How to quantize: bit width, grid type, grouping and clipping.

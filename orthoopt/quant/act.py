@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from orthoopt.adapters.archs import ARCHS, locate
+from orthoopt.core.grid import check_bits_or_off
 from orthoopt.hadamard import hadamard_matrix, hadamard_plan, hadamard_transform
-from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS, QuantSpec, quantize_rows
+from orthoopt.quant.quantizer import QuantSpec, quantize_rows
 
 LINEAR_ROLES = ARCHS["llama"].roles
 """Llama's decoder-layer linears (kept for callers); every function here reads the model's own table
@@ -60,10 +61,7 @@ class ActQuantConfig:
     online_hadamard: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not (
-            self.bits == 16 or MIN_BITS <= self.bits <= MAX_BITS
-        ):
-            raise ValueError(f"activation bits must be 16 (off) or in [{MIN_BITS}, {MAX_BITS}], got {self.bits!r}")
+        check_bits_or_off(self.bits, "activation")
         if not 0.0 < self.clip_ratio <= 1.0:
             raise ValueError(f"activation clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
 

@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from orthoopt.adapters.archs import locate
-from orthoopt.core.grid import straight_through
+from orthoopt.core.grid import check_bits_or_off, straight_through
 from orthoopt.hadamard import hadamard_plan, hadamard_transform
-from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS, QuantSpec, quantize_rows
+from orthoopt.quant.quantizer import QuantSpec, quantize_rows
 
 WRAPPER_PREFIX = "orthoopt_kv_"
 _STATE_ATTR = "_orthoopt_kv"
@@ -65,10 +65,7 @@ class KVQuantConfig:
     r3: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not (
-            self.bits == 16 or MIN_BITS <= self.bits <= MAX_BITS
-        ):
-            raise ValueError(f"KV-cache bits must be 16 (off) or in [{MIN_BITS}, {MAX_BITS}], got {self.bits!r}")
+        check_bits_or_off(self.bits, "KV-cache")
         if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
                                             or self.group_size < 1):
             raise ValueError(f"KV-cache group_size must be a positive integer or None, got {self.group_size!r}")

@@ -21,6 +21,7 @@ from torch import nn
 
 from orthoopt.adapters.archs import ARCHS, locate
 from orthoopt.adapters.io import load_model, load_tokenizer
+from orthoopt.core.grid import check_bits_or_off
 from orthoopt.quant.act import (
     ActQuantConfig,
     _r4_linears,
@@ -30,7 +31,7 @@ from orthoopt.quant.act import (
     rotate_down_proj_weights,
 )
 from orthoopt.quant.kv import KVQuantConfig, install_kv_quant, r3_size
-from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS, QuantSpec, WeightQuantParams
+from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams
 from orthoopt.quant.rtn import quantize_rtn_params
 from orthoopt.quant.sequential import check_calib, gptq_quantize_model
 from orthoopt.utils.atomic import atomic_dir
@@ -63,11 +64,6 @@ class QuantResult:
     losses: dict[str, float]
     params: dict[str, WeightQuantParams] = field(default_factory=dict)
     spec: QuantSpec | None = None
-
-
-def _check_wbits(wbits: int) -> None:
-    if isinstance(wbits, bool) or not isinstance(wbits, int) or not (wbits == 16 or MIN_BITS <= wbits <= MAX_BITS):
-        raise ValueError(f"weight bits must be 16 (off) or in [{MIN_BITS}, {MAX_BITS}], got {wbits!r}")
 
 
 @torch.no_grad()
@@ -104,7 +100,7 @@ def quantize_model(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    _check_wbits(wbits)
+    check_bits_or_off(wbits, "weight")
     check_model_weights(model)  # no meta tensors, no NaN/inf weights (they would be written as they are)
     act = act if act is not None else ActQuantConfig()
     kv = kv if kv is not None else KVQuantConfig()

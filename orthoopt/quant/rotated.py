@@ -39,11 +39,11 @@ from torch.func import functional_call
 
 from orthoopt.adapters.decoder import DecoderAdapter
 from orthoopt.adapters.writeback import layer_params, rotate_layer
+from orthoopt.core.grid import check_bits_or_off, straight_through
 from orthoopt.hadamard import hadamard_transform
 from orthoopt.quant.act import ActQuantConfig, _intermediate_size, _r4_linears, install_act_quant
-from orthoopt.core.grid import straight_through
 from orthoopt.quant.kv import KVQuantConfig, install_kv_quant
-from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS, QuantSpec, quantize_rows
+from orthoopt.quant.quantizer import QuantSpec, quantize_rows
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,7 @@ class SimQuantConfig:
     kv: KVQuantConfig = field(default_factory=KVQuantConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.wbits, bool) or not isinstance(self.wbits, int) or not (
-            self.wbits == 16 or MIN_BITS <= self.wbits <= MAX_BITS
-        ):
-            raise ValueError(f"weight bits must be 16 (off) or in [{MIN_BITS}, {MAX_BITS}], got {self.wbits!r}")
+        check_bits_or_off(self.wbits, "weight")
         if self.wbits < 16:  # validates the group size
             QuantSpec(bits=self.wbits, symmetric=self.w_sym, group_size=self.w_group_size, mse=self.w_mse)
 
