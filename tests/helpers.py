@@ -12,3 +12,28 @@ def assert_streamed_r1_blocks_match(reader, layout, adapter) -> None:
         pieces.setdefault(name, []).append(rows)
     for b in blocks:
         assert torch.equal(torch.cat(pieces[b.name]), b.as_rows()), b.name
+
+
+def main_interrupted_at(phase: str, step: int, argv: list[str]) -> None:
+    """Run ``orthoopt ARGV`` in-process with a KeyboardInterrupt raised from the pipeline's callback at
+    ``(phase, step)`` (a Ctrl-C mid-solve), and check that it propagates."""
+    import pytest
+
+    import orthoopt.cli.rotate_cmd as cmd
+    from orthoopt.cli import main
+
+    real = cmd.rotate_model
+
+    def interrupted(*a, callback=None, **kw):
+        def cb(p, s, loss, rots):
+            if p == phase and s == step:
+                raise KeyboardInterrupt
+
+        return real(*a, callback=cb, **kw)
+
+    cmd.rotate_model = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(argv)
+    finally:
+        cmd.rotate_model = real

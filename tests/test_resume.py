@@ -24,6 +24,8 @@ from orthoopt.objectives import FourthPower, WeightBlock
 from orthoopt.pipeline import rotate_model, rotate_streamed
 from orthoopt.solvers import SOLVERS, initial_rotations, make_solver
 
+from helpers import main_interrupted_at
+
 SMALL = dict(arch="llama", hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2, seed=5)
 
 
@@ -319,25 +321,9 @@ def test_resume_refuses_a_partial_checkpoint_of_another_run(tmp_path, change, na
 def test_cli_resume_refusals_exit_2_and_name_the_difference(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     partial = out.with_name(out.name + ".partial.safetensors")
-    model = planted_outlier_model(**SMALL)
-    # the checkpoint of an interrupted CLI-equivalent run (same defaults as `orthoopt rotate`)
-    import orthoopt.cli.rotate_cmd as cmd
-
-    real = cmd.rotate_model
-
-    def interrupted(*a, callback=None, **kw):
-        def cb(phase, step, loss, rots):
-            if phase == "R1" and step == 4:
-                raise KeyboardInterrupt
-        return real(*a, callback=cb, **kw)
-
+    # the checkpoint of an interrupted CLI run
     args = ["rotate", str(model_dir), "--out", str(out), "--steps", "8", "--checkpoint-every", "2", "--quiet"]
-    cmd.rotate_model = interrupted
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            main(args)
-    finally:
-        cmd.rotate_model = real
+    main_interrupted_at("R1", 4, args)
     assert partial.is_file()
     capsys.readouterr()
     for change, word in ((["--method", "random"], "method"), (["--solver", "radam"], "solver"), (["--seed", "3"], "seed"), (["--steps", "12"], "steps")):
@@ -352,7 +338,6 @@ def test_cli_resume_refusals_exit_2_and_name_the_difference(model_dir, tmp_path,
     partial.write_bytes(b"garbage")
     assert main([*args, "--resume"]) == 2
     assert "cannot read the partial checkpoint" in capsys.readouterr().err
-    del model
 
 
 @pytest.mark.parametrize("name", sorted(set(SOLVERS) - {"procrustes"}))

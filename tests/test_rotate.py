@@ -16,6 +16,8 @@ from orthoopt.cli import main
 from orthoopt.manifold import orthogonality_error
 from orthoopt.pipeline import METHODS, rotate_model
 
+from helpers import main_interrupted_at
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WIKI = SHARED / "data" / "wikitext2-test.txt"
 TINY = dict(arch="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, seed=3)
@@ -101,23 +103,10 @@ def test_float64_rotation_is_exact_to_norm_precision(model_dir):
     assert all(loss["reorthogonalizations"] == 0 for loss in result.report["loss"].values())
 
 
-def test_interrupted_run_leaves_no_output_and_resumes(model_dir, tmp_path, monkeypatch, capsys):
-    import orthoopt.cli.rotate_cmd as cmd
-
+def test_interrupted_run_leaves_no_output_and_resumes(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    real = cmd.rotate_model
-
-    def interrupted(*a, callback=None, **kw):
-        def cb(phase, step, loss, rots):
-            if phase == "R2" and step == 5:
-                raise KeyboardInterrupt
-
-        return real(*a, callback=cb, **kw)
-
-    monkeypatch.setattr(cmd, "rotate_model", interrupted)
     args = [str(model_dir), "--out", str(out), "--steps", "10", "--checkpoint-every", "3", "--quiet", "--json"]
-    with pytest.raises(KeyboardInterrupt):
-        main(["rotate", *args])
+    main_interrupted_at("R2", 5, ["rotate", *args])
     assert not out.exists()  # nothing half-written
     partial = tmp_path / "run.partial.safetensors"
     assert partial.is_file()
@@ -125,7 +114,6 @@ def test_interrupted_run_leaves_no_output_and_resumes(model_dir, tmp_path, monke
     assert {"done.R1", "solver.R.R2.0", "solver.R.R2.1"} <= set(saved)
     assert saved["done.R1"].dtype == torch.float64  # the finished R1 exactly as fused
 
-    monkeypatch.setattr(cmd, "rotate_model", real)
     assert main(["rotate", *args, "--resume"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["resumed"]["phase"] == "R2" and report["resumed"]["steps_done"] == 6
