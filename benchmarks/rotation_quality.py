@@ -17,8 +17,8 @@ real checkpoint in ``../shared/models`` if there is one (``--model-dir``), else 
 planted-outlier Llama trained briefly on the calibration half of the text (``_models.py``; cached in
 ``benchmarks/.cache``). Text: the first half of ``--text`` (default ``../shared/data/wikitext2-test.txt``)
 trains the fallback model and calibrates (optrot+, kurtosis, dfrot, GPTQ); the second half is only
-evaluated. Every learned method gets the same number of solver steps per phase with its solver's
-defaults (``docs/solvers.md``) and starts from the same random Hadamard matrix as the ``hadamard``
+evaluated. Every learned method runs its default solver for its default budget of steps per phase
+(``orthoopt.config.DEFAULT_STEPS``, ``docs/solvers.md``; ``--steps`` gives all the same count) and starts from the same random Hadamard matrix as the ``hadamard``
 row. W4 GPTQ is repeated with GPTQ calibration windows of other seeds (``--seeds``) to show how large
 a difference the calibration sample alone makes. The report goes to ``docs/results.md`` (atomically)
 with the command, date, code version, machine and load. Runs on one torch thread by default
@@ -46,6 +46,7 @@ from orthoopt.adapters.registry import cached_model
 from orthoopt.adapters.sources import resolve_source
 from orthoopt.adapters.verify import logits
 from orthoopt.eval import perplexity
+from orthoopt.config import DEFAULT_STEPS
 from orthoopt.pipeline import LEARNED_METHODS, METHODS, rotate_model
 from orthoopt.quant import ActQuantConfig, quantize_model
 from orthoopt.utils.atomic import atomic_file
@@ -90,7 +91,7 @@ class Settings:
     planted: PlantedLMSpec
     text: Path
     methods: tuple[str, ...]
-    steps: int                      # solver steps per phase (R1, R2) of every learned method
+    steps: int | None               # solver steps per phase (R1, R2) of every learned method; None: each one's default
     seq_len: int                    # window length: calibration, GPTQ and evaluation
     calib_samples: int              # calibration windows (rotation data + GPTQ)
     calib_tokens: int               # activation rows for kurtosis / dfrot (rotate_model's calib_tokens)
@@ -252,7 +253,8 @@ def ordering_check(rows: dict[str, MethodResult]) -> list[str]:
 def settings_section(settings: Settings, prepared: PreparedModel, split, n_eval: int) -> list[str]:
     s = settings
     windows = min(s.eval_tokens, n_eval) // s.seq_len
-    learned = ", ".join(f"{m} {LEARNED_METHODS[m]}" for m in s.methods if m in LEARNED_METHODS)
+    learned = ", ".join(f"{m} {LEARNED_METHODS[m]} {DEFAULT_STEPS[m] if s.steps is None else s.steps} steps"
+                        for m in s.methods if m in LEARNED_METHODS)
     out = ["## Settings", "", f"- model: {prepared.description}"]
     if prepared.source == "planted":
         info, tr = prepared.info, prepared.info["train"]
@@ -273,7 +275,7 @@ def settings_section(settings: Settings, prepared: PreparedModel, split, n_eval:
     out += [
         f"- text: {split.describe()}",
         "- rotation s: wall time of `rotate_model` (norm fusion, calibration capture, solve, write-back)",
-        f"- rotations: R1 and R2; learned methods: {s.steps} solver steps per phase, solver defaults ({learned}), "
+        f"- rotations: R1 and R2; learned methods: solver and steps per phase ({learned}), "
         f"start at the random Hadamard matrix; seed {s.seed}",
         f"- calibration: {s.calib_samples} windows x {s.seq_len} tokens = {s.calib_samples * s.seq_len} tokens "
         f"from the first half (optrot+ Hessians, GPTQ); kurtosis/dfrot use {s.calib_tokens} activation rows "
@@ -392,7 +394,7 @@ def write_results(path: Path, body: str, command: str, header: list[str]) -> Non
 
 
 # -------------------------------------------------------------------------------------------- CLI
-FULL = {"hidden": 256, "layers": 4, "heads": 4, "train_steps": 300, "steps": 150, "eval_tokens": 65536,
+FULL = {"hidden": 256, "layers": 4, "heads": 4, "train_steps": 300, "steps": None, "eval_tokens": 65536,
         "seq_len": 128, "calib_samples": 64, "calib_tokens": 2048, "logit_windows": 8, "seeds": 3}
 QUICK = {"hidden": 64, "layers": 2, "heads": 2, "train_steps": 20, "steps": 3, "eval_tokens": 2048,
          "seq_len": 64, "calib_samples": 8, "calib_tokens": 256, "logit_windows": 2, "seeds": 2}
@@ -420,7 +422,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
              ("--heads", "heads", "planted model attention heads"),
              ("--train-steps", "train_steps", "planted model AdamW steps")]
     for flag, key, text in sizes:
-        p.add_argument(flag, type=int, default=None, help=f"{text} [{FULL[key]}]")
+        p.add_argument(flag, type=int, default=None,
+                       help=f"{text} [{'each method its default' if FULL[key] is None else FULL[key]}]")
     p.add_argument("--seed", type=int, default=0, help="seed of rotations, calibration windows and training [0]")
     p.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="where trained planted models are cached")
     p.add_argument("--results", type=Path, default=None,
@@ -446,7 +449,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         raise ValueError(f"unknown methods {bad}; choose from {', '.join((ORIGINAL, *METHODS))}")
     for k in ("steps", "eval_tokens", "seq_len", "calib_samples", "calib_tokens", "logit_windows", "train_steps",
               "seeds"):
-        if v[k] < (2 if k == "seq_len" else 1):
+        if v[k] is not None and v[k] < (2 if k == "seq_len" else 1):
             raise ValueError(f"--{k.replace('_', '-')} must be positive (seq-len at least 2), got {v[k]}")
     if v["eval_tokens"] < v["seq_len"] * v["logit_windows"]:
         raise ValueError(f"--eval-tokens {v['eval_tokens']} is less than --logit-windows x --seq-len")
