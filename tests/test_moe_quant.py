@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import warnings
 
 import pytest
 import torch
@@ -266,6 +265,12 @@ def test_cli_quantize_moe_a4kv4_then_eval(tmp_path, capsys):
                  "--no-progress"]) == 2
     assert "MoE expert tensors" in capsys.readouterr().err
     assert not (tmp_path / "ct").exists()
+    # rotate --method spinquant (default simulated W4 RTN weights, experts included) with A4/KV4 and R3
+    assert main(["rotate", str(src), "--out", str(tmp_path / "r"), "--method", "spinquant", "--calib", str(text),
+                 "--calib-tokens", "128", "--calib-seq-len", "32", "--steps", "2", "--abits", "4", "--kvbits", "4",
+                 "--r3", "--batch-size", "2", "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sim_quant"]["wbits"] == 4 and report["invariance_error"] < 1e-4
 
 
 @pytest.mark.parametrize("model_type", MOE)
