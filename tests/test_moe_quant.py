@@ -187,6 +187,32 @@ def test_gptq_on_moe_model_beats_rtn_and_records_grids():
     assert err["gptq"] < 0.95 * err["rtn"], err
 
 
+def test_gptq_records_experts_without_calibration_tokens():
+    """A router that never picks expert 3: GPTQ quantizes it by RTN, warns, and quant.json says so."""
+    import types
+
+    model = exact(build("mixtral", torch.float64))
+    for L in DecoderAdapter(model).modules.layers:
+        router = L.projs["router"]
+        inner = router.forward
+
+        def never_3(self, h, inner=inner):
+            logits, v, i = inner(h)
+            masked = logits.clone()
+            masked[:, 3] = -torch.inf
+            top = masked.softmax(-1).topk(self.top_k, dim=-1)
+            return logits, top.values / top.values.sum(-1, keepdim=True), top.indices
+
+        router.forward = types.MethodType(never_3, router)
+    before = model.model.layers[1].mlp.experts.down_proj.detach().clone()
+    with pytest.warns(UserWarning, match="received no calibration token"):
+        r = quantize_model(model, "gptq", wbits=4, calib=ids(4, 16, seed=1), progress=False)
+    assert r.settings["experts_rtn_fallback"] == {f"layers.{i}.mlp.experts.{p}": [3]
+                                                  for i in range(2) for p in ("gate_up_proj", "down_proj")}
+    want = quantize_experts_rtn(before, r.spec)[0][3]
+    assert torch.equal(model.model.layers[1].mlp.experts.down_proj[3], want)
+
+
 def _per_token_reference(module, hidden, idx, weights, spec):
     """The experts' output token by token with per-token A-bit quantization of both expert inputs."""
     from orthoopt.quant.act import quantize_activations

@@ -100,6 +100,11 @@ def quantize_model(
     act_order, percdamp, block_size: GPTQ options (:func:`orthoopt.quant.gptq.gptq_quantize`).
     mse_clip:   per-row MSE search of the clipping ratio (both methods).
 
+    MoE models: every expert's slice of the expert tensors is quantized like a linear (RTN per slice;
+    GPTQ with a Hessian per expert from the tokens routed to it, RTN for an expert no calibration token
+    reaches, listed in ``settings["experts_rtn_fallback"]``); routers stay in full precision
+    (:mod:`orthoopt.quant.experts`).
+
     Order of operations: the weight half of the online Hadamard (``W_down -> W_down @ H``), weight
     quantization (GPTQ calibrates with the activation half of the Hadamard active and activations and
     K/V in full precision, as QuaRot does), then activation hooks, then R3/KV hooks.
