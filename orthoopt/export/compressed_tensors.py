@@ -21,7 +21,9 @@ checks that for every linear before writing.
 Not representable (refused with the reason, :func:`unrepresentable`): activation quantization,
 the online Hadamard before ``down_proj`` (R4), GPTQ act-order *with groups* (its groups are in
 processing order, which needs a per-column group index ``g_idx``; compressed-tensors has removed
-``actorder="group"``), weights left in full precision (nothing to pack).
+``actorder="group"``), weights left in full precision (nothing to pack), MoE expert tensors (transformers
+5's fused ``[experts, out, in]`` parameters are not ``nn.Linear`` modules, which is what a
+compressed-tensors config group targets and packs; see :func:`unrepresentable`).
 """
 
 from __future__ import annotations
@@ -67,6 +69,13 @@ def unrepresentable(settings: dict) -> list[str]:
             "K/V-cache fake quantization and the online R3 Hadamard on queries and keys are orthoopt hooks "
             "around the attention function; a compressed-tensors checkpoint loaded by transformers or vLLM "
             "runs no orthoopt hook; drop --kvbits/--r3 (or use the serving engine's own KV-cache quantization)"
+        )
+    if settings.get("experts"):
+        reasons.append(
+            f"MoE expert tensors ({settings['experts'][0]} ...) are quantized: transformers 5 holds them as fused "
+            "[experts, out, in] parameters of one experts module, not nn.Linear modules, and this exporter "
+            "packs nn.Linear weights (compressed-tensors' targets: [Linear]); their per-expert integer codes have "
+            "no place in the checkpoint; keep the orthoopt format (the default --format) for MoE models"
         )
     gptq = settings.get("gptq") or {}
     if gptq.get("act_order") and settings.get("group_size"):
@@ -157,6 +166,9 @@ def save_compressed_tensors(
     spec = result.spec
     if spec is None or not result.params:
         raise ValueError("the QuantResult has no weight grids (weights were not quantized): nothing to export")
+    experts = sorted(k for k, p in result.params.items() if p.scale.ndim == 3)
+    if experts:  # also when the caller's settings do not list them
+        check_exportable({**settings, "experts": experts})
     ct = _import_ct()
     out_dir = Path(out_dir)
 

@@ -3,7 +3,12 @@
 Every linear of every decoder layer (q/k/v/o, gate/up/down) gets a forward pre-hook that fake-quantizes
 its input per token (one scale per row ``x[..., :]``) with the shared uniform quantizer
 (:mod:`orthoopt.quant.quantizer`). ``lm_head`` reads full-precision activations (as in QuaRot and
-SpinQuant).
+SpinQuant). MoE: both inputs of every expert (the routed hidden states before ``gate_up`` and
+``act(gate) * up`` before ``down``) are quantized per token by a forward wrapper of the fused experts
+module (:func:`orthoopt.quant.experts.install_experts_act_quant`); the routers (``mlp.gate``,
+Qwen2-MoE's ``shared_expert_gate``), which stay full-precision linears (``Proj.quantize=False``), read
+full-precision activations, as the weight-and-activation MoE recipes of llm-compressor/vLLM keep them
+(QuaRot and SpinQuant have no MoE model).
 
 Online Hadamard (R4 in SpinQuant's naming): with ``H = hadamard_matrix(n) / sqrt(n)`` (orthogonal,
 ``n`` = intermediate size), the input of ``down_proj`` becomes ``x @ H`` (before it is quantized) and
@@ -27,6 +32,7 @@ from torch import nn
 from orthoopt.adapters.archs import ARCHS, locate
 from orthoopt.core.grid import check_bits_or_off
 from orthoopt.hadamard import hadamard_matrix, hadamard_plan, hadamard_transform
+from orthoopt.quant.experts import expert_params, install_experts_act_quant
 from orthoopt.quant.quantizer import QuantSpec, quantize_rows
 
 LINEAR_ROLES = ARCHS["llama"].roles
@@ -182,13 +188,19 @@ class _InputHook:
         if self.rotate:
             x = hadamard_transform(x)
         if self.spec is not None:
-            q = quantize_activations(x.detach(), self.spec)
-            x = x + (q - x).detach() if torch.is_grad_enabled() and x.requires_grad else q
+            x = _quantize_ste(x, self.spec)
         return (x, *args[1:])
 
 
+def _quantize_ste(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Per-token fake quantization of ``x``, straight-through under autograd."""
+    q = quantize_activations(x.detach(), spec)
+    return x + (q - x).detach() if torch.is_grad_enabled() and x.requires_grad else q
+
+
 def install_act_quant(model: nn.Module, config: ActQuantConfig) -> ActQuantHooks:
-    """Install activation fake-quant (and the activation half of R4) on every decoder-layer linear.
+    """Install activation fake-quant (and the activation half of R4) on every decoder-layer linear
+    and, on MoE models, on both inputs of every expert (module docstring).
 
     With ``config.online_hadamard`` the ``down_proj`` hook computes ``quantize(x @ H)``; the weights
     must already be rotated (:func:`rotate_down_proj_weights`), otherwise the model's function
@@ -205,4 +217,12 @@ def install_act_quant(model: nn.Module, config: ActQuantConfig) -> ActQuantHooks
             if not rotate and spec is None:
                 continue
             handles.append(lin.register_forward_pre_hook(_InputHook(rotate, spec)))
+        experts = {id(mod): (mod, L.names[role]) for role, (mod, _) in expert_params(m.spec, L).items()}
+        for module, name in experts.values() if spec is not None else ():
+            try:
+                handles.append(install_experts_act_quant(module, lambda x, s=spec: _quantize_ste(x, s), name))
+            except ValueError:
+                for h in handles:
+                    h.remove()
+                raise
     return ActQuantHooks(config, handles)

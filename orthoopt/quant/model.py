@@ -1,7 +1,9 @@
 """Quantize a whole Hugging Face decoder, save it with ``quant.json``, load it back.
 
-Only the linears of the decoder layers (q/k/v/o, gate/up/down) are quantized; the token embedding and
-``lm_head`` stay in full precision, as in GPTQ, QuaRot and SpinQuant. Weights are *fake*-quantized:
+Only the linears of the decoder layers (q/k/v/o, gate/up/down) and, on MoE models, the expert tensors
+(every expert's ``[out, in]`` slice of ``mlp.experts.gate_up_proj`` / ``down_proj``, as its own linear:
+:mod:`orthoopt.quant.experts`) are quantized; the token embedding, ``lm_head`` and the MoE routers stay
+in full precision, as in GPTQ, QuaRot and SpinQuant (``ArchSpec.full_precision``). Weights are *fake*-quantized:
 the checkpoint stores the dequantized floats (a normal ``save_pretrained`` folder), and ``quant.json``
 records the settings, including activation quantization, which :func:`load_quantized` re-installs
 as forward pre-hooks (:mod:`orthoopt.quant.act`), and the online R3 / K-V cache quantization, which it
@@ -30,6 +32,7 @@ from orthoopt.quant.act import (
     install_act_quant,
     rotate_down_proj_weights,
 )
+from orthoopt.quant.experts import check_experts_module, expert_params, quantize_experts_rtn, quantized_expert_tensors
 from orthoopt.quant.kv import KVQuantConfig, install_kv_quant, r3_size
 from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams
 from orthoopt.quant.rtn import quantize_rtn_params
@@ -54,8 +57,11 @@ class QuantResult:
               quantized online and there is no online Hadamard); ``hooks.remove()`` takes them out.
     losses:   GPTQ's loss estimate per linear (empty for RTN).
     params:   the grid of every quantized linear, keyed by its full module name
-              (``"model.layers.0.self_attn.q_proj"``); empty when weights are not quantized. Exporters
-              that store integer codes (:mod:`orthoopt.export`) read it.
+              (``"model.layers.0.self_attn.q_proj"``), and of every MoE expert tensor, keyed by its full
+              parameter name (``"model.layers.0.mlp.experts.gate_up_proj"``) with a leading expert
+              dimension (``scale``/``zero`` ``[experts, out, groups]``, ``group_index`` ``[experts, in]``);
+              empty when weights are not quantized. Exporters that store integer codes
+              (:mod:`orthoopt.export`) read it.
     spec:     the weight quantizer (None when weights are not quantized).
     """
 
@@ -94,6 +100,11 @@ def quantize_model(
     act_order, percdamp, block_size: GPTQ options (:func:`orthoopt.quant.gptq.gptq_quantize`).
     mse_clip:   per-row MSE search of the clipping ratio (both methods).
 
+    MoE models: every expert's slice of the expert tensors is quantized like a linear (RTN per slice;
+    GPTQ with a Hessian per expert from the tokens routed to it, RTN for an expert no calibration token
+    reaches, listed in ``settings["experts_rtn_fallback"]``); routers stay in full precision
+    (:mod:`orthoopt.quant.experts`).
+
     Order of operations: the weight half of the online Hadamard (``W_down -> W_down @ H``), weight
     quantization (GPTQ calibrates with the activation half of the Hadamard active and activations and
     K/V in full precision, as QuaRot does), then activation hooks, then R3/KV hooks.
@@ -114,10 +125,10 @@ def quantize_model(
             if percdamp < 0 or block_size < 1:
                 raise ValueError(f"GPTQ needs percdamp >= 0 and block_size >= 1, got {percdamp}, {block_size}")
     located = locate(model)  # raises for an unsupported architecture before anything changes
-    experts = [L.names[r] for L in located.layers for r in L.projs if located.spec.proj(r).experts]
-    if spec is not None and experts:
-        raise ValueError(f"weight quantization of MoE expert tensors ({experts[0]} ...) is not implemented: "
-                         "the quantizers handle nn.Linear weights only")
+    expert_tensors = {n: t for L in located.layers for n, t in quantized_expert_tensors(located.spec, L).items()}
+    for L in located.layers if spec is not None or act.enabled else ():
+        for role, (mod, _) in expert_params(located.spec, L).items():
+            check_experts_module(mod, L.names[role])
     if kv.r3:
         r3_size(model)  # head_dim without a Hadamard matrix: fail before anything changes
     if kv.group_size is not None and located.head_dim % kv.group_size:
@@ -129,27 +140,37 @@ def quantize_model(
                     raise ValueError(
                         f"group_size {group_size} does not divide {L.names[role]}'s {lin.in_features} input columns"
                     )
+        for name, t in expert_tensors.items():
+            if t.shape[-1] % group_size:
+                raise ValueError(f"group_size {group_size} does not divide {name}'s {t.shape[-1]} input columns")
 
     start = time.perf_counter()
     hadamard = rotate_down_proj_weights(model) if act.online_hadamard else None
     losses: dict[str, float] = {}
     full_name = {id(m): n for n, m in model.named_modules()}
     params: dict[str, WeightQuantParams] = {}
+    rtn_experts: dict[str, list[int]] = {}
+    prefix = located.spec.decoder + "."
     if spec is not None and method == "rtn":
         for L in located.layers:
             for lin in L.quant_linears(located.spec).values():
                 q, params[full_name[id(lin)]] = quantize_rtn_params(lin.weight, spec)
                 lin.weight.copy_(q)
+            for name, t in quantized_expert_tensors(located.spec, L).items():
+                q, params[prefix + name] = quantize_experts_rtn(t, spec)
+                t.copy_(q)
     elif spec is not None:
         by_decoder_name: dict[str, WeightQuantParams] = {}
         with install_act_quant(model, ActQuantConfig(online_hadamard=act.online_hadamard)):
             losses = gptq_quantize_model(
                 model, calib, spec, act_order=act_order, percdamp=percdamp, block_size=block_size, progress=progress,
-                params=by_decoder_name,
+                params=by_decoder_name, rtn_experts=rtn_experts,
             )
         for L in located.layers:
             for role, lin in L.quant_linears(located.spec).items():
                 params[full_name[id(lin)]] = by_decoder_name[L.names[role]]
+            for name in quantized_expert_tensors(located.spec, L):
+                params[prefix + name] = by_decoder_name[name]
     hooks = install_act_quant(model, act)
     if kv.active:
         hooks.add(install_kv_quant(model, kv))
@@ -173,6 +194,8 @@ def quantize_model(
             else None
         ),
         "full_precision": list(located.spec.full_precision),
+        "experts": sorted(expert_tensors) if spec is not None else [],
+        "experts_rtn_fallback": {k: v for k, v in rtn_experts.items() if v} or None,
         "seconds": round(time.perf_counter() - start, 3),
     }
     return QuantResult(settings, hooks, losses, params, spec)

@@ -33,6 +33,9 @@ class WeightQuantParams:
     scale, zero: ``[out, groups]``; column ``j`` of ``W`` uses ``scale[:, group_index[j]]`` and
                  ``zero[:, group_index[j]]`` (with GPTQ act-order, group ``k`` is in processing order).
     group_index: ``[in]`` long tensor.
+
+    MoE expert tensors ``W`` (``[experts, out, in]``) carry a leading expert dimension on all three
+    (``[experts, out, groups]``, ``[experts, in]``): slice ``e`` is the grid of ``W[e]``.
     """
 
     scale: torch.Tensor
@@ -41,7 +44,11 @@ class WeightQuantParams:
 
     def codes(self, weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         """Integer codes ``q`` (``[out, in]`` long, in ``[spec.qmin, spec.qmax]``) of a weight on this grid:
-        for the fake-quantized weight ``scale * (q - zero)`` they are exactly the ``q`` it came from."""
+        for the fake-quantized weight ``scale * (q - zero)`` they are exactly the ``q`` it came from.
+        Expert tensors: ``[experts, out, in]``, slice by slice."""
+        if self.scale.ndim == 3:
+            return torch.stack([WeightQuantParams(s, z, g).codes(w, spec)
+                                for s, z, g, w in zip(self.scale, self.zero, self.group_index, weight)])
         scale = self.scale[:, self.group_index].to(torch.float64)
         zero = self.zero[:, self.group_index].to(torch.float64)
         q = torch.round(weight.to(torch.float64) / scale) + zero

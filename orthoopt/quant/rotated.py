@@ -15,7 +15,9 @@ What one call does (norms must be fused, :meth:`orthoopt.adapters.DecoderAdapter
   ``W @ R1``; v ``blockdiag(R2).T @ W @ R1``, bias ``b @ blockdiag(R2)``; o ``R1.T @ W @ blockdiag(R2)``;
   down ``R1.T @ W``, ``@ H`` too with the online R4 Hadamard; o/down biases ``b @ R1``);
 * then the rotated weights are RTN fake-quantized (``wbits < 16``) with a straight-through estimator
-  (forward value quantized, gradient of the identity), as in SpinQuant's training;
+  (forward value quantized, gradient of the identity), as in SpinQuant's training; MoE expert tensors
+  ``[experts, out, in]`` per row of every expert's slice (the grid of
+  :func:`orthoopt.quant.experts.quantize_experts_rtn`), routers in full precision;
 * the token embedding and ``lm_head`` stay in full precision, so instead of rotating their
   ``[vocab, hidden]`` matrices the embedding's output is multiplied by ``R1`` and ``lm_head``'s input by
   ``R1.T`` (identical values, no vocabulary-sized products);
@@ -42,6 +44,7 @@ from orthoopt.adapters.writeback import layer_params, rotate_layer
 from orthoopt.core.grid import check_bits_or_off, straight_through
 from orthoopt.hadamard import hadamard_transform
 from orthoopt.quant.act import ActQuantConfig, _intermediate_size, _r4_linears, install_act_quant
+from orthoopt.quant.experts import check_experts_module, expert_params, quantized_expert_tensors
 from orthoopt.quant.kv import KVQuantConfig, install_kv_quant
 from orthoopt.quant.quantizer import QuantSpec, quantize_rows
 
@@ -100,15 +103,19 @@ class RotatedQuantLM:
         m = self.adapter.modules
         if self.config.act.online_hadamard:
             _intermediate_size(model)
-        if self.config.wbits < 16 and any(m.spec.proj(r).experts for L in m.layers for r in L.projs):
-            raise ValueError("weight quantization of MoE expert tensors is not implemented: the quantizers "
-                             "handle nn.Linear weights only")
+        for L in m.layers if self.config.wbits < 16 or self.config.act.enabled else ():
+            for role, (mod, _) in expert_params(m.spec, L).items():
+                check_experts_module(mod, L.names[role])
         if self.config.w_group_size is not None and self.config.wbits < 16:
             for L in m.layers:
                 for role, lin in L.quant_linears(m.spec).items():
                     if lin.in_features % self.config.w_group_size:
                         raise ValueError(f"weight group_size {self.config.w_group_size} does not divide "
                                          f"{L.names[role]}'s {lin.in_features} input columns")
+                for name, t in quantized_expert_tensors(m.spec, L).items():
+                    if t.shape[-1] % self.config.w_group_size:
+                        raise ValueError(f"weight group_size {self.config.w_group_size} does not divide "
+                                         f"{name}'s {t.shape[-1]} input columns")
         selected = set(rotations)
         if not selected or selected - {"R1", "R2"}:
             raise ValueError(f"rotations must be a non-empty subset of ('R1', 'R2'), got {sorted(selected)}")
@@ -143,6 +150,7 @@ class RotatedQuantLM:
             params = layer_params(m, L)  # {name relative to the decoder: parameter}, from the table
             t = {k: cast(p) for k, p in params.items()}
             quantized = {L.param_name(m.spec, r): lin.weight for r, lin in L.quant_linears(m.spec).items()}
+            quantized.update(quantized_expert_tensors(m.spec, L))
             if L.index in self._down_h:
                 t[L.param_name(m.spec, m.spec.r4_role)] = cast(self._down_h[L.index])
             if R1 is not None or R2 is not None:
@@ -152,9 +160,10 @@ class RotatedQuantLM:
                                       num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, dtype=None))
             for k, p in params.items():
                 Wr = t[k].to(p.dtype)
-                if spec is not None and k in quantized:
+                if spec is not None and k in quantized:  # expert tensors: rows of every [out, in] slice
                     work = Wr.detach() if Wr.dtype == torch.float64 else Wr.detach().float()
-                    Wr = straight_through(Wr, quantize_rows(work, spec).to(p.dtype))
+                    q = quantize_rows(work.reshape(-1, work.shape[-1]), spec).reshape(work.shape)
+                    Wr = straight_through(Wr, q.to(p.dtype))
                 out[self._name(p)] = Wr
         return out
 

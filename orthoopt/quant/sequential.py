@@ -10,6 +10,13 @@
    already quantized), then every linear of the group is quantized with :func:`gptq_quantize`.
 3. The quantized layer's outputs become the next layer's inputs.
 
+MoE expert tensors (:mod:`orthoopt.quant.experts`) take part in their group's pass: a forward
+pre-hook on the experts module records its inputs (hidden rows and the router's top-k indices) for
+every window; then each expert's slice is quantized with its own Hessian, from the rows routed to it
+(``gate_up``) or from ``act(gate) * up`` of those rows with the already-quantized ``gate_up``
+(``down``, the next group), one expert at a time. An expert that no calibration token reaches is
+quantized by RTN (with a warning; listed in ``rtn_experts``).
+
 Any forward pre-hooks on the linears (e.g. the online Hadamard of :mod:`orthoopt.quant.act`) act
 during calibration, so the Hessians describe the inputs the linears really see.
 """
@@ -23,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from orthoopt.adapters.archs import ARCHS, locate
+from orthoopt.quant.experts import expert_params, gptq_experts
 from orthoopt.quant.gptq import HessianAccumulator, gptq_quantize
 from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams
 
@@ -85,12 +93,18 @@ def capture_layer_inputs(model: nn.Module, calib: torch.Tensor) -> tuple[list[to
     return store["inputs"], [store["kwargs"][i] for i in range(len(layers))]
 
 
-def _collect_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs, kwargs) -> dict[str, HessianAccumulator]:
+def _collect_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs, kwargs,
+                      experts: dict[str, nn.Module] | None = None) -> dict[str, HessianAccumulator]:
     """Run ``layer`` on every input, accumulating the input Hessian of each of ``linears``.
 
-    Each forward stops as soon as all of ``linears`` have seen their input. Hessians are float32
-    (float64 for float64 weights).
+    ``experts`` (``{name: fused experts module}``): their inputs ``(hidden [tokens, hidden],
+    top_k_index [tokens, k])`` are appended, one pair per window, to ``captured[name]`` (the returned
+    dict's entry ``name`` is that list instead of an accumulator).
+
+    Each forward stops as soon as all of ``linears`` and ``experts`` have seen their input. Hessians
+    are float32 (float64 for float64 weights).
     """
+    experts = experts or {}
     accs = {
         name: HessianAccumulator(
             lin.in_features,
@@ -99,15 +113,27 @@ def _collect_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs, k
         )
         for name, lin in linears.items()
     }
+    accs.update({name: [] for name in experts})
     seen: set[str] = set()
 
     def hook(name, module, args, output):
         accs[name].add(args[0])
         seen.add(name)
-        if len(seen) == len(linears):
+        if len(seen) == len(linears) + len(experts):
+            raise _Stop
+
+    def expert_hook(name, module, args, kwargs):
+        hidden = (args[0] if args else kwargs["hidden_states"]).detach()
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        accs[name].append((hidden, idx.detach().reshape(hidden.shape[0], -1)))
+        seen.add(name)
+        if len(seen) == len(linears) + len(experts):
             raise _Stop
 
     handles = [lin.register_forward_hook(lambda m, a, o, n=name: hook(n, m, a, o)) for name, lin in linears.items()]
+    handles += [mod.register_forward_pre_hook(lambda m, a, k, n=name: expert_hook(n, m, a, k), with_kwargs=True)
+                for name, mod in experts.items()]
     try:
         for x in inputs:
             seen.clear()
@@ -139,13 +165,17 @@ def gptq_quantize_model(
     block_size: int = 128,
     progress: bool = True,
     params: dict[str, WeightQuantParams] | None = None,
+    rtn_experts: dict[str, list[int]] | None = None,
 ) -> dict[str, float]:
-    """Quantize every decoder-layer linear of ``model`` in place with GPTQ.
+    """Quantize every decoder-layer linear and MoE expert tensor of ``model`` in place with GPTQ.
 
     ``calib``: ``[nsamples, seq_len]`` token ids (see :func:`orthoopt.quant.calib.calibration_batches`).
-    Embeddings and ``lm_head`` are not touched. Returns GPTQ's loss estimate per linear, keyed by
-    module name relative to the decoder (``"layers.3.mlp.down_proj"``). When ``params`` is a dict, it
-    receives each linear's grid (scale, zero, group index) under the same keys.
+    Embeddings, ``lm_head`` and routers are not touched. Returns GPTQ's loss estimate per linear, keyed
+    by module name relative to the decoder (``"layers.3.mlp.down_proj"``), and per expert tensor (the
+    sum over its experts), keyed by parameter name (``"layers.3.mlp.experts.down_proj"``). When
+    ``params`` is a dict, it receives each one's grid (scale, zero, group index; expert tensors with a
+    leading expert dimension) under the same keys; when ``rtn_experts`` is a dict, it receives, per
+    expert tensor, the experts quantized by RTN for want of calibration tokens.
     """
     check_calib(calib)
     located = locate(model)
@@ -155,11 +185,25 @@ def gptq_quantize_model(
     for i in tqdm(range(len(layers)), desc="GPTQ layers", disable=not progress, file=sys.stderr):
         layer, mods = layers[i], located.layers[i]
         quantized = mods.quant_linears(located.spec)
+        expert_tensors = expert_params(located.spec, mods)
         for group in located.spec.groups:
             linears = {mods.names[role]: quantized[role] for role in group if role in quantized}
-            if not linears:
+            roles = [r for r in group if r in expert_tensors]
+            if not linears and not roles:
                 continue
-            accs = _collect_hessians(layer, linears, inputs, layer_kwargs[i])
+            modules = {mods.names[r]: expert_tensors[r][0] for r in roles}
+            accs = _collect_hessians(layer, linears, inputs, layer_kwargs[i], modules)
+            for r in roles:
+                (mod, param), name = expert_tensors[r], mods.param_name(located.spec, r)
+                loss, grid, rtn = gptq_experts(
+                    mod, param, accs[mods.names[r]], spec, name=mods.names[r],
+                    block_size=block_size, percdamp=percdamp, act_order=act_order,
+                )
+                losses[name] = loss
+                if params is not None:
+                    params[name] = grid
+                if rtn_experts is not None:
+                    rtn_experts[name] = rtn
             for name, lin in linears.items():
                 result = gptq_quantize(
                     lin.weight, accs[name].hessian, spec,
