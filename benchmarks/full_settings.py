@@ -43,7 +43,8 @@ from orthoopt.quant.act import ActQuantConfig  # noqa: E402
 from orthoopt.quant.kv import KVQuantConfig  # noqa: E402
 from orthoopt.quant.rotated import SimQuantConfig  # noqa: E402
 
-NAMES = {"identity": "no rotation", "hadamard": "random Hadamard", "optrot": "OptRot", "spinquant": "SpinQuant (end-to-end)"}
+NAMES = {"identity": "no rotation", "hadamard": "random Hadamard", "optrot": "OptRot", "optrot+": "OptRot+",
+         "kurtosis": "KurTail (kurtosis)", "dfrot": "DFRot", "spinquant": "SpinQuant (end-to-end)"}
 SETTINGS = {"W4A4KV4": 4, "W4A8KV8": 8}
 
 
@@ -91,6 +92,8 @@ def main() -> int:
             kw = {}
             if method == "optrot":
                 kw = {"steps": args.optrot_steps, "solver": args.optrot_solver}
+            elif method in ("optrot+", "kurtosis", "dfrot"):  # their default solver and budget (DEFAULT_STEPS)
+                kw = {"calib": gptq_calib}
             elif method == "spinquant":
                 kw = {"steps": args.spin_steps, "calib": spin_calib, "batch_size": args.spin_batch,
                       "sim_quant": SimQuantConfig(wbits=4, act=ActQuantConfig(bits=4, symmetric=False,

@@ -286,9 +286,16 @@ def test_cli_quantize_moe_a4kv4_then_eval(tmp_path, capsys):
     x = ids(2, 16, vocab=259)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x).logits, mem(x).logits, rtol=0, atol=1e-5)
-    # the compressed-tensors exporter refuses expert tensors with the reason, and writes nothing
-    assert main(["quantize", str(src), "--out", str(tmp_path / "ct"), "--method", "rtn", "--format", "compressed-tensors",
-                 "--no-progress"]) == 2
+    # the compressed-tensors exporter refuses expert tensors with the reason, before quantizing, and writes nothing
+    import orthoopt.cli.quantize_cmd as quantize_cmd
+
+    def must_not_run(*a, **k):
+        raise AssertionError("quantize_model ran before the refusal")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quantize_cmd, "quantize_model", must_not_run)
+        assert main(["quantize", str(src), "--out", str(tmp_path / "ct"), "--method", "rtn", "--format",
+                     "compressed-tensors", "--no-progress"]) == 2
     assert "MoE expert tensors" in capsys.readouterr().err
     assert not (tmp_path / "ct").exists()
     # rotate --method spinquant (default simulated W4 RTN weights, experts included) with A4/KV4 and R3

@@ -20,6 +20,7 @@ from orthoopt.quant.calib import calibration_batches, check_context
 from orthoopt.quant.kv import KVQuantConfig
 from orthoopt.quant.model import load_checkpoint, quantize_model, save_quantized
 from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS
+from orthoopt.adapters.archs import locate
 from orthoopt.adapters.sources import input_location
 from orthoopt.utils.paths import prepare_output
 
@@ -106,6 +107,14 @@ def run(args) -> int:
     kv = KVQuantConfig(bits=args.kvbits, group_size=args.kv_group_size, symmetric=args.kv_sym,
                        k_clip_ratio=args.k_clip, v_clip_ratio=args.v_clip, r3=args.r3)
     model, tokenizer = load_checkpoint(args.model_dir)
+    if args.format == "compressed-tensors" and args.wbits < 16:  # MoE experts: refuse before quantizing
+        from orthoopt.export.compressed_tensors import check_exportable
+        from orthoopt.quant.experts import quantized_expert_tensors
+
+        located = locate(model)
+        experts = [n for L in located.layers for n in quantized_expert_tensors(located.spec, L)]
+        if experts:
+            check_exportable({"wbits": args.wbits, "experts": experts})
     calib, calib_info = None, None
     if args.method == "gptq" and args.wbits < 16:
         seq_len = args.seq_len if args.seq_len is not None else default_seq_len(model)
