@@ -49,11 +49,15 @@ from orthoopt.eval import perplexity
 from orthoopt.config import DEFAULT_STEPS
 from orthoopt.pipeline import LEARNED_METHODS, METHODS, rotate_model
 from orthoopt.quant import ActQuantConfig, quantize_model
+from orthoopt.quant.rotated import SimQuantConfig
 from orthoopt.utils.atomic import atomic_file
 
-# SpinQuant's end-to-end objective is trained for a quantization setting; it is benchmarked in the
-# full settings (W4A4KV4 / W4A8KV8) by benchmarks/full_settings.py, not here.
-METHODS = tuple(m for m in METHODS if m != "spinquant")
+# SpinQuant's end-to-end objective is trained for one quantization setting: here two rows, one trained
+# for per-channel W4 RTN and one for W4 RTN with groups of 64 (its A4/KV4 training is in
+# benchmarks/full_settings.py).
+SPINQUANT_ROWS = {"spinquant": None, "spinquant-g64": 64}
+"""Benchmark row -> the weight group size its simulated W4 RTN uses (None: per output channel)."""
+METHODS = (*(m for m in METHODS if m != "spinquant"), *SPINQUANT_ROWS)
 
 # helpers beside this script (its folder is sys.path[0] when it runs)
 from _data import DEFAULT_TEXT, SHARED, random_windows, split_halves, token_ids
@@ -71,6 +75,7 @@ METHOD_LABELS = {
     ORIGINAL: "unrotated original (norms not fused)",
     "identity": "norm-fused, no rotation", "random": "random orthogonal", "hadamard": "random Hadamard",
     "optrot": "OptRot", "optrot+": "OptRot+", "kurtosis": "KurTail (kurtosis)", "dfrot": "DFRot",
+    "spinquant": "SpinQuant (trained for W4 RTN)", "spinquant-g64": "SpinQuant (trained for W4 RTN g64)",
 }
 QUANT_CONFIGS: dict[str, dict] = {
     "W4 RTN": {"method": "rtn", "wbits": 4},
@@ -97,6 +102,8 @@ class Settings:
     calib_tokens: int               # activation rows for kurtosis / dfrot (rotate_model's calib_tokens)
     eval_tokens: int                # evaluated tokens (cut into eval_tokens // seq_len windows)
     logit_windows: int              # eval windows used for the relative logit error
+    spin_windows: int               # SpinQuant's training windows (seq_len tokens each, from the first half)
+    spin_batch: int                 # SpinQuant's windows per step
     seed: int
     seeds: tuple[int, ...]          # GPTQ calibration seeds of the W4 GPTQ spread (includes ``seed``)
     cache_dir: Path
@@ -132,11 +139,17 @@ def relative_error(L: torch.Tensor, ref: torch.Tensor) -> float:
     return float((L - ref).norm() / ref.norm())
 
 
-def rotate(base: torch.nn.Module, method: str, settings: Settings, calib: torch.Tensor, seed: int):
-    """A rotated copy of ``base`` and :func:`rotate_model`'s result."""
+def rotate(base: torch.nn.Module, method: str, settings: Settings, calib: torch.Tensor, seed: int,
+           spin_calib: torch.Tensor | None = None):
+    """A rotated copy of ``base`` and :func:`rotate_model`'s result (SpinQuant rows train on ``spin_calib``)."""
     rotated = copy.deepcopy(base)
     if method == ORIGINAL:
         return rotated, None
+    if method in SPINQUANT_ROWS:
+        sim = SimQuantConfig(wbits=4, w_group_size=SPINQUANT_ROWS[method])
+        result = rotate_model(rotated, "spinquant", steps=settings.steps, seed=seed, calib=spin_calib,
+                              batch_size=settings.spin_batch, sim_quant=sim, progress=settings.progress)
+        return rotated, result
     result = rotate_model(rotated, method, steps=settings.steps, seed=seed,
                           calib=calib if method in LEARNED_METHODS else None,
                           calib_tokens=settings.calib_tokens, progress=settings.progress)
@@ -160,11 +173,12 @@ def quantize_and_eval(rotated: torch.nn.Module, config: dict, settings: Settings
 
 
 def run_method(base: torch.nn.Module, method: str, settings: Settings, calib: torch.Tensor, eval_ids: torch.Tensor,
-               probe: torch.Tensor, ref_logits: torch.Tensor, gptq_calibs: dict[int, torch.Tensor]) -> MethodResult:
+               probe: torch.Tensor, ref_logits: torch.Tensor, gptq_calibs: dict[int, torch.Tensor],
+               spin_calib: torch.Tensor | None = None) -> MethodResult:
     """Rotate a copy of ``base`` with ``method`` (seed ``settings.seed``, calibration ``calib``), quantize
     a copy of the rotated model per config; then repeat W4 GPTQ on the same rotated model with each of
     ``gptq_calibs`` (``{seed: [n, seq_len] windows}``) other than the main seed's."""
-    rotated, result = rotate(base, method, settings, calib, settings.seed)
+    rotated, result = rotate(base, method, settings, calib, settings.seed, spin_calib)
     invariance = relative_error(logits(rotated, probe), ref_logits)
     if not invariance <= INVARIANCE_TOL:
         raise RuntimeError(f"{method}: the rotated float model's logits differ by {invariance:.2e} (relative)")
@@ -240,7 +254,7 @@ def ordering_check(rows: dict[str, MethodResult]) -> list[str]:
         best = min(rotated, key=lambda m: rows[m].ppl[config])
         b, o = rows[best].ppl[config], rows[ORIGINAL].ppl[config]
         fused = f"; norm-fused, no rotation {rows['identity'].ppl[config]:.4f}" if "identity" in rows else ""
-        lines.append(f"2. {config}: best rotation ({METHOD_LABELS[best]}) {b:.4f} vs unrotated original {o:.4f}"
+        lines.append(f"2{'a' if config == 'W4 RTN' else 'b'}. {config}: best rotation ({METHOD_LABELS[best]}) {b:.4f} vs unrotated original {o:.4f}"
                      f"{fused}; at or below the original: {_verdict(b <= o)}.")
     if "optrot+" in rows:
         p, q = rows["optrot+"].ppl, rows["optrot"].ppl
@@ -253,8 +267,11 @@ def ordering_check(rows: dict[str, MethodResult]) -> list[str]:
 def settings_section(settings: Settings, prepared: PreparedModel, split, n_eval: int) -> list[str]:
     s = settings
     windows = min(s.eval_tokens, n_eval) // s.seq_len
-    learned = ", ".join(f"{m} {LEARNED_METHODS[m]} {DEFAULT_STEPS[m] if s.steps is None else s.steps} steps"
-                        for m in s.methods if m in LEARNED_METHODS)
+    def base(m: str) -> str:
+        return "spinquant" if m in SPINQUANT_ROWS else m
+
+    learned = ", ".join(f"{m} {LEARNED_METHODS[base(m)]} {DEFAULT_STEPS[base(m)] if s.steps is None else s.steps} steps"
+                        for m in s.methods if base(m) in LEARNED_METHODS)
     out = ["## Settings", "", f"- model: {prepared.description}"]
     if prepared.source == "planted":
         info, tr = prepared.info, prepared.info["train"]
@@ -277,6 +294,11 @@ def settings_section(settings: Settings, prepared: PreparedModel, split, n_eval:
         "- rotation s: wall time of `rotate_model` (norm fusion, calibration capture, solve, write-back)",
         f"- rotations: R1 and R2; learned methods: solver and steps per phase ({learned}), "
         f"start at the random Hadamard matrix; seed {s.seed}",
+        *([f"- SpinQuant rows: R1 and R2 learned jointly on the causal-LM loss of the rotated model with its "
+           f"decoder linears W4 RTN-quantized (straight-through), per output channel or per group of 64 as the "
+           f"row says, activations in full precision; Cayley SGD lr 1.5, cosine decay, {s.spin_batch} windows "
+           f"of {s.seq_len} tokens per step from {s.spin_windows} windows of the first half (seed {s.seed + 1000})"]
+          if any(m in SPINQUANT_ROWS for m in s.methods) else []),
         f"- calibration: {s.calib_samples} windows x {s.seq_len} tokens = {s.calib_samples * s.seq_len} tokens "
         f"from the first half (optrot+ Hessians, GPTQ); kurtosis/dfrot use {s.calib_tokens} activation rows "
         "of them",
@@ -395,9 +417,11 @@ def write_results(path: Path, body: str, command: str, header: list[str]) -> Non
 
 # -------------------------------------------------------------------------------------------- CLI
 FULL = {"hidden": 256, "layers": 4, "heads": 4, "train_steps": 300, "steps": None, "eval_tokens": 65536,
-        "seq_len": 128, "calib_samples": 64, "calib_tokens": 2048, "logit_windows": 8, "seeds": 3}
+        "seq_len": 128, "calib_samples": 64, "calib_tokens": 2048, "logit_windows": 8, "seeds": 3,
+        "spin_windows": 400, "spin_batch": 4}
 QUICK = {"hidden": 64, "layers": 2, "heads": 2, "train_steps": 20, "steps": 3, "eval_tokens": 2048,
-         "seq_len": 64, "calib_samples": 8, "calib_tokens": 256, "logit_windows": 2, "seeds": 2}
+         "seq_len": 64, "calib_samples": 8, "calib_tokens": 256, "logit_windows": 2, "seeds": 2,
+         "spin_windows": 8, "spin_batch": 2}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -416,6 +440,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
              ("--calib-samples", "calib_samples", "calibration windows"),
              ("--calib-tokens", "calib_tokens", "activation rows for kurtosis/dfrot"),
              ("--logit-windows", "logit_windows", "evaluation windows for the logit error"),
+             ("--spin-windows", "spin_windows", "SpinQuant training windows from the first half"),
+             ("--spin-batch", "spin_batch", "SpinQuant windows per step"),
              ("--seeds", "seeds", "W4 GPTQ is repeated with calibration seeds seed .. seed+N-1 (spread table)"),
              ("--hidden", "hidden", "planted model hidden size"),
              ("--layers", "layers", "planted model layers"),
@@ -448,7 +474,7 @@ def resolve(args: argparse.Namespace) -> Settings:
     if bad or not methods:
         raise ValueError(f"unknown methods {bad}; choose from {', '.join((ORIGINAL, *METHODS))}")
     for k in ("steps", "eval_tokens", "seq_len", "calib_samples", "calib_tokens", "logit_windows", "train_steps",
-              "seeds"):
+              "seeds", "spin_windows", "spin_batch"):
         if v[k] is not None and v[k] < (2 if k == "seq_len" else 1):
             raise ValueError(f"--{k.replace('_', '-')} must be positive (seq-len at least 2), got {v[k]}")
     if v["eval_tokens"] < v["seq_len"] * v["logit_windows"]:
@@ -469,7 +495,8 @@ def resolve(args: argparse.Namespace) -> Settings:
                             steps=v["train_steps"], warmup=min(30, v["train_steps"] // 10), seed=args.seed,
                             seq_len=v["seq_len"])
     return Settings(model_dir, planted, args.text, methods, v["steps"], v["seq_len"], v["calib_samples"],
-                    v["calib_tokens"], v["eval_tokens"], v["logit_windows"], args.seed,
+                    v["calib_tokens"], v["eval_tokens"], v["logit_windows"], v["spin_windows"], v["spin_batch"],
+                    args.seed,
                     tuple(range(args.seed, args.seed + v["seeds"])), args.cache_dir,
                     not args.no_progress)
 
@@ -507,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     gptq_calibs = {k: random_windows(calib_ids, settings.calib_samples, settings.seq_len, seed=k)
                    for k in settings.seeds}
     calib = gptq_calibs[settings.seed]
+    spin_calib = random_windows(calib_ids, settings.spin_windows, settings.seq_len, seed=settings.seed + 1000)
     n_eval = min(settings.eval_tokens, eval_ids.numel())
     if n_eval < settings.seq_len * settings.logit_windows:
         raise ValueError(f"the evaluation half has {eval_ids.numel()} tokens, fewer than "
@@ -527,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     t2 = time.perf_counter()
     for method in settings.methods:
         log(f"method {method}")
-        rows[method] = run_method(model, method, settings, calib, eval_ids, probe, ref_logits, gptq_calibs)
+        rows[method] = run_method(model, method, settings, calib, eval_ids, probe, ref_logits, gptq_calibs,
+                                  spin_calib)
         log(f"  {method} rotation took {rows[method].rotation_seconds:.1f} s")
     timings = {"model": t_model, "baseline": t_baseline, "methods": time.perf_counter() - t2,
                "total": time.perf_counter() - t0}

@@ -84,7 +84,7 @@ def test_quick_run_prints_full_table_and_writes_only_the_given_path(tmp_path, ca
         gptq = {r[0]: float(r[4]) for r in rows}
         assert all(gptq[r[0]] == float(r[1]) for r in seed_rows)
     # the settings the issue asks to see are printed
-    for needle in ("solver steps per phase", "calibration:", "evaluation:", "windows x 64 tokens", "model:"):
+    for needle in ("solver and steps per phase", "SpinQuant rows:", "calibration:", "evaluation:", "windows x 64 tokens", "model:"):
         assert needle in printed
     assert re.search(r"W4 GPTQ \(main seed\): OptRot [\d.]+, random Hadamard [\d.]+, unrotated original [\d.]+", printed)
     for claim in ("OptRot below random Hadamard by more than the spread: (yes|NO)",
