@@ -6,8 +6,8 @@ Rows (weights W4, symmetric, per output channel; embeddings and lm_head in full 
   when the hidden size is not a power of two: SmolLM2-135M's 576 uses blocks of the head dim, 64);
   each with RTN (``QuantizationModifier``, min-max) and GPTQ (``GPTQModifier``, damp 0.01, no
   act-order) through ``oneshot``;
-* orthoopt, no rotation, random Hadamard, OptRot and OptRot+ (``orthoopt.pipeline.rotate_model``),
-  each with RTN and GPTQ (``orthoopt.quant.quantize_model``, damp 0.01, no act-order).
+* orthoopt, no rotation (the checkpoint as loaded, as llm-compressor's row), norm-fused without rotation
+  (``identity``), random Hadamard, OptRot and OptRot+ (``orthoopt.pipeline.rotate_model``), each with RTN and GPTQ (``orthoopt.quant.quantize_model``, damp 0.01, no act-order).
 
 Calibration: ``--calib-samples`` windows of ``--seq-len`` tokens drawn (seeded) from the first half of
 ``--text``, passed to both tools as the same token ids (and to OptRot+ for its Hessians). Evaluation:
@@ -52,10 +52,10 @@ from orthoopt.interop.llmcompressor import (  # noqa: E402
 from orthoopt.pipeline import LEARNED_METHODS, rotate_model  # noqa: E402
 from orthoopt.quant import load_checkpoint, quantize_model  # noqa: E402
 
-ORTHOOPT_ROTATIONS = ("identity", "hadamard", "optrot", "optrot+")
+ORTHOOPT_ROTATIONS = ("none", "identity", "hadamard", "optrot", "optrot+")
 LLMC_ROTATIONS = ("none", "spinquant")
 QUANT = ("rtn", "gptq")
-NAMES = {"identity": "no rotation", "hadamard": "random Hadamard", "optrot": "OptRot", "optrot+": "OptRot+",
+NAMES = {"identity": "norm-fused, no rotation", "hadamard": "random Hadamard", "optrot": "OptRot", "optrot+": "OptRot+",
          "none": "no rotation", "spinquant": "SpinQuantModifier R1+R2 Hadamard"}
 
 
@@ -185,10 +185,12 @@ def main(argv=None) -> int:
         for rot in (r for r in ORTHOOPT_ROTATIONS if r in wanted):
             rotated = copy.deepcopy(base)
             start = time.perf_counter()
-            rotate_model(rotated, rot, steps=args.steps, seed=args.seed,
-                         calib=calib if rot in LEARNED_METHODS else None, calib_tokens=args.calib_tokens,
-                         progress=progress)
-            row = {"tool": "orthoopt", "rotation": NAMES[rot], "rotation_s": time.perf_counter() - start}
+            if rot != "none":  # "none": the checkpoint as loaded (norms not fused), as llm-compressor's row
+                rotate_model(rotated, rot, steps=args.steps, seed=args.seed,
+                             calib=calib if rot in LEARNED_METHODS else None, calib_tokens=args.calib_tokens,
+                             progress=progress)
+            row = {"tool": "orthoopt", "rotation": NAMES[rot],
+                   "rotation_s": None if rot == "none" else time.perf_counter() - start}
             for q in QUANT:
                 model = copy.deepcopy(rotated)
                 start = time.perf_counter()
