@@ -359,8 +359,10 @@ def time_section(rows: dict[str, MethodResult], float_ppl: dict, timings: dict) 
     quant = sum(sum(r.quant_seconds.values()) for r in rows.values())
     evaluation = sum(sum(r.eval_seconds.values()) for r in rows.values()) + float_ppl["seconds"]
     spread = sum(r.calib_seconds for r in rows.values())
+    jobs = timings.get("jobs", 1)
+    workers = f" (methods in {jobs} worker processes; the per-part sums below add up their times)" if jobs > 1 else ""
     return ["## Time", "",
-            f"total {timings['total']:.0f} s: model {timings['model']:.0f} s, float baseline "
+            f"total {timings['total']:.0f} s{workers}: model {timings['model']:.0f} s, float baseline "
             f"{timings['baseline']:.0f} s, methods {timings['methods']:.0f} s (main seed: rotation {rotation:.0f} s, "
             f"quantization {quant:.0f} s, evaluation {evaluation:.0f} s; other GPTQ calibration seeds {spread:.0f} s)"]
 
@@ -386,9 +388,10 @@ def code_version() -> str:
     return f"commit {commit}" + (" with uncommitted changes to tracked files" if dirty else "")
 
 
-def machine_info(load_start: tuple, load_end: tuple) -> list[str]:
+def machine_info(load_start: tuple, load_end: tuple, jobs: int = 1) -> list[str]:
     return [f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-            f"torch {torch.__version__} with {torch.get_num_threads()} threads",
+            f"torch {torch.__version__} with {torch.get_num_threads()} threads"
+            + (f" in each of {jobs} worker processes (one method at a time each)" if jobs > 1 else ""),
             f"- load average (1/5/15 min) at start {'/'.join(f'{x:.1f}' for x in load_start)}, at end "
             f"{'/'.join(f'{x:.1f}' for x in load_end)} (other jobs shared the CPUs when it is above "
             f"{os.cpu_count()})"]
@@ -459,6 +462,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch CPU threads, 0: torch's default [1]. On the shared 2-core machine a 2-thread "
                         "training step next to other jobs was measured 15x slower than a 1-thread one, while "
                         "alone it is 1.75x faster")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="methods computed in this many worker processes at once, each with --threads torch "
+                        "threads [1]; on 2 cores, --jobs 2 --threads 1 keeps both busy (small products scale "
+                        "poorly over threads)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: always the planted model, tiny (hidden 64, 2 layers), 3 steps, 2048 eval "
                         "tokens, 2 seeds; writes no results page unless --results is given")
@@ -511,10 +518,82 @@ def results_path(args: argparse.Namespace) -> Path | None:
     return None if args.quick else DEFAULT_RESULTS
 
 
+@dataclass
+class Inputs:
+    """Everything every method's row needs, built the same way by the main process and by each worker
+    of ``--jobs``: the model (float, unrotated), the token windows and the float model's reference."""
+
+    prepared: PreparedModel
+    split: object
+    calib: torch.Tensor                      # [calib_samples, seq_len] of the main seed (rotation data, GPTQ)
+    gptq_calibs: dict[int, torch.Tensor]     # {seed: windows} of the W4 GPTQ spread
+    spin_calib: torch.Tensor                 # [spin_windows, seq_len] SpinQuant training windows
+    eval_ids: torch.Tensor
+    probe: torch.Tensor                      # [logit_windows, seq_len] windows of the logit error
+    ref_logits: torch.Tensor
+
+
+def build_inputs(settings: Settings) -> Inputs:
+    torch.manual_seed(settings.seed)
+    split = split_halves(settings.text)
+    prepared = prepare(settings, split)
+    tok = prepared.tokenizer
+    calib_ids, eval_ids = token_ids(split.calib, tok), token_ids(split.eval, tok)
+    gptq_calibs = {k: random_windows(calib_ids, settings.calib_samples, settings.seq_len, seed=k)
+                   for k in settings.seeds}
+    spin_calib = random_windows(calib_ids, settings.spin_windows, settings.seq_len, seed=settings.seed + 1000)
+    n_eval = min(settings.eval_tokens, eval_ids.numel())
+    if n_eval < settings.seq_len * settings.logit_windows:
+        raise ValueError(f"the evaluation half has {eval_ids.numel()} tokens, fewer than "
+                         f"{settings.logit_windows} windows of {settings.seq_len}")
+    probe = eval_ids[: settings.logit_windows * settings.seq_len].reshape(settings.logit_windows, settings.seq_len)
+    return Inputs(prepared, split, gptq_calibs[settings.seed], gptq_calibs, spin_calib, eval_ids, probe,
+                  logits(prepared.model, probe))
+
+
+def method_row(settings: Settings, inputs: Inputs, method: str) -> MethodResult:
+    log(f"method {method}")
+    i = inputs
+    row = run_method(i.prepared.model, method, settings, i.calib, i.eval_ids, i.probe, i.ref_logits,
+                     i.gptq_calibs, i.spin_calib)
+    log(f"  {method} rotation took {row.rotation_seconds:.1f} s")
+    return row
+
+
+COST_ORDER = ("dfrot", "kurtosis", "spinquant-g64", "spinquant", "optrot+", "optrot")
+"""Methods in decreasing cost: ``--jobs`` starts the longest first so the workers finish together."""
+_WORKER: dict = {}
+
+
+def _worker_init(settings: Settings, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["inputs"] = build_inputs(settings)
+
+
+def _worker_row(settings: Settings, method: str) -> MethodResult:
+    return method_row(settings, _WORKER["inputs"], method)
+
+
+def run_rows(settings: Settings, inputs: Inputs, jobs: int, threads: int) -> dict[str, MethodResult]:
+    """Every method's row, in ``settings.methods`` order: in this process (``jobs`` 1), or in ``jobs``
+    worker processes (spawned, each building its own :class:`Inputs` and using ``threads`` torch threads),
+    longest methods first. The rows do not depend on which process computed them."""
+    if jobs <= 1:
+        return {m: method_row(settings, inputs, m) for m in settings.methods}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    order = sorted(settings.methods, key=lambda m: COST_ORDER.index(m) if m in COST_ORDER else len(COST_ORDER))
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                             initargs=(settings, threads)) as pool:
+        futures = {m: pool.submit(_worker_row, settings, m) for m in order}
+        return {m: futures[m].result() for m in settings.methods}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads < 0 or args.jobs < 1:
+        raise ValueError(f"--threads must be >= 0 and --jobs >= 1, got {args.threads} and {args.jobs}")
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = resolve(args)
@@ -524,48 +603,29 @@ def main(argv: list[str] | None = None) -> int:
     out_path = results_path(args)
     load_start, code = os.getloadavg(), code_version()
     t0 = time.perf_counter()
-    torch.manual_seed(settings.seed)
-
-    split = split_halves(settings.text)
-    prepared = prepare(settings, split)
+    inputs = build_inputs(settings)
+    prepared, split = inputs.prepared, inputs.split
     t_model = time.perf_counter() - t0
-    model, tok = prepared.model, prepared.tokenizer
-    calib_ids, eval_ids = token_ids(split.calib, tok), token_ids(split.eval, tok)
-    gptq_calibs = {k: random_windows(calib_ids, settings.calib_samples, settings.seq_len, seed=k)
-                   for k in settings.seeds}
-    calib = gptq_calibs[settings.seed]
-    spin_calib = random_windows(calib_ids, settings.spin_windows, settings.seq_len, seed=settings.seed + 1000)
-    n_eval = min(settings.eval_tokens, eval_ids.numel())
-    if n_eval < settings.seq_len * settings.logit_windows:
-        raise ValueError(f"the evaluation half has {eval_ids.numel()} tokens, fewer than "
-                         f"{settings.logit_windows} windows of {settings.seq_len}")
-    probe = eval_ids[: settings.logit_windows * settings.seq_len].reshape(settings.logit_windows, settings.seq_len)
+    n_eval = min(settings.eval_tokens, inputs.eval_ids.numel())
     log(f"model: {prepared.description}")
 
     t1 = time.perf_counter()
-    ref_logits = logits(model, probe)
-    start = time.perf_counter()
-    float_ppl = perplexity(model, eval_ids, seq_len=settings.seq_len, max_tokens=settings.eval_tokens,
+    float_ppl = perplexity(prepared.model, inputs.eval_ids, seq_len=settings.seq_len, max_tokens=settings.eval_tokens,
                            progress=settings.progress)
-    float_ppl["seconds"] = time.perf_counter() - start
+    float_ppl["seconds"] = time.perf_counter() - t1
     log(f"float baseline perplexity {float_ppl['ppl']:.4f} on {float_ppl['tokens']} predicted tokens")
     t_baseline = time.perf_counter() - t1
 
-    rows: dict[str, MethodResult] = {}
     t2 = time.perf_counter()
-    for method in settings.methods:
-        log(f"method {method}")
-        rows[method] = run_method(model, method, settings, calib, eval_ids, probe, ref_logits, gptq_calibs,
-                                  spin_calib)
-        log(f"  {method} rotation took {rows[method].rotation_seconds:.1f} s")
+    rows = run_rows(settings, inputs, args.jobs, args.threads or torch.get_num_threads())
     timings = {"model": t_model, "baseline": t_baseline, "methods": time.perf_counter() - t2,
-               "total": time.perf_counter() - t0}
+               "total": time.perf_counter() - t0, "jobs": args.jobs}
     body = render(settings, prepared, split, float_ppl, rows, n_eval, timings)
     code_end = code_version()
     if code_end != code:
         code += f" at the start; {code_end} at the end (the checkout changed during the run)"
     header = [f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}", f"- code: {code}"]
-    header += machine_info(load_start, os.getloadavg())
+    header += machine_info(load_start, os.getloadavg(), args.jobs)
     print("\n".join(header) + "\n\n" + body)
     if out_path is not None:
         write_results(out_path, body, command, header)

@@ -174,3 +174,19 @@ def test_rewriting_the_results_page_keeps_the_hand_written_findings(tmp_path):
     page.write_text("# no marker\n", encoding="utf-8")
     rotation_quality.write_results(page, "body\n", "cmd", [])
     assert "no marker" not in page.read_text(encoding="utf-8")
+
+
+@needs_text
+def test_jobs_run_methods_in_workers_with_the_same_numbers(tmp_path, capsys):
+    """--jobs 2 computes the rows in two spawned workers; every figure but the times is unchanged."""
+    def tables(jobs: str) -> dict:
+        assert rotation_quality.main(["--quick", "--no-progress", "--no-results", "--text", str(TEXT),
+                                      "--methods", "original,hadamard,optrot", "--cache-dir", str(tmp_path / "cache"),
+                                      "--threads", "0", "--jobs", jobs]) == 0
+        text = capsys.readouterr().out
+        ppl = [r[:1] + r[2:] for r in _table(text, "Perplexity")[1]]  # without the rotation seconds
+        return {"ppl": ppl, "logit": _table(text, "Relative logit error vs the float model")[1],
+                "spread": _table(text, "W4 GPTQ perplexity over GPTQ calibration seeds")[1]}
+
+    one, two = tables("1"), tables("2")
+    assert one == two and len(one["ppl"]) == 4
