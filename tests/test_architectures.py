@@ -338,3 +338,40 @@ def test_streamed_rotation_equals_in_memory(model_type, tmp_path):
     assert set(got) == set(want)
     assert max(float((got[k] - want[k]).abs().max()) for k in want) <= 1e-6  # bit-identical on one machine
     assert not torch.equal(got["model.embed_tokens.weight"], model.state_dict()["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("model_type", sorted(CASES))
+def test_full_settings_quantize_and_spinquant_on_every_architecture(model_type):
+    """Issue 14 on every table entry: W4A4KV4 with R3 (``quantize --abits 4 --kvbits 4 --r3``) quantizes
+    and changes the logits, R3 alone keeps them, and ``rotate --method spinquant`` (R1 and R2, or R2
+    where R1 is refused) keeps the float model's logits. float32, transformers unpatched."""
+    from orthoopt.pipeline import rotate_model
+    from orthoopt.quant.act import ActQuantConfig
+    from orthoopt.quant.kv import KVQuantConfig
+    from orthoopt.quant.model import quantize_model
+    from orthoopt.quant.rotated import SimQuantConfig
+
+    model = build(model_type, torch.float32)
+    x = ids(3)
+    with torch.no_grad():
+        ref = model(x).logits
+    r3 = copy.deepcopy(model)
+    hooks = quantize_model(r3, wbits=16, kv=KVQuantConfig(r3=True), progress=False).hooks
+    with torch.no_grad():
+        assert (r3(x).logits - ref).norm() < 1e-4 * ref.norm()  # the online Hadamard alone is exact
+    hooks.remove()
+    q = copy.deepcopy(model)
+    quantize_model(q, "rtn", wbits=4, act=ActQuantConfig(bits=4, symmetric=False),
+                   kv=KVQuantConfig(bits=4, r3=True), progress=False)
+    with torch.no_grad():
+        out = q(x).logits
+    assert torch.isfinite(out).all() and (out - ref).norm() > 1e-3 * ref.norm()  # really quantized
+
+    rotations = ("R1", "R2") if CASES[model_type][2] else ("R2",)
+    sim = SimQuantConfig(wbits=4, act=ActQuantConfig(bits=4, symmetric=False), kv=KVQuantConfig(bits=4, r3=True))
+    spun = copy.deepcopy(model)
+    result = rotate_model(spun, "spinquant", rotations, steps=2, calib=ids(4, batch=4, seq=16), sim_quant=sim,
+                          batch_size=2, progress=False, verify_ids=x)
+    assert result.report["invariance_error"] < 1e-4
+    assert ("R1" in result.rotations) == ("R1" in rotations)
+    assert sum(k.startswith("R2.") for k in result.rotations) == BASE["num_hidden_layers"]
