@@ -75,6 +75,8 @@ def main() -> int:
     ap.add_argument("--float-all", action="store_true", help="also evaluate every rotated float model")
     ap.add_argument("--settings", default="W4A4KV4,W4A8KV8")
     ap.add_argument("--mse-clip", action="store_true", help="per-row MSE clipping search of the weights (slow)")
+    ap.add_argument("--gptq-seeds", type=int, default=1,
+                    help="repeat each GPTQ cell with the calibration windows of seeds seed .. seed+N-1 (spread)")
     args = ap.parse_args()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -84,7 +86,9 @@ def main() -> int:
         split = split_halves(args.text)
         tok = load_tokenizer(args.model)
         calib_ids = tokenize_text(split.calib, tok)
-        gptq_calib = windows(calib_ids, args.gptq_windows, args.seq_len, args.seed)
+        gptq_calibs = {k: windows(calib_ids, args.gptq_windows, args.seq_len, k)
+                       for k in range(args.seed, args.seed + args.gptq_seeds)}
+        gptq_calib = gptq_calibs[args.seed]
         spin_calib = windows(calib_ids, args.spin_windows, args.spin_seq_len, args.seed + 1)
         for method in methods:
             t0 = time.perf_counter()
@@ -113,23 +117,26 @@ def main() -> int:
                 rec["ppl"]["float"] = fp["ppl"]
                 out_file.write_text(json.dumps(rec, indent=1))
             rotated = method != "identity"
-            for setting in args.settings.split(","):
+            cells = [(s, "rtn", None) for s in args.settings.split(",")] + [
+                (s, "gptq", k) for s in args.settings.split(",") for k in gptq_calibs]
+            for setting, wq, seed in cells:
                 bits = SETTINGS[setting]
-                for wq in ("rtn", "gptq"):
-                    t1 = time.perf_counter()
-                    q = copy.deepcopy(model)
-                    r = quantize_model(q, wq, wbits=4, mse_clip=args.mse_clip, calib=gptq_calib if wq == "gptq" else None,
-                                       act=ActQuantConfig(bits=bits, symmetric=False, online_hadamard=rotated),
-                                       kv=KVQuantConfig(bits=bits, r3=rotated), progress=False)
-                    p = perplexity(q, tok, text=split.eval, seq_len=args.seq_len, max_tokens=args.eval_tokens,
-                                   progress=False)
-                    r.hooks.remove()
-                    rec["ppl"][f"{setting} {wq}"] = p["ppl"]
-                    rec["seconds"][f"{setting} {wq}"] = round(time.perf_counter() - t1, 1)
-                    rec["eval_tokens"] = p["tokens"]
-                    out_file.write_text(json.dumps(rec, indent=1))  # partial results survive an interrupted run
-                    del q
-                    print(f"{method} {setting} {wq}: ppl {p['ppl']:.3f}", file=sys.stderr, flush=True)
+                key = f"{setting} {wq}" if seed in (None, args.seed) else f"{setting} {wq} seed {seed}"
+                t1 = time.perf_counter()
+                q = copy.deepcopy(model)
+                r = quantize_model(q, wq, wbits=4, mse_clip=args.mse_clip,
+                                   calib=gptq_calibs[seed] if wq == "gptq" else None,
+                                   act=ActQuantConfig(bits=bits, symmetric=False, online_hadamard=rotated),
+                                   kv=KVQuantConfig(bits=bits, r3=rotated), progress=False)
+                p = perplexity(q, tok, text=split.eval, seq_len=args.seq_len, max_tokens=args.eval_tokens,
+                               progress=False)
+                r.hooks.remove()
+                rec["ppl"][key] = p["ppl"]
+                rec["seconds"][key] = round(time.perf_counter() - t1, 1)
+                rec["eval_tokens"] = p["tokens"]
+                out_file.write_text(json.dumps(rec, indent=1))  # partial results survive an interrupted run
+                del q
+                print(f"{method} {key}: ppl {p['ppl']:.3f}", file=sys.stderr, flush=True)
             rec["total_s"] = round(time.perf_counter() - t0, 1)
             out_file.write_text(json.dumps(rec, indent=1))
             print(f"{method}: rotation {rot_s:.0f} s, total {rec['total_s']:.0f} s", file=sys.stderr, flush=True)
@@ -147,6 +154,11 @@ def main() -> int:
         rec = json.loads(f.read_text())
         cells = [f"{rec['ppl'][c]:.2f}" if c in rec["ppl"] else "-" for c in cols]
         print(f"| {NAMES[method]} | {rec['rotation_s']:.0f} | {rec['invariance_error']:.1e} | " + " | ".join(cells) + " |")
+        for c in cols:  # GPTQ cells repeated with other calibration seeds (--gptq-seeds)
+            runs = [v for k, v in rec["ppl"].items() if k == c or k.startswith(c + " seed ")]
+            if len(runs) > 1:
+                notes.append(f"{NAMES[method]}, {c}: {len(runs)} GPTQ calibration seeds " + ", ".join(
+                    f"{v:.2f}" for v in runs) + f"; mean {sum(runs) / len(runs):.2f}, max - min {max(runs) - min(runs):.2f}")
         if "float" in rec["ppl"]:
             notes.append(f"float perplexity ({NAMES[method]}): {rec['ppl']['float']:.2f} over "
                          f"{rec.get('eval_tokens')} predicted tokens")
