@@ -85,6 +85,9 @@ def parse_args(argv):
     p.add_argument("--tools", default="llmcompressor,orthoopt", help="which tools to run [both]")
     p.add_argument("--rotations", default=None,
                    help=f"subset of {','.join(LLMC_ROTATIONS + ORTHOOPT_ROTATIONS)} [all]")
+    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
+                   help="orthoopt's GPTQ group by group (default) or, --no-true-sequential, every linear of a layer "
+                        "from one pass as llm-compressor's GPTQModifier does")
     p.add_argument("--no-float", action="store_true", help="skip the float baseline (e.g. a second, partial run)")
     p.add_argument("--out", type=Path, default=None, help="write the markdown table (and .json beside it)")
     p.add_argument("--no-progress", action="store_true")
@@ -138,7 +141,8 @@ def main(argv=None) -> int:
             f"half, the same token ids for both tools; evaluation: {float_ppl['tokens']} predicted tokens of the "
             f"second half in windows of {args.seq_len}",
             f"- W4 symmetric per output channel, embeddings and lm_head in full precision; GPTQ damp 0.01, no "
-            f"act-order; OptRot/OptRot+: {args.steps} solver steps per phase (R1, R2)",
+            f"act-order; orthoopt's GPTQ {'true sequential' if args.true_sequential else 'one pass per layer'}; "
+            f"OptRot/OptRot+: {args.steps} solver steps per phase (R1, R2)",
             f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}; {platform.platform()}, "
             f"{os.cpu_count()} CPUs, {args.threads} torch thread(s); load average at start "
             f"{'/'.join(f'{x:.1f}' for x in load_start)}, now {'/'.join(f'{x:.1f}' for x in os.getloadavg())}",
@@ -194,7 +198,7 @@ def main(argv=None) -> int:
             for q in QUANT:
                 model = copy.deepcopy(rotated)
                 start = time.perf_counter()
-                quantize_model(model, method=q, wbits=4, group_size=None, sym=True,
+                quantize_model(model, method=q, wbits=4, group_size=None, sym=True, true_sequential=args.true_sequential,
                                calib=calib if q == "gptq" else None, progress=progress)
                 row[f"{q}_s"] = time.perf_counter() - start
                 row[q] = ppl(model)["ppl"]

@@ -101,7 +101,7 @@ def test_gptq_writes_grid_weights_and_calibration_record(capsys, tmp_path, model
                                "--group-size", "32", "--calib", str(text_file), "--nsamples", "4",
                                "--seq-len", "32", "--seed", "3", "--json", "--no-progress"])
     assert record["calibration"] == {"file": str(text_file), "nsamples": 4, "seq_len": 32, "seed": 3}
-    assert record["gptq"] == {"act_order": False, "percdamp": 0.01, "block_size": 128} and record["seconds"] >= 0
+    assert record["gptq"] == {"act_order": False, "percdamp": 0.01, "block_size": 128, "true_sequential": True} and record["seconds"] >= 0
     before, after = load_file(model_dir / "model.safetensors"), load_file(out / "model.safetensors")
     for name, w in after.items():
         if "layers" in name and name.endswith("proj.weight"):

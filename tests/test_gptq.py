@@ -245,10 +245,43 @@ def test_gptq_model_beats_rtn_model():
             errors[method] = float((model(test).logits - ref).norm() / ref.norm())
         if method == "gptq":
             assert result.settings["calibration"] == {"nsamples": 8, "seq_len": 64}
-            assert result.settings["gptq"] == {"act_order": False, "percdamp": 0.01, "block_size": 128}
+            assert result.settings["gptq"] == {"act_order": False, "percdamp": 0.01, "block_size": 128,
+                                                "true_sequential": True}
     assert errors["gptq"] < 0.9 * errors["rtn"]
 
 
 def test_calib_must_be_token_matrix():
     with pytest.raises(ValueError, match="LongTensor"):
         gptq_quantize_model(tiny(), torch.zeros(4, 8), QuantSpec(bits=4), progress=False)
+
+
+def test_one_pass_gptq_takes_every_hessian_from_the_unquantized_layer_in_two_passes():
+    """true_sequential=False (llm-compressor's GPTQ): each layer runs twice per window (one pass for all
+    Hessians, one to pass its quantized output on) instead of once per input-sharing group plus one, and
+    layer 0's linears are GPTQ of the Hessians of the float model's layer-0 inputs, o and down included."""
+    base = tiny()
+    calib = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(2))
+    spec = QuantSpec(bits=3)
+    calls = {}
+    for sequential in (True, False):
+        model = copy.deepcopy(base)
+        count = [0]
+        first = getattr(model.model, "layers")[0]
+        first.register_forward_pre_hook(lambda m, a, k: count.__setitem__(0, count[0] + 1), with_kwargs=True)
+        gptq_quantize_model(model, calib, spec, progress=False, true_sequential=sequential)
+        calls[sequential] = count[0]
+    assert calls[False] == 2 * len(calib)
+    assert calls[True] == (len(locate(base).spec.groups) + 1) * len(calib)
+
+    linears = {n: lin for n, lin in locate(base).linears().items() if n.startswith("layers.0.")}
+    accs = {n: HessianAccumulator(lin.in_features, dtype=F64) for n, lin in linears.items()}
+    probes = [lin.register_forward_hook(lambda m, a, o, n=n: accs[n].add(a[0])) for n, lin in linears.items()]
+    with torch.no_grad():
+        for row in calib:
+            base(row[None])
+    for p in probes:
+        p.remove()
+    quantized = dict(locate(model).linears())
+    for n, lin in linears.items():
+        want = gptq_quantize(lin.weight, accs[n].hessian, spec).weight
+        assert torch.allclose(quantized[n].weight, want, atol=1e-10, rtol=0), n

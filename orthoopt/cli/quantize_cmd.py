@@ -57,6 +57,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="calibration window length (default: context, max 2048)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed; default 0")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: quantize each layer's input-sharing groups one after the other, each with the "
+                        "Hessians of the earlier groups' quantized outputs (default); --no-true-sequential: "
+                        "all of a layer's linears from one pass (as llm-compressor; fewer forward passes)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H); default 0.01")
     p.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block size; default 128")
     p.add_argument(
@@ -126,7 +130,8 @@ def run(args) -> int:
 
     result = quantize_model(
         model, method=args.method, wbits=args.wbits, group_size=args.group_size, sym=args.sym, act=act,
-        calib=calib, kv=kv, act_order=args.act_order, mse_clip=args.mse_clip, percdamp=args.damp,
+        calib=calib, kv=kv, act_order=args.act_order, true_sequential=args.true_sequential, mse_clip=args.mse_clip,
+        percdamp=args.damp,
         block_size=args.block_size, progress=not args.no_progress,
     )
     settings = {**result.settings, "source": str(args.model_dir), "calibration": calib_info}

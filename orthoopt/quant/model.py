@@ -84,6 +84,7 @@ def quantize_model(
     *,
     kv: KVQuantConfig | None = None,
     act_order: bool = False,
+    true_sequential: bool = True,
     mse_clip: bool = False,
     percdamp: float = 0.01,
     block_size: int = 128,
@@ -98,6 +99,9 @@ def quantize_model(
     act:        activation quantization and online Hadamard (default: off).
     kv:         online R3 and K/V-cache quantization (default: off; :mod:`orthoopt.quant.kv`).
     act_order, percdamp, block_size: GPTQ options (:func:`orthoopt.quant.gptq.gptq_quantize`).
+    true_sequential: GPTQ quantizes each layer group by group, each group's Hessians taken with the
+                earlier groups quantized (default), or all of a layer's linears from one pass
+                (:mod:`orthoopt.quant.sequential`).
     mse_clip:   per-row MSE search of the clipping ratio (both methods).
 
     MoE models: every expert's slice of the expert tensors is quantized like a linear (RTN per slice;
@@ -164,6 +168,7 @@ def quantize_model(
         with install_act_quant(model, ActQuantConfig(online_hadamard=act.online_hadamard)):
             losses = gptq_quantize_model(
                 model, calib, spec, act_order=act_order, percdamp=percdamp, block_size=block_size, progress=progress,
+                true_sequential=true_sequential,
                 params=by_decoder_name, rtn_experts=rtn_experts,
             )
         for L in located.layers:
@@ -182,7 +187,8 @@ def quantize_model(
         "group_size": group_size,
         "sym": sym,
         "mse_clip": mse_clip,
-        "gptq": {"act_order": act_order, "percdamp": percdamp, "block_size": block_size} if method == "gptq" else None,
+        "gptq": {"act_order": act_order, "percdamp": percdamp, "block_size": block_size,
+                 "true_sequential": true_sequential} if method == "gptq" else None,
         "act": act.to_dict(),
         "online_hadamard": hadamard,
         "kvbits": kv.bits,

@@ -7,7 +7,11 @@
    architecture table's input-sharing groups in forward order (``ArchSpec.groups``; Llama:
    :data:`SEQUENTIAL_GROUPS`, q/k/v together, o, gate/up together, down). For each group, the layer is
    run on all windows with hooks accumulating each linear's input Hessian (the groups before it
-   already quantized), then every linear of the group is quantized with :func:`gptq_quantize`.
+   already quantized), then every linear of the group is quantized with :func:`gptq_quantize`
+   ("true sequential", the GPTQ reference's ``--true-sequential`` and AutoGPTQ's default). With
+   ``true_sequential=False`` the whole layer is one group: one pass collects every linear's Hessian
+   from the layer's unquantized function (llm-compressor's ``GPTQModifier``), so a layer costs two
+   forward passes instead of up to five.
 3. The quantized layer's outputs become the next layer's inputs.
 
 MoE expert tensors (:mod:`orthoopt.quant.experts`) take part in their group's pass: a forward
@@ -166,6 +170,7 @@ def gptq_quantize_model(
     progress: bool = True,
     params: dict[str, WeightQuantParams] | None = None,
     rtn_experts: dict[str, list[int]] | None = None,
+    true_sequential: bool = True,
 ) -> dict[str, float]:
     """Quantize every decoder-layer linear and MoE expert tensor of ``model`` in place with GPTQ.
 
@@ -175,18 +180,20 @@ def gptq_quantize_model(
     sum over its experts), keyed by parameter name (``"layers.3.mlp.experts.down_proj"``). When
     ``params`` is a dict, it receives each one's grid (scale, zero, group index; expert tensors with a
     leading expert dimension) under the same keys; when ``rtn_experts`` is a dict, it receives, per
-    expert tensor, the experts quantized by RTN for want of calibration tokens.
+    expert tensor, the experts quantized by RTN for want of calibration tokens. ``true_sequential``:
+    the layer's input-sharing groups one after the other (default), or the whole layer at once (module doc).
     """
     check_calib(calib)
     located = locate(model)
     layers = _layer_list(model)
     inputs, layer_kwargs = capture_layer_inputs(model, calib)
+    groups = located.spec.groups if true_sequential else (tuple(r for g in located.spec.groups for r in g),)
     losses: dict[str, float] = {}
     for i in tqdm(range(len(layers)), desc="GPTQ layers", disable=not progress, file=sys.stderr):
         layer, mods = layers[i], located.layers[i]
         quantized = mods.quant_linears(located.spec)
         expert_tensors = expert_params(located.spec, mods)
-        for group in located.spec.groups:
+        for group in groups:
             linears = {mods.names[role]: quantized[role] for role in group if role in quantized}
             roles = [r for r in group if r in expert_tensors]
             if not linears and not roles:
