@@ -365,9 +365,13 @@ def section_convergence(args) -> dict:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4.2))
+        shown = []
         for r in runs + ([reference | {"solver": "cayley-lbfgs (reference)"}] if reference else []):
             e = [p[0] for p in r["points"]]
-            ax.semilogy(e, [max(p[2] - best, 1e-9 * gap) / gap for p in r["points"]], label=r["solver"])
+            y = [max(p[2] - best, 1e-9 * gap) / gap for p in r["points"]]
+            shown += [v for x, v in zip(e, y) if x <= args.budget]
+            ax.semilogy(e, y, label=r["solver"])
+        ax.set_ylim(bottom=min(shown) / 2)  # the best point itself (0 after the shift) is off the scale
         ax.axhline(0.05, color="grey", ls=":", lw=0.8)
         ax.axhline(0.01, color="grey", ls="--", lw=0.8)
         ax.set_xlim(0, max(args.budget, 1))
