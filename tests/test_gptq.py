@@ -192,6 +192,18 @@ def tiny(dtype=F64, **kw):
     return planted_outlier_model(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, dtype=dtype, **kw)
 
 
+def input_hessians(model, linears: dict, calib: torch.Tensor) -> dict:
+    """``{name: HessianAccumulator}`` of the inputs each of ``linears`` sees when ``model`` runs ``calib``."""
+    accs = {name: HessianAccumulator(lin.in_features, dtype=F64) for name, lin in linears.items()}
+    probes = [lin.register_forward_hook(lambda m, a, o, n=name: accs[n].add(a[0])) for name, lin in linears.items()]
+    with torch.no_grad():
+        for row in calib:
+            model(row[None])
+    for p in probes:
+        p.remove()
+    return accs
+
+
 @pytest.mark.parametrize(
     "arch, online_hadamard",
     [("llama", False), ("llama", True), ("mistral", False), ("qwen2", True), ("qwen3", False)],
@@ -213,13 +225,7 @@ def test_layerwise_gptq_uses_inputs_of_the_quantized_prefix(arch, online_hadamar
     linears.pop("lm_head")
     assert set(losses) == set(linears)
 
-    accs = {name: HessianAccumulator(lin.in_features, dtype=F64) for name, lin in linears.items()}
-    probes = [lin.register_forward_hook(lambda m, a, o, n=name: accs[n].add(a[0])) for name, lin in linears.items()]
-    with torch.no_grad():
-        for row in calib:
-            model(row[None])
-    for p in probes:
-        p.remove()
+    accs = input_hessians(model, linears, calib)
     for name, lin in linears.items():
         redo = gptq_quantize(original[f"model.{name}.weight"], accs[name].hessian, spec).weight
         assert torch.allclose(lin.weight, redo, atol=1e-10, rtol=0), name
@@ -274,13 +280,7 @@ def test_one_pass_gptq_takes_every_hessian_from_the_unquantized_layer_in_two_pas
     assert calls[True] == (len(locate(base).spec.groups) + 1) * len(calib)
 
     linears = {n: lin for n, lin in locate(base).linears().items() if n.startswith("layers.0.")}
-    accs = {n: HessianAccumulator(lin.in_features, dtype=F64) for n, lin in linears.items()}
-    probes = [lin.register_forward_hook(lambda m, a, o, n=n: accs[n].add(a[0])) for n, lin in linears.items()]
-    with torch.no_grad():
-        for row in calib:
-            base(row[None])
-    for p in probes:
-        p.remove()
+    accs = input_hessians(base, linears, calib)
     quantized = dict(locate(model).linears())
     for n, lin in linears.items():
         want = gptq_quantize(lin.weight, accs[n].hessian, spec).weight
