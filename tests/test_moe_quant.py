@@ -269,8 +269,8 @@ def test_cli_quantize_moe_a4kv4_then_eval(tmp_path, capsys):
     text.write_text("".join(f" line {i} about experts and routers .\n" for i in range(40)))
     out = tmp_path / "q"
     capsys.readouterr()
-    assert main(["quantize", str(src), "--out", str(out), "--method", "rtn", "--abits", "4", "--kvbits", "4", "--json",
-                 "--no-progress"]) == 0
+    assert main(["quantize", str(src), "--out", str(out), "--abits", "4", "--kvbits", "4", "--json",
+                 "--no-progress"]) == 0  # the command: RTN is the default method
     settings = json.loads(capsys.readouterr().out)
     assert settings["wbits"] == 4 and settings["abits"] == 4 and settings["kvbits"] == 4
     assert "layers.0.mlp.experts.gate_up_proj" in settings["experts"]

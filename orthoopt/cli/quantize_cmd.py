@@ -34,7 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("model_dir", metavar="MODEL",
                    help="model folder (with tokenizer), .gguf file, registered name (smollm2-135m), planted, or Hub id")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--method", required=True, choices=("rtn", "gptq"), help="weight quantization method")
+    p.add_argument("--method", default="rtn", choices=("rtn", "gptq"), help="weight quantization method (default rtn)")
     p.add_argument("--wbits", type=int, default=4, help=f"weight bits, {MIN_BITS}-{MAX_BITS} or 16 (off); default 4")
     p.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: per output channel)")
     sym = p.add_mutually_exclusive_group()
