@@ -160,9 +160,9 @@ def quantize_model(
             for lin in L.quant_linears(located.spec).values():
                 q, params[full_name[id(lin)]] = quantize_rtn_params(lin.weight, spec)
                 lin.weight.copy_(q)
-            for name, t in quantized_expert_tensors(located.spec, L).items():
-                q, params[prefix + name] = quantize_experts_rtn(t, spec)
-                t.copy_(q)
+        for name, t in expert_tensors.items():
+            q, params[prefix + name] = quantize_experts_rtn(t, spec)
+            t.copy_(q)
     elif spec is not None:
         by_decoder_name: dict[str, WeightQuantParams] = {}
         with install_act_quant(model, ActQuantConfig(online_hadamard=act.online_hadamard)):
@@ -174,8 +174,8 @@ def quantize_model(
         for L in located.layers:
             for role, lin in L.quant_linears(located.spec).items():
                 params[full_name[id(lin)]] = by_decoder_name[L.names[role]]
-            for name in quantized_expert_tensors(located.spec, L):
-                params[prefix + name] = by_decoder_name[name]
+        for name in expert_tensors:
+            params[prefix + name] = by_decoder_name[name]
     hooks = install_act_quant(model, act)
     if kv.active:
         hooks.add(install_kv_quant(model, kv))

@@ -19,7 +19,9 @@ pre-hook on the experts module records its inputs (hidden rows and the router's 
 every window; then each expert's slice is quantized with its own Hessian, from the rows routed to it
 (``gate_up``) or from ``act(gate) * up`` of those rows with the already-quantized ``gate_up``
 (``down``, the next group), one expert at a time. An expert that no calibration token reaches is
-quantized by RTN (with a warning; listed in ``rtn_experts``).
+quantized by RTN (with a warning; listed in ``rtn_experts``). ``down`` is computed from the quantized
+``gate_up`` in both modes: with ``true_sequential=False`` the two share one pass, so this is the one
+Hessian there that is not taken from the layer's unquantized function.
 
 Any forward pre-hooks on the linears (e.g. the online Hadamard of :mod:`orthoopt.quant.act`) act
 during calibration, so the Hessians describe the inputs the linears really see.
