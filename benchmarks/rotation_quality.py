@@ -1,11 +1,13 @@
 """Rotation quality benchmark: perplexity after rotating with every method and quantizing three ways.
 
-    python benchmarks/rotation_quality.py                      # full run (< 30 min on a 2-core CPU)
+    python benchmarks/rotation_quality.py --model-dir smollm2-135m --eval-tokens 4096 --seq-len 256 \
+        --calib-samples 16 --seeds 2 --jobs 2        # docs/results.md: 53 min on a quiet 2-core CPU
     python benchmarks/rotation_quality.py --quick --results /tmp/r.md   # smoke test, tiny model
 
 For one model: the unrotated original (norms not fused: the real baseline), then rotate (R1 then R2,
 ``orthoopt.pipeline.rotate_model``) with each of identity (norms fused, no rotation), random
-orthogonal, random Hadamard, OptRot, OptRot+, KurTail kurtosis and DFRot; quantize every model with
+orthogonal, random Hadamard, OptRot, OptRot+, KurTail kurtosis, DFRot and SpinQuant (trained for
+W4 RTN per channel and for g64); quantize every model with
 W4 RTN, W4 RTN g64, W4 GPTQ and W4A8 RTN (symmetric 4-bit weights per output channel, or per group of
 64 input columns; 8-bit per-token
 activations; embeddings and lm_head in full precision, ``docs/quantization.md``); report
@@ -18,8 +20,8 @@ planted-outlier Llama trained briefly on the calibration half of the text (``_mo
 ``benchmarks/.cache``). Text: the first half of ``--text`` (default ``../shared/data/wikitext2-test.txt``)
 trains the fallback model and calibrates (optrot+, kurtosis, dfrot, GPTQ); the second half is only
 evaluated. Every learned method runs its default solver for its default budget of steps per phase
-(``orthoopt.config.DEFAULT_STEPS``, ``docs/solvers.md``; ``--steps`` gives all the same count) and starts from the same random Hadamard matrix as the ``hadamard``
-row. W4 GPTQ is repeated with GPTQ calibration windows of other seeds (``--seeds``) to show how large
+(``orthoopt.config.DEFAULT_STEPS``, ``docs/solvers.md``; ``--steps`` gives all the same count) and
+starts from the same random Hadamard matrix as the ``hadamard`` row. W4 GPTQ is repeated with GPTQ calibration windows of other seeds (``--seeds``) to show how large
 a difference the calibration sample alone makes. The report goes to ``docs/results.md`` (atomically)
 with the command, date, code version, machine and load. Runs on one torch thread by default
 (``--threads``): the machine is shared, and oversubscribed threads are far slower than one.
@@ -525,8 +527,7 @@ class Inputs:
 
     prepared: PreparedModel
     split: object
-    calib: torch.Tensor                      # [calib_samples, seq_len] of the main seed (rotation data, GPTQ)
-    gptq_calibs: dict[int, torch.Tensor]     # {seed: windows} of the W4 GPTQ spread
+    gptq_calibs: dict[int, torch.Tensor]     # {seed: windows}; the main seed's: rotation data and GPTQ
     spin_calib: torch.Tensor                 # [spin_windows, seq_len] SpinQuant training windows
     eval_ids: torch.Tensor
     probe: torch.Tensor                      # [logit_windows, seq_len] windows of the logit error
@@ -547,14 +548,13 @@ def build_inputs(settings: Settings) -> Inputs:
         raise ValueError(f"the evaluation half has {eval_ids.numel()} tokens, fewer than "
                          f"{settings.logit_windows} windows of {settings.seq_len}")
     probe = eval_ids[: settings.logit_windows * settings.seq_len].reshape(settings.logit_windows, settings.seq_len)
-    return Inputs(prepared, split, gptq_calibs[settings.seed], gptq_calibs, spin_calib, eval_ids, probe,
-                  logits(prepared.model, probe))
+    return Inputs(prepared, split, gptq_calibs, spin_calib, eval_ids, probe, logits(prepared.model, probe))
 
 
 def method_row(settings: Settings, inputs: Inputs, method: str) -> MethodResult:
     log(f"method {method}")
     i = inputs
-    row = run_method(i.prepared.model, method, settings, i.calib, i.eval_ids, i.probe, i.ref_logits,
+    row = run_method(i.prepared.model, method, settings, i.gptq_calibs[settings.seed], i.eval_ids, i.probe, i.ref_logits,
                      i.gptq_calibs, i.spin_calib)
     log(f"  {method} rotation took {row.rotation_seconds:.1f} s")
     return row
