@@ -1,7 +1,7 @@
 """The papers' full settings on a real model: W4A4KV4 and W4A8KV8 perplexity per rotation method.
 
-For each rotation method (no rotation, random Hadamard, OptRot, SpinQuant's end-to-end objective) the
-model is rotated once (R1 and R2; calibration from the first half of the text), then quantized in
+For each rotation method (no rotation, random Hadamard, OptRot, OptRot+, KurTail, DFRot, SpinQuant's
+end-to-end objective) the model is rotated once (R1 and R2; calibration from the first half of the text), then quantized in
 each setting with RTN and GPTQ weights and evaluated on the second half:
 
 * weights: 4-bit symmetric per output channel, RTN or GPTQ (damp 0.01, no act-order; calibration
@@ -14,8 +14,10 @@ each setting with RTN and GPTQ weights and evaluated on the second half:
   none for "no rotation" (the plain quantized model, as the papers' RTN/GPTQ baselines).
 
 SpinQuant trains its rotations for the W4A4KV4 setting (RTN weights, straight-through); its W4A8KV8
-rows reuse those rotations. Results per method are cached as JSON under ``--cache`` so a run can be
-split (``--methods``) and the table printed from everything measured (``--table-only``).
+rows reuse those rotations. ``--gptq-seeds N`` repeats every GPTQ cell with the calibration windows
+of N seeds and ``--table-only`` prints their spread. Results per method are cached as JSON under
+``--cache`` so a run can be split (``--methods``) and the table printed from everything measured
+(``--table-only``).
 
     OMP_NUM_THREADS=1 python benchmarks/full_settings.py --methods identity,hadamard,optrot,spinquant
 """

@@ -7,7 +7,9 @@ Rows (weights W4, symmetric, per output channel; embeddings and lm_head in full 
   each with RTN (``QuantizationModifier``, min-max) and GPTQ (``GPTQModifier``, damp 0.01, no
   act-order) through ``oneshot``;
 * orthoopt, no rotation (the checkpoint as loaded, as llm-compressor's row), norm-fused without rotation
-  (``identity``), random Hadamard, OptRot and OptRot+ (``orthoopt.pipeline.rotate_model``), each with RTN and GPTQ (``orthoopt.quant.quantize_model``, damp 0.01, no act-order).
+  (``identity``), random Hadamard, OptRot and OptRot+ (``orthoopt.pipeline.rotate_model``), each with
+  RTN and GPTQ (``orthoopt.quant.quantize_model``, damp 0.01, no act-order; true-sequential unless
+  ``--no-true-sequential``).
 
 Calibration: ``--calib-samples`` windows of ``--seq-len`` tokens drawn (seeded) from the first half of
 ``--text``, passed to both tools as the same token ids (and to OptRot+ for its Hessians). Evaluation:
