@@ -132,10 +132,13 @@ def test_cli_export_then_orthoopt_eval_matches_fake_quant(tmp_path, tiny, capsys
         capsys.readouterr()
         assert main(["quantize", str(tiny), "--out", str(out), "--method", "rtn", "--asym", "--group-size", "16",
                      "--format", fmt, "--json", "--no-progress"]) == 0
-        record = json.loads(capsys.readouterr().out)
-        assert record["out"] == str(out)
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["out"] == str(out)
+        assert "it/s" not in captured.err  # --no-progress: no bar, compressed-tensors' own included
         assert main(["eval", str(out), "--text", str(text), "--seq-len", "32", "--json", "--no-progress"]) == 0
-        ppl[fmt] = json.loads(capsys.readouterr().out)["ppl"]
+        captured = capsys.readouterr()
+        assert "it/s" not in captured.err
+        ppl[fmt] = json.loads(captured.out)["ppl"]
     assert (tmp_path / "compressed-tensors" / "model.safetensors").stat().st_size < (
         tmp_path / "orthoopt" / "model.safetensors").stat().st_size
     assert ppl["compressed-tensors"] == pytest.approx(ppl["orthoopt"], rel=1e-5)

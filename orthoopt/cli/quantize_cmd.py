@@ -138,7 +138,7 @@ def run(args) -> int:
     if args.format == "compressed-tensors":
         from orthoopt.export.compressed_tensors import save_compressed_tensors
 
-        out = save_compressed_tensors(model, tokenizer, args.out, result, settings)
+        out = save_compressed_tensors(model, tokenizer, args.out, result, settings, progress=not args.no_progress)
         settings = json.loads((out / "quant.json").read_text(encoding="utf-8"))  # with its export record
     else:
         out = save_quantized(model, tokenizer, args.out, settings)

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -151,7 +153,8 @@ def _ct_params(params: WeightQuantParams, spec: QuantSpec, dtype: torch.dtype) -
 
 @torch.no_grad()
 def save_compressed_tensors(
-    model: nn.Module, tokenizer, out_dir: str | os.PathLike, result: QuantResult, settings: dict | None = None
+    model: nn.Module, tokenizer, out_dir: str | os.PathLike, result: QuantResult, settings: dict | None = None,
+    progress: bool = True,
 ) -> Path:
     """Write ``model`` (fake-quantized in place by :func:`orthoopt.quant.quantize_model`, which returned
     ``result``) as a compressed-tensors checkpoint in ``out_dir``, atomically.
@@ -159,7 +162,8 @@ def save_compressed_tensors(
     ``settings`` (default ``result.settings``) is written to quant.json. Raises ValueError when the
     settings are not representable (:func:`unrepresentable`) or compressed-tensors is missing, and
     RuntimeError if a packed weight would not dequantize to the model's weight (a bug). The model is
-    packed for saving and restored afterwards: on return it is unchanged.
+    packed for saving and restored afterwards: on return it is unchanged. ``progress=False`` silences
+    compressed-tensors' own "Compressing model" bar.
     """
     settings = dict(settings if settings is not None else result.settings)
     check_exportable(settings)
@@ -197,7 +201,8 @@ def save_compressed_tensors(
             m.weight_scale.data = scale.to(m.weight.device)
             m.weight_zero_point.data = zero.to(m.weight.device)
         compressor = ct["ModelCompressor"].from_pretrained_model(model, quantization_format=FORMAT)
-        compressor.compress_model(model)
+        with _bars(progress):
+            compressor.compress_model(model)
         for name, m in targets.items():  # the packed codes must give back exactly the fake-quantized weight
             sd = {k: v for k, v in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))}
             back = ct["Packed"].decompress(sd, m.quantization_scheme)["weight"]
@@ -219,6 +224,21 @@ def save_compressed_tensors(
     finally:
         _restore(model, targets, originals, ct, compressor)
     return out_dir
+
+
+@contextmanager
+def _bars(progress: bool):
+    """compressed-tensors' ``compress_model`` draws a tqdm bar with no switch; without ``progress``,
+    its module's ``tqdm`` is swapped for a disabled one while it runs."""
+    from compressed_tensors.compressors.model_compressors import model_compressor as mc
+
+    original = mc.tqdm
+    if not progress:
+        mc.tqdm = partial(original, disable=True)
+    try:
+        yield
+    finally:
+        mc.tqdm = original
 
 
 def _restore(model: nn.Module, targets: dict, originals: dict, ct: dict, compressor) -> None:
