@@ -6,8 +6,9 @@ and the adapter fuses them back. This module is the only place that knows both s
 
 Phases: ``R1`` is learned first and fused; then every ``R2.i`` is learned on the R1-rotated weights
 (the value/output blocks then already carry R1, so the R2 objective sees the weights it will
-actually change). Rotations are re-orthogonalized in float64 (polar) before they are fused, so the
-saved ``rotations.safetensors`` is exactly what the weights carry.
+actually change). Learned rotations are re-orthogonalized in float64 (polar) before they are fused;
+fixed ones (Hadamard, random) are fused as drawn. Either way the saved
+``orthoopt/rotations.safetensors`` is exactly what the weights carry.
 
 Methods (``docs/objectives.md`` has the formulas):
 
@@ -509,7 +510,7 @@ def rotate_model(
                 keywords (``rotate_model(model, "optrot", steps=50, seed=1)``; ``rotations`` may be
                 the third positional argument; ``checkpoint_every`` is a config field).
     calib:      calibration token ids ``[N, L]`` for optrot+, kurtosis, dfrot, spinquant.
-    init:       starting rotations (e.g. a previous run's ``rotations.safetensors``); rotations it
+    init:       starting rotations (e.g. a previous run's, :func:`~orthoopt.adapters.load_rotations`); rotations it
                 names start there instead of at a random Hadamard. A fixed method ignores it.
     verify_ids: token ids ``[B, L]`` on which the logits before and after must agree; the relative
                 error goes into the report and a ValueError is raised above ``verify_tol`` (default
@@ -569,7 +570,7 @@ def rotate_streamed(
     report_extra:  entries merged into ``report.json``; ``extras(folder, result)`` may add files.
 
     The output folder matches ``save_rotated``'s (sharded safetensors, config, side files,
-    ``rotations.safetensors``, ``report.json``), written to a temporary sibling and renamed into place.
+    ``orthoopt/rotations.safetensors``, ``report.json``), written to a temporary sibling and renamed into place.
     With the same settings the weights equal :func:`rotate_model`'s bit for bit on one machine. Under
     ``torchrun`` every rank returns the result; rank 0 writes. Raises ValueError / FileNotFoundError
     for bad arguments or inputs before anything is written.

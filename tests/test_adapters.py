@@ -15,6 +15,7 @@ import struct
 
 import numpy as np
 import pytest
+from safetensors.torch import save_file
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -406,6 +407,17 @@ def test_save_rotated_round_trip(tmp_path):
     # without a tokenizer
     out2 = save_rotated(model, None, tmp_path / "no_tok", {}, {})
     assert load_tokenizer(out2) is None and (out2 / ROTATIONS_FILE).is_file()
+    # only the model's weights at the top level (engines load every top-level *.safetensors)
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]
+
+
+def test_load_rotations_reads_older_folders_and_names_a_missing_file(tmp_path):
+    old = tmp_path / "old"  # written before the rotations moved into orthoopt/
+    old.mkdir()
+    save_file({"R1": torch.eye(4, dtype=torch.float64)}, str(old / "rotations.safetensors"))
+    assert torch.equal(load_rotations(old)["R1"], torch.eye(4, dtype=torch.float64))
+    with pytest.raises(FileNotFoundError, match="orthoopt/rotations.safetensors"):
+        load_rotations(tmp_path)
 
 
 def test_save_rotated_keeps_tied_embedding(tmp_path):

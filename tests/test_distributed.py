@@ -139,7 +139,7 @@ def test_two_process_rotation_equals_single_process(two_process_run, tmp_path):
     src, out, _ = two_process_run
     single = rotate_streamed(src, tmp_path / "out1", steps=STEPS, seed=2, dtype=torch.float64,
                              model_dtype=torch.float64, progress=False)
-    multi = load_file(str(out / "rotations.safetensors"))
+    multi = load_file(str(out / "orthoopt" / "rotations.safetensors"))
     assert set(multi) == set(single.rotations) == {"R1", "R2.0", "R2.1", "R2.2"}
     for k, R in single.rotations.items():
         assert float((multi[k] - R).abs().max()) <= 1e-9

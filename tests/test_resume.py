@@ -91,7 +91,7 @@ def test_kill9_then_resume_is_bit_identical(model_dir, tmp_path, extra, kill_pha
     ref_out = tmp_path / "ref"
     done = subprocess.run(_cli(model_dir, ref_out, *steps, *extra), env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    ref = load_file(str(ref_out / "rotations.safetensors"))
+    ref = load_file(str(ref_out / "orthoopt" / "rotations.safetensors"))
     ref_report = json.loads((ref_out / "report.json").read_text())
 
     for phase in kill_phases:  # several kill points: during R1, and during R2 after R1 was fused
@@ -105,7 +105,7 @@ def test_kill9_then_resume_is_bit_identical(model_dir, tmp_path, extra, kill_pha
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         report = json.loads(resumed.stdout)
         assert report["resumed"]["phase"] == phase and report["resumed"]["steps_done"] > 0
-        got = load_file(str(out / "rotations.safetensors"))
+        got = load_file(str(out / "orthoopt" / "rotations.safetensors"))
         assert set(got) == set(ref)
         for k in ref:
             assert torch.equal(got[k], ref[k]), f"{k} differs after a kill in {phase} and --resume"
@@ -124,7 +124,7 @@ def _shards(folder: Path) -> dict[str, torch.Tensor]:
 
 def _same_output(got: Path, want: Path) -> None:
     """Rotations, every weight of the written model and the loss curves are bit-identical."""
-    a, b = load_file(str(got / "rotations.safetensors")), load_file(str(want / "rotations.safetensors"))
+    a, b = (load_file(str(d / "orthoopt" / "rotations.safetensors")) for d in (got, want))
     assert set(a) == set(b)
     for k in b:
         assert torch.equal(a[k], b[k]), f"rotation {k} differs"

@@ -451,10 +451,11 @@ def test_written_files_follow_the_umask(tiny, tmp_path):
             save_file({"a": torch.zeros(2)}, str(tmp))  # safetensors itself writes 0600
     finally:
         os.umask(old)
-    for f in [tmp_path / "r" / "model.safetensors", tmp_path / "r" / "rotations.safetensors",
+    for f in [tmp_path / "r" / "model.safetensors", tmp_path / "r" / "orthoopt" / "rotations.safetensors",
               tmp_path / "q" / "model.safetensors", tmp_path / "x.safetensors"]:
         assert f.stat().st_mode & 0o777 == 0o640, f
-    assert (tmp_path / "r").stat().st_mode & 0o777 == 0o750
+    for d in (tmp_path / "r", tmp_path / "r" / "orthoopt"):
+        assert d.stat().st_mode & 0o777 == 0o750, d
 
 
 # ------------------------------------------------------------------------------- 7. smaller items

@@ -189,4 +189,4 @@ def test_cli_rotate_spinquant_every_arch(tmp_path, capsys, arch):
     assert report["method"] == "spinquant" and report["batch_size"] == 2
     assert report["sim_quant"]["act"]["online_hadamard"] and report["sim_quant"]["kv"]["r3"]
     assert report["invariance_error"] < 1e-4
-    assert sorted(load_file(str(out / "rotations.safetensors"))) == ["R1", "R2.0", "R2.1"]
+    assert sorted(load_file(str(out / "orthoopt" / "rotations.safetensors"))) == ["R1", "R2.0", "R2.1"]

@@ -68,7 +68,7 @@ def test_streamed_equals_in_memory(saved, tmp_path, case):
     assert config["tie_word_embeddings"] == model.config.tie_word_embeddings
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "optrot" and report["streamed"]["world_size"] == 1
-    assert (out / "tokenizer.json").is_file() and (out / "rotations.safetensors").is_file()
+    assert (out / "tokenizer.json").is_file() and (out / "orthoopt" / "rotations.safetensors").is_file()
 
 
 def test_sharded_output_loads_and_keeps_logits(saved, tmp_path):

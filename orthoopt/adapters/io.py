@@ -1,8 +1,14 @@
 """Loading models (any source of :mod:`orthoopt.adapters.sources`) and saving rotated ones atomically.
 
 A rotated checkpoint folder holds ``save_pretrained`` output (safetensors weights, config), the
-tokenizer when there is one, ``rotations.safetensors`` (``{"R1": [hidden, hidden], "R2.i": [d, d]}``)
-and ``report.json``. It is written to a temporary sibling and renamed into place.
+tokenizer when there is one, ``orthoopt/rotations.safetensors`` (``{"R1": [hidden, hidden], "R2.i":
+[d, d]}``) and ``report.json``. It is written to a temporary sibling and renamed into place.
+
+The rotations live in the ``orthoopt/`` subfolder because serving engines (vLLM, SGLang, TGI) load
+every top-level ``*.safetensors`` file of a folder without a weight index as model weights, and
+refuse unknown tensor names such as ``R1``: the top level holds the model's weights and nothing
+else. :func:`load_rotations` also reads the top-level ``rotations.safetensors`` of folders written
+before this layout.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from orthoopt.utils.atomic import atomic_dir
 from orthoopt.utils.checks import check_model_weights
 from orthoopt.utils.tensorfile import check_weight_files, read_safetensors
 
-ROTATIONS_FILE = "rotations.safetensors"
+ROTATIONS_FILE = "orthoopt/rotations.safetensors"  # relative to the checkpoint folder (module doc)
+LEGACY_ROTATIONS_FILE = "rotations.safetensors"
 REPORT_FILE = "report.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -138,8 +145,8 @@ def _report_json(report: Mapping) -> str:
 def save_rotated(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike,
                  rotations: Mapping[str, torch.Tensor], report: Mapping,
                  extras: Callable[[Path], None] | None = None) -> Path:
-    """Write ``model`` (safetensors), ``tokenizer`` (if not None), ``rotations.safetensors`` and
-    ``report.json`` into ``out_dir`` atomically (a previous ``out_dir`` is replaced only on success).
+    """Write ``model`` (safetensors), ``tokenizer`` (if not None), ``orthoopt/rotations.safetensors``
+    and ``report.json`` into ``out_dir`` atomically (a previous ``out_dir`` is replaced only on success).
     ``extras(folder)`` may add files (plots) to the temporary folder before it is renamed.
 
     Raises ValueError before writing anything if ``report`` is not JSON-serializable (NaN included)
@@ -155,17 +162,29 @@ def save_rotated(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike,
         model.save_pretrained(tmp)  # safetensors (the default)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file(tensors, str(tmp / ROTATIONS_FILE))
+        write_rotations(tmp, tensors)
         (tmp / REPORT_FILE).write_text(text + "\n")
         if extras is not None:
             extras(tmp)
     return Path(out_dir)
 
 
+def write_rotations(folder: Path, rotations: Mapping[str, torch.Tensor]) -> Path:
+    """Save ``rotations`` (CPU tensors) as ``folder / ROTATIONS_FILE``; returns that path."""
+    f = folder / ROTATIONS_FILE
+    f.parent.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in rotations.items()}, str(f))
+    return f
+
+
 def load_rotations(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The rotations of a folder written by :func:`save_rotated` (or a ``rotations.safetensors`` file)."""
+    """The rotations of a folder written by :func:`save_rotated` (``orthoopt/rotations.safetensors``,
+    or the top-level ``rotations.safetensors`` of older folders), or of a rotations file."""
     path = Path(path)
-    f = path / ROTATIONS_FILE if path.is_dir() else path
+    f = path
+    if path.is_dir():
+        f = next((path / n for n in (ROTATIONS_FILE, LEGACY_ROTATIONS_FILE) if (path / n).is_file()),
+                 path / ROTATIONS_FILE)
     if not f.is_file():
         raise FileNotFoundError(f"no {ROTATIONS_FILE} at {path}")
     return read_safetensors(f, "rotations file")

@@ -1,8 +1,9 @@
 """``orthoopt rotate``: learn (or draw) rotations for a model (default smollm2-135m) and save the rotated checkpoint.
 
 The output folder holds a plain Hugging Face checkpoint (safetensors) with the rotations fused in,
-``rotations.safetensors``, ``report.json`` and ``loss_R1.png`` / ``loss_R2.png`` (+ SVG; learned methods). It is written to a
-temporary folder and renamed into place. Long runs checkpoint their whole state every
+``orthoopt/rotations.safetensors`` (in a subfolder, so that engines which load every top-level
+``*.safetensors`` see only weights), ``report.json`` and ``loss_R1.png`` / ``loss_R2.png`` (+ SVG;
+learned methods). It is written to a temporary folder and renamed into place. Long runs checkpoint their whole state every
 ``--checkpoint-every`` steps (and after each phase, or each layer with --streamed) to
 ``OUT_DIR.partial.safetensors``; ``--resume`` continues from it exactly (docs/guarantees.md).
 """
@@ -62,7 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="dtype of the model and of the learned rotations")
     p.add_argument("--include-embeddings", action="store_true",
                    help="also count embed_tokens/lm_head (kept in full precision) in learned objectives")
-    p.add_argument("--init", default=None, help="start from these rotations (a rotations.safetensors)")
+    p.add_argument("--init", default=None, help="start from these rotations (a rotate output folder or its rotations file)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT.partial.safetensors if present (exact: whole solver state; "
                         "refused if written with other settings)")

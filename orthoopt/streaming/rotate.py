@@ -13,7 +13,7 @@ written as shards, for the one phase loop of :mod:`orthoopt.pipeline` (``rotate_
 
 The output folder matches ``save_rotated``'s: sharded safetensors with ``model.safetensors.index.json``,
 ``config.json`` (``tie_word_embeddings`` cleared when fusion unties lm_head), the other files of the
-input folder (tokenizer, generation config), ``rotations.safetensors`` and ``report.json``, written to a
+input folder (tokenizer, generation config), ``orthoopt/rotations.safetensors`` and ``report.json``, written to a
 temporary sibling and renamed into place (``orthoopt.utils.atomic.atomic_dir``).
 
 With the same settings the weights equal the in-memory store's bit for bit on the same machine (the
@@ -38,10 +38,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from orthoopt.adapters.io import REPORT_FILE, ROTATIONS_FILE
+from orthoopt.adapters.io import LEGACY_ROTATIONS_FILE, REPORT_FILE, write_rotations
 from orthoopt.config import FULL_PRECISION_BLOCKS, STREAMED_METHODS, RotateConfig
 from orthoopt.objectives import FourthPower, Objective
 from orthoopt.resume import Partial, read_partial, write_partial
@@ -67,7 +66,7 @@ except ImportError:  # pragma: no cover - Windows
     resource = None
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
-_NOT_COPIED = {"config.json", INDEX_FILE, "pytorch_model.bin.index.json", ROTATIONS_FILE, REPORT_FILE}
+_NOT_COPIED = {"config.json", INDEX_FILE, "pytorch_model.bin.index.json", LEGACY_ROTATIONS_FILE, REPORT_FILE}
 F64 = torch.float64
 
 
@@ -305,11 +304,11 @@ class SafetensorsStore:
         self.writer.finish()
 
     def write_files(self, folder: Path, rotations: dict[str, torch.Tensor], report: dict) -> None:
-        """``config.json``, the input's side files, ``rotations.safetensors`` and ``report.json``."""
+        """``config.json``, the input's side files, ``orthoopt/rotations.safetensors`` and ``report.json``."""
         text = json.dumps(report, indent=2, allow_nan=False)
         _write_config(self.ckpt.path, folder, self.reader.untie, self.config.torch_model_dtype)
         _copy_side_files(self.ckpt.path, folder)
-        save_file({k: v.contiguous() for k, v in rotations.items()}, str(folder / ROTATIONS_FILE))
+        write_rotations(folder, rotations)
         (folder / REPORT_FILE).write_text(text + "\n")
 
     def run(self, out_dir: Path, loop: Callable, finish: Callable, extras: Callable | None = None):
