@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data import DEFAULT_TEXT, split_halves  # noqa: E402
+from _data import DEFAULT_TEXT, random_windows, split_halves  # noqa: E402
 
 from orthoopt.adapters import load_model, load_tokenizer  # noqa: E402
 from orthoopt.eval import perplexity  # noqa: E402
@@ -48,13 +48,6 @@ from orthoopt.quant.rotated import SimQuantConfig  # noqa: E402
 NAMES = {"identity": "no rotation", "hadamard": "random Hadamard", "optrot": "OptRot", "optrot+": "OptRot+",
          "kurtosis": "KurTail (kurtosis)", "dfrot": "DFRot", "spinquant": "SpinQuant (end-to-end)"}
 SETTINGS = {"W4A4KV4": 4, "W4A8KV8": 8}
-
-
-def windows(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
-    """``[n, seq_len]`` windows at seeded uniform starts of ``ids``."""
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len + 1, (n,), generator=g)
-    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
 def main() -> int:
@@ -88,10 +81,10 @@ def main() -> int:
         split = split_halves(args.text)
         tok = load_tokenizer(args.model)
         calib_ids = tokenize_text(split.calib, tok)
-        gptq_calibs = {k: windows(calib_ids, args.gptq_windows, args.seq_len, k)
+        gptq_calibs = {k: random_windows(calib_ids, args.gptq_windows, args.seq_len, k)
                        for k in range(args.seed, args.seed + args.gptq_seeds)}
         gptq_calib = gptq_calibs[args.seed]
-        spin_calib = windows(calib_ids, args.spin_windows, args.spin_seq_len, args.seed + 1)
+        spin_calib = random_windows(calib_ids, args.spin_windows, args.spin_seq_len, args.seed + 1)
         for method in methods:
             t0 = time.perf_counter()
             model = load_model(args.model)
@@ -105,7 +98,7 @@ def main() -> int:
                       "sim_quant": SimQuantConfig(wbits=4, act=ActQuantConfig(bits=4, symmetric=False,
                                                                               online_hadamard=True),
                                                   kv=KVQuantConfig(bits=4, r3=True))}
-            verify = windows(calib_ids, 2, 32, args.seed + 2)
+            verify = random_windows(calib_ids, 2, 32, args.seed + 2)
             res = rotate_model(model, method, progress=False, seed=args.seed, verify_ids=verify, **kw)
             rot_s = time.perf_counter() - t0
             rec = {"method": method, "rotation_s": round(rot_s, 1), "report_loss": res.report.get("loss"),
