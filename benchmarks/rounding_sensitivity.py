@@ -13,7 +13,8 @@ nothing: it is not a seed or calibration effect but the quantizers' sensitivity 
 Cells (as ``benchmarks/full_settings.py``: 2,048 evaluation tokens in windows of 256 from the second
 half; per-channel symmetric W4; A4/A8 and KV4/KV8 asymmetric per token with R3 and R4 online
 Hadamards), chosen by ``--cells`` from W4A16, W4A4KV4 and W4A8KV8, each with RTN or GPTQ weights (GPTQ:
-8 calibration windows of seed 0).
+``--gptq-windows`` calibration windows of seed 0, default 8). ``--eval-tokens 4096 --gptq-windows 16``
+gives the settings of ``docs/results.md``'s main table.
 
     OMP_NUM_THREADS=1 python benchmarks/rounding_sensitivity.py --draws 4
     OMP_NUM_THREADS=1 python benchmarks/rounding_sensitivity.py --draws 4 --cells "W4A8KV8 GPTQ"
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eps", type=float, default=1e-14)
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--gptq-windows", type=int, default=8)
     ap.add_argument("--cells", default=DEFAULT_CELLS, help=f"comma-separated, from: {', '.join(CELLS)}")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     split = split_halves(args.text)
     tok = load_tokenizer(args.model)
-    calib = random_windows(tokenize_text(split.calib, tok), 8, args.seq_len, 0)
+    calib = random_windows(tokenize_text(split.calib, tok), args.gptq_windows, args.seq_len, 0)
     base = rotate_model(load_model(args.model), args.method, seed=0, progress=False).rotations
     variants = {"exact": base, "re-projected": {k: reorthogonalize(R) for k, R in base.items()}}
     for d in range(1, args.draws + 1):
