@@ -285,3 +285,28 @@ def test_one_pass_gptq_takes_every_hessian_from_the_unquantized_layer_in_two_pas
     for n, lin in linears.items():
         want = gptq_quantize(lin.weight, accs[n].hessian, spec).weight
         assert torch.allclose(quantized[n].weight, want, atol=1e-10, rtol=0), n
+
+
+def test_hessian_collection_shares_an_input_once_and_never_runs_the_last_linear():
+    """One pass over layer 0 with all seven linears: q/k/v (and gate/up) get the very same input tensor,
+    so they share one accumulator; the pass stops at down_proj's input, before down_proj computes; and
+    every Hessian equals the float model's."""
+    from orthoopt.quant.sequential import _collect_hessians, capture_layer_inputs
+
+    model = tiny()
+    calib = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(4))
+    linears = {n: lin for n, lin in locate(model).linears().items() if n.startswith("layers.0.")}
+    ran = {n: 0 for n in linears}
+    for n, lin in linears.items():
+        lin.register_forward_hook(lambda m, a, o, n=n: ran.__setitem__(n, ran[n] + 1))
+    inputs, kwargs = capture_layer_inputs(model, calib)
+    accs = _collect_hessians(model.model.layers[0], linears, inputs, kwargs[0])
+    p = "layers.0."
+    attn, mlp = p + "self_attn.", p + "mlp."
+    assert accs[attn + "q_proj"] is accs[attn + "k_proj"] is accs[attn + "v_proj"]
+    assert accs[mlp + "gate_proj"] is accs[mlp + "up_proj"]
+    assert len({id(a) for a in accs.values()}) == 4  # qkv, o, gate/up, down
+    assert ran[mlp + "down_proj"] == 0 and ran[attn + "o_proj"] == len(calib)
+    want = input_hessians(model, linears, calib)
+    for n in linears:
+        assert torch.allclose(accs[n].hessian, want[n].hessian, atol=1e-12, rtol=0), n

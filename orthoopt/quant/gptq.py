@@ -151,9 +151,9 @@ def gptq_quantize(
             q = fake_quantize(w.unsqueeze(1), scale, zero, spec).squeeze(1)
             Q[:, j] = q
             err = (w - q) / d
-            loss += 0.5 * (err * err).sum()
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             Err1[:, i] = err
+        loss += 0.5 * (Err1 * Err1).sum()
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
     group_index = torch.empty(cols, dtype=torch.long, device=W.device)

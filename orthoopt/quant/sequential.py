@@ -107,8 +107,11 @@ def _collect_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs, k
     top_k_index [tokens, k])`` are appended, one pair per window, to ``captured[name]`` (the returned
     dict's entry ``name`` is that list instead of an accumulator).
 
-    Each forward stops as soon as all of ``linears`` and ``experts`` have seen their input. Hessians
-    are float32 (float64 for float64 weights).
+    Inputs are taken by forward pre-hooks, registered after any others (so they see what the linear
+    computes on, e.g. after an online Hadamard), and each forward stops as soon as all of ``linears``
+    and ``experts`` have seen their input: the last of them never runs. Linears handed the very same
+    input tensor in a forward (q/k/v, gate/up) share one accumulator: the Hessian is computed once.
+    Hessians are float32 (float64 for float64 weights).
     """
     experts = experts or {}
     accs = {
@@ -121,9 +124,19 @@ def _collect_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs, k
     }
     accs.update({name: [] for name in experts})
     seen: set[str] = set()
+    inputs_seen: list[tuple[torch.Tensor, str]] = []  # this forward's (input, first linear fed it)
+    shares: dict[str, str] = {}  # linear -> the linear whose accumulator it shares (fixed by window 1)
 
-    def hook(name, module, args, output):
-        accs[name].add(args[0])
+    def hook(name, module, args):
+        x = args[0]
+        owner = next((n for t, n in inputs_seen if t is x), None)
+        if name not in shares:  # first window: decide whether it shares its input with an earlier linear
+            shares[name] = name if owner is None else owner
+        if shares[name] == name:
+            accs[name].add(x)
+            inputs_seen.append((x, name))
+        elif owner != shares[name]:
+            raise RuntimeError(f"{name}: its input was shared with {shares[name]} in the first window, not in a later one")
         seen.add(name)
         if len(seen) == len(linears) + len(experts):
             raise _Stop
@@ -137,12 +150,13 @@ def _collect_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs, k
         if len(seen) == len(linears) + len(experts):
             raise _Stop
 
-    handles = [lin.register_forward_hook(lambda m, a, o, n=name: hook(n, m, a, o)) for name, lin in linears.items()]
+    handles = [lin.register_forward_pre_hook(lambda m, a, n=name: hook(n, m, a)) for name, lin in linears.items()]
     handles += [mod.register_forward_pre_hook(lambda m, a, k, n=name: expert_hook(n, m, a, k), with_kwargs=True)
                 for name, mod in experts.items()]
     try:
         for x in inputs:
             seen.clear()
+            inputs_seen.clear()
             try:
                 layer(x, **kwargs)
             except _Stop:
@@ -150,6 +164,8 @@ def _collect_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs, k
     finally:
         for h in handles:
             h.remove()
+    for name, owner in shares.items():
+        accs[name] = accs[owner]
     return accs
 
 
