@@ -612,9 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     float_ppl = perplexity(prepared.model, inputs.eval_ids, seq_len=settings.seq_len, max_tokens=settings.eval_tokens,
                            progress=settings.progress)
-    float_ppl["seconds"] = time.perf_counter() - t1
+    t_baseline = float_ppl["seconds"] = time.perf_counter() - t1
     log(f"float baseline perplexity {float_ppl['ppl']:.4f} on {float_ppl['tokens']} predicted tokens")
-    t_baseline = time.perf_counter() - t1
 
     t2 = time.perf_counter()
     rows = run_rows(settings, inputs, args.jobs, args.threads or torch.get_num_threads())

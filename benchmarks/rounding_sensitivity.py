@@ -36,7 +36,7 @@ from _data import DEFAULT_TEXT, random_windows, split_halves  # noqa: E402
 
 from orthoopt.adapters import DecoderAdapter, load_model, load_tokenizer  # noqa: E402
 from orthoopt.eval import perplexity  # noqa: E402
-from orthoopt.manifold.retractions import reorthogonalize  # noqa: E402
+from orthoopt.manifold import cayley_retraction, reorthogonalize, skew  # noqa: E402
 from orthoopt.pipeline import rotate_model  # noqa: E402
 from orthoopt.quant import quantize_model, tokenize_text  # noqa: E402
 from orthoopt.quant.act import ActQuantConfig  # noqa: E402
@@ -48,12 +48,11 @@ DEFAULT_CELLS = "W4A16 RTN,W4A4KV4 RTN,W4A8KV8 RTN,W4A4KV4 GPTQ"
 
 
 def near_identity(n: int, eps: float, seed: int) -> torch.Tensor:
-    """``[n, n]`` orthogonal, ``(I - eps A)^-1 (I + eps A)`` for a random skew ``A`` (float64)."""
+    """``[n, n]`` orthogonal, ``(I - eps A)^-1 (I + eps A)`` for a random skew ``A`` (float64): the
+    Cayley retraction from the identity along ``A`` with step ``2 eps``."""
     g = torch.Generator().manual_seed(seed)
-    a = torch.randn(n, n, generator=g, dtype=torch.float64)
-    a = eps * (a - a.T) / 2
-    eye = torch.eye(n, dtype=torch.float64)
-    return torch.linalg.solve(eye - a, eye + a)
+    a = skew(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return cayley_retraction(torch.eye(n, dtype=torch.float64), a, 2 * eps)
 
 
 def rotated(model_name: str, rotations: dict[str, torch.Tensor]):

@@ -157,7 +157,7 @@ def save_rotated(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike,
     for name, R in rotations.items():
         if not isinstance(R, torch.Tensor):
             raise ValueError(f"rotation {name!r} is not a tensor ({type(R).__name__})")
-        tensors[name] = R.detach().to("cpu").contiguous()
+        tensors[name] = R.detach().to("cpu")
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)  # safetensors (the default)
         if tokenizer is not None:
