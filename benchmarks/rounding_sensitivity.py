@@ -35,12 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import DEFAULT_TEXT, random_windows, split_halves  # noqa: E402
 
 from orthoopt.adapters import DecoderAdapter, load_model, load_tokenizer  # noqa: E402
+from orthoopt.adapters.sources import input_location  # noqa: E402
 from orthoopt.eval import perplexity  # noqa: E402
 from orthoopt.manifold import cayley_retraction, reorthogonalize, skew  # noqa: E402
 from orthoopt.pipeline import rotate_model  # noqa: E402
 from orthoopt.quant import quantize_model, tokenize_text  # noqa: E402
 from orthoopt.quant.act import ActQuantConfig  # noqa: E402
 from orthoopt.quant.kv import KVQuantConfig  # noqa: E402
+from orthoopt.utils.atomic import atomic_file  # noqa: E402
+from orthoopt.utils.paths import prepare_output  # noqa: E402
 
 CELLS = {"W4A16 RTN": (16, "rtn"), "W4A4KV4 RTN": (4, "rtn"), "W4A8KV8 RTN": (8, "rtn"), "W4A16 GPTQ": (16, "gptq"),
          "W4A4KV4 GPTQ": (4, "gptq"), "W4A8KV8 GPTQ": (8, "gptq")}
@@ -81,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in cells if c not in CELLS]
     if unknown or not cells:
         ap.error(f"unknown cells {unknown}; choose from: {', '.join(CELLS)}")
+    if args.json:  # before any work: never over an input, never half-written
+        prepare_output(args.json, {"--model": input_location(args.model), "--text": args.text}, kind="file",
+                       what="--json")
 
     split = split_halves(args.text)
     tok = load_tokenizer(args.model)
@@ -118,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     spread = {c: (min(r[c] for r in table.values()), max(r[c] for r in table.values())) for c in cells}
     print("| spread (max/min - 1) | | " + " | ".join(f"{100 * (hi / lo - 1):.1f}%" for lo, hi in spread.values()) + " |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "table": table}, indent=1))
+        with atomic_file(args.json) as f:
+            f.write(json.dumps({"args": vars(args), "table": table}, indent=1))
     return 0
 
 

@@ -48,3 +48,13 @@ def test_variants_are_the_same_rotation_to_rounding_and_every_cell_is_measured(t
 def test_unknown_cells_are_refused():
     with pytest.raises(SystemExit):
         rounding_sensitivity.main(["--cells", "W3A3 RTN"])
+
+
+@pytest.mark.skipif(not TEXT.is_file(), reason=f"shared WikiText file missing: {TEXT}")
+def test_json_over_an_input_is_refused_before_any_work(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    before = text.read_bytes()
+    with pytest.raises(ValueError, match="--json .* is the input --text"):
+        rounding_sensitivity.main(["--model", str(tmp_path / "missing"), "--text", str(text), "--json", str(text)])
+    assert text.read_bytes() == before
