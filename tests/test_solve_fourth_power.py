@@ -36,6 +36,9 @@ def test_fourth_power_decreases_from_hadamard_start(outlier_weight, solver, norm
     assert min(result.history) < result.history[0]
     R = result.rotations["R1"]
     assert R.dtype == torch.float32 and orthogonality_error(R) < 1e-5 and result.orthogonality_error < 1e-5
-    assert float((W @ R).abs().max()) < start_max
+    # the outliers stay spread. (Not "below the start's largest entry": the fourth power is not the max,
+    # and after 60 steps the largest entry moves with the CPU's rounding: 16.67 vs a 16.44 start under
+    # ATEN_CPU_CAPABILITY=default, below it under AVX2/AVX-512.)
+    assert float((W @ R).abs().max()) < 0.5 * float(W.abs().max())
     # the rotation is lossless: W @ R @ R.T gives W back
     assert torch.allclose(W @ R @ R.T, W, atol=1e-3, rtol=0)
