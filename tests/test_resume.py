@@ -84,8 +84,8 @@ def _kill_after_checkpoint(cmd: list[str], partial: Path, phase, timeout: float 
 
 
 @pytest.mark.parametrize("extra, kill_phases", [
-    ([], ("R1", "R2")),  # the default solver of optrot (L-BFGS memory, cached gradient)
-    (["--solver", "cayley-sgd", "--sample-fraction", "0.5"], ("R2",)),  # momentum, row-sampling generators
+    ([], ("R1", "R2.1")),  # the default solver of optrot (L-BFGS memory, cached gradient); R2 layer by layer
+    (["--solver", "cayley-sgd", "--sample-fraction", "0.5"], ("R2.0",)),  # momentum, row-sampling generators
 ], ids=["default", "cayley-sgd-sampled"])
 def test_kill9_then_resume_is_bit_identical(model_dir, tmp_path, extra, kill_phases):
     steps = ["--steps", "150"]
@@ -459,6 +459,12 @@ def _resumed_from(copy: Path, tmp_path: Path) -> Path:
     return ck
 
 
+def _covers_every_kind_of_checkpoint(phases: list[tuple[str, str]], name: str) -> None:
+    """Mid-R1, mid-R2 of both layers, and the boundary before layer 1's R2 (R2 is one unit per layer)."""
+    k = str(_every(name)["checkpoint_every"])
+    assert {("R1", k), ("R2.0", k), ("R2.1", "0"), ("R2.1", k)} <= set(phases), phases
+
+
 def _memory_setting(name: str) -> tuple[str, dict]:
     """A method that ``name`` can solve (procrustes: DFRot's targets, from calibration tokens)."""
     if name == "procrustes":
@@ -479,8 +485,7 @@ def test_resume_from_every_partial_checkpoint_in_memory_is_bit_identical(name, t
         ref = ref_model.state_dict()
         phases = [(m["phase"], m["step"]) for m in map(_partial_meta, copies)]
         # mid-phase checkpoints of both phases, and the phase boundary
-        k = str(_every(name)["checkpoint_every"])
-        assert {("R1", k), ("R2", "0"), ("R2", k)} <= set(phases), phases  # mid-phase and boundary
+        _covers_every_kind_of_checkpoint(phases, name)
         for copy, where in zip(copies, phases):
             model = fresh()
             rotate_model(model, method, checkpoint=_resumed_from(copy, tmp_path), resume=True, solver=name,
@@ -497,8 +502,7 @@ def test_resume_from_every_partial_checkpoint_streamed_is_bit_identical(name, wi
     copies = _every_partial(tmp_path, monkeypatch, lambda ck: rotate_streamed(
         model_dir, tmp_path / "ref", checkpoint=ck, solver=name, progress=False, **_every(name)))
     phases = [(m["phase"], m["step"]) for m in map(_partial_meta, copies)]
-    k = str(_every(name)["checkpoint_every"])
-    assert {("R1", k), ("R2.0", k), ("R2.1", "0"), ("R2.1", k)} <= set(phases), phases
+    _covers_every_kind_of_checkpoint(phases, name)
     for i, (copy, where) in enumerate(zip(copies, phases)):
         out = tmp_path / f"run{i}"
         rotate_streamed(model_dir, out, checkpoint=_resumed_from(copy, tmp_path), resume=True, solver=name,
