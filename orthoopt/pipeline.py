@@ -45,9 +45,11 @@ One phase loop (:func:`run_phases`) runs every method over a weight store (:mod:
 (:class:`orthoopt.streaming.rotate.SafetensorsStore`, layers read from disk, sharded write-back;
 :func:`rotate_streamed`, also under ``torchrun``). The settings are one
 :class:`~orthoopt.config.RotateConfig`, validated once and written into ``report.json["config"]``.
-A phase is one or more units (solves): in memory R1 and R2 are one unit each (all R2.i jointly); the
-safetensors store solves R2 one layer at a time (``R2.0``, ``R2.1``, ...), fusing and writing each
-layer as it is done. The loop starts each unit (random Hadamard or ``init``), runs the solver with the
+A phase is one or more units (solves), planned by the loop (:func:`plan_units`), not by the store:
+R1 is one unit and each layer's R2 its own (``R2.0``, ``R2.1``, ...), in memory and streamed alike
+(the safetensors store fuses and writes each layer as it is done); a joint method (spinquant) is one
+unit over all its phases. A data-driven method takes a phase's calibration statistics once, before
+the phase's first unit (:meth:`MemoryStore.prepare`). The loop starts each unit (random Hadamard or ``init``), runs the solver with the
 cosine schedule of spinquant and the user's callback, re-orthogonalizes in float64 and hands the
 rotations to the store.
 
@@ -99,8 +101,10 @@ def _phase_names(dims: Mapping[str, int], phase: str) -> dict[str, int]:
     return {k: n for k, n in dims.items() if k == phase or k.startswith(phase + ".")}
 
 
-def _blocks(adapter: DecoderAdapter, phase: str, include_embeddings: bool):
+def _blocks(adapter: DecoderAdapter, phase: str, include_embeddings: bool, names=None):
     blocks = adapter.weight_blocks(phase)
+    if names is not None:
+        blocks = [b for b in blocks if b.rotation in names]
     return blocks if include_embeddings else [b for b in blocks if b.name not in FULL_PRECISION_BLOCKS]
 
 
@@ -128,18 +132,37 @@ def _activations(adapter: DecoderAdapter, phase: str, calib: torch.Tensor, max_t
     return {name: torch.cat(xs) for name, xs in rows.items()}
 
 
+def phase_statistics(method: str, adapter: DecoderAdapter, phase: str, calib: torch.Tensor | None,
+                     calib_tokens: int = 2048, seed: int = 0, progress: bool = True,
+                     include_embeddings: bool = False) -> dict:
+    """The calibration statistics the objective of ``method`` needs for ``phase`` on the adapter's
+    current weights: ``{"hessians": ...}`` (optrot+), ``{"activations": {rotation: X}}`` (kurtosis,
+    dfrot), ``{}`` for the data-free methods and for spinquant (which reads batches itself)."""
+    if method == "optrot+":
+        sources = adapter.block_sources(phase)
+        modules = sorted({s[0] for s in sources.values() if s is not None})
+        return {"hessians": adapter.input_hessians(calib, modules=modules, progress=progress)}
+    if method in ("kurtosis", "dfrot"):
+        return {"activations": _activations(adapter, phase, calib, calib_tokens, seed, progress, include_embeddings)}
+    return {}
+
+
 def build_objective(method: str, adapter: DecoderAdapter, phase: str | Iterable[str], calib: torch.Tensor | None = None,
                     calib_tokens: int = 2048, seed: int = 0, progress: bool = True,
                     include_embeddings: bool = False, sample_fraction: float | None = None,
                     device: torch.device | str | None = None, sim_quant=None, batch_size: int = 1,
-                    micro_batch_size: int | None = None) -> Objective:
+                    micro_batch_size: int | None = None, names: Iterable[str] | None = None,
+                    cache: dict | None = None) -> Objective:
     """The objective of a learned ``method`` for the rotations of ``phase`` (``"R1"`` or ``"R2"``) on the
     adapter's current (fused, possibly partly rotated) weights. ``calib``: token ids ``[N, L]``, needed
     by the data-driven methods. ``include_embeddings``: see the module doc. ``sample_fraction`` and
     ``device`` are passed to :class:`~orthoopt.objectives.FourthPower` (optrot only). spinquant: ``phase``
     may be several phases (learned jointly), ``sim_quant`` is the simulated quantization
     (:class:`orthoopt.quant.rotated.SimQuantConfig`, default W4 RTN only), ``batch_size`` /
-    ``micro_batch_size`` the calibration windows per step / per backward pass."""
+    ``micro_batch_size`` the calibration windows per step / per backward pass. ``names``: only these
+    rotations of ``phase`` (one layer's ``R2.i``); ``cache``: the phase's calibration statistics
+    (:func:`phase_statistics`) when already taken, so that a phase solved layer by layer runs the
+    calibration forward pass once."""
     if method not in LEARNED_METHODS:
         raise ValueError(f"method {method!r} learns nothing; learned methods: {', '.join(LEARNED_METHODS)}")
     if method != "optrot" and (sample_fraction is not None or device is not None):
@@ -152,20 +175,21 @@ def build_objective(method: str, adapter: DecoderAdapter, phase: str | Iterable[
         phases = (phase,) if isinstance(phase, str) else tuple(phase)
         loss_fn = RotatedQuantLM(adapter.model, sim_quant, rotations=phases)
         return QuantizedLMLoss(loss_fn, calib, batch_size=batch_size, micro_batch_size=micro_batch_size)
+    if cache is None:
+        cache = phase_statistics(method, adapter, phase, calib, calib_tokens, seed, progress, include_embeddings)
     if method == "optrot":
-        return FourthPower(_blocks(adapter, phase, include_embeddings), sample_fraction=sample_fraction,
+        return FourthPower(_blocks(adapter, phase, include_embeddings, names), sample_fraction=sample_fraction,
                            seed=seed, device=device)
     if method == "optrot+":
-        blocks = _blocks(adapter, phase, include_embeddings)
+        blocks = _blocks(adapter, phase, include_embeddings, names)
         sources = adapter.block_sources(phase)
-        modules = sorted({s[0] for s in sources.values() if s is not None})
-        H = adapter.input_hessians(calib, modules=modules, progress=progress)
+        H = cache["hessians"]
         hessians = []
         for b in blocks:
             src = sources[b.name]
             hessians.append(None if src is None else (H[src[0]] if src[1] is None else H[src[0]][src[1], src[1]]))
         return HessianWeighted(blocks, hessians)
-    X = _activations(adapter, phase, calib, calib_tokens, seed, progress, include_embeddings)
+    X = {k: v for k, v in cache["activations"].items() if names is None or k in names}
     if method == "kurtosis":
         return Kurtosis(X)
     return DFRotLoss(X)
@@ -176,11 +200,12 @@ def build_objective(method: str, adapter: DecoderAdapter, phase: str | Iterable[
 
 class MemoryStore:
     """A Hugging Face decoder in memory as a :class:`~orthoopt.store.WeightStore`: norms fused by
-    :meth:`begin`, one unit per phase (all R2.i in one solve), rotations fused in place."""
+    :meth:`begin`, rotations fused in place."""
 
     def __init__(self, model) -> None:
         self.model = model
         self.adapter: DecoderAdapter | None = None
+        self._phase_data: tuple[str, dict] | None = None  # (phase, its calibration statistics)
 
     def fingerprint(self) -> dict:
         return {"store": "memory",
@@ -192,17 +217,27 @@ class MemoryStore:
         self.adapter.fuse_norms()
         self.dims = self.adapter.rotation_dims()
 
-    def units(self, phases: tuple[str, ...]) -> list[Unit]:
-        dims = {k: n for p in phases for k, n in _phase_names(self.dims, p).items()}
-        return [Unit(phases[0], phases[0], dims, tuple(phases))]
+    def rotation_dims(self) -> dict[str, int]:
+        return dict(self.dims)
+
+    def prepare(self, phase: str, config: RotateConfig, calib, progress: bool) -> None:
+        if config.method in DATA_METHODS and config.method not in JOINT_METHODS:
+            stats = phase_statistics(config.method, self.adapter, phase, calib, config.calib_tokens, config.seed,
+                                     progress, config.include_embeddings)
+            self._phase_data = (phase, stats)
+
+    def local_units(self, units: list[Unit]) -> list[Unit]:
+        return list(units)
 
     def objective(self, unit: Unit, config: RotateConfig, calib, progress: bool) -> Objective:
         joint = config.method in JOINT_METHODS
         extra = ({"sim_quant": config.sim_quant, "batch_size": config.batch_size,
                   "micro_batch_size": config.micro_batch_size} if config.method == "spinquant" else {})
+        if not joint and self._phase_data is not None and self._phase_data[0] == unit.phase:
+            extra["cache"] = self._phase_data[1]
         return build_objective(config.method, self.adapter, unit.phases if joint else unit.phase, calib,
                                config.calib_tokens, config.seed, progress, config.include_embeddings,
-                               config.sample_fraction, config.device, **extra)
+                               config.sample_fraction, config.device, names=tuple(unit.dims), **extra)
 
     def settle(self, unit: Unit, rotations: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return rotations
@@ -298,6 +333,22 @@ def _unit_phase(key: str) -> str:
     return key.split(".", 1)[0]
 
 
+def plan_units(config: RotateConfig, dims: Mapping[str, int]) -> list[Unit]:
+    """The solves of a run, in order; the loop decides them, not the store.
+
+    A joint method (spinquant: one end-to-end loss of every rotation) is one unit over all selected
+    phases. Otherwise R1 is one unit and every layer's ``R2.i`` its own unit: the layers' R2
+    objectives share no term, and a line-search solver (``cayley-lbfgs``, ``cayley-bb``) moves all
+    rotations of a unit along one step length, so solving them together would be another problem.
+    So the in-memory and the streamed store solve the same problems, with every solver.
+    ``dims``: ``{rotation: n}`` of the store (:meth:`~orthoopt.store.WeightStore.rotation_dims`).
+    """
+    if config.method in JOINT_METHODS:
+        names = {k: n for p in config.rotations for k, n in _phase_names(dims, p).items()}
+        return [Unit(config.rotations[0], config.rotations[0], names, tuple(config.rotations))]
+    return [Unit(k, p, {k: n}, (p,)) for p in config.rotations for k, n in _phase_names(dims, p).items()]
+
+
 @dataclass
 class PhaseRun:
     """What :func:`run_phases` returns: the fused rotations (float64), the solve of each unit (by unit
@@ -342,14 +393,19 @@ def run_phases(store: WeightStore, config: RotateConfig, *, calib: torch.Tensor 
     if not learned:
         checkpoint = None
     store.begin()
-    groups = [tuple(config.rotations)] if config.method in JOINT_METHODS else [(p,) for p in config.rotations]
-    plan = [u for g in groups for u in store.units(g)]
+    plan = plan_units(config, store.rotation_dims())
     dtype, device = config.torch_dtype, config.device
     lr = config.effective_lr
     stop = dict(config.stop)
     out: dict[str, torch.Tensor] = {}
     results: dict[str, SolveResult] = {}
-    for j, unit in enumerate(plan):
+    mine = store.local_units(plan)
+    prepared: set[str] = set()
+    for j, unit in enumerate(mine):
+        if learned and unit.phase not in prepared:  # before the phase's first unit is (re-)applied
+            prepared.add(unit.phase)
+            if any(u.phase == unit.phase and (partial is None or u.key not in partial.results) for u in mine):
+                store.prepare(unit.phase, config, calib, progress)
         if not learned:
             rots = initial_rotations(unit.dims, FIXED_METHODS[config.method], seed=config.seed, dtype=torch.float64)
         elif partial is not None and unit.key in partial.results:  # finished before the interruption
@@ -386,8 +442,8 @@ def run_phases(store: WeightStore, config: RotateConfig, *, calib: torch.Tensor 
             rots = {k: reorthogonalize(R.detach().to("cpu", torch.float64)) for k, R in settled.items()}
         store.apply(unit, rots)
         out.update(rots)
-        if checkpoint is not None and every and j + 1 < len(plan):  # unit boundary
-            store.write_partial(checkpoint, _partial(settings, plan[j + 1].key, 0, out, results), unit)
+        if checkpoint is not None and every and j + 1 < len(mine):  # unit boundary
+            store.write_partial(checkpoint, _partial(settings, mine[j + 1].key, 0, out, results), unit)
     return PhaseRun(out, results, plan, partial)
 
 
@@ -586,7 +642,7 @@ def rotate_streamed(
     store = SafetensorsStore(model_dir, config, progress=progress)
 
     def finish(run: PhaseRun, rots: dict[str, torch.Tensor], results: dict[str, SolveResult]) -> RotateResult:
-        solves = combine_results(store.all_units(run.units), results)
+        solves = combine_results(run.units, results)
         report = build_report(config, rots, solves, time.perf_counter() - began, run.resumed, checkpoint)
         report.update(store.report())
         report.update(dict(report_extra or {}))

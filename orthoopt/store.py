@@ -2,10 +2,14 @@
 
 A :class:`WeightStore` holds a model's weights somewhere (an in-memory Hugging Face module:
 :class:`orthoopt.pipeline.MemoryStore`; a safetensors folder read layer by layer and written as
-shards: :class:`orthoopt.streaming.rotate.SafetensorsStore`). The loop is written once; a store says
-how a phase splits into :class:`Unit` solves (one joint R2 solve in memory, one per layer when
-streamed), builds each unit's objective, and fuses (or writes) each unit's rotations. Rotations are
+shards: :class:`orthoopt.streaming.rotate.SafetensorsStore`). The loop is written once; a store
+builds each :class:`Unit`'s objective and fuses (or writes) each unit's rotations. Rotations are
 ``{name: [n, n]}`` (``docs/conventions.md``); ``apply`` receives them in float64 on the CPU.
+
+How a run splits into solves is the loop's decision (:func:`orthoopt.pipeline.plan_units`), not the
+store's: a store only says which rotations it holds (:meth:`WeightStore.rotation_dims`) and which of
+the planned units this process solves (:meth:`WeightStore.local_units`; all of them, except under
+``torchrun``, where the layers' R2 units are shared out among the ranks).
 """
 
 from __future__ import annotations
@@ -44,8 +48,17 @@ class WeightStore(Protocol):
     def begin(self) -> None:
         """Prepare for the loop (e.g. fuse the norms); called once, after :meth:`fingerprint`."""
 
-    def units(self, phases: tuple[str, ...]) -> list[Unit]:
-        """The solves of one phase group (one phase, or all phases of a joint method), in order."""
+    def rotation_dims(self) -> dict[str, int]:
+        """``{rotation name: n}`` of every rotation of the model, in order (``R1``, ``R2.0``, ...);
+        called after :meth:`begin`."""
+
+    def local_units(self, units: list[Unit]) -> list[Unit]:
+        """The units of the plan that this process solves, in plan order."""
+
+    def prepare(self, phase: str, config, calib: torch.Tensor | None, progress: bool) -> None:
+        """Called once per phase with a unit left to solve, before the phase's first unit is solved or
+        re-applied from a resume file: take what the phase's objectives share (calibration statistics),
+        so that they do not depend on how many of its units were fused when the run started."""
 
     def objective(self, unit: Unit, config, calib: torch.Tensor | None, progress: bool) -> Objective:
         """The objective of ``unit`` on the weights with every earlier unit's rotations applied."""

@@ -20,8 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from orthoopt.adapters import planted_outlier_model, save_planted
 from orthoopt.cli import main
-from orthoopt.objectives import FourthPower, WeightBlock
+from orthoopt.objectives import DFRotLoss, FourthPower, WeightBlock
 from orthoopt.pipeline import rotate_model, rotate_streamed
+from orthoopt.resume import Partial, read_partial, write_partial
 from orthoopt.solvers import SOLVERS, initial_rotations, make_solver
 
 from helpers import main_interrupted_at
@@ -83,8 +84,8 @@ def _kill_after_checkpoint(cmd: list[str], partial: Path, phase, timeout: float 
 
 
 @pytest.mark.parametrize("extra, kill_phases", [
-    ([], ("R1", "R2")),  # the default solver of optrot (L-BFGS memory, cached gradient)
-    (["--solver", "cayley-sgd", "--sample-fraction", "0.5"], ("R2",)),  # momentum, row-sampling generators
+    ([], ("R1", "R2.1")),  # the default solver of optrot (L-BFGS memory, cached gradient); R2 layer by layer
+    (["--solver", "cayley-sgd", "--sample-fraction", "0.5"], ("R2.0",)),  # momentum, row-sampling generators
 ], ids=["default", "cayley-sgd-sampled"])
 def test_kill9_then_resume_is_bit_identical(model_dir, tmp_path, extra, kill_phases):
     steps = ["--steps", "150"]
@@ -340,30 +341,199 @@ def test_cli_resume_refusals_exit_2_and_name_the_difference(model_dir, tmp_path,
     assert "cannot read the partial checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", sorted(set(SOLVERS) - {"procrustes"}))
-def test_solver_state_dict_continues_bit_for_bit(name):
+def _solver_problem(name: str):
+    """A small two-rotation objective every solver can run (procrustes needs DFRot's targets)."""
     g = torch.Generator().manual_seed(0)
     W = torch.randn(192, 24, generator=g)
     W[:, [2, 11]] *= 15
-    objective = FourthPower([WeightBlock(W, "R1", "in"), WeightBlock(torch.randn(40, 8, generator=g), "R2", "in")],
-                            normalize=True)
-    start = initial_rotations({"R1": 24, "R2": 8}, "hadamard", seed=1)
+    if name == "procrustes":
+        return DFRotLoss({"R1": W, "R2": torch.randn(40, 8, generator=g)})
+    return FourthPower([WeightBlock(W, "R1", "in"), WeightBlock(torch.randn(40, 8, generator=g), "R2", "in")],
+                       normalize=True)
+
+
+def _through_file(state: dict, path: Path) -> dict:
+    """``state`` written as a partial checkpoint and read back: what a resumed process gets."""
+    write_partial(path, Partial(settings={}, phase="R1", step=0, solver=state))
+    return read_partial(path).solver
+
+
+@pytest.mark.parametrize("start_kind", ["hadamard", "random"])
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_solver_state_through_the_file_continues_bit_for_bit_from_every_step(name, start_kind, tmp_path):
+    """Issue 25: a solver restored from a partial checkpoint file (contiguous tensors, JSON scalars)
+    continues exactly as the solver that wrote it, whatever step it was saved at. The live state
+    may not depend on memory layouts a file cannot carry (LAPACK returns column-major results)."""
+    objective = _solver_problem(name)
+    start = initial_rotations(objective.dims, start_kind, seed=1)
     a = make_solver(name)
     a.init(start)
-    for _ in range(5):
+    resumed = []  # one solver restored after each step, stepping alongside ``a`` from then on
+    for step in range(8):
+        loss = a.step(objective)
+        for i, b in enumerate(resumed):
+            assert b.step(objective) == loss, (name, "restored after step", i, "at step", step)
+            assert all(torch.equal(a.rotations[k], b.rotations[k]) for k in start), (name, i, step)
+        state = a.state_dict()
+        json.dumps(state["meta"])  # JSON-able
+        b = make_solver(name)
+        b.load_state_dict(_through_file(state, tmp_path / f"s{step}.safetensors"))
+        resumed.append(b)
+    assert all((a.num_steps, a.num_evaluations) == (b.num_steps, b.num_evaluations) for b in resumed)
+    assert a.num_steps == 8
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_solver_live_state_is_contiguous(name):
+    """The layout half of issue 25, checked directly: after steps from a QR-made (column-major)
+    start, every tensor of the solver's state is contiguous, so a file round trip changes nothing."""
+    objective = _solver_problem(name)
+    a = make_solver(name)
+    a.init(initial_rotations(objective.dims, "random", seed=1))
+    for _ in range(4):
         a.step(objective)
+    odd = [k for k, v in a.state_dict()["tensors"].items() if not v.is_contiguous()]
+    assert not odd, (name, odd)
+
+
+@pytest.mark.parametrize("name", sorted(set(SOLVERS) - {"procrustes"}))
+def test_solver_state_dict_refuses_other_settings(name):
+    objective = _solver_problem(name)
+    a = make_solver(name)
+    a.init(initial_rotations(objective.dims, "hadamard", seed=1))
+    a.step(objective)
     state = a.state_dict()
-    json.dumps(state["meta"])  # JSON-able
-    b = make_solver(name)
-    b.load_state_dict({"tensors": {k: v.clone() for k, v in state["tensors"].items()}, "meta": state["meta"]})
-    for _ in range(6):
-        la, lb = a.step(objective), b.step(objective)
-        assert la == lb
-    for k in start:
-        assert torch.equal(a.rotations[k], b.rotations[k])
-    assert (a.num_steps, a.num_evaluations) == (b.num_steps, b.num_evaluations)
     other = make_solver(name, **({"memory": 3} if name == "cayley-lbfgs" else {"ortho_tol": 1e-3}))
     with pytest.raises(ValueError, match="other settings"):
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="solver"):
         make_solver("procrustes").load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 25: resume from *every* partial checkpoint of one run, for every solver
+
+def _every(name: str) -> dict:
+    """Settings of the every-checkpoint runs. The default solver gets 20 steps: a layout-dependent
+    rounding difference (issue 25) takes several L-BFGS steps to change the rotations (resuming from
+    step 5, 10, ... of 20 showed it; 6 steps did not). The other solvers' restores are checked at the
+    rounding level by ``test_solver_state_through_the_file_continues_bit_for_bit_from_every_step``."""
+    return dict(steps=20, checkpoint_every=5, seed=0) if name == "cayley-lbfgs" else dict(steps=6, checkpoint_every=2, seed=0)
+
+
+# hidden 128 (default heads): large enough that row- and column-major operands round differently
+WIDE = dict(arch="llama", hidden_size=128, num_layers=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory) -> Path:
+    return save_planted(tmp_path_factory.mktemp("w") / "wide", **WIDE)
+
+
+def _every_partial(tmp_path: Path, monkeypatch, run) -> list[Path]:
+    """Run ``run(checkpoint)`` once and return a copy of every partial checkpoint it wrote, in order
+    (taken at the temporary name, before the rename, so no later write can overwrite it)."""
+    import shutil
+
+    import orthoopt.resume as resume
+
+    copies: list[Path] = []
+    real = resume.save_file
+
+    def spy(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        copies.append(tmp_path / f"copy{len(copies)}.safetensors")
+        shutil.copy(filename, copies[-1])
+
+    monkeypatch.setattr(resume, "save_file", spy)
+    run(tmp_path / "ck.safetensors")
+    monkeypatch.setattr(resume, "save_file", real)
+    return copies
+
+
+def _resumed_from(copy: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    ck = tmp_path / "resume.partial.safetensors"
+    shutil.copy(copy, ck)
+    return ck
+
+
+def _covers_every_kind_of_checkpoint(phases: list[tuple[str, str]], name: str) -> None:
+    """Mid-R1, mid-R2 of both layers, and the boundary before layer 1's R2 (R2 is one unit per layer)."""
+    k = str(_every(name)["checkpoint_every"])
+    assert {("R1", k), ("R2.0", k), ("R2.1", "0"), ("R2.1", k)} <= set(phases), phases
+
+
+def _memory_setting(name: str) -> tuple[str, dict]:
+    """A method that ``name`` can solve (procrustes: DFRot's targets, from calibration tokens)."""
+    if name == "procrustes":
+        ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+        return "dfrot", {"calib": ids, "calib_tokens": 64}
+    return "optrot", {}
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_resume_from_every_partial_checkpoint_in_memory_is_bit_identical(name, tmp_path, monkeypatch):
+    method, data = _memory_setting(name)
+    threads = torch.get_num_threads()
+    try:
+        fresh = lambda: planted_outlier_model(**{k: v for k, v in WIDE.items() if k != "arch"})
+        ref_model = fresh()
+        copies = _every_partial(tmp_path, monkeypatch, lambda ck: rotate_model(
+            ref_model, method, checkpoint=ck, solver=name, progress=False, **_every(name), **data))
+        ref = ref_model.state_dict()
+        phases = [(m["phase"], m["step"]) for m in map(_partial_meta, copies)]
+        # mid-phase checkpoints of both phases, and the phase boundary
+        _covers_every_kind_of_checkpoint(phases, name)
+        for copy, where in zip(copies, phases):
+            model = fresh()
+            rotate_model(model, method, checkpoint=_resumed_from(copy, tmp_path), resume=True, solver=name,
+                         progress=False, **_every(name), **data)
+            for k, v in model.state_dict().items():
+                assert torch.equal(v, ref[k]), f"{name}: resumed from {where}, weight {k} differs"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", sorted(set(SOLVERS) - {"procrustes"}))
+def test_resume_from_every_partial_checkpoint_streamed_is_bit_identical(name, wide_dir, tmp_path, monkeypatch):
+    model_dir = wide_dir
+    copies = _every_partial(tmp_path, monkeypatch, lambda ck: rotate_streamed(
+        model_dir, tmp_path / "ref", checkpoint=ck, solver=name, progress=False, **_every(name)))
+    phases = [(m["phase"], m["step"]) for m in map(_partial_meta, copies)]
+    _covers_every_kind_of_checkpoint(phases, name)
+    for i, (copy, where) in enumerate(zip(copies, phases)):
+        out = tmp_path / f"run{i}"
+        rotate_streamed(model_dir, out, checkpoint=_resumed_from(copy, tmp_path), resume=True, solver=name,
+                        progress=False, **_every(name))
+        try:
+            _same_output(out, tmp_path / "ref")
+        except AssertionError as e:
+            raise AssertionError(f"{name}: resumed from {where}: {e}") from None
+
+
+def _at_least(unit: str, step: int):
+    return lambda meta: meta.get("phase") == unit and int(meta.get("step", "0")) >= step
+
+
+@pytest.mark.slow
+def test_distributed_default_solver_killed_at_successive_checkpoints_resumes_bit_identically(wide_dir, tmp_path):
+    """The default solver under 2 gloo ranks: killed at one mid-phase checkpoint after another (R1
+    twice, then layer 1's R2 twice), each time resumed from where the previous kill left it; an
+    inexact restore anywhere in the chain would change the final output."""
+    settings = ["--steps", "20", "--checkpoint-every", "5", "--quiet", "--json"]
+    _dist_run([str(wide_dir), "--out", str(tmp_path / "ref"), *settings])
+    out = tmp_path / "run"
+    argv = [str(wide_dir), "--out", str(out), *settings]
+    shared = out.with_name("run.partial.safetensors")
+    rank1 = out.with_name("run.partial.rank1-of-2.safetensors")
+    seen = []
+    for i, (watch, unit, step) in enumerate([(shared, "R1", 5), (shared, "R1", 15), (rank1, "R2.1", 5),
+                                             (rank1, "R2.1", 15)]):
+        meta = _dist_run([*argv, *(["--resume"] if i else [])], watch, _at_least(unit, step))
+        assert not out.exists()
+        seen.append((meta["phase"], int(meta["step"])))
+    assert [p for p, _ in seen] == ["R1", "R1", "R2.1", "R2.1"] and all(0 < s < 20 for _, s in seen), seen
+    _dist_run([*argv, "--resume"])
+    _same_output(out, tmp_path / "ref")

@@ -42,7 +42,7 @@ def random_orthogonal(
     Q, R = torch.linalg.qr(A)
     signs = torch.sign(torch.diagonal(R))
     signs[signs == 0] = 1.0
-    return (Q * signs).to(dtype=dtype, device=device)
+    return (Q * signs).to(dtype=dtype, device=device).contiguous()  # row-major (QR's Q is column-major)
 
 
 def orthogonality_error(R: torch.Tensor) -> float:

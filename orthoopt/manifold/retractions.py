@@ -41,7 +41,9 @@ def cayley_retraction(R: torch.Tensor, W: torch.Tensor, step: float) -> torch.Te
     n = R.shape[0]
     eye = torch.eye(n, dtype=R.dtype, device=R.device)
     half = 0.5 * step * W
-    return torch.linalg.solve(eye - half, (eye + half) @ R)
+    # LAPACK's solution is column-major: returned row-major, so that the products that follow (and
+    # so their rounding) do not depend on whether the iterate came from a solve or from a file
+    return torch.linalg.solve(eye - half, (eye + half) @ R).contiguous()
 
 
 def cayley_retraction_iterative(R: torch.Tensor, W: torch.Tensor, step: float, n_iters: int = 2) -> torch.Tensor:
@@ -69,13 +71,13 @@ def _qf(A: torch.Tensor) -> torch.Tensor:
     Q, T = torch.linalg.qr(A)
     signs = torch.sign(torch.diagonal(T))
     signs[signs == 0] = 1.0
-    return Q * signs
+    return (Q * signs).contiguous()  # row-major, as every iterate (see cayley_retraction)
 
 
 def polar_factor(A: torch.Tensor) -> torch.Tensor:
     """Orthogonal polar factor ``U @ Vh`` of ``A = U S Vh``: the nearest orthogonal matrix in Frobenius norm."""
     U, _, Vh = torch.linalg.svd(A)
-    return U @ Vh
+    return (U @ Vh).contiguous()
 
 
 def reorthogonalize(R: torch.Tensor, method: str = "polar") -> torch.Tensor:

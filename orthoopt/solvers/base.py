@@ -75,7 +75,9 @@ class Solver:
         for k, R in rotations.items():
             check_square(R, f"rotation {k!r}")
             orthogonality_tolerance(R.shape[0], R.dtype)  # raises for dtypes other than float32/float64
-            copies[k] = R.detach().clone()
+            # row-major copies: a restored state (read from a file) is row-major, and the iterate's
+            # layout decides the BLAS path and so the rounding of every product (issue 25)
+            copies[k] = R.detach().clone(memory_format=torch.contiguous_format)
         self._R = copies
         self.num_steps = 0
         self.num_reorthogonalizations = 0

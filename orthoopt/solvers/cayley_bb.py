@@ -124,7 +124,7 @@ class _CayleyLineSearch(Solver):
 
     def _set(self, name: str, R: torch.Tensor) -> None:
         """Set rotation ``name``: the float64 master and its rounding in the iterate's dtype."""
-        self._master[name] = R.detach().to(torch.float64).clone()
+        self._master[name] = R.detach().to(torch.float64).clone(memory_format=torch.contiguous_format)
         super()._set(name, R)
 
     def _reprojected(self) -> None:

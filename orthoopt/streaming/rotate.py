@@ -5,7 +5,7 @@ written as shards, for the one phase loop of :mod:`orthoopt.pipeline` (``rotate_
 
 1. **R1** is one unit: each solver step reads the norm-fused R1 blocks layer by layer and accumulates
    the loss and gradient (:class:`~orthoopt.streaming.objective.StreamedFourthPower`).
-2. **R2** is one unit per layer (``R2.0``, ``R2.1``, ...): read the layer, fuse the norms, fuse R1
+2. **R2** is one unit per layer (``R2.0``, ``R2.1``, ..., as the phase loop plans every R2): read the layer, fuse the norms, fuse R1
    (float64, cast back as the in-memory write-back does), learn ``R2.i`` on that layer's R1-rotated
    v/o blocks alone (they are the only blocks next to it), fuse it, and write the layer's shard. The
    phase loop checkpoints after each layer, so a resumed run rewrites the finished layers from their
@@ -129,22 +129,18 @@ class SafetensorsStore:
     def begin(self) -> None:
         pass
 
-    def _layer_units(self, layers) -> list[Unit]:
-        return [Unit(f"R2.{i}", "R2", {f"R2.{i}": self.layout.head_dim}, ("R2",)) for i in layers]
+    def rotation_dims(self) -> dict[str, int]:
+        return {"R1": self.layout.hidden, **{f"R2.{i}": self.layout.head_dim for i in range(self.layout.num_layers)}}
 
-    def units(self, phases: tuple[str, ...]) -> list[Unit]:
-        if phases == ("R1",):
-            return [Unit("R1", "R1", {"R1": self.layout.hidden}, ("R1",))]
-        if phases == ("R2",):  # this rank's share of the layers
-            return self._layer_units(shard_ranges([1] * self.layout.num_layers, self.world_size)[self.rank])
-        raise ValueError(f"the safetensors store solves R1 and R2 separately, not {phases}")
+    def prepare(self, phase: str, config: RotateConfig, calib, progress: bool) -> None:
+        pass  # data-free methods only: nothing is shared between a phase's units
 
-    def all_units(self, units: list[Unit]) -> list[Unit]:
-        """``units`` of this rank with the R2 units of every rank (layer order)."""
-        if self.world_size == 1:
-            return units
-        r2 = any(u.phase == "R2" for u in units) or "R2" in self.config.rotations
-        return [u for u in units if u.phase != "R2"] + (self._layer_units(range(self.layout.num_layers)) if r2 else [])
+    def local_units(self, units: list[Unit]) -> list[Unit]:
+        """R1 (collective: every rank) and this rank's share of the layers' R2 units."""
+        if any(len(u.dims) != 1 for u in units):
+            raise ValueError("the safetensors store solves one rotation per unit (R1, then R2.i layer by layer)")
+        layers = set(shard_ranges([1] * self.layout.num_layers, self.world_size)[self.rank])
+        return [u for u in units if u.key == "R1" or int(u.key.split(".")[1]) in layers]
 
     def objective(self, unit: Unit, config: RotateConfig, calib, progress: bool) -> Objective:
         c = self.config
