@@ -22,7 +22,8 @@ from orthoopt.cli import main
 from orthoopt.eval import MIN_WINDOWS, compare_models, paired_bootstrap, perplexity
 from orthoopt.quant import load_checkpoint, read_text, tokenize_text
 
-WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
+from helpers import run_error, sample_text_file
+
 WINDOWS = ["--seq-len", "32", "--max-tokens", "1024"]  # 32 windows of 32 byte tokens
 FAST = ["--resamples", "2000", "--no-progress"]
 
@@ -58,11 +59,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
-    text = WIKI.read_text(encoding="utf-8")[:8000] if WIKI.is_file() else "".join(
-        f" Sentence {i} is about rotations , outliers and quantization . \n" for i in range(150))
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return sample_text_file(tmp_path_factory.mktemp("text") / "text.txt")
 
 
 def compare(models_: dict, names: list[str], text_file: Path, **kw) -> dict:
@@ -218,14 +215,6 @@ def test_cli_seed_makes_the_interval_reproducible(capsys, models, text_file):
 
     first = interval("5")
     assert interval("5") == first and interval("6") != first
-
-
-def run_error(capsys, argv: list[str]) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("orthoopt compare: error: "), err
-    return err
 
 
 def test_too_few_windows_is_refused_with_exit_2(capsys, models, text_file):
