@@ -206,6 +206,14 @@ def test_cli_text_and_json_outputs(capsys, models, text_file):
         assert m["ci95"][0] <= m["ratio"] <= m["ci95"][1]
 
 
+def test_help_texts_render(capsys):
+    for argv in (["--help"], ["compare", "--help"]):  # argparse %-formats help strings
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0
+    assert "95% intervals" in capsys.readouterr().out
+
+
 def test_cli_seed_makes_the_interval_reproducible(capsys, models, text_file):
     def interval(seed: str) -> list[float]:
         capsys.readouterr()

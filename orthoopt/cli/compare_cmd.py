@@ -18,7 +18,7 @@ from orthoopt.quant.calib import read_text
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "compare", help="perplexity ratios against a reference, with paired-bootstrap 95% intervals",
+        "compare", help="perplexity ratios against a reference, with paired-bootstrap 95%% intervals",
         description=__doc__.splitlines()[0],
         epilog=f"The text must give at least {MIN_WINDOWS} windows (exit 2 otherwise).",
     )
