@@ -187,7 +187,8 @@ def test_cli_text_and_json_outputs(capsys, models, text_file):
     capsys.readouterr()
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"reference {models['clean']}: perplexity 259.0") and "32 windows of 32 tokens" in lines[0]
+    assert lines[0].startswith(f"reference {models['clean']}: perplexity 259.0")
+    assert lines[0].endswith("on 32 windows of 32 tokens")
     assert lines[1] == "paired bootstrap over windows: 2000 resamples, seed 0"
     assert lines[2].split() == ["model", "ppl", "ratio", "95%", "CI", "of", "ratio", "verdict"]
     assert len(lines) == 5 and lines[3].startswith(str(models["noisy"])) and lines[3].endswith("higher")

@@ -1,4 +1,4 @@
-"""``orthoopt compare``: perplexity ratios of models against a reference on the same windows, with paired-bootstrap 95% intervals.
+"""``orthoopt compare``: perplexity ratios against a reference on the same windows, with paired-bootstrap 95% intervals.
 
 Every MODEL is loaded as ``orthoopt eval`` loads it and scored on the same non-overlapping windows,
 one model in memory at a time (:func:`orthoopt.eval.compare.compare_models`); the interval method and
