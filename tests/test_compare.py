@@ -180,6 +180,16 @@ def test_quantized_folders_are_scored_with_their_quant_json_hooks(capsys, tmp_pa
     assert entry["ppl"] == pytest.approx(evaluated["ppl"], rel=1e-9)
 
 
+def test_a_model_with_another_tokenization_is_refused(tmp_path, models, text_file):
+    other = shutil.copytree(models["planted"], tmp_path / "lowercase")
+    spec = json.loads((other / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Lowercase"}  # the same model; capitals become other tokens
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="tokenizes the text differently"):
+        compare_models(models["planted"], [other], read_text(text_file), seq_len=32, max_tokens=1024,
+                       resamples=100, progress=False)
+
+
 # ------------------------------------------------------------------ 4. the command line
 def test_cli_text_and_json_outputs(capsys, models, text_file):
     argv = ["compare", str(models["clean"]), str(models["noisy"]), str(models["clean"]), "--text", str(text_file),
