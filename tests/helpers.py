@@ -1,5 +1,7 @@
 """Assertions shared by several test modules (imported as ``helpers``: pytest puts tests/ on sys.path)."""
 
+from pathlib import Path
+
 import torch
 
 
@@ -37,3 +39,27 @@ def main_interrupted_at(phase: str, step: int, argv: list[str]) -> None:
             main(argv)
     finally:
         cmd.rotate_model = real
+
+
+WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
+
+
+def sample_text_file(path: Path, chars: int = 8000, lines: int = 150) -> Path:
+    """Write the first ``chars`` characters of ``../shared/data/wikitext2-test.txt`` (or, when it is
+    absent, ``lines`` synthetic sentences) to ``path``; returns ``path``."""
+    text = WIKI.read_text(encoding="utf-8")[:chars] if WIKI.is_file() else "".join(
+        f" Sentence {i} is about rotations , outliers and quantization . \n" for i in range(lines))
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def run_error(capsys, argv: list[str]) -> str:
+    """Run ``orthoopt ARGV`` in-process: it must exit 2 with one ``orthoopt CMD: error:`` message on
+    stderr, which is returned."""
+    from orthoopt.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"orthoopt {argv[0]}: error: "), err
+    return err

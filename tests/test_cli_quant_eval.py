@@ -18,7 +18,8 @@ from orthoopt.cli import main
 from orthoopt.eval import perplexity
 from orthoopt.quant import ActQuantConfig, load_checkpoint, quantize_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from helpers import run_error, sample_text_file
+
 EVAL = ["--seq-len", "32", "--max-tokens", "512", "--no-progress"]
 
 
@@ -30,13 +31,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
-    wiki = SHARED / "data" / "wikitext2-test.txt"
-    text = wiki.read_text(encoding="utf-8")[:8000] if wiki.is_file() else "".join(
-        f" Sentence {i} is about rotations , outliers and quantization . \n" for i in range(150)
-    )
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return sample_text_file(tmp_path_factory.mktemp("text") / "text.txt")
 
 
 def run_json(capsys, argv: list[str]) -> dict:
@@ -45,14 +40,6 @@ def run_json(capsys, argv: list[str]) -> dict:
     out = capsys.readouterr().out
     assert out.count("\n") == 1  # exactly one JSON object on stdout
     return json.loads(out)
-
-
-def run_error(capsys, argv: list[str]) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"orthoopt {argv[0]}: error: ")
-    return err
 
 
 def test_rtn_w4a8_r4_roundtrip_matches_in_memory(capsys, tmp_path, model_dir, text_file):

@@ -44,7 +44,7 @@ REPO_PATH = re.compile(r"(?:orthoopt|tests|benchmarks|docs|examples)/[\w./\-]*")
 TEST_NAME = re.compile(r"\btest_\w+")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
-COMMAND = re.compile(r"\borthoopt(\s+(?:rotate|quantize|eval|diagnose|fetch)|\.distributed_rotate)\b([^|;&`\n]*)")
+COMMAND = re.compile(r"\borthoopt(\s+(?:rotate|quantize|eval|compare|diagnose|fetch)|\.distributed_rotate)\b([^|;&`\n]*)")
 
 
 def sources() -> dict[str, str]:

@@ -237,11 +237,13 @@ def test_eval_json_is_strict_when_the_loss_is_nan(tiny, text, capsys, monkeypatc
     import orthoopt.cli.eval_cmd as eval_cmd
 
     monkeypatch.setattr(eval_cmd, "perplexity", lambda *a, **k: {"ppl": math.nan, "nll": math.nan, "tokens": 31,
-                                                                  "windows": 1, "seq_len": 32})
+                                                                  "windows": 1, "seq_len": 32,
+                                                                  "window_nll": [math.nan]})
     capsys.readouterr()
     assert main(["eval", str(tiny), "--text", str(text), "--json", "--no-progress"]) == 0
     record = strict_json(capsys.readouterr().out)
     assert record["ppl"] is None and record["nll"] is None and "not finite" in record["error"]
+    assert record["window_nll"] == [None]
 
 
 # ------------------------------------------------------------ 4. damaged safetensors: clean exit 2

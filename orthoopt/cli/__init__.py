@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("rotate", "quantize", "eval", "diagnose", "fetch")
+SUBCOMMANDS = ("rotate", "quantize", "eval", "compare", "diagnose", "fetch")
 
 
 def build_parser() -> argparse.ArgumentParser:

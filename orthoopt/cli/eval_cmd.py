@@ -18,21 +18,30 @@ from orthoopt.quant.calib import read_text
 from orthoopt.quant.model import load_quantized
 
 
+MODEL_HELP = ("model folder (with tokenizer; quant.json if quantized), .gguf file, registered name, planted, "
+              "or Hub id")
+
+
+def add_window_args(p: argparse.ArgumentParser) -> None:
+    """The windowing flags of perplexity (``--seq-len``, ``--max-tokens``, ``--batch-size``), shared
+    with ``orthoopt compare``."""
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: context, max 2048)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass; default 1")
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "eval", help="perplexity of a (quantized) checkpoint on a text file", description=__doc__.splitlines()[0]
     )
-    p.add_argument("model_dir", metavar="MODEL",
-                   help="model folder (with tokenizer; quant.json if quantized), .gguf file, registered name, planted, or Hub id")
+    p.add_argument("model_dir", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--text", default=None, help="evaluation text file (e.g. ../shared/data/wikitext2-test.txt)")
     p.add_argument("--tasks", default=None,
                    help="comma-separated lm-eval tasks (e.g. piqa,arc_easy) or task YAML files; needs lm-eval "
                         "and the tasks' datasets in the local Hugging Face cache")
     p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot examples (default: the task's)")
     p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (fraction if < 1)")
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: context, max 2048)")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass; default 1")
+    add_window_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run)
@@ -86,8 +95,8 @@ def run(args) -> int:
 
 
 def undefined_figures(record: dict) -> str | None:
-    """Replace non-finite ``ppl`` / ``nll`` in ``record`` by None (strict JSON) and add an ``"error"``
-    entry saying why; returns that message (None when both are finite)."""
+    """Replace non-finite ``ppl`` / ``nll`` (and ``window_nll`` entries) in ``record`` by None (strict
+    JSON) and add an ``"error"`` entry saying why; returns that message (None when both are finite)."""
     ppl, nll = record.get("ppl"), record.get("nll")
     if isinstance(nll, float) and not math.isfinite(nll):
         message = (f"the mean negative log-likelihood is {nll}: the model's logits are not finite on this "
@@ -99,5 +108,7 @@ def undefined_figures(record: dict) -> str | None:
     for key in ("ppl", "nll"):
         if isinstance(record.get(key), float) and not math.isfinite(record[key]):
             record[key] = None
+    if "window_nll" in record:
+        record["window_nll"] = [v if math.isfinite(v) else None for v in record["window_nll"]]
     record["error"] = message
     return message

@@ -1,5 +1,8 @@
-"""Evaluation: perplexity on non-overlapping windows (docs/quantization.md, "Perplexity")."""
+"""Evaluation: perplexity on non-overlapping windows and paired comparisons of models on them
+(docs/quantization.md, "Perplexity" and "Comparing models: paired bootstrap")."""
 
+from orthoopt.eval.bootstrap import MIN_WINDOWS, PairedInterval, paired_bootstrap
+from orthoopt.eval.compare import compare_models
 from orthoopt.eval.perplexity import default_seq_len, perplexity
 
-__all__ = ["default_seq_len", "perplexity"]
+__all__ = ["MIN_WINDOWS", "PairedInterval", "compare_models", "default_seq_len", "paired_bootstrap", "perplexity"]
