@@ -8,6 +8,7 @@ symmetric), with criteria written here, not the module's own converter.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,17 @@ def test_explicit_flags_win_and_are_recorded():
     assert resolve(None, {"abits": 8}, DEFAULTS) == ({**DEFAULTS, "abits": 8}, {})
     with pytest.raises(ValueError, match="unknown quantizer settings"):
         resolve("W4A8", {"bits": 3}, DEFAULTS)
+
+
+def test_the_table_in_docs_quantization_is_the_table():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "quantization.md").read_text(encoding="utf-8")
+    section = text.split("## Schemes by name", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0].startswith("`"):
+            name, bits, group, grid, act = cells
+            abits = 16 if act == "not quantized" else int(act.split("-bit")[0])
+            rows[name.strip("`")] = Scheme(int(bits), None if group == "per channel" else int(group),
+                                           sym=grid == "symmetric", abits=abits, act_sym="asymmetric" not in act)
+    assert rows == SCHEMES
