@@ -50,14 +50,14 @@ def test_help_is_for_users(capsys, argv):
     assert lines and all(line.startswith("orthoopt ") for line in lines)
     if argv:  # a subcommand's examples run that subcommand
         assert all(line.split()[1] == argv[0] for line in lines)
-    assert re.search(r"Documentation: .*\b(docs/\w[\w-]*\.md|README\.md)", text)
+    assert re.search(r"Documentation \(.*\): .*\b(docs/\w[\w-]*\.md|README\.md)", text)
 
 
 def test_help_names_existing_docs(capsys):
     root = Path(__file__).resolve().parents[1]
     for argv in [[]] + [[name] for name in subcommands()]:
         text = help_text(capsys, [*argv, "--help"])
-        named = re.findall(r"\b(?:docs/[\w-]+\.md|README\.md)", text.split("Documentation:", 1)[1])
+        named = re.findall(r"\b(?:docs/[\w-]+\.md|README\.md)", text.split("\nDocumentation (", 1)[1])
         assert named and all((root / n).is_file() for n in named), (argv, named)
 
 

@@ -17,13 +17,13 @@ from orthoopt.diagnostics.compare import diagnose_models
 from orthoopt.diagnostics.stats import DEFAULT_BITS, DEFAULT_K
 from orthoopt.cli.usage import help_kwargs
 
-DESCRIPTION = """\
+DESCRIPTION = f"""\
 Outlier statistics and plots of one or more models, overlaid (e.g. before and after rotation).
 
 The weights are measured as stored (no norm fusion, no rotation): per block and per layer the
-largest |w|, incoherence, excess kurtosis, fourth-power sum, outlier fraction and 4-bit RTN error,
-with a histogram and the per-input-channel max |W| of one block. With --calib, also the inputs of
-every linear layer on the first --calib-tokens tokens of a text. Writes PNG and SVG plots and
+largest |w|, incoherence, excess kurtosis, fourth-power sum, outlier fraction and RTN error
+(--bits, default {DEFAULT_BITS}), with a histogram and the per-input-channel max |W| of one block.
+With --calib, also the inputs of every linear layer on the first --calib-tokens tokens of a text. Writes PNG and SVG plots and
 summary.json into --out (atomically)."""
 
 EXAMPLES = (

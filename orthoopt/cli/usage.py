@@ -30,7 +30,7 @@ def help_kwargs(description: str, examples: Sequence[str], docs: Sequence[str]) 
         ``description``, ``epilog`` (an "Examples:" section and a "Documentation:" line) and
         ``formatter_class`` (``RawDescriptionHelpFormatter``, so that both keep their line breaks).
     """
-    lines = ["Examples:", *(f"  {e}" for e in examples), "", f"Documentation: {', '.join(docs)} ({DOCS_WHERE})."]
+    lines = ["Examples:", *(f"  {e}" for e in examples), "", f"Documentation ({DOCS_WHERE}): {', '.join(docs)}."]
     return {
         "description": description.strip("\n"),
         "epilog": "\n".join(lines),
