@@ -10,12 +10,36 @@ import argparse
 import importlib
 import sys
 
+from orthoopt.cli.usage import help_kwargs, package_version
+
 SUBCOMMANDS = ("rotate", "quantize", "eval", "compare", "diagnose", "fetch")
 
 
+DESCRIPTION = """\
+Learned orthogonal rotations for post-training quantization of LLMs.
+
+Rotating a model (R1 on the residual stream, R2 per attention head) leaves its function unchanged
+but spreads outliers, so the weights and activations quantize with less error. The usual flow:
+rotate the model, quantize the rotated checkpoint (RTN or GPTQ, optionally written as a packed
+compressed-tensors checkpoint for vLLM), then evaluate perplexity. Run 'orthoopt COMMAND --help'
+for a command's options."""
+
+EXAMPLES = (
+    "orthoopt fetch smollm2-135m",
+    "orthoopt rotate smollm2-135m --out runs/rot --method optrot",
+    "orthoopt quantize runs/rot --out runs/rot-w4 --scheme W4A16 --format compressed-tensors",
+    "orthoopt eval runs/rot-w4 --text wikitext2-test.txt",
+    "orthoopt compare smollm2-135m runs/rot-w4 --text wikitext2-test.txt",
+)
+DOCS = ("README.md", "docs/conventions.md (read first)", "docs/quantization.md", "docs/export.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orthoopt", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="orthoopt", **help_kwargs(DESCRIPTION, EXAMPLES, DOCS)
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     for name in SUBCOMMANDS:
         try:
             module = importlib.import_module(f"orthoopt.cli.{name}_cmd")

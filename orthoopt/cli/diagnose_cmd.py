@@ -15,12 +15,28 @@ import json
 from orthoopt.diagnostics.activations import DEFAULT_MASSIVE_RATIO
 from orthoopt.diagnostics.compare import diagnose_models
 from orthoopt.diagnostics.stats import DEFAULT_BITS, DEFAULT_K
+from orthoopt.cli.usage import help_kwargs
+
+DESCRIPTION = f"""\
+Outlier statistics and plots of one or more models, overlaid (e.g. before and after rotation).
+
+The weights are measured as stored (no norm fusion, no rotation): per block and per layer the
+largest |w|, incoherence, excess kurtosis, fourth-power sum, outlier fraction and RTN error
+(--bits, default {DEFAULT_BITS}), with a histogram and the per-input-channel max |W| of one block.
+With --calib, also the inputs of every linear layer on the first --calib-tokens tokens of a text. Writes PNG and SVG plots and
+summary.json into --out (atomically)."""
+
+EXAMPLES = (
+    "orthoopt diagnose smollm2-135m runs/rot --out runs/diag --labels original,optrot",
+    "orthoopt diagnose smollm2-135m runs/rot --out runs/diag --calib calib.txt --calib-tokens 4096",
+)
+DOCS = ("docs/diagnostics.md",)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "diagnose", help="outlier statistics and plots of model folders (e.g. before/after rotation)",
-        description=__doc__.splitlines()[0],
+        **help_kwargs(DESCRIPTION, EXAMPLES, DOCS),
     )
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="model folders (or .gguf files, registered names, planted, Hub ids), one series each")

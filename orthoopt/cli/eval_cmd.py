@@ -16,6 +16,23 @@ import time
 from orthoopt.eval.perplexity import perplexity
 from orthoopt.quant.calib import read_text
 from orthoopt.quant.model import load_quantized
+from orthoopt.cli.usage import help_kwargs
+
+DESCRIPTION = """\
+Measure the perplexity of a checkpoint on a text file, and optionally zero-shot task accuracy.
+
+A folder written by 'orthoopt quantize' is evaluated with the settings in its quant.json applied
+again (activation and K/V-cache quantization, online Hadamard); any other model is evaluated as it
+is. The text is cut into non-overlapping windows of --seq-len tokens (the WikiText-2 protocol of
+GPTQ, QuaRot and SpinQuant). --tasks runs lm-eval-harness tasks (pip install "orthoopt[eval]";
+the tasks' datasets must already be in the local Hugging Face cache)."""
+
+EXAMPLES = (
+    "orthoopt eval runs/rot-w4 --text wikitext2-test.txt --seq-len 2048",
+    "orthoopt eval runs/rot-w4 --text wikitext2-test.txt --max-tokens 40000 --json",
+    "orthoopt eval runs/rot-w4 --tasks piqa,arc_easy --limit 200",
+)
+DOCS = ("docs/quantization.md (perplexity protocol)", "docs/export.md (--tasks)")
 
 
 MODEL_HELP = ("model folder (with tokenizer; quant.json if quantized), .gguf file, registered name, planted, "
@@ -32,7 +49,7 @@ def add_window_args(p: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "eval", help="perplexity of a (quantized) checkpoint on a text file", description=__doc__.splitlines()[0]
+        "eval", help="perplexity of a (quantized) checkpoint on a text file", **help_kwargs(DESCRIPTION, EXAMPLES, DOCS)
     )
     p.add_argument("model_dir", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--text", default=None, help="evaluation text file (e.g. ../shared/data/wikitext2-test.txt)")

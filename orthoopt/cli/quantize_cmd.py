@@ -20,28 +20,64 @@ from orthoopt.quant.calib import calibration_batches, check_context
 from orthoopt.quant.kv import KVQuantConfig
 from orthoopt.quant.model import load_checkpoint, quantize_model, save_quantized
 from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS
+from orthoopt.quant.schemes import PER_CHANNEL, SCHEMES, resolve
 from orthoopt.adapters.archs import locate
 from orthoopt.adapters.sources import input_location
 from orthoopt.utils.paths import prepare_output
+from orthoopt.cli.usage import help_kwargs
+
+DEFAULTS = {"wbits": 4, "group_size": None, "sym": True, "abits": 16, "act_sym": True}
+"""The weight/activation settings without --scheme (and without the flags)."""
+
+DESCRIPTION = """\
+Quantize a checkpoint's weights (RTN or GPTQ), optionally with activation and K/V-cache quantization.
+
+Pick the settings by compressed-tensors scheme name (--scheme W4A16, the names llm-compressor's
+recipes use) or flag by flag; --wbits, --group-size, --sym/--asym and --abits given explicitly win
+over the scheme (quant.json records the scheme and what was overridden). Without either, the
+weights are 4-bit, symmetric, one scale per output channel, activations not quantized.
+
+--format orthoopt (default) writes fake-quantized float weights and quant.json; 'orthoopt eval'
+reads it and re-installs the activation and K/V-cache quantization. --format compressed-tensors
+writes packed integer weights that transformers and vLLM load without orthoopt; it carries
+weight-only schemes (W*A16) and refuses the rest before any work. Quantize a rotated model
+('orthoopt rotate') to get the benefit of the rotation."""
+
+EXAMPLES = (
+    "orthoopt quantize runs/rot --out runs/rot-w4 --scheme W4A16 --format compressed-tensors",
+    "orthoopt quantize runs/rot --out runs/rot-gptq --scheme W4A16 --method gptq --calib calib.txt",
+    "orthoopt quantize runs/rot --out runs/rot-w4a8 --scheme W4A8 --online-hadamard",
+    "orthoopt quantize runs/rot --out runs/rot-g64 --scheme W4A16 --group-size 64  # flag wins: groups of 64",
+)
+DOCS = ("docs/quantization.md", "docs/export.md (compressed-tensors, vLLM)")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "quantize",
-        help="fake-quantize a model's weights (RTN/GPTQ) and set activation quantization",
-        description=__doc__.splitlines()[0],
+        help="quantize a model's weights (RTN/GPTQ, by scheme name or flag by flag) and set activation quantization",
+        **help_kwargs(DESCRIPTION, EXAMPLES, DOCS),
     )
     p.add_argument("model_dir", metavar="MODEL",
                    help="model folder (with tokenizer), .gguf file, registered name (smollm2-135m), planted, or Hub id")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--method", default="rtn", choices=("rtn", "gptq"), help="weight quantization method (default rtn)")
-    p.add_argument("--wbits", type=int, default=4, help=f"weight bits, {MIN_BITS}-{MAX_BITS} or 16 (off); default 4")
-    p.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: per output channel)")
+    p.add_argument("--scheme", default=None, metavar="SCHEME",
+                   help="compressed-tensors scheme name, e.g. W4A16 (4-bit weights, groups of 128), W4A16_ASYM, "
+                        "W8A16, W4A8, W8A8; sets --wbits, --group-size, --sym/--asym and --abits, and an explicit "
+                        f"flag wins over it. One of: {', '.join(SCHEMES)}")
+    p.add_argument("--wbits", type=int, default=None,
+                   help=f"weight bits, {MIN_BITS}-{MAX_BITS} or 16 (off); default: the scheme's, else 4")
+    p.add_argument("--group-size", type=int, default=None,
+                   help=f"input columns per scale, {PER_CHANNEL} for one scale per output channel; default: the "
+                        "scheme's, else per output channel")
     sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric weight grid (default)")
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None,
+                     help="symmetric weight grid (default, unless the scheme is asymmetric)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric weight grid with zero point")
     p.add_argument("--mse-clip", action="store_true", help="search the weight clipping ratio per row (MSE grid)")
-    p.add_argument("--abits", type=int, default=16, choices=(16, 8, 4), help="activation bits (16 = off); default 16")
+    p.add_argument("--abits", type=int, default=None, choices=(16, 8, 4),
+                   help="activation bits, per token and dynamic (16 = off); default: the scheme's, else 16")
     p.add_argument("--act-asym", action="store_true", help="asymmetric per-token activation grid (default symmetric)")
     p.add_argument("--act-clip", type=float, default=1.0, help="activation clipping ratio in (0, 1]; default 1")
     p.add_argument("--online-hadamard", action="store_true", help="online Hadamard before down_proj (R4)")
@@ -78,7 +114,7 @@ def _validate(args) -> None:
     if not (args.wbits == 16 or MIN_BITS <= args.wbits <= MAX_BITS):
         raise ValueError(f"--wbits must be in [{MIN_BITS}, {MAX_BITS}] or 16, got {args.wbits}")
     if args.group_size is not None and args.group_size < 1:
-        raise ValueError(f"--group-size must be positive, got {args.group_size}")
+        raise ValueError(f"--group-size must be positive or {PER_CHANNEL} (per output channel), got {args.group_size}")
     if args.method == "gptq" and args.wbits < 16 and args.calib is None:
         raise ValueError("--method gptq needs calibration text: pass --calib TEXT_FILE")
     if args.nsamples < 1:
@@ -103,7 +139,23 @@ def _validate(args) -> None:
         _import_ct()
 
 
+def _apply_scheme(args) -> dict | None:
+    """Fill ``args.wbits/group_size/sym/abits/act_asym`` from ``--scheme`` and the flags given (a flag
+    wins); returns quant.json's ``scheme`` record (None without ``--scheme``)."""
+    flags = {k: v for k, v in {"wbits": args.wbits, "sym": args.sym, "abits": args.abits,
+                               "act_sym": False if args.act_asym else None}.items() if v is not None}
+    if args.group_size is not None:  # given; PER_CHANNEL is None in the settings
+        flags["group_size"] = None if args.group_size == PER_CHANNEL else args.group_size
+    settings, overrides = resolve(args.scheme, flags, DEFAULTS)
+    args.wbits, args.group_size, args.sym, args.abits = (settings[k] for k in ("wbits", "group_size", "sym", "abits"))
+    args.act_asym = not settings["act_sym"]
+    if args.scheme is None:
+        return None
+    return {"name": args.scheme.upper(), "overrides": overrides}
+
+
 def run(args) -> int:
+    scheme = _apply_scheme(args)
     _validate(args)
     act = ActQuantConfig(
         bits=args.abits, symmetric=not args.act_asym, clip_ratio=args.act_clip, online_hadamard=args.online_hadamard
@@ -134,7 +186,7 @@ def run(args) -> int:
         percdamp=args.damp,
         block_size=args.block_size, progress=not args.no_progress,
     )
-    settings = {**result.settings, "source": str(args.model_dir), "calibration": calib_info}
+    settings = {**result.settings, "scheme": scheme, "source": str(args.model_dir), "calibration": calib_info}
     if args.format == "compressed-tensors":
         from orthoopt.export.compressed_tensors import save_compressed_tensors
 
@@ -146,6 +198,9 @@ def run(args) -> int:
         print(json.dumps({**settings, "out": str(out)}, allow_nan=False))
     else:
         desc = f"W{args.wbits}A{args.abits}" + (f"KV{args.kvbits}" if args.kvbits < 16 else "") + f" {args.method}"
+        if scheme:
+            overridden = f", overridden: {', '.join(scheme['overrides'])}" if scheme["overrides"] else ""
+            desc += f" (scheme {scheme['name']}{overridden})"
         if args.group_size:
             desc += f" g{args.group_size}"
         if args.r3:

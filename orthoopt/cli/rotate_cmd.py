@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from orthoopt.adapters.sources import PLANTED_CONFIG, input_location
+from orthoopt.cli.usage import help_kwargs
 from orthoopt.config import DATA_METHODS, DEFAULT_STEPS, DTYPES, METHODS, PHASES, RotateConfig
 from orthoopt.pipeline import rotate_model, rotate_streamed
 from orthoopt.solvers import SOLVERS
@@ -26,6 +27,30 @@ from orthoopt.utils.paths import prepare_output
 DEFAULT_MODEL = "smollm2-135m"
 """MODEL when none is given: the registered SmolLM2-135M (fetched into the cache on first use)."""
 DEFAULT_PLANTED = PLANTED_CONFIG
+
+DESCRIPTION = """\
+Learn (or construct) orthogonal rotations for a model and save the rotated checkpoint.
+
+R1 rotates the residual stream, R2 the value/output space of each attention head. Both are fused
+into the weights: the output folder is a plain Hugging Face checkpoint (safetensors) that computes
+the same function as the input and quantizes with less error; quantize it next with
+'orthoopt quantize'. The folder also holds the rotations (orthoopt/rotations.safetensors),
+report.json and, for learned methods, loss plots. It is written to a temporary folder and renamed
+into place. Long runs save their state every --checkpoint-every steps to OUT.partial.safetensors;
+--resume continues from it exactly.
+
+Methods: identity, random and hadamard need no data; optrot minimizes the weights' fourth power;
+optrot+, kurtosis, dfrot and spinquant also read calibration text (--calib). SpinQuant's loss
+simulates the quantization given by the "spinquant" options below: use the same settings in
+'orthoopt quantize'."""
+
+EXAMPLES = (
+    "orthoopt rotate smollm2-135m --out runs/rot --method optrot",
+    "orthoopt rotate smollm2-135m --out runs/rot-h --method hadamard",
+    "orthoopt rotate MODEL --out runs/rot-sq --method spinquant --calib calib.txt --wbits 4 --abits 8",
+    "orthoopt rotate MODEL --out runs/rot --method optrot --resume  # continue an interrupted run",
+)
+DOCS = ("docs/objectives.md", "docs/solvers.md", "docs/adapters.md", "docs/performance.md", "docs/guarantees.md")
 
 
 def load_default_or(path: str | None, dtype: torch.dtype, progress: bool = True):
@@ -41,7 +66,7 @@ def load_default_or(path: str | None, dtype: torch.dtype, progress: bool = True)
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rotate", help="learn rotations and save the rotated checkpoint",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       **help_kwargs(DESCRIPTION, EXAMPLES, DOCS))
     p.add_argument("model_dir", nargs="?", default=None, metavar="MODEL",
                    help=f"model folder, .gguf file, registered name or Hub id (default: {DEFAULT_MODEL}, fetched "
                         "on first use; 'planted' is the planted-outlier toy Llama)")
@@ -74,7 +99,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="optrot: where the objective and solver compute, e.g. cuda")
     p.add_argument("--sample-fraction", type=float, default=None,
                    help="optrot: use this fraction of the weight rows per step (unbiased; docs/performance.md)")
-    q = p.add_argument_group("spinquant", "the quantization SpinQuant's loss simulates (match it in `orthoopt quantize`)")
+    q = p.add_argument_group("spinquant", "the quantization SpinQuant's loss simulates (match it in 'orthoopt quantize')")
     q.add_argument("--wbits", type=int, default=4, help="weight bits (RTN, straight-through; 16 = off); default 4")
     q.add_argument("--abits", type=int, default=16, help="activation bits (16 = off); default 16")
     q.add_argument("--act-asym", action="store_true", help="asymmetric per-token activation grid")

@@ -57,7 +57,7 @@ def unrepresentable(settings: dict) -> list[str]:
             f"activation quantization (A{settings.get('abits', act.get('bits'))}) is orthoopt's per-token fake "
             "quantization with its own grid and clip ratio; this exporter writes weight-only (W*A16) "
             "checkpoints, and a serving engine's dynamic activation quantizer would not reproduce it; "
-            "export the weights alone (drop --abits)"
+            "export the weights alone (drop --abits, or use a W*A16 --scheme)"
         )
     if act.get("online_hadamard"):
         reasons.append(

@@ -1,0 +1,92 @@
+"""``orthoopt quantize --scheme NAME``: the scheme's settings, explicit flags winning, the record in
+quant.json, refusals, and the compressed-tensors export of a scheme matching compressed-tensors' preset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from orthoopt.adapters import save_planted
+from orthoopt.cli import main
+from orthoopt.quant import load_checkpoint, quantize_model
+from orthoopt.quant.schemes import SCHEMES
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A one-layer Llama whose linears' inputs (128, 256) divide the schemes' group size."""
+    sizes = {g for s in SCHEMES.values() if (g := s.group_size)}
+    hidden = max(sizes)
+    return save_planted(tmp_path_factory.mktemp("m") / "tiny", hidden_size=hidden, num_layers=1, num_heads=4,
+                        intermediate_size=2 * hidden)
+
+
+def quantize(capsys, argv: list[str]) -> dict:
+    capsys.readouterr()
+    assert main(["quantize", *argv, "--method", "rtn", "--json", "--no-progress"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_scheme_sets_the_quantizer_like_the_flags(capsys, tmp_path, model_dir):
+    scheme = SCHEMES["W4A16"]
+    record = quantize(capsys, [str(model_dir), "--out", str(tmp_path / "s"), "--scheme", "w4a16"])
+    saved = json.loads((tmp_path / "s" / "quant.json").read_text())
+    assert saved["scheme"] == {"name": "W4A16", "overrides": {}} == record["scheme"]
+    assert (saved["wbits"], saved["group_size"], saved["sym"], saved["abits"]) == (
+        scheme.wbits, scheme.group_size, scheme.sym, scheme.abits)
+    model, _ = load_checkpoint(model_dir)  # the same grid in memory, flag by flag
+    quantize_model(model, "rtn", wbits=scheme.wbits, group_size=scheme.group_size, sym=scheme.sym, progress=False)
+    stored = load_file(tmp_path / "s" / "model.safetensors")
+    for name, p in model.state_dict().items():
+        assert torch.equal(stored[name], p), name
+
+
+def test_explicit_flags_win_over_the_scheme(capsys, tmp_path, model_dir):
+    scheme = SCHEMES["W4A8"]
+    saved = quantize(capsys, [str(model_dir), "--out", str(tmp_path / "o"), "--scheme", "W4A8", "--wbits", "3",
+                              "--group-size", "-1", "--asym", "--abits", str(scheme.abits)])
+    assert (saved["wbits"], saved["group_size"], saved["sym"], saved["abits"]) == (3, None, False, scheme.abits)
+    assert saved["act"]["bits"] == scheme.abits and saved["act"]["symmetric"] == scheme.act_sym
+    assert saved["scheme"] == {"name": "W4A8", "overrides": {  # --abits equals the scheme's: no override
+        "wbits": {"scheme": scheme.wbits, "flag": 3}, "sym": {"scheme": scheme.sym, "flag": False},
+        "group_size": {"scheme": scheme.group_size, "flag": None}}}
+
+
+def test_without_a_scheme_the_defaults_are_unchanged(capsys, tmp_path, model_dir):
+    saved = quantize(capsys, [str(model_dir), "--out", str(tmp_path / "d")])
+    assert saved["scheme"] is None
+    assert (saved["wbits"], saved["group_size"], saved["sym"], saved["abits"]) == (4, None, True, 16)
+
+
+@pytest.mark.parametrize("name,reason", [("W9A3", "unknown scheme 'W9A3'"), ("FP8", "cannot be represented")])
+def test_unknown_or_unrepresentable_schemes_exit_2_listing_the_supported(capsys, tmp_path, model_dir, name, reason):
+    if name == "FP8":
+        pytest.importorskip("compressed_tensors", reason="the reason comes from compressed-tensors' preset")
+    capsys.readouterr()
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "x"), "--scheme", name, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("orthoopt quantize: error: ") and reason in err
+    assert f"supported schemes: {', '.join(SCHEMES)}" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_compressed_tensors_export_of_a_scheme_is_the_preset(capsys, tmp_path, model_dir):
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors not installed (pip install 'orthoopt[export]')")
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    out = tmp_path / "ct"
+    quantize(capsys, [str(model_dir), "--out", str(out), "--scheme", "W4A16", "--format", "compressed-tensors"])
+    group = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    preset = preset_name_to_scheme("W4A16", ["Linear"])
+    assert {"type", "num_bits", "strategy", "group_size", "symmetric", "dynamic"} <= set(group["weights"])
+    assert group["weights"] == {k: v for k, v in preset.weights.model_dump(mode="json").items() if k in group["weights"]}
+    assert group["input_activations"] is None and preset.input_activations is None
+
+    capsys.readouterr()  # a scheme with activation quantization is refused before any work
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "w4a8"), "--scheme", "W4A8",
+                 "--format", "compressed-tensors", "--no-progress"]) == 2
+    assert "activation quantization" in capsys.readouterr().err and not (tmp_path / "w4a8").exists()
