@@ -13,8 +13,16 @@ import sys
 SUBCOMMANDS = ("rotate", "quantize", "eval", "diagnose", "fetch")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error (a bad flag or value) is one line ``orthoopt CMD: error: ...`` and exit 2, as the
+    commands' own errors (docs/guarantees.md); subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orthoopt", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="orthoopt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         try:
@@ -28,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, its message already on stderr)
+        return e.code if isinstance(e.code, int) else 2
     if getattr(args, "no_progress", False):
         from transformers.utils import logging as hf_logging
 
