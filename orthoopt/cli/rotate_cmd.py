@@ -166,6 +166,9 @@ def run(args: argparse.Namespace) -> int:
         if resolved.folder is None:
             raise ValueError(f"--streamed needs a Hugging Face folder with safetensors weights (or a registered "
                              f"name), got {resolved.kind} {args.model_dir!r}")
+        from orthoopt.adapters.io import check_model_folder
+
+        check_model_folder(resolved.folder)
         args.model_dir = str(resolved.folder)
         model, tokenizer, source, calib = None, None, resolved.describe(), None
     else:
