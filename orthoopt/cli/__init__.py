@@ -7,6 +7,7 @@ Each subcommand module defines ``add_parser(subparsers)`` (which registers its a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 
@@ -44,10 +45,21 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # transformers' own bars (loading/saving weights)
+    from safetensors import SafetensorError
+
+    from orthoopt.utils.paths import output_lock
+
+    out = getattr(args, "out", None)
     try:
-        return int(args.func(args) or 0)
+        # one writer per output: a second process writing the same --out exits 2 (docs/guarantees.md)
+        with output_lock(out) if out is not None else contextlib.nullcontext():
+            return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"orthoopt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, SafetensorError) as e:  # the file system: a full disk, a quota, an I/O error
+        left = f"; --out {out} was left as it was" if out is not None else ""
+        print(f"orthoopt {args.command}: error: {e}{left}", file=sys.stderr)
         return 2
 
 
