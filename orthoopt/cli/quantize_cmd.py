@@ -64,7 +64,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="GPTQ: quantize each layer's input-sharing groups one after the other, each with the "
                         "Hessians of the earlier groups' quantized outputs (default); --no-true-sequential: "
                         "all of a layer's linears from one pass (as llm-compressor; fewer forward passes)")
-    p.add_argument("--damp", type=real(0), default=0.01, help="GPTQ dampening, fraction of mean diag(H); default 0.01")
+    p.add_argument("--damp", type=real(0, 1e6), default=0.01, help="GPTQ dampening, fraction of mean diag(H); default 0.01")
     p.add_argument("--block-size", type=integer(1), default=128, help="GPTQ lazy-update block size; default 128")
     p.add_argument(
         "--format", default="orthoopt", choices=FORMATS,
