@@ -82,8 +82,8 @@ def check_model_folder(folder: str | os.PathLike) -> list[Path]:
     Raises ValueError (naming the file or field) when its weights are only pickle files
     (:data:`PICKLE_SUFFIXES`, never loaded), a safetensors file is damaged
     (:func:`~orthoopt.utils.tensorfile.check_weight_files`), a :data:`SIZE_FIELDS` entry of config.json
-    is not a positive integer, or config.json's ``vocab_size`` / ``hidden_size`` / ``num_hidden_layers``
-    disagree with the shapes in the weight files' headers (a config asking for sizes the weights do not
+    is not a positive integer, or config.json's ``vocab_size`` / ``hidden_size`` disagree with the
+    embedding's shape in the weight files' headers, or ``num_hidden_layers`` asks for more layers than they hold (a config asking for sizes the weights do not
     have would make transformers allocate, and randomly initialise, the difference)."""
     folder = Path(folder)
     files = check_weight_files(folder)
@@ -113,7 +113,8 @@ def check_model_folder(folder: str | os.PathLike) -> list[Path]:
              "num_hidden_layers": (max(layers) + 1) if layers else None}
     for field, have in found.items():
         want = text.get(field, config.get(field))
-        if have is not None and want is not None and want != have:
+        # more layers in the weights than in the config may be legitimate (multi-token-prediction heads)
+        if have is not None and want is not None and (want > have if field == "num_hidden_layers" else want != have):
             raise ValueError(f"{config_file}: {field} is {want} but the weights have {have}; refusing to build a "
                              "model the weights do not fill")
     return files
