@@ -83,8 +83,9 @@ def check_model_folder(folder: str | os.PathLike) -> list[Path]:
     (:data:`PICKLE_SUFFIXES`, never loaded), a safetensors file is damaged
     (:func:`~orthoopt.utils.tensorfile.check_weight_files`), a :data:`SIZE_FIELDS` entry of config.json
     is not a positive integer, or config.json's ``vocab_size`` / ``hidden_size`` disagree with the
-    embedding's shape in the weight files' headers, or ``num_hidden_layers`` asks for more layers than they hold (a config asking for sizes the weights do not
-    have would make transformers allocate, and randomly initialise, the difference)."""
+    embedding's shape in the weight files' headers, or ``num_hidden_layers`` asks for more layers than
+    they hold (a config asking for sizes the weights do not have would make transformers allocate, and
+    randomly initialise, the difference)."""
     folder = Path(folder)
     files = check_weight_files(folder)
     if not files:
