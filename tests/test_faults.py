@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 from orthoopt.cli import build_parser, main
 
 from test_resume import _partial_meta, model_dir  # noqa: F401  (model_dir: a fixture)
-from test_safety import _command_argv, copy_model, digest, run_error, text, tiny  # noqa: F401  (fixtures)
+from test_safety import ENV, _command_argv, copy_model, digest, run_error, text, tiny  # noqa: F401  (fixtures)
 
 STEPS = ["--steps", "40", "--checkpoint-every", "5"]
 
@@ -272,9 +272,38 @@ def test_a_killed_rotate_leaves_no_output_and_resumes_bit_identically(point, sig
     assert digest(model_dir) == before
 
 
+@pytest.mark.slow
+def test_a_real_interpreter_interrupted_by_sigint_cleans_up(model_dir, tmp_path):  # noqa: F811
+    """A Ctrl-C of ``python -m orthoopt`` itself (its own SIGINT handling, no fork), sent once the
+    partial checkpoint shows R1 under way (observed from outside): no output, no temporary, a whole
+    partial checkpoint."""
+    out = tmp_path / "rot"
+    partial = out.with_name("rot.partial.safetensors")
+    argv = [sys.executable, "-m", "orthoopt", "rotate", str(model_dir), "--out", str(out), "--steps", "200",
+            "--checkpoint-every", "5", "--quiet"]
+    env = {**ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((meta := _partial_meta(partial)) and meta.get("phase") == "R1" and int(meta["step"]) > 0):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no R1 checkpoint"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGINT, err[-3000:]  # Python's own: KeyboardInterrupt, then death by SIGINT
+    assert "KeyboardInterrupt" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rot.partial.safetensors"]  # no output, no temporary
+    assert _partial_meta(partial)["phase"] in ("R1", "R2")  # whole, for --resume (tested above)
+
+
 # ------------------------------------------------------------------- 2. kills of quantize, diagnose
-@pytest.mark.parametrize("sig", SIGNALS)
-@pytest.mark.parametrize("command", ["quantize", "diagnose"])
+@pytest.mark.parametrize("command, sig", [("quantize", SIGNALS[0]), ("quantize", SIGNALS[1]),
+                                          ("diagnose", SIGNALS[0])])  # diagnose's SIGINT: the same atomic_dir path
 def test_a_kill_during_the_final_write_keeps_the_previous_output(command, sig, tiny, tmp_path, spawn):  # noqa: F811
     before = digest(tiny)
     out = tmp_path / "runs" / "o"
