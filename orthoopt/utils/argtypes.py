@@ -28,8 +28,9 @@ def integer(low: int | None = None, high: int | None = INT64_MAX, also: tuple[in
         if value in also:
             return value
         if (low is not None and value < low) or (high is not None and value > high):
-            span = (f"in [{low}, {high}]" if low is not None and high is not None
-                    else f">= {low}" if low is not None else f"<= {high}")
+            shown = high if high != INT64_MAX or (high is not None and value > high) else None  # int64: if passed
+            span = (f"in [{low}, {shown}]" if low is not None and shown is not None
+                    else f">= {low}" if low is not None else f"<= {shown}")
             extra = "".join(f" or {a}" for a in also)
             raise argparse.ArgumentTypeError(f"must be an integer {span}{extra}, got {text}")
         return value
