@@ -39,7 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "input with the largest max/median channel magnitude)")
     p.add_argument("--k", type=real(0, low_open=True), default=DEFAULT_K,
                    help=f"outlier threshold in standard deviations; default {DEFAULT_K:g}")
-    p.add_argument("--bits", type=integer(MIN_BITS, MAX_BITS), default=DEFAULT_BITS, help=f"RTN error bit width; default {DEFAULT_BITS}")
+    p.add_argument("--bits", type=integer(MIN_BITS, MAX_BITS), default=DEFAULT_BITS,
+                   help=f"RTN error bit width; default {DEFAULT_BITS}")
     p.add_argument("--massive-ratio", type=real(0, low_open=True), default=DEFAULT_MASSIVE_RATIO,
                    help=f"massive token: max |x| > this x median |x|; default {DEFAULT_MASSIVE_RATIO:g}")
     p.add_argument("--massive-min-abs", type=real(0), default=0.0,

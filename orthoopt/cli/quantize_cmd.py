@@ -26,6 +26,7 @@ from orthoopt.utils.argtypes import integer, real
 from orthoopt.utils.paths import prepare_output
 
 CLIP = real(0, 1, low_open=True)  # a clipping ratio in (0, 1]
+BITS = integer(MIN_BITS, MAX_BITS, also=(16,))  # 16 = off
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="model folder (with tokenizer), .gguf file, registered name (smollm2-135m), planted, or Hub id")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--method", default="rtn", choices=("rtn", "gptq"), help="weight quantization method (default rtn)")
-    p.add_argument("--wbits", type=integer(MIN_BITS, MAX_BITS, also=(16,)), default=4, help=f"weight bits, {MIN_BITS}-{MAX_BITS} or 16 (off); default 4")
+    p.add_argument("--wbits", type=BITS, default=4, help=f"weight bits, {MIN_BITS}-{MAX_BITS} or 16 (off); default 4")
     p.add_argument("--group-size", type=integer(1), default=None, help="input columns per scale (default: per output channel)")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric weight grid (default)")
@@ -48,7 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--act-asym", action="store_true", help="asymmetric per-token activation grid (default symmetric)")
     p.add_argument("--act-clip", type=CLIP, default=1.0, help="activation clipping ratio in (0, 1]; default 1")
     p.add_argument("--online-hadamard", action="store_true", help="online Hadamard before down_proj (R4)")
-    p.add_argument("--kvbits", type=integer(MIN_BITS, MAX_BITS, also=(16,)), default=16, help="K/V-cache bits (16 = off); default 16")
+    p.add_argument("--kvbits", type=BITS, default=16, help="K/V-cache bits (16 = off); default 16")
     p.add_argument("--kv-group-size", type=integer(1), default=None,
                    help="K/V channels per scale within a head (default: head_dim, one scale per token and head)")
     p.add_argument("--kv-sym", action="store_true", help="symmetric K/V grid (default asymmetric, as QuaRot/SpinQuant)")
