@@ -596,6 +596,14 @@ def test_every_numeric_flag_refuses_bad_values_naming_the_flag(tiny, text, tmp_p
     assert not wrong, "\n".join(wrong)
 
 
+def test_a_size_no_machine_holds_is_a_clean_error(tiny, text, tmp_path, capsys):  # noqa: F811
+    """Counts within int64 pass the parser; one whose allocation fails is exit 2, not a traceback."""
+    err = run_error(capsys, ["quantize", str(tiny), "--out", str(tmp_path / "q"), "--method", "gptq", "--calib",
+                             str(text), "--nsamples", str(10**15), "--seq-len", "32", "--no-progress"])
+    assert "not enough memory" in err and err.count("\n") == 1
+    assert not (tmp_path / "q").exists()
+
+
 def test_the_edge_values_the_table_accepts_do_run(tiny, text, tmp_path, capsys, monkeypatch):  # noqa: F811
     import orthoopt.diagnostics
 

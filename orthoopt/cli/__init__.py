@@ -61,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         left = f"; --out {out} was left as it was" if out is not None else ""
         print(f"orthoopt {args.command}: error: {e}{left}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:  # a size no machine holds (e.g. --nsamples 10^15)
+        if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
+            raise
+        print(f"orthoopt {args.command}: error: not enough memory ({str(e).strip() or 'MemoryError'}); are the "
+              "sizes asked for (windows, tokens, steps) too large?", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
