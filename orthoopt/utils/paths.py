@@ -166,7 +166,8 @@ def output_lock(out: PathLike, what: str = "--out") -> Iterator[None]:
     """Hold an exclusive lock on output ``out`` (after resolving symbolic links) for the ``with`` block,
     or raise ValueError at once when another process holds it. The lock is an ``flock`` on a file named
     by a hash of the path in ``$TMPDIR/orthoopt-locks-UID/`` (not beside the output: nothing is left
-    there), removed on release; the kernel drops it when the holder dies (``kill -9`` included).
+    there), removed on release; the kernel drops it when the holder dies (``kill -9`` included), which
+    leaves the small unlocked file for the next writer of that output to take and remove.
     Processes of one host only (``flock`` is not shared over every network file system)."""
     import fcntl
 
