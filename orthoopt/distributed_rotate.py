@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from orthoopt.config import DTYPES, RotateConfig
+from orthoopt.utils.argtypes import integer, real
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,17 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (written by rank 0)")
     p.add_argument("--rotations", default="R1,R2", help="comma-separated subset of R1,R2")
     p.add_argument("--solver", default=None, help="default: cayley-lbfgs")
-    p.add_argument("--steps", type=int, default=None, help="solver steps per rotation phase; default optrot's budget (150)")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=integer(0), default=None, help="solver steps per rotation phase; default optrot's budget (150)")
+    p.add_argument("--lr", type=real(0, low_open=True), default=None)
+    p.add_argument("--seed", type=integer(0), default=0)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the learned rotations")
     p.add_argument("--model-dtype", choices=tuple(DTYPES), default="float32", help="dtype of the weights")
     p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, GPU LOCAL_RANK per rank)")
-    p.add_argument("--chunk-rows", type=int, default=None)
-    p.add_argument("--sample-fraction", type=float, default=None)
-    p.add_argument("--layers-per-shard", type=int, default=1)
+    p.add_argument("--chunk-rows", type=integer(1), default=None)
+    p.add_argument("--sample-fraction", type=real(0, 1, low_open=True), default=None)
+    p.add_argument("--layers-per-shard", type=integer(1), default=1)
     p.add_argument("--include-embeddings", action="store_true")
-    p.add_argument("--checkpoint-every", type=int, default=25, help="steps between partial checkpoints (0: off)")
+    p.add_argument("--checkpoint-every", type=integer(0), default=25, help="steps between partial checkpoints (0: off)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the partial checkpoints")
     p.add_argument("--json", action="store_true", help="rank 0 prints the report as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

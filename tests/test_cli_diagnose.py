@@ -166,8 +166,8 @@ def test_diagnose_single_model_without_calibration_and_chosen_block(models, caps
     (["--calib", "missing.txt"], "calibration text not found"),
     (["--calib-tokens", "0", "--calib", "CALIB"], ">= 1"),
     (["--act-module", "lm_head"], "no calibration text"),
-    (["--bits", "1"], "RTN bits"),
-    (["--k", "0"], "positive"),
+    (["--bits", "1"], "argument --bits: must be an integer in [2, 8], got 1"),
+    (["--k", "0"], "argument --k: must be a finite number > 0, got 0"),
 ])
 def test_diagnose_bad_arguments(models, capsys, extra, message):
     root, orig, rot, text = models

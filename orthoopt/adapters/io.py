@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -67,6 +68,59 @@ def _quantized_load_kwargs(path: Path) -> dict:
     return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+"""Weight files that are Python pickles: orthoopt never unpickles them (unpickling can run code)."""
+
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings")
+"""config.json sizes that must be positive integers (checked by :func:`check_model_folder`)."""
+
+
+def check_model_folder(folder: str | os.PathLike) -> list[Path]:
+    """Check a Hugging Face model folder before anything is built from it; returns its safetensors files.
+
+    Raises ValueError (naming the file or field) when its weights are only pickle files
+    (:data:`PICKLE_SUFFIXES`, never loaded), a safetensors file is damaged
+    (:func:`~orthoopt.utils.tensorfile.check_weight_files`), a :data:`SIZE_FIELDS` entry of config.json
+    is not a positive integer, or config.json's ``vocab_size`` / ``hidden_size`` disagree with the
+    embedding's shape in the weight files' headers, or ``num_hidden_layers`` asks for more layers than
+    they hold (a config asking for sizes the weights do not have would make transformers allocate, and
+    randomly initialise, the difference)."""
+    folder = Path(folder)
+    files = check_weight_files(folder)
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(f"{folder} holds its weights only as pickle files ({', '.join(pickles)}), which orthoopt "
+                             "does not load (unpickling can run code); convert them to safetensors first")
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_file} is damaged: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} is damaged: not a JSON object")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    for field in SIZE_FIELDS:
+        value = text.get(field, config.get(field))
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{config_file}: {field} must be a positive integer, got {value!r}")
+    from orthoopt.utils.tensorfile import check_safetensors
+
+    shapes = {k: v["shape"] for f in files for k, v in check_safetensors(f).items() if k != "__metadata__"}
+    embed = next((s for k, s in shapes.items() if k.endswith("embed_tokens.weight") and len(s) == 2), None)
+    layers = {int(m.group(1)) for k in shapes for m in [re.search(r"(?:^|\.)layers\.(\d+)\.", k)] if m}
+    found = {"vocab_size": embed and embed[0], "hidden_size": embed and embed[1],
+             "num_hidden_layers": (max(layers) + 1) if layers else None}
+    for field, have in found.items():
+        want = text.get(field, config.get(field))
+        # more layers in the weights than in the config may be legitimate (multi-token-prediction heads)
+        if have is not None and want is not None and (want > have if field == "num_hidden_layers" else want != have):
+            raise ValueError(f"{config_file}: {field} is {want} but the weights have {have}; refusing to build a "
+                             "model the weights do not fill")
+    return files
+
+
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                progress: bool = True) -> PreTrainedModel:
     """An eval-mode ``*ForCausalLM`` from any model source (:mod:`orthoopt.adapters.sources`): a
@@ -84,11 +138,12 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
 
     source = resolve_source(path, progress=progress)
     if source.folder is not None:
-        check_weight_files(source.folder)
+        check_model_folder(source.folder)
         try:
             with warnings.catch_warnings():  # "quantization_config from the model will be used" (it is; we set dequantize)
                 warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
-                model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype,
+                model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, use_safetensors=True,
+                                                             trust_remote_code=False,
                                                              **_quantized_load_kwargs(source.folder))
         except OSError as e:  # transformers' missing or unreadable files
             raise ValueError(f"cannot load the model in {source.folder}: {e}") from None
@@ -130,7 +185,7 @@ def load_tokenizer(path: str | os.PathLike, progress: bool = True):
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         return None
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # never a folder's own code
     except (OSError, ValueError) as e:  # a damaged tokenizer.json or config.json
         raise ValueError(f"cannot load the tokenizer in {folder}: {e}") from None
 

@@ -14,8 +14,10 @@ import json
 
 from orthoopt.diagnostics.activations import DEFAULT_MASSIVE_RATIO
 from orthoopt.diagnostics.compare import diagnose_models
+from orthoopt.core.grid import MAX_BITS, MIN_BITS
 from orthoopt.diagnostics.stats import DEFAULT_BITS, DEFAULT_K
 from orthoopt.cli.usage import help_kwargs
+from orthoopt.utils.argtypes import integer, real
 
 DESCRIPTION = f"""\
 Outlier statistics and plots of one or more models, overlaid (e.g. before and after rotation).
@@ -42,8 +44,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="model folders (or .gguf files, registered names, planted, Hub ids), one series each")
     p.add_argument("--out", required=True, help="output folder for plots and summary.json (written atomically)")
     p.add_argument("--calib", default=None, help="text file: add activation statistics on its first tokens")
-    p.add_argument("--calib-tokens", type=int, default=2048, help="tokens of --calib to run; default 2048")
-    p.add_argument("--seq-len", type=int, default=None,
+    p.add_argument("--calib-tokens", type=integer(1), default=2048, help="tokens of --calib to run; default 2048")
+    p.add_argument("--seq-len", type=integer(1), default=None,
                    help="--calib tokens per forward sequence; default 512, or the model's context if shorter")
     p.add_argument("--labels", default=None, help="comma-separated series labels (default: folder names)")
     p.add_argument("--block", default=None,
@@ -51,12 +53,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--act-module", default=None,
                    help="linear layer whose input the activation plots show (default: the residual-stream "
                         "input with the largest max/median channel magnitude)")
-    p.add_argument("--k", type=float, default=DEFAULT_K,
+    p.add_argument("--k", type=real(0, low_open=True), default=DEFAULT_K,
                    help=f"outlier threshold in standard deviations; default {DEFAULT_K:g}")
-    p.add_argument("--bits", type=int, default=DEFAULT_BITS, help=f"RTN error bit width; default {DEFAULT_BITS}")
-    p.add_argument("--massive-ratio", type=float, default=DEFAULT_MASSIVE_RATIO,
+    p.add_argument("--bits", type=integer(MIN_BITS, MAX_BITS), default=DEFAULT_BITS,
+                   help=f"RTN error bit width; default {DEFAULT_BITS}")
+    p.add_argument("--massive-ratio", type=real(0, low_open=True), default=DEFAULT_MASSIVE_RATIO,
                    help=f"massive token: max |x| > this x median |x|; default {DEFAULT_MASSIVE_RATIO:g}")
-    p.add_argument("--massive-min-abs", type=float, default=0.0,
+    p.add_argument("--massive-min-abs", type=real(0), default=0.0,
                    help="massive token: also max |x| > this absolute value; default 0")
     p.add_argument("--json", action="store_true", help="print summary.json on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")

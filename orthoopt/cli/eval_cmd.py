@@ -17,6 +17,7 @@ from orthoopt.eval.perplexity import perplexity
 from orthoopt.quant.calib import read_text
 from orthoopt.quant.model import load_quantized
 from orthoopt.cli.usage import help_kwargs
+from orthoopt.utils.argtypes import integer, real
 
 DESCRIPTION = """\
 Measure the perplexity of a checkpoint on a text file, and optionally zero-shot task accuracy.
@@ -42,9 +43,9 @@ MODEL_HELP = ("model folder (with tokenizer; quant.json if quantized), .gguf fil
 def add_window_args(p: argparse.ArgumentParser) -> None:
     """The windowing flags of perplexity (``--seq-len``, ``--max-tokens``, ``--batch-size``), shared
     with ``orthoopt compare``."""
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: context, max 2048)")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass; default 1")
+    p.add_argument("--seq-len", type=integer(1), default=None, help="window length (default: context, max 2048)")
+    p.add_argument("--max-tokens", type=integer(1), default=None, help="evaluate only the first N tokens")
+    p.add_argument("--batch-size", type=integer(1), default=1, help="windows per forward pass; default 1")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -56,8 +57,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None,
                    help="comma-separated lm-eval tasks (e.g. piqa,arc_easy) or task YAML files; needs lm-eval "
                         "and the tasks' datasets in the local Hugging Face cache")
-    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot examples (default: the task's)")
-    p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (fraction if < 1)")
+    p.add_argument("--num-fewshot", type=integer(0), default=None, help="lm-eval few-shot examples (default: the task's)")
+    p.add_argument("--limit", type=real(0, low_open=True), default=None, help="lm-eval: examples per task (fraction if < 1)")
     add_window_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

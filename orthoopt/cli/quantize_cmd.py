@@ -23,6 +23,7 @@ from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS
 from orthoopt.quant.schemes import PER_CHANNEL, SCHEMES, resolve
 from orthoopt.adapters.archs import locate
 from orthoopt.adapters.sources import input_location
+from orthoopt.utils.argtypes import integer, real
 from orthoopt.utils.paths import prepare_output
 from orthoopt.cli.usage import help_kwargs
 
@@ -51,6 +52,9 @@ EXAMPLES = (
 )
 DOCS = ("docs/quantization.md", "docs/export.md (compressed-tensors, vLLM)")
 
+CLIP = real(0, 1, low_open=True)  # a clipping ratio in (0, 1]
+BITS = integer(MIN_BITS, MAX_BITS, also=(16,))  # 16 = off
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -66,9 +70,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="compressed-tensors scheme name, e.g. W4A16 (4-bit weights, groups of 128), W4A16_ASYM, "
                         "W8A16, W4A8, W8A8; sets --wbits, --group-size, --sym/--asym and --abits, and an explicit "
                         f"flag wins over it. One of: {', '.join(SCHEMES)}")
-    p.add_argument("--wbits", type=int, default=None,
+    p.add_argument("--wbits", type=BITS, default=None,
                    help=f"weight bits, {MIN_BITS}-{MAX_BITS} or 16 (off); default: the scheme's, else 4")
-    p.add_argument("--group-size", type=int, default=None,
+    p.add_argument("--group-size", type=integer(1, also=(PER_CHANNEL,)), default=None,
                    help=f"input columns per scale, {PER_CHANNEL} for one scale per output channel; default: the "
                         "scheme's, else per output channel")
     sym = p.add_mutually_exclusive_group()
@@ -76,29 +80,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="symmetric weight grid (default, unless the scheme is asymmetric)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric weight grid with zero point")
     p.add_argument("--mse-clip", action="store_true", help="search the weight clipping ratio per row (MSE grid)")
-    p.add_argument("--abits", type=int, default=None, choices=(16, 8, 4),
+    p.add_argument("--abits", type=integer(), default=None, choices=(16, 8, 4),
                    help="activation bits, per token and dynamic (16 = off); default: the scheme's, else 16")
     p.add_argument("--act-asym", action="store_true", help="asymmetric per-token activation grid (default symmetric)")
-    p.add_argument("--act-clip", type=float, default=1.0, help="activation clipping ratio in (0, 1]; default 1")
+    p.add_argument("--act-clip", type=CLIP, default=1.0, help="activation clipping ratio in (0, 1]; default 1")
     p.add_argument("--online-hadamard", action="store_true", help="online Hadamard before down_proj (R4)")
-    p.add_argument("--kvbits", type=int, default=16, help="K/V-cache bits (16 = off); default 16")
-    p.add_argument("--kv-group-size", type=int, default=None,
+    p.add_argument("--kvbits", type=BITS, default=16, help="K/V-cache bits (16 = off); default 16")
+    p.add_argument("--kv-group-size", type=integer(1), default=None,
                    help="K/V channels per scale within a head (default: head_dim, one scale per token and head)")
     p.add_argument("--kv-sym", action="store_true", help="symmetric K/V grid (default asymmetric, as QuaRot/SpinQuant)")
-    p.add_argument("--k-clip", type=float, default=1.0, help="K clipping ratio in (0, 1]; default 1")
-    p.add_argument("--v-clip", type=float, default=1.0, help="V clipping ratio in (0, 1]; default 1")
+    p.add_argument("--k-clip", type=CLIP, default=1.0, help="K clipping ratio in (0, 1]; default 1")
+    p.add_argument("--v-clip", type=CLIP, default=1.0, help="V clipping ratio in (0, 1]; default 1")
     p.add_argument("--r3", action="store_true", help="online head-wise Hadamard on queries and keys after RoPE (R3)")
     p.add_argument("--calib", default=None, help="calibration text file (required for GPTQ)")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows; default 128")
-    p.add_argument("--seq-len", type=int, default=None, help="calibration window length (default: context, max 2048)")
-    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed; default 0")
+    p.add_argument("--nsamples", type=integer(1), default=128, help="calibration windows; default 128")
+    p.add_argument("--seq-len", type=integer(1), default=None, help="calibration window length (default: context, max 2048)")
+    p.add_argument("--seed", type=integer(0), default=0, help="calibration sampling seed; default 0")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: quantize each layer's input-sharing groups one after the other, each with the "
                         "Hessians of the earlier groups' quantized outputs (default); --no-true-sequential: "
                         "all of a layer's linears from one pass (as llm-compressor; fewer forward passes)")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H); default 0.01")
-    p.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block size; default 128")
+    p.add_argument("--damp", type=real(0, 1e6), default=0.01, help="GPTQ dampening, fraction of mean diag(H); default 0.01")
+    p.add_argument("--block-size", type=integer(1), default=128, help="GPTQ lazy-update block size; default 128")
     p.add_argument(
         "--format", default="orthoopt", choices=FORMATS,
         help="orthoopt: fake-quantized float weights + quant.json (default); compressed-tensors: packed "

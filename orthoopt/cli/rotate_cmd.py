@@ -20,13 +20,16 @@ import torch
 from orthoopt.adapters.sources import PLANTED_CONFIG, input_location
 from orthoopt.cli.usage import help_kwargs
 from orthoopt.config import DATA_METHODS, DEFAULT_STEPS, DTYPES, METHODS, PHASES, RotateConfig
+from orthoopt.core.grid import MAX_BITS, MIN_BITS
 from orthoopt.pipeline import rotate_model, rotate_streamed
 from orthoopt.solvers import SOLVERS
+from orthoopt.utils.argtypes import integer, real
 from orthoopt.utils.checks import check_device
 from orthoopt.utils.paths import prepare_output
 DEFAULT_MODEL = "smollm2-135m"
 """MODEL when none is given: the registered SmolLM2-135M (fetched into the cache on first use)."""
 DEFAULT_PLANTED = PLANTED_CONFIG
+BITS = integer(MIN_BITS, MAX_BITS, also=(16,))  # 16 = off
 
 DESCRIPTION = """\
 Learn (or construct) orthogonal rotations for a model and save the rotated checkpoint.
@@ -76,14 +79,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rotations", default="R1,R2", help="comma-separated subset of R1,R2 (default: both)")
     p.add_argument("--solver", choices=tuple(SOLVERS), default=None,
                    help="default: the method's (docs/solvers.md)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=integer(0), default=None,
                    help="solver steps per rotation phase; default the method's budget (optrot 150, kurtosis 250, "
                         "others 100: docs/solvers.md)")
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=real(0, low_open=True), default=None)
     p.add_argument("--calib", default=None, help="calibration text file (optrot+, kurtosis, dfrot)")
-    p.add_argument("--calib-tokens", type=int, default=2048)
-    p.add_argument("--calib-seq-len", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-tokens", type=integer(1), default=2048)
+    p.add_argument("--calib-seq-len", type=integer(1), default=256)
+    p.add_argument("--seed", type=integer(0), default=0)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                    help="dtype of the model and of the learned rotations")
     p.add_argument("--include-embeddings", action="store_true",
@@ -92,21 +95,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT.partial.safetensors if present (exact: whole solver state; "
                         "refused if written with other settings)")
-    p.add_argument("--checkpoint-every", type=int, default=25, help="steps between partial checkpoints (0: off)")
+    p.add_argument("--checkpoint-every", type=integer(0), default=25, help="steps between partial checkpoints (0: off)")
     p.add_argument("--streamed", action="store_true",
                    help="optrot only: read MODEL_DIR's safetensors layer by layer and write sharded output, "
                         "never holding the whole model (docs/performance.md)")
     p.add_argument("--device", default=None, help="optrot: where the objective and solver compute, e.g. cuda")
-    p.add_argument("--sample-fraction", type=float, default=None,
+    p.add_argument("--sample-fraction", type=real(0, 1, low_open=True), default=None,
                    help="optrot: use this fraction of the weight rows per step (unbiased; docs/performance.md)")
     q = p.add_argument_group("spinquant", "the quantization SpinQuant's loss simulates (match it in 'orthoopt quantize')")
-    q.add_argument("--wbits", type=int, default=4, help="weight bits (RTN, straight-through; 16 = off); default 4")
-    q.add_argument("--abits", type=int, default=16, help="activation bits (16 = off); default 16")
+    q.add_argument("--wbits", type=BITS, default=4, help="weight bits (RTN, straight-through; 16 = off); default 4")
+    q.add_argument("--abits", type=BITS, default=16, help="activation bits (16 = off); default 16")
     q.add_argument("--act-asym", action="store_true", help="asymmetric per-token activation grid")
-    q.add_argument("--kvbits", type=int, default=16, help="K/V-cache bits (16 = off); default 16")
+    q.add_argument("--kvbits", type=BITS, default=16, help="K/V-cache bits (16 = off); default 16")
     q.add_argument("--r3", action="store_true", help="online head-wise Hadamard on queries/keys after RoPE")
     q.add_argument("--online-hadamard", action="store_true", help="online Hadamard before down_proj (R4)")
-    q.add_argument("--batch-size", type=int, default=1, help="calibration windows per step; default 1")
+    q.add_argument("--batch-size", type=integer(1), default=1, help="calibration windows per step; default 1")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
     p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)
@@ -188,6 +191,9 @@ def run(args: argparse.Namespace) -> int:
         if resolved.folder is None:
             raise ValueError(f"--streamed needs a Hugging Face folder with safetensors weights (or a registered "
                              f"name), got {resolved.kind} {args.model_dir!r}")
+        from orthoopt.adapters.io import check_model_folder
+
+        check_model_folder(resolved.folder)
         args.model_dir = str(resolved.folder)
         model, tokenizer, source, calib = None, None, resolved.describe(), None
     else:

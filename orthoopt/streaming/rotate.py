@@ -366,7 +366,7 @@ def _write_config(src: Path, dst: Path, untie: bool, model_dtype: torch.dtype) -
     weights, and ``tie_word_embeddings=False`` when fusion untied lm_head."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(src)
+    config = AutoConfig.from_pretrained(src, trust_remote_code=False)  # never a folder's own code
     if untie:
         for cfg in {id(c): c for c in (config, config.get_text_config())}.values():
             cfg.tie_word_embeddings = False

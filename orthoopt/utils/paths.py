@@ -18,14 +18,20 @@ It raises ValueError (the CLI's exit 2) when
   previous output of the same command: replacing it would delete someone else's files).
 
 and then removes the output's stale temporaries (:func:`orthoopt.utils.atomic.remove_stale`).
+
+:func:`output_lock` makes the commands that write ``--out`` exclusive per output on this host: a second
+``orthoopt`` process writing the same output while the first runs exits 2 instead of racing it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Iterator
 
 from orthoopt.utils.atomic import remove_stale
 
@@ -147,4 +153,50 @@ def prepare_output(out: PathLike, inputs: Inputs, kind: str = "folder", what: st
     return Path(out)
 
 
-__all__ = ["check_not_input", "check_writable", "input_paths", "overlap", "prepare_output", "resolve"]
+def _lock_folder() -> Path:
+    folder = Path(tempfile.gettempdir()) / f"orthoopt-locks-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.is_symlink() or folder.stat().st_uid != os.getuid():
+        raise ValueError(f"the lock folder {folder} is not this user's own folder; remove it")
+    return folder
+
+
+@contextlib.contextmanager
+def output_lock(out: PathLike, what: str = "--out") -> Iterator[None]:
+    """Hold an exclusive lock on output ``out`` (after resolving symbolic links) for the ``with`` block,
+    or raise ValueError at once when another process holds it. The lock is an ``flock`` on a file named
+    by a hash of the path in ``$TMPDIR/orthoopt-locks-UID/`` (not beside the output: nothing is left
+    there), removed on release; the kernel drops it when the holder dies (``kill -9`` included), which
+    leaves the small unlocked file for the next writer of that output to take and remove.
+    Processes of one host only (``flock`` is not shared over every network file system)."""
+    import fcntl
+
+    key = hashlib.sha256(str(resolve(out)).encode()).hexdigest()[:32]
+    path = _lock_folder() / f"{key}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 100, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ValueError(f"{what} {out} is being written by another orthoopt process ({holder}); wait for it "
+                             f"to finish or choose another {what}") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:  # the previous holder removed it between our open and flock
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+__all__ = ["check_not_input", "check_writable", "input_paths", "output_lock", "overlap", "prepare_output", "resolve"]
