@@ -226,8 +226,8 @@ def assert_same_tensors(got: Path, want: Path) -> None:
 # ------------------------------------------------------------------------------ 1. kills of rotate
 KILL_POINTS = {
     "during-R1": ("step", "R1", 12),  # the partial holds R1 after 10 steps (mid-phase solver state)
-    "during-R2": ("step", "R2", 12),  # R1 fused, R2 after 10 steps
-    "right-after-R1": ("step", "R2", 0),  # the partial is the R1/R2 boundary: R2 not begun
+    "during-R2": ("step", "R2", 12),  # R1 fused, layer 0's R2 after 10 steps (R2 is one unit per layer)
+    "right-after-R1": ("step", "R2", 0),  # the partial is the R1/R2 boundary: layer 0's R2 not begun
     "during-the-final-write": ("after", "orthoopt.adapters.io:save_file"),  # weights written, no report.json yet
 }
 
@@ -257,8 +257,9 @@ def test_a_killed_rotate_leaves_no_output_and_resumes_bit_identically(point, sig
     assert digest(model_dir) == before  # the input is unchanged
     assert_only_the_killed_runs_temporary(out.parent, out, child, sig)
     meta = _partial_meta(partial)  # the last partial checkpoint is whole
-    want = {"during-R1": ("R1", "10"), "during-R2": ("R2", "10"), "right-after-R1": ("R2", "0"),
-            "during-the-final-write": ("R2", "40")}[point]
+    last = f"R2.{json.loads((Path(model_dir) / 'config.json').read_text())['num_hidden_layers'] - 1}"
+    want = {"during-R1": ("R1", "10"), "during-R2": ("R2.0", "10"), "right-after-R1": ("R2.0", "0"),
+            "during-the-final-write": (last, "40")}[point]
     assert (meta["phase"], meta["step"]) == want
 
     resumed = ok(spawn([*argv, "--resume"]))
@@ -522,12 +523,14 @@ VALID = {
     ("rotate", "--checkpoint-every"): {"0"},  # 0: no partial checkpoints
     ("rotate", "--lr"): HUGE,  # a huge step is the user's choice (cayley-sgd runs; L-BFGS takes no --lr)
     ("quantize", "--seed"): {"0"},
-    ("quantize", "--damp"): {"0"},  # no dampening: GPTQ says so if the Hessian is then singular
+    ("quantize", "--damp"): {"0"},
+    ("quantize", "--group-size"): {"-1"},  # -1: one scale per output channel (AutoGPTQ's convention)  # no dampening: GPTQ says so if the Hessian is then singular
     ("eval", "--num-fewshot"): {"0"},  # zero-shot
     ("eval", "--limit"): HUGE,  # more examples than any task has: all of them
     ("diagnose", "--k"): HUGE,  # no entry is an outlier
     ("diagnose", "--massive-ratio"): HUGE,  # no token is massive
     ("diagnose", "--massive-min-abs"): {"0", *HUGE},  # 0 is the default
+    ("compare", "--seed"): {"0"},
     ("distributed_rotate", "--steps"): {"0"},
     ("distributed_rotate", "--seed"): {"0"},
     ("distributed_rotate", "--checkpoint-every"): {"0"},
@@ -562,7 +565,8 @@ def test_every_numeric_flag_refuses_bad_values_naming_the_flag(tiny, text, tmp_p
     base = {"rotate": ["rotate", str(tiny), "--out", str(tmp_path / "r"), "--no-progress"],
             "quantize": ["quantize", str(tiny), "--out", str(tmp_path / "q"), "--no-progress"],
             "eval": ["eval", str(tiny), "--text", str(text), "--no-progress"],
-            "diagnose": ["diagnose", str(tiny), "--out", str(tmp_path / "d"), "--no-progress"]}
+            "diagnose": ["diagnose", str(tiny), "--out", str(tmp_path / "d"), "--no-progress"],
+            "compare": ["compare", str(tiny), str(tiny), "--text", str(text), "--no-progress"]}
 
     def reached(*a, **k):
         raise _Reached

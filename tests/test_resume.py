@@ -88,7 +88,7 @@ def _kill_after_checkpoint(cmd: list[str], partial: Path, phase, timeout: float 
     (["--solver", "cayley-sgd", "--sample-fraction", "0.5"], ("R2.0",)),  # momentum, row-sampling generators
 ], ids=["default", "cayley-sgd-sampled"])
 def test_kill9_then_resume_is_bit_identical(model_dir, tmp_path, extra, kill_phases):
-    steps = ["--steps", "150"]
+    steps = ["--steps", "80"]
     ref_out = tmp_path / "ref"
     done = subprocess.run(_cli(model_dir, ref_out, *steps, *extra), env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

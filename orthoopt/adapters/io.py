@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from orthoopt.adapters import llama2c
 from orthoopt.utils.atomic import atomic_dir
 from orthoopt.utils.checks import check_model_weights
-from orthoopt.utils.tensorfile import check_weight_files, read_safetensors
+from orthoopt.utils.tensorfile import check_weight_files, read_json_object, read_safetensors
 
 ROTATIONS_FILE = "orthoopt/rotations.safetensors"  # relative to the checkpoint folder (module doc)
 LEGACY_ROTATIONS_FILE = "rotations.safetensors"
@@ -49,10 +49,7 @@ def _quantized_load_kwargs(path: Path) -> dict:
     """``from_pretrained`` keyword arguments for a folder whose config.json has a ``quantization_config``:
     compressed-tensors checkpoints load dequantized (``dequantize=True``: dense weights, and the only
     route by which transformers 5.2x loads asymmetric packed zero points)."""
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path / 'config.json'} is damaged: not valid JSON ({e})") from None
+    config = read_json_object(path / "config.json")
     method = (config.get("quantization_config") or {}).get("quant_method")
     if method != "compressed-tensors":
         return {}
@@ -94,12 +91,7 @@ def check_model_folder(folder: str | os.PathLike) -> list[Path]:
             raise ValueError(f"{folder} holds its weights only as pickle files ({', '.join(pickles)}), which orthoopt "
                              "does not load (unpickling can run code); convert them to safetensors first")
     config_file = folder / "config.json"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config_file} is damaged: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_file} is damaged: not a JSON object")
+    config = read_json_object(config_file)
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     for field in SIZE_FIELDS:
         value = text.get(field, config.get(field))

@@ -11,24 +11,42 @@ import argparse
 import json
 
 from orthoopt.cli.eval_cmd import MODEL_HELP, add_window_args
+from orthoopt.cli.usage import help_kwargs
+from orthoopt.utils.argtypes import integer
 from orthoopt.eval.bootstrap import DEFAULT_RESAMPLES, MIN_WINDOWS
 from orthoopt.eval.compare import check_options, compare_models
 from orthoopt.quant.calib import read_text
 
 
+DESCRIPTION = f"""\
+Is a model really better than another? Perplexity ratios against a reference, with 95% intervals.
+
+Every MODEL and the reference REF are scored on the same non-overlapping windows of --text (one
+model in memory at a time; folders written by 'orthoopt quantize' with their quant.json settings).
+For each MODEL: its perplexity, the ratio ppl(MODEL) / ppl(REF), a 95% interval of that ratio from a
+paired bootstrap over windows, and a verdict: lower, higher or not separated (the interval holds 1).
+The interval covers the evaluation windows only, not the chance of calibration or rotation seeds.
+The text must give at least {MIN_WINDOWS} windows (exit 2 otherwise)."""
+
+EXAMPLES = (
+    "orthoopt compare runs/rtn-w4 runs/optrot-rtn-w4 runs/hadamard-rtn-w4 --text wikitext2-test.txt",
+    "orthoopt compare smollm2-135m runs/rot-w4 --text wikitext2-test.txt --seq-len 512 --max-tokens 32768 --json",
+)
+DOCS = ("docs/quantization.md (Comparing models: paired bootstrap)",)
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "compare", help="perplexity ratios against a reference, with paired-bootstrap 95%% intervals",
-        description=__doc__.splitlines()[0],
-        epilog=f"The text must give at least {MIN_WINDOWS} windows (exit 2 otherwise).",
+        **help_kwargs(DESCRIPTION, EXAMPLES, DOCS),
     )
     p.add_argument("reference", metavar="REF", help="the reference model: " + MODEL_HELP)
     p.add_argument("models", nargs="+", metavar="MODEL", help="models compared with REF (same kinds of source)")
     p.add_argument("--text", required=True, help="evaluation text file (e.g. ../shared/data/wikitext2-test.txt)")
     add_window_args(p)
-    p.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES,
+    p.add_argument("--resamples", type=integer(1), default=DEFAULT_RESAMPLES,
                    help=f"bootstrap resamples; default {DEFAULT_RESAMPLES}")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (non-negative); default 0")
+    p.add_argument("--seed", type=integer(0), default=0, help="bootstrap seed (non-negative); default 0")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run)

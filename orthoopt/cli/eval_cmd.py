@@ -43,7 +43,7 @@ MODEL_HELP = ("model folder (with tokenizer; quant.json if quantized), .gguf fil
 def add_window_args(p: argparse.ArgumentParser) -> None:
     """The windowing flags of perplexity (``--seq-len``, ``--max-tokens``, ``--batch-size``), shared
     with ``orthoopt compare``."""
-    p.add_argument("--seq-len", type=integer(1), default=None, help="window length (default: context, max 2048)")
+    p.add_argument("--seq-len", type=integer(2), default=None, help="window length (default: context, max 2048)")
     p.add_argument("--max-tokens", type=integer(1), default=None, help="evaluate only the first N tokens")
     p.add_argument("--batch-size", type=integer(1), default=1, help="windows per forward pass; default 1")
 

@@ -8,7 +8,6 @@ resident, ``docs/performance.md``).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from orthoopt.utils.checks import check_finite_tensor
-from orthoopt.utils.tensorfile import check_safetensors
+from orthoopt.utils.tensorfile import check_safetensors, read_json_object
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -45,10 +44,10 @@ class SafetensorsCheckpoint:
         config = self.path / "config.json"
         if not config.is_file():
             raise FileNotFoundError(f"{self.path} has no config.json (streamed mode reads Hugging Face folders)")
-        self.config: dict = _read_json(config)
+        self.config: dict = read_json_object(config)
         self.files: dict[str, Path] = {}  # tensor name -> file
         if (self.path / INDEX_FILE).is_file():
-            weight_map = _read_json(self.path / INDEX_FILE).get("weight_map")
+            weight_map = read_json_object(self.path / INDEX_FILE).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{self.path / INDEX_FILE} has no weight_map")
             self.files = {name: self.path / file for name, file in weight_map.items()}
@@ -137,17 +136,6 @@ class SafetensorsCheckpoint:
     def nbytes(self) -> int:
         """Total size of the stored tensors in bytes."""
         return sum(self.numel(n) * torch.empty((), dtype=self.dtype(n)).element_size() for n in self._meta)
-
-
-def _read_json(path: Path) -> dict:
-    """A JSON object file; ValueError naming the file when it is not one."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is damaged: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} is damaged: not a JSON object")
-    return value
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -113,3 +113,23 @@ def check_weight_files(folder: str | os.PathLike) -> list[Path]:
 
 
 __all__ = ["check_safetensors", "check_weight_files", "read_safetensors", "safetensors_metadata"]
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A checkpoint's JSON side file (``config.json``, the weight index) as a dict.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` does not exist.
+    ValueError
+        Naming the file, when it is not valid UTF-8 JSON or not a JSON object.
+    """
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is damaged: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is damaged: not a JSON object")
+    return value
