@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from orthoopt.adapters import DecoderAdapter, load_model, save_planted
+from orthoopt.methods import METHODS
 from orthoopt.objectives import FourthPower
 from orthoopt.pipeline import rotate_model, rotate_streamed
 from orthoopt.streaming import (
@@ -71,6 +73,37 @@ def test_streamed_equals_in_memory(saved, tmp_path, case, solver):
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "optrot" and report["streamed"]["world_size"] == 1
     assert (out / "tokenizer.json").is_file() and (out / "orthoopt" / "rotations.safetensors").is_file()
+
+
+STREAMED = [name for name, m in METHODS.items() if m.supports_streamed]  # a new streamed method enrols itself
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("method", STREAMED)
+def test_every_streamed_method_equals_in_memory(saved, tmp_path, case, method):
+    """Every method the registry streams (fixed: drawn per unit with derived seeds, no solve; learned:
+    its default solver) gives the in-memory run's weights, rotations and loss curves bit for bit."""
+    assert {"identity", "random", "hadamard", "optrot"} <= set(STREAMED)
+    src = saved[case]
+    model = load_model(src)
+    kw = dict(steps=STEPS, seed=3, progress=False)
+    mem = rotate_model(model, method, **kw)
+    out = tmp_path / "out"
+    res = rotate_streamed(src, out, method=method, **kw)
+    got, want = state(out), model.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert set(res.rotations) == set(mem.rotations) == {"R1", "R2.0", "R2.1"}
+    for k, R in mem.rotations.items():
+        assert torch.equal(res.rotations[k], R), k
+    assert set(res.solves) == set(mem.solves) == ({"R1", "R2"} if METHODS[method].learned else set())
+    for phase in res.solves:
+        assert res.solves[phase].history == mem.solves[phase].history
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == method and report["solver"] == mem.report["solver"]
+    assert {k: v for k, v in report.items() if k not in ("seconds", "streamed")} == \
+        {k: v for k, v in mem.report.items() if k != "seconds"}
 
 
 def test_sharded_output_loads_and_keeps_logits(saved, tmp_path):
@@ -161,8 +194,11 @@ def test_streamed_with_embeddings_and_sampling_equals_in_memory(saved, tmp_path)
 
 def test_bad_inputs(saved, tmp_path):
     src = saved["llama-gqa-bias"]
-    with pytest.raises(ValueError, match="optrot"):
-        rotate_streamed(src, tmp_path / "o", method="dfrot")
+    for name, m in METHODS.items():  # every method that needs the whole model is refused, by name
+        if not m.supports_streamed:
+            with pytest.raises(ValueError, match=rf"streamed mode supports methods identity, random, hadamard, "
+                                                 rf"optrot .*method '{re.escape(name)}' reads "):
+                rotate_streamed(src, tmp_path / "o", method=name)
     with pytest.raises(ValueError, match="would replace the input"):
         rotate_streamed(src, src, progress=False)
     with pytest.raises(FileNotFoundError, match="not found"):
