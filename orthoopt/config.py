@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from orthoopt.methods import METHODS, STATISTICS, Method, names
+from orthoopt.methods import METHODS, STATISTICS, Method, check_sampling, names
 from orthoopt.methods import method as method_entry
 
 PHASES = ("R1", "R2")
@@ -138,9 +138,7 @@ class RotateConfig:
         if self.sample_fraction is not None and not (
                 isinstance(self.sample_fraction, (int, float)) and 0 < self.sample_fraction <= 1):
             raise ValueError(f"sample_fraction must be in (0, 1], got {self.sample_fraction!r}")
-        if self.learned and not entry.sampling and (self.sample_fraction is not None or self.device is not None):
-            raise ValueError(f"sample_fraction and device are supported by method "
-                             f"{', '.join(map(repr, names(lambda m: m.sampling)))} only, not {self.method!r}")
+        check_sampling(entry, self.sample_fraction, self.device)
         if self.chunk_rows is not None:
             _int("chunk_rows", self.chunk_rows, 1)
         _int("calib_tokens", self.calib_tokens, 1)

@@ -180,6 +180,13 @@ class Method:
         return not self.learned or (self.statistics == "none" and not self.joint and self.streamed is not None)
 
 
+def check_sampling(entry: Method, sample_fraction: float | None, device: Any) -> None:
+    """ValueError unless ``entry`` takes ``sample_fraction`` and ``device`` or neither is given."""
+    if entry.learned and not entry.sampling and (sample_fraction is not None or device is not None):
+        raise ValueError(f"sample_fraction and device are supported by method "
+                         f"{', '.join(map(repr, names(lambda m: m.sampling)))} only, not {entry.name!r}")
+
+
 def summed_by_layer(objective: Callable[[ObjectiveInputs], Objective]) -> Callable[[StreamedInputs], Objective]:
     """A ``streamed`` factory for a data-free objective that is a sum over blocks: each step reads the
     R1 blocks unit by unit and adds ``objective``'s loss and gradient on them
@@ -268,7 +275,8 @@ def method_table_markdown(methods: Mapping[str, Method] | None = None) -> str:
     return "\n".join(rows) + "\n"
 
 
-__all__ = ["METHODS", "Method", "ObjectiveInputs", "STATISTICS", "StreamedInputs", "listing", "method",
+__all__ = ["METHODS", "Method", "ObjectiveInputs", "STATISTICS", "StreamedInputs", "check_sampling", "listing",
+           "method",
            "method_table_markdown", "names", "summed_by_layer"]
 
 if __name__ == "__main__":  # pragma: no cover

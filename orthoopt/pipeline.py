@@ -69,7 +69,7 @@ from orthoopt.adapters import DecoderAdapter, logits_relative_error  # noqa: F40
 from orthoopt.adapters.verify import logits as model_logits
 from orthoopt.core.tolerance import invariance_tolerance
 from orthoopt.config import FULL_PRECISION_BLOCKS, PHASES, RotateConfig
-from orthoopt.methods import METHODS, ObjectiveInputs  # noqa: F401 (METHODS re-exported)
+from orthoopt.methods import METHODS, ObjectiveInputs, check_sampling  # noqa: F401 (METHODS re-exported)
 from orthoopt.methods import names as _names
 from orthoopt.methods import method as method_entry
 from orthoopt.manifold import orthogonality_error, reorthogonalize
@@ -172,9 +172,7 @@ def build_objective(method: str, adapter: DecoderAdapter, phase: str | Iterable[
     if not entry.learned:
         raise ValueError(f"method {method!r} learns nothing; learned methods: "
                          f"{', '.join(_names(lambda m: m.learned))}")
-    if not entry.sampling and (sample_fraction is not None or device is not None):
-        raise ValueError(f"sample_fraction and device are supported by method "
-                         f"{', '.join(map(repr, _names(lambda m: m.sampling)))} only, not {method!r}")
+    check_sampling(entry, sample_fraction, device)
     if entry.needs_calibration and calib is None:
         raise ValueError(f"method {method!r} needs calibration text (--calib TEXT_FILE)")
     inputs = ObjectiveInputs(calib=calib, sample_fraction=sample_fraction, seed=seed, device=device,
@@ -565,7 +563,7 @@ def rotate_model(
     config:     a :class:`~orthoopt.config.RotateConfig`, or a method name with the config's fields as
                 keywords (``rotate_model(model, "optrot", steps=50, seed=1)``; ``rotations`` may be
                 the third positional argument; ``checkpoint_every`` is a config field).
-    calib:      calibration token ids ``[N, L]`` for optrot+, kurtosis, dfrot, spinquant.
+    calib:      calibration token ids ``[N, L]`` for the methods that need them (``Method.needs_calibration``).
     init:       starting rotations (e.g. a previous run's, :func:`~orthoopt.adapters.load_rotations`); rotations it
                 names start there instead of at a random Hadamard. A fixed method ignores it.
     verify_ids: token ids ``[B, L]`` on which the logits before and after must agree; the relative

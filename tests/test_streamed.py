@@ -48,17 +48,14 @@ def state(path: Path) -> dict[str, torch.Tensor]:
     return load_model(path).state_dict()
 
 
-@pytest.mark.parametrize("solver", [None, "cayley-sgd"], ids=["default-solver", "cayley-sgd"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_streamed_equals_in_memory(saved, tmp_path, case, solver):
-    """Bit for bit, with the method's default solver too (cayley-lbfgs: one line search per unit, so
-    the in-memory R2 must be solved layer by layer as the streamed one is; issue 22)."""
-    src = saved[case]
+def _streamed_and_in_memory(src: Path, tmp_path: Path, method: str, **settings):
+    """Rotate ``src`` in memory and streamed with the same settings; assert the weights, rotations and
+    loss curves (R2: summed over layers) are equal bit for bit; return ``(model, mem, res, out)``."""
     model = load_model(src)
-    kw = dict(steps=STEPS, seed=3, progress=False, **({} if solver is None else {"solver": solver}))
-    mem = rotate_model(model, "optrot", **kw)
+    kw = dict(steps=STEPS, seed=3, progress=False, **settings)
+    mem = rotate_model(model, method, **kw)
     out = tmp_path / "out"
-    res = rotate_streamed(src, out, **kw)
+    res = rotate_streamed(src, out, method=method, **kw)
     got, want = state(out), model.state_dict()
     assert set(got) == set(want)
     for k in want:
@@ -66,8 +63,20 @@ def test_streamed_equals_in_memory(saved, tmp_path, case, solver):
     assert set(res.rotations) == set(mem.rotations) == {"R1", "R2.0", "R2.1"}
     for k, R in mem.rotations.items():
         assert torch.equal(res.rotations[k], R), k
-    for phase in ("R1", "R2"):  # the same loss curves (R2: summed over layers)
+    assert set(res.solves) == set(mem.solves)
+    for phase in res.solves:
         assert res.solves[phase].history == mem.solves[phase].history
+    return model, mem, res, out
+
+
+@pytest.mark.parametrize("solver", [None, "cayley-sgd"], ids=["default-solver", "cayley-sgd"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_streamed_equals_in_memory(saved, tmp_path, case, solver):
+    """Bit for bit, with the method's default solver too (cayley-lbfgs: one line search per unit, so
+    the in-memory R2 must be solved layer by layer as the streamed one is; issue 22)."""
+    model, mem, res, out = _streamed_and_in_memory(saved[case], tmp_path, "optrot",
+                                                   **({} if solver is None else {"solver": solver}))
+    assert set(res.solves) == {"R1", "R2"}
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] == model.config.tie_word_embeddings
     report = json.loads((out / "report.json").read_text())
@@ -84,22 +93,8 @@ def test_every_streamed_method_equals_in_memory(saved, tmp_path, case, method):
     """Every method the registry streams (fixed: drawn per unit with derived seeds, no solve; learned:
     its default solver) gives the in-memory run's weights, rotations and loss curves bit for bit."""
     assert {"identity", "random", "hadamard", "optrot"} <= set(STREAMED)
-    src = saved[case]
-    model = load_model(src)
-    kw = dict(steps=STEPS, seed=3, progress=False)
-    mem = rotate_model(model, method, **kw)
-    out = tmp_path / "out"
-    res = rotate_streamed(src, out, method=method, **kw)
-    got, want = state(out), model.state_dict()
-    assert set(got) == set(want)
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
-    assert set(res.rotations) == set(mem.rotations) == {"R1", "R2.0", "R2.1"}
-    for k, R in mem.rotations.items():
-        assert torch.equal(res.rotations[k], R), k
-    assert set(res.solves) == set(mem.solves) == ({"R1", "R2"} if METHODS[method].learned else set())
-    for phase in res.solves:
-        assert res.solves[phase].history == mem.solves[phase].history
+    _, mem, res, out = _streamed_and_in_memory(saved[case], tmp_path, method)
+    assert set(res.solves) == ({"R1", "R2"} if METHODS[method].learned else set())
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == method and report["solver"] == mem.report["solver"]
     assert {k: v for k, v in report.items() if k not in ("seconds", "streamed")} == \
