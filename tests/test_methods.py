@@ -96,3 +96,16 @@ def test_a_new_entry_runs_through_the_cli(registered, model_dir, tmp_path):
         report = json.loads((out / "report.json").read_text())
         assert report["method"] == NAME and report["loss"]["R1"]["steps"] == 2
         assert ("streamed" in report) == bool(extra)
+
+
+def test_the_distributed_entry_point_takes_every_streamed_method(model_dir, tmp_path):
+    from orthoopt.distributed_rotate import build_parser as distributed_parser
+    from orthoopt.distributed_rotate import main as distributed_main
+
+    choices = next(a for a in distributed_parser()._actions if a.dest == "method").choices
+    assert tuple(choices) == names(lambda m: m.supports_streamed)
+    assert distributed_main([str(model_dir), "--out", str(tmp_path / "d"), "--method", "hadamard", "--quiet"]) == 0
+    rotate_streamed(model_dir, tmp_path / "s", "hadamard", progress=False)
+    want, got = load_model(tmp_path / "s").state_dict(), load_model(tmp_path / "d").state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads((tmp_path / "d" / "report.json").read_text())["method"] == "hadamard"
