@@ -181,24 +181,50 @@ class Method:
 
 
 def check_sampling(entry: Method, sample_fraction: float | None, device: Any) -> None:
-    """ValueError unless ``entry`` takes ``sample_fraction`` and ``device`` or neither is given."""
+    """Refuse row sampling and an objective device for a method that does not take them.
+
+    Parameters
+    ----------
+    entry : Method
+        The run's method.
+    sample_fraction, device
+        The run's settings (None: not given).
+
+    Raises
+    ------
+    ValueError
+        ``entry`` is learned without ``sampling`` and either setting is given; names the methods that
+        take them.
+    """
     if entry.learned and not entry.sampling and (sample_fraction is not None or device is not None):
         raise ValueError(f"sample_fraction and device are supported by method "
                          f"{', '.join(map(repr, names(lambda m: m.sampling)))} only, not {entry.name!r}")
 
 
 def summed_by_layer(objective: Callable[[ObjectiveInputs], Objective]) -> Callable[[StreamedInputs], Objective]:
-    """A ``streamed`` factory for a data-free objective that is a sum over blocks: each step reads the
-    R1 blocks unit by unit and adds ``objective``'s loss and gradient on them
-    (:class:`orthoopt.streaming.objective.StreamedBlockSum`; equal to the in-memory objective up to
-    the order of the float sums, not bit for bit)."""
+    """A ``streamed`` factory for a data-free objective that is a sum over blocks.
+
+    Parameters
+    ----------
+    objective : callable
+        The entry's ``objective(inputs: ObjectiveInputs) -> Objective``.
+
+    Returns
+    -------
+    callable
+        ``streamed(inputs: StreamedInputs) -> Objective``: each step reads the R1 blocks unit by unit
+        and adds ``objective``'s loss and gradient on them
+        (:class:`orthoopt.streaming.objective.StreamedBlockSum`); equal to the in-memory objective up
+        to the order of the float sums, not bit for bit. Its steps are exact (no row sampling): give
+        the entry ``sampling=False``.
+    """
 
     def streamed(inputs: StreamedInputs) -> Objective:
         from orthoopt.streaming.objective import StreamedBlockSum
 
         def make(blocks: list) -> Objective:
-            return objective(ObjectiveInputs(blocks=blocks, sample_fraction=inputs.sample_fraction,
-                                             seed=inputs.seed, device=inputs.device))
+            # exact steps only: a per-unit objective is built anew every call, so a sampler would restart
+            return objective(ObjectiveInputs(blocks=blocks, seed=inputs.seed, device=inputs.device))
 
         return StreamedBlockSum(inputs.reader, inputs.units, make)
 
@@ -244,25 +270,74 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 
 def method(name: str) -> Method:
-    """The entry of ``name``; ValueError naming the choices for an unknown one."""
+    """The registry entry of a method.
+
+    Parameters
+    ----------
+    name : str
+        A ``--method`` name.
+
+    Returns
+    -------
+    Method
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, listing the choices.
+    """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     return METHODS[name]
 
 
 def names(where: Callable[[Method], bool] = lambda m: True) -> tuple[str, ...]:
-    """The names of the methods for which ``where(entry)`` holds, in registry order."""
+    """The names of the methods for which ``where(entry)`` holds.
+
+    Parameters
+    ----------
+    where : callable, optional
+        ``where(entry) -> bool``; default: every method.
+
+    Returns
+    -------
+    tuple of str
+        In registry order.
+    """
     return tuple(n for n, m in METHODS.items() if where(m))
 
 
 def listing(where: Callable[[Method], bool], show: Callable[[Method], Any]) -> str:
-    """``"optrot 150, optrot+ 100, ..."``: ``show(entry)`` after each selected name (for help texts)."""
+    """``"optrot 150, optrot+ 100, ..."``, for help texts.
+
+    Parameters
+    ----------
+    where : callable
+        ``where(entry) -> bool`` selects the methods.
+    show : callable
+        ``show(entry)``: what follows each name.
+
+    Returns
+    -------
+    str
+    """
     return ", ".join(f"{n} {show(m)}" for n, m in METHODS.items() if where(m))
 
 
 def method_table_markdown(methods: Mapping[str, Method] | None = None) -> str:
-    """The method table of ``docs/solvers.md`` (one row per entry; ``tests/test_docs.py`` checks the
-    page holds exactly this text). Run ``python -m orthoopt.methods`` to print it."""
+    """The method table of ``docs/solvers.md``, generated from the registry.
+
+    Parameters
+    ----------
+    methods : mapping, optional
+        ``{name: Method}``; default :data:`METHODS`.
+
+    Returns
+    -------
+    str
+        A markdown table, one row per entry, ending in a newline. ``tests/test_docs.py`` checks the page
+        holds exactly this text; ``python -m orthoopt.methods`` prints it.
+    """
     rows = ["| method | kind | rotation / objective | calibration | default solver | default steps per phase "
             "| lr | streamed | source |", "|---|---|---|---|---|---:|---|---|---|"]
     for m in (METHODS if methods is None else methods).values():

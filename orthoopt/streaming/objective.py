@@ -106,10 +106,22 @@ class StreamedBlockSum(Objective):
     """``sum_u make(blocks of u)`` over the R1 units of a checkpoint: any data-free objective that is a
     sum over weight blocks, read from disk unit by unit at every call (about one layer in memory).
 
-    reader, units: as in :class:`StreamedFourthPower`. make: ``make(blocks) -> Objective`` for one unit's
-    R1 blocks, given as side-"in" blocks of their rows (``block.as_rows()``, rotated as ``rows @ R1``;
-    embedding and lm_head come in row slices, each its own block). Equal to the objective over all
-    blocks up to the order of the float sums. Stateless: nothing to save for a resume.
+    Parameters
+    ----------
+    reader : FusedReader
+        The norm-fused checkpoint.
+    units : iterable or None
+        The part of the row stream covered, as in :class:`StreamedFourthPower` (None: all).
+    make : callable
+        ``make(blocks) -> Objective`` for one unit's R1 blocks, given as side-"in" blocks of their rows
+        (``block.as_rows()``, rotated as ``rows @ R1``; embedding and lm_head come in row slices, each
+        its own block).
+
+    Notes
+    -----
+    Equal to the objective over all blocks up to the order of the float sums. Stateless: nothing to
+    save for a resume; ``make`` is called anew every step, so it should not sample rows (a sampler
+would restart with every call).
     """
 
     def __init__(self, reader: FusedReader, units: Iterable[Unit] | None, make) -> None:
