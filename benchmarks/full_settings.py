@@ -91,7 +91,7 @@ def main() -> int:
             kw = {}
             if method == "optrot":
                 kw = {"steps": args.optrot_steps, "solver": args.optrot_solver}
-            elif method in ("optrot+", "kurtosis", "dfrot"):  # their default solver and budget (DEFAULT_STEPS)
+            elif method in ("optrot+", "kurtosis", "dfrot"):  # their default solver and budget (orthoopt.methods.METHODS)
                 kw = {"calib": gptq_calib}
             elif method == "spinquant":
                 kw = {"steps": args.spin_steps, "calib": spin_calib, "batch_size": args.spin_batch,

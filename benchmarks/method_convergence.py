@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from orthoopt.adapters import DecoderAdapter, load_model, load_tokenizer  # noqa: E402
-from orthoopt.pipeline import DEFAULT_LR, LEARNED_METHODS, build_objective  # noqa: E402
+from orthoopt.methods import METHODS  # noqa: E402
+from orthoopt.pipeline import build_objective  # noqa: E402
 from orthoopt.solvers import make_solver, solve  # noqa: E402
 
 from _data import DEFAULT_TEXT, random_windows, split_halves, token_ids  # noqa: E402
@@ -66,7 +67,7 @@ def run(objective, solver_name: str, steps: int, lr: float | None, seed: int) ->
 def method_rows(method: str, adapter: DecoderAdapter, calib: torch.Tensor, args) -> dict:
     objective = build_objective(method, adapter, "R1", calib=calib, calib_tokens=args.calib_tokens,
                                 seed=args.seed, progress=False)
-    default_solver, lr = LEARNED_METHODS[method], DEFAULT_LR.get(method)
+    default_solver, lr = METHODS[method].solver, METHODS[method].lr
     runs = {"default": run(objective, default_solver, args.steps, lr, args.seed)}
     long = args.steps * args.reference_factor
     runs[f"default x{args.reference_factor}"] = run(objective, default_solver, long, lr, args.seed)
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                            seed=args.seed)
     rows = []
     for method in args.methods.split(","):
-        if method not in LEARNED_METHODS or method == "spinquant":
+        if method not in METHODS or not METHODS[method].learned or METHODS[method].joint:
             raise SystemExit(f"--methods: {method!r} is not one of optrot, optrot+, kurtosis, dfrot")
         rows.append(method_rows(method, adapter, calib, args))
         print_table(rows[-1:], args)

@@ -51,7 +51,8 @@ from orthoopt.interop.llmcompressor import (  # noqa: E402
     spinquant_block_size,
     unavailable_reason,
 )
-from orthoopt.pipeline import LEARNED_METHODS, rotate_model  # noqa: E402
+from orthoopt.methods import METHODS  # noqa: E402
+from orthoopt.pipeline import rotate_model  # noqa: E402
 from orthoopt.quant import load_checkpoint, quantize_model  # noqa: E402
 
 ORTHOOPT_ROTATIONS = ("none", "identity", "hadamard", "optrot", "optrot+")
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             if rot != "none":  # "none": the checkpoint as loaded (norms not fused), as llm-compressor's row
                 rotate_model(rotated, rot, steps=args.steps, seed=args.seed,
-                             calib=calib if rot in LEARNED_METHODS else None, calib_tokens=args.calib_tokens,
+                             calib=calib if rot in METHODS and METHODS[rot].learned else None, calib_tokens=args.calib_tokens,
                              progress=progress)
             row = {"tool": "orthoopt", "rotation": NAMES[rot],
                    "rotation_s": None if rot == "none" else time.perf_counter() - start}

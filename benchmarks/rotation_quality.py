@@ -20,7 +20,7 @@ planted-outlier Llama trained briefly on the calibration half of the text (``_mo
 ``benchmarks/.cache``). Text: the first half of ``--text`` (default ``../shared/data/wikitext2-test.txt``)
 trains the fallback model and calibrates (optrot+, kurtosis, dfrot, GPTQ); the second half is only
 evaluated. Every learned method runs its default solver for its default budget of steps per phase
-(``orthoopt.config.DEFAULT_STEPS``, ``docs/solvers.md``; ``--steps`` gives all the same count) and
+(``orthoopt.methods.METHODS``, ``docs/solvers.md``; ``--steps`` gives all the same count) and
 starts from the same random Hadamard matrix as the ``hadamard`` row. W4 GPTQ is repeated with GPTQ calibration windows of other seeds (``--seeds``) to show how large
 a difference the calibration sample alone makes. The report goes to ``docs/results.md`` (atomically)
 with the command, date, code version, machine and load. Runs on one torch thread by default
@@ -48,8 +48,8 @@ from orthoopt.adapters.registry import cached_model
 from orthoopt.adapters.sources import resolve_source
 from orthoopt.adapters.verify import logits
 from orthoopt.eval import perplexity
-from orthoopt.config import DEFAULT_STEPS
-from orthoopt.pipeline import LEARNED_METHODS, METHODS, rotate_model
+from orthoopt.methods import METHODS as REGISTRY
+from orthoopt.pipeline import rotate_model
 from orthoopt.quant import ActQuantConfig, quantize_model
 from orthoopt.quant.rotated import SimQuantConfig
 from orthoopt.utils.atomic import atomic_file
@@ -59,7 +59,7 @@ from orthoopt.utils.atomic import atomic_file
 # benchmarks/full_settings.py).
 SPINQUANT_ROWS = {"spinquant": None, "spinquant-g64": 64}
 """Benchmark row -> the weight group size its simulated W4 RTN uses (None: per output channel)."""
-METHODS = (*(m for m in METHODS if m != "spinquant"), *SPINQUANT_ROWS)
+METHODS = (*(m for m in REGISTRY if m != "spinquant"), *SPINQUANT_ROWS)
 
 # helpers beside this script (its folder is sys.path[0] when it runs)
 from _data import DEFAULT_TEXT, SHARED, random_windows, split_halves, token_ids
@@ -153,7 +153,7 @@ def rotate(base: torch.nn.Module, method: str, settings: Settings, calib: torch.
                               batch_size=settings.spin_batch, sim_quant=sim, progress=settings.progress)
         return rotated, result
     result = rotate_model(rotated, method, steps=settings.steps, seed=seed,
-                          calib=calib if method in LEARNED_METHODS else None,
+                          calib=calib if method in REGISTRY and REGISTRY[method].learned else None,
                           calib_tokens=settings.calib_tokens, progress=settings.progress)
     return rotated, result
 
@@ -272,8 +272,8 @@ def settings_section(settings: Settings, prepared: PreparedModel, split, n_eval:
     def base(m: str) -> str:
         return "spinquant" if m in SPINQUANT_ROWS else m
 
-    learned = ", ".join(f"{m} {LEARNED_METHODS[base(m)]} {DEFAULT_STEPS[base(m)] if s.steps is None else s.steps} steps"
-                        for m in s.methods if base(m) in LEARNED_METHODS)
+    learned = ", ".join(f"{m} {REGISTRY[base(m)].solver} {REGISTRY[base(m)].steps if s.steps is None else s.steps} steps"
+                        for m in s.methods if base(m) in REGISTRY and REGISTRY[base(m)].learned)
     out = ["## Settings", "", f"- model: {prepared.description}"]
     if prepared.source == "planted":
         info, tr = prepared.info, prepared.info["train"]

@@ -5,7 +5,8 @@ One frozen dataclass is accepted by the Python API (:func:`orthoopt.pipeline.rot
 ``python -m orthoopt.distributed_rotate``, and stored as JSON (``report.json["config"]``,
 :meth:`RotateConfig.to_json` / :meth:`RotateConfig.from_json`). Constructing one validates it: a bad
 field raises ValueError naming the field. The method tables live here too (a leaf module: the
-pipeline and the stores import it, it imports neither).
+pipeline and the stores import it, it imports neither). What each method needs and its defaults come
+from the method registry, :data:`orthoopt.methods.METHODS`.
 """
 
 from __future__ import annotations
@@ -17,24 +18,10 @@ from typing import Any
 
 import torch
 
-FIXED_METHODS = {"identity": "identity", "random": "random", "hadamard": "hadamard"}
-LEARNED_METHODS = {"optrot": "cayley-lbfgs", "optrot+": "cayley-lbfgs", "kurtosis": "cayley-lbfgs",
-                   "dfrot": "procrustes", "spinquant": "cayley-sgd"}
-"""Learned methods and their default solvers (measured per method: docs/solvers.md, "Defaults per method")."""
-DEFAULT_STEPS = {"optrot": 150, "optrot+": 100, "kurtosis": 250, "dfrot": 100, "spinquant": 100}
-"""Default solver steps per phase of each learned method: the budget in which its default solver gets within
-1% of the best loss found (docs/solvers.md, ``benchmarks/method_convergence.py``). Other methods: 100."""
-DATA_METHODS = ("optrot+", "kurtosis", "dfrot", "spinquant")
-JOINT_METHODS = ("spinquant",)
-"""Methods that learn all selected rotations in one solve (their objective is not a sum over phases)."""
-DEFAULT_LR = {"spinquant": 1.5}
-"""Learning rates that differ from the solver's default (SpinQuant's published setting)."""
-COSINE_METHODS = ("spinquant",)
-"""Methods whose solver step size decays as ``lr * (1 + cos(pi * step / steps)) / 2``."""
-METHODS = (*FIXED_METHODS, *LEARNED_METHODS)
+from orthoopt.methods import METHODS, STATISTICS, Method, check_sampling, names
+from orthoopt.methods import method as method_entry
+
 PHASES = ("R1", "R2")
-STREAMED_METHODS = ("optrot",)
-"""Methods a streamed (safetensors) store runs: data-free, weights only."""
 FULL_PRECISION_BLOCKS = ("embed_tokens", "lm_head")
 """Blocks left out of learned objectives unless ``include_embeddings`` (kept in full precision)."""
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -51,12 +38,12 @@ def _int(name: str, v: Any, low: int) -> None:
 class RotateConfig:
     """Everything a ``rotate`` run's result depends on, besides the model, calibration and init data.
 
-    method:            one of :data:`METHODS` (``docs/objectives.md``).
+    method:            a key of :data:`orthoopt.methods.METHODS` (``docs/solvers.md``, ``docs/objectives.md``).
     rotations:         subset of ``("R1", "R2")``, kept in that order.
     solver:            solver name (``orthoopt.solvers.SOLVERS``); None: the method's default.
     steps:             solver steps per phase: an int, or ``{phase: steps}`` (a phase missing takes 0);
-                       None (default): the method's budget, :data:`DEFAULT_STEPS`.
-    lr:                solver step size; None: the solver's default (spinquant: 1.5).
+                       None (default): the method's budget (:attr:`orthoopt.methods.Method.steps`).
+    lr:                solver step size; None: the method's (:attr:`orthoopt.methods.Method.lr`) or solver's default.
     seed:              seeds the random Hadamard start, fixed rotations, sampling and calibration.
     dtype:             dtype the rotations are learned in (``"float32"`` or ``"float64"``).
     device:            where objective and solver compute (None: CPU); weights are fused on the CPU.
@@ -110,14 +97,15 @@ class RotateConfig:
             put(name, s)
         if self.device is not None:
             put("device", str(self.device))
-        steps = DEFAULT_STEPS.get(self.method, 100) if self.steps is None else self.steps
+        entry = METHODS.get(self.method)
+        steps = (entry.steps if entry is not None else 100) if self.steps is None else self.steps
         if isinstance(steps, Mapping):
             steps = {str(k): v for k, v in steps.items()}
         put("steps", steps)
         put("stop", {k: v for k, v in sorted(dict(self.stop or {}).items())})
         if isinstance(self.sim_quant, Mapping):
             put("sim_quant", _sim_quant_from_dict(self.sim_quant))
-        if self.method == "spinquant" and self.sim_quant is None:
+        if entry is not None and entry.simulates_quantization and self.sim_quant is None:
             from orthoopt.quant.rotated import SimQuantConfig
 
             put("sim_quant", SimQuantConfig())
@@ -128,8 +116,7 @@ class RotateConfig:
         """Raise ValueError naming the first bad field (called by the constructor)."""
         from orthoopt.utils.checks import check_device
 
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        entry = self.entry
         if self.solver is not None:
             from orthoopt.solvers import SOLVERS
 
@@ -151,8 +138,7 @@ class RotateConfig:
         if self.sample_fraction is not None and not (
                 isinstance(self.sample_fraction, (int, float)) and 0 < self.sample_fraction <= 1):
             raise ValueError(f"sample_fraction must be in (0, 1], got {self.sample_fraction!r}")
-        if self.learned and self.method != "optrot" and (self.sample_fraction is not None or self.device is not None):
-            raise ValueError(f"sample_fraction and device are supported by method 'optrot' only, not {self.method!r}")
+        check_sampling(entry, self.sample_fraction, self.device)
         if self.chunk_rows is not None:
             _int("chunk_rows", self.chunk_rows, 1)
         _int("calib_tokens", self.calib_tokens, 1)
@@ -164,10 +150,10 @@ class RotateConfig:
             _int("micro_batch_size", self.micro_batch_size, 1)
         if self.schedule_steps is not None:
             _int("schedule_steps", self.schedule_steps, 0)
-        spin_only = (self.method != "spinquant" and self.sim_quant is not None) or self.batch_size != 1 \
-            or self.micro_batch_size is not None
-        if self.method != "spinquant" and spin_only:
-            raise ValueError(f"sim_quant, batch_size and micro_batch_size are for method 'spinquant', "
+        spin_only = self.sim_quant is not None or self.batch_size != 1 or self.micro_batch_size is not None
+        if not entry.simulates_quantization and spin_only:
+            raise ValueError(f"sim_quant, batch_size and micro_batch_size are for method "
+                             f"{', '.join(map(repr, names(lambda m: m.simulates_quantization)))}, "
                              f"not {self.method!r}")
         unknown = set(self.stop) - {"min_grad_norm", "min_rel_decrease", "window", "max_seconds"}
         if unknown:
@@ -175,19 +161,24 @@ class RotateConfig:
 
     # ---------------------------------------------------------------------------------------------
     @property
+    def entry(self) -> Method:
+        """The method's registry entry (:class:`orthoopt.methods.Method`)."""
+        return method_entry(self.method)
+
+    @property
     def learned(self) -> bool:
-        return self.method in LEARNED_METHODS
+        return self.entry.learned
 
     @property
     def solver_name(self) -> str | None:
         """The solver a learned method uses (None for a fixed method)."""
-        return (self.solver or LEARNED_METHODS[self.method]) if self.learned else None
+        return (self.solver or self.entry.solver) if self.learned else None
 
     @property
     def effective_lr(self) -> float | None:
         """``lr``, or the method's published default when neither lr nor solver is given."""
         if self.lr is None and self.solver is None:
-            return DEFAULT_LR.get(self.method)
+            return self.entry.lr
         return self.lr
 
     @property
@@ -206,9 +197,12 @@ class RotateConfig:
 
     def check_streamed(self) -> None:
         """Raise ValueError unless a safetensors (streamed) store can run this config."""
-        if self.method not in STREAMED_METHODS:
-            raise ValueError(f"streamed mode supports method {', '.join(STREAMED_METHODS)} only (data-free, "
-                             f"weights only); got {self.method!r}: run it in memory (without --streamed)")
+        entry = self.entry
+        if not entry.supports_streamed:
+            why = ("reads " + STATISTICS[entry.statistics]) if entry.needs_calibration else "has no streamed objective"
+            raise ValueError(f"streamed mode supports methods {', '.join(names(lambda m: m.supports_streamed))} "
+                             f"(they need the weights only, layer by layer); method {self.method!r} {why}: run it "
+                             "in memory (without --streamed)")
 
     def to_json(self) -> dict:
         """A JSON-able dict; :meth:`from_json` gives back an equal config."""
@@ -255,5 +249,4 @@ def _sim_quant_from_dict(d: Mapping):
     return SimQuantConfig(**d)
 
 
-__all__ = ["COSINE_METHODS", "DATA_METHODS", "DEFAULT_LR", "DTYPES", "FIXED_METHODS", "FULL_PRECISION_BLOCKS",
-           "JOINT_METHODS", "LEARNED_METHODS", "METHODS", "PHASES", "RotateConfig", "STREAMED_METHODS"]
+__all__ = ["DTYPES", "FULL_PRECISION_BLOCKS", "METHODS", "PHASES", "RotateConfig"]

@@ -1,6 +1,8 @@
-"""``python -m orthoopt.distributed_rotate``: streamed OptRot over several processes (``torchrun``).
+"""``python -m orthoopt.distributed_rotate``: streamed rotation over several processes (``torchrun``).
 
     torchrun --nproc_per_node 4 -m orthoopt.distributed_rotate MODEL_DIR --out OUT_DIR [--steps 150]
+
+``--method``: one the safetensors store streams (default optrot; the fixed methods need no solve).
 
 The same :class:`~orthoopt.config.RotateConfig` and phase loop as ``orthoopt rotate --streamed``
 (:func:`orthoopt.pipeline.rotate_streamed`). Each rank reads only its share of the layers; the R1
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from orthoopt.config import DTYPES, RotateConfig
+from orthoopt.methods import METHODS, names
 from orthoopt.utils.argtypes import integer, real
 
 
@@ -38,9 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", help="Hugging Face model folder with safetensors weights")
     p.add_argument("--out", required=True, help="output folder (written by rank 0)")
+    p.add_argument("--method", choices=names(lambda m: m.supports_streamed), default="optrot",
+                   help="a method the streamed store runs (docs/solvers.md); default optrot")
     p.add_argument("--rotations", default="R1,R2", help="comma-separated subset of R1,R2")
-    p.add_argument("--solver", default=None, help="default: cayley-lbfgs")
-    p.add_argument("--steps", type=integer(0), default=None, help="solver steps per rotation phase; default optrot's budget (150)")
+    p.add_argument("--solver", default=None, help=f"default: the method's (optrot {METHODS['optrot'].solver})")
+    p.add_argument("--steps", type=integer(0), default=None,
+                   help=f"solver steps per rotation phase; default the method's budget (optrot {METHODS['optrot'].steps})")
     p.add_argument("--lr", type=real(0, low_open=True), default=None)
     p.add_argument("--seed", type=integer(0), default=0)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the learned rotations")
@@ -80,7 +86,7 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> RotateCo
     ``device`` is the type only (``"cuda"``): each rank computes on its current device (``LOCAL_RANK``),
     and every rank's config, hence its resume settings, is the same."""
     phases = tuple(s.strip() for s in args.rotations.split(",") if s.strip())
-    return RotateConfig(method="optrot", rotations=phases, solver=args.solver, steps=args.steps, lr=args.lr,
+    return RotateConfig(method=args.method, rotations=phases, solver=args.solver, steps=args.steps, lr=args.lr,
                         seed=args.seed, dtype=args.dtype, model_dtype=args.model_dtype,
                         device=None if device.type == "cpu" else device.type, chunk_rows=args.chunk_rows,
                         sample_fraction=args.sample_fraction, layers_per_shard=args.layers_per_shard,

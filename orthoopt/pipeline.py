@@ -10,20 +10,10 @@ actually change). Learned rotations are re-orthogonalized in float64 (polar) bef
 fixed ones (Hadamard, random) are fused as drawn. Either way the saved
 ``orthoopt/rotations.safetensors`` is exactly what the weights carry.
 
-Methods (``docs/objectives.md`` has the formulas):
-
-===========  ============================================================  ==========  ===========
-method       rotation                                                      data        solver
-===========  ============================================================  ==========  ===========
-identity     none (norms are still fused)                                  no          -
-random       Haar-random orthogonal                                        no          -
-hadamard     random Hadamard ``D H / sqrt(n)`` (QuaRot)                    no          -
-optrot       learned: :class:`~orthoopt.objectives.FourthPower`            no          cayley-lbfgs
-optrot+      learned: :class:`~orthoopt.objectives.HessianWeighted`        calibration cayley-lbfgs
-kurtosis     learned: :class:`~orthoopt.objectives.Kurtosis` (KurTail)     calibration radam
-dfrot        learned: :class:`~orthoopt.objectives.DFRotLoss`              calibration procrustes
-spinquant    learned: :class:`~orthoopt.objectives.QuantizedLMLoss`        calibration cayley-sgd
-===========  ============================================================  ==========  ===========
+Methods: one entry each in the registry :data:`orthoopt.methods.METHODS` (objective factory, default
+solver, steps and lr, the statistics it needs, joint or per-layer units, lr schedule, streamed
+support); the table generated from it is in ``docs/solvers.md`` and the formulas in
+``docs/objectives.md``. Nothing here dispatches on a method's name.
 
 spinquant (SpinQuant's end-to-end objective) learns R1 and every R2.i *jointly* in one solve (the
 other methods learn R1, fuse it, then the R2s): the causal-LM loss of the rotated network with the
@@ -78,20 +68,12 @@ import torch
 from orthoopt.adapters import DecoderAdapter, logits_relative_error  # noqa: F401 (re-exported helper)
 from orthoopt.adapters.verify import logits as model_logits
 from orthoopt.core.tolerance import invariance_tolerance
-from orthoopt.config import (  # noqa: F401 (the method tables, re-exported)
-    COSINE_METHODS,
-    DATA_METHODS,
-    DEFAULT_LR,
-    FIXED_METHODS,
-    FULL_PRECISION_BLOCKS,
-    JOINT_METHODS,
-    LEARNED_METHODS,
-    METHODS,
-    PHASES,
-    RotateConfig,
-)
+from orthoopt.config import FULL_PRECISION_BLOCKS, PHASES, RotateConfig
+from orthoopt.methods import METHODS, ObjectiveInputs, check_sampling  # noqa: F401 (METHODS re-exported)
+from orthoopt.methods import names as _names
+from orthoopt.methods import method as method_entry
 from orthoopt.manifold import orthogonality_error, reorthogonalize
-from orthoopt.objectives import DFRotLoss, FourthPower, HessianWeighted, Kurtosis, Objective, QuantizedLMLoss
+from orthoopt.objectives import Objective
 from orthoopt.resume import Partial, read_partial, settings_difference, tensor_checksum, write_partial
 from orthoopt.solvers import SolveResult, initial_rotations, make_solver, solve
 from orthoopt.store import Unit, WeightStore
@@ -132,19 +114,40 @@ def _activations(adapter: DecoderAdapter, phase: str, calib: torch.Tensor, max_t
     return {name: torch.cat(xs) for name, xs in rows.items()}
 
 
+def _hessian_statistics(adapter: DecoderAdapter, phase: str, calib, calib_tokens, seed, progress,
+                        include_embeddings) -> dict:
+    sources = adapter.block_sources(phase)
+    modules = sorted({s[0] for s in sources.values() if s is not None})
+    return {"hessians": adapter.input_hessians(calib, modules=modules, progress=progress)}
+
+
+def _activation_statistics(adapter: DecoderAdapter, phase: str, calib, calib_tokens, seed, progress,
+                           include_embeddings) -> dict:
+    return {"activations": _activations(adapter, phase, calib, calib_tokens, seed, progress, include_embeddings)}
+
+
+_PHASE_STATISTICS = {"hessians": _hessian_statistics, "activations": _activation_statistics}
+"""How each per-phase statistics kind of :data:`orthoopt.methods.STATISTICS` is taken."""
+
+
 def phase_statistics(method: str, adapter: DecoderAdapter, phase: str, calib: torch.Tensor | None,
                      calib_tokens: int = 2048, seed: int = 0, progress: bool = True,
                      include_embeddings: bool = False) -> dict:
     """The calibration statistics the objective of ``method`` needs for ``phase`` on the adapter's
-    current weights: ``{"hessians": ...}`` (optrot+), ``{"activations": {rotation: X}}`` (kurtosis,
-    dfrot), ``{}`` for the data-free methods and for spinquant (which reads batches itself)."""
-    if method == "optrot+":
-        sources = adapter.block_sources(phase)
-        modules = sorted({s[0] for s in sources.values() if s is not None})
-        return {"hessians": adapter.input_hessians(calib, modules=modules, progress=progress)}
-    if method in ("kurtosis", "dfrot"):
-        return {"activations": _activations(adapter, phase, calib, calib_tokens, seed, progress, include_embeddings)}
-    return {}
+    current weights, by the entry's ``statistics``: ``{"hessians": ...}``, ``{"activations":
+    {rotation: X}}``, or ``{}`` (data-free methods, and ``"model"``, which reads batches itself)."""
+    take = _PHASE_STATISTICS.get(method_entry(method).statistics)
+    return {} if take is None else take(adapter, phase, calib, calib_tokens, seed, progress, include_embeddings)
+
+
+def _block_hessians(adapter: DecoderAdapter, phase: str, blocks, H: Mapping) -> list:
+    """The input Hessian of each block (its rows and columns of its module's; None without a source)."""
+    sources = adapter.block_sources(phase)
+    out = []
+    for b in blocks:
+        src = sources[b.name]
+        out.append(None if src is None else (H[src[0]] if src[1] is None else H[src[0]][src[1], src[1]]))
+    return out
 
 
 def build_objective(method: str, adapter: DecoderAdapter, phase: str | Iterable[str], calib: torch.Tensor | None = None,
@@ -154,45 +157,40 @@ def build_objective(method: str, adapter: DecoderAdapter, phase: str | Iterable[
                     micro_batch_size: int | None = None, names: Iterable[str] | None = None,
                     cache: dict | None = None) -> Objective:
     """The objective of a learned ``method`` for the rotations of ``phase`` (``"R1"`` or ``"R2"``) on the
-    adapter's current (fused, possibly partly rotated) weights. ``calib``: token ids ``[N, L]``, needed
-    by the data-driven methods. ``include_embeddings``: see the module doc. ``sample_fraction`` and
-    ``device`` are passed to :class:`~orthoopt.objectives.FourthPower` (optrot only). spinquant: ``phase``
-    may be several phases (learned jointly), ``sim_quant`` is the simulated quantization
+    adapter's current (fused, possibly partly rotated) weights: the registry entry's ``objective``
+    factory (:data:`orthoopt.methods.METHODS`) applied to the blocks and the statistics of its
+    ``statistics`` kind. ``calib``: token ids ``[N, L]``, needed by the data-driven methods.
+    ``include_embeddings``: see the module doc. ``sample_fraction`` and ``device``: methods with
+    ``sampling`` only (optrot). Statistics ``"model"`` (spinquant): ``phase`` may be several phases
+    (learned jointly), ``sim_quant`` is the simulated quantization
     (:class:`orthoopt.quant.rotated.SimQuantConfig`, default W4 RTN only), ``batch_size`` /
     ``micro_batch_size`` the calibration windows per step / per backward pass. ``names``: only these
     rotations of ``phase`` (one layer's ``R2.i``); ``cache``: the phase's calibration statistics
     (:func:`phase_statistics`) when already taken, so that a phase solved layer by layer runs the
     calibration forward pass once."""
-    if method not in LEARNED_METHODS:
-        raise ValueError(f"method {method!r} learns nothing; learned methods: {', '.join(LEARNED_METHODS)}")
-    if method != "optrot" and (sample_fraction is not None or device is not None):
-        raise ValueError(f"sample_fraction and device are supported by method 'optrot' only, not {method!r}")
-    if method in DATA_METHODS and calib is None:
+    entry = method_entry(method)
+    if not entry.learned:
+        raise ValueError(f"method {method!r} learns nothing; learned methods: "
+                         f"{', '.join(_names(lambda m: m.learned))}")
+    check_sampling(entry, sample_fraction, device)
+    if entry.needs_calibration and calib is None:
         raise ValueError(f"method {method!r} needs calibration text (--calib TEXT_FILE)")
-    if method == "spinquant":
+    inputs = ObjectiveInputs(calib=calib, sample_fraction=sample_fraction, seed=seed, device=device,
+                             batch_size=batch_size, micro_batch_size=micro_batch_size)
+    if entry.simulates_quantization:
         from orthoopt.quant.rotated import RotatedQuantLM
 
         phases = (phase,) if isinstance(phase, str) else tuple(phase)
-        loss_fn = RotatedQuantLM(adapter.model, sim_quant, rotations=phases)
-        return QuantizedLMLoss(loss_fn, calib, batch_size=batch_size, micro_batch_size=micro_batch_size)
+        inputs.model_loss = RotatedQuantLM(adapter.model, sim_quant, rotations=phases)
+        return entry.objective(inputs)
     if cache is None:
         cache = phase_statistics(method, adapter, phase, calib, calib_tokens, seed, progress, include_embeddings)
-    if method == "optrot":
-        return FourthPower(_blocks(adapter, phase, include_embeddings, names), sample_fraction=sample_fraction,
-                           seed=seed, device=device)
-    if method == "optrot+":
-        blocks = _blocks(adapter, phase, include_embeddings, names)
-        sources = adapter.block_sources(phase)
-        H = cache["hessians"]
-        hessians = []
-        for b in blocks:
-            src = sources[b.name]
-            hessians.append(None if src is None else (H[src[0]] if src[1] is None else H[src[0]][src[1], src[1]]))
-        return HessianWeighted(blocks, hessians)
-    X = {k: v for k, v in cache["activations"].items() if names is None or k in names}
-    if method == "kurtosis":
-        return Kurtosis(X)
-    return DFRotLoss(X)
+    inputs.blocks = _blocks(adapter, phase, include_embeddings, names)
+    if "hessians" in cache:
+        inputs.hessians = _block_hessians(adapter, phase, inputs.blocks, cache["hessians"])
+    if "activations" in cache:
+        inputs.activations = {k: v for k, v in cache["activations"].items() if names is None or k in names}
+    return entry.objective(inputs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,7 +219,7 @@ class MemoryStore:
         return dict(self.dims)
 
     def prepare(self, phase: str, config: RotateConfig, calib, progress: bool) -> None:
-        if config.method in DATA_METHODS and config.method not in JOINT_METHODS:
+        if config.entry.per_phase_statistics:
             stats = phase_statistics(config.method, self.adapter, phase, calib, config.calib_tokens, config.seed,
                                      progress, config.include_embeddings)
             self._phase_data = (phase, stats)
@@ -230,9 +228,9 @@ class MemoryStore:
         return list(units)
 
     def objective(self, unit: Unit, config: RotateConfig, calib, progress: bool) -> Objective:
-        joint = config.method in JOINT_METHODS
+        joint = config.entry.joint
         extra = ({"sim_quant": config.sim_quant, "batch_size": config.batch_size,
-                  "micro_batch_size": config.micro_batch_size} if config.method == "spinquant" else {})
+                  "micro_batch_size": config.micro_batch_size} if config.entry.simulates_quantization else {})
         if not joint and self._phase_data is not None and self._phase_data[0] == unit.phase:
             extra["cache"] = self._phase_data[1]
         return build_objective(config.method, self.adapter, unit.phases if joint else unit.phase, calib,
@@ -343,7 +341,7 @@ def plan_units(config: RotateConfig, dims: Mapping[str, int]) -> list[Unit]:
     So the in-memory and the streamed store solve the same problems, with every solver.
     ``dims``: ``{rotation: n}`` of the store (:meth:`~orthoopt.store.WeightStore.rotation_dims`).
     """
-    if config.method in JOINT_METHODS:
+    if config.entry.joint:
         names = {k: n for p in config.rotations for k, n in _phase_names(dims, p).items()}
         return [Unit(config.rotations[0], config.rotations[0], names, tuple(config.rotations))]
     return [Unit(k, p, {k: n}, (p,)) for p in config.rotations for k, n in _phase_names(dims, p).items()]
@@ -407,7 +405,7 @@ def run_phases(store: WeightStore, config: RotateConfig, *, calib: torch.Tensor 
             if any(u.phase == unit.phase and (partial is None or u.key not in partial.results) for u in mine):
                 store.prepare(unit.phase, config, calib, progress)
         if not learned:
-            rots = initial_rotations(unit.dims, FIXED_METHODS[config.method], seed=config.seed, dtype=torch.float64)
+            rots = initial_rotations(unit.dims, config.entry.init, seed=config.seed, dtype=torch.float64)
         elif partial is not None and unit.key in partial.results:  # finished before the interruption
             rots = {k: partial.done[k] for k in unit.dims}
             results[unit.key] = _saved_result(rots, partial.histories[unit.key], partial.results[unit.key])
@@ -428,7 +426,7 @@ def run_phases(store: WeightStore, config: RotateConfig, *, calib: torch.Tensor 
                 done, before = partial.step, list(partial.histories.get(unit.key, []))
             cb = _unit_callback(store, unit, done, before, callback, out, results, solver, objective,
                                 checkpoint if every else None, every, settings)
-            if config.method in COSINE_METHODS and hasattr(solver, "lr"):
+            if config.entry.schedule == "cosine" and hasattr(solver, "lr"):
                 total = config.schedule_steps or phase_steps.get(unit.phase, 0)
                 cb = _cosine(solver, float(solver.lr), total, done, cb)
             result = solve(objective, None if done or before else start, solver,
@@ -509,7 +507,7 @@ def build_report(config: RotateConfig, rotations: Mapping[str, torch.Tensor], so
         "sample_fraction": config.sample_fraction,
         **({"sim_quant": config.sim_quant.to_dict(), "batch_size": config.batch_size,
             "micro_batch_size": config.micro_batch_size or config.batch_size, "lr_schedule": "cosine"}
-           if config.method == "spinquant" else {}),
+           if config.entry.simulates_quantization else {}),
         "device": config.device,
         "dtype": config.dtype,
         "seconds": seconds,
@@ -565,7 +563,7 @@ def rotate_model(
     config:     a :class:`~orthoopt.config.RotateConfig`, or a method name with the config's fields as
                 keywords (``rotate_model(model, "optrot", steps=50, seed=1)``; ``rotations`` may be
                 the third positional argument; ``checkpoint_every`` is a config field).
-    calib:      calibration token ids ``[N, L]`` for optrot+, kurtosis, dfrot, spinquant.
+    calib:      calibration token ids ``[N, L]`` for the methods that need them (``Method.needs_calibration``).
     init:       starting rotations (e.g. a previous run's, :func:`~orthoopt.adapters.load_rotations`); rotations it
                 names start there instead of at a random Hadamard. A fixed method ignores it.
     verify_ids: token ids ``[B, L]`` on which the logits before and after must agree; the relative
@@ -617,7 +615,8 @@ def rotate_streamed(
     """Rotate the checkpoint in ``model_dir`` and write it to ``out_dir``, streaming (the safetensors
     store, :class:`orthoopt.streaming.rotate.SafetensorsStore`: about one layer in memory).
 
-    config:        as in :func:`rotate_model` (method ``"optrot"`` only); ``model_dtype``,
+    config:        as in :func:`rotate_model`, a method that streams (``Method.supports_streamed``: the
+                   fixed ones and optrot, ``docs/solvers.md``); ``model_dtype``,
                    ``layers_per_shard``, ``chunk_rows``, ``arch`` are the store's fields.
     init, progress, callback, checkpoint, resume: as in :func:`rotate_model`; R2 is solved layer by
                    layer, each layer's solve reported as phase ``"R2"`` with steps from 0. Under

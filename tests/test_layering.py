@@ -23,14 +23,16 @@ RULES = [
     ("manifold imports only core", ["manifold"], "only", ["core", "manifold"]),
     ("hadamard imports only core", ["hadamard"], "only", ["core", "hadamard"]),
     ("objectives never touch models, solvers or the run", ["objectives"], "not",
-     ["adapters", "quant", "streaming", "solvers", "pipeline", "cli", "distributed_rotate"]),
+     ["adapters", "quant", "streaming", "solvers", "pipeline", "cli", "distributed_rotate", "methods", "config"]),
     ("adapters never know objectives, solvers or the run", ["adapters"], "not",
-     ["objectives", "solvers", "pipeline", "streaming", "cli", "distributed_rotate"]),
+     ["objectives", "solvers", "pipeline", "streaming", "cli", "distributed_rotate", "methods"]),
     ("solvers never touch models or the run", ["solvers"], "not",
-     ["adapters", "quant", "streaming", "pipeline", "cli", "distributed_rotate"]),
+     ["adapters", "quant", "streaming", "pipeline", "cli", "distributed_rotate", "methods"]),
     ("nothing imports cli except __main__", "*", "not-except", ["cli", "__main__"]),
     ("only cli, distributed_rotate and __main__ import pipeline (no upward import)", "*", "not-except",
      ["pipeline", "cli", "distributed_rotate", "__main__"]),
+    ("the method registry knows objectives only (and the streamed objectives)", ["methods"], "only",
+     ["core", "objectives", "methods", "streaming"]),
 ]
 # The one combination rule: a module importing both adapters and objectives is the run itself.
 COMBINERS = ["orthoopt.pipeline", "orthoopt.cli", "orthoopt.distributed_rotate", "orthoopt.streaming.rotate"]
@@ -111,6 +113,12 @@ def test_the_parser_sees_the_known_edges():
 def test_dependency_rule(rule):
     bad = violations(rule)
     assert not bad, f"{rule[0]}:\n  " + "\n  ".join(bad)
+
+
+def test_the_method_registry_reaches_streaming_only_for_its_objectives():
+    # the registry's streamed factories build objectives; the store itself (and its reader) stay out
+    streaming = {m for m in _existing(MODULES["orthoopt.methods"]) if package_of(m) == "streaming"}
+    assert streaming == {"orthoopt.streaming.objective"}
 
 
 def test_only_the_run_combines_adapters_and_objectives():

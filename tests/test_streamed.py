@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from orthoopt.adapters import DecoderAdapter, load_model, save_planted
+from orthoopt.methods import METHODS
 from orthoopt.objectives import FourthPower
 from orthoopt.pipeline import rotate_model, rotate_streamed
 from orthoopt.streaming import (
@@ -46,17 +48,14 @@ def state(path: Path) -> dict[str, torch.Tensor]:
     return load_model(path).state_dict()
 
 
-@pytest.mark.parametrize("solver", [None, "cayley-sgd"], ids=["default-solver", "cayley-sgd"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_streamed_equals_in_memory(saved, tmp_path, case, solver):
-    """Bit for bit, with the method's default solver too (cayley-lbfgs: one line search per unit, so
-    the in-memory R2 must be solved layer by layer as the streamed one is; issue 22)."""
-    src = saved[case]
+def _streamed_and_in_memory(src: Path, tmp_path: Path, method: str, **settings):
+    """Rotate ``src`` in memory and streamed with the same settings; assert the weights, rotations and
+    loss curves (R2: summed over layers) are equal bit for bit; return ``(model, mem, res, out)``."""
     model = load_model(src)
-    kw = dict(steps=STEPS, seed=3, progress=False, **({} if solver is None else {"solver": solver}))
-    mem = rotate_model(model, "optrot", **kw)
+    kw = dict(steps=STEPS, seed=3, progress=False, **settings)
+    mem = rotate_model(model, method, **kw)
     out = tmp_path / "out"
-    res = rotate_streamed(src, out, **kw)
+    res = rotate_streamed(src, out, method=method, **kw)
     got, want = state(out), model.state_dict()
     assert set(got) == set(want)
     for k in want:
@@ -64,13 +63,42 @@ def test_streamed_equals_in_memory(saved, tmp_path, case, solver):
     assert set(res.rotations) == set(mem.rotations) == {"R1", "R2.0", "R2.1"}
     for k, R in mem.rotations.items():
         assert torch.equal(res.rotations[k], R), k
-    for phase in ("R1", "R2"):  # the same loss curves (R2: summed over layers)
+    assert set(res.solves) == set(mem.solves)
+    for phase in res.solves:
         assert res.solves[phase].history == mem.solves[phase].history
+    return model, mem, res, out
+
+
+@pytest.mark.parametrize("solver", [None, "cayley-sgd"], ids=["default-solver", "cayley-sgd"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_streamed_equals_in_memory(saved, tmp_path, case, solver):
+    """Bit for bit, with the method's default solver too (cayley-lbfgs: one line search per unit, so
+    the in-memory R2 must be solved layer by layer as the streamed one is; issue 22)."""
+    model, mem, res, out = _streamed_and_in_memory(saved[case], tmp_path, "optrot",
+                                                   **({} if solver is None else {"solver": solver}))
+    assert set(res.solves) == {"R1", "R2"}
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] == model.config.tie_word_embeddings
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "optrot" and report["streamed"]["world_size"] == 1
     assert (out / "tokenizer.json").is_file() and (out / "orthoopt" / "rotations.safetensors").is_file()
+
+
+STREAMED = [name for name, m in METHODS.items() if m.supports_streamed]  # a new streamed method enrols itself
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("method", STREAMED)
+def test_every_streamed_method_equals_in_memory(saved, tmp_path, case, method):
+    """Every method the registry streams (fixed: drawn per unit with derived seeds, no solve; learned:
+    its default solver) gives the in-memory run's weights, rotations and loss curves bit for bit."""
+    assert {"identity", "random", "hadamard", "optrot"} <= set(STREAMED)
+    _, mem, res, out = _streamed_and_in_memory(saved[case], tmp_path, method)
+    assert set(res.solves) == ({"R1", "R2"} if METHODS[method].learned else set())
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == method and report["solver"] == mem.report["solver"]
+    assert {k: v for k, v in report.items() if k not in ("seconds", "streamed")} == \
+        {k: v for k, v in mem.report.items() if k != "seconds"}
 
 
 def test_sharded_output_loads_and_keeps_logits(saved, tmp_path):
@@ -161,8 +189,11 @@ def test_streamed_with_embeddings_and_sampling_equals_in_memory(saved, tmp_path)
 
 def test_bad_inputs(saved, tmp_path):
     src = saved["llama-gqa-bias"]
-    with pytest.raises(ValueError, match="optrot"):
-        rotate_streamed(src, tmp_path / "o", method="dfrot")
+    for name, m in METHODS.items():  # every method that needs the whole model is refused, by name
+        if not m.supports_streamed:
+            with pytest.raises(ValueError, match=rf"streamed mode supports methods identity, random, hadamard, "
+                                                 rf"optrot .*method '{re.escape(name)}' reads "):
+                rotate_streamed(src, tmp_path / "o", method=name)
     with pytest.raises(ValueError, match="would replace the input"):
         rotate_streamed(src, src, progress=False)
     with pytest.raises(FileNotFoundError, match="not found"):

@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
 
 from orthoopt.adapters.sources import PLANTED_CONFIG, input_location
 from orthoopt.cli.usage import help_kwargs
-from orthoopt.config import DATA_METHODS, DEFAULT_STEPS, DTYPES, METHODS, PHASES, RotateConfig
+from orthoopt.config import DTYPES, PHASES, RotateConfig
+from orthoopt.methods import METHODS, listing, method, names
 from orthoopt.core.grid import MAX_BITS, MIN_BITS
 from orthoopt.pipeline import rotate_model, rotate_streamed
 from orthoopt.solvers import SOLVERS
@@ -42,10 +44,10 @@ report.json and, for learned methods, loss plots. It is written to a temporary f
 into place. Long runs save their state every --checkpoint-every steps to OUT.partial.safetensors;
 --resume continues from it exactly.
 
-Methods: identity, random and hadamard need no data; optrot minimizes the weights' fourth power;
-optrot+, kurtosis, dfrot and spinquant also read calibration text (--calib). SpinQuant's loss
-simulates the quantization given by the "spinquant" options below: use the same settings in
-'orthoopt quantize'."""
+"""
+METHODS_HELP = ("Methods (docs/solvers.md). Fixed, no data: {fixed}. Learned from the weights alone: {free}. "
+                "Learned with calibration text (--calib): {data}. SpinQuant's loss simulates the quantization "
+                "given by the \"spinquant\" options below: use the same settings in 'orthoopt quantize'.")
 
 EXAMPLES = (
     "orthoopt rotate smollm2-135m --out runs/rot --method optrot",
@@ -68,22 +70,31 @@ def load_default_or(path: str | None, dtype: torch.dtype, progress: bool = True)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    learned = lambda m: m.learned  # noqa: E731
+    kinds = {"fixed": names(lambda m: not m.learned), "free": names(lambda m: m.learned and not m.needs_calibration),
+             "data": names(lambda m: m.needs_calibration)}
+    description = DESCRIPTION + textwrap.fill(METHODS_HELP.format(**{k: ", ".join(v) for k, v in kinds.items()}), 100)
     p = sub.add_parser("rotate", help="learn rotations and save the rotated checkpoint",
-                       **help_kwargs(DESCRIPTION, EXAMPLES, DOCS))
+                       **help_kwargs(description, EXAMPLES, DOCS))
     p.add_argument("model_dir", nargs="?", default=None, metavar="MODEL",
                    help=f"model folder, .gguf file, registered name or Hub id (default: {DEFAULT_MODEL}, fetched "
                         "on first use; 'planted' is the planted-outlier toy Llama)")
     p.add_argument("--model", dest="model_opt", default=None, metavar="MODEL", help="the same as the MODEL argument")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--method", choices=METHODS, default="optrot")
+    p.add_argument("--method", choices=tuple(METHODS), default="optrot",
+                   help="the rotation method (docs/solvers.md; default optrot): "
+                        + "; ".join(f"{n}: {m.description.replace('`', '')}" for n, m in METHODS.items()))
     p.add_argument("--rotations", default="R1,R2", help="comma-separated subset of R1,R2 (default: both)")
     p.add_argument("--solver", choices=tuple(SOLVERS), default=None,
-                   help="default: the method's (docs/solvers.md)")
+                   help=f"default: the method's ({listing(learned, lambda m: m.solver)}; docs/solvers.md)")
     p.add_argument("--steps", type=integer(0), default=None,
-                   help="solver steps per rotation phase; default the method's budget (optrot 150, kurtosis 250, "
-                        "others 100: docs/solvers.md)")
-    p.add_argument("--lr", type=real(0, low_open=True), default=None)
-    p.add_argument("--calib", default=None, help="calibration text file (optrot+, kurtosis, dfrot)")
+                   help=f"solver steps per rotation phase; default the method's budget "
+                        f"({listing(learned, lambda m: m.steps)}: docs/solvers.md)")
+    p.add_argument("--lr", type=real(0, low_open=True), default=None,
+                   help=f"solver step size; default the solver's ({listing(lambda m: m.lr is not None, lambda m: m.lr)} "
+                        "when no --solver is given)")
+    p.add_argument("--calib", default=None, help=f"calibration text file (needed by "
+                                                  f"{', '.join(names(lambda m: m.needs_calibration))})")
     p.add_argument("--calib-tokens", type=integer(1), default=2048)
     p.add_argument("--calib-seq-len", type=integer(1), default=256)
     p.add_argument("--seed", type=integer(0), default=0)
@@ -97,11 +108,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "refused if written with other settings)")
     p.add_argument("--checkpoint-every", type=integer(0), default=25, help="steps between partial checkpoints (0: off)")
     p.add_argument("--streamed", action="store_true",
-                   help="optrot only: read MODEL_DIR's safetensors layer by layer and write sharded output, "
-                        "never holding the whole model (docs/performance.md)")
-    p.add_argument("--device", default=None, help="optrot: where the objective and solver compute, e.g. cuda")
+                   help=f"{', '.join(names(lambda m: m.supports_streamed))} only: read MODEL_DIR's safetensors layer "
+                        "by layer and write sharded output, never holding the whole model (docs/performance.md)")
+    sampling = ", ".join(names(lambda m: m.sampling))
+    p.add_argument("--device", default=None, help=f"{sampling}: where the objective and solver compute, e.g. cuda")
     p.add_argument("--sample-fraction", type=real(0, 1, low_open=True), default=None,
-                   help="optrot: use this fraction of the weight rows per step (unbiased; docs/performance.md)")
+                   help=f"{sampling}: use this fraction of the weight rows per step (unbiased; docs/performance.md)")
     q = p.add_argument_group("spinquant", "the quantization SpinQuant's loss simulates (match it in 'orthoopt quantize')")
     q.add_argument("--wbits", type=BITS, default=4, help="weight bits (RTN, straight-through; 16 = off); default 4")
     q.add_argument("--abits", type=BITS, default=16, help="activation bits (16 = off); default 16")
@@ -116,7 +128,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _calibration(args, tokenizer, model_config=None) -> torch.Tensor | None:
-    if args.method not in DATA_METHODS:
+    if not method(args.method).needs_calibration:
         return None
     if args.calib is None:
         raise ValueError(f"method {args.method!r} needs calibration text: --calib TEXT_FILE")
@@ -141,14 +153,14 @@ def config_from_args(args: argparse.Namespace) -> RotateConfig:
         raise ValueError(f"--rotations must name a subset of {','.join(PHASES)}, got {args.rotations!r}")
     if args.steps is not None and args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
-    if args.method in DATA_METHODS and (args.calib_tokens < 1 or args.calib_seq_len < 1):
+    if method(args.method).needs_calibration and (args.calib_tokens < 1 or args.calib_seq_len < 1):
         raise ValueError(f"--calib-tokens and --calib-seq-len must be >= 1, got {args.calib_tokens} and "
                          f"{args.calib_seq_len}")
     if args.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     check_device(args.device, "--device")
     spin = {}
-    if args.method == "spinquant":
+    if method(args.method).simulates_quantization:
         from orthoopt.quant.act import ActQuantConfig
         from orthoopt.quant.kv import KVQuantConfig
         from orthoopt.quant.rotated import SimQuantConfig
@@ -157,7 +169,7 @@ def config_from_args(args: argparse.Namespace) -> RotateConfig:
             wbits=args.wbits, act=ActQuantConfig(bits=args.abits, symmetric=not args.act_asym,
                                                  online_hadamard=args.online_hadamard),
             kv=KVQuantConfig(bits=args.kvbits, r3=args.r3)), "batch_size": args.batch_size,
-            "schedule_steps": args.steps if args.steps is not None else DEFAULT_STEPS["spinquant"]}
+            "schedule_steps": args.steps if args.steps is not None else method(args.method).steps}
     return RotateConfig(method=args.method, rotations=tuple(phases), solver=args.solver, steps=args.steps,
                         lr=args.lr, seed=args.seed, dtype=args.dtype, device=args.device,
                         include_embeddings=args.include_embeddings, sample_fraction=args.sample_fraction,

@@ -1,8 +1,9 @@
 """Weights of models that need not fit in memory: read safetensors layer by layer, write shards.
 
-* :class:`SafetensorsStore` -- the weight store of :func:`orthoopt.pipeline.rotate_streamed` (OptRot,
-  R1 and every R2.i, equal to the in-memory run); peak memory about one layer (``docs/performance.md``).
-* :class:`StreamedFourthPower` -- the R1 objective read from disk each step.
+* :class:`SafetensorsStore` -- the weight store of :func:`orthoopt.pipeline.rotate_streamed` (the
+  fixed methods and OptRot, R1 and every R2.i, equal to the in-memory run); peak memory about one layer (``docs/performance.md``).
+* :class:`StreamedFourthPower` -- OptRot's R1 objective read from disk each step; :class:`StreamedBlockSum`
+  -- any block-separable data-free objective, read the same way (``orthoopt.methods.summed_by_layer``).
 * :class:`SafetensorsCheckpoint`, :class:`DecoderLayout`, :class:`FusedReader`, :class:`ShardedWriter`
   -- the reading, naming (from ``orthoopt.adapters.archs``), norm fusion and sharded writing underneath.
 
@@ -12,11 +13,11 @@ The phase loop lives in :mod:`orthoopt.pipeline`; this package never imports it.
 from orthoopt.streaming.checkpoint import SafetensorsCheckpoint
 from orthoopt.streaming.fused import FusedReader
 from orthoopt.streaming.layout import DecoderLayout
-from orthoopt.streaming.objective import StreamedFourthPower
-from orthoopt.streaming.rotate import STREAMED_METHODS, SafetensorsStore, peak_rss_mib
+from orthoopt.streaming.objective import StreamedBlockSum, StreamedFourthPower
+from orthoopt.streaming.rotate import SafetensorsStore, peak_rss_mib
 from orthoopt.streaming.shards import ShardedWriter
 
 __all__ = [
-    "STREAMED_METHODS", "DecoderLayout", "FusedReader", "SafetensorsCheckpoint", "SafetensorsStore", "ShardedWriter",
-    "StreamedFourthPower", "peak_rss_mib",
+    "DecoderLayout", "FusedReader", "SafetensorsCheckpoint", "SafetensorsStore", "ShardedWriter",
+    "StreamedBlockSum", "StreamedFourthPower", "peak_rss_mib",
 ]

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 
 from orthoopt.objectives.base import Objective, Rotations
-from orthoopt.objectives.base import get_rotation
+from orthoopt.objectives.base import WeightBlock, get_rotation
 from orthoopt.objectives.row_segments import (
     FourthPowerKernel,
     RowPacker,
@@ -27,6 +27,8 @@ from orthoopt.objectives.row_segments import (
     value_rows,
 )
 from orthoopt.streaming.fused import FusedReader, Unit
+
+F64 = torch.float64
 
 
 class StreamedFourthPower(Objective):
@@ -98,3 +100,54 @@ class StreamedFourthPower(Objective):
 
     def __repr__(self) -> str:
         return f"StreamedFourthPower({self.reader.ckpt.path}, {len(self.units)} units, n={self.n})"
+
+
+class StreamedBlockSum(Objective):
+    """``sum_u make(blocks of u)`` over the R1 units of a checkpoint: any data-free objective that is a
+    sum over weight blocks, read from disk unit by unit at every call (about one layer in memory).
+
+    Parameters
+    ----------
+    reader : FusedReader
+        The norm-fused checkpoint.
+    units : iterable or None
+        The part of the row stream covered, as in :class:`StreamedFourthPower` (None: all).
+    make : callable
+        ``make(blocks) -> Objective`` for one unit's R1 blocks, given as side-"in" blocks of their rows
+        (``block.as_rows()``, rotated as ``rows @ R1``; embedding and lm_head come in row slices, each
+        its own block).
+
+    Notes
+    -----
+    Equal to the objective over all blocks up to the order of the float sums. Stateless: nothing to
+    save for a resume; ``make`` is called anew every step, so it should not sample rows (a sampler
+would restart with every call).
+    """
+
+    def __init__(self, reader: FusedReader, units: Iterable[Unit] | None, make) -> None:
+        self.reader, self.make = reader, make
+        self.units = list(reader.units() if units is None else units)
+        self.n = reader.layout.hidden
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {"R1": self.n}
+
+    def _terms(self):
+        for unit in self.units:
+            blocks = [WeightBlock(rows, "R1", "in", name) for name, rows in self.reader.r1_pieces([unit])]
+            yield self.make(blocks)
+
+    def loss(self, rotations: Rotations) -> torch.Tensor:
+        """The loss (float64 0-dim tensor), summed over the units."""
+        with torch.no_grad():
+            return sum((term.loss(rotations).double().cpu() for term in self._terms()), torch.zeros((), dtype=F64))
+
+    def value_and_grad(self, rotations: Rotations) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss float64, {"R1": gradient})``, both summed over the units."""
+        total, grad = torch.zeros((), dtype=F64), None
+        for term in self._terms():
+            value, g = term.value_and_grad(rotations)
+            total = total + value.detach().double().cpu()
+            grad = g["R1"] if grad is None else grad + g["R1"]
+        return total, {"R1": grad}

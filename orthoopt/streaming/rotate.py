@@ -1,13 +1,17 @@
 """The safetensors weight store: a checkpoint that need not fit in memory, read layer by layer and
 written as shards, for the one phase loop of :mod:`orthoopt.pipeline` (``rotate_streamed``).
 
-:class:`SafetensorsStore` implements :class:`orthoopt.store.WeightStore` for OptRot:
+:class:`SafetensorsStore` implements :class:`orthoopt.store.WeightStore` for every method the registry
+marks as streamed (:attr:`orthoopt.methods.Method.supports_streamed`: the fixed methods, whose rotations
+are drawn per unit and fused as below, and the data-free learned ones with a ``streamed`` R1 objective,
+e.g. OptRot):
 
 1. **R1** is one unit: each solver step reads the norm-fused R1 blocks layer by layer and accumulates
-   the loss and gradient (:class:`~orthoopt.streaming.objective.StreamedFourthPower`).
+   the loss and gradient (the entry's ``streamed`` factory; OptRot:
+   :class:`~orthoopt.streaming.objective.StreamedFourthPower`).
 2. **R2** is one unit per layer (``R2.0``, ``R2.1``, ..., as the phase loop plans every R2): read the layer, fuse the norms, fuse R1
-   (float64, cast back as the in-memory write-back does), learn ``R2.i`` on that layer's R1-rotated
-   v/o blocks alone (they are the only blocks next to it), fuse it, and write the layer's shard. The
+   (float64, cast back as the in-memory write-back does), learn ``R2.i`` (the entry's ``objective``)
+   on that layer's R1-rotated v/o blocks alone (they are the only blocks next to it), fuse it, and write the layer's shard. The
    phase loop checkpoints after each layer, so a resumed run rewrites the finished layers from their
    saved rotations and continues from the first unfinished one.
 
@@ -41,8 +45,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from orthoopt.adapters.io import LEGACY_ROTATIONS_FILE, REPORT_FILE, write_rotations
-from orthoopt.config import FULL_PRECISION_BLOCKS, STREAMED_METHODS, RotateConfig
-from orthoopt.objectives import FourthPower, Objective
+from orthoopt.config import FULL_PRECISION_BLOCKS, RotateConfig
+from orthoopt.methods import ObjectiveInputs, StreamedInputs
+from orthoopt.objectives import Objective
 from orthoopt.resume import Partial, read_partial, write_partial
 from orthoopt.solvers.distributed import (
     DistributedObjective,
@@ -56,7 +61,6 @@ from orthoopt.streaming.checkpoint import INDEX_FILE, SafetensorsCheckpoint
 from orthoopt.streaming.fused import FusedReader
 from orthoopt.streaming.layer_rotation import apply_r1, apply_r2, r2_blocks, rotate_rows
 from orthoopt.streaming.layout import DecoderLayout
-from orthoopt.streaming.objective import StreamedFourthPower
 from orthoopt.streaming.shards import ShardedWriter
 from orthoopt.utils.atomic import atomic_dir
 
@@ -150,14 +154,15 @@ class SafetensorsStore:
             share = shard_ranges([self.reader.unit_numel(u) for u in units], self.world_size)[self.rank]
             local = None
             if len(share):
-                local = StreamedFourthPower(self.reader, [units[j] for j in share], chunk_rows=c.chunk_rows,
-                                            sample_fraction=c.sample_fraction, seed=c.seed, device=self.device)
+                local = c.entry.streamed(StreamedInputs(self.reader, [units[j] for j in share], chunk_rows=c.chunk_rows,
+                                                        sample_fraction=c.sample_fraction, seed=c.seed,
+                                                        device=self.device))
             return local if self.world_size == 1 else DistributedObjective(local, {"R1": self.layout.hidden})
         i = int(unit.key.split(".")[1])
         t = self._layer(i)
         self._cached = (i, t)
-        return FourthPower(r2_blocks(t, self.layout, i), sample_fraction=c.sample_fraction, seed=c.seed,
-                           device=self.device)
+        return c.entry.objective(ObjectiveInputs(blocks=r2_blocks(t, self.layout, i), sample_fraction=c.sample_fraction,
+                                                 seed=c.seed, device=self.device))
 
     def settle(self, unit: Unit, rotations: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if unit.key == "R1" and self.world_size > 1:
@@ -375,4 +380,4 @@ def _write_config(src: Path, dst: Path, untie: bool, model_dtype: torch.dtype) -
 
 
 
-__all__ = ["STREAMED_METHODS", "SafetensorsStore", "folder_checksum", "peak_rss_mib", "rank_partial"]
+__all__ = ["SafetensorsStore", "folder_checksum", "peak_rss_mib", "rank_partial"]
