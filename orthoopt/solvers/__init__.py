@@ -5,7 +5,8 @@ loss before the update), ``.rotations``. Update rules and defaults: ``docs/solve
 """
 
 from .base import NonFiniteLossError, Solver
-from .cayley_bb import CayleyBB, CayleyLBFGS
+from .cayley_bb import CayleyBB
+from .cayley_lbfgs import CayleyLBFGS
 from .cayley_sgd import CayleySGD
 from .init import INIT_KINDS, derived_seed, initial_rotations
 from .procrustes import ProcrustesAlternation, ProcrustesUnsupportedError, orthogonal_procrustes

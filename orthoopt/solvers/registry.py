@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .base import Solver
-from .cayley_bb import CayleyBB, CayleyLBFGS
+from .cayley_bb import CayleyBB
+from .cayley_lbfgs import CayleyLBFGS
 from .cayley_sgd import CayleySGD
 from .procrustes import ProcrustesAlternation
 from .riemannian import RiemannianAdam, RiemannianSGD
