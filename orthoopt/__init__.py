@@ -5,4 +5,7 @@ adapter write-back -> checkpoint. Conventions (row vectors, ``x -> x @ R``, ``W 
 read the rotated space, ``R.T @ W`` for blocks that write it) are in ``docs/conventions.md``.
 """
 
+from orthoopt.errors import OrthooptError
+
 __version__ = "0.1.0"
+__all__ = ["OrthooptError", "__version__"]

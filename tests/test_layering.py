@@ -33,6 +33,7 @@ RULES = [
      ["pipeline", "cli", "distributed_rotate", "__main__"]),
     ("the method registry knows objectives only (and the streamed objectives)", ["methods"], "only",
      ["core", "objectives", "methods", "streaming"]),
+    ("errors (the exception base) imports nothing from orthoopt", ["errors"], "only", ["errors"]),
 ]
 # The one combination rule: a module importing both adapters and objectives is the run itself.
 COMBINERS = ["orthoopt.pipeline", "orthoopt.cli", "orthoopt.distributed_rotate", "orthoopt.streaming.rotate"]

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from orthoopt.errors import OrthooptError
+
 NORM_KINDS = ("rms", "rms1p", "layernorm")
 """``rms``: ``x / rms(x) * w`` (identity: ``w = 1``); ``rms1p``: ``x / rms(x) * (1 + w)`` (identity: ``w = 0``);
 ``layernorm``: ``(x - mean) / std * w + b`` (not rotation-invariant; refused)."""
@@ -398,7 +400,7 @@ class DecoderModules:
         return out
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(OrthooptError, ValueError):
     """The model is not a decoder this package knows how to rotate (exactly)."""
 
 

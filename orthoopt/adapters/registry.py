@@ -36,12 +36,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from orthoopt.errors import OrthooptError
+
 CACHE_ENV = "ORTHOOPT_CACHE"
 MARKER_FILE = "orthoopt-model.json"
 CHUNK = 1 << 20
 
 
-class ModelFetchError(ValueError):
+class ModelFetchError(OrthooptError, ValueError):
     """A registered model could not be fetched (pip failed, the wheel lacks the file, the checksum
     does not match); nothing was written to the cache."""
 

@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from orthoopt.adapters.archs import ARCHS, locate
+from orthoopt.errors import OrthooptError
 from orthoopt.quant.experts import expert_params, gptq_experts
 from orthoopt.quant.gptq import HessianAccumulator, gptq_quantize
 from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams
@@ -44,7 +45,7 @@ from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams
 SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = ARCHS["llama"].groups
 
 
-class _Stop(Exception):
+class _Stop(OrthooptError):
     """Raised by hooks to end a forward pass early."""
 
 

@@ -26,6 +26,7 @@ from typing import Mapping
 import torch
 
 from ..core.tolerance import orthogonality_tolerance
+from ..errors import OrthooptError
 from ..manifold import O_N, OrthogonalGroup, check_square
 from ..objectives.base import Objective
 
@@ -43,7 +44,7 @@ def json_roundtrip(obj):
     return json.loads(json.dumps(obj))
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(OrthooptError, ValueError):
     """The objective returned a NaN/inf loss or gradient; the rotations were left unchanged."""
 
 

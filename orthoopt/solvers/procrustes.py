@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import OrthooptError
 from ..manifold import O_N
 from ..objectives.base import Objective, SupportsProcrustes
 from .base import NonFiniteLossError, Solver
 
 
-class ProcrustesUnsupportedError(TypeError, ValueError):
+class ProcrustesUnsupportedError(OrthooptError, TypeError, ValueError):
     """The objective has no ``procrustes_targets`` (it does not satisfy
     :class:`~orthoopt.objectives.SupportsProcrustes`). A TypeError; also a ValueError, so that the
     command line reports it as a bad argument (exit 2)."""

@@ -1,0 +1,73 @@
+"""Every exception class defined under ``orthoopt/`` derives from ``orthoopt.OrthooptError``.
+
+The modules are found by walking the package with ``pkgutil`` (a new module, and a new exception in
+it, enrols itself) and imported; ``orthoopt.__main__`` runs the command line when imported, so it is
+parsed instead, as is a module whose optional third-party dependency is not installed.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import inspect
+import pkgutil
+from pathlib import Path
+
+import orthoopt
+from orthoopt import OrthooptError
+
+KNOWN = {"NonFiniteLossError", "ProcrustesUnsupportedError", "UnsupportedModelError", "ModelFetchError"}
+
+
+def _source_classes(name: str) -> list[str]:
+    """Classes of module ``name`` (parsed, not imported) that do not name OrthooptError among their bases."""
+    spec = importlib.util.find_spec(name)
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            bases = {ast.unparse(b).rsplit(".", 1)[-1] for b in node.bases}
+            if bases & {"Exception", "BaseException", "ValueError", "TypeError", "RuntimeError", "OSError",
+                        "KeyError", "LookupError", "ArithmeticError", "Warning"} and "OrthooptError" not in bases:
+                out.append(f"{name}.{node.name}")
+    return out
+
+
+def exception_classes() -> tuple[dict[str, type], list[str], list[str]]:
+    """(exception classes by qualified name, modules walked, classes found by parsing that lack the base)."""
+    found: dict[str, type] = {}
+    modules, unparsed_bad = [], []
+    for info in pkgutil.walk_packages(orthoopt.__path__, "orthoopt."):
+        modules.append(info.name)
+        if info.name == "orthoopt.__main__":
+            unparsed_bad += _source_classes(info.name)
+            continue
+        try:
+            module = importlib.import_module(info.name)
+        except ModuleNotFoundError as e:  # an optional dependency (not orthoopt itself) is missing
+            assert e.name and not e.name.startswith("orthoopt"), f"{info.name}: {e}"
+            unparsed_bad += _source_classes(info.name)
+            continue
+        for _, obj in inspect.getmembers(module, inspect.isclass):
+            if issubclass(obj, BaseException) and obj.__module__ == module.__name__:
+                found[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    return found, modules, unparsed_bad
+
+
+def test_every_orthoopt_exception_derives_from_orthoopterror():
+    found, modules, unparsed_bad = exception_classes()
+    assert len(modules) > 80  # the walk saw the package, not an empty path
+    assert KNOWN <= {name.rsplit(".", 1)[-1] for name in found}, sorted(found)  # not vacuous
+    bad = sorted(name for name, cls in found.items() if not issubclass(cls, OrthooptError)) + unparsed_bad
+    assert not bad, f"exception classes that do not derive from orthoopt.OrthooptError: {bad}"
+
+
+def test_the_named_errors_keep_their_builtin_bases():
+    from orthoopt.adapters import ModelFetchError, UnsupportedModelError
+    from orthoopt.solvers import NonFiniteLossError, ProcrustesUnsupportedError
+
+    assert issubclass(NonFiniteLossError, ValueError)
+    assert issubclass(ProcrustesUnsupportedError, TypeError) and issubclass(ProcrustesUnsupportedError, ValueError)
+    assert issubclass(UnsupportedModelError, ValueError) and issubclass(ModelFetchError, ValueError)
+    assert orthoopt.OrthooptError is OrthooptError and issubclass(OrthooptError, Exception)
