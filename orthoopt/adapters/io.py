@@ -35,16 +35,6 @@ REPORT_FILE = "report.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def _llama2c_file(path: Path) -> Path | None:
-    """``path`` itself or the single llama2.c ``.bin`` inside folder ``path`` (None if there is none)."""
-    if path.is_file():
-        return path if llama2c.is_llama2c(path) else None
-    found = [p for p in sorted(path.glob("*.bin")) if llama2c.is_llama2c(p)]
-    if len(found) > 1:
-        raise ValueError(f"{path} holds several llama2.c checkpoints: {[p.name for p in found]}; pass one file")
-    return found[0] if found else None
-
-
 def _quantized_load_kwargs(path: Path) -> dict:
     """``from_pretrained`` keyword arguments for a folder whose config.json has a ``quantization_config``:
     compressed-tensors checkpoints load dequantized (``dequantize=True``: dense weights, and the only

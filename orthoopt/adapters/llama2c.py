@@ -75,6 +75,16 @@ def is_llama2c(path: str | os.PathLike) -> bool:
         return False
 
 
+def llama2c_file(path: Path) -> Path | None:
+    """``path`` itself or the single llama2.c ``.bin`` inside folder ``path`` (None if there is none)."""
+    if path.is_file():
+        return path if is_llama2c(path) else None
+    found = [p for p in sorted(path.glob("*.bin")) if is_llama2c(p)]
+    if len(found) > 1:
+        raise ValueError(f"{path} holds several llama2.c checkpoints: {[p.name for p in found]}; pass one file")
+    return found[0] if found else None
+
+
 def _layout(path: Path):
     with open(path, "rb") as f:
         head = f.read(HEADER_V1_BYTES)

@@ -69,7 +69,7 @@ def _looks_like_path(spec: str) -> bool:
 def local_source(path: Path, spec: str | None = None) -> ModelSource:
     """The kind of an existing local ``path``; FileNotFoundError when it holds no model."""
     from orthoopt.adapters.gguf import gguf_file
-    from orthoopt.adapters.io import _llama2c_file
+    from orthoopt.adapters.llama2c import llama2c_file
 
     spec = str(path) if spec is None else spec
     if path.is_dir() and (path / "config.json").is_file():
@@ -77,7 +77,7 @@ def local_source(path: Path, spec: str | None = None) -> ModelSource:
     g = gguf_file(path)
     if g is not None:
         return ModelSource("gguf", spec, g)
-    b = _llama2c_file(path)
+    b = llama2c_file(path)
     if b is not None:
         return ModelSource("llama2c", spec, b)
     raise FileNotFoundError(f"{path}: no config.json (Hugging Face folder), no .gguf file and no llama2.c "
