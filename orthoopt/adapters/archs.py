@@ -33,7 +33,6 @@ models refuse ``R1`` with the reason, while ``R2`` (inside attention, between v 
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
 import torch
@@ -131,13 +130,8 @@ class ArchSpec:
     def full_precision(self) -> tuple[str, ...]:
         """Module names kept in full precision by the quantizers (and left out of learned objectives by
         default): the embedding, ``lm_head`` and every projection with ``quantize=False``, as
-        ``layers.*.<path>`` patterns (:func:`is_full_precision`)."""
+        ``layers.*.<path>`` patterns."""
         return (self.embed, self.lm_head) + tuple(f"{self.layers}.*.{p.path}" for p in self.projs if not p.quantize)
-
-    def is_full_precision(self, name: str) -> bool:
-        """True when module or block ``name`` (relative to the decoder) is in :attr:`full_precision`."""
-        return any(fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(name, pat + ".*")
-                   for pat in self.full_precision)
 
     def proj(self, role: str) -> Proj:
         for p in self.projs:
@@ -149,11 +143,6 @@ class ArchSpec:
     def roles(self) -> tuple[str, ...]:
         """Roles of every projection, in the table's (forward) order."""
         return tuple(p.role for p in self.projs)
-
-    @property
-    def out_roles(self) -> tuple[str, ...]:
-        """Roles that write the residual stream (side ``"out"``)."""
-        return tuple(p.role for p in self.projs if p.side == "out")
 
     @property
     def groups(self) -> tuple[tuple[str, ...], ...]:
@@ -173,11 +162,6 @@ class ArchSpec:
     @property
     def post_norms(self) -> tuple[Norm, ...]:
         return tuple(n for n in self.norms if n.position == "post")
-
-    @property
-    def norm_readers(self) -> dict[str, tuple[str, ...]]:
-        """``{pre-norm role: roles reading it}``."""
-        return {n.role: n.readers for n in self.pre_norms}
 
 
 _ATTN = (

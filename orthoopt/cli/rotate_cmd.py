@@ -30,7 +30,6 @@ from orthoopt.utils.checks import check_device
 from orthoopt.utils.paths import prepare_output
 DEFAULT_MODEL = "smollm2-135m"
 """MODEL when none is given: the registered SmolLM2-135M (fetched into the cache on first use)."""
-DEFAULT_PLANTED = PLANTED_CONFIG
 BITS = integer(MIN_BITS, MAX_BITS, also=(16,))  # 16 = off
 
 DESCRIPTION = """\

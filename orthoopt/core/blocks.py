@@ -49,11 +49,6 @@ class WeightBlock:
         W = self.weight.to(R.dtype)
         return W @ R if self.side == "in" else R.T @ W
 
-    def unrotated(self, R: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`rotated` applied to ``self.weight``: ``W @ R.T`` or ``R @ W``."""
-        W = self.weight.to(R.dtype)
-        return W @ R.T if self.side == "in" else R @ W
-
     def as_rows(self) -> torch.Tensor:
         """The block as ``[m, n]`` rows that the rotation multiplies from the right.
 

@@ -110,11 +110,6 @@ class HessianWeighted(Objective):
         self._inner = FourthPower(weighted, normalize=normalize)
 
     @property
-    def weighted_blocks(self) -> list[WeightBlock]:
-        """The blocks with ``W~ = W @ H^(1/2)`` (unchanged where the hessian was None)."""
-        return self._inner.blocks
-
-    @property
     def dims(self) -> dict[str, int]:
         return self._inner.dims
 

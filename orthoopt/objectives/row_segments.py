@@ -156,10 +156,6 @@ class FourthPowerKernel:
             self._buffers[key] = [torch.empty(self.chunk_rows, self.n, dtype=dtype, device=device) for _ in range(3)]
         return self._buffers[key]
 
-    def release(self) -> None:
-        """Free the work buffers (they are re-allocated on the next call)."""
-        self._buffers.clear()
-
     def _powers(self, A: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Y, Y ** 2)`` in the work buffers, for ``Y = A @ R``."""
         m = A.shape[0]

@@ -29,15 +29,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from orthoopt.adapters.archs import ARCHS, locate
+from orthoopt.adapters.archs import locate
 from orthoopt.core.grid import check_bits_or_off
 from orthoopt.hadamard import hadamard_matrix, hadamard_plan, hadamard_transform
 from orthoopt.quant.experts import expert_params, install_experts_act_quant
 from orthoopt.quant.quantizer import QuantSpec, quantize_rows
 
-LINEAR_ROLES = ARCHS["llama"].roles
-"""Llama's decoder-layer linears (kept for callers); every function here reads the model's own table
-(:meth:`orthoopt.adapters.archs.LayerModules.quant_linears`, ``ArchSpec.r4_role``)."""
 
 
 def _r4_linears(model: nn.Module) -> list[nn.Linear]:

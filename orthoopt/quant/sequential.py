@@ -5,7 +5,7 @@
    arguments: attention mask, ``position_embeddings``, ``position_ids``, ...) and stop the forward.
 2. For each decoder layer, the linears are quantized in the reference's sequential order: the
    architecture table's input-sharing groups in forward order (``ArchSpec.groups``; Llama:
-   :data:`SEQUENTIAL_GROUPS`, q/k/v together, o, gate/up together, down). For each group, the layer is
+   q/k/v together, o, gate/up together, down). For each group, the layer is
    run on all windows with hooks accumulating each linear's input Hessian (the groups before it
    already quantized), then every linear of the group is quantized with :func:`gptq_quantize`
    ("true sequential", the GPTQ reference's ``--true-sequential`` and AutoGPTQ's default). With
@@ -35,15 +35,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from orthoopt.adapters.archs import ARCHS, locate
+from orthoopt.adapters.archs import locate
 from orthoopt.errors import OrthooptError
 from orthoopt.quant.experts import expert_params, gptq_experts
 from orthoopt.quant.gptq import HessianAccumulator, gptq_quantize
 from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams
-
-#: Llama's linears quantized together, in order (every model uses its own ``ArchSpec.groups``).
-SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = ARCHS["llama"].groups
-
 
 class _Stop(OrthooptError):
     """Raised by hooks to end a forward pass early."""

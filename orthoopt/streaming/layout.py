@@ -17,9 +17,6 @@ _LLAMA = ARCHS["llama"]
 ROLES = _LLAMA.roles
 """Projections of a Llama layer in the adapter's block order (derived from the table; every other
 architecture: :meth:`DecoderLayout.roles`)."""
-OUT_ROLES = _LLAMA.out_roles
-NORM_READERS = _LLAMA.norm_readers
-"""Llama's residual pre-norms and the projections that read them (``ArchSpec.norm_readers``)."""
 
 
 @dataclass(frozen=True)

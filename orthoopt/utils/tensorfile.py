@@ -79,11 +79,6 @@ def check_safetensors(path: str | os.PathLike, what: str = "safetensors file") -
     return header
 
 
-def safetensors_metadata(path: str | os.PathLike, what: str = "safetensors file") -> dict[str, str]:
-    """The ``__metadata__`` of ``path`` (empty if none), after :func:`check_safetensors`."""
-    return dict(check_safetensors(path, what).get("__metadata__") or {})
-
-
 def read_safetensors(path: str | os.PathLike, what: str = "safetensors file", device: str = "cpu",
                      finite: bool = True) -> dict[str, torch.Tensor]:
     """Every tensor of ``path`` (``safetensors.torch.load_file``) after :func:`check_safetensors`;
@@ -112,7 +107,7 @@ def check_weight_files(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-__all__ = ["check_safetensors", "check_weight_files", "read_safetensors", "safetensors_metadata"]
+__all__ = ["check_safetensors", "check_weight_files", "read_safetensors"]
 
 
 def read_json_object(path: str | os.PathLike) -> dict:
