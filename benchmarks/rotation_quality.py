@@ -39,7 +39,9 @@ trains the fallback model and calibrates (optrot+, kurtosis, dfrot, GPTQ); the s
 evaluated. Every learned method runs its default solver for its default budget of steps per phase
 (``orthoopt.config.DEFAULT_STEPS``, ``docs/solvers.md``; ``--steps`` gives all the same count). The
 report goes to ``docs/results.md`` (atomically) with the command, date, code version, machine and
-load; the wall time is printed last. Runs on one torch thread by default (``--threads``): the
+load; the wall time is printed last. ``--json OUT`` also saves the rows (every draw's perplexities
+and per-window NLLs) with the settings and header; ``--render OUT`` makes the same page from them
+without running anything (the page is always rendered from that record). Runs on one torch thread by default (``--threads``): the
 machine is shared, and oversubscribed threads are far slower than one.
 """
 
@@ -47,7 +49,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime as dt
+import json
 import math
 import os
 import platform
@@ -58,6 +62,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -512,6 +517,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="smoke test: always the planted model, tiny (hidden 128, 2 layers), 3 steps, 2048 eval "
                         "tokens, 2 draws (1 of the expensive methods); writes no results page unless --results is given")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT",
+                   help="also write the rows (every draw's perplexities and per-window NLLs) and settings to OUT")
+    p.add_argument("--render", type=Path, default=None, metavar="ROWS_JSON",
+                   help="run nothing: make the page from rows saved by --json (printed, and written as --results "
+                        "says)")
+    p.add_argument("--seeds", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -640,42 +651,75 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--threads must be >= 0 and --jobs >= 1, got {args.threads} and {args.jobs}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.seeds is not None:
+        raise ValueError("--seeds (W4 GPTQ repeated over calibration seeds) is replaced by --draws: every cell over "
+                         "K draws of calibration and rotation seeds")
     settings = resolve(args)
     command = "python " + " ".join(shlex.quote(a) for a in [
         str(Path(sys.argv[0]).resolve().relative_to(REPO)) if argv is None else "benchmarks/rotation_quality.py",
         *(sys.argv[1:] if argv is None else argv)])
     out_path = results_path(args)
     load_start, code = os.getloadavg(), code_version()
+    if args.render is not None:
+        record = json.loads(args.render.read_text(encoding="utf-8"))
+        publish(record, out_path)
+        return 0
     t0 = time.perf_counter()
     inputs = build_inputs(settings)
-    prepared, split = inputs.prepared, inputs.split
+    prepared = inputs.prepared
     t_model = time.perf_counter() - t0
-    n_eval = min(settings.eval_tokens, inputs.eval_ids.numel())
     log(f"model: {prepared.description}")
 
     t1 = time.perf_counter()
     float_ppl = perplexity(prepared.model, inputs.eval_ids, seq_len=settings.seq_len, max_tokens=settings.eval_tokens,
                            progress=settings.progress)
-    t_baseline = float_ppl["seconds"] = time.perf_counter() - t1
+    t_baseline = time.perf_counter() - t1
     log(f"float baseline perplexity {float_ppl['ppl']:.4f} on {float_ppl['tokens']} predicted tokens")
 
     t2 = time.perf_counter()
     rows = run_rows(settings, inputs, args.jobs, args.threads or torch.get_num_threads())
     timings = {"model": t_model, "baseline": t_baseline, "methods": time.perf_counter() - t2,
                "total": time.perf_counter() - t0, "jobs": args.jobs}
-    body = render(settings, prepared, split, float_ppl, rows, n_eval, timings, inputs.skipped)
     code_end = code_version()
     if code_end != code:
         code += f" at the start; {code_end} at the end (the checkout changed during the run)"
     header = [f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}", f"- code: {code}"]
     header += machine_info(load_start, os.getloadavg(), args.jobs)
-    print("\n".join(header) + "\n\n" + body)
-    if out_path is not None:
-        write_results(out_path, body, command, header)
-        log(f"wrote {out_path}")
+    record = {"command": command, "header": header, "settings": dataclasses.asdict(settings),
+              "model": {"source": prepared.source, "description": prepared.description, "info": prepared.info},
+              "split": inputs.split.describe(), "n_eval": min(settings.eval_tokens, inputs.eval_ids.numel()),
+              "float_ppl": {"ppl": float_ppl["ppl"], "seconds": t_baseline}, "timings": timings,
+              "skipped": inputs.skipped, "rows": [dataclasses.asdict(r) for r in rows.values()]}
+    record = json.loads(json.dumps(record, default=str))  # the page is made from what --json saves
+    if args.json is not None:
+        with atomic_file(args.json) as f:
+            json.dump(record, f)
+        log(f"wrote the rows to {args.json}")
+    publish(record, out_path)
     wall = time.perf_counter() - t0
     print(f"wall time {wall:.0f} s ({wall / 60:.1f} min)")
     return 0
+
+
+def render_record(record: dict) -> str:
+    """The markdown body of a run saved by ``--json`` (:func:`render` on the objects rebuilt from it)."""
+    s = dict(record["settings"], planted=PlantedLMSpec(**record["settings"]["planted"]),
+             methods=tuple(record["settings"]["methods"]), text=Path(record["settings"]["text"]),
+             cache_dir=Path(record["settings"]["cache_dir"]))
+    s["model_dir"] = None if s["model_dir"] is None else Path(s["model_dir"])
+    rows = {r["method"]: MethodResult(**dict(r, seeds=tuple(r["seeds"]))) for r in record["rows"]}
+    split = SimpleNamespace(describe=lambda: record["split"])
+    return render(Settings(**s), SimpleNamespace(**record["model"]), split, record["float_ppl"], rows,
+                  record["n_eval"], record["timings"], record["skipped"])
+
+
+def publish(record: dict, out_path: Path | None) -> None:
+    """Print the page of ``record`` (the run's header, then the body) and write it to ``out_path``."""
+    body = render_record(record)
+    print("\n".join(record["header"]) + "\n\n" + body)
+    if out_path is not None:
+        write_results(out_path, body, record["command"], record["header"])
+        log(f"wrote {out_path}")
 
 
 if __name__ == "__main__":

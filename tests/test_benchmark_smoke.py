@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import sys
@@ -50,6 +51,7 @@ def test_quick_run_prints_full_table_and_writes_only_the_given_path(tmp_path, ca
     out = tmp_path / "results.md"
     code = rotation_quality.main(["--quick", "--no-progress", "--text", str(TEXT), "--results", str(out),
                                   "--cache-dir", str(tmp_path / "cache"), "--draws", "2",
+                                  "--json", str(tmp_path / "rows.json"),
                                   "--threads", "0"])  # 0: leave this process's torch threads alone
     assert code == 0
     printed = capsys.readouterr().out
@@ -106,6 +108,15 @@ def test_quick_run_prints_full_table_and_writes_only_the_given_path(tmp_path, ca
         assert re.search(claim, printed), claim
     assert re.search(r"^wall time \d+ s", printed, re.M)
 
+    # --render makes the same page from the saved rows, running nothing
+    rows_json = json.loads((tmp_path / "rows.json").read_text(encoding="utf-8"))
+    assert [len(r["window_nll"]["W4 GPTQ"]) for r in rows_json["rows"]] == [
+        1 if m in rotation_quality.EXPENSIVE else 2 for m in methods]
+    again = tmp_path / "again.md"
+    assert rotation_quality.main(["--quick", "--render", str(tmp_path / "rows.json"), "--results", str(again)]) == 0
+    assert capsys.readouterr().out == printed.rsplit("wall time", 1)[0]
+    assert again.read_text(encoding="utf-8") == written
+
 
 def test_quick_mode_writes_no_results_page_unless_asked():
     quick = rotation_quality.parse_args(["--quick"])
@@ -120,6 +131,8 @@ def test_bad_flags_raise():
         rotation_quality.resolve(rotation_quality.parse_args(["--methods", "optrot,spin"]))
     with pytest.raises(ValueError, match="--steps"):
         rotation_quality.resolve(rotation_quality.parse_args(["--steps", "0"]))
+    with pytest.raises(ValueError, match="replaced by --draws"):
+        rotation_quality.main(["--quick", "--seeds", "2"])
     with pytest.raises(FileNotFoundError, match="config.json"):
         rotation_quality.resolve(rotation_quality.parse_args(["--model-dir", "/nonexistent/model"]))
 
