@@ -60,15 +60,14 @@ def claims_section(rows: dict, labels: dict[str, str]) -> list[str]:
            "|---|---|---:|---:|---:|---:|---|---|"]
     for method, ref, column in CLAIMS:
         m = best_rotation(rows, column) if method == BEST else method
-        if m not in rows or ref not in rows:
+        why = ("column not run for this model" if ref in rows and column not in rows[ref].ppl
+               else "needs both methods" if m not in rows or ref not in rows else None)
+        if why:
             out.append(f"| {labels.get(method, method)} vs {labels.get(ref, ref)} | {column} | - | - | - | - | - | "
-                       f"skipped: needs both methods |")
+                       f"skipped: {why} |")
             continue
         name = f"{'best rotation (' + labels[m] + ')' if method == BEST else labels[m]} vs {labels[ref]}"
         a, b = rows[m], rows[ref]
-        if column not in a.ppl:
-            out.append(f"| {name} | {column} | - | - | - | - | - | skipped: column not run for this model |")
-            continue
         k = min(len(a.seeds), len(b.seeds))
         means = f"| {name} | {column} | {k} | {a.mean_ppl(column):.4f} | {b.mean_ppl(column):.4f} |"
         if len(b.window_nll[column][0]) < MIN_WINDOWS:
