@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import sys
@@ -49,7 +50,8 @@ def test_quick_run_prints_full_table_and_writes_only_the_given_path(tmp_path, ca
     before = _digest(real)
     out = tmp_path / "results.md"
     code = rotation_quality.main(["--quick", "--no-progress", "--text", str(TEXT), "--results", str(out),
-                                  "--cache-dir", str(tmp_path / "cache"),
+                                  "--cache-dir", str(tmp_path / "cache"), "--draws", "2",
+                                  "--json", str(tmp_path / "rows.json"),
                                   "--threads", "0"])  # 0: leave this process's torch threads alone
     assert code == 0
     printed = capsys.readouterr().out
@@ -59,7 +61,8 @@ def test_quick_run_prints_full_table_and_writes_only_the_given_path(tmp_path, ca
     assert "python benchmarks/rotation_quality.py --quick" in written
     for text in (printed, written):
         header, rows = _table(text, "Perplexity")
-        assert header == ["method", "rotation s", "W4 RTN", "W4 RTN g64", "W4 GPTQ", "W4A8 RTN"]
+        columns = ["W4 RTN", "W4 RTN g128", "W4 RTN g64", "W4 GPTQ", "W4 GPTQ g128", "W4A8 RTN"]
+        assert header == ["method", "rotation s", *columns]
         labels = [r[0] for r in rows]
         methods = (rotation_quality.ORIGINAL, *rotation_quality.METHODS)
         assert labels == ["float (unquantized)"] + [rotation_quality.METHOD_LABELS[m] for m in methods]
@@ -72,25 +75,47 @@ def test_quick_run_prints_full_table_and_writes_only_the_given_path(tmp_path, ca
         assert len(err_rows) == len(methods)
         for r in err_rows:
             assert float(r[1]) < rotation_quality.INVARIANCE_TOL  # rotation kept the float function
-            assert all(0 < float(x) < 10 for x in r[2:6]), r
-        header, seed_rows = _table(text, "W4 GPTQ perplexity over GPTQ calibration seeds")
-        assert header == ["method", "seed 0", "seed 1", "mean", "max - min"]
-        assert [r[0] for r in seed_rows] == labels[1:]
-        for r in seed_rows:
-            a, b, mean, spread = (float(x) for x in r[1:])
-            assert math.isfinite(a) and math.isfinite(b)
-            assert mean == pytest.approx((a + b) / 2, abs=2e-4) and spread == pytest.approx(abs(a - b), abs=2e-4)
-        # seed 0 of the spread table is the main table's W4 GPTQ figure
-        gptq = {r[0]: float(r[4]) for r in rows}
-        assert all(gptq[r[0]] == float(r[1]) for r in seed_rows)
+            assert all(0 < float(x) < 10 for x in r[2:8]), r
+        header, spread_rows = _table(text, "Perplexity spread over draws")
+        assert header == ["method", "draws", *columns]
+        assert [r[0] for r in spread_rows] == labels[1:]
+        draws = {m: 1 if m in rotation_quality.EXPENSIVE else 2 for m in methods}
+        assert [int(r[1]) for r in spread_rows] == [draws[m] for m in methods]
+        for m, r in zip(methods, spread_rows):
+            if draws[m] == 1:
+                assert r[2:] == ["-"] * len(columns)
+                continue
+            spread = {c: tuple(float(x) for x in cell.split(" / ")) for c, cell in zip(columns, r[2:])}
+            for c, (width, sd) in spread.items():  # two draws: sd = |a - b| / sqrt(2)
+                assert width == pytest.approx(sd * math.sqrt(2), abs=2e-4), (m, c)
+            fixed = m in rotation_quality.FIXED_ROTATIONS
+            assert all((spread[c][0] == 0) == (fixed and "GPTQ" not in c) for c in columns), (m, spread)
+        header, claim_rows = _table(text, "Claims")
+        assert header[:3] == ["claim", "column", "draws"] and header[-2:] == ["95% interval", "verdict"]
+        assert len(claim_rows) >= 9
+        for r in claim_rows:
+            low, high = (float(x) for x in r[6].strip("[]").split(", "))
+            ratio = float(r[5])
+            assert low <= ratio <= high and r[7] in ("lower", "higher", "not separated"), r
+            assert r[7] == ("lower" if high < 1 else "higher" if low > 1 else "not separated"), r
+        assert {r[1] for r in claim_rows} >= {"W4 GPTQ", "W4 GPTQ g128", "W4 RTN", "W4 RTN g128", "W4 RTN g64"}
+        assert "W4A4KV4 is not a column of this benchmark" in text
     # the settings the issue asks to see are printed
     for needle in ("solver and steps per phase", "SpinQuant rows:", "calibration:", "evaluation:", "windows x 64 tokens", "model:"):
         assert needle in printed
-    assert re.search(r"W4 GPTQ \(main seed\): OptRot [\d.]+, random Hadamard [\d.]+, unrotated original [\d.]+", printed)
-    for claim in ("OptRot below random Hadamard by more than the spread: (yes|NO)",
-                  r"W4 RTN: best rotation \(.+\) [\d.]+ vs unrotated original [\d.]+",
-                  r"W4 RTN g64: best rotation", r"OptRot\+ at or below OptRot"):
+    for claim in (r"\| OptRot vs random Hadamard \| W4 GPTQ \| 2 \|", r"\| OptRot\+ vs OptRot \| W4 GPTQ g128 \| 2 \|",
+                  r"\| best rotation \(.+\) vs unrotated original \(norms not fused\) \| W4 RTN g64 \|"):
         assert re.search(claim, printed), claim
+    assert re.search(r"^wall time \d+ s", printed, re.M)
+
+    # --render makes the same page from the saved rows, running nothing
+    rows_json = json.loads((tmp_path / "rows.json").read_text(encoding="utf-8"))
+    assert [len(r["window_nll"]["W4 GPTQ"]) for r in rows_json["rows"]] == [
+        1 if m in rotation_quality.EXPENSIVE else 2 for m in methods]
+    again = tmp_path / "again.md"
+    assert rotation_quality.main(["--quick", "--render", str(tmp_path / "rows.json"), "--results", str(again)]) == 0
+    assert capsys.readouterr().out == printed.rsplit("wall time", 1)[0]
+    assert again.read_text(encoding="utf-8") == written
 
 
 def test_quick_mode_writes_no_results_page_unless_asked():
@@ -106,6 +131,8 @@ def test_bad_flags_raise():
         rotation_quality.resolve(rotation_quality.parse_args(["--methods", "optrot,spin"]))
     with pytest.raises(ValueError, match="--steps"):
         rotation_quality.resolve(rotation_quality.parse_args(["--steps", "0"]))
+    with pytest.raises(ValueError, match="replaced by --draws"):
+        rotation_quality.main(["--quick", "--seeds", "2"])
     with pytest.raises(FileNotFoundError, match="config.json"):
         rotation_quality.resolve(rotation_quality.parse_args(["--model-dir", "/nonexistent/model"]))
 
@@ -186,7 +213,7 @@ def test_jobs_run_methods_in_workers_with_the_same_numbers(tmp_path, capsys):
         text = capsys.readouterr().out
         ppl = [r[:1] + r[2:] for r in _table(text, "Perplexity")[1]]  # without the rotation seconds
         return {"ppl": ppl, "logit": _table(text, "Relative logit error vs the float model")[1],
-                "spread": _table(text, "W4 GPTQ perplexity over GPTQ calibration seeds")[1]}
+                "spread": _table(text, "Perplexity spread over draws")[1], "claims": _table(text, "Claims")[1]}
 
     one, two = tables("1"), tables("2")
     assert one == two and len(one["ppl"]) == 4
