@@ -39,10 +39,19 @@ def random_orthogonal(
         raise ValueError(f"n must be a positive int, got {n!r}")
     gen = torch.Generator().manual_seed(int(seed))
     A = torch.randn(n, n, generator=gen, dtype=torch.float64)
-    Q, R = torch.linalg.qr(A)
-    signs = torch.sign(torch.diagonal(R))
+    return positive_qr_factor(A).to(dtype=dtype, device=device)
+
+
+def positive_qr_factor(A: torch.Tensor) -> torch.Tensor:
+    """The Q factor of ``A = Q @ T`` with ``diag(T) > 0`` (unique for invertible ``A``), row-major.
+
+    LAPACK returns ``Q`` column-major; it is returned row-major, as every iterate of the solvers (the
+    layout decides the BLAS path of later products, and a resumed run reads row-major tensors).
+    """
+    Q, T = torch.linalg.qr(A)
+    signs = torch.sign(torch.diagonal(T))
     signs[signs == 0] = 1.0
-    return (Q * signs).to(dtype=dtype, device=device).contiguous()  # row-major (QR's Q is column-major)
+    return (Q * signs).contiguous()
 
 
 def orthogonality_error(R: torch.Tensor) -> float:

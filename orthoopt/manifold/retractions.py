@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .orthogonal import check_square
+from .orthogonal import check_square, positive_qr_factor
 
 
 def _check_generator(R: torch.Tensor, W: torch.Tensor) -> None:
@@ -66,14 +66,6 @@ def cayley_retraction_iterative(R: torch.Tensor, W: torch.Tensor, step: float, n
     return Y
 
 
-def _qf(A: torch.Tensor) -> torch.Tensor:
-    """Q factor of ``A = Q @ T`` with ``diag(T) > 0`` (unique for invertible ``A``)."""
-    Q, T = torch.linalg.qr(A)
-    signs = torch.sign(torch.diagonal(T))
-    signs[signs == 0] = 1.0
-    return (Q * signs).contiguous()  # row-major, as every iterate (see cayley_retraction)
-
-
 def polar_factor(A: torch.Tensor) -> torch.Tensor:
     """Orthogonal polar factor ``U @ Vh`` of ``A = U S Vh``: the nearest orthogonal matrix in Frobenius norm."""
     U, _, Vh = torch.linalg.svd(A)
@@ -93,7 +85,7 @@ def reorthogonalize(R: torch.Tensor, method: str = "polar") -> torch.Tensor:
     if method == "polar":
         out = polar_factor(R64)
     elif method == "qr":
-        out = _qf(R64)
+        out = positive_qr_factor(R64)
     else:
         raise ValueError(f"method must be 'polar' or 'qr', got {method!r}")
     return out.to(R.dtype)
