@@ -219,6 +219,7 @@ class MemoryStore:
         return dict(self.dims)
 
     def prepare(self, phase: str, config: RotateConfig, calib, progress: bool) -> None:
+        self._phase_data = None  # the previous phase's statistics go before the next ones are taken
         if config.entry.per_phase_statistics:
             stats = phase_statistics(config.method, self.adapter, phase, calib, config.calib_tokens, config.seed,
                                      progress, config.include_embeddings)
@@ -571,11 +572,13 @@ def rotate_model(
                 1e-4 for float32 models, 1e-6 for float64 ones: transformers' RMSNorm computes in
                 float32 whatever the model dtype, see ``docs/adapters.md``).
     callback:   ``callback(phase, step, loss, rotations)`` after each solver step (``step`` counts from
-                the phase's start, also in a resumed run), with the rotations of the finished phases
-                (as fused) and the current iterate; a true return stops that phase early. A joint
+                the unit's start, also in a resumed run: R1, then each layer's R2 from 0, reported as
+                phase ``"R2"``), with the rotations of the finished units (as fused) and the current
+                iterate; a true return stops that unit early (one layer's R2: the next layer still
+                runs). A joint
                 method (spinquant) reports its one solve as phase ``"R1"`` (the first selected phase)
                 with all its rotations, and takes ``steps`` of that phase.
-    checkpoint, resume: exact resume, see the module doc. ``steps`` are the phases' totals. The file is
+    checkpoint, resume: exact resume, see the module doc. ``steps`` are per unit (R1; each ``R2.i``). The file is
                 left in place when the run ends; the caller removes it once the output is safely written.
     """
     config = _as_config(config, rotations, settings)
