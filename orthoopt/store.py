@@ -79,3 +79,18 @@ class WeightStore(Protocol):
 
     def read_partial(self, path):
         """The partial checkpoint this process resumes from, or None when there is none."""
+
+    # the output (orthoopt.pipeline.output.run_and_write): rank / world_size are attributes
+    rank: int
+    world_size: int
+
+    def gather(self, rotations: dict[str, torch.Tensor], results: dict) -> tuple[dict, dict]:
+        """Every process's rotations and solve results, on every process (collective; one process:
+        unchanged)."""
+
+    def open_output(self, folder) -> None:
+        """Called on the writing process with the temporary output folder before the loop (one
+        process) or after it (``torchrun``): a store that writes as it goes starts here."""
+
+    def write_weights(self, folder) -> None:
+        """Write the rotated weights and the model's side files (config, tokenizer) into ``folder``."""

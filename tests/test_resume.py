@@ -187,7 +187,7 @@ def test_streamed_kill9_in_r1_and_in_a_layers_r2_then_resume_is_bit_identical(mo
         assert "R2.0" in json.loads(meta["results"])
         assert len(json.loads(meta["histories"])["R2.1"]) == int(meta["step"])
         capsys.readouterr()
-        import orthoopt.pipeline as pipeline
+        import orthoopt.pipeline.loop as pipeline
 
         solves = []  # (rotations, steps) of each solve the resumed run makes
 

@@ -482,14 +482,14 @@ def test_windows_longer_than_the_context_are_refused(argv, tiny, text, tmp_path,
 
 
 def test_steps_below_the_steps_already_done_says_so(tiny, tmp_path, capsys, monkeypatch):
-    import orthoopt.adapters
+    import orthoopt.pipeline.output
 
     out = tmp_path / "o"
 
     def fail(*a, **k):
         raise KeyboardInterrupt  # "killed" after the last partial checkpoint, before the final save
 
-    monkeypatch.setattr(orthoopt.adapters, "save_rotated", fail)
+    monkeypatch.setattr(orthoopt.pipeline.output, "write_run_files", fail)
     with pytest.raises(KeyboardInterrupt):
         main(["rotate", str(tiny), "--out", str(out), "--method", "optrot", "--rotations", "R1", "--steps", "6",
               "--checkpoint-every", "3", "--no-progress"])

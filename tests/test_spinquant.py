@@ -161,7 +161,7 @@ def test_rotate_model_spinquant_joint_cosine_and_invariance():
 
 
 def test_cosine_schedule_values():
-    from orthoopt.pipeline import _cosine
+    from orthoopt.pipeline.loop import _cosine
 
     class S:
         lr = 1.5

@@ -189,21 +189,36 @@ def save_rotated(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike,
     Raises ValueError before writing anything if ``report`` is not JSON-serializable (NaN included)
     or a rotation is not a tensor.
     """
+    text, tensors = _checked_run_files(rotations, report)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)  # safetensors (the default)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _write_run_files(tmp, text, tensors)
+        if extras is not None:
+            extras(tmp)
+    return Path(out_dir)
+
+
+def write_run_files(folder: Path, rotations: Mapping[str, torch.Tensor], report: Mapping) -> None:
+    """``orthoopt/rotations.safetensors`` and ``report.json`` of a rotate run into ``folder``. Raises
+    ValueError, writing nothing, if ``report`` is not strict JSON or a rotation is not a tensor."""
+    _write_run_files(Path(folder), *_checked_run_files(rotations, report))
+
+
+def _checked_run_files(rotations: Mapping[str, torch.Tensor], report: Mapping) -> tuple[str, dict]:
     text = _report_json(report)
     tensors = {}
     for name, R in rotations.items():
         if not isinstance(R, torch.Tensor):
             raise ValueError(f"rotation {name!r} is not a tensor ({type(R).__name__})")
         tensors[name] = R.detach().to("cpu")
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)  # safetensors (the default)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_rotations(tmp, tensors)
-        (tmp / REPORT_FILE).write_text(text + "\n")
-        if extras is not None:
-            extras(tmp)
-    return Path(out_dir)
+    return text, tensors
+
+
+def _write_run_files(folder: Path, text: str, tensors: dict) -> None:
+    write_rotations(folder, tensors)
+    (folder / REPORT_FILE).write_text(text + "\n")
 
 
 def write_rotations(folder: Path, rotations: Mapping[str, torch.Tensor]) -> Path:

@@ -177,7 +177,7 @@ def config_from_args(args: argparse.Namespace) -> RotateConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orthoopt.adapters import load_rotations, save_rotated
+    from orthoopt.adapters import load_rotations
 
     config = config_from_args(args)
     if args.streamed:
@@ -225,18 +225,19 @@ def run(args: argparse.Namespace) -> int:
             r = report["resumed"]
             print(f"orthoopt rotate: resumed from {partial} ({r['phase']}, step {r['steps_done']})", file=sys.stderr)
 
+    def extras(folder: Path, res) -> None:
+        said_resumed(res.report)
+        plots(folder, res.solves)
+
     if args.streamed:
         result = rotate_streamed(args.model_dir, out, config, init=init, progress=not args.no_progress,
-                                 checkpoint=partial, resume=args.resume, report_extra={"model": source},
-                                 extras=lambda folder, res: (said_resumed(res.report), plots(folder, res.solves)))
-        return _finish(args, out, partial, result.report)
-    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(args.seed))
-    result = rotate_model(model, config, calib=calib, init=init, verify_ids=ids, progress=not args.no_progress,
-                          checkpoint=partial, resume=args.resume)
-    report = {"model": source, **result.report}
-    said_resumed(report)
-    save_rotated(model, tokenizer, out, result.rotations, report, extras=lambda folder: plots(folder, result.solves))
-    return _finish(args, out, partial, report)
+                                 checkpoint=partial, resume=args.resume, report_extra={"model": source}, extras=extras)
+    else:
+        ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(args.seed))
+        result = rotate_model(model, config, calib=calib, init=init, verify_ids=ids, progress=not args.no_progress,
+                              checkpoint=partial, resume=args.resume, out=out, tokenizer=tokenizer,
+                              report_extra={"model": source}, extras=extras)
+    return _finish(args, out, partial, result.report)
 
 
 def _finish(args: argparse.Namespace, out: Path, partial: Path, report: dict) -> int:

@@ -17,8 +17,9 @@ e.g. OptRot):
 
 The output folder matches ``save_rotated``'s: sharded safetensors with ``model.safetensors.index.json``,
 ``config.json`` (``tie_word_embeddings`` cleared when fusion unties lm_head), the other files of the
-input folder (tokenizer, generation config), ``orthoopt/rotations.safetensors`` and ``report.json``, written to a
-temporary sibling and renamed into place (``orthoopt.utils.atomic.atomic_dir``).
+input folder (tokenizer, generation config), ``orthoopt/rotations.safetensors`` and ``report.json``, written by
+the one writer of both stores (:func:`orthoopt.pipeline.output.run_and_write`: a temporary sibling renamed
+into place).
 
 With the same settings the weights equal the in-memory store's bit for bit on the same machine (the
 objective's segments and summation order are the same, :mod:`orthoopt.objectives.row_segments`), up
@@ -32,11 +33,9 @@ units are split too and their results gathered; rank 0 writes the output.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,7 +43,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from orthoopt.adapters.io import LEGACY_ROTATIONS_FILE, REPORT_FILE, write_rotations
+from orthoopt.adapters.io import LEGACY_ROTATIONS_FILE, REPORT_FILE
 from orthoopt.config import FULL_PRECISION_BLOCKS, RotateConfig
 from orthoopt.methods import ObjectiveInputs, StreamedInputs
 from orthoopt.objectives import Objective
@@ -62,7 +61,6 @@ from orthoopt.streaming.fused import FusedReader
 from orthoopt.streaming.layer_rotation import apply_r1, apply_r2, r2_blocks, rotate_rows
 from orthoopt.streaming.layout import DecoderLayout
 from orthoopt.streaming.shards import ShardedWriter
-from orthoopt.utils.atomic import atomic_dir
 
 try:
     import resource
@@ -255,8 +253,9 @@ class SafetensorsStore:
         return {k: rots[k] for k in order}, res
 
     # writing ----------------------------------------------------------------------------------
-    def open(self, folder: Path) -> None:
-        """Start writing shards into ``folder`` (rank 0)."""
+    def open_output(self, folder: Path) -> None:
+        """Start writing shards into ``folder`` (rank 0); one process writes each layer as soon as its
+        R2 is fused (:meth:`apply`), under ``torchrun`` rank 0 writes every layer after the loop."""
         self.num_shards, self.layer_shard = _shard_plan(self.layout, self.config.layers_per_shard)
         self.writer = ShardedWriter(folder, self.num_shards)
         self._next_layer = 0
@@ -304,48 +303,12 @@ class SafetensorsStore:
         self.writer.write(self.num_shards - 1, last)
         self.writer.finish()
 
-    def write_files(self, folder: Path, rotations: dict[str, torch.Tensor], report: dict) -> None:
-        """``config.json``, the input's side files, ``orthoopt/rotations.safetensors`` and ``report.json``."""
-        text = json.dumps(report, indent=2, allow_nan=False)
+    def write_weights(self, folder: Path) -> None:
+        """The layers not written yet, the rest of the weights (:meth:`write_rest`), ``config.json`` and
+        the input's side files (tokenizer, generation config)."""
+        self.write_rest()
         _write_config(self.ckpt.path, folder, self.reader.untie, self.config.torch_model_dtype)
         _copy_side_files(self.ckpt.path, folder)
-        write_rotations(folder, rotations)
-        (folder / REPORT_FILE).write_text(text + "\n")
-
-    def run(self, out_dir: Path, loop: Callable, finish: Callable, extras: Callable | None = None):
-        """Run ``loop()`` (the phase loop over this store), then write ``out_dir`` atomically (rank 0)
-        and return ``finish(run, rotations, results)`` (a ``RotateResult``) on every rank."""
-        if self.world_size == 1:
-            with atomic_dir(out_dir) as tmp:
-                self.open(tmp)
-                run = loop()
-                self.write_rest()
-                result = finish(run, run.rotations, run.results)
-                self.write_files(tmp, result.rotations, result.report)
-                if extras is not None:
-                    extras(tmp, result)
-            return result
-        run = loop()
-        rots, results = self.gather(run.rotations, run.results)
-        error: BaseException | None = None
-        result = None
-        if self.rank == 0:
-            try:
-                with atomic_dir(out_dir) as tmp:
-                    self.open(tmp)
-                    self.write_rest()
-                    result = finish(run, rots, results)
-                    self.write_files(tmp, result.rotations, result.report)
-                    if extras is not None:
-                        extras(tmp, result)
-            except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
-                error = e
-        status = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")[0]
-        if error is not None:
-            raise error
-        if status is not None:
-            raise RuntimeError(f"rank 0 failed to write {out_dir}: {status}")
-        return result if result is not None else finish(run, rots, results)
 
 
 def _shard_plan(layout: DecoderLayout, layers_per_shard: int) -> tuple[int, dict[int, int]]:

@@ -1,0 +1,129 @@
+"""The objective of a learned method for one unit, built from the adapter's weight blocks and the
+phase's calibration statistics (the registry entry's factory, :data:`orthoopt.methods.METHODS`).
+
+Learned objectives see only the blocks that get quantized: ``embed_tokens`` and ``lm_head`` stay in
+full precision (``include_embeddings=True`` puts them back; see the package doc).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+from orthoopt.adapters import DecoderAdapter
+from orthoopt.config import FULL_PRECISION_BLOCKS
+from orthoopt.methods import ObjectiveInputs, check_sampling
+from orthoopt.methods import method as method_entry
+from orthoopt.methods import names as _names
+from orthoopt.objectives import Objective
+
+
+def _blocks(adapter: DecoderAdapter, phase: str, include_embeddings: bool, names=None):
+    blocks = adapter.weight_blocks(phase)
+    if names is not None:
+        blocks = [b for b in blocks if b.rotation in names]
+    return blocks if include_embeddings else [b for b in blocks if b.name not in FULL_PRECISION_BLOCKS]
+
+
+def _activations(adapter: DecoderAdapter, phase: str, calib: torch.Tensor, max_tokens: int,
+                 seed: int, progress: bool, include_embeddings: bool) -> dict[str, torch.Tensor]:
+    """``{rotation: X [rows, n]}``: the rows each rotation of ``phase`` multiplies, i.e. the inputs of
+    the side-"in" blocks (q/k/v and gate/up share one input per layer and count once; o_proj heads of
+    layer i give ``[T * heads, head_dim]`` rows for ``R2.i``)."""
+    blocks = [b for b in _blocks(adapter, phase, include_embeddings) if b.side == "in"]
+    sources = adapter.block_sources(phase)
+    modules = sorted({sources[b.name][0] for b in blocks if sources[b.name] is not None})
+    inputs = adapter.linear_inputs(calib, max_tokens=max_tokens, modules=modules, seed=seed, progress=progress)
+    rows: dict[str, list[torch.Tensor]] = {}
+    seen: set[tuple[int, str]] = set()
+    for b in blocks:
+        src = sources[b.name]
+        if src is None:
+            continue
+        X = inputs[src[0]]
+        key = (X.data_ptr(), str(src[1]))  # modules reading one tensor share it: count it once
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.setdefault(b.rotation, []).append(X if src[1] is None else X[:, src[1]])
+    return {name: torch.cat(xs) for name, xs in rows.items()}
+
+
+def _hessian_statistics(adapter: DecoderAdapter, phase: str, calib, calib_tokens, seed, progress,
+                        include_embeddings) -> dict:
+    sources = adapter.block_sources(phase)
+    modules = sorted({s[0] for s in sources.values() if s is not None})
+    return {"hessians": adapter.input_hessians(calib, modules=modules, progress=progress)}
+
+
+def _activation_statistics(adapter: DecoderAdapter, phase: str, calib, calib_tokens, seed, progress,
+                           include_embeddings) -> dict:
+    return {"activations": _activations(adapter, phase, calib, calib_tokens, seed, progress, include_embeddings)}
+
+
+_PHASE_STATISTICS = {"hessians": _hessian_statistics, "activations": _activation_statistics}
+"""How each per-phase statistics kind of :data:`orthoopt.methods.STATISTICS` is taken."""
+
+
+def phase_statistics(method: str, adapter: DecoderAdapter, phase: str, calib: torch.Tensor | None,
+                     calib_tokens: int = 2048, seed: int = 0, progress: bool = True,
+                     include_embeddings: bool = False) -> dict:
+    """The calibration statistics the objective of ``method`` needs for ``phase`` on the adapter's
+    current weights, by the entry's ``statistics``: ``{"hessians": ...}``, ``{"activations":
+    {rotation: X}}``, or ``{}`` (data-free methods, and ``"model"``, which reads batches itself)."""
+    take = _PHASE_STATISTICS.get(method_entry(method).statistics)
+    return {} if take is None else take(adapter, phase, calib, calib_tokens, seed, progress, include_embeddings)
+
+
+def _block_hessians(adapter: DecoderAdapter, phase: str, blocks, H: Mapping) -> list:
+    """The input Hessian of each block (its rows and columns of its module's; None without a source)."""
+    sources = adapter.block_sources(phase)
+    out = []
+    for b in blocks:
+        src = sources[b.name]
+        out.append(None if src is None else (H[src[0]] if src[1] is None else H[src[0]][src[1], src[1]]))
+    return out
+
+
+def build_objective(method: str, adapter: DecoderAdapter, phase: str | Iterable[str], calib: torch.Tensor | None = None,
+                    calib_tokens: int = 2048, seed: int = 0, progress: bool = True,
+                    include_embeddings: bool = False, sample_fraction: float | None = None,
+                    device: torch.device | str | None = None, sim_quant=None, batch_size: int = 1,
+                    micro_batch_size: int | None = None, names: Iterable[str] | None = None,
+                    cache: dict | None = None) -> Objective:
+    """The objective of a learned ``method`` for the rotations of ``phase`` (``"R1"`` or ``"R2"``) on the
+    adapter's current (fused, possibly partly rotated) weights: the registry entry's ``objective``
+    factory (:data:`orthoopt.methods.METHODS`) applied to the blocks and the statistics of its
+    ``statistics`` kind. ``calib``: token ids ``[N, L]``, needed by the data-driven methods.
+    ``include_embeddings``: see the module doc. ``sample_fraction`` and ``device``: methods with
+    ``sampling`` only (optrot). Statistics ``"model"`` (spinquant): ``phase`` may be several phases
+    (learned jointly), ``sim_quant`` is the simulated quantization
+    (:class:`orthoopt.quant.rotated.SimQuantConfig`, default W4 RTN only), ``batch_size`` /
+    ``micro_batch_size`` the calibration windows per step / per backward pass. ``names``: only these
+    rotations of ``phase`` (one layer's ``R2.i``); ``cache``: the phase's calibration statistics
+    (:func:`phase_statistics`) when already taken, so that a phase solved layer by layer runs the
+    calibration forward pass once."""
+    entry = method_entry(method)
+    if not entry.learned:
+        raise ValueError(f"method {method!r} learns nothing; learned methods: "
+                         f"{', '.join(_names(lambda m: m.learned))}")
+    check_sampling(entry, sample_fraction, device)
+    if entry.needs_calibration and calib is None:
+        raise ValueError(f"method {method!r} needs calibration text (--calib TEXT_FILE)")
+    inputs = ObjectiveInputs(calib=calib, sample_fraction=sample_fraction, seed=seed, device=device,
+                             batch_size=batch_size, micro_batch_size=micro_batch_size)
+    if entry.simulates_quantization:
+        from orthoopt.quant.rotated import RotatedQuantLM
+
+        phases = (phase,) if isinstance(phase, str) else tuple(phase)
+        inputs.model_loss = RotatedQuantLM(adapter.model, sim_quant, rotations=phases)
+        return entry.objective(inputs)
+    if cache is None:
+        cache = phase_statistics(method, adapter, phase, calib, calib_tokens, seed, progress, include_embeddings)
+    inputs.blocks = _blocks(adapter, phase, include_embeddings, names)
+    if "hessians" in cache:
+        inputs.hessians = _block_hessians(adapter, phase, inputs.blocks, cache["hessians"])
+    if "activations" in cache:
+        inputs.activations = {k: v for k, v in cache["activations"].items() if names is None or k in names}
+    return entry.objective(inputs)
