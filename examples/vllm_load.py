@@ -46,9 +46,9 @@ def windows(tokenizer, text_path: str, count: int, seq_len: int) -> list[list[in
 def transformers_logprobs(model_dir: str, wins: list[list[int]], dtype: str) -> tuple[list[list[float]], list[list[int]]]:
     """Per window: log p(next token) at positions 1..T-1, and the top-1 token predicted for them."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from ct_transformers_load import load  # from_pretrained + the checkpoint's transform_config (R4)
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    model = load(model_dir, dtype=getattr(torch, dtype))
     lps, tops = [], []
     with torch.no_grad():
         for ids in wins:

@@ -86,7 +86,17 @@ def test_compressed_tensors_export_of_a_scheme_is_the_preset(capsys, tmp_path, m
     assert group["weights"] == {k: v for k, v in preset.weights.model_dump(mode="json").items() if k in group["weights"]}
     assert group["input_activations"] is None and preset.input_activations is None
 
-    capsys.readouterr()  # a scheme with activation quantization is refused before any work
-    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "w4a8"), "--scheme", "W4A8",
+    for name in ("W4A8", "W8A8"):  # dynamic int8 activations: weights and input_activations are the preset's
+        out = tmp_path / name
+        quantize(capsys, [str(model_dir), "--out", str(out), "--scheme", name, "--format", "compressed-tensors"])
+        group = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+        preset = preset_name_to_scheme(name, ["Linear"])
+        for part in ("weights", "input_activations"):
+            want = getattr(preset, part).model_dump(mode="json")
+            assert {"type", "num_bits", "strategy", "symmetric", "dynamic"} <= set(group[part])
+            assert group[part] == {k: v for k, v in want.items() if k in group[part]}, (name, part)
+
+    capsys.readouterr()  # int4 activations are refused before any work
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "w4a4"), "--scheme", "W4A4",
                  "--format", "compressed-tensors", "--no-progress"]) == 2
-    assert "activation quantization" in capsys.readouterr().err and not (tmp_path / "w4a8").exists()
+    assert "A4 activations" in capsys.readouterr().err and not (tmp_path / "w4a4").exists()

@@ -107,8 +107,8 @@ def test_unrepresentable_settings_are_refused_with_reasons(tmp_path, tiny, capsy
     assert unrepresentable(base) == []
     assert "nothing to pack" in unrepresentable({**base, "wbits": 16})[0]
     cases = [
-        (["--abits", "8"], "activation quantization"),
-        (["--online-hadamard"], "online Hadamard"),
+        (["--abits", "4"], "A4 activations"),
+        (["--kvbits", "8"], "K/V-cache"),
         (["--method", "gptq", "--calib", str(tiny / "config.json"), "--act-order", "--group-size", "32"], "g_idx"),
     ]
     for extra, reason in cases:

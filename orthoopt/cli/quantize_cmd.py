@@ -40,8 +40,9 @@ weights are 4-bit, symmetric, one scale per output channel, activations not quan
 
 --format orthoopt (default) writes fake-quantized float weights and quant.json; 'orthoopt eval'
 reads it and re-installs the activation and K/V-cache quantization. --format compressed-tensors
-writes packed integer weights that transformers and vLLM load without orthoopt; it carries
-weight-only schemes (W*A16) and refuses the rest before any work. Quantize a rotated model
+writes integer weights that transformers and vLLM load without orthoopt; it carries the W*A16
+schemes, W4A8/W8A8 (dynamic int8 activations) and --online-hadamard for power-of-two intermediate
+sizes, and refuses the rest before any work. Quantize a rotated model
 ('orthoopt rotate') to get the benefit of the rotation."""
 
 EXAMPLES = (
@@ -105,8 +106,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=integer(1), default=128, help="GPTQ lazy-update block size; default 128")
     p.add_argument(
         "--format", default="orthoopt", choices=FORMATS,
-        help="orthoopt: fake-quantized float weights + quant.json (default); compressed-tensors: packed "
-        "integer weights loadable by transformers/vLLM (weight-only; docs/export.md)",
+        help="orthoopt: fake-quantized float weights + quant.json (default); compressed-tensors: "
+        "integer weights loadable by transformers/vLLM (docs/export.md)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
@@ -137,7 +138,8 @@ def _validate(args) -> None:
         check_exportable({
             "wbits": args.wbits, "abits": args.abits, "group_size": args.group_size,
             "gptq": {"act_order": args.act_order} if args.method == "gptq" else None,
-            "act": {"bits": args.abits, "online_hadamard": args.online_hadamard},
+            "act": {"bits": args.abits, "symmetric": not args.act_asym, "clip_ratio": args.act_clip,
+                    "online_hadamard": args.online_hadamard},
             "kvbits": args.kvbits, "r3": args.r3,
         })
         _import_ct()
@@ -167,14 +169,14 @@ def run(args) -> int:
     kv = KVQuantConfig(bits=args.kvbits, group_size=args.kv_group_size, symmetric=args.kv_sym,
                        k_clip_ratio=args.k_clip, v_clip_ratio=args.v_clip, r3=args.r3)
     model, tokenizer = load_checkpoint(args.model_dir)
-    if args.format == "compressed-tensors" and args.wbits < 16:  # MoE experts: refuse before quantizing
-        from orthoopt.export.compressed_tensors import check_exportable
+    if args.format == "compressed-tensors" and args.wbits < 16:  # MoE experts, R4 size: refuse before quantizing
+        from orthoopt.export.compressed_tensors import check_exportable, r4_record
         from orthoopt.quant.experts import quantized_expert_tensors
 
         located = locate(model)
         experts = [n for L in located.layers for n in quantized_expert_tensors(located.spec, L)]
-        if experts:
-            check_exportable({"wbits": args.wbits, "experts": experts})
+        check_exportable({"wbits": args.wbits, "experts": experts, "act": {"online_hadamard": args.online_hadamard},
+                          "online_hadamard": r4_record(model) if args.online_hadamard else None})
     calib, calib_info = None, None
     if args.method == "gptq" and args.wbits < 16:
         seq_len = args.seq_len if args.seq_len is not None else default_seq_len(model)
