@@ -4,9 +4,10 @@ One frozen dataclass is accepted by the Python API (:func:`orthoopt.pipeline.rot
 :func:`orthoopt.pipeline.rotate_streamed`), built from argv by ``orthoopt rotate`` and by
 ``python -m orthoopt.distributed_rotate``, and stored as JSON (``report.json["config"]``,
 :meth:`RotateConfig.to_json` / :meth:`RotateConfig.from_json`). Constructing one validates it: a bad
-field raises ValueError naming the field. The method tables live here too (a leaf module: the
-pipeline and the stores import it, it imports neither). What each method needs and its defaults come
-from the method registry, :data:`orthoopt.methods.METHODS`.
+field raises ValueError naming the field. What each method needs and its defaults come from the
+method registry, :data:`orthoopt.methods.METHODS`, the one module this one imports from orthoopt
+(the pipeline and the stores import this one). ``calib_seq_len`` is recorded here, but the
+calibration windows are cut by the caller (``orthoopt rotate``), which hands ``rotate_model`` token ids.
 """
 
 from __future__ import annotations
