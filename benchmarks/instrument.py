@@ -208,10 +208,18 @@ def read_record(record: Path, key: str | None = None) -> list[dict]:
     return rows
 
 
+def paired_seeds(rows: list[dict], calib: tuple[int, int]) -> list[int]:
+    """The draw seeds both methods have for ``calib`` (draws are paired by seed)."""
+    have = [{r["seed"] for r in rows if r["method"] == m and tuple(r["calib"]) == calib} for m in METHODS]
+    return sorted(set.intersection(*have))
+
+
 def nll_matrix(rows: list[dict], method: str, calib: tuple[int, int], windows: int | None = None) -> np.ndarray:
-    """``[draws, windows]`` per-window NLLs of one method and calibration, draws in seed order, the
-    first ``windows`` windows (all when None)."""
-    sel = sorted((r for r in rows if r["method"] == method and tuple(r["calib"]) == calib), key=lambda r: r["seed"])
+    """``[draws, windows]`` per-window NLLs of one method and calibration over the paired draws
+    (:func:`paired_seeds`), in seed order, the first ``windows`` windows (all the draws share when None)."""
+    seeds = paired_seeds(rows, calib)
+    sel = sorted((r for r in rows if r["method"] == method and tuple(r["calib"]) == calib and r["seed"] in seeds),
+                 key=lambda r: r["seed"])
     n = min(len(r["window_nll"]) for r in sel) if windows is None else windows
     return np.array([r["window_nll"][:n] for r in sel], dtype=np.float64)
 
@@ -263,7 +271,7 @@ def fmt_ci(iv) -> str:
 
 
 def render(settings: Settings, rows: list[dict], header: dict) -> str:
-    calib = [c for c in settings.calib if any(tuple(r["calib"]) == c for r in rows)]
+    calib = [c for c in settings.calib if paired_seeds(rows, c)]
     out = ["# Measuring the instrument", "",
            "Written by `benchmarks/instrument.py`; rerun it rather than editing the tables by hand.", "",
            "```", header["command"], "```", "",
