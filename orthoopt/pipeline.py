@@ -417,19 +417,23 @@ def run_phases(store: WeightStore, config: RotateConfig, *, calib: torch.Tensor 
                 if init is not None and k in init:
                     start[k] = init[k].to(dtype=dtype, device=start[k].device)
             solver = make_solver(config.solver_name, **({} if lr is None else {"lr": lr}))
+            cosine = config.entry.schedule == "cosine" and hasattr(solver, "lr")
+            base_lr = float(solver.lr) if cosine else None
             done, before = 0, []
             if partial is not None and partial.phase == unit.key and partial.solver is not None:
                 if partial.objective:
                     objective.load_state_dict(partial.objective)
+                if cosine:  # the saved lr is the schedule's value at the checkpoint, not another setting
+                    solver.lr = partial.solver["meta"].get("config", {}).get("lr", base_lr)
                 where = next(iter(start.values())).device
                 solver.load_state_dict({"tensors": {k: v.to(where) for k, v in partial.solver["tensors"].items()},
                                         "meta": partial.solver["meta"]})
                 done, before = partial.step, list(partial.histories.get(unit.key, []))
             cb = _unit_callback(store, unit, done, before, callback, out, results, solver, objective,
                                 checkpoint if every else None, every, settings)
-            if config.entry.schedule == "cosine" and hasattr(solver, "lr"):
+            if cosine:
                 total = config.schedule_steps or phase_steps.get(unit.phase, 0)
-                cb = _cosine(solver, float(solver.lr), total, done, cb)
+                cb = _cosine(solver, base_lr, total, done, cb)
             result = solve(objective, None if done or before else start, solver,
                            max(0, phase_steps.get(unit.phase, 0) - done), callback=cb, progress=progress,
                            prior_history=before, **stop)

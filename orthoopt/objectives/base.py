@@ -62,6 +62,35 @@ class Objective(abc.ABC):
         out = {k: (torch.zeros_like(leaves[k]) if g is None else g) for k, g in zip(names, grads)}
         return value.detach(), out
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What changes between calls (a sampler's generator, a batch stream's position), as tensors.
+
+        Returns
+        -------
+        dict of str to Tensor
+            Empty for an objective whose value at a point never changes (the default). A resumed run
+            loads it into a new objective built from the same inputs (:meth:`load_state_dict`), which
+            then continues bit for bit as the saved one would (``tests/test_objective_conformance.py``).
+        """
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`'s output.
+
+        Parameters
+        ----------
+        state : mapping of str to Tensor
+            A :meth:`state_dict` of an objective built from the same inputs.
+
+        Raises
+        ------
+        ValueError
+            When ``state`` names other keys than this objective keeps (the default keeps none).
+        """
+        if state:
+            raise ValueError(f"objective state has {sorted(state)}, this objective ({type(self).__name__}) "
+                             "keeps none")
+
     def __add__(self, other: "Objective") -> "Objective":
         if not isinstance(other, Objective):
             return NotImplemented
@@ -106,6 +135,21 @@ class Sum(Objective):
 
     def loss(self, rotations: Rotations) -> torch.Tensor:
         return sum(s * t.loss(rotations) for t, s in zip(self.terms, self.scales))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every term's state, its keys prefixed ``"<i>."`` (``i`` the term's index)."""
+        return {f"{i}.{k}": v for i, t in enumerate(self.terms) for k, v in t.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`; ValueError when a key names no term."""
+        parts: list[dict[str, torch.Tensor]] = [{} for _ in self.terms]
+        for key, v in state.items():
+            i, _, rest = key.partition(".")
+            if not i.isdigit() or int(i) >= len(self.terms):
+                raise ValueError(f"objective state key {key!r} names no term of this sum of {len(self.terms)}")
+            parts[int(i)][rest] = v
+        for t, part in zip(self.terms, parts):
+            t.load_state_dict(part)
 
     def value_and_grad(self, rotations: Rotations) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, grads = None, {}

@@ -9,7 +9,8 @@ into it.
 
 Stochastic: every :meth:`~QuantizedLMLoss.loss` / :meth:`~QuantizedLMLoss.value_and_grad` call takes the
 next ``batch_size`` windows (cycling through the calibration set in order), as SpinQuant's SGD does, so
-consecutive calls at the same rotations may differ. Memory stays bounded: the gradient is accumulated
+consecutive calls at the same rotations may differ; :meth:`~QuantizedLMLoss.state_dict` holds the
+stream's position, so a resumed run continues it. Memory stays bounded: the gradient is accumulated
 over ``micro_batch_size`` windows at a time, one backward pass each, so only one micro-batch of
 activations is alive at any time, and the calibration windows are token ids, never activations.
 """
@@ -59,7 +60,6 @@ class QuantizedLMLoss(Objective):
         self.batches = batches
         self.batch_size, self.micro_batch_size = batch_size, micro
         self._stream = None
-        self._buffer: list[torch.Tensor] = []
         self.windows_seen = 0
 
     @property
@@ -91,6 +91,27 @@ class QuantizedLMLoss(Objective):
             raise ValueError(f"calibration windows of one batch differ in length: {sorted({r.shape[0] for r in rows})}")
         self.windows_seen += len(rows)
         return torch.stack(rows).long()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The stream's position (``{"windows_seen": int64 [1]}``), so that a resumed run takes the
+        batches an uninterrupted one would."""
+        return {"windows_seen": torch.tensor([self.windows_seen], dtype=torch.int64)}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`: the stream restarts and skips the windows already seen.
+
+        Raises
+        ------
+        ValueError
+            When ``state`` is not a :meth:`state_dict` of this class.
+        """
+        if set(state) != {"windows_seen"}:
+            raise ValueError(f"objective state has {sorted(state)}, QuantizedLMLoss keeps ['windows_seen']")
+        seen = int(state["windows_seen"].reshape(-1)[0])
+        self._stream = self._windows()
+        for _ in range(seen):
+            next(self._stream)
+        self.windows_seen = seen
 
     def _chunks(self, ids: torch.Tensor):
         for s in range(0, ids.shape[0], self.micro_batch_size):
