@@ -65,11 +65,12 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from orthoopt.adapters import DecoderAdapter, logits_relative_error  # noqa: F401 (re-exported helper)
+from orthoopt.adapters import DecoderAdapter
 from orthoopt.adapters.verify import logits as model_logits
 from orthoopt.core.tolerance import invariance_tolerance
 from orthoopt.config import FULL_PRECISION_BLOCKS, PHASES, RotateConfig
-from orthoopt.methods import METHODS, ObjectiveInputs, check_sampling  # noqa: F401 (METHODS re-exported)
+from orthoopt.errors import InvalidInputError
+from orthoopt.methods import ObjectiveInputs, check_sampling
 from orthoopt.methods import names as _names
 from orthoopt.methods import method as method_entry
 from orthoopt.manifold import orthogonality_error, reorthogonalize
@@ -170,11 +171,11 @@ def build_objective(method: str, adapter: DecoderAdapter, phase: str | Iterable[
     calibration forward pass once."""
     entry = method_entry(method)
     if not entry.learned:
-        raise ValueError(f"method {method!r} learns nothing; learned methods: "
+        raise InvalidInputError(f"method {method!r} learns nothing; learned methods: "
                          f"{', '.join(_names(lambda m: m.learned))}")
     check_sampling(entry, sample_fraction, device)
     if entry.needs_calibration and calib is None:
-        raise ValueError(f"method {method!r} needs calibration text (--calib TEXT_FILE)")
+        raise InvalidInputError(f"method {method!r} needs calibration text (--calib TEXT_FILE)")
     inputs = ObjectiveInputs(calib=calib, sample_fraction=sample_fraction, seed=seed, device=device,
                              batch_size=batch_size, micro_batch_size=micro_batch_size)
     if entry.simulates_quantization:
@@ -370,7 +371,7 @@ def run_phases(store: WeightStore, config: RotateConfig, *, calib: torch.Tensor 
     before the store is touched (:meth:`~orthoopt.store.WeightStore.begin`).
     """
     if (config.checkpoint_every or resume) and checkpoint is None:
-        raise ValueError("checkpoint_every and resume need checkpoint=PATH")
+        raise InvalidInputError("checkpoint_every and resume need checkpoint=PATH")
     learned = config.learned
     phase_steps = config.phase_steps()
     every = config.checkpoint_every
@@ -381,13 +382,13 @@ def run_phases(store: WeightStore, config: RotateConfig, *, calib: torch.Tensor 
         if partial is not None:
             asked = phase_steps.get(_unit_phase(partial.phase), 0)
             if partial.step > asked:
-                raise ValueError(f"{checkpoint}: {partial.phase} has already taken {partial.step} steps, more "
+                raise InvalidInputError(f"{checkpoint}: {partial.phase} has already taken {partial.step} steps, more "
                                  f"than the {asked} asked for now (--steps {asked}); rerun with the interrupted run's "
                                  f"settings (steps {partial.settings.get('steps')}) to continue, or delete the file "
                                  "to start afresh")
             diff = settings_difference(partial.settings, settings)
             if diff:
-                raise ValueError(f"{checkpoint} is the partial checkpoint of a different run ({'; '.join(diff)}); "
+                raise InvalidInputError(f"{checkpoint} is the partial checkpoint of a different run ({'; '.join(diff)}); "
                                  "rerun with the same settings, or delete it to start afresh")
     if not learned:
         checkpoint = None
@@ -535,15 +536,15 @@ def _as_config(config: RotateConfig | str | None, rotations, kwargs: dict) -> Ro
     keyword form of :func:`rotate_model` / :func:`rotate_streamed`)."""
     if isinstance(config, RotateConfig):
         if kwargs or rotations is not None:
-            raise ValueError(f"pass settings either as a RotateConfig or as keywords, not both "
+            raise InvalidInputError(f"pass settings either as a RotateConfig or as keywords, not both "
                              f"(got {sorted(kwargs) + (['rotations'] if rotations is not None else [])})")
         return config
     if config is not None and not isinstance(config, str):
-        raise ValueError(f"config must be a RotateConfig or a method name, got {type(config).__name__}")
+        raise InvalidInputError(f"config must be a RotateConfig or a method name, got {type(config).__name__}")
     if "dtype" in kwargs and isinstance(kwargs["dtype"], torch.dtype):
         kwargs["dtype"] = str(kwargs["dtype"]).removeprefix("torch.")
     if "method" in kwargs and config is not None:
-        raise ValueError(f"method given twice: {config!r} and method={kwargs['method']!r}")
+        raise InvalidInputError(f"method given twice: {config!r} and method={kwargs['method']!r}")
     method = kwargs.pop("method", config or "optrot")
     return RotateConfig(method=method, rotations=PHASES if rotations is None else tuple(rotations), **kwargs)
 
@@ -599,7 +600,7 @@ def rotate_model(
         tol = verify_tol if verify_tol is not None else invariance_tolerance(param_dtype)
         report["invariance_tolerance"] = tol
         if not err <= tol:
-            raise ValueError(f"rotated model's logits differ from the original's by {err:.3e} (relative), "
+            raise InvalidInputError(f"rotated model's logits differ from the original's by {err:.3e} (relative), "
                              f"above the tolerance {tol:.1e}: the write-back is wrong")
     return RotateResult(run.rotations, report, solves)
 

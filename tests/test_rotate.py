@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from orthoopt.adapters import DecoderAdapter, load_model, save_planted
 from orthoopt.cli import main
 from orthoopt.manifold import orthogonality_error
-from orthoopt.pipeline import METHODS, rotate_model
+from orthoopt.methods import METHODS
+from orthoopt.pipeline import rotate_model
 
 from helpers import main_interrupted_at
 

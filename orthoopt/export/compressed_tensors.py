@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from orthoopt.errors import InvalidInputError
 from orthoopt.quant.model import QUANT_JSON, QuantResult
 from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams
 from orthoopt.utils.atomic import atomic_dir
@@ -93,14 +94,14 @@ def check_exportable(settings: dict) -> None:
     """Raise ValueError naming every reason :func:`unrepresentable` finds."""
     reasons = unrepresentable(settings)
     if reasons:
-        raise ValueError("cannot export to compressed-tensors: " + "; ".join(reasons))
+        raise InvalidInputError("cannot export to compressed-tensors: " + "; ".join(reasons))
 
 
 def _import_ct():
     try:
         import compressed_tensors  # noqa: F401
     except ImportError as e:
-        raise ValueError(INSTALL_HINT) from e
+        raise InvalidInputError(INSTALL_HINT) from e
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import (
@@ -144,7 +145,7 @@ def _ct_params(params: WeightQuantParams, spec: QuantSpec, dtype: torch.dtype) -
     if groups > 1 and not torch.equal(
         params.group_index.cpu(), torch.arange(params.group_index.numel()) // spec.group_size
     ):
-        raise ValueError("groups are not consecutive input columns (act-order g_idx): not representable")
+        raise InvalidInputError("groups are not consecutive input columns (act-order g_idx): not representable")
     scale = params.scale.to(dtype)
     shift = 0 if spec.symmetric else 2 ** (spec.bits - 1)
     zero = (params.zero.round() - shift).to(torch.int8)
@@ -169,7 +170,7 @@ def save_compressed_tensors(
     check_exportable(settings)
     spec = result.spec
     if spec is None or not result.params:
-        raise ValueError("the QuantResult has no weight grids (weights were not quantized): nothing to export")
+        raise InvalidInputError("the QuantResult has no weight grids (weights were not quantized): nothing to export")
     experts = sorted(k for k, p in result.params.items() if p.scale.ndim == 3)
     if experts:  # also when the caller's settings do not list them
         check_exportable({**settings, "experts": experts})
@@ -179,7 +180,7 @@ def save_compressed_tensors(
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     unknown = sorted(set(result.params) - set(linears))
     if unknown:
-        raise ValueError(f"quantized modules not found in the model: {unknown[:3]}")
+        raise InvalidInputError(f"quantized modules not found in the model: {unknown[:3]}")
     targets = {name: linears[name] for name in result.params}
     ignore = sorted(set(linears) - set(targets))
 

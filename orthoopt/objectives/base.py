@@ -4,7 +4,7 @@ An objective maps a dict of named rotations (``{"R1": [n, n], "R2.3": [d, d], ..
 loss tensor. Objectives compose: ``a + b`` and ``0.5 * a`` are objectives. Shapes and the meaning of
 ``side`` follow ``docs/conventions.md``: side ``"in"`` rotates a block as ``W @ R``, side ``"out"``
 as ``R.T @ W``. The shared types (``WeightBlock``, ``Rotations``, ``Side``) live in
-:mod:`orthoopt.core.blocks` and are re-exported here.
+:mod:`orthoopt.core.blocks` (``orthoopt.objectives`` exports them too).
 
 An objective that supports DFRot's closed-form alternation also satisfies :class:`SupportsProcrustes`
 (a ``runtime_checkable`` Protocol): ``procrustes_targets(rotations) -> {name: (A, B)}``.
@@ -18,9 +18,8 @@ from typing import Mapping, Protocol, runtime_checkable
 
 import torch
 
-from orthoopt.core.blocks import Rotations, Side, WeightBlock, block_dims, get_rotation  # noqa: F401
-from orthoopt.core.checks import check_finite_tensor  # noqa: F401
-
+from orthoopt.core.blocks import Rotations
+from orthoopt.errors import InvalidInputError
 
 @runtime_checkable
 class SupportsProcrustes(Protocol):
@@ -88,7 +87,7 @@ class Objective(abc.ABC):
             When ``state`` names other keys than this objective keeps (the default keeps none).
         """
         if state:
-            raise ValueError(f"objective state has {sorted(state)}, this objective ({type(self).__name__}) "
+            raise InvalidInputError(f"objective state has {sorted(state)}, this objective ({type(self).__name__}) "
                              "keeps none")
 
     def __add__(self, other: "Objective") -> "Objective":
@@ -130,7 +129,7 @@ class Sum(Objective):
         for t in self.terms:
             for k, n in t.dims.items():
                 if out.setdefault(k, n) != n:
-                    raise ValueError(f"rotation {k!r} has size {n} in one term and {out[k]} in another")
+                    raise InvalidInputError(f"rotation {k!r} has size {n} in one term and {out[k]} in another")
         return out
 
     def loss(self, rotations: Rotations) -> torch.Tensor:
@@ -146,7 +145,7 @@ class Sum(Objective):
         for key, v in state.items():
             i, _, rest = key.partition(".")
             if not i.isdigit() or int(i) >= len(self.terms):
-                raise ValueError(f"objective state key {key!r} names no term of this sum of {len(self.terms)}")
+                raise InvalidInputError(f"objective state key {key!r} names no term of this sum of {len(self.terms)}")
             parts[int(i)][rest] = v
         for t, part in zip(self.terms, parts):
             t.load_state_dict(part)

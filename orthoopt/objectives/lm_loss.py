@@ -21,7 +21,10 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from .base import Objective, Rotations
+from orthoopt.core.blocks import Rotations
+from orthoopt.errors import InvalidInputError
+
+from .base import Objective
 
 LossFn = Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
@@ -43,18 +46,18 @@ class QuantizedLMLoss(Objective):
                  dims: Mapping[str, int] | None = None, batch_size: int = 1,
                  micro_batch_size: int | None = None) -> None:
         if not callable(loss_fn):
-            raise ValueError("loss_fn must be callable: loss_fn(rotations, ids) -> scalar tensor")
+            raise InvalidInputError("loss_fn must be callable: loss_fn(rotations, ids) -> scalar tensor")
         dims = dims if dims is not None else getattr(loss_fn, "dims", None)
         if not dims:
-            raise ValueError("dims is required (loss_fn has no .dims)")
+            raise InvalidInputError("dims is required (loss_fn has no .dims)")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+            raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}")
         micro = batch_size if micro_batch_size is None else micro_batch_size
         if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
-            raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
+            raise InvalidInputError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
         if isinstance(batches, torch.Tensor):
             if batches.ndim != 2 or batches.dtype != torch.long or batches.shape[0] < 1 or batches.shape[1] < 2:
-                raise ValueError(f"batches must be a [N, L >= 2] LongTensor, got {batches.dtype} {tuple(batches.shape)}")
+                raise InvalidInputError(f"batches must be a [N, L >= 2] LongTensor, got {batches.dtype} {tuple(batches.shape)}")
         self.loss_fn = loss_fn
         self._dims = dict(dims)
         self.batches = batches
@@ -80,7 +83,7 @@ class QuantizedLMLoss(Objective):
                         empty = False
                         yield row
                 if empty:
-                    raise ValueError("the calibration batches are empty")
+                    raise InvalidInputError("the calibration batches are empty")
 
     def next_batch(self) -> torch.Tensor:
         """The next ``[batch_size, L]`` windows of the stream."""
@@ -88,7 +91,7 @@ class QuantizedLMLoss(Objective):
             self._stream = self._windows()
         rows = [next(self._stream) for _ in range(self.batch_size)]
         if len({r.shape[0] for r in rows}) != 1:
-            raise ValueError(f"calibration windows of one batch differ in length: {sorted({r.shape[0] for r in rows})}")
+            raise InvalidInputError(f"calibration windows of one batch differ in length: {sorted({r.shape[0] for r in rows})}")
         self.windows_seen += len(rows)
         return torch.stack(rows).long()
 
@@ -106,7 +109,7 @@ class QuantizedLMLoss(Objective):
             When ``state`` is not a :meth:`state_dict` of this class.
         """
         if set(state) != {"windows_seen"}:
-            raise ValueError(f"objective state has {sorted(state)}, QuantizedLMLoss keeps ['windows_seen']")
+            raise InvalidInputError(f"objective state has {sorted(state)}, QuantizedLMLoss keeps ['windows_seen']")
         seen = int(state["windows_seen"].reshape(-1)[0])
         self._stream = self._windows()
         for _ in range(seen):

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from orthoopt.adapters.io import LEGACY_ROTATIONS_FILE, REPORT_FILE, write_rotations
 from orthoopt.config import FULL_PRECISION_BLOCKS, RotateConfig
+from orthoopt.errors import InvalidInputError
 from orthoopt.methods import ObjectiveInputs, StreamedInputs
 from orthoopt.objectives import Objective
 from orthoopt.resume import Partial, read_partial, write_partial
@@ -142,7 +143,7 @@ class SafetensorsStore:
     def local_units(self, units: list[Unit]) -> list[Unit]:
         """R1 (collective: every rank) and this rank's share of the layers' R2 units."""
         if any(len(u.dims) != 1 for u in units):
-            raise ValueError("the safetensors store solves one rotation per unit (R1, then R2.i layer by layer)")
+            raise InvalidInputError("the safetensors store solves one rotation per unit (R1, then R2.i layer by layer)")
         layers = set(shard_ranges([1] * self.layout.num_layers, self.world_size)[self.rank])
         return [u for u in units if u.key == "R1" or int(u.key.split(".")[1]) in layers]
 
