@@ -19,8 +19,9 @@ from torch import nn
 from orthoopt.adapters import calibration, fusion, writeback
 from orthoopt.adapters.archs import DecoderModules, check_rms_norm, locate
 from orthoopt.core import WeightBlock
+from orthoopt.core.checks import check_not_meta
 from orthoopt.errors import InvalidInputError
-from orthoopt.utils.checks import check_model_weights, check_not_meta
+from orthoopt.utils.checks import check_model_weights
 
 
 class DecoderAdapter:

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from orthoopt.core.checks import check_not_meta
 from orthoopt.errors import InvalidInputError
 from orthoopt.quant.calib import check_context, tokenize_text
-from orthoopt.utils.checks import check_not_meta
 
 MAX_DEFAULT_SEQ_LEN = 2048
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from orthoopt.core.checks import check_finite_tensor
 from orthoopt.errors import InvalidInputError
-from orthoopt.utils.checks import check_finite_tensor
 from orthoopt.utils.tensorfile import check_safetensors, read_json_object
 
 SINGLE_FILE = "model.safetensors"

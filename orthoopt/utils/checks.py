@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from orthoopt.core.checks import META_HINT, check_finite_tensor, check_not_meta  # noqa: F401  (one rule each, in core)
+from orthoopt.core.checks import check_finite_tensor, check_not_meta
 from orthoopt.errors import InvalidInputError
 
 
@@ -41,4 +41,4 @@ def check_model_weights(model: nn.Module, source: str | None = None, finite: boo
         check_not_meta(t, f"{prefix}buffer {name!r}")
 
 
-__all__ = ["check_device", "check_finite_tensor", "check_model_weights", "check_not_meta"]
+__all__ = ["check_device", "check_model_weights"]

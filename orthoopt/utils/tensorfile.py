@@ -88,7 +88,7 @@ def read_safetensors(path: str | os.PathLike, what: str = "safetensors file", de
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from orthoopt.utils.checks import check_finite_tensor
+    from orthoopt.core.checks import check_finite_tensor
 
     check_safetensors(path, what)
     try:
