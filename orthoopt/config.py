@@ -23,8 +23,6 @@ from orthoopt.methods import METHODS, STATISTICS, Method, check_sampling, names
 from orthoopt.methods import method as method_entry
 
 PHASES = ("R1", "R2")
-FULL_PRECISION_BLOCKS = ("embed_tokens", "lm_head")
-"""Blocks left out of learned objectives unless ``include_embeddings`` (kept in full precision)."""
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 NOT_TRAJECTORY = ("checkpoint_every", "layers_per_shard", "calib_seq_len")
 """Fields that do not change the learned rotations: a resume may change them."""
@@ -48,7 +46,8 @@ class RotateConfig:
     seed:              seeds the random Hadamard start, fixed rotations, sampling and calibration.
     dtype:             dtype the rotations are learned in (``"float32"`` or ``"float64"``).
     device:            where objective and solver compute (None: CPU); weights are fused on the CPU.
-    include_embeddings: count embed_tokens / lm_head in learned objectives.
+    include_embeddings: count embed_tokens / lm_head in learned objectives (the other blocks the
+                       architecture table keeps in full precision, MoE routers, never count).
     sample_fraction, chunk_rows: optrot's row sampling and segment size (``docs/performance.md``).
     calib_tokens, calib_seq_len: calibration tokens per objective and window length (data methods).
     stop:              stopping criteria of :func:`orthoopt.solvers.solve` (``min_grad_norm``, ...).
@@ -250,4 +249,4 @@ def _sim_quant_from_dict(d: Mapping):
     return SimQuantConfig(**d)
 
 
-__all__ = ["DTYPES", "FULL_PRECISION_BLOCKS", "METHODS", "PHASES", "RotateConfig"]
+__all__ = ["DTYPES", "METHODS", "PHASES", "RotateConfig"]

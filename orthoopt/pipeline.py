@@ -68,7 +68,7 @@ import torch
 from orthoopt.adapters import DecoderAdapter
 from orthoopt.adapters.verify import logits as model_logits
 from orthoopt.core.tolerance import invariance_tolerance
-from orthoopt.config import FULL_PRECISION_BLOCKS, PHASES, RotateConfig
+from orthoopt.config import PHASES, RotateConfig
 from orthoopt.errors import InvalidInputError
 from orthoopt.methods import ObjectiveInputs, check_sampling
 from orthoopt.methods import names as _names
@@ -88,7 +88,11 @@ def _blocks(adapter: DecoderAdapter, phase: str, include_embeddings: bool, names
     blocks = adapter.weight_blocks(phase)
     if names is not None:
         blocks = [b for b in blocks if b.rotation in names]
-    return blocks if include_embeddings else [b for b in blocks if b.name not in FULL_PRECISION_BLOCKS]
+    # the architecture table says what stays in full precision: embedding and lm_head (counted with
+    # include_embeddings) and every projection with quantize=False (MoE routers: never counted)
+    spec = adapter.modules.spec
+    embeddings = {spec.embed, spec.lm_head} if include_embeddings else set()
+    return [b for b in blocks if b.name in embeddings or not spec.is_full_precision(b.name)]
 
 
 def _activations(adapter: DecoderAdapter, phase: str, calib: torch.Tensor, max_tokens: int,

@@ -128,7 +128,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
                 model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, use_safetensors=True,
                                                              trust_remote_code=False,
                                                              **_quantized_load_kwargs(source.folder))
-        except OSError as e:  # transformers' missing or unreadable files
+        except (OSError, ValueError) as e:  # transformers' missing or unreadable files, a config it refuses
             raise InvalidInputError(f"cannot load the model in {source.folder}: {e}") from None
     elif source.kind == "gguf":
         from orthoopt.adapters.gguf import load_gguf_model

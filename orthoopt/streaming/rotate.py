@@ -45,7 +45,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from orthoopt.adapters.io import LEGACY_ROTATIONS_FILE, REPORT_FILE, write_rotations
-from orthoopt.config import FULL_PRECISION_BLOCKS, RotateConfig
+from orthoopt.config import RotateConfig
 from orthoopt.errors import InvalidInputError
 from orthoopt.methods import ObjectiveInputs, StreamedInputs
 from orthoopt.objectives import Objective
@@ -151,7 +151,7 @@ class SafetensorsStore:
         c = self.config
         if unit.key == "R1":
             units = [u for u in self.reader.units()
-                     if c.include_embeddings or self.reader.unit_block_name(u) not in FULL_PRECISION_BLOCKS]
+                     if c.include_embeddings or not self.layout.spec.is_full_precision(self.reader.unit_block_name(u) or "")]
             share = shard_ranges([self.reader.unit_numel(u) for u in units], self.world_size)[self.rank]
             local = None
             if len(share):
