@@ -84,14 +84,13 @@ def table(headers: list[str], rows: list[list]) -> str:
 # ------------------------------------------------------------------------------------------- step
 def r1_blocks(model_dir: str | None, include_embeddings: bool, layers: int | None = None):
     from orthoopt.adapters import DecoderAdapter, load_model, planted_outlier_model
-    from orthoopt.pipeline import FULL_PRECISION_BLOCKS
 
     model = load_model(model_dir) if model_dir else planted_outlier_model(hidden_size=512, num_layers=8, seed=0)
     adapter = DecoderAdapter(model)
     adapter.fuse_norms()
     blocks = adapter.weight_blocks("R1")
     if not include_embeddings:
-        blocks = [b for b in blocks if b.name not in FULL_PRECISION_BLOCKS]
+        blocks = [b for b in blocks if not adapter.modules.spec.is_full_precision(b.name)]
     if layers is not None:
         blocks = [b for b in blocks if b.name.startswith("layers.") and int(b.name.split(".")[1]) < layers]
     return blocks, adapter.hidden_size

@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 
+from orthoopt.errors import InvalidInputError
 from orthoopt.methods import METHODS, STATISTICS, Method, check_sampling, names
 from orthoopt.methods import method as method_entry
 
 PHASES = ("R1", "R2")
-FULL_PRECISION_BLOCKS = ("embed_tokens", "lm_head")
-"""Blocks left out of learned objectives unless ``include_embeddings`` (kept in full precision)."""
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 NOT_TRAJECTORY = ("checkpoint_every", "layers_per_shard", "calib_seq_len")
 """Fields that do not change the learned rotations: a resume may change them."""
@@ -32,7 +31,7 @@ NOT_TRAJECTORY = ("checkpoint_every", "layers_per_shard", "calib_seq_len")
 
 def _int(name: str, v: Any, low: int) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+        raise InvalidInputError(f"{name} must be an int >= {low}, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,8 @@ class RotateConfig:
     seed:              seeds the random Hadamard start, fixed rotations, sampling and calibration.
     dtype:             dtype the rotations are learned in (``"float32"`` or ``"float64"``).
     device:            where objective and solver compute (None: CPU); weights are fused on the CPU.
-    include_embeddings: count embed_tokens / lm_head in learned objectives.
+    include_embeddings: count embed_tokens / lm_head in learned objectives (the other blocks the
+                       architecture table keeps in full precision, MoE routers, never count).
     sample_fraction, chunk_rows: optrot's row sampling and segment size (``docs/performance.md``).
     calib_tokens, calib_seq_len: calibration tokens per objective and window length (data methods).
     stop:              stopping criteria of :func:`orthoopt.solvers.solve` (``min_grad_norm``, ...).
@@ -88,13 +88,13 @@ class RotateConfig:
         rot = self.rotations
         rots = [rot] if isinstance(rot, str) else list(rot)
         if set(rots) - set(PHASES) or not rots:
-            raise ValueError(f"rotations must be a non-empty subset of {PHASES}, got {sorted(set(rots))}")
+            raise InvalidInputError(f"rotations must be a non-empty subset of {PHASES}, got {sorted(set(rots))}")
         put("rotations", tuple(p for p in PHASES if p in set(rots)))
         for name in ("dtype", "model_dtype"):
             v = getattr(self, name)
             s = str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
             if s not in DTYPES:
-                raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, got {v!r}")
+                raise InvalidInputError(f"{name} must be one of {', '.join(DTYPES)}, got {v!r}")
             put(name, s)
         if self.device is not None:
             put("device", str(self.device))
@@ -122,23 +122,23 @@ class RotateConfig:
             from orthoopt.solvers import SOLVERS
 
             if self.solver not in SOLVERS:
-                raise ValueError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
+                raise InvalidInputError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
         if isinstance(self.steps, Mapping):
             bad = set(self.steps) - set(PHASES)
             if bad:
-                raise ValueError(f"steps names unknown phases {sorted(bad)}; phases: {PHASES}")
+                raise InvalidInputError(f"steps names unknown phases {sorted(bad)}; phases: {PHASES}")
             for k, v in self.steps.items():
                 _int(f"steps[{k!r}]", v, 0)
         else:
             _int("steps", self.steps, 0)
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
                                     or not self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+            raise InvalidInputError(f"lr must be a positive number, got {self.lr!r}")
         _int("seed", self.seed, 0)
         check_device(self.device, "device")
         if self.sample_fraction is not None and not (
                 isinstance(self.sample_fraction, (int, float)) and 0 < self.sample_fraction <= 1):
-            raise ValueError(f"sample_fraction must be in (0, 1], got {self.sample_fraction!r}")
+            raise InvalidInputError(f"sample_fraction must be in (0, 1], got {self.sample_fraction!r}")
         check_sampling(entry, self.sample_fraction, self.device)
         if self.chunk_rows is not None:
             _int("chunk_rows", self.chunk_rows, 1)
@@ -153,12 +153,12 @@ class RotateConfig:
             _int("schedule_steps", self.schedule_steps, 0)
         spin_only = self.sim_quant is not None or self.batch_size != 1 or self.micro_batch_size is not None
         if not entry.simulates_quantization and spin_only:
-            raise ValueError(f"sim_quant, batch_size and micro_batch_size are for method "
+            raise InvalidInputError(f"sim_quant, batch_size and micro_batch_size are for method "
                              f"{', '.join(map(repr, names(lambda m: m.simulates_quantization)))}, "
                              f"not {self.method!r}")
         unknown = set(self.stop) - {"min_grad_norm", "min_rel_decrease", "window", "max_seconds"}
         if unknown:
-            raise ValueError(f"stop has unknown criteria {sorted(unknown)}")
+            raise InvalidInputError(f"stop has unknown criteria {sorted(unknown)}")
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -201,7 +201,7 @@ class RotateConfig:
         entry = self.entry
         if not entry.supports_streamed:
             why = ("reads " + STATISTICS[entry.statistics]) if entry.needs_calibration else "has no streamed objective"
-            raise ValueError(f"streamed mode supports methods {', '.join(names(lambda m: m.supports_streamed))} "
+            raise InvalidInputError(f"streamed mode supports methods {', '.join(names(lambda m: m.supports_streamed))} "
                              f"(they need the weights only, layer by layer); method {self.method!r} {why}: run it "
                              "in memory (without --streamed)")
 
@@ -226,7 +226,7 @@ class RotateConfig:
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown RotateConfig fields {sorted(unknown)}")
+            raise InvalidInputError(f"unknown RotateConfig fields {sorted(unknown)}")
         return cls(**{k: (tuple(v) if k == "rotations" else v) for k, v in d.items()})
 
     def trajectory(self) -> dict:
@@ -242,7 +242,7 @@ def _sim_quant_from_dict(d: Mapping):
     d = dict(d)
     unknown = set(d) - {"wbits", "w_group_size", "w_sym", "w_mse", "act", "kv"}
     if unknown:
-        raise ValueError(f"sim_quant has unknown fields {sorted(unknown)}")
+        raise InvalidInputError(f"sim_quant has unknown fields {sorted(unknown)}")
     if "act" in d:
         d["act"] = ActQuantConfig.from_dict(d["act"])
     if "kv" in d:
@@ -250,4 +250,4 @@ def _sim_quant_from_dict(d: Mapping):
     return SimQuantConfig(**d)
 
 
-__all__ = ["DTYPES", "FULL_PRECISION_BLOCKS", "METHODS", "PHASES", "RotateConfig"]
+__all__ = ["DTYPES", "METHODS", "PHASES", "RotateConfig"]

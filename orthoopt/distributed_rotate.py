@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from orthoopt.config import DTYPES, RotateConfig
+from orthoopt.errors import OrthooptError
 from orthoopt.methods import METHODS, names
 from orthoopt.utils.argtypes import integer, real
 
@@ -127,6 +128,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":  # pragma: no cover
     try:
         sys.exit(main())
-    except (ValueError, FileNotFoundError) as e:
+    except (OrthooptError, FileNotFoundError) as e:  # as orthoopt.cli.main: other exceptions are bugs
         print(f"orthoopt.distributed_rotate: error: {e}", file=sys.stderr)
         sys.exit(2)

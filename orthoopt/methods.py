@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from orthoopt.errors import InvalidInputError
 from orthoopt.objectives import DFRotLoss, FourthPower, HessianWeighted, Kurtosis, Objective, QuantizedLMLoss
 
 KINDS = ("fixed", "learned")
@@ -147,11 +148,11 @@ class Method:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS or self.statistics not in STATISTICS or self.schedule not in SCHEDULES:
-            raise ValueError(f"method {self.name!r}: kind, statistics or schedule unknown "
+            raise InvalidInputError(f"method {self.name!r}: kind, statistics or schedule unknown "
                              f"({self.kind!r}, {self.statistics!r}, {self.schedule!r})")
         if (self.kind == "fixed") != (self.init is not None) or self.learned != (self.objective is not None
                                                                                    and self.solver is not None):
-            raise ValueError(f"method {self.name!r}: a fixed method names an init kind, a learned one an "
+            raise InvalidInputError(f"method {self.name!r}: a fixed method names an init kind, a learned one an "
                              "objective and a solver")
 
     @property
@@ -197,7 +198,7 @@ def check_sampling(entry: Method, sample_fraction: float | None, device: Any) ->
         take them.
     """
     if entry.learned and not entry.sampling and (sample_fraction is not None or device is not None):
-        raise ValueError(f"sample_fraction and device are supported by method "
+        raise InvalidInputError(f"sample_fraction and device are supported by method "
                          f"{', '.join(map(repr, names(lambda m: m.sampling)))} only, not {entry.name!r}")
 
 
@@ -287,7 +288,7 @@ def method(name: str) -> Method:
         For an unknown name, listing the choices.
     """
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+        raise InvalidInputError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     return METHODS[name]
 
 

@@ -34,6 +34,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from orthoopt.errors import InvalidInputError
 from orthoopt.utils.atomic import atomic_path
 
 FORMAT = "orthoopt-partial/2"
@@ -83,17 +84,17 @@ def read_partial(path: str | Path) -> Partial:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not an orthoopt partial checkpoint of format {FORMAT} "
+                raise InvalidInputError(f"{path} is not an orthoopt partial checkpoint of format {FORMAT} "
                                  f"(format {meta.get('format')!r}); delete it or run without --resume")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: cannot read the partial checkpoint ({e}); delete it or run without --resume") from None
+        raise InvalidInputError(f"{path}: cannot read the partial checkpoint ({e}); delete it or run without --resume") from None
     try:
         solver_meta = json.loads(meta["solver"])
         p = Partial(settings=json.loads(meta["settings"]), phase=meta["phase"], step=int(meta["step"]),
                     histories=json.loads(meta["histories"]), results=json.loads(meta["results"]))
     except (KeyError, ValueError) as e:
-        raise ValueError(f"{path}: damaged partial checkpoint metadata ({e})") from None
+        raise InvalidInputError(f"{path}: damaged partial checkpoint metadata ({e})") from None
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

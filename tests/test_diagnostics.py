@@ -50,7 +50,7 @@ from orthoopt.diagnostics.report import (
     weight_report,
 )
 from orthoopt.hadamard import hadamard_matrix, random_hadamard
-from orthoopt.objectives.base import WeightBlock
+from orthoopt.objectives import WeightBlock
 
 
 def gen(seed: int) -> torch.Generator:

@@ -17,7 +17,7 @@ from pathlib import Path
 import orthoopt
 from orthoopt import OrthooptError
 
-KNOWN = {"NonFiniteLossError", "ProcrustesUnsupportedError", "UnsupportedModelError", "ModelFetchError"}
+KNOWN = {"InvalidInputError", "NonFiniteLossError", "ProcrustesUnsupportedError", "UnsupportedModelError", "ModelFetchError"}
 
 
 def _source_classes(name: str) -> list[str]:
@@ -71,3 +71,46 @@ def test_the_named_errors_keep_their_builtin_bases():
     assert issubclass(ProcrustesUnsupportedError, TypeError) and issubclass(ProcrustesUnsupportedError, ValueError)
     assert issubclass(UnsupportedModelError, ValueError) and issubclass(ModelFetchError, ValueError)
     assert orthoopt.OrthooptError is OrthooptError and issubclass(OrthooptError, Exception)
+    assert issubclass(orthoopt.InvalidInputError, OrthooptError) and issubclass(orthoopt.InvalidInputError, ValueError)
+
+
+def test_the_library_raises_no_bare_valueerror():
+    """Every check of orthoopt raises a named error: a ``raise ValueError(...)`` under orthoopt/ would be
+    a traceback on the command line (which turns only OrthooptError into exit 2)."""
+    bare = []
+    for path in sorted(Path(orthoopt.__file__).resolve().parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            made = node.exc if isinstance(node, ast.Raise) else node.value if isinstance(node, ast.Return) else None
+            if isinstance(made, ast.Call) and isinstance(made.func, ast.Name) and made.func.id == "ValueError":
+                bare.append(f"{path.relative_to(Path(orthoopt.__file__).parent)}:{node.lineno}")
+    assert not bare, f"raise a named OrthooptError subclass instead: {bare}"
+
+
+def _run_raising(monkeypatch, capsys, exc: BaseException) -> int:
+    """``orthoopt fetch --list`` with the command's ``run`` replaced by one raising ``exc``."""
+    import orthoopt.cli.fetch_cmd as cmd
+    from orthoopt.cli import main
+
+    def boom(args):
+        raise exc
+
+    monkeypatch.setattr(cmd, "run", boom)
+    capsys.readouterr()
+    return main(["fetch", "--list"])
+
+
+def test_the_cli_turns_orthoopt_errors_and_missing_files_into_exit_2(monkeypatch, capsys):
+    for exc in (orthoopt.InvalidInputError("bad setting x"), FileNotFoundError("no such file y")):
+        assert _run_raising(monkeypatch, capsys, exc) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("orthoopt fetch: error: ") and str(exc) in err and err.count("\n") == 1, err
+
+
+def test_the_cli_lets_other_exceptions_show_their_traceback(monkeypatch, capsys):
+    """A ValueError that orthoopt did not raise on purpose (here from torch-like code) is a bug: it
+    propagates (python prints its traceback) instead of becoming a one-line exit 2."""
+    import pytest
+
+    for exc in (ValueError("too many values to unpack"), KeyError("R1"), RuntimeError("shape mismatch")):
+        with pytest.raises(type(exc)):
+            _run_raising(monkeypatch, capsys, exc)

@@ -336,3 +336,24 @@ def test_spinquant_on_moe(model_type):
     assert res.solves["R1"].steps == 2 and res.report["invariance_error"] < 1e-4
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_moe_routers_never_enter_the_learned_objectives(model_type):
+    """Issue 22, item 4: the architecture table keeps the routers in full precision
+    (``Proj.quantize=False``, ``ArchSpec.full_precision``), so no learned objective counts their
+    rows (until then only embed_tokens / lm_head were left out and ``mlp.gate`` entered R1's loss);
+    ``include_embeddings`` brings back the embedding and lm_head, never a router."""
+    from orthoopt.pipeline import build_objective
+
+    adapter = DecoderAdapter(build(model_type, torch.float32))
+    adapter.fuse_norms()
+    spec = adapter.modules.spec
+    routers = [b.name for b in adapter.weight_blocks("R1") if spec.is_full_precision(b.name)
+               and b.name not in (spec.embed, spec.lm_head)]
+    assert routers and all(".mlp.gate" in r or "shared_expert_gate" in r for r in routers)
+    for include in (False, True):
+        names = [b.name for b in build_objective("optrot", adapter, "R1", include_embeddings=include).blocks]
+        assert not set(routers) & set(names), include
+        assert any(".experts." in n for n in names)
+        assert (spec.embed in names) == include

@@ -537,3 +537,23 @@ def test_distributed_default_solver_killed_at_successive_checkpoints_resumes_bit
     assert [p for p, _ in seen] == ["R1", "R1", "R2.1", "R2.1"] and all(0 < s < 20 for _, s in seen), seen
     _dist_run([*argv, "--resume"])
     _same_output(out, tmp_path / "ref")
+
+
+def test_spinquant_resumed_from_every_partial_checkpoint_takes_the_same_batches(tmp_path, monkeypatch):
+    """SpinQuant's objective is a stream of calibration batches: a resumed run must continue the stream
+    where the interrupted one was (``QuantizedLMLoss.state_dict``), not restart it. 6 windows in
+    batches of 2 with 5 steps: a restarted stream takes other batches from the second checkpoint on."""
+    fresh = lambda: planted_outlier_model(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, seed=2)
+    ids = torch.randint(0, 259, (6, 12), generator=torch.Generator().manual_seed(0))
+    settings = dict(steps=5, checkpoint_every=2, seed=0, calib=ids, batch_size=2, progress=False)
+    ref_model = fresh()
+    copies = _every_partial(tmp_path, monkeypatch, lambda ck: rotate_model(ref_model, "spinquant", checkpoint=ck,
+                                                                            **settings))
+    ref = ref_model.state_dict()
+    steps = [int(_partial_meta(c)["step"]) for c in copies]
+    assert {2, 4} <= set(steps), steps
+    for copy, step in zip(copies, steps):
+        model = fresh()
+        rotate_model(model, "spinquant", checkpoint=_resumed_from(copy, tmp_path), resume=True, **settings)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, ref[k]), f"resumed from step {step}: weight {k} differs"

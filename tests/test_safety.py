@@ -571,7 +571,7 @@ def test_every_test_named_in_the_guarantees_page_exists():
 
 
 def test_the_finite_check_counts_exactly_and_passes_huge_finite_values():
-    from orthoopt.utils.checks import check_finite_tensor
+    from orthoopt.core.checks import check_finite_tensor
 
     check_finite_tensor(torch.full((10,), 3e38), "huge")  # the fast path's sum overflows; the values are finite
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):

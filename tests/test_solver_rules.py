@@ -16,7 +16,7 @@ import torch
 
 from orthoopt.manifold import OrthogonalGroup, orthogonality_error
 from orthoopt.objectives import FourthPower, WeightBlock
-from orthoopt.solvers import CayleySGD, initial_rotations, make_solver, orthogonal_procrustes, solve
+from orthoopt.solvers import SOLVERS, CayleySGD, initial_rotations, make_solver, orthogonal_procrustes, solve
 
 
 def _toy(n: int = 24, dtype=torch.float64, seed: int = 0) -> FourthPower:
@@ -99,6 +99,12 @@ SOLVER_SETTINGS = {
     "radam": ("radam", {}),
     "rsgd": ("rsgd", {}),
 }
+
+
+def test_every_registered_solver_has_a_reference_update_rule():
+    """A new solver of the registry fails here until its update rule is written out above (procrustes:
+    :func:`test_procrustes_step_matches_svd_of_the_targets`)."""
+    assert {name for name, _ in SOLVER_SETTINGS.values()} | {"procrustes"} == set(SOLVERS)
 
 
 @pytest.mark.parametrize("label", sorted(SOLVER_SETTINGS))

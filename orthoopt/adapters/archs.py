@@ -133,6 +133,14 @@ class ArchSpec:
         ``layers.*.<path>`` patterns."""
         return (self.embed, self.lm_head) + tuple(f"{self.layers}.*.{p.path}" for p in self.projs if not p.quantize)
 
+    def is_full_precision(self, name: str) -> bool:
+        """True when module or block ``name`` (``"embed_tokens"``, ``"layers.3.mlp.gate"``) matches
+        :attr:`full_precision`: the quantizers leave it in full precision and the learned objectives
+        leave it out (unless ``include_embeddings``, for the embedding and ``lm_head``)."""
+        from fnmatch import fnmatchcase
+
+        return any(fnmatchcase(name, pattern) for pattern in self.full_precision)
+
     def proj(self, role: str) -> Proj:
         for p in self.projs:
             if p.role == role:

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from orthoopt.adapters.archs import DecoderModules
+from orthoopt.errors import InvalidInputError
 
 
 def input_groups(m: DecoderModules, modules: Iterable[str] | None = None) -> dict[str, list[str]]:
@@ -28,7 +29,7 @@ def input_groups(m: DecoderModules, modules: Iterable[str] | None = None) -> dic
     wanted = list(linears) if modules is None else list(dict.fromkeys(modules))
     unknown = [n for n in wanted if n not in linears]
     if unknown:
-        raise ValueError(f"not linear modules of this model: {unknown[:5]} (e.g. {next(iter(linears))!r})")
+        raise InvalidInputError(f"not linear modules of this model: {unknown[:5]} (e.g. {next(iter(linears))!r})")
     shared: dict[str, str] = {}  # module -> group leader
     for L in m.layers:
         for group in m.spec.groups:
@@ -46,7 +47,7 @@ def _batches(batches: Iterable[torch.Tensor], progress: bool, desc: str):
     items = list(batches) if not isinstance(batches, torch.Tensor) else [batches]
     for ids in tqdm(items, desc=desc, disable=not progress, leave=False):
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"calibration batches must be integer token-id tensors [batch, seq], got {type(ids).__name__}"
+            raise InvalidInputError(f"calibration batches must be integer token-id tensors [batch, seq], got {type(ids).__name__}"
                              + (f" of {ids.dtype}" if isinstance(ids, torch.Tensor) else ""))
         yield ids if ids.ndim == 2 else ids.reshape(1, -1)
 
@@ -64,7 +65,7 @@ def linear_inputs(model: nn.Module, m: DecoderModules, batches: Iterable[torch.T
     tokens for every module). ``batches``: token-id tensors ``[batch, seq]`` (all positions count).
     """
     if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        raise InvalidInputError(f"max_tokens must be >= 1, got {max_tokens}")
     groups = input_groups(m, modules)
     linears = m.input_modules()
     gen = torch.Generator().manual_seed(seed)
@@ -93,7 +94,7 @@ def linear_inputs(model: nn.Module, m: DecoderModules, batches: Iterable[torch.T
         for h in handles:
             h.remove()
     if not kept:
-        raise ValueError("no calibration batches given")
+        raise InvalidInputError("no calibration batches given")
     return {name: kept[leader][1] for leader, names in groups.items() for name in names}
 
 
@@ -125,7 +126,7 @@ def input_hessians(model: nn.Module, m: DecoderModules, batches: Iterable[torch.
         for h in handles:
             h.remove()
     if count[0] == 0:
-        raise ValueError("no calibration batches given")
+        raise InvalidInputError("no calibration batches given")
     means = {leader: (acc[leader] / count[0]).cpu() for leader in groups}
     return {name: means[leader] for leader, names in groups.items() for name in names}
 

@@ -19,7 +19,9 @@ from torch import nn
 from orthoopt.adapters import calibration, fusion, writeback
 from orthoopt.adapters.archs import DecoderModules, check_rms_norm, locate
 from orthoopt.core import WeightBlock
-from orthoopt.utils.checks import check_model_weights, check_not_meta
+from orthoopt.core.checks import check_not_meta
+from orthoopt.errors import InvalidInputError
+from orthoopt.utils.checks import check_model_weights
 
 
 class DecoderAdapter:
@@ -88,7 +90,7 @@ class DecoderAdapter:
     def _require_fused(self, what: str) -> None:
         bad = fusion.unfused_norms(self.modules)
         if bad:
-            raise ValueError(f"{what} needs fused norms: {bad[0]} (and {len(bad) - 1} more) has a scale "
+            raise InvalidInputError(f"{what} needs fused norms: {bad[0]} (and {len(bad) - 1} more) has a scale "
                              f"that is not all ones; call fuse_norms() first")
 
     # 2. weight blocks ----------------------------------------------------------------------------

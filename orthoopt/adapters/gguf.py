@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from orthoopt.errors import InvalidInputError
 from orthoopt.utils.atomic import atomic_dir
 
 GGUF_SUFFIX = ".gguf"
@@ -40,7 +41,7 @@ def gguf_file(path: str | os.PathLike) -> Path | None:
         return None
     found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == GGUF_SUFFIX)
     if len(found) > 1:
-        raise ValueError(f"{path} holds several GGUF files: {[p.name for p in found]}; pass one file")
+        raise InvalidInputError(f"{path} holds several GGUF files: {[p.name for p in found]}; pass one file")
     return found[0] if found else None
 
 
@@ -48,7 +49,7 @@ def _require_gguf_package() -> None:
     try:
         import gguf  # noqa: F401
     except ImportError as e:  # pragma: no cover - a dependency in pyproject.toml
-        raise ValueError("reading a .gguf file needs the 'gguf' package: pip install gguf") from e
+        raise InvalidInputError("reading a .gguf file needs the 'gguf' package: pip install gguf") from e
 
 
 def strip_gguf_quantization(model: PreTrainedModel) -> PreTrainedModel:

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from orthoopt.adapters import llama2c
+from orthoopt.errors import InvalidInputError
 from orthoopt.utils.atomic import atomic_dir
 from orthoopt.utils.checks import check_model_weights
 from orthoopt.utils.tensorfile import check_weight_files, read_json_object, read_safetensors
@@ -46,7 +47,7 @@ def _quantized_load_kwargs(path: Path) -> dict:
     try:
         import compressed_tensors  # noqa: F401
     except ImportError as e:
-        raise ValueError(
+        raise InvalidInputError(
             f"{path} is a compressed-tensors checkpoint; install the compressed-tensors package "
             '(pip install "orthoopt[export]") to load it'
         ) from e
@@ -78,7 +79,7 @@ def check_model_folder(folder: str | os.PathLike) -> list[Path]:
     if not files:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         if pickles:
-            raise ValueError(f"{folder} holds its weights only as pickle files ({', '.join(pickles)}), which orthoopt "
+            raise InvalidInputError(f"{folder} holds its weights only as pickle files ({', '.join(pickles)}), which orthoopt "
                              "does not load (unpickling can run code); convert them to safetensors first")
     config_file = folder / "config.json"
     config = read_json_object(config_file)
@@ -86,7 +87,7 @@ def check_model_folder(folder: str | os.PathLike) -> list[Path]:
     for field in SIZE_FIELDS:
         value = text.get(field, config.get(field))
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{config_file}: {field} must be a positive integer, got {value!r}")
+            raise InvalidInputError(f"{config_file}: {field} must be a positive integer, got {value!r}")
     from orthoopt.utils.tensorfile import check_safetensors
 
     shapes = {k: v["shape"] for f in files for k, v in check_safetensors(f).items() if k != "__metadata__"}
@@ -98,7 +99,7 @@ def check_model_folder(folder: str | os.PathLike) -> list[Path]:
         want = text.get(field, config.get(field))
         # more layers in the weights than in the config may be legitimate (multi-token-prediction heads)
         if have is not None and want is not None and (want > have if field == "num_hidden_layers" else want != have):
-            raise ValueError(f"{config_file}: {field} is {want} but the weights have {have}; refusing to build a "
+            raise InvalidInputError(f"{config_file}: {field} is {want} but the weights have {have}; refusing to build a "
                              "model the weights do not fill")
     return files
 
@@ -127,8 +128,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
                 model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, use_safetensors=True,
                                                              trust_remote_code=False,
                                                              **_quantized_load_kwargs(source.folder))
-        except OSError as e:  # transformers' missing or unreadable files
-            raise ValueError(f"cannot load the model in {source.folder}: {e}") from None
+        except (OSError, ValueError) as e:  # transformers' missing or unreadable files, a config it refuses
+            raise InvalidInputError(f"cannot load the model in {source.folder}: {e}") from None
     elif source.kind == "gguf":
         from orthoopt.adapters.gguf import load_gguf_model
 
@@ -169,14 +170,14 @@ def load_tokenizer(path: str | os.PathLike, progress: bool = True):
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # never a folder's own code
     except (OSError, ValueError) as e:  # a damaged tokenizer.json or config.json
-        raise ValueError(f"cannot load the tokenizer in {folder}: {e}") from None
+        raise InvalidInputError(f"cannot load the tokenizer in {folder}: {e}") from None
 
 
 def _report_json(report: Mapping) -> str:
     try:
         return json.dumps(report, indent=2, allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"report is not strict JSON: {e}") from e
+        raise InvalidInputError(f"report is not strict JSON: {e}") from e
 
 
 def save_rotated(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike,
@@ -211,7 +212,7 @@ def _checked_run_files(rotations: Mapping[str, torch.Tensor], report: Mapping) -
     tensors = {}
     for name, R in rotations.items():
         if not isinstance(R, torch.Tensor):
-            raise ValueError(f"rotation {name!r} is not a tensor ({type(R).__name__})")
+            raise InvalidInputError(f"rotation {name!r} is not a tensor ({type(R).__name__})")
         tensors[name] = R.detach().to("cpu")
     return text, tensors
 

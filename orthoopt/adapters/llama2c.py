@@ -31,6 +31,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from orthoopt.adapters.archs import locate
+from orthoopt.errors import InvalidInputError
 from orthoopt.utils.atomic import atomic_file
 
 MAGIC = 0x616B3432
@@ -53,11 +54,11 @@ def _to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
 def _read_header(raw: bytes, path: Path) -> tuple[int, int, list[int], bool]:
     """``(version, data offset in bytes, [D, H, L, nh, nkv, V, S], shared classifier)``."""
     if len(raw) < 28:
-        raise ValueError(f"{path}: too short for a llama2.c checkpoint ({len(raw)} bytes)")
+        raise InvalidInputError(f"{path}: too short for a llama2.c checkpoint ({len(raw)} bytes)")
     if struct.unpack("<I", raw[:4])[0] == MAGIC:
         version = struct.unpack("<i", raw[4:8])[0]
         if version != 1:
-            raise ValueError(f"{path}: llama2.c version {version} is not supported (only float32 versions 0 and 1)")
+            raise InvalidInputError(f"{path}: llama2.c version {version} is not supported (only float32 versions 0 and 1)")
         params = list(struct.unpack("<7i", raw[8:36]))
         return 1, HEADER_V1_BYTES, params, bool(raw[36])
     params = list(struct.unpack("<7i", raw[:28]))
@@ -81,7 +82,7 @@ def llama2c_file(path: Path) -> Path | None:
         return path if is_llama2c(path) else None
     found = [p for p in sorted(path.glob("*.bin")) if is_llama2c(p)]
     if len(found) > 1:
-        raise ValueError(f"{path} holds several llama2.c checkpoints: {[p.name for p in found]}; pass one file")
+        raise InvalidInputError(f"{path} holds several llama2.c checkpoints: {[p.name for p in found]}; pass one file")
     return found[0] if found else None
 
 
@@ -91,7 +92,7 @@ def _layout(path: Path):
     version, offset, params, shared = _read_header(head, path)
     D, H, L, nh, nkv, V, S = params
     if min(params) < 1 or D % nh or nh % nkv or (D // nh) % 2:
-        raise ValueError(f"{path}: implausible llama2.c header {params} (dim, hidden_dim, n_layers, n_heads, "
+        raise InvalidInputError(f"{path}: implausible llama2.c header {params} (dim, hidden_dim, n_layers, n_heads, "
                          f"n_kv_heads, vocab_size, max_seq_len)")
     hs = D // nh
     kv = nkv * hs
@@ -107,7 +108,7 @@ def _layout(path: Path):
     floats = sum(math.prod(shapes[k]) for k in order)
     size = path.stat().st_size
     if size != offset + 4 * floats:
-        raise ValueError(f"{path}: {size} bytes, but a llama2.c v{version} checkpoint with header {params} "
+        raise InvalidInputError(f"{path}: {size} bytes, but a llama2.c v{version} checkpoint with header {params} "
                          f"has {offset + 4 * floats} bytes")
     return version, offset, params, shared, order, shapes
 
@@ -125,7 +126,7 @@ def _rope_theta(cos: np.ndarray, sin: np.ndarray, hs: int, path: Path) -> float:
     ang = np.outer(np.arange(cos.shape[0], dtype=np.float64), freqs)
     err = max(np.abs(np.cos(ang) - cos).max(), np.abs(np.sin(ang) - sin).max())
     if not err < 1e-3:
-        raise ValueError(f"{path}: the RoPE table is not a standard table with base {theta:g} (max deviation {err:.2e})")
+        raise InvalidInputError(f"{path}: the RoPE table is not a standard table with base {theta:g} (max deviation {err:.2e})")
     return theta
 
 
@@ -185,7 +186,7 @@ def write_llama2c(model: torch.nn.Module, path: str | os.PathLike, version: int 
     base 10000; raises ValueError otherwise. The tied/untied classifier is kept.
     """
     if version not in (0, 1):
-        raise ValueError(f"version must be 0 or 1, got {version}")
+        raise InvalidInputError(f"version must be 0 or 1, got {version}")
     m = locate(model)
     cfg = model.config
     D, nh, nkv, hs = m.hidden, m.num_heads, m.num_kv_heads, m.head_dim
@@ -200,7 +201,7 @@ def write_llama2c(model: torch.nn.Module, path: str | os.PathLike, version: int 
     if version == 1 and theta != 10000.0:
         problems.append(f"rope_theta {theta} (version 1 assumes 10000)")
     if problems:
-        raise ValueError("cannot write as llama2.c: " + "; ".join(problems))
+        raise InvalidInputError("cannot write as llama2.c: " + "; ".join(problems))
     V, H, L, S = m.embed.weight.shape[0], m.layers[0].gate.out_features, len(m.layers), int(cfg.max_position_embeddings)
     shared = m.tied
 

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from orthoopt.errors import OrthooptError
+from orthoopt.errors import InvalidInputError, OrthooptError
 
 CACHE_ENV = "ORTHOOPT_CACHE"
 MARKER_FILE = "orthoopt-model.json"
@@ -99,7 +99,7 @@ def models_dir() -> Path:
 def get_entry(name: str) -> RegistryEntry:
     """The registry entry ``name``; ValueError listing the known names otherwise."""
     if name not in REGISTRY:
-        raise ValueError(f"unknown model name {name!r}; registered: {', '.join(REGISTRY)}")
+        raise InvalidInputError(f"unknown model name {name!r}; registered: {', '.join(REGISTRY)}")
     return REGISTRY[name]
 
 

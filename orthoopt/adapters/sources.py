@@ -27,6 +27,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from orthoopt.errors import InvalidInputError
+
 PLANTED = "planted"
 PLANTED_CONFIG = {"arch": "llama", "hidden_size": 512, "num_layers": 8, "seed": 0}
 """The planted-outlier Llama that ``planted`` names (:func:`orthoopt.adapters.planted_outlier_model`)."""
@@ -97,7 +99,7 @@ def resolve_source(spec: str | os.PathLike, fetch: bool = True, progress: bool =
 
     spec = os.fspath(spec)
     if not spec:
-        raise ValueError("empty model name")
+        raise InvalidInputError("empty model name")
     path = Path(spec).expanduser()
     if path.exists():
         return local_source(path, spec)

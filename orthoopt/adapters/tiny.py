@@ -48,6 +48,7 @@ from transformers import (
 )
 
 from orthoopt.adapters.archs import locate
+from orthoopt.errors import InvalidInputError
 from orthoopt.utils.atomic import atomic_dir
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<unk>")
@@ -105,13 +106,13 @@ def _config(arch: str, hidden_size: int, num_layers: int, num_heads: int, num_kv
             head_dim: int | None, intermediate_size: int | None, vocab_size: int,
             tie_word_embeddings: bool, attention_bias: bool | None) -> PretrainedConfig:
     if arch not in CONFIG_CLASSES:
-        raise ValueError(f"arch must be one of {sorted(CONFIG_CLASSES)}, got {arch!r}")
+        raise InvalidInputError(f"arch must be one of {sorted(CONFIG_CLASSES)}, got {arch!r}")
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+        raise InvalidInputError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
     if head_dim is None:
         if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}; give head_dim")
+            raise InvalidInputError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}; give head_dim")
         head_dim = hidden_size // num_heads
     kw = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
@@ -125,7 +126,7 @@ def _config(arch: str, hidden_size: int, num_layers: int, num_heads: int, num_kv
     fixed = {"qwen2": True, "mistral": False}
     if arch in fixed:
         if attention_bias is not None and attention_bias != fixed[arch]:
-            raise ValueError(f"{arch} has attention_bias={fixed[arch]} fixed, got {attention_bias}")
+            raise InvalidInputError(f"{arch} has attention_bias={fixed[arch]} fixed, got {attention_bias}")
     elif attention_bias is not None:
         kw["attention_bias"] = attention_bias
     return CONFIG_CLASSES[arch](**kw)
@@ -160,9 +161,9 @@ def planted_outlier_model(
     second on a CPU.
     """
     if not 0 <= outlier_channels <= hidden_size:
-        raise ValueError(f"outlier_channels must be in [0, hidden_size={hidden_size}], got {outlier_channels}")
+        raise InvalidInputError(f"outlier_channels must be in [0, hidden_size={hidden_size}], got {outlier_channels}")
     if student_t_df is not None and not student_t_df > 2:
-        raise ValueError(f"student_t_df must be > 2 (finite variance) or None, got {student_t_df}")
+        raise InvalidInputError(f"student_t_df must be > 2 (finite variance) or None, got {student_t_df}")
     config = _config(arch, hidden_size, num_layers, num_heads, num_kv_heads, head_dim, intermediate_size,
                      vocab_size, tie_word_embeddings, attention_bias)
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
@@ -233,7 +234,7 @@ def save_planted(path: str | os.PathLike, **kw) -> Path:
     """
     vocab = kw.get("vocab_size", BYTE_VOCAB_SIZE)
     if vocab < BYTE_VOCAB_SIZE:
-        raise ValueError(f"vocab_size {vocab} is smaller than the byte tokenizer's {BYTE_VOCAB_SIZE} tokens")
+        raise InvalidInputError(f"vocab_size {vocab} is smaller than the byte tokenizer's {BYTE_VOCAB_SIZE} tokens")
     model = planted_outlier_model(**kw)
     tokenizer = byte_tokenizer()
     with atomic_dir(path) as tmp:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from orthoopt.errors import InvalidInputError
+
 
 @torch.no_grad()
 def logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -18,5 +20,5 @@ def logits_relative_error(model_a: nn.Module, model_b: nn.Module, input_ids: tor
     """``||L_b - L_a||_F / ||L_a||_F`` of the two models' logits on ``input_ids`` (in float64)."""
     a, b = logits(model_a, input_ids), logits(model_b, input_ids)
     if a.shape != b.shape:
-        raise ValueError(f"logit shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+        raise InvalidInputError(f"logit shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     return ((b - a).norm() / a.norm().clamp_min(torch.finfo(torch.float64).tiny)).item()

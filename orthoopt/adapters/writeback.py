@@ -29,6 +29,7 @@ from torch import nn
 from orthoopt.adapters.archs import ArchSpec, DecoderModules, UnsupportedModelError, part_rows, r1_refusal
 from orthoopt.core import WeightBlock
 from orthoopt.core.tolerance import check_orthogonal, orthogonality_tolerance  # noqa: F401  (the one policy, re-exported)
+from orthoopt.errors import InvalidInputError
 
 F64 = torch.float64
 
@@ -50,7 +51,7 @@ def _select(m: DecoderModules, rotations: Iterable[str]) -> list[str]:
         names = [k for k in dims if k.startswith("R2.")] if r == "R2" else [r]
         for k in names:
             if k not in dims:
-                raise ValueError(f"unknown rotation {k!r}; this model has R1, R2 and R2.0 .. R2.{len(m.layers) - 1}")
+                raise InvalidInputError(f"unknown rotation {k!r}; this model has R1, R2 and R2.0 .. R2.{len(m.layers) - 1}")
             if k not in out:
                 out.append(k)
     return out
@@ -162,12 +163,12 @@ def validate_rotations(m: DecoderModules, rotations: Mapping[str, torch.Tensor],
         check_r1_exact(m)
     for name, R in rotations.items():
         if name not in dims:
-            raise ValueError(f"unknown rotation {name!r}; this model has R1 and R2.0 .. R2.{len(m.layers) - 1}")
+            raise InvalidInputError(f"unknown rotation {name!r}; this model has R1 and R2.0 .. R2.{len(m.layers) - 1}")
         if not isinstance(R, torch.Tensor) or not R.is_floating_point():
-            raise ValueError(f"rotation {name!r} must be a floating-point tensor, got {type(R).__name__}")
+            raise InvalidInputError(f"rotation {name!r} must be a floating-point tensor, got {type(R).__name__}")
         n = dims[name]
         if tuple(R.shape) != (n, n):
-            raise ValueError(f"rotation {name!r} has shape {tuple(R.shape)}, expected ({n}, {n})")
+            raise InvalidInputError(f"rotation {name!r} has shape {tuple(R.shape)}, expected ({n}, {n})")
         check_orthogonal(R, name, tol)
 
 

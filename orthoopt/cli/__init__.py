@@ -59,6 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``orthoopt ARGV``; returns the exit status.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments after ``orthoopt`` (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 on success; 2 for a usage error, an :class:`orthoopt.OrthooptError` (an input orthoopt's
+        checks refused), a missing file, another ``OSError`` (a full disk: the output is left as it
+        was) or a size no machine holds, each as one line ``orthoopt CMD: error: ...`` on stderr.
+        Any other exception is a bug and propagates with its traceback.
+    """
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, its message already on stderr)
@@ -69,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()  # transformers' own bars (loading/saving weights)
     from safetensors import SafetensorError
 
+    from orthoopt.errors import OrthooptError
     from orthoopt.utils.paths import output_lock
 
     out = getattr(args, "out", None)
@@ -76,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         # one writer per output: a second process writing the same --out exits 2 (docs/guarantees.md)
         with output_lock(out) if out is not None else contextlib.nullcontext():
             return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    except (OrthooptError, FileNotFoundError) as e:  # orthoopt's own checks refused an input; a missing file
         print(f"orthoopt {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (OSError, SafetensorError) as e:  # the file system: a full disk, a quota, an I/O error

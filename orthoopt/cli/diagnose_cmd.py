@@ -17,6 +17,7 @@ from orthoopt.diagnostics.compare import diagnose_models
 from orthoopt.core.grid import MAX_BITS, MIN_BITS
 from orthoopt.diagnostics.stats import DEFAULT_BITS, DEFAULT_K
 from orthoopt.cli.usage import help_kwargs
+from orthoopt.errors import InvalidInputError
 from orthoopt.utils.argtypes import integer, real
 
 DESCRIPTION = f"""\
@@ -72,7 +73,7 @@ def _labels(text: str | None, count: int) -> list[str] | None:
         return None
     labels = [s.strip() for s in text.split(",")]
     if len(labels) != count or not all(labels):
-        raise ValueError(f"--labels needs {count} non-empty comma-separated labels, got {text!r}")
+        raise InvalidInputError(f"--labels needs {count} non-empty comma-separated labels, got {text!r}")
     return labels
 
 

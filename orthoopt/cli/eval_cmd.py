@@ -13,6 +13,7 @@ import math
 import sys
 import time
 
+from orthoopt.errors import InvalidInputError
 from orthoopt.eval.perplexity import perplexity
 from orthoopt.quant.calib import read_text
 from orthoopt.quant.model import load_quantized
@@ -68,10 +69,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     if args.text is None and args.tasks is None:
-        raise ValueError("nothing to evaluate: pass --text TEXT_FILE (perplexity) and/or --tasks TASKS (lm-eval)")
+        raise InvalidInputError("nothing to evaluate: pass --text TEXT_FILE (perplexity) and/or --tasks TASKS (lm-eval)")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks is not None else []
     if args.tasks is not None and not tasks:
-        raise ValueError("--tasks is empty")
+        raise InvalidInputError("--tasks is empty")
     text = read_text(args.text) if args.text is not None else None  # fail on a bad text before loading
     if tasks:
         from orthoopt.eval.tasks import _import_lm_eval

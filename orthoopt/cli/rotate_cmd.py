@@ -21,6 +21,7 @@ import torch
 from orthoopt.adapters.sources import PLANTED_CONFIG, input_location
 from orthoopt.cli.usage import help_kwargs
 from orthoopt.config import DTYPES, PHASES, RotateConfig
+from orthoopt.errors import InvalidInputError
 from orthoopt.methods import METHODS, listing, method, names
 from orthoopt.core.grid import MAX_BITS, MIN_BITS
 from orthoopt.pipeline import rotate_model, rotate_streamed
@@ -130,9 +131,9 @@ def _calibration(args, tokenizer, model_config=None) -> torch.Tensor | None:
     if not method(args.method).needs_calibration:
         return None
     if args.calib is None:
-        raise ValueError(f"method {args.method!r} needs calibration text: --calib TEXT_FILE")
+        raise InvalidInputError(f"method {args.method!r} needs calibration text: --calib TEXT_FILE")
     if tokenizer is None:
-        raise ValueError(f"method {args.method!r} needs a tokenizer in the model folder to read --calib")
+        raise InvalidInputError(f"method {args.method!r} needs a tokenizer in the model folder to read --calib")
     from orthoopt.quant.calib import calibration_batches, check_context
 
     seq_len = min(args.calib_seq_len, args.calib_tokens)
@@ -149,14 +150,14 @@ def config_from_args(args: argparse.Namespace) -> RotateConfig:
     """The run's :class:`~orthoopt.config.RotateConfig` from ``orthoopt rotate``'s arguments."""
     phases = [s.strip() for s in args.rotations.split(",") if s.strip()]
     if not phases or set(phases) - set(PHASES):
-        raise ValueError(f"--rotations must name a subset of {','.join(PHASES)}, got {args.rotations!r}")
+        raise InvalidInputError(f"--rotations must name a subset of {','.join(PHASES)}, got {args.rotations!r}")
     if args.steps is not None and args.steps < 0:
-        raise ValueError(f"--steps must be >= 0, got {args.steps}")
+        raise InvalidInputError(f"--steps must be >= 0, got {args.steps}")
     if method(args.method).needs_calibration and (args.calib_tokens < 1 or args.calib_seq_len < 1):
-        raise ValueError(f"--calib-tokens and --calib-seq-len must be >= 1, got {args.calib_tokens} and "
+        raise InvalidInputError(f"--calib-tokens and --calib-seq-len must be >= 1, got {args.calib_tokens} and "
                          f"{args.calib_seq_len}")
     if args.checkpoint_every < 0:
-        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+        raise InvalidInputError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     check_device(args.device, "--device")
     spin = {}
     if method(args.method).simulates_quantization:
@@ -184,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         config.check_streamed()
     if args.model_opt is not None:
         if args.model_dir is not None and args.model_dir != args.model_opt:
-            raise ValueError(f"two models given: {args.model_dir!r} and --model {args.model_opt!r}")
+            raise InvalidInputError(f"two models given: {args.model_dir!r} and --model {args.model_opt!r}")
         args.model_dir = args.model_opt
     out = Path(args.out)
     partial = _partial_path(out)
@@ -200,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
 
         resolved = resolve_source(args.model_dir or DEFAULT_MODEL, progress=not args.no_progress)
         if resolved.folder is None:
-            raise ValueError(f"--streamed needs a Hugging Face folder with safetensors weights (or a registered "
+            raise InvalidInputError(f"--streamed needs a Hugging Face folder with safetensors weights (or a registered "
                              f"name), got {resolved.kind} {args.model_dir!r}")
         from orthoopt.adapters.io import check_model_folder
 

@@ -13,6 +13,8 @@ from typing import Literal, Mapping
 
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 Rotations = Mapping[str, torch.Tensor]
 Side = Literal["in", "out"]
 
@@ -35,9 +37,9 @@ class WeightBlock:
 
     def __post_init__(self) -> None:
         if self.side not in ("in", "out"):
-            raise ValueError(f"WeightBlock {self.name!r}: side must be 'in' or 'out', got {self.side!r}")
+            raise InvalidInputError(f"WeightBlock {self.name!r}: side must be 'in' or 'out', got {self.side!r}")
         if self.weight.ndim != 2:
-            raise ValueError(f"WeightBlock {self.name!r}: weight must be 2-D [out, in], got shape {tuple(self.weight.shape)}")
+            raise InvalidInputError(f"WeightBlock {self.name!r}: weight must be 2-D [out, in], got shape {tuple(self.weight.shape)}")
 
     @property
     def dim(self) -> int:
@@ -61,13 +63,13 @@ class WeightBlock:
 def get_rotation(rotations: Mapping[str, torch.Tensor], name: str, n: int) -> torch.Tensor:
     """``rotations[name]`` after checking it is a floating ``[n, n]`` tensor (ValueError otherwise)."""
     if name not in rotations:
-        raise ValueError(f"rotation {name!r} ([{n}, {n}]) is missing; got {sorted(rotations)}")
+        raise InvalidInputError(f"rotation {name!r} ([{n}, {n}]) is missing; got {sorted(rotations)}")
     R = rotations[name]
     if not isinstance(R, torch.Tensor) or R.shape != (n, n):
         shape = tuple(R.shape) if isinstance(R, torch.Tensor) else type(R).__name__
-        raise ValueError(f"rotation {name!r} must be a [{n}, {n}] tensor, got {shape}")
+        raise InvalidInputError(f"rotation {name!r} must be a [{n}, {n}] tensor, got {shape}")
     if not R.is_floating_point():
-        raise ValueError(f"rotation {name!r} must be floating point, got {R.dtype}")
+        raise InvalidInputError(f"rotation {name!r} must be floating point, got {R.dtype}")
     return R
 
 
@@ -77,5 +79,5 @@ def block_dims(blocks: list[WeightBlock]) -> dict[str, int]:
     for b in blocks:
         n = dims.setdefault(b.rotation, b.dim)
         if n != b.dim:
-            raise ValueError(f"rotation {b.rotation!r}: block {b.name!r} has size {b.dim}, others {n}")
+            raise InvalidInputError(f"rotation {b.rotation!r}: block {b.name!r} has size {b.dim}, others {n}")
     return dims

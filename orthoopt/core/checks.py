@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 META_HINT = ("it holds no data (the 'meta' device, e.g. a model built under init_empty_weights or loaded with "
              "device_map='meta'); load the real weights first")
 
@@ -15,7 +17,7 @@ META_HINT = ("it holds no data (the 'meta' device, e.g. a model built under init
 def check_not_meta(t: torch.Tensor, what: str) -> None:
     """Raise ValueError naming ``what`` if ``t`` is on the meta device."""
     if isinstance(t, torch.Tensor) and t.is_meta:
-        raise ValueError(f"{what} is on the meta device: {META_HINT}")
+        raise InvalidInputError(f"{what} is on the meta device: {META_HINT}")
 
 
 def check_finite_tensor(t: torch.Tensor, what: str) -> None:
@@ -30,4 +32,4 @@ def check_finite_tensor(t: torch.Tensor, what: str) -> None:
         return
     if not bool(torch.isfinite(t).all()):
         bad, nan = int((~torch.isfinite(t)).sum()), int(torch.isnan(t).sum())
-        raise ValueError(f"{what} has {bad} non-finite value(s) of {t.numel()} ({nan} NaN, {bad - nan} inf)")
+        raise InvalidInputError(f"{what} has {bad} non-finite value(s) of {t.numel()} ({nan} NaN, {bad - nan} inf)")

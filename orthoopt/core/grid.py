@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -40,7 +42,7 @@ def check_bits_or_off(bits: object, what: str) -> None:
     """Raise ValueError unless ``bits`` is 16 (quantization off) or an int in ``[MIN_BITS, MAX_BITS]``;
     ``what`` names the setting (``"weight"``, ``"activation"``, ``"KV-cache"``)."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not (bits == 16 or MIN_BITS <= bits <= MAX_BITS):
-        raise ValueError(f"{what} bits must be 16 (off) or in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+        raise InvalidInputError(f"{what} bits must be 16 (off) or in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
 
 
 @dataclass(frozen=True)
@@ -69,13 +71,13 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
-            raise ValueError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {self.bits!r}")
+            raise InvalidInputError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {self.bits!r}")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
-            raise ValueError(f"group_size must be a positive integer or None, got {self.group_size!r}")
+            raise InvalidInputError(f"group_size must be a positive integer or None, got {self.group_size!r}")
         if not 0.0 < self.clip_ratio <= 1.0:
-            raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
+            raise InvalidInputError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
         if self.mse_grid < 1 or not 0.0 < self.mse_max_shrink < 1.0 or self.mse_norm <= 0:
-            raise ValueError(
+            raise InvalidInputError(
                 f"bad MSE search settings: grid={self.mse_grid}, max_shrink={self.mse_max_shrink}, norm={self.mse_norm}"
             )
 
@@ -116,7 +118,7 @@ def find_params(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     ``spec.group_size`` is ignored here: callers reshape groups into rows (see :func:`quantize_rows`).
     """
     if x.ndim != 2:
-        raise ValueError(f"find_params expects a 2-D [rows, n] tensor, got shape {tuple(x.shape)}")
+        raise InvalidInputError(f"find_params expects a 2-D [rows, n] tensor, got shape {tuple(x.shape)}")
     zeros = torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device)
     lo = torch.minimum(x.amin(dim=1, keepdim=True), zeros) * spec.clip_ratio
     hi = torch.maximum(x.amax(dim=1, keepdim=True), zeros) * spec.clip_ratio
@@ -149,11 +151,11 @@ def quantize_groups(x: torch.Tensor, spec: QuantSpec, caller: str = "quantize_gr
     ``spec.group_size`` consecutive columns, with the grid it used (``scale``/``zero`` of shape
     ``[rows * groups, 1]``, groups in row-major order). ``caller`` names the function in errors."""
     if x.ndim != 2:
-        raise ValueError(f"{caller} expects a 2-D [rows, n] tensor, got shape {tuple(x.shape)}")
+        raise InvalidInputError(f"{caller} expects a 2-D [rows, n] tensor, got shape {tuple(x.shape)}")
     rows, n = x.shape
     g = spec.group_size or n
     if n % g:
-        raise ValueError(f"group_size {g} does not divide the row length {n}")
+        raise InvalidInputError(f"group_size {g} does not divide the row length {n}")
     flat = x.reshape(rows * (n // g), g)
     scale, zero = find_params(flat, spec)
     return fake_quantize(flat, scale, zero, spec).reshape(rows, n), scale, zero
@@ -164,9 +166,9 @@ def quantize_tokens(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     per token; ``spec.group_size`` must be None). Same shape and dtype; differentiable as described
     in the module docstring (gradient through the scales)."""
     if spec.group_size is not None:
-        raise ValueError("per-token quantization has one scale per row; group_size must be None")
+        raise InvalidInputError("per-token quantization has one scale per row; group_size must be None")
     if x.ndim < 1 or x.shape[-1] == 0:
-        raise ValueError(f"quantize_tokens expects an [..., n] tensor with n > 0, got shape {tuple(x.shape)}")
+        raise InvalidInputError(f"quantize_tokens expects an [..., n] tensor with n > 0, got shape {tuple(x.shape)}")
     return quantize_rows(x.reshape(-1, x.shape[-1]), spec).reshape(x.shape)
 
 

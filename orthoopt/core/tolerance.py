@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5}
 """n-independent part of :func:`orthogonality_tolerance`, by rotation dtype."""
 
@@ -34,7 +36,7 @@ def orthogonality_tolerance(n: int, dtype: torch.dtype) -> float:
     """Largest accepted ``||R.T @ R - I||_F`` of an ``[n, n]`` rotation stored in ``dtype`` (float32/64):
     ``max(FLOOR[dtype], 8 * eps(dtype) * sqrt(n))``. ValueError for other dtypes."""
     if dtype not in FLOOR:
-        raise ValueError(f"rotations must be float32 or float64, got {dtype}")
+        raise InvalidInputError(f"rotations must be float32 or float64, got {dtype}")
     return max(FLOOR[dtype], 8.0 * torch.finfo(dtype).eps * math.sqrt(n))
 
 
@@ -52,13 +54,13 @@ def check_orthogonal(R: torch.Tensor, name: str = "R", tol: float | None = None)
     :func:`orthogonality_tolerance` of its size and dtype)."""
     if not isinstance(R, torch.Tensor) or R.ndim != 2 or R.shape[0] != R.shape[1] or not R.is_floating_point():
         what = tuple(R.shape) if isinstance(R, torch.Tensor) else type(R).__name__
-        raise ValueError(f"rotation {name!r} must be a square floating-point [n, n] tensor, got {what}")
+        raise InvalidInputError(f"rotation {name!r} must be a square floating-point [n, n] tensor, got {what}")
     if not bool(torch.isfinite(R).all()):
-        raise ValueError(f"rotation {name!r} has NaN or inf entries")
+        raise InvalidInputError(f"rotation {name!r} has NaN or inf entries")
     err = orthogonality_error(R)
     limit = orthogonality_tolerance(R.shape[0], R.dtype) if tol is None else tol
     if not err <= limit:
-        raise ValueError(
+        raise InvalidInputError(
             f"rotation {name!r} is not orthogonal: ||R.T R - I||_F = {err:.3e} > tolerance {limit:.3e} "
             f"([{R.shape[0]}, {R.shape[0]}] {str(R.dtype).removeprefix('torch.')}); "
             "orthoopt.manifold.reorthogonalize(R) gives the nearest orthogonal matrix"

@@ -29,6 +29,7 @@ import torch
 
 from orthoopt.core.moments import moments
 from orthoopt.diagnostics.stats import as_matrix
+from orthoopt.errors import InvalidInputError
 
 DEFAULT_MASSIVE_RATIO = 100.0
 """A token is massive when its max ``|x|`` exceeds this many times the median ``|x|`` of all entries."""
@@ -40,7 +41,7 @@ DEFAULT_TOP = 10
 def _as_activations(X: torch.Tensor) -> torch.Tensor:
     X = as_matrix(X, "activations", "[tokens, channels]")
     if not torch.isfinite(X).all():
-        raise ValueError("activations contain NaN or infinite values")
+        raise InvalidInputError("activations contain NaN or infinite values")
     return X
 
 
@@ -77,11 +78,11 @@ def massive_tokens(
 
 def _massive_tokens(A: torch.Tensor, ratio: float, min_abs: float, top: int) -> dict:
     if not ratio > 0:
-        raise ValueError(f"massive-activation ratio must be positive, got {ratio}")
+        raise InvalidInputError(f"massive-activation ratio must be positive, got {ratio}")
     if min_abs < 0:
-        raise ValueError(f"massive-activation min_abs must be >= 0, got {min_abs}")
+        raise InvalidInputError(f"massive-activation min_abs must be >= 0, got {min_abs}")
     if top < 0:
-        raise ValueError(f"top must be >= 0, got {top}")
+        raise InvalidInputError(f"top must be >= 0, got {top}")
     median = float(np.median(A.numpy()))
     threshold = max(ratio * median, float(min_abs))
     row_max, row_arg = A.max(dim=1)

@@ -51,6 +51,7 @@ from orthoopt.diagnostics.report import (
     weight_report,
 )
 from orthoopt.diagnostics.stats import DEFAULT_BITS, DEFAULT_K, aggregate_blocks
+from orthoopt.errors import InvalidInputError
 from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS
 from orthoopt.quant.calib import check_context, model_context
 from orthoopt.utils.atomic import atomic_dir
@@ -141,26 +142,26 @@ def diagnose_models(
                     }, ...]}
     """
     if not paths:
-        raise ValueError("diagnose needs at least one model folder")
+        raise InvalidInputError("diagnose needs at least one model folder")
     sources = [resolve_source(p, progress=progress) for p in paths]  # fetches registered names if needed
     if labels is None:
         labels = [Path(s.spec).resolve().name if s.path is not None else s.spec for s in sources]
     labels = list(labels)
     paths = [s.path if s.path is not None else s.spec for s in sources]
     if len(labels) != len(paths):
-        raise ValueError(f"got {len(labels)} labels for {len(paths)} models")
+        raise InvalidInputError(f"got {len(labels)} labels for {len(paths)} models")
     if len(set(labels)) != len(labels):
-        raise ValueError(f"series labels must be unique, got {labels} (pass labels explicitly)")
+        raise InvalidInputError(f"series labels must be unique, got {labels} (pass labels explicitly)")
     if calib is not None and not Path(calib).is_file():
         raise FileNotFoundError(f"calibration text not found: {calib}")
     if calib_tokens < 1 or (seq_len is not None and seq_len < 1):
-        raise ValueError(f"calib_tokens and seq_len must be >= 1, got {calib_tokens} and {seq_len}")
+        raise InvalidInputError(f"calib_tokens and seq_len must be >= 1, got {calib_tokens} and {seq_len}")
     if act_module is not None and calib is None:
-        raise ValueError("an activation module was chosen but no calibration text was given (--calib)")
+        raise InvalidInputError("an activation module was chosen but no calibration text was given (--calib)")
     if not k > 0:
-        raise ValueError(f"outlier threshold k must be positive, got {k}")
+        raise InvalidInputError(f"outlier threshold k must be positive, got {k}")
     if not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"RTN bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
+        raise InvalidInputError(f"RTN bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
     check_output_folder(out_dir, [s.path for s in sources if s.path is not None], calib)
 
     depths = [_num_layers(p) if isinstance(p, Path) else None for p in paths]
@@ -211,7 +212,7 @@ def _diagnose_one(path: Path | str, label: str, *, calib, calib_tokens: int, seq
         defined = [r for r in (shared or wrep["blocks"]) if r["incoherence"] is not None] or wrep["blocks"]
         block = max(defined, key=lambda r: r["incoherence"] or 0.0)["name"]
     if block not in weights:
-        raise ValueError(f"block {block!r} is not a weight of {path} (e.g. {list(weights)[:3]})")
+        raise InvalidInputError(f"block {block!r} is not a weight of {path} (e.g. {list(weights)[:3]})")
     overall = aggregate_blocks(wrep["blocks"])
     overall.pop("blocks")
     config = model.config
@@ -225,7 +226,7 @@ def _diagnose_one(path: Path | str, label: str, *, calib, calib_tokens: int, seq
     if calib is not None:
         tokenizer = load_tokenizer(path)
         if tokenizer is None:
-            raise ValueError(f"--calib needs a tokenizer in the model folder {path}")
+            raise InvalidInputError(f"--calib needs a tokenizer in the model folder {path}")
         ids = calibration_tokens(calib, tokenizer, calib_tokens)
         if seq_len is None:
             seq_len = min(DEFAULT_SEQ_LEN, model_context(model) or DEFAULT_SEQ_LEN)
@@ -235,7 +236,7 @@ def _diagnose_one(path: Path | str, label: str, *, calib, calib_tokens: int, seq
             candidates = [r for r in arep["inputs"] if r["role"] in RESIDUAL_ROLES and r["channel_max_ratio"] is not None]
             act_module = max(candidates or arep["inputs"], key=lambda r: r["channel_max_ratio"] or 0.0)["name"]
         if act_module not in inputs:
-            raise ValueError(f"act_module {act_module!r} is not a linear layer of {path} (e.g. {list(inputs)[:3]})")
+            raise InvalidInputError(f"act_module {act_module!r} is not a linear layer of {path} (e.g. {list(inputs)[:3]})")
         record["activations"] = arep
         s.channel_max = channel_max_abs(inputs[act_module])
         s.heatmap = inputs[act_module][:HEATMAP_TOKENS].clone()

@@ -32,6 +32,7 @@ from orthoopt.diagnostics.stats import (
     undefined_stats,
     weight_stats,
 )
+from orthoopt.errors import InvalidInputError
 from orthoopt.quant.calib import read_text, tokenize_text
 
 
@@ -99,7 +100,7 @@ def weight_report(
     and an ``error`` (:func:`~orthoopt.diagnostics.stats.undefined_stats`); ``layers``: :func:`~orthoopt.diagnostics.stats.aggregate_layers` of them.
     """
     if not weights:
-        raise ValueError("weight_report needs at least one weight")
+        raise InvalidInputError("weight_report needs at least one weight")
     rows = []
     for name, W in tqdm(weights.items(), desc="weight stats", disable=not progress, leave=False):
         try:
@@ -127,7 +128,7 @@ def activation_report(
     (see :func:`aggregate_activation_layers`).
     """
     if not inputs:
-        raise ValueError("activation_report needs at least one captured input")
+        raise InvalidInputError("activation_report needs at least one captured input")
     shared: dict[int, list[str]] = {}
     first: dict[int, torch.Tensor] = {}
     for name, X in inputs.items():
@@ -138,7 +139,7 @@ def activation_report(
         try:
             stats = activation_stats(first[key], massive_ratio, massive_min_abs, top, per_channel=False)
         except ValueError as e:
-            raise ValueError(f"input of {names[0]!r}: {e}") from None
+            raise InvalidInputError(f"input of {names[0]!r}: {e}") from None
         rows.append({"name": names[0], "modules": names, "role": (roles or {}).get(names[0]), **stats})
     return {"inputs": rows, "layers": aggregate_activation_layers(rows)}
 
@@ -185,7 +186,7 @@ def calibration_tokens(text_file: str | os.PathLike, tokenizer, num_tokens: int)
     that is too short. Raises FileNotFoundError / ValueError for a missing or empty file.
     """
     if num_tokens < 1:
-        raise ValueError(f"calibration token count must be >= 1, got {num_tokens}")
+        raise InvalidInputError(f"calibration token count must be >= 1, got {num_tokens}")
     text = read_text(text_file)
     prefix = text[: 8 * num_tokens + 64]
     ids = tokenize_text(prefix, tokenizer) if prefix.strip() else torch.empty(0, dtype=torch.long)
@@ -202,8 +203,8 @@ def capture_inputs(model: nn.Module, ids: torch.Tensor, seq_len: int = 512, prog
     ``X`` is token ``t`` (position ``t % seq_len`` of its sequence).
     """
     if ids.ndim != 1 or ids.numel() == 0:
-        raise ValueError(f"token ids must be a non-empty 1-D tensor, got shape {tuple(ids.shape)}")
+        raise InvalidInputError(f"token ids must be a non-empty 1-D tensor, got shape {tuple(ids.shape)}")
     if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        raise InvalidInputError(f"seq_len must be >= 1, got {seq_len}")
     batches = [chunk.reshape(1, -1) for chunk in ids.split(seq_len)]
     return DecoderAdapter(model).linear_inputs(batches, max_tokens=ids.numel(), progress=progress)

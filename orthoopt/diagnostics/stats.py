@@ -34,6 +34,7 @@ import torch
 from orthoopt.core import WeightBlock
 from orthoopt.core.grid import QuantSpec, quantize_rows
 from orthoopt.core.moments import moments
+from orthoopt.errors import InvalidInputError
 
 DEFAULT_K = 3.0
 """Outlier threshold of :func:`outlier_fraction`, in standard deviations."""
@@ -47,11 +48,11 @@ _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 def as_matrix(W: torch.Tensor, what: str = "weight", axes: str = "[out, in]") -> torch.Tensor:
     """``W`` detached as a float64 2-D tensor; raises ValueError for other shapes or no entries."""
     if not isinstance(W, torch.Tensor):
-        raise ValueError(f"{what} must be a torch.Tensor, got {type(W).__name__}")
+        raise InvalidInputError(f"{what} must be a torch.Tensor, got {type(W).__name__}")
     if W.ndim != 2:
-        raise ValueError(f"{what} must be 2-D {axes}, got shape {tuple(W.shape)}")
+        raise InvalidInputError(f"{what} must be 2-D {axes}, got shape {tuple(W.shape)}")
     if W.numel() == 0:
-        raise ValueError(f"{what} has no entries (shape {tuple(W.shape)})")
+        raise InvalidInputError(f"{what} has no entries (shape {tuple(W.shape)})")
     return W.detach().to(torch.float64)
 
 
@@ -60,7 +61,7 @@ def incoherence(W: torch.Tensor) -> float:
     W = as_matrix(W)
     norm = torch.linalg.matrix_norm(W).item()
     if norm == 0.0:
-        raise ValueError("incoherence is undefined for an all-zero matrix")
+        raise InvalidInputError("incoherence is undefined for an all-zero matrix")
     return W.abs().max().item() * math.sqrt(W.numel()) / norm
 
 
@@ -71,20 +72,20 @@ def excess_kurtosis(x: torch.Tensor) -> float:
     """
     x = x.detach().to(torch.float64).reshape(-1)
     if x.numel() == 0:
-        raise ValueError("kurtosis of an empty tensor is undefined")
+        raise InvalidInputError("kurtosis of an empty tensor is undefined")
     m2, m4 = (m.item() for m in moments(x, dim=0, center=True))
     if m2 == 0.0:
-        raise ValueError("kurtosis is undefined when all entries are equal")
+        raise InvalidInputError("kurtosis is undefined when all entries are equal")
     return m4 / m2**2 - 3.0
 
 
 def outlier_fraction(W: torch.Tensor, k: float = DEFAULT_K) -> float:
     """Fraction of entries with ``|w - mean| > k * std`` (population std over all entries)."""
     if not k > 0:
-        raise ValueError(f"outlier threshold k must be positive, got {k}")
+        raise InvalidInputError(f"outlier threshold k must be positive, got {k}")
     x = W.detach().to(torch.float64).reshape(-1)
     if x.numel() == 0:
-        raise ValueError("outlier fraction of an empty tensor is undefined")
+        raise InvalidInputError("outlier fraction of an empty tensor is undefined")
     c2 = (x - x.mean()).square()
     return (c2 > k * k * c2.mean()).double().mean().item()  # |w - mean| > k * std
 
@@ -99,7 +100,7 @@ def rtn_error(W: torch.Tensor, bits: int = DEFAULT_BITS) -> float:
     W = as_matrix(W)
     norm = torch.linalg.matrix_norm(W).item()
     if norm == 0.0:
-        raise ValueError("relative RTN error is undefined for an all-zero matrix")
+        raise InvalidInputError("relative RTN error is undefined for an all-zero matrix")
     return torch.linalg.matrix_norm(W - quantize_rows(W, QuantSpec(bits=bits))).item() / norm
 
 
@@ -113,17 +114,17 @@ def weight_stats(W: torch.Tensor, k: float = DEFAULT_K, bits: int = DEFAULT_BITS
     Raises ValueError for a non-2-D, empty, all-zero or constant matrix.
     """
     if not k > 0:
-        raise ValueError(f"outlier threshold k must be positive, got {k}")
+        raise InvalidInputError(f"outlier threshold k must be positive, got {k}")
     W = as_matrix(W)
     sq = W.square()
     norm = math.sqrt(sq.sum().item())
     if norm == 0.0:
-        raise ValueError("statistics are undefined for an all-zero matrix")
+        raise InvalidInputError("statistics are undefined for an all-zero matrix")
     max_abs = W.abs().max().item()
     c2 = (W - W.mean()).square()
     m2, m4 = (m.item() for m in moments(W.reshape(-1), dim=0, center=True))
     if m2 == 0.0:
-        raise ValueError("kurtosis is undefined when all entries are equal")
+        raise InvalidInputError("kurtosis is undefined when all entries are equal")
     return {
         "shape": list(W.shape),
         "numel": W.numel(),
@@ -154,11 +155,11 @@ def block_stats(
     """
     if isinstance(rotation, Mapping):
         if block.rotation not in rotation:
-            raise ValueError(f"block {block.name!r} meets rotation {block.rotation!r}, which is not given")
+            raise InvalidInputError(f"block {block.name!r} meets rotation {block.rotation!r}, which is not given")
         rotation = rotation[block.rotation]
     if rotation is not None:
         if tuple(rotation.shape) != (block.dim, block.dim):
-            raise ValueError(
+            raise InvalidInputError(
                 f"block {block.name!r} meets a rotation of size {block.dim}, got shape {tuple(rotation.shape)}"
             )
         W = block.rotated(rotation.detach().to(torch.float64))
@@ -167,7 +168,7 @@ def block_stats(
     try:
         stats = weight_stats(W, k=k, bits=bits)
     except ValueError as e:
-        raise ValueError(f"block {block.name!r}: {e}") from None
+        raise InvalidInputError(f"block {block.name!r}: {e}") from None
     return {"name": block.name, "rotation": block.rotation, "side": block.side, **stats}
 
 
@@ -215,7 +216,7 @@ def aggregate_blocks(rows: Sequence[dict]) -> dict:
     ``excess_kurtosis_mean`` / ``excess_kurtosis_max``. Plus ``blocks`` (the rows' names, if any).
     """
     if not rows:
-        raise ValueError("aggregate_blocks needs at least one row")
+        raise InvalidInputError("aggregate_blocks needs at least one row")
     names = [r.get("name", "") for r in rows]
     undefined = [r.get("name", "") for r in rows if r.get("error") is not None]
     rows = [r for r in rows if r.get("error") is None]

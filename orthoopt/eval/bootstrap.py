@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from orthoopt.errors import InvalidInputError
+
 CONFIDENCE = 0.95
 """Two-sided level of the interval (the ``ci95`` of ``orthoopt compare``)."""
 PERCENTILES = (2.5, 97.5)
@@ -42,14 +44,14 @@ _CHUNK_ELEMENTS = 1 << 22  # resampled indices drawn at once (32 MiB of int64), 
 def check_positive_int(value, name: str) -> int:
     """``value`` as an int when it is a positive integer (not a bool); else ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
 def check_seed(value, name: str = "seed") -> int:
     """``value`` as an int when it is a non-negative integer (numpy seeds); else ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        raise InvalidInputError(f"{name} must be a non-negative integer, got {value!r}")
     return int(value)
 
 
@@ -57,7 +59,7 @@ def check_window_count(windows: int, seq_len: int | None = None) -> None:
     """Raise ValueError when ``windows`` is below :data:`MIN_WINDOWS`, saying why and what to change."""
     if windows < MIN_WINDOWS:
         of = f" of {seq_len} tokens" if seq_len is not None else ""
-        raise ValueError(
+        raise InvalidInputError(
             f"{windows} evaluation window(s){of} are too few for a paired bootstrap interval: it needs at "
             f"least {MIN_WINDOWS} windows (below that a nominal 95% percentile interval covers the truth "
             "much less often than 95%); use a longer text, a larger max-tokens or a shorter seq-len"
@@ -119,10 +121,10 @@ class PairedInterval:
 def _as_windows(values, name: str) -> np.ndarray:
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D sequence of per-window NLLs, got shape {arr.shape}")
+        raise InvalidInputError(f"{name} must be a 1-D sequence of per-window NLLs, got shape {arr.shape}")
     bad = np.flatnonzero(~np.isfinite(arr))
     if bad.size:
-        raise ValueError(f"{name} has {bad.size} non-finite value(s) (first at window {bad[0]}: {arr[bad[0]]})")
+        raise InvalidInputError(f"{name} has {bad.size} non-finite value(s) (first at window {bad[0]}: {arr[bad[0]]})")
     return arr
 
 
@@ -163,7 +165,7 @@ def paired_bootstrap(ref_nll, nll, resamples: int = DEFAULT_RESAMPLES, seed: int
     ref = _as_windows(ref_nll, "ref_nll")
     other = _as_windows(nll, "nll")
     if ref.shape != other.shape:
-        raise ValueError(f"ref_nll and nll must cover the same windows, got {ref.size} and {other.size} values")
+        raise InvalidInputError(f"ref_nll and nll must cover the same windows, got {ref.size} and {other.size} values")
     n = ref.size
     check_window_count(n)
     diff = other - ref

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 
+from orthoopt.errors import InvalidInputError
 from orthoopt.eval.bootstrap import (
     CONFIDENCE,
     DEFAULT_RESAMPLES,
@@ -49,7 +50,7 @@ def check_options(resamples, seed, seq_len=None, max_tokens=None, batch_size=1, 
     if max_tokens is not None:
         check_positive_int(max_tokens, _name("max_tokens", flags))
     if seq_len is not None and check_positive_int(seq_len, _name("seq_len", flags)) < 2:
-        raise ValueError(f"{_name('seq_len', flags)} must be at least 2, got {seq_len}")
+        raise InvalidInputError(f"{_name('seq_len', flags)} must be at least 2, got {seq_len}")
 
 
 def _check_source(spec: str) -> None:
@@ -82,7 +83,7 @@ def _score(spec: str, text: str, ref_ids, seq_len, max_tokens, batch_size, progr
         else:
             used = ref_ids.numel()
             if ids.numel() < used or not bool((ids[:used] == ref_ids).all()):
-                raise ValueError(f"{spec} tokenizes the text differently from the reference: the windows would "
+                raise InvalidInputError(f"{spec} tokenizes the text differently from the reference: the windows would "
                                  "not be the same (compare models that share a tokenizer)")
             ids = ref_ids
         result = perplexity(loaded.model, ids, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
@@ -147,13 +148,13 @@ def compare_models(reference, models, text: str, *, seq_len: int | None = None, 
     check_options(resamples, seed, seq_len, max_tokens, batch_size)
     specs = [os.fspath(reference), *(os.fspath(m) for m in models)]
     if len(specs) < 2:
-        raise ValueError("nothing to compare: give at least one model besides the reference")
+        raise InvalidInputError("nothing to compare: give at least one model besides the reference")
     for spec in specs:
         _check_source(spec)
     _log(progress, f"[1/{len(specs)}] reference {specs[0]}")
     ref, ids = _score(specs[0], text, None, seq_len, max_tokens, batch_size, progress)
     if not all(math.isfinite(v) for v in ref["window_nll"]):
-        raise ValueError(f"the reference {specs[0]} has a non-finite NLL on this text: nothing to compare against")
+        raise InvalidInputError(f"the reference {specs[0]} has a non-finite NLL on this text: nothing to compare against")
     entries = []
     for i, spec in enumerate(specs[1:], start=2):
         _log(progress, f"[{i}/{len(specs)}] {spec}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from orthoopt.errors import InvalidInputError
 from orthoopt.eval.bootstrap import (
     _CHUNK_ELEMENTS,
     DEFAULT_RESAMPLES,
@@ -36,11 +37,11 @@ def _as_draws(values, name: str) -> np.ndarray:
     if arr.ndim == 1:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[0] < 1:
-        raise ValueError(f"{name} must be [draws, windows] per-window NLLs, got shape {arr.shape}")
+        raise InvalidInputError(f"{name} must be [draws, windows] per-window NLLs, got shape {arr.shape}")
     bad = np.argwhere(~np.isfinite(arr))
     if bad.size:
         k, w = bad[0]
-        raise ValueError(f"{name} has {len(bad)} non-finite value(s) (first at draw {k}, window {w})")
+        raise InvalidInputError(f"{name} has {len(bad)} non-finite value(s) (first at draw {k}, window {w})")
     return arr
 
 
@@ -95,10 +96,10 @@ def draws_interval(ref_draws, draws, resamples: int = DEFAULT_RESAMPLES, seed: i
     ref = _as_draws(ref_draws, "ref_draws")
     other = _as_draws(draws, "draws")
     if ref.shape[1] != other.shape[1]:
-        raise ValueError(f"ref_draws and draws must cover the same windows, got {ref.shape[1]} and "
+        raise InvalidInputError(f"ref_draws and draws must cover the same windows, got {ref.shape[1]} and "
                          f"{other.shape[1]} windows")
     if paired and ref.shape[0] != other.shape[0]:
-        raise ValueError(f"paired draws need the same number of draws, got {ref.shape[0]} and {other.shape[0]}")
+        raise InvalidInputError(f"paired draws need the same number of draws, got {ref.shape[0]} and {other.shape[0]}")
     n = ref.shape[1]
     check_window_count(n)
     diff = other - ref if paired else None

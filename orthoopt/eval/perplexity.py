@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from orthoopt.core.checks import check_not_meta
+from orthoopt.errors import InvalidInputError
 from orthoopt.quant.calib import check_context, tokenize_text
-from orthoopt.utils.checks import check_not_meta
 
 MAX_DEFAULT_SEQ_LEN = 2048
 
@@ -66,32 +67,32 @@ def perplexity(
     """
     if isinstance(tokenizer_or_ids, torch.Tensor):
         if text is not None:
-            raise ValueError("give either token ids or a tokenizer with text, not ids and text")
+            raise InvalidInputError("give either token ids or a tokenizer with text, not ids and text")
         ids = tokenizer_or_ids
         if ids.ndim == 2 and ids.shape[0] == 1:
             ids = ids[0]
         if ids.ndim != 1 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"token ids must be an integer tensor [N] or [1, N], got {ids.dtype} {tuple(tokenizer_or_ids.shape)}")
+            raise InvalidInputError(f"token ids must be an integer tensor [N] or [1, N], got {ids.dtype} {tuple(tokenizer_or_ids.shape)}")
         ids = ids.long()
     else:
         if text is None:
-            raise ValueError("perplexity with a tokenizer needs text=...")
+            raise InvalidInputError("perplexity with a tokenizer needs text=...")
         ids = tokenize_text(text, tokenizer_or_ids)
     seq_len = default_seq_len(model) if seq_len is None else seq_len
     if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+        raise InvalidInputError(f"seq_len must be at least 2, got {seq_len}")
     check_context(model, seq_len, "seq_len")
     for name, p in model.named_parameters():
         check_not_meta(p, f"weight {name!r}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise InvalidInputError(f"batch_size must be positive, got {batch_size}")
     if max_tokens is not None:
         if max_tokens < 1:
-            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+            raise InvalidInputError(f"max_tokens must be positive, got {max_tokens}")
         ids = ids[:max_tokens]
     windows = ids.numel() // seq_len
     if windows == 0:
-        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
+        raise InvalidInputError(f"the text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
     device = next(model.parameters()).device
     ids = ids[: windows * seq_len].reshape(windows, seq_len)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from orthoopt.errors import InvalidInputError
+
 MISSING = ('`--tasks` needs lm-eval-harness, which is not installed: pip install "orthoopt[eval]" '
            "(or lm-eval); {error}")
 
@@ -27,7 +29,7 @@ def _import_lm_eval():
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as e:
-        raise ValueError(MISSING.format(error=f"{type(e).__name__}: {e}")) from e
+        raise InvalidInputError(MISSING.format(error=f"{type(e).__name__}: {e}")) from e
     return lm_eval, HFLM, TaskManager
 
 
@@ -54,7 +56,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, num_fewshot: int | Non
     every task whose dataset is not available locally (nothing is evaluated then).
     """
     if not tasks:
-        raise ValueError("no tasks given")
+        raise InvalidInputError("no tasks given")
     lm_eval, HFLM, TaskManager = _import_lm_eval()
     files = [t for t in tasks if t.endswith((".yaml", ".yml"))]
     for f in files:
@@ -63,7 +65,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, num_fewshot: int | Non
     manager = TaskManager(include_defaults=len(files) < len(tasks))
     unknown = [t for t in tasks if t not in files and t not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"unknown lm-eval task(s): {', '.join(unknown)} (see `lm-eval ls tasks`)")
+        raise InvalidInputError(f"unknown lm-eval task(s): {', '.join(unknown)} (see `lm-eval ls tasks`)")
 
     missing = []
     for t in tasks:  # build every task first: this is where lm-eval loads (or fails to find) the datasets

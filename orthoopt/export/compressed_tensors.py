@@ -50,6 +50,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from orthoopt.errors import InvalidInputError
 from orthoopt.export.ct_transform import applied_r4, r4_linears, r4_size_reason
 from orthoopt.quant.model import QUANT_JSON, QuantResult
 from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams
@@ -141,7 +142,7 @@ def r4_record(model: nn.Module) -> dict:
     ``online_hadamard`` record, for :func:`unrepresentable` before quantizing."""
     sizes = {lin.in_features for lin in r4_linears(model).values()}
     if len(sizes) != 1:
-        raise ValueError(f"online Hadamard needs one intermediate size, the layers have {sorted(sizes)}")
+        raise InvalidInputError(f"online Hadamard needs one intermediate size, the layers have {sorted(sizes)}")
     return {"size": sizes.pop()}
 
 
@@ -149,14 +150,14 @@ def check_exportable(settings: dict) -> None:
     """Raise ValueError naming every reason :func:`unrepresentable` finds."""
     reasons = unrepresentable(settings)
     if reasons:
-        raise ValueError("cannot export to compressed-tensors: " + "; ".join(reasons))
+        raise InvalidInputError("cannot export to compressed-tensors: " + "; ".join(reasons))
 
 
 def _import_ct():
     try:
         import compressed_tensors  # noqa: F401
     except ImportError as e:
-        raise ValueError(INSTALL_HINT) from e
+        raise InvalidInputError(INSTALL_HINT) from e
     import compressed_tensors.transform as ct_transform
     from compressed_tensors.compressors import BaseCompressor, ModelCompressor
     from compressed_tensors.quantization import (
@@ -209,7 +210,7 @@ def _ct_params(params: WeightQuantParams, spec: QuantSpec, dtype: torch.dtype) -
     if groups > 1 and not torch.equal(
         params.group_index.cpu(), torch.arange(params.group_index.numel()) // spec.group_size
     ):
-        raise ValueError("groups are not consecutive input columns (act-order g_idx): not representable")
+        raise InvalidInputError("groups are not consecutive input columns (act-order g_idx): not representable")
     scale = params.scale.to(dtype)
     shift = 0 if spec.symmetric else 2 ** (spec.bits - 1)
     zero = (params.zero.round() - shift).to(torch.int8)
@@ -234,7 +235,7 @@ def save_compressed_tensors(
     check_exportable(settings)
     spec = result.spec
     if spec is None or not result.params:
-        raise ValueError("the QuantResult has no weight grids (weights were not quantized): nothing to export")
+        raise InvalidInputError("the QuantResult has no weight grids (weights were not quantized): nothing to export")
     experts = sorted(k for k, p in result.params.items() if p.scale.ndim == 3)
     if experts:  # also when the caller's settings do not list them
         check_exportable({**settings, "experts": experts})
@@ -242,7 +243,7 @@ def save_compressed_tensors(
     with_act = settings.get("abits", act.get("bits", 16)) < 16
     r4 = settings.get("online_hadamard") if act.get("online_hadamard") else None
     if act.get("online_hadamard") and not (r4 or {}).get("size"):
-        raise ValueError("the settings ask for the online Hadamard (R4) but record no size (quant.json's "
+        raise InvalidInputError("the settings ask for the online Hadamard (R4) but record no size (quant.json's "
                          "online_hadamard); quantize with quantize_model(..., act=ActQuantConfig(online_hadamard=True))")
     ct = _import_ct()
     out_dir = Path(out_dir)
@@ -251,7 +252,7 @@ def save_compressed_tensors(
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     unknown = sorted(set(result.params) - set(linears))
     if unknown:
-        raise ValueError(f"quantized modules not found in the model: {unknown[:3]}")
+        raise InvalidInputError(f"quantized modules not found in the model: {unknown[:3]}")
     targets = {name: linears[name] for name in result.params}
     ignore = sorted(set(linears) - set(targets))
     if with_act:  # one config group: its input_activations apply to exactly the weight-quantized linears
@@ -307,7 +308,7 @@ def _check_act_targets(model: nn.Module, weight_targets: set[str]) -> None:
     act_targets = {full[id(lin)] for L in m.layers for lin in L.quant_linears(m.spec).values()}
     if act_targets != weight_targets:
         diff = sorted(act_targets ^ weight_targets)
-        raise ValueError(f"activation-quantized and weight-quantized linears differ ({diff[:3]} ...): one "
+        raise InvalidInputError(f"activation-quantized and weight-quantized linears differ ({diff[:3]} ...): one "
                          "compressed-tensors config group cannot describe that")
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from orthoopt.adapters.archs import locate
+from orthoopt.errors import InvalidInputError
 from orthoopt.hadamard import hadamard_matrix, hadamard_transform
 
 SCHEME_NAME = "R4"
@@ -50,7 +51,7 @@ def r4_linears(model: nn.Module) -> dict[str, nn.Linear]:
     for L in m.layers:
         lin = L.projs.get(role) if role else None
         if not isinstance(lin, nn.Linear):
-            raise ValueError(f"the online Hadamard (R4) is not supported for model_type {m.spec.model_type!r}: "
+            raise InvalidInputError(f"the online Hadamard (R4) is not supported for model_type {m.spec.model_type!r}: "
                              "no dense MLP output projection in every layer")
         out[full[id(lin)]] = lin
     return out
@@ -92,11 +93,11 @@ def applied_r4(model: nn.Module, n: int, ct_transform):
     """
     why = r4_size_reason(n)
     if why:
-        raise ValueError(why)
+        raise InvalidInputError(why)
     lins = r4_linears(model)
     sizes = {lin.in_features for lin in lins.values()}
     if sizes != {n}:
-        raise ValueError(f"the R4 record says size {n}, the model's down_proj inputs are {sorted(sizes)}")
+        raise InvalidInputError(f"the R4 record says size {n}, the model's down_proj inputs are {sorted(sizes)}")
     before = {name: dict(lin._forward_pre_hooks) for name, lin in lins.items()}
     config = transform_config(sorted(lins), ct_transform)
     try:

@@ -15,6 +15,8 @@ from functools import lru_cache
 
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 from .paley import paley_i, paley_i_order, paley_ii, paley_ii_order
 from .williamson import WILLIAMSON_ORDERS, williamson_hadamard
 
@@ -81,7 +83,7 @@ def nearest_hadamard_sizes(n: int) -> tuple[int | None, int]:
     """``(below, above)``: the largest supported order ``< n`` (``None`` if none) and the smallest ``> n``."""
     order = _as_order(n)
     if order is None:
-        raise ValueError(f"n must be a positive integer, got n={n!r}")
+        raise InvalidInputError(f"n must be a positive integer, got n={n!r}")
     below = next((k for k in range(order - 1, 0, -1) if _find_plan(k) is not None), None)
     above = next(k for k in range(order + 1, 2 * order + 1) if _find_plan(k) is not None)  # 2^j is supported
     return below, above
@@ -96,11 +98,11 @@ def hadamard_plan(n: int) -> HadamardPlan:
     """The :class:`HadamardPlan` for order ``n``; raises ``ValueError`` naming the nearest supported sizes."""
     order = _as_order(n)
     if order is None:
-        raise ValueError(f"a Hadamard order must be a positive integer, got n={n!r}")
+        raise InvalidInputError(f"a Hadamard order must be a positive integer, got n={n!r}")
     plan = _find_plan(order)
     if plan is None:
         below, above = nearest_hadamard_sizes(order)
-        raise ValueError(
+        raise InvalidInputError(
             f"no Hadamard construction for n={order}; nearest supported sizes: {below} below, {above} above "
             f"(supported: 2^k * m with m = 1 or a Paley I/II or Williamson order; see docs/hadamard.md)"
         )
@@ -118,7 +120,7 @@ def _base_int8(construction: str, m: int, q: int | None) -> torch.Tensor:
         return paley_ii(q)
     if construction == "williamson":
         return williamson_hadamard(m)
-    raise ValueError(f"unknown construction {construction!r}; expected one of {CONSTRUCTIONS}")
+    raise InvalidInputError(f"unknown construction {construction!r}; expected one of {CONSTRUCTIONS}")
 
 
 def base_matrix(plan: HadamardPlan, dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -128,7 +130,7 @@ def base_matrix(plan: HadamardPlan, dtype: torch.dtype = torch.int64) -> torch.T
 
 def _check_dtype(dtype: torch.dtype) -> None:
     if not (dtype.is_floating_point or dtype.is_complex or dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
-        raise ValueError(f"dtype must be a floating, complex or signed integer dtype, got {dtype}")
+        raise InvalidInputError(f"dtype must be a floating, complex or signed integer dtype, got {dtype}")
 
 
 def sylvester_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -138,7 +140,7 @@ def sylvester_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor
     """
     order = _as_order(n)
     if order is None or order & (order - 1):
-        raise ValueError(f"Sylvester order must be a power of two, got n={n!r}")
+        raise InvalidInputError(f"Sylvester order must be a power of two, got n={n!r}")
     _check_dtype(dtype)
     h2 = torch.tensor([[1, 1], [1, -1]], dtype=dtype)
     s = torch.ones(1, 1, dtype=dtype)

@@ -15,14 +15,16 @@ import math
 
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 from .construct import base_matrix, hadamard_plan
 
 
 def _check_input(x: torch.Tensor, normalize: bool) -> int:
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
-        raise ValueError("x must be a tensor with at least one dimension (transformed along the last)")
+        raise InvalidInputError("x must be a tensor with at least one dimension (transformed along the last)")
     if normalize and not (x.dtype.is_floating_point or x.dtype.is_complex):
-        raise ValueError(f"normalize=True needs a floating tensor, got {x.dtype}; pass normalize=False for integers")
+        raise InvalidInputError(f"normalize=True needs a floating tensor, got {x.dtype}; pass normalize=False for integers")
     return x.shape[-1]
 
 
@@ -51,7 +53,7 @@ def fwht(x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """
     n = _check_input(x, normalize)
     if n < 1 or n & (n - 1):
-        raise ValueError(f"fwht needs a power-of-two last dimension, got {n}; use hadamard_transform for 2^k * m")
+        raise InvalidInputError(f"fwht needs a power-of-two last dimension, got {n}; use hadamard_transform for 2^k * m")
     y = _butterflies(x)
     return y / math.sqrt(n) if normalize else y
 

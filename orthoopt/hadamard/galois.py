@@ -17,6 +17,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from orthoopt.errors import InvalidInputError
+
 
 def prime_power(q: int) -> tuple[int, int] | None:
     """``(p, k)`` with ``q == p**k`` and ``p`` prime, or ``None`` when ``q`` is not a prime power."""
@@ -41,7 +43,7 @@ class FiniteField:
     def __init__(self, q: int):
         pk = prime_power(q)
         if pk is None:
-            raise ValueError(f"GF(q) needs a prime power q, got q={q}")
+            raise InvalidInputError(f"GF(q) needs a prime power q, got q={q}")
         self.q = q
         self.p, self.k = pk
         if self.k == 1:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 from .galois import finite_field, prime_power
 
 _ROWS_PER_CHUNK_ELEMENTS = 1 << 22  # bound the temporary index array to ~32 MB of int64
@@ -44,7 +46,7 @@ def paley_ii_order(q: int) -> int | None:
 def paley_i(q: int) -> torch.Tensor:
     """Paley I Hadamard matrix of order ``q + 1`` (int8, entries ±1) for a prime power ``q ≡ 3 mod 4``."""
     if paley_i_order(q) is None:
-        raise ValueError(f"Paley I needs a prime power q ≡ 3 (mod 4), got q={q}")
+        raise InvalidInputError(f"Paley I needs a prime power q ≡ 3 (mod 4), got q={q}")
     n = q + 1
     s = np.zeros((n, n), dtype=np.int8)
     s[0, 1:] = 1
@@ -57,7 +59,7 @@ def paley_i(q: int) -> torch.Tensor:
 def paley_ii(q: int) -> torch.Tensor:
     """Paley II Hadamard matrix of order ``2 (q + 1)`` (int8, entries ±1) for a prime power ``q ≡ 1 mod 4``."""
     if paley_ii_order(q) is None:
-        raise ValueError(f"Paley II needs a prime power q ≡ 1 (mod 4), got q={q}")
+        raise InvalidInputError(f"Paley II needs a prime power q ≡ 1 (mod 4), got q={q}")
     n = q + 1
     c = np.zeros((n, n), dtype=np.int8)
     c[0, 1:] = 1

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 WILLIAMSON_FIRST_ROWS: dict[int, tuple[str, str, str, str]] = {
     39: (
         "+++--+-+-----+--++----++--+-----+-+--++",
@@ -53,7 +55,7 @@ def circulant(first_row: torch.Tensor) -> torch.Tensor:
 def williamson_quadruple(w: int) -> tuple[torch.Tensor, ...]:
     """The verified Williamson matrices ``(A, B, C, D)`` of order ``w`` (int64, ``[w, w]`` each)."""
     if w not in WILLIAMSON_FIRST_ROWS:
-        raise ValueError(f"no Williamson matrices of order w={w} in the table (have {sorted(WILLIAMSON_FIRST_ROWS)})")
+        raise InvalidInputError(f"no Williamson matrices of order w={w} in the table (have {sorted(WILLIAMSON_FIRST_ROWS)})")
     mats = tuple(
         circulant(torch.tensor([1 if c == "+" else -1 for c in row], dtype=torch.int64))
         for row in WILLIAMSON_FIRST_ROWS[w]
@@ -68,7 +70,7 @@ def williamson_quadruple(w: int) -> tuple[torch.Tensor, ...]:
 def williamson_hadamard(order: int) -> torch.Tensor:
     """Williamson Hadamard matrix of order ``4 w`` (int8, entries ±1) for ``4 w`` in :data:`WILLIAMSON_ORDERS`."""
     if order % 4 or order // 4 not in WILLIAMSON_FIRST_ROWS:
-        raise ValueError(f"no Williamson construction of order {order} (have {sorted(WILLIAMSON_ORDERS)})")
+        raise InvalidInputError(f"no Williamson construction of order {order} (have {sorted(WILLIAMSON_ORDERS)})")
     a, b, c, d = williamson_quadruple(order // 4)
     h = torch.cat(
         [

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from orthoopt.errors import InvalidInputError
 from orthoopt.utils.atomic import atomic_dir
 
 MISSING = (
@@ -76,9 +77,9 @@ def quantize_with_llmcompressor(
     """
     reason = unavailable_reason()
     if reason:
-        raise ValueError(reason)
+        raise InvalidInputError(reason)
     if method not in ("gptq", "rtn"):
-        raise ValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
+        raise InvalidInputError(f"method must be 'gptq' or 'rtn', got {method!r}")
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
@@ -91,7 +92,7 @@ def quantize_with_llmcompressor(
     groups = _scheme(bits, group_size, sym)
     if method == "gptq":
         if calib is None:
-            raise ValueError("GPTQ needs calibration token ids")
+            raise InvalidInputError("GPTQ needs calibration token ids")
         recipe.append(GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=percdamp, actorder=None))
     else:
         recipe.append(QuantizationModifier(config_groups=groups, ignore=["lm_head"]))

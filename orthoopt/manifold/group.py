@@ -16,7 +16,8 @@ generators:
 ``polar_factor(M)``        nearest orthogonal matrix ``U @ Vh`` (SVD): Procrustes and re-projection
 ``reorthogonalize(R)``     ``R`` projected back onto O(n) in float64 (polar or QR)
 ``random(n, seed)``        a Haar-random point
-``error(R)`` / ``check``   ``||R.T R - I||_F`` and the one tolerance policy (:mod:`orthoopt.core.tolerance`)
+``error(R)``               ``||R.T R - I||_F``
+``tolerance(n, dtype)``    the one tolerance policy (:mod:`orthoopt.core.tolerance`)
 =========================  ======================================================================
 
 geoopt's ``RiemannianAdam`` / ``RiemannianSGD`` keep geoopt's own ``Stiefel`` manifold (its
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from orthoopt.core.tolerance import check_orthogonal, orthogonality_tolerance
+from orthoopt.core.tolerance import orthogonality_tolerance
 
 from .orthogonal import orthogonality_error, project_tangent, random_orthogonal, skew
 from .retractions import cayley_retraction, cayley_retraction_iterative, polar_factor, reorthogonalize
@@ -86,11 +87,6 @@ class OrthogonalGroup:
     def tolerance(n: int, dtype: torch.dtype) -> float:
         """:func:`orthoopt.core.tolerance.orthogonality_tolerance`."""
         return orthogonality_tolerance(n, dtype)
-
-    @staticmethod
-    def check(R: torch.Tensor, name: str = "R", tol: float | None = None) -> float:
-        """:func:`orthoopt.core.tolerance.check_orthogonal` (ValueError naming ``name`` above ``tol``)."""
-        return check_orthogonal(R, name, tol)
 
     def __repr__(self) -> str:
         return "OrthogonalGroup()"

@@ -13,15 +13,16 @@ from __future__ import annotations
 import torch
 
 from orthoopt.core.tolerance import orthogonality_error as _orthogonality_error
+from orthoopt.errors import InvalidInputError
 
 def check_square(R: torch.Tensor, name: str = "R") -> int:
     """Return ``n`` for a 2-D ``[n, n]`` floating tensor; raise ValueError otherwise."""
     if not isinstance(R, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(R).__name__}")
+        raise InvalidInputError(f"{name} must be a torch.Tensor, got {type(R).__name__}")
     if R.ndim != 2 or R.shape[0] != R.shape[1]:
-        raise ValueError(f"{name} must be a square [n, n] matrix, got shape {tuple(R.shape)}")
+        raise InvalidInputError(f"{name} must be a square [n, n] matrix, got shape {tuple(R.shape)}")
     if not R.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {R.dtype}")
+        raise InvalidInputError(f"{name} must be a floating-point tensor, got {R.dtype}")
     return R.shape[0]
 
 
@@ -36,7 +37,7 @@ def random_orthogonal(
     The determinant is +1 or -1 with equal probability.
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+        raise InvalidInputError(f"n must be a positive int, got {n!r}")
     gen = torch.Generator().manual_seed(int(seed))
     A = torch.randn(n, n, generator=gen, dtype=torch.float64)
     return positive_qr_factor(A).to(dtype=dtype, device=device)
@@ -75,5 +76,5 @@ def project_tangent(R: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """
     check_square(R)
     if G.shape != R.shape:
-        raise ValueError(f"G must have the shape of R {tuple(R.shape)}, got {tuple(G.shape)}")
+        raise InvalidInputError(f"G must have the shape of R {tuple(R.shape)}, got {tuple(G.shape)}")
     return R @ skew(R.T @ G)

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 from .orthogonal import check_square, positive_qr_factor
 
 
 def _check_generator(R: torch.Tensor, W: torch.Tensor) -> None:
     check_square(R)
     if W.shape != R.shape:
-        raise ValueError(f"generator W must have the shape of R {tuple(R.shape)}, got {tuple(W.shape)}")
+        raise InvalidInputError(f"generator W must have the shape of R {tuple(R.shape)}, got {tuple(W.shape)}")
     asym = float(torch.linalg.matrix_norm(W + W.T))
     scale = max(1.0, float(torch.linalg.matrix_norm(W)))
     if asym > torch.finfo(W.dtype).eps ** 0.5 * scale:
-        raise ValueError(f"generator W must be skew-symmetric (W.T = -W); ||W + W.T||_F = {asym:.3g}")
+        raise InvalidInputError(f"generator W must be skew-symmetric (W.T = -W); ||W + W.T||_F = {asym:.3g}")
 
 
 def cayley_retraction(R: torch.Tensor, W: torch.Tensor, step: float) -> torch.Tensor:
@@ -58,7 +60,7 @@ def cayley_retraction_iterative(R: torch.Tensor, W: torch.Tensor, step: float, n
     """
     _check_generator(R, W)
     if not isinstance(n_iters, int) or n_iters < 1:
-        raise ValueError(f"n_iters must be a positive int, got {n_iters!r}")
+        raise InvalidInputError(f"n_iters must be a positive int, got {n_iters!r}")
     WR = W @ R
     Y = R + step * WR
     for _ in range(n_iters):
@@ -87,5 +89,5 @@ def reorthogonalize(R: torch.Tensor, method: str = "polar") -> torch.Tensor:
     elif method == "qr":
         out = positive_qr_factor(R64)
     else:
-        raise ValueError(f"method must be 'polar' or 'qr', got {method!r}")
+        raise InvalidInputError(f"method must be 'polar' or 'qr', got {method!r}")
     return out.to(R.dtype)

@@ -14,7 +14,9 @@ Objectives compose: ``a + 0.5 * b`` is an objective (:class:`Sum`). :class:`Obje
 :class:`SupportsProcrustes` is the Protocol of objectives with a closed-form Procrustes step.
 """
 
-from .base import Objective, Rotations, Sum, SupportsProcrustes, WeightBlock, block_dims
+from orthoopt.core.blocks import Rotations, WeightBlock, block_dims
+
+from .base import Objective, Sum, SupportsProcrustes
 from .dfrot import DFRotLoss, peak_share_tokens
 from .fourth_power import FourthPower
 from .hessian import HessianWeighted, hessian_sqrt

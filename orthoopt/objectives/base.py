@@ -4,7 +4,7 @@ An objective maps a dict of named rotations (``{"R1": [n, n], "R2.3": [d, d], ..
 loss tensor. Objectives compose: ``a + b`` and ``0.5 * a`` are objectives. Shapes and the meaning of
 ``side`` follow ``docs/conventions.md``: side ``"in"`` rotates a block as ``W @ R``, side ``"out"``
 as ``R.T @ W``. The shared types (``WeightBlock``, ``Rotations``, ``Side``) live in
-:mod:`orthoopt.core.blocks` and are re-exported here.
+:mod:`orthoopt.core.blocks` (``orthoopt.objectives`` exports them too).
 
 An objective that supports DFRot's closed-form alternation also satisfies :class:`SupportsProcrustes`
 (a ``runtime_checkable`` Protocol): ``procrustes_targets(rotations) -> {name: (A, B)}``.
@@ -18,9 +18,8 @@ from typing import Mapping, Protocol, runtime_checkable
 
 import torch
 
-from orthoopt.core.blocks import Rotations, Side, WeightBlock, block_dims, get_rotation  # noqa: F401
-from orthoopt.core.checks import check_finite_tensor  # noqa: F401
-
+from orthoopt.core.blocks import Rotations
+from orthoopt.errors import InvalidInputError
 
 @runtime_checkable
 class SupportsProcrustes(Protocol):
@@ -62,6 +61,35 @@ class Objective(abc.ABC):
         out = {k: (torch.zeros_like(leaves[k]) if g is None else g) for k, g in zip(names, grads)}
         return value.detach(), out
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What changes between calls (a sampler's generator, a batch stream's position), as tensors.
+
+        Returns
+        -------
+        dict of str to Tensor
+            Empty for an objective whose value at a point never changes (the default). A resumed run
+            loads it into a new objective built from the same inputs (:meth:`load_state_dict`), which
+            then continues bit for bit as the saved one would (``tests/test_objective_conformance.py``).
+        """
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`'s output.
+
+        Parameters
+        ----------
+        state : mapping of str to Tensor
+            A :meth:`state_dict` of an objective built from the same inputs.
+
+        Raises
+        ------
+        ValueError
+            When ``state`` names other keys than this objective keeps (the default keeps none).
+        """
+        if state:
+            raise InvalidInputError(f"objective state has {sorted(state)}, this objective ({type(self).__name__}) "
+                             "keeps none")
+
     def __add__(self, other: "Objective") -> "Objective":
         if not isinstance(other, Objective):
             return NotImplemented
@@ -101,11 +129,26 @@ class Sum(Objective):
         for t in self.terms:
             for k, n in t.dims.items():
                 if out.setdefault(k, n) != n:
-                    raise ValueError(f"rotation {k!r} has size {n} in one term and {out[k]} in another")
+                    raise InvalidInputError(f"rotation {k!r} has size {n} in one term and {out[k]} in another")
         return out
 
     def loss(self, rotations: Rotations) -> torch.Tensor:
         return sum(s * t.loss(rotations) for t, s in zip(self.terms, self.scales))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every term's state, its keys prefixed ``"<i>."`` (``i`` the term's index)."""
+        return {f"{i}.{k}": v for i, t in enumerate(self.terms) for k, v in t.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`; ValueError when a key names no term."""
+        parts: list[dict[str, torch.Tensor]] = [{} for _ in self.terms]
+        for key, v in state.items():
+            i, _, rest = key.partition(".")
+            if not i.isdigit() or int(i) >= len(self.terms):
+                raise InvalidInputError(f"objective state key {key!r} names no term of this sum of {len(self.terms)}")
+            parts[int(i)][rest] = v
+        for t, part in zip(self.terms, parts):
+            t.load_state_dict(part)
 
     def value_and_grad(self, rotations: Rotations) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, grads = None, {}

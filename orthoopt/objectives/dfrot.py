@@ -38,10 +38,12 @@ from collections.abc import Mapping
 
 import torch
 
+from orthoopt.core.blocks import Rotations, get_rotation
+from orthoopt.core.checks import check_finite_tensor
 from orthoopt.core.grid import MAX_BITS, MIN_BITS, QuantSpec, quantize_tokens
+from orthoopt.errors import InvalidInputError
 
-from .base import Objective, Rotations
-from .base import check_finite_tensor, get_rotation
+from .base import Objective
 
 DEFAULT_MASSIVE_THRESHOLD = 0.5
 DEFAULT_MASSIVE_WEIGHT = 1.0e4  # DFRot's alpha = 100 on the activations -> alpha^2 on the squared error
@@ -54,7 +56,7 @@ def peak_share_tokens(x: torch.Tensor, threshold: float = DEFAULT_MASSIVE_THRESH
     The ratio lies in ``[1 / sqrt(n), 1]``; all-zero rows are never massive.
     """
     if x.ndim != 2:
-        raise ValueError(f"peak_share_tokens expects a 2-D [T, n] tensor, got shape {tuple(x.shape)}")
+        raise InvalidInputError(f"peak_share_tokens expects a 2-D [T, n] tensor, got shape {tuple(x.shape)}")
     a = x.detach().abs()
     peak = a.amax(dim=1)
     norm = torch.linalg.vector_norm(a, dim=1)
@@ -87,17 +89,17 @@ class DFRotLoss(Objective):
         token_weights: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-            raise ValueError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+            raise InvalidInputError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
         if not 0.0 < float(massive_threshold) <= 1.0:
-            raise ValueError(f"massive_threshold is a share of the token norm in (0, 1], got {massive_threshold!r}")
+            raise InvalidInputError(f"massive_threshold is a share of the token norm in (0, 1], got {massive_threshold!r}")
         if not 0.0 < float(massive_weight) < float("inf"):
-            raise ValueError(f"massive_weight must be positive and finite, got {massive_weight!r}")
+            raise InvalidInputError(f"massive_weight must be positive and finite, got {massive_weight!r}")
         if not isinstance(activations, Mapping) or not activations:
-            raise ValueError("DFRotLoss needs a non-empty {rotation name: [T, n] tensor} mapping")
+            raise InvalidInputError("DFRotLoss needs a non-empty {rotation name: [T, n] tensor} mapping")
         token_weights = dict(token_weights or {})
         unknown = set(token_weights) - set(activations)
         if unknown:
-            raise ValueError(f"token_weights for rotations without activations: {sorted(unknown)}")
+            raise InvalidInputError(f"token_weights for rotations without activations: {sorted(unknown)}")
         self.bits = bits
         self.symmetric = bool(symmetric)
         self.massive_threshold = float(massive_threshold)
@@ -109,19 +111,19 @@ class DFRotLoss(Objective):
             what = f"activations for rotation {name!r}"
             if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[0] == 0:
                 shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                raise ValueError(f"{what} must be a non-empty 2-D [T, n] tensor, got {shape}")
+                raise InvalidInputError(f"{what} must be a non-empty 2-D [T, n] tensor, got {shape}")
             if not x.is_floating_point():
-                raise ValueError(f"{what} must be floating point, got {x.dtype}")
+                raise InvalidInputError(f"{what} must be floating point, got {x.dtype}")
             check_finite_tensor(x, what)
             if name in token_weights:
                 w = token_weights[name]
                 if not isinstance(w, torch.Tensor) or tuple(w.shape) != (x.shape[0],):
                     shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
-                    raise ValueError(f"token_weights for {name!r} must have shape [{x.shape[0]}], got {shape}")
+                    raise InvalidInputError(f"token_weights for {name!r} must have shape [{x.shape[0]}], got {shape}")
                 w = w.detach().to(device=x.device, dtype=torch.float64)
                 check_finite_tensor(w, f"token_weights for {name!r}")
                 if bool((w < 0).any()) or float(w.sum()) == 0.0:
-                    raise ValueError(f"token_weights for {name!r} must be nonnegative and not all zero")
+                    raise InvalidInputError(f"token_weights for {name!r} must be nonnegative and not all zero")
             else:
                 w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
                 w[peak_share_tokens(x, self.massive_threshold)] = self.massive_weight

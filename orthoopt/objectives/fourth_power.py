@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import torch
 
+from orthoopt.core.blocks import Rotations, WeightBlock, block_dims, get_rotation
+from orthoopt.core.checks import check_finite_tensor
+from orthoopt.errors import InvalidInputError
 from orthoopt.utils.checks import check_device
 
-from .base import Objective, Rotations, WeightBlock, check_finite_tensor, get_rotation, block_dims
+from .base import Objective
 from .row_segments import (
     FourthPowerKernel,
     RowPacker,
@@ -85,12 +88,12 @@ class FourthPower(Objective):
     ) -> None:
         blocks = list(blocks)
         if not blocks:
-            raise ValueError("FourthPower needs at least one weight block")
+            raise InvalidInputError("FourthPower needs at least one weight block")
         for b in blocks:
             if not isinstance(b, WeightBlock):
-                raise ValueError(f"FourthPower expects WeightBlock items, got {type(b).__name__}")
+                raise InvalidInputError(f"FourthPower expects WeightBlock items, got {type(b).__name__}")
             if not b.weight.is_floating_point():
-                raise ValueError(f"block {b.name!r}: weight must be floating point, got {b.weight.dtype}")
+                raise InvalidInputError(f"block {b.name!r}: weight must be floating point, got {b.weight.dtype}")
             check_finite_tensor(b.weight, f"block {b.name!r} ({b.rotation}, side {b.side!r})")
         self.blocks = blocks
         self.normalize = bool(normalize)
@@ -129,7 +132,7 @@ class FourthPower(Objective):
             return 1.0
         frob2 = float(block.weight.detach().to(torch.float64).square().sum())
         if frob2 == 0.0:
-            raise ValueError(f"block {block.name!r} is all zeros; normalize=True needs a nonzero weight")
+            raise InvalidInputError(f"block {block.name!r} is all zeros; normalize=True needs a nonzero weight")
         return block.weight.numel() / frob2**2
 
     @property
@@ -140,7 +143,7 @@ class FourthPower(Objective):
         """The fused row segments of rotation ``name`` (``[<= chunk_rows, n]`` each; empty with
         ``fused=False``), e.g. to time the bare products on them."""
         if name not in self._dims:
-            raise ValueError(f"no rotation {name!r}; this objective has {sorted(self._dims)}")
+            raise InvalidInputError(f"no rotation {name!r}; this objective has {sorted(self._dims)}")
         return list(self._segments.get(name, []))
 
     @property
@@ -211,7 +214,7 @@ class FourthPower(Objective):
         """Restore :meth:`state_dict`; ValueError if it names other samplers."""
         want = {f"sampler.{k}" for k in self._samplers}
         if set(state) != want:
-            raise ValueError(f"objective state has samplers {sorted(state)}, this objective {sorted(want)}")
+            raise InvalidInputError(f"objective state has samplers {sorted(state)}, this objective {sorted(want)}")
         for k, s in self._samplers.items():
             s.generator.set_state(state[f"sampler.{k}"].clone())
 

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import Objective, Rotations, WeightBlock
-from .base import check_finite_tensor
+from orthoopt.core.blocks import Rotations, WeightBlock
+from orthoopt.core.checks import check_finite_tensor
+from orthoopt.errors import InvalidInputError
+
+from .base import Objective
 from .fourth_power import FourthPower
 
 
@@ -37,17 +40,17 @@ def hessian_sqrt(H: torch.Tensor, what: str = "H", normalize: bool = True) -> to
     """
     if not isinstance(H, torch.Tensor) or H.ndim != 2 or H.shape[0] != H.shape[1]:
         shape = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
-        raise ValueError(f"{what} must be a square 2-D tensor, got {shape}")
+        raise InvalidInputError(f"{what} must be a square 2-D tensor, got {shape}")
     check_finite_tensor(H, what)
     H = H.detach().to(torch.float64)
     scale = float(H.abs().max())
     if scale == 0.0:
-        raise ValueError(f"{what} is all zeros")
+        raise InvalidInputError(f"{what} is all zeros")
     if float((H - H.T).abs().max()) > 1e-6 * scale:
-        raise ValueError(f"{what} is not symmetric")
+        raise InvalidInputError(f"{what} is not symmetric")
     evals, evecs = torch.linalg.eigh(H)
     if float(evals.min()) < -1e-6 * float(evals.max().clamp_min(0)) or float(evals.max()) <= 0:
-        raise ValueError(f"{what} is not positive semidefinite (smallest eigenvalue {float(evals.min()):.3g})")
+        raise InvalidInputError(f"{what} is not positive semidefinite (smallest eigenvalue {float(evals.min()):.3g})")
     evals = evals.clamp_min(0.0)
     if normalize:
         evals = evals * (H.shape[0] / float(evals.sum()))
@@ -84,22 +87,22 @@ class HessianWeighted(Objective):
     ) -> None:
         blocks, hessians = list(blocks), list(hessians)
         if not blocks:
-            raise ValueError("HessianWeighted needs at least one weight block")
+            raise InvalidInputError("HessianWeighted needs at least one weight block")
         if len(blocks) != len(hessians):
-            raise ValueError(
+            raise InvalidInputError(
                 f"got {len(blocks)} blocks but {len(hessians)} hessians (one per block, None for unweighted)"
             )
         weighted = []
         for b, H in zip(blocks, hessians):
             if not isinstance(b, WeightBlock):
-                raise ValueError(f"HessianWeighted expects WeightBlock items, got {type(b).__name__}")
+                raise InvalidInputError(f"HessianWeighted expects WeightBlock items, got {type(b).__name__}")
             if H is None:
                 weighted.append(b)
                 continue
             k = b.weight.shape[1]
             if not isinstance(H, torch.Tensor) or tuple(H.shape) != (k, k):
                 shape = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
-                raise ValueError(f"block {b.name!r}: hessian must be [{k}, {k}] (the layer's input size), got {shape}")
+                raise InvalidInputError(f"block {b.name!r}: hessian must be [{k}, {k}] (the layer's input size), got {shape}")
             check_finite_tensor(b.weight, f"block {b.name!r} ({b.rotation}, side {b.side!r})")
             S = hessian_sqrt(H, what=f"hessian of block {b.name!r}", normalize=normalize_hessian)
             dtype = torch.promote_types(b.weight.dtype, torch.float32)

@@ -27,10 +27,12 @@ from typing import Literal
 
 import torch
 
+from orthoopt.core.blocks import Rotations, WeightBlock, block_dims, get_rotation
+from orthoopt.core.checks import check_finite_tensor
 from orthoopt.core.moments import kurtosis
+from orthoopt.errors import InvalidInputError
 
-from .base import Objective, Rotations, WeightBlock, block_dims
-from .base import check_finite_tensor, get_rotation
+from .base import Objective
 
 UNIFORM_KURTOSIS = 1.8
 
@@ -66,9 +68,9 @@ class Kurtosis(Objective):
         center: bool = False,
     ) -> None:
         if on not in ("activations", "weights"):
-            raise ValueError(f"on must be 'activations' or 'weights', got {on!r}")
+            raise InvalidInputError(f"on must be 'activations' or 'weights', got {on!r}")
         if not isinstance(activations, Mapping) or not activations:
-            raise ValueError("Kurtosis needs a non-empty {rotation name: [T, n] tensor} mapping")
+            raise InvalidInputError("Kurtosis needs a non-empty {rotation name: [T, n] tensor} mapping")
         self.on = on
         self._samples = {name: [x] for name, x in activations.items()}
         self._setup(target, center, {name: [f"activations for rotation {name!r}"] for name in activations})
@@ -84,7 +86,7 @@ class Kurtosis(Objective):
         """
         blocks = list(blocks)
         if not blocks:
-            raise ValueError("Kurtosis.from_blocks needs at least one weight block")
+            raise InvalidInputError("Kurtosis.from_blocks needs at least one weight block")
         block_dims(blocks)  # raises if blocks disagree on a rotation's size
         self = cls.__new__(cls)
         self.on = "weights"
@@ -98,7 +100,7 @@ class Kurtosis(Objective):
     def _setup(self, target: float, center: bool, labels: dict[str, list[str]]) -> None:
         target = float(target)
         if not target >= 1.0 or target == float("inf"):
-            raise ValueError(f"target kurtosis must be a finite number >= 1 (the minimum possible), got {target}")
+            raise InvalidInputError(f"target kurtosis must be a finite number >= 1 (the minimum possible), got {target}")
         self.target = target
         self.center = bool(center)
         self._dims: dict[str, int] = {}
@@ -108,14 +110,14 @@ class Kurtosis(Objective):
             for x, what in zip(parts, labels[name]):
                 if not isinstance(x, torch.Tensor) or x.ndim != 2:
                     shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                    raise ValueError(f"{what} must be a 2-D [T, n] tensor, got {shape}")
+                    raise InvalidInputError(f"{what} must be a 2-D [T, n] tensor, got {shape}")
                 if not x.is_floating_point():
-                    raise ValueError(f"{what} must be floating point, got {x.dtype}")
+                    raise InvalidInputError(f"{what} must be floating point, got {x.dtype}")
                 n = self._dims.setdefault(name, x.shape[1])
                 if x.shape[1] != n:
-                    raise ValueError(f"{what} has {x.shape[1]} columns, expected {n}")
+                    raise InvalidInputError(f"{what} has {x.shape[1]} columns, expected {n}")
                 if n < 2:
-                    raise ValueError(f"{what}: kurtosis needs at least 2 channels, got {n}")
+                    raise InvalidInputError(f"{what}: kurtosis needs at least 2 channels, got {n}")
                 check_finite_tensor(x, what)
                 nonzero = x.detach().abs().amax(dim=1) > 0
                 if not bool(nonzero.all()):
@@ -123,7 +125,7 @@ class Kurtosis(Objective):
                 if x.shape[0]:
                     kept.append(x)
             if not kept:
-                raise ValueError(f"{self.on} for rotation {name!r} has no nonzero row")
+                raise InvalidInputError(f"{self.on} for rotation {name!r} has no nonzero row")
             self._samples[name] = kept
             self._count[name] = sum(x.shape[0] for x in kept)
 

@@ -9,7 +9,8 @@ into it.
 
 Stochastic: every :meth:`~QuantizedLMLoss.loss` / :meth:`~QuantizedLMLoss.value_and_grad` call takes the
 next ``batch_size`` windows (cycling through the calibration set in order), as SpinQuant's SGD does, so
-consecutive calls at the same rotations may differ. Memory stays bounded: the gradient is accumulated
+consecutive calls at the same rotations may differ; :meth:`~QuantizedLMLoss.state_dict` holds the
+stream's position, so a resumed run continues it. Memory stays bounded: the gradient is accumulated
 over ``micro_batch_size`` windows at a time, one backward pass each, so only one micro-batch of
 activations is alive at any time, and the calibration windows are token ids, never activations.
 """
@@ -20,7 +21,10 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from .base import Objective, Rotations
+from orthoopt.core.blocks import Rotations
+from orthoopt.errors import InvalidInputError
+
+from .base import Objective
 
 LossFn = Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
@@ -42,24 +46,23 @@ class QuantizedLMLoss(Objective):
                  dims: Mapping[str, int] | None = None, batch_size: int = 1,
                  micro_batch_size: int | None = None) -> None:
         if not callable(loss_fn):
-            raise ValueError("loss_fn must be callable: loss_fn(rotations, ids) -> scalar tensor")
+            raise InvalidInputError("loss_fn must be callable: loss_fn(rotations, ids) -> scalar tensor")
         dims = dims if dims is not None else getattr(loss_fn, "dims", None)
         if not dims:
-            raise ValueError("dims is required (loss_fn has no .dims)")
+            raise InvalidInputError("dims is required (loss_fn has no .dims)")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+            raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}")
         micro = batch_size if micro_batch_size is None else micro_batch_size
         if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
-            raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
+            raise InvalidInputError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
         if isinstance(batches, torch.Tensor):
             if batches.ndim != 2 or batches.dtype != torch.long or batches.shape[0] < 1 or batches.shape[1] < 2:
-                raise ValueError(f"batches must be a [N, L >= 2] LongTensor, got {batches.dtype} {tuple(batches.shape)}")
+                raise InvalidInputError(f"batches must be a [N, L >= 2] LongTensor, got {batches.dtype} {tuple(batches.shape)}")
         self.loss_fn = loss_fn
         self._dims = dict(dims)
         self.batches = batches
         self.batch_size, self.micro_batch_size = batch_size, micro
         self._stream = None
-        self._buffer: list[torch.Tensor] = []
         self.windows_seen = 0
 
     @property
@@ -80,7 +83,7 @@ class QuantizedLMLoss(Objective):
                         empty = False
                         yield row
                 if empty:
-                    raise ValueError("the calibration batches are empty")
+                    raise InvalidInputError("the calibration batches are empty")
 
     def next_batch(self) -> torch.Tensor:
         """The next ``[batch_size, L]`` windows of the stream."""
@@ -88,9 +91,30 @@ class QuantizedLMLoss(Objective):
             self._stream = self._windows()
         rows = [next(self._stream) for _ in range(self.batch_size)]
         if len({r.shape[0] for r in rows}) != 1:
-            raise ValueError(f"calibration windows of one batch differ in length: {sorted({r.shape[0] for r in rows})}")
+            raise InvalidInputError(f"calibration windows of one batch differ in length: {sorted({r.shape[0] for r in rows})}")
         self.windows_seen += len(rows)
         return torch.stack(rows).long()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The stream's position (``{"windows_seen": int64 [1]}``), so that a resumed run takes the
+        batches an uninterrupted one would."""
+        return {"windows_seen": torch.tensor([self.windows_seen], dtype=torch.int64)}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`: the stream restarts and skips the windows already seen.
+
+        Raises
+        ------
+        ValueError
+            When ``state`` is not a :meth:`state_dict` of this class.
+        """
+        if set(state) != {"windows_seen"}:
+            raise InvalidInputError(f"objective state has {sorted(state)}, QuantizedLMLoss keeps ['windows_seen']")
+        seen = int(state["windows_seen"].reshape(-1)[0])
+        self._stream = self._windows()
+        for _ in range(seen):
+            next(self._stream)
+        self.windows_seen = seen
 
     def _chunks(self, ids: torch.Tensor):
         for s in range(0, ids.shape[0], self.micro_batch_size):

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 CHUNK_ELEMENTS = 1 << 22
 """Default segment size in elements (16 MiB in float32): ``chunk_rows = CHUNK_ELEMENTS // n``."""
 MIN_CHUNK_ROWS = 256
@@ -37,7 +39,7 @@ def default_chunk_rows(n: int) -> int:
     ``[chunk_rows, n]`` work buffers stay at 48 MiB.
     """
     if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+        raise InvalidInputError(f"n must be a positive int, got {n!r}")
     return max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // n)
 
 
@@ -46,7 +48,7 @@ def check_chunk_rows(chunk_rows: int | None, n: int) -> int:
     if chunk_rows is None:
         return default_chunk_rows(n)
     if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
+        raise InvalidInputError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
     return chunk_rows
 
 
@@ -76,7 +78,7 @@ class RowPacker:
     def add(self, rows: torch.Tensor, scale: float = 1.0) -> Iterator[torch.Tensor]:
         """Append ``rows`` (``[m, n]``), multiplied by ``scale`` after the copy; yield completed segments."""
         if rows.ndim != 2 or rows.shape[1] != self.n:
-            raise ValueError(f"row piece must be [m, {self.n}], got {tuple(rows.shape)}")
+            raise InvalidInputError(f"row piece must be [m, {self.n}], got {tuple(rows.shape)}")
         start, m = 0, rows.shape[0]
         while start < m:
             buf = self._buffer()
@@ -118,7 +120,7 @@ class RowSampler:
 
     def __init__(self, fraction: float, seed: int = 0) -> None:
         if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
-            raise ValueError(f"sample_fraction must be in (0, 1], got {fraction!r}")
+            raise InvalidInputError(f"sample_fraction must be in (0, 1], got {fraction!r}")
         self.fraction = float(fraction)
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -160,7 +162,7 @@ class FourthPowerKernel:
         """``(Y, Y ** 2)`` in the work buffers, for ``Y = A @ R``."""
         m = A.shape[0]
         if m > self.chunk_rows:
-            raise ValueError(f"segment of {m} rows exceeds chunk_rows={self.chunk_rows}")
+            raise InvalidInputError(f"segment of {m} rows exceeds chunk_rows={self.chunk_rows}")
         bufY, bufY2, _ = self.buffers(R.dtype, R.device)
         Y = torch.mm(A, R, out=bufY[:m])
         Y2 = torch.mul(Y, Y, out=bufY2[:m])

@@ -13,6 +13,7 @@ import torch
 from orthoopt.adapters.verify import logits as model_logits
 from orthoopt.config import PHASES, RotateConfig
 from orthoopt.core.tolerance import invariance_tolerance
+from orthoopt.errors import InvalidInputError
 from orthoopt.pipeline.loop import PhaseRun, combine_results, run_phases
 from orthoopt.pipeline.memory import MemoryStore
 from orthoopt.pipeline.output import run_and_write
@@ -25,15 +26,15 @@ def _as_config(config: RotateConfig | str | None, rotations, kwargs: dict) -> Ro
     keyword form of :func:`rotate_model` / :func:`rotate_streamed`)."""
     if isinstance(config, RotateConfig):
         if kwargs or rotations is not None:
-            raise ValueError(f"pass settings either as a RotateConfig or as keywords, not both "
+            raise InvalidInputError(f"pass settings either as a RotateConfig or as keywords, not both "
                              f"(got {sorted(kwargs) + (['rotations'] if rotations is not None else [])})")
         return config
     if config is not None and not isinstance(config, str):
-        raise ValueError(f"config must be a RotateConfig or a method name, got {type(config).__name__}")
+        raise InvalidInputError(f"config must be a RotateConfig or a method name, got {type(config).__name__}")
     if "dtype" in kwargs and isinstance(kwargs["dtype"], torch.dtype):
         kwargs["dtype"] = str(kwargs["dtype"]).removeprefix("torch.")
     if "method" in kwargs and config is not None:
-        raise ValueError(f"method given twice: {config!r} and method={kwargs['method']!r}")
+        raise InvalidInputError(f"method given twice: {config!r} and method={kwargs['method']!r}")
     method = kwargs.pop("method", config or "optrot")
     return RotateConfig(method=method, rotations=PHASES if rotations is None else tuple(rotations), **kwargs)
 
@@ -103,7 +104,7 @@ def rotate_model(
             tol = verify_tol if verify_tol is not None else invariance_tolerance(param_dtype)
             report["invariance_tolerance"] = tol
             if not err <= tol:
-                raise ValueError(f"rotated model's logits differ from the original's by {err:.3e} (relative), "
+                raise InvalidInputError(f"rotated model's logits differ from the original's by {err:.3e} (relative), "
                                  f"above the tolerance {tol:.1e}: the write-back is wrong")
         report = {**dict(report_extra or {}), **report}
         return RotateResult(rots, report, solves)

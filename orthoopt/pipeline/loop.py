@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from orthoopt.config import RotateConfig
+from orthoopt.errors import InvalidInputError
 from orthoopt.manifold import reorthogonalize
 from orthoopt.resume import Partial, settings_difference, tensor_checksum
 from orthoopt.solvers import SolveResult, initial_rotations, make_solver, solve
@@ -136,7 +137,7 @@ def run_phases(store: WeightStore, config: RotateConfig, *, calib: torch.Tensor 
     before the store is touched (:meth:`~orthoopt.store.WeightStore.begin`).
     """
     if (config.checkpoint_every or resume) and checkpoint is None:
-        raise ValueError("checkpoint_every and resume need checkpoint=PATH")
+        raise InvalidInputError("checkpoint_every and resume need checkpoint=PATH")
     learned = config.learned
     phase_steps = config.phase_steps()
     every = config.checkpoint_every
@@ -147,13 +148,13 @@ def run_phases(store: WeightStore, config: RotateConfig, *, calib: torch.Tensor 
         if partial is not None:
             asked = phase_steps.get(_unit_phase(partial.phase), 0)
             if partial.step > asked:
-                raise ValueError(f"{checkpoint}: {partial.phase} has already taken {partial.step} steps, more "
+                raise InvalidInputError(f"{checkpoint}: {partial.phase} has already taken {partial.step} steps, more "
                                  f"than the {asked} asked for now (--steps {asked}); rerun with the interrupted run's "
                                  f"settings (steps {partial.settings.get('steps')}) to continue, or delete the file "
                                  "to start afresh")
             diff = settings_difference(partial.settings, settings)
             if diff:
-                raise ValueError(f"{checkpoint} is the partial checkpoint of a different run ({'; '.join(diff)}); "
+                raise InvalidInputError(f"{checkpoint} is the partial checkpoint of a different run ({'; '.join(diff)}); "
                                  "rerun with the same settings, or delete it to start afresh")
     if not learned:
         checkpoint = None
@@ -183,19 +184,23 @@ def run_phases(store: WeightStore, config: RotateConfig, *, calib: torch.Tensor 
                 if init is not None and k in init:
                     start[k] = init[k].to(dtype=dtype, device=start[k].device)
             solver = make_solver(config.solver_name, **({} if lr is None else {"lr": lr}))
+            cosine = config.entry.schedule == "cosine" and hasattr(solver, "lr")
+            base_lr = float(solver.lr) if cosine else None
             done, before = 0, []
             if partial is not None and partial.phase == unit.key and partial.solver is not None:
                 if partial.objective:
                     objective.load_state_dict(partial.objective)
+                if cosine:  # the saved lr is the schedule's value at the checkpoint, not another setting
+                    solver.lr = partial.solver["meta"].get("config", {}).get("lr", base_lr)
                 where = next(iter(start.values())).device
                 solver.load_state_dict({"tensors": {k: v.to(where) for k, v in partial.solver["tensors"].items()},
                                         "meta": partial.solver["meta"]})
                 done, before = partial.step, list(partial.histories.get(unit.key, []))
             cb = _unit_callback(store, unit, done, before, callback, out, results, solver, objective,
                                 checkpoint if every else None, every, settings)
-            if config.entry.schedule == "cosine" and hasattr(solver, "lr"):
+            if cosine:
                 total = config.schedule_steps or phase_steps.get(unit.phase, 0)
-                cb = _cosine(solver, float(solver.lr), total, done, cb)
+                cb = _cosine(solver, base_lr, total, done, cb)
             result = solve(objective, None if done or before else start, solver,
                            max(0, phase_steps.get(unit.phase, 0) - done), callback=cb, progress=progress,
                            prior_history=before, **stop)

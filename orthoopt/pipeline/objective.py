@@ -12,7 +12,7 @@ from typing import Iterable, Mapping
 import torch
 
 from orthoopt.adapters import DecoderAdapter
-from orthoopt.config import FULL_PRECISION_BLOCKS
+from orthoopt.errors import InvalidInputError
 from orthoopt.methods import ObjectiveInputs, check_sampling
 from orthoopt.methods import method as method_entry
 from orthoopt.methods import names as _names
@@ -23,7 +23,11 @@ def _blocks(adapter: DecoderAdapter, phase: str, include_embeddings: bool, names
     blocks = adapter.weight_blocks(phase)
     if names is not None:
         blocks = [b for b in blocks if b.rotation in names]
-    return blocks if include_embeddings else [b for b in blocks if b.name not in FULL_PRECISION_BLOCKS]
+    # the architecture table says what stays in full precision: embedding and lm_head (counted with
+    # include_embeddings) and every projection with quantize=False (MoE routers: never counted)
+    spec = adapter.modules.spec
+    embeddings = {spec.embed, spec.lm_head} if include_embeddings else set()
+    return [b for b in blocks if b.name in embeddings or not spec.is_full_precision(b.name)]
 
 
 def _activations(adapter: DecoderAdapter, phase: str, calib: torch.Tensor, max_tokens: int,
@@ -106,11 +110,11 @@ def build_objective(method: str, adapter: DecoderAdapter, phase: str | Iterable[
     calibration forward pass once."""
     entry = method_entry(method)
     if not entry.learned:
-        raise ValueError(f"method {method!r} learns nothing; learned methods: "
+        raise InvalidInputError(f"method {method!r} learns nothing; learned methods: "
                          f"{', '.join(_names(lambda m: m.learned))}")
     check_sampling(entry, sample_fraction, device)
     if entry.needs_calibration and calib is None:
-        raise ValueError(f"method {method!r} needs calibration text (--calib TEXT_FILE)")
+        raise InvalidInputError(f"method {method!r} needs calibration text (--calib TEXT_FILE)")
     inputs = ObjectiveInputs(calib=calib, sample_fraction=sample_fraction, seed=seed, device=device,
                              batch_size=batch_size, micro_batch_size=micro_batch_size)
     if entry.simulates_quantization:

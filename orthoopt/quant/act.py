@@ -31,6 +31,7 @@ from torch import nn
 
 from orthoopt.adapters.archs import locate
 from orthoopt.core.grid import check_bits_or_off
+from orthoopt.errors import InvalidInputError
 from orthoopt.hadamard import hadamard_matrix, hadamard_plan, hadamard_transform
 from orthoopt.quant.experts import expert_params, install_experts_act_quant
 from orthoopt.quant.quantizer import QuantSpec, quantize_rows
@@ -43,7 +44,7 @@ def _r4_linears(model: nn.Module) -> list[nn.Linear]:
     role = m.spec.r4_role
     lins = [L.projs.get(role) if role else None for L in m.layers]
     if role is None or any(not isinstance(x, nn.Linear) for x in lins):
-        raise ValueError(f"the online Hadamard (R4) is not supported for model_type {m.spec.model_type!r}: "
+        raise InvalidInputError(f"the online Hadamard (R4) is not supported for model_type {m.spec.model_type!r}: "
                          "no dense MLP output projection in every layer")
     return lins
 
@@ -66,7 +67,7 @@ class ActQuantConfig:
     def __post_init__(self) -> None:
         check_bits_or_off(self.bits, "activation")
         if not 0.0 < self.clip_ratio <= 1.0:
-            raise ValueError(f"activation clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
+            raise InvalidInputError(f"activation clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
 
     @property
     def enabled(self) -> bool:
@@ -77,7 +78,7 @@ class ActQuantConfig:
     def spec(self) -> QuantSpec:
         """The per-token quantizer (only when :attr:`enabled`)."""
         if not self.enabled:
-            raise ValueError("activation quantization is off (bits=16)")
+            raise InvalidInputError("activation quantization is off (bits=16)")
         return QuantSpec(bits=self.bits, symmetric=self.symmetric, clip_ratio=self.clip_ratio)
 
     def to_dict(self) -> dict:
@@ -87,7 +88,7 @@ class ActQuantConfig:
     def from_dict(cls, d: dict) -> "ActQuantConfig":
         unknown = set(d) - {"bits", "symmetric", "clip_ratio", "online_hadamard"}
         if unknown:
-            raise ValueError(f"unknown activation quantization settings: {sorted(unknown)}")
+            raise InvalidInputError(f"unknown activation quantization settings: {sorted(unknown)}")
         return cls(**d)
 
 
@@ -97,7 +98,7 @@ def quantize_activations(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     Computed in float32 (float64 for float64 input); returns ``x``'s shape and dtype.
     """
     if spec.group_size is not None:
-        raise ValueError("activation quantization is per token; group_size must be None")
+        raise InvalidInputError("activation quantization is per token; group_size must be None")
     work = x if x.dtype == torch.float64 else x.float()
     return quantize_rows(work.reshape(-1, x.shape[-1]), spec).reshape(x.shape).to(x.dtype)
 
@@ -117,7 +118,7 @@ def _intermediate_size(model: nn.Module) -> int:
     """The ``down_proj`` input size, checked to be one size with a Hadamard matrix."""
     sizes = {lin.in_features for lin in _r4_linears(model)}
     if len(sizes) != 1:
-        raise ValueError(f"online Hadamard needs one intermediate size, the layers have {sorted(sizes)}")
+        raise InvalidInputError(f"online Hadamard needs one intermediate size, the layers have {sorted(sizes)}")
     n = sizes.pop()
     hadamard_plan(n)  # raises ValueError naming the nearest supported sizes
     return n

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 
 def read_text(path: str | os.PathLike) -> str:
     """The text of a UTF-8 file with universal newlines (``\\r\\n`` -> ``\\n``).
@@ -27,10 +29,10 @@ def read_text(path: str | os.PathLike) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"text file {path} is not UTF-8: byte {e.object[e.start]:#04x} at offset {e.start} "
+        raise InvalidInputError(f"text file {path} is not UTF-8: byte {e.object[e.start]:#04x} at offset {e.start} "
                          f"({e.reason}); convert it to UTF-8") from None
     if not text.strip():
-        raise ValueError(f"text file is empty: {path}")
+        raise InvalidInputError(f"text file is empty: {path}")
     return text
 
 
@@ -46,14 +48,14 @@ def check_context(model_or_config, seq_len: int, what: str = "seq_len") -> None:
     model or its config; nothing is checked when the context is unknown)."""
     ctx = model_context(model_or_config)
     if ctx is not None and seq_len > ctx:
-        raise ValueError(f"{what} {seq_len} is longer than the model's context of {ctx} tokens "
+        raise InvalidInputError(f"{what} {seq_len} is longer than the model's context of {ctx} tokens "
                          f"(max_position_embeddings); use at most {ctx}")
 
 
 def tokenize_text(text: str, tokenizer) -> torch.Tensor:
     """Token ids of ``text`` as a 1-D LongTensor (default special tokens, no truncation)."""
     if not text.strip():
-        raise ValueError("text is empty")
+        raise InvalidInputError("text is empty")
     ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"]
     return ids.reshape(-1).long()
 
@@ -73,12 +75,12 @@ def calibration_batches(
     ``seq_len`` tokens, or non-positive sizes.
     """
     if nsamples < 1:
-        raise ValueError(f"nsamples must be positive, got {nsamples}")
+        raise InvalidInputError(f"nsamples must be positive, got {nsamples}")
     if seq_len < 1:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
+        raise InvalidInputError(f"seq_len must be positive, got {seq_len}")
     ids = tokenize_text(read_text(text_file), tokenizer)
     if ids.numel() < seq_len:
-        raise ValueError(
+        raise InvalidInputError(
             f"calibration text {text_file} has {ids.numel()} tokens, fewer than seq_len={seq_len}"
         )
     gen = torch.Generator().manual_seed(seed)

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from orthoopt.adapters.archs import ArchSpec, LayerModules
+from orthoopt.errors import InvalidInputError
 from orthoopt.quant.gptq import HessianAccumulator, gptq_quantize
 from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams
 from orthoopt.quant.rtn import quantize_rtn_params
@@ -78,7 +79,7 @@ def check_experts_module(module: nn.Module, name: str = "experts") -> None:
     if not callable(getattr(module, "act_fn", None)):
         problems.append("no act_fn")
     if problems:
-        raise ValueError(f"{name} ({type(module).__name__}) is not a supported fused experts module: "
+        raise InvalidInputError(f"{name} ({type(module).__name__}) is not a supported fused experts module: "
                          + "; ".join(problems))
 
 
@@ -87,7 +88,7 @@ def quantize_experts_rtn(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.T
     quantize_rtn_params(weight[e], spec)``; ``params.scale``/``zero`` ``[experts, out, groups]``,
     ``params.group_index`` ``[experts, in]``."""
     if weight.ndim != 3:
-        raise ValueError(f"quantize_experts_rtn expects a 3-D [experts, out, in] tensor, got {tuple(weight.shape)}")
+        raise InvalidInputError(f"quantize_experts_rtn expects a 3-D [experts, out, in] tensor, got {tuple(weight.shape)}")
     results = [quantize_rtn_params(w, spec) for w in weight]
     return torch.stack([q for q, _ in results]), stack_params([p for _, p in results])
 
@@ -112,7 +113,7 @@ def routed_inputs(module: nn.Module, param: str, hidden: torch.Tensor, top_k_ind
     if param == GATE_UP:
         return x
     if param != DOWN:
-        raise ValueError(f"unknown expert tensor {param!r} (expected {GATE_UP!r} or {DOWN!r})")
+        raise InvalidInputError(f"unknown expert tensor {param!r} (expected {GATE_UP!r} or {DOWN!r})")
     gate, up = nn.functional.linear(x, getattr(module, GATE_UP)[expert]).chunk(2, dim=-1)
     return module.act_fn(gate) * up
 
@@ -199,7 +200,7 @@ def install_experts_act_quant(module: nn.Module, quant: Callable, name: str = "e
     :func:`experts_forward` with ``quant`` on both expert inputs. ``quant(x) -> x'`` of the same shape."""
     check_experts_module(module, name)
     if "forward" in module.__dict__:
-        raise ValueError(f"{name} already has activation quantization installed")
+        raise InvalidInputError(f"{name} already has activation quantization installed")
 
     def forward(hidden_states, top_k_index, top_k_weights):
         return experts_forward(module, hidden_states, top_k_index, top_k_weights, quant, quant)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from orthoopt.errors import InvalidInputError
 from orthoopt.quant.quantizer import QuantSpec, fake_quantize, find_params
 
 
@@ -39,7 +40,7 @@ class HessianAccumulator:
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs of shape ``[..., n]`` (every leading index is one token)."""
         if x.shape[-1] != self.n:
-            raise ValueError(f"HessianAccumulator of size {self.n} got inputs of width {x.shape[-1]}")
+            raise InvalidInputError(f"HessianAccumulator of size {self.n} got inputs of width {x.shape[-1]}")
         x = x.detach().reshape(-1, self.n).to(self.hessian.dtype)
         m = x.shape[0]
         if m == 0:
@@ -72,7 +73,7 @@ def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
         L = torch.linalg.cholesky(H)
         return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     except torch.linalg.LinAlgError as e:
-        raise ValueError(
+        raise InvalidInputError(
             "GPTQ: the dampened Hessian is not positive definite; increase percdamp or use more calibration data"
         ) from e
 
@@ -92,17 +93,17 @@ def gptq_quantize(
     Computed in float64 if ``weight`` is float64, else float32. ``spec.group_size`` must divide ``in``.
     """
     if weight.ndim != 2:
-        raise ValueError(f"gptq_quantize expects a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+        raise InvalidInputError(f"gptq_quantize expects a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
     rows, cols = weight.shape
     if hessian.shape != (cols, cols):
-        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not match weight with {cols} input columns")
+        raise InvalidInputError(f"Hessian of shape {tuple(hessian.shape)} does not match weight with {cols} input columns")
     if block_size < 1:
-        raise ValueError(f"block_size must be positive, got {block_size}")
+        raise InvalidInputError(f"block_size must be positive, got {block_size}")
     if percdamp < 0:
-        raise ValueError(f"percdamp must be non-negative, got {percdamp}")
+        raise InvalidInputError(f"percdamp must be non-negative, got {percdamp}")
     g = spec.group_size or cols
     if cols % g:
-        raise ValueError(f"group_size {g} does not divide the number of input columns {cols}")
+        raise InvalidInputError(f"group_size {g} does not divide the number of input columns {cols}")
 
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     W = weight.detach().to(dtype).clone()

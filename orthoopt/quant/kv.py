@@ -39,6 +39,7 @@ from torch import nn
 
 from orthoopt.adapters.archs import locate
 from orthoopt.core.grid import check_bits_or_off, straight_through
+from orthoopt.errors import InvalidInputError
 from orthoopt.hadamard import hadamard_plan, hadamard_transform
 from orthoopt.quant.quantizer import QuantSpec, quantize_rows
 
@@ -68,10 +69,10 @@ class KVQuantConfig:
         check_bits_or_off(self.bits, "KV-cache")
         if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
                                             or self.group_size < 1):
-            raise ValueError(f"KV-cache group_size must be a positive integer or None, got {self.group_size!r}")
+            raise InvalidInputError(f"KV-cache group_size must be a positive integer or None, got {self.group_size!r}")
         for name in ("k_clip_ratio", "v_clip_ratio"):
             if not 0.0 < getattr(self, name) <= 1.0:
-                raise ValueError(f"KV-cache {name} must be in (0, 1], got {getattr(self, name)!r}")
+                raise InvalidInputError(f"KV-cache {name} must be in (0, 1], got {getattr(self, name)!r}")
 
     @property
     def enabled(self) -> bool:
@@ -86,7 +87,7 @@ class KVQuantConfig:
     def specs(self) -> tuple[QuantSpec, QuantSpec]:
         """``(K spec, V spec)`` of the per-group quantizers (only when :attr:`enabled`)."""
         if not self.enabled:
-            raise ValueError("KV-cache quantization is off (bits=16)")
+            raise InvalidInputError("KV-cache quantization is off (bits=16)")
         return (QuantSpec(bits=self.bits, symmetric=self.symmetric, clip_ratio=self.k_clip_ratio),
                 QuantSpec(bits=self.bits, symmetric=self.symmetric, clip_ratio=self.v_clip_ratio))
 
@@ -97,7 +98,7 @@ class KVQuantConfig:
     def from_dict(cls, d: dict) -> "KVQuantConfig":
         unknown = set(d) - {"bits", "group_size", "symmetric", "k_clip_ratio", "v_clip_ratio", "r3"}
         if unknown:
-            raise ValueError(f"unknown KV-cache quantization settings: {sorted(unknown)}")
+            raise InvalidInputError(f"unknown KV-cache quantization settings: {sorted(unknown)}")
         return cls(**d)
 
 
@@ -107,7 +108,7 @@ def quantize_heads(x: torch.Tensor, spec: QuantSpec, group_size: int) -> torch.T
     returned in ``x``'s dtype and shape; straight-through under autograd."""
     d = x.shape[-1]
     if d % group_size:
-        raise ValueError(f"KV-cache group_size {group_size} does not divide head_dim {d}")
+        raise InvalidInputError(f"KV-cache group_size {group_size} does not divide head_dim {d}")
     work = x if x.dtype == torch.float64 else x.float()
     q = quantize_rows(work.detach().reshape(-1, group_size), spec).reshape(x.shape).to(x.dtype)
     return straight_through(x, q)
@@ -138,7 +139,7 @@ def _inner_function(module: nn.Module, inner: str):
     if inner == "eager":
         fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if fn is None:
-            raise ValueError(f"{type(module).__name__}'s module defines no eager_attention_forward")
+            raise InvalidInputError(f"{type(module).__name__}'s module defines no eager_attention_forward")
         return fn
     return ALL_ATTENTION_FUNCTIONS[inner]
 
@@ -165,9 +166,9 @@ def register_wrapper(inner: str) -> str:
     if name in ALL_ATTENTION_FUNCTIONS._global_mapping:
         return name
     if inner != "eager" and inner not in ALL_ATTENTION_FUNCTIONS._global_mapping:
-        raise ValueError(f"attention implementation {inner!r} is not registered in transformers")
+        raise InvalidInputError(f"attention implementation {inner!r} is not registered in transformers")
     if inner not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        raise ValueError(f"attention implementation {inner!r} has no mask function; R3/KV quantization "
+        raise InvalidInputError(f"attention implementation {inner!r} has no mask function; R3/KV quantization "
                          "supports sdpa, eager and the implementations with a registered mask")
     AttentionInterface.register(name, _make_wrapper(inner))
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[inner])
@@ -217,10 +218,10 @@ def install_kv_quant(model: nn.Module, config: KVQuantConfig) -> KVQuantHooks:
     if config.r3:
         hadamard_plan(d)
     if config.group_size is not None and d % config.group_size:
-        raise ValueError(f"KV-cache group_size {config.group_size} does not divide head_dim {d}")
+        raise InvalidInputError(f"KV-cache group_size {config.group_size} does not divide head_dim {d}")
     current = model.config._attn_implementation or "eager"
     if current.startswith(WRAPPER_PREFIX) or any(hasattr(L.attn, _STATE_ATTR) for L in located.layers):
-        raise ValueError("R3/KV-cache hooks are already installed on this model; remove() them first")
+        raise InvalidInputError("R3/KV-cache hooks are already installed on this model; remove() them first")
     name = register_wrapper(current)
     modules = []
     for L in located.layers:

@@ -24,6 +24,7 @@ from torch import nn
 from orthoopt.adapters.archs import ARCHS, locate
 from orthoopt.adapters.io import load_model, load_tokenizer
 from orthoopt.core.grid import check_bits_or_off
+from orthoopt.errors import InvalidInputError
 from orthoopt.quant.act import (
     ActQuantConfig,
     _r4_linears,
@@ -40,7 +41,7 @@ from orthoopt.quant.sequential import check_calib, gptq_quantize_model
 from orthoopt.utils.atomic import atomic_dir
 from orthoopt.utils.checks import check_model_weights
 
-METHODS = ("rtn", "gptq")
+QUANT_METHODS = ("rtn", "gptq")
 QUANT_JSON = "quant.json"
 QUANT_FORMAT = "orthoopt.quant/1"
 FULL_PRECISION = ARCHS["llama"].full_precision
@@ -113,8 +114,8 @@ def quantize_model(
     quantization (GPTQ calibrates with the activation half of the Hadamard active and activations and
     K/V in full precision, as QuaRot does), then activation hooks, then R3/KV hooks.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in QUANT_METHODS:
+        raise InvalidInputError(f"method must be one of {QUANT_METHODS}, got {method!r}")
     check_bits_or_off(wbits, "weight")
     check_model_weights(model)  # no meta tensors, no NaN/inf weights (they would be written as they are)
     act = act if act is not None else ActQuantConfig()
@@ -123,11 +124,11 @@ def quantize_model(
     if wbits < 16:
         spec = QuantSpec(bits=wbits, symmetric=sym, group_size=group_size, mse=mse_clip)
         if method == "gptq" and calib is None:
-            raise ValueError("GPTQ needs calibration data: pass calib (a [nsamples, seq_len] LongTensor)")
+            raise InvalidInputError("GPTQ needs calibration data: pass calib (a [nsamples, seq_len] LongTensor)")
         if method == "gptq":
             check_calib(calib)
             if percdamp < 0 or block_size < 1:
-                raise ValueError(f"GPTQ needs percdamp >= 0 and block_size >= 1, got {percdamp}, {block_size}")
+                raise InvalidInputError(f"GPTQ needs percdamp >= 0 and block_size >= 1, got {percdamp}, {block_size}")
     located = locate(model)  # raises for an unsupported architecture before anything changes
     expert_tensors = {n: t for L in located.layers for n, t in quantized_expert_tensors(located.spec, L).items()}
     for L in located.layers if spec is not None or act.enabled else ():
@@ -136,17 +137,17 @@ def quantize_model(
     if kv.r3:
         r3_size(model)  # head_dim without a Hadamard matrix: fail before anything changes
     if kv.group_size is not None and located.head_dim % kv.group_size:
-        raise ValueError(f"KV-cache group_size {kv.group_size} does not divide head_dim {located.head_dim}")
+        raise InvalidInputError(f"KV-cache group_size {kv.group_size} does not divide head_dim {located.head_dim}")
     if group_size is not None and spec is not None:
         for L in located.layers:
             for role, lin in L.quant_linears(located.spec).items():
                 if lin.in_features % group_size:
-                    raise ValueError(
+                    raise InvalidInputError(
                         f"group_size {group_size} does not divide {L.names[role]}'s {lin.in_features} input columns"
                     )
         for name, t in expert_tensors.items():
             if t.shape[-1] % group_size:
-                raise ValueError(f"group_size {group_size} does not divide {name}'s {t.shape[-1]} input columns")
+                raise InvalidInputError(f"group_size {group_size} does not divide {name}'s {t.shape[-1]} input columns")
 
     start = time.perf_counter()
     hadamard = rotate_down_proj_weights(model) if act.online_hadamard else None
@@ -251,7 +252,7 @@ def read_quant_settings(model_dir: str | os.PathLike) -> dict | None:
         return None
     settings = json.loads(path.read_text(encoding="utf-8"))
     if settings.get("format") != QUANT_FORMAT:
-        raise ValueError(f"{path}: unknown format {settings.get('format')!r}, expected {QUANT_FORMAT!r}")
+        raise InvalidInputError(f"{path}: unknown format {settings.get('format')!r}, expected {QUANT_FORMAT!r}")
     return settings
 
 
@@ -268,9 +269,9 @@ def install_from_settings(model: nn.Module, settings: dict) -> ActQuantHooks:
         stored = settings.get("online_hadamard") or {}
         n = {lin.in_features for lin in _r4_linears(model)}
         if {stored.get("size")} != n:
-            raise ValueError(f"quant.json online Hadamard size {stored.get('size')} does not match the model's {sorted(n)}")
+            raise InvalidInputError(f"quant.json online Hadamard size {stored.get('size')} does not match the model's {sorted(n)}")
         if stored.get("sha256") != hadamard_fingerprint(stored["size"]):
-            raise ValueError(
+            raise InvalidInputError(
                 f"quant.json online Hadamard fingerprint does not match hadamard_matrix({stored['size']}) "
                 "of this orthoopt version; the checkpoint's down_proj weights were rotated by another matrix"
             )
@@ -279,7 +280,7 @@ def install_from_settings(model: nn.Module, settings: dict) -> ActQuantHooks:
         stored = settings.get("r3") or {}
         d = locate(model).head_dim
         if stored.get("size") != d or stored.get("sha256") != hadamard_fingerprint(d):
-            raise ValueError(f"quant.json R3 record {stored} does not match hadamard_matrix({d}) of this orthoopt "
+            raise InvalidInputError(f"quant.json R3 record {stored} does not match hadamard_matrix({d}) of this orthoopt "
                              "version for the model's head_dim")
     kv_hooks = install_kv_quant(model, kv)  # raises before the activation hooks go in
     hooks = install_act_quant(model, act)

@@ -42,6 +42,7 @@ from torch.func import functional_call
 from orthoopt.adapters.decoder import DecoderAdapter
 from orthoopt.adapters.writeback import layer_params, rotate_layer
 from orthoopt.core.grid import check_bits_or_off, straight_through
+from orthoopt.errors import InvalidInputError
 from orthoopt.hadamard import hadamard_transform
 from orthoopt.quant.act import ActQuantConfig, _intermediate_size, _r4_linears, install_act_quant
 from orthoopt.quant.experts import check_experts_module, expert_params, quantized_expert_tensors
@@ -110,15 +111,15 @@ class RotatedQuantLM:
             for L in m.layers:
                 for role, lin in L.quant_linears(m.spec).items():
                     if lin.in_features % self.config.w_group_size:
-                        raise ValueError(f"weight group_size {self.config.w_group_size} does not divide "
+                        raise InvalidInputError(f"weight group_size {self.config.w_group_size} does not divide "
                                          f"{L.names[role]}'s {lin.in_features} input columns")
                 for name, t in quantized_expert_tensors(m.spec, L).items():
                     if t.shape[-1] % self.config.w_group_size:
-                        raise ValueError(f"weight group_size {self.config.w_group_size} does not divide "
+                        raise InvalidInputError(f"weight group_size {self.config.w_group_size} does not divide "
                                          f"{name}'s {t.shape[-1]} input columns")
         selected = set(rotations)
         if not selected or selected - {"R1", "R2"}:
-            raise ValueError(f"rotations must be a non-empty subset of ('R1', 'R2'), got {sorted(selected)}")
+            raise InvalidInputError(f"rotations must be a non-empty subset of ('R1', 'R2'), got {sorted(selected)}")
         self.dims = {k: n for k, n in self.adapter.rotation_dims().items()
                      if (k == "R1" and "R1" in selected) or (k.startswith("R2.") and "R2" in selected)}
         prefix = m.spec.decoder + "."
@@ -169,7 +170,7 @@ class RotatedQuantLM:
 
     def __call__(self, rotations: Mapping[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.ndim != 2 or ids.shape[1] < 2:
-            raise ValueError("ids must be a [batch, seq_len >= 2] LongTensor of token ids")
+            raise InvalidInputError("ids must be a [batch, seq_len >= 2] LongTensor of token ids")
         m = self.adapter.modules
         R1 = rotations.get("R1") if "R1" in self.dims else None
         params = self.rotated_weights(rotations)

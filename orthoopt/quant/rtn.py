@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from orthoopt.errors import InvalidInputError
 from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams, quantize_groups
 
 
@@ -21,7 +22,7 @@ def quantize_rtn_params(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Te
     of shape ``[out, groups]`` (float32, or float64 for a float64 ``W``) and ``params.group_index[j] =
     j // group_size``."""
     if weight.ndim != 2:
-        raise ValueError(f"quantize_rtn expects a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+        raise InvalidInputError(f"quantize_rtn expects a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
     work = weight if weight.dtype == torch.float64 else weight.float()
     rows, n = work.shape
     g = spec.group_size or n

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from orthoopt.errors import InvalidInputError
+
 PER_CHANNEL = -1
 """``--group-size -1``: one scale per output channel (as AutoGPTQ's ``group_size=-1``), to override a
 grouped scheme."""
@@ -89,7 +91,7 @@ def get_scheme(name: str) -> Scheme:
         return SCHEMES[key]
     why = unrepresentable_preset(key)
     what = f"the compressed-tensors scheme {key} cannot be represented: {why}" if why else f"unknown scheme {name!r}"
-    raise ValueError(f"{what}; supported schemes: {', '.join(SCHEMES)}")
+    raise InvalidInputError(f"{what}; supported schemes: {', '.join(SCHEMES)}")
 
 
 def resolve(name: str | None, flags: dict, defaults: dict) -> tuple[dict, dict]:
@@ -115,7 +117,7 @@ def resolve(name: str | None, flags: dict, defaults: dict) -> tuple[dict, dict]:
     """
     unknown = set(flags) - set(defaults)
     if unknown:
-        raise ValueError(f"unknown quantizer settings: {sorted(unknown)}")
+        raise InvalidInputError(f"unknown quantizer settings: {sorted(unknown)}")
     base = get_scheme(name).settings() if name is not None else dict(defaults)
     settings = {**base, **flags}
     overrides = {k: {"scheme": base[k], "flag": v} for k, v in flags.items() if name is not None and v != base[k]}

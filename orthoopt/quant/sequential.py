@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from orthoopt.adapters.archs import locate
-from orthoopt.errors import OrthooptError
+from orthoopt.errors import InvalidInputError, OrthooptError
 from orthoopt.quant.experts import expert_params, gptq_experts
 from orthoopt.quant.gptq import HessianAccumulator, gptq_quantize
 from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams
@@ -54,7 +54,7 @@ class _Recorder(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         if args:
-            raise ValueError("decoder layers are expected to receive only hidden_states positionally")
+            raise InvalidInputError("decoder layers are expected to receive only hidden_states positionally")
         if self.index == 0:
             self.store["inputs"].append(hidden_states.detach())
         self.store["kwargs"].setdefault(self.index, kwargs)
@@ -170,7 +170,7 @@ def check_calib(calib) -> None:
     """Raise ValueError unless ``calib`` is a non-empty ``[nsamples, seq_len]`` LongTensor."""
     if not isinstance(calib, torch.Tensor) or calib.ndim != 2 or calib.dtype != torch.long or calib.numel() == 0:
         got = f"{calib.dtype} {tuple(calib.shape)}" if isinstance(calib, torch.Tensor) else type(calib).__name__
-        raise ValueError(f"calib must be a non-empty [nsamples, seq_len] LongTensor of token ids, got {got}")
+        raise InvalidInputError(f"calib must be a non-empty [nsamples, seq_len] LongTensor of token ids, got {got}")
 
 
 @torch.no_grad()

@@ -25,6 +25,8 @@ from typing import Mapping
 
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 from ..core.tolerance import orthogonality_tolerance
 from ..errors import OrthooptError
 from ..manifold import O_N, OrthogonalGroup, check_square
@@ -59,7 +61,7 @@ class Solver:
 
     def __init__(self, ortho_tol: float | None = None) -> None:
         if ortho_tol is not None and not ortho_tol > 0:
-            raise ValueError(f"ortho_tol must be positive or None, got {ortho_tol!r}")
+            raise InvalidInputError(f"ortho_tol must be positive or None, got {ortho_tol!r}")
         self.ortho_tol = ortho_tol
         self._R: dict[str, torch.Tensor] | None = None
         self.num_steps = 0
@@ -71,7 +73,7 @@ class Solver:
     def init(self, rotations: Mapping[str, torch.Tensor]) -> None:
         """Take copies of ``rotations`` ({name: [n, n]}, float32/float64) and reset the state."""
         if not isinstance(rotations, Mapping) or not rotations:
-            raise ValueError("rotations must be a non-empty dict {name: [n, n] tensor}")
+            raise InvalidInputError("rotations must be a non-empty dict {name: [n, n] tensor}")
         copies: dict[str, torch.Tensor] = {}
         for k, R in rotations.items():
             check_square(R, f"rotation {k!r}")
@@ -98,7 +100,7 @@ class Solver:
     def step(self, objective: Objective) -> float:
         """One update; returns the loss before it. Raises :class:`NonFiniteLossError` on NaN/inf."""
         if self._R is None:
-            raise ValueError(f"{self.name}: call init(rotations) before step()")
+            raise InvalidInputError(f"{self.name}: call init(rotations) before step()")
         loss, updated = self._update(objective)
         self.num_steps += 1
         if self._maintain_orthogonality(updated):
@@ -137,12 +139,12 @@ class Solver:
         from another solver or other settings."""
         meta, tensors = state["meta"], state["tensors"]
         if meta.get("solver") != self.name:
-            raise ValueError(f"solver state is from solver {meta.get('solver')!r}, this solver is {self.name!r}")
+            raise InvalidInputError(f"solver state is from solver {meta.get('solver')!r}, this solver is {self.name!r}")
         mine = json_roundtrip(self.config())
         theirs = meta.get("config", {})
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
-            raise ValueError("solver state has other settings: " +
+            raise InvalidInputError("solver state has other settings: " +
                              ", ".join(f"{k} {theirs.get(k)!r} (this solver: {mine.get(k)!r})" for k in diff))
         rotations = {k[2:]: v for k, v in tensors.items() if k.startswith("R.")}
         self.init(rotations)
@@ -166,7 +168,7 @@ class Solver:
     def _current(self) -> dict[str, torch.Tensor]:
         """The live iterate (subclasses that keep it elsewhere override this)."""
         if self._R is None:
-            raise ValueError(f"{self.name}: call init(rotations) first")
+            raise InvalidInputError(f"{self.name}: call init(rotations) first")
         return self._R
 
     def _set(self, name: str, R: torch.Tensor) -> None:
@@ -189,7 +191,7 @@ class Solver:
         current = self._current() if at_iterate else rotations
         missing = [k for k in objective.dims if k not in current]
         if missing:
-            raise ValueError(f"{self.name}: objective needs rotations {missing} that were not given to init()")
+            raise InvalidInputError(f"{self.name}: objective needs rotations {missing} that were not given to init()")
         value, grads = objective.value_and_grad({k: R.detach() for k, R in current.items()})
         loss = self._checked_loss(value)
         out = {}
@@ -197,7 +199,7 @@ class Solver:
             if k not in current:
                 continue
             if g.shape != current[k].shape:
-                raise ValueError(
+                raise InvalidInputError(
                     f"{self.name}: gradient for {k!r} has shape {tuple(g.shape)}, "
                     f"the rotation {tuple(current[k].shape)}"
                 )

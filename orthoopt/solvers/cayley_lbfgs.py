@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 from .line_search import CayleyLineSearch, inner
 
 
@@ -27,7 +29,7 @@ class CayleyLBFGS(CayleyLineSearch):
                  max_backtracks: int = 20, ortho_tol: float | None = None) -> None:
         super().__init__(rho, eta, angle, max_backtracks, ortho_tol)
         if not isinstance(memory, int) or memory < 1:
-            raise ValueError(f"memory must be a positive int, got {memory!r}")
+            raise InvalidInputError(f"memory must be a positive int, got {memory!r}")
         self.memory = memory
 
     def config(self) -> dict:

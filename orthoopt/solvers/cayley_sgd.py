@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 from ..objectives.base import Objective
 from .base import Solver
 
@@ -53,15 +55,15 @@ class CayleySGD(Solver):
     ) -> None:
         super().__init__(ortho_tol)
         if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr!r}")
+            raise InvalidInputError(f"lr must be positive, got {lr!r}")
         if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+            raise InvalidInputError(f"momentum must be in [0, 1), got {momentum!r}")
         if not isinstance(n_iters, int) or n_iters < 1:
-            raise ValueError(f"n_iters must be a positive int, got {n_iters!r}")
+            raise InvalidInputError(f"n_iters must be a positive int, got {n_iters!r}")
         if not 0 < q < 1:
-            raise ValueError(f"q must be in (0, 1) for the fixed point to converge, got {q!r}")
+            raise InvalidInputError(f"q must be in (0, 1) for the fixed point to converge, got {q!r}")
         if not epsilon > 0:
-            raise ValueError(f"epsilon must be positive, got {epsilon!r}")
+            raise InvalidInputError(f"epsilon must be positive, got {epsilon!r}")
         self.lr, self.momentum, self.iterative = float(lr), float(momentum), bool(iterative)
         self.n_iters, self.q, self.epsilon = n_iters, float(q), float(epsilon)
         self._M: dict[str, torch.Tensor] = {}

@@ -19,7 +19,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..objectives.base import Objective, Rotations, WeightBlock
+from orthoopt.errors import InvalidInputError
+
+from ..core.blocks import Rotations, WeightBlock
+from ..objectives.base import Objective
 
 
 def world(group: Any = None) -> tuple[int, int]:
@@ -37,10 +40,10 @@ def shard_ranges(sizes: Sequence[int], world_size: int) -> list[range]:
     concatenating the ranges in rank order gives back every item once.
     """
     if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        raise InvalidInputError(f"world_size must be a positive int, got {world_size!r}")
     sizes = [int(s) for s in sizes]
     if any(s < 0 for s in sizes):
-        raise ValueError("sizes must be non-negative")
+        raise InvalidInputError("sizes must be non-negative")
     total = sum(sizes) or 1
     owner, prefix = [], 0
     for s in sizes:
@@ -63,7 +66,7 @@ def shard_blocks(blocks: Sequence[WeightBlock], rank: int | None = None,
     rank = r if rank is None else rank
     world_size = w if world_size is None else world_size
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        raise InvalidInputError(f"rank {rank} is outside world_size {world_size}")
     share = shard_ranges([b.weight.numel() for b in blocks], world_size)[rank]
     return [blocks[j] for j in share]
 
@@ -82,15 +85,15 @@ class DistributedObjective(Objective):
 
     def __init__(self, local: Objective | None, dims: Mapping[str, int] | None = None, group: Any = None) -> None:
         if local is None and dims is None:
-            raise ValueError("DistributedObjective needs dims when this rank has no local objective")
+            raise InvalidInputError("DistributedObjective needs dims when this rank has no local objective")
         if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError("DistributedObjective needs an initialized torch.distributed process group")
+            raise InvalidInputError("DistributedObjective needs an initialized torch.distributed process group")
         self.local, self.group = local, group
         self._dims = dict(dims if dims is not None else local.dims)
         if local is not None:
             extra = set(local.dims) - set(self._dims)
             if extra:
-                raise ValueError(f"local objective has rotations {sorted(extra)} outside dims {self._dims}")
+                raise InvalidInputError(f"local objective has rotations {sorted(extra)} outside dims {self._dims}")
 
     @property
     def dims(self) -> dict[str, int]:
@@ -131,7 +134,7 @@ class DistributedObjective(Objective):
         if callable(fn):
             fn(state)
         elif state:
-            raise ValueError(f"objective state {sorted(state)} for a rank whose objective keeps none")
+            raise InvalidInputError(f"objective state {sorted(state)} for a rank whose objective keeps none")
 
     def __repr__(self) -> str:
         rank, size = world(self.group)

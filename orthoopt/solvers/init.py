@@ -7,6 +7,8 @@ from typing import Mapping
 
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 from ..manifold import random_orthogonal
 
 INIT_KINDS = ("identity", "random", "hadamard")
@@ -38,15 +40,15 @@ def initial_rotations(
     ``device``.
     """
     if kind not in INIT_KINDS:
-        raise ValueError(f"unknown init kind {kind!r}; choose one of {', '.join(INIT_KINDS)}")
+        raise InvalidInputError(f"unknown init kind {kind!r}; choose one of {', '.join(INIT_KINDS)}")
     if not isinstance(dims, Mapping) or not dims:
-        raise ValueError("dims must be a non-empty dict {rotation name: n}")
+        raise InvalidInputError("dims must be a non-empty dict {rotation name: n}")
     if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be floating point, got {dtype}")
+        raise InvalidInputError(f"dtype must be floating point, got {dtype}")
     out = {}
     for name, n in dims.items():
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"rotation {name!r}: size must be a positive int, got {n!r}")
+            raise InvalidInputError(f"rotation {name!r}: size must be a positive int, got {n!r}")
         if kind == "identity":
             R = torch.eye(n, dtype=torch.float64)
         elif kind == "random":

@@ -49,6 +49,8 @@ import math
 
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 from ..objectives.base import Objective
 from .base import Solver
 
@@ -64,13 +66,13 @@ class CayleyLineSearch(Solver):
                  ortho_tol: float | None) -> None:
         super().__init__(ortho_tol)
         if not 0 < rho < 1:
-            raise ValueError(f"rho must be in (0, 1), got {rho!r}")
+            raise InvalidInputError(f"rho must be in (0, 1), got {rho!r}")
         if not 0 <= eta < 1:
-            raise ValueError(f"eta must be in [0, 1), got {eta!r}")
+            raise InvalidInputError(f"eta must be in [0, 1), got {eta!r}")
         if not angle > 0:
-            raise ValueError(f"angle must be positive, got {angle!r}")
+            raise InvalidInputError(f"angle must be positive, got {angle!r}")
         if not isinstance(max_backtracks, int) or max_backtracks < 1:
-            raise ValueError(f"max_backtracks must be a positive int, got {max_backtracks!r}")
+            raise InvalidInputError(f"max_backtracks must be a positive int, got {max_backtracks!r}")
         self.rho, self.eta, self.angle, self.max_backtracks = float(rho), float(eta), float(angle), max_backtracks
 
     def config(self) -> dict:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 from ..errors import OrthooptError
 from ..manifold import O_N
 from ..objectives.base import Objective, SupportsProcrustes
@@ -34,12 +36,12 @@ def orthogonal_procrustes(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     When ``A.T @ B`` is singular the minimizer is not unique and any one of them is returned.
     """
     if not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor):
-        raise ValueError("A and B must be torch tensors")
+        raise InvalidInputError("A and B must be torch tensors")
     if A.ndim != 2 or A.shape != B.shape:
-        raise ValueError(f"A and B must be 2-D of the same shape [m, n], got {tuple(A.shape)} and {tuple(B.shape)}")
+        raise InvalidInputError(f"A and B must be 2-D of the same shape [m, n], got {tuple(A.shape)} and {tuple(B.shape)}")
     dtype = torch.promote_types(A.dtype, B.dtype)
     if not dtype.is_floating_point:
-        raise ValueError(f"A and B must be floating point, got {A.dtype} and {B.dtype}")
+        raise InvalidInputError(f"A and B must be floating point, got {A.dtype} and {B.dtype}")
     M = A.detach().to(torch.float64).T @ B.detach().to(torch.float64)
     return O_N.polar_factor(M).to(dtype)
 
@@ -75,11 +77,11 @@ class ProcrustesAlternation(Solver):
         new = {}
         for k, pair in targets.items():
             if k not in current:
-                raise ValueError(f"procrustes_targets returned rotation {k!r} that was not given to init()")
+                raise InvalidInputError(f"procrustes_targets returned rotation {k!r} that was not given to init()")
             A, B = pair
             n = current[k].shape[0]
             if A.ndim != 2 or A.shape[1] != n:
-                raise ValueError(f"procrustes target A for {k!r} must be [m, {n}], got {tuple(A.shape)}")
+                raise InvalidInputError(f"procrustes target A for {k!r} must be [m, {n}], got {tuple(A.shape)}")
             if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
                 raise NonFiniteLossError(
                     f"{self.name}: non-finite procrustes targets for {k!r} at step {self.num_steps}; "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from orthoopt.errors import InvalidInputError
+
 from .base import Solver
 from .cayley_bb import CayleyBB
 from .cayley_lbfgs import CayleyLBFGS
@@ -17,6 +19,8 @@ SOLVERS: dict[str, type[Solver]] = {
     "rsgd": RiemannianSGD,  # lr=5e-2, momentum=0.9, CanonicalStiefel (lr depends on the loss scale)
     "procrustes": ProcrustesAlternation,  # no learning rate
 }
+"""Every solver by its ``--solver`` name (each class's ``name``), in this order in choices and help;
+``make_solver(name, **kwargs)`` builds one. Defaults and update rules: ``docs/solvers.md``."""
 
 
 def make_solver(name: str, **kwargs) -> Solver:
@@ -25,8 +29,8 @@ def make_solver(name: str, **kwargs) -> Solver:
     try:
         cls = SOLVERS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}") from None
+        raise InvalidInputError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}") from None
     try:
         return cls(**kwargs)
     except TypeError as e:  # an unknown keyword
-        raise ValueError(f"solver {name!r}: {e}") from None
+        raise InvalidInputError(f"solver {name!r}: {e}") from None

@@ -19,6 +19,8 @@ from __future__ import annotations
 import geoopt
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 from ..objectives.base import Objective
 from .base import Solver
 
@@ -29,7 +31,7 @@ class _GeooptSolver(Solver):
     def __init__(self, lr: float, canonical: bool, ortho_tol: float | None) -> None:
         super().__init__(ortho_tol)
         if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr!r}")
+            raise InvalidInputError(f"lr must be positive, got {lr!r}")
         self.lr = float(lr)
         self.canonical = bool(canonical)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -112,7 +114,7 @@ class RiemannianAdam(_GeooptSolver):
     ) -> None:
         super().__init__(lr, canonical, ortho_tol)
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"betas must be in [0, 1), got {betas!r}")
+            raise InvalidInputError(f"betas must be in [0, 1), got {betas!r}")
         self.betas, self.eps, self.amsgrad = (float(betas[0]), float(betas[1])), float(eps), bool(amsgrad)
 
     def _make_optimizer(self, params):
@@ -146,9 +148,9 @@ class RiemannianSGD(_GeooptSolver):
     ) -> None:
         super().__init__(lr, canonical, ortho_tol)
         if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+            raise InvalidInputError(f"momentum must be in [0, 1), got {momentum!r}")
         if nesterov and momentum == 0:
-            raise ValueError("nesterov needs momentum > 0")
+            raise InvalidInputError("nesterov needs momentum > 0")
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
 
     def _make_optimizer(self, params):

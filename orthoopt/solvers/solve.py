@@ -13,6 +13,8 @@ from typing import Callable, Mapping
 import torch
 from tqdm.auto import tqdm
 
+from orthoopt.errors import InvalidInputError
+
 from ..core.tolerance import check_orthogonal
 from ..manifold import check_square, orthogonality_error
 from ..objectives.base import Objective
@@ -67,18 +69,18 @@ def _start_rotations(
     if isinstance(init, str):
         return initial_rotations(dims, init, seed=seed, dtype=dtype or torch.float32, device=device)
     if not isinstance(init, Mapping):
-        raise ValueError(
+        raise InvalidInputError(
             "init must be a dict of rotations, a SolveResult, None or one of identity/random/hadamard, "
             f"got {type(init).__name__}"
         )
     missing = [k for k in dims if k not in init]
     if missing:
-        raise ValueError(f"init lacks rotations {missing} that the objective needs (it needs {dict(dims)})")
+        raise InvalidInputError(f"init lacks rotations {missing} that the objective needs (it needs {dict(dims)})")
     out = {}
     for k, R in init.items():
         n = check_square(R, f"init rotation {k!r}")
         if k in dims and n != dims[k]:
-            raise ValueError(f"init rotation {k!r} is {n}x{n}, the objective needs {dims[k]}x{dims[k]}")
+            raise InvalidInputError(f"init rotation {k!r} is {n}x{n}, the objective needs {dims[k]}x{dims[k]}")
         check_orthogonal(R, f"init {k}")  # the one tolerance policy, in R's own dtype
         out[k] = R.detach().to(dtype=dtype or R.dtype, device=device or R.device)
     return out
@@ -141,24 +143,24 @@ def solve(
     ValueError) naming the step when the loss or a gradient is NaN/inf.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+        raise InvalidInputError(f"steps must be a non-negative int, got {steps!r}")
     for label, v in (("min_grad_norm", min_grad_norm), ("min_rel_decrease", min_rel_decrease),
                      ("max_seconds", max_seconds)):
         if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
-            raise ValueError(f"{label} must be a non-negative number or None, got {v!r}")
+            raise InvalidInputError(f"{label} must be a non-negative number or None, got {v!r}")
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise ValueError(f"window must be a positive int, got {window!r}")
+        raise InvalidInputError(f"window must be a positive int, got {window!r}")
     if isinstance(solver, str):
         solver = make_solver(solver)
     elif not (callable(getattr(solver, "init", None)) and callable(getattr(solver, "step", None))):
-        raise ValueError(f"solver must be a name or an object with init/step/rotations, got {type(solver).__name__}")
+        raise InvalidInputError(f"solver must be a name or an object with init/step/rotations, got {type(solver).__name__}")
     if isinstance(init, SolveResult):
         init = init.rotations
     if init is None:
         if not getattr(solver, "initialized", False):
-            raise ValueError("init=None continues a solver's state, but the solver was never initialized")
+            raise InvalidInputError("init=None continues a solver's state, but the solver was never initialized")
         if dtype is not None or device is not None:
-            raise ValueError("dtype and device cannot change when continuing a solver (init=None)")
+            raise InvalidInputError("dtype and device cannot change when continuing a solver (init=None)")
     else:
         solver.init(_start_rotations(objective, init, dtype, device, seed))
 

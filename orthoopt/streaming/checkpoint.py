@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from orthoopt.utils.checks import check_finite_tensor
+from orthoopt.core.checks import check_finite_tensor
+from orthoopt.errors import InvalidInputError
 from orthoopt.utils.tensorfile import check_safetensors, read_json_object
 
 SINGLE_FILE = "model.safetensors"
@@ -49,13 +50,13 @@ class SafetensorsCheckpoint:
         if (self.path / INDEX_FILE).is_file():
             weight_map = read_json_object(self.path / INDEX_FILE).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
-                raise ValueError(f"{self.path / INDEX_FILE} has no weight_map")
+                raise InvalidInputError(f"{self.path / INDEX_FILE} has no weight_map")
             self.files = {name: self.path / file for name, file in weight_map.items()}
         elif (self.path / SINGLE_FILE).is_file():
             self.files = {}
         else:
             others = sorted(p.name for p in self.path.glob("*.bin")) + sorted(p.name for p in self.path.glob("*.pt*"))
-            raise ValueError(
+            raise InvalidInputError(
                 f"{self.path} has no {SINGLE_FILE} or {INDEX_FILE}"
                 + (f" (found {others}; streamed mode reads safetensors only: re-save the model with "
                    "save_pretrained(..., safe_serialization=True))" if others else "")
@@ -73,7 +74,7 @@ class SafetensorsCheckpoint:
                     self.files.setdefault(name, file)
         missing = [n for n in self.files if n not in self._meta]
         if missing:
-            raise ValueError(f"{INDEX_FILE} names tensors its files lack: {missing[:5]}")
+            raise InvalidInputError(f"{INDEX_FILE} names tensors its files lack: {missing[:5]}")
 
     def keys(self) -> list[str]:
         """Every tensor name, sorted."""
@@ -87,7 +88,7 @@ class SafetensorsCheckpoint:
 
     def _check(self, name: str) -> None:
         if name not in self._meta:
-            raise ValueError(f"tensor {name!r} is not in the checkpoint {self.path}")
+            raise InvalidInputError(f"tensor {name!r} is not in the checkpoint {self.path}")
 
     def shape(self, name: str) -> tuple[int, ...]:
         self._check(name)
@@ -127,7 +128,7 @@ class SafetensorsCheckpoint:
         """Rows ``start:stop`` of 2-D tensor ``name`` (only those bytes are read)."""
         shape = self.shape(name)
         if len(shape) != 2 or not 0 <= start <= stop <= shape[0]:
-            raise ValueError(f"rows {start}:{stop} of {name!r} with shape {shape}")
+            raise InvalidInputError(f"rows {start}:{stop} of {name!r} with shape {shape}")
         with safe_open(str(self.files[name]), framework="pt") as f:
             t = f.get_slice(name)[start:stop]
         check_finite_tensor(t, f"{self.files[name]}: tensor {name!r} rows {start}:{stop}")

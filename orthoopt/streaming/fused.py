@@ -16,6 +16,7 @@ import torch
 from orthoopt.adapters.archs import UnsupportedModelError, effective_scale, identity_weight, r1_refusal
 from orthoopt.adapters.fusion import fold_layer, fold_scale
 from orthoopt.adapters.writeback import layer_r1_entries
+from orthoopt.errors import InvalidInputError
 from orthoopt.streaming.checkpoint import SafetensorsCheckpoint
 from orthoopt.streaming.layout import DecoderLayout
 
@@ -32,7 +33,7 @@ class FusedReader:
     def __init__(self, ckpt: SafetensorsCheckpoint, layout: DecoderLayout, dtype: torch.dtype = torch.float32,
                  rows_per_read: int = 1 << 14) -> None:
         if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be floating point, got {dtype}")
+            raise InvalidInputError(f"dtype must be floating point, got {dtype}")
         self.ckpt, self.layout, self.dtype = ckpt, layout, dtype
         self.rows_per_read = int(rows_per_read)
         final = ckpt.read([layout.key(layout.final_norm)], dtype)[layout.key(layout.final_norm)]

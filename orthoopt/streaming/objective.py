@@ -15,8 +15,9 @@ from collections.abc import Iterable
 
 import torch
 
-from orthoopt.objectives.base import Objective, Rotations
-from orthoopt.objectives.base import WeightBlock, get_rotation
+from orthoopt.errors import InvalidInputError
+from orthoopt.core.blocks import Rotations, WeightBlock, get_rotation
+from orthoopt.objectives.base import Objective
 from orthoopt.objectives.row_segments import (
     FourthPowerKernel,
     RowPacker,
@@ -50,7 +51,7 @@ class StreamedFourthPower(Objective):
         self.units = list(all_units if units is None else units)
         unknown = [u for u in self.units if u not in all_units]
         if unknown or not self.units:
-            raise ValueError(f"units must be a non-empty subset of {all_units}, got {self.units}")
+            raise InvalidInputError(f"units must be a non-empty subset of {all_units}, got {self.units}")
         self.n = reader.layout.hidden
         self.chunk_rows = check_chunk_rows(chunk_rows, self.n)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -94,7 +95,7 @@ class StreamedFourthPower(Objective):
         """Restore :meth:`state_dict`; ValueError if it does not match this objective's sampling."""
         want = set() if self.sampler is None else {"sampler.R1"}
         if set(state) != want:
-            raise ValueError(f"objective state has samplers {sorted(state)}, this objective {sorted(want)}")
+            raise InvalidInputError(f"objective state has samplers {sorted(state)}, this objective {sorted(want)}")
         if self.sampler is not None:
             self.sampler.generator.set_state(state["sampler.R1"].clone())
 

@@ -44,7 +44,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from orthoopt.adapters.io import LEGACY_ROTATIONS_FILE, REPORT_FILE
-from orthoopt.config import FULL_PRECISION_BLOCKS, RotateConfig
+from orthoopt.config import RotateConfig
+from orthoopt.errors import InvalidInputError
 from orthoopt.methods import ObjectiveInputs, StreamedInputs
 from orthoopt.objectives import Objective
 from orthoopt.resume import Partial, read_partial, write_partial
@@ -140,7 +141,7 @@ class SafetensorsStore:
     def local_units(self, units: list[Unit]) -> list[Unit]:
         """R1 (collective: every rank) and this rank's share of the layers' R2 units."""
         if any(len(u.dims) != 1 for u in units):
-            raise ValueError("the safetensors store solves one rotation per unit (R1, then R2.i layer by layer)")
+            raise InvalidInputError("the safetensors store solves one rotation per unit (R1, then R2.i layer by layer)")
         layers = set(shard_ranges([1] * self.layout.num_layers, self.world_size)[self.rank])
         return [u for u in units if u.key == "R1" or int(u.key.split(".")[1]) in layers]
 
@@ -148,7 +149,7 @@ class SafetensorsStore:
         c = self.config
         if unit.key == "R1":
             units = [u for u in self.reader.units()
-                     if c.include_embeddings or self.reader.unit_block_name(u) not in FULL_PRECISION_BLOCKS]
+                     if c.include_embeddings or not self.layout.spec.is_full_precision(self.reader.unit_block_name(u) or "")]
             share = shard_ranges([self.reader.unit_numel(u) for u in units], self.world_size)[self.rank]
             local = None
             if len(share):

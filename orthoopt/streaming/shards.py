@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from orthoopt.errors import InvalidInputError
 from orthoopt.streaming.checkpoint import INDEX_FILE
 
 
@@ -21,7 +22,7 @@ class ShardedWriter:
 
     def __init__(self, folder: str | Path, num_shards: int) -> None:
         if not isinstance(num_shards, int) or num_shards < 1:
-            raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
+            raise InvalidInputError(f"num_shards must be a positive int, got {num_shards!r}")
         self.folder, self.num_shards = Path(folder), num_shards
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
@@ -33,10 +34,10 @@ class ShardedWriter:
     def write(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         """Write shard ``i`` with ``tensors`` (``{name: tensor}``, moved to the CPU, made contiguous)."""
         if not 0 <= i < self.num_shards or i in self._written:
-            raise ValueError(f"shard {i} is out of range or already written")
+            raise InvalidInputError(f"shard {i} is out of range or already written")
         clash = [n for n in tensors if n in self.weight_map]
         if clash:
-            raise ValueError(f"tensors {clash[:3]} are already in another shard")
+            raise InvalidInputError(f"tensors {clash[:3]} are already in another shard")
         data = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
         save_file(data, str(self.folder / self.shard_name(i)), metadata={"format": "pt"})
         self._written.add(i)
@@ -48,7 +49,7 @@ class ShardedWriter:
         """Write the index once every shard is written; returns its path."""
         missing = sorted(set(range(self.num_shards)) - self._written)
         if missing:
-            raise ValueError(f"shards {missing} were never written")
+            raise InvalidInputError(f"shards {missing} were never written")
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         path = self.folder / INDEX_FILE
         path.write_text(json.dumps(index, indent=2) + "\n")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from orthoopt.core.checks import META_HINT, check_finite_tensor, check_not_meta  # noqa: F401  (one rule each, in core)
+from orthoopt.core.checks import check_finite_tensor, check_not_meta
+from orthoopt.errors import InvalidInputError
 
 
 def check_device(device: torch.device | str | None, what: str = "device") -> torch.device | None:
@@ -17,13 +18,13 @@ def check_device(device: torch.device | str | None, what: str = "device") -> tor
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"{what} {device!r} is not a device ({e})") from None
+        raise InvalidInputError(f"{what} {device!r} is not a device ({e})") from None
     if dev.type == "meta":
-        raise ValueError(f"{what} 'meta' cannot compute: meta tensors hold no data; use cpu or cuda")
+        raise InvalidInputError(f"{what} 'meta' cannot compute: meta tensors hold no data; use cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{what} {device!r}: CUDA is not available on this machine")
+        raise InvalidInputError(f"{what} {device!r}: CUDA is not available on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"{what} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise InvalidInputError(f"{what} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -40,4 +41,4 @@ def check_model_weights(model: nn.Module, source: str | None = None, finite: boo
         check_not_meta(t, f"{prefix}buffer {name!r}")
 
 
-__all__ = ["check_device", "check_finite_tensor", "check_model_weights", "check_not_meta"]
+__all__ = ["check_device", "check_model_weights"]

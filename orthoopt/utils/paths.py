@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Iterator
 
+from orthoopt.errors import InvalidInputError
 from orthoopt.utils.atomic import remove_stale
 
 PathLike = str | os.PathLike
@@ -111,22 +112,22 @@ def check_not_input(out: PathLike, inputs: Inputs, what: str = "--out") -> None:
                 "is inside": "writing it would change the input folder",
             }[how]
             fix = f"choose another {what}" if what.startswith("--") else "choose another output path"
-            raise ValueError(f"{what} {out} {how} the input {label} {shown}: {consequence}; {fix}")
+            raise InvalidInputError(f"{what} {out} {how} the input {label} {shown}: {consequence}; {fix}")
 
 
 def check_writable(out: PathLike, kind: str = "folder", what: str = "--out", marker: str | None = None) -> None:
     """Raise ValueError unless ``out`` (a ``"folder"`` or a ``"file"``) can be written by renaming a
     temporary sibling into place; see the module doc for ``marker``."""
     if kind not in ("folder", "file"):
-        raise ValueError(f"kind must be 'folder' or 'file', got {kind!r}")
+        raise InvalidInputError(f"kind must be 'folder' or 'file', got {kind!r}")
     p = Path(os.path.expanduser(os.fspath(out))).absolute()
     if p.exists():
         if kind == "folder" and not p.is_dir():
-            raise ValueError(f"{what} {out} exists and is not a folder")
+            raise InvalidInputError(f"{what} {out} exists and is not a folder")
         if kind == "file" and p.is_dir():
-            raise ValueError(f"{what} {out} exists and is a folder, not a file")
+            raise InvalidInputError(f"{what} {out} exists and is a folder, not a file")
         if kind == "folder" and marker is not None and any(p.iterdir()) and not (p / marker).is_file():
-            raise ValueError(f"{what} {out} exists, is not empty and holds no {marker} (it is not a previous "
+            raise InvalidInputError(f"{what} {out} exists, is not empty and holds no {marker} (it is not a previous "
                              f"output of this command, and writing would delete its files); choose another {what}")
     parent = p.parent
     while not parent.exists() and not parent.is_symlink():
@@ -134,12 +135,12 @@ def check_writable(out: PathLike, kind: str = "folder", what: str = "--out", mar
             break
         parent = parent.parent
     if not parent.is_dir():
-        raise ValueError(f"cannot write {what} {out}: {parent} is {'a file' if parent.exists() else 'missing'}, "
+        raise InvalidInputError(f"cannot write {what} {out}: {parent} is {'a file' if parent.exists() else 'missing'}, "
                          "not a folder")
     try:
         probe = tempfile.mkdtemp(prefix=".orthoopt-write-test.", dir=parent)
     except OSError as e:
-        raise ValueError(f"cannot write {what} {out}: the folder {parent} is not writable ({e.strerror})") from None
+        raise InvalidInputError(f"cannot write {what} {out}: the folder {parent} is not writable ({e.strerror})") from None
     os.rmdir(probe)
 
 
@@ -157,7 +158,7 @@ def _lock_folder() -> Path:
     folder = Path(tempfile.gettempdir()) / f"orthoopt-locks-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
     if folder.is_symlink() or folder.stat().st_uid != os.getuid():
-        raise ValueError(f"the lock folder {folder} is not this user's own folder; remove it")
+        raise InvalidInputError(f"the lock folder {folder} is not this user's own folder; remove it")
     return folder
 
 
@@ -180,7 +181,7 @@ def output_lock(out: PathLike, what: str = "--out") -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(fd, 100, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise ValueError(f"{what} {out} is being written by another orthoopt process ({holder}); wait for it "
+            raise InvalidInputError(f"{what} {out} is being written by another orthoopt process ({holder}); wait for it "
                              f"to finish or choose another {what}") from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino

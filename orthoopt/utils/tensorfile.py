@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 HEADER_LIMIT = 100 * 1024 * 1024
 """Largest header accepted (the ``safetensors`` library's own limit)."""
 
@@ -25,8 +27,8 @@ DTYPE_BYTES = {
 }
 
 
-def _damaged(path: Path, what: str, problem: str) -> ValueError:
-    return ValueError(f"{what} {path} is damaged: {problem} (re-download or re-create it)")
+def _damaged(path: Path, what: str, problem: str) -> InvalidInputError:
+    return InvalidInputError(f"{what} {path} is damaged: {problem} (re-download or re-create it)")
 
 
 def check_safetensors(path: str | os.PathLike, what: str = "safetensors file") -> dict:
@@ -86,7 +88,7 @@ def read_safetensors(path: str | os.PathLike, what: str = "safetensors file", de
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from orthoopt.utils.checks import check_finite_tensor
+    from orthoopt.core.checks import check_finite_tensor
 
     check_safetensors(path, what)
     try:
@@ -124,7 +126,7 @@ def read_json_object(path: str | os.PathLike) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is damaged: not valid JSON ({e})") from None
+        raise InvalidInputError(f"{path} is damaged: not valid JSON ({e})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path} is damaged: not a JSON object")
+        raise InvalidInputError(f"{path} is damaged: not a JSON object")
     return value

@@ -16,6 +16,7 @@ import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from orthoopt.errors import InvalidInputError
 from orthoopt.utils.atomic import atomic_path
 
 DPI = 100
@@ -72,7 +73,7 @@ def save_figure(fig: Figure, path_stem: str | os.PathLike, formats: tuple[str, .
     written = []
     for fmt in formats:
         if fmt not in FORMATS:
-            raise ValueError(f"unsupported figure format {fmt!r}; choose from {FORMATS}")
+            raise InvalidInputError(f"unsupported figure format {fmt!r}; choose from {FORMATS}")
         target = stem.with_name(f"{stem.name}.{fmt}")
         metadata = {"Date": None} if fmt == "svg" else {"Software": None}
         with style(), atomic_path(target) as tmp:

@@ -13,6 +13,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from orthoopt.diagnostics.plots._figure import color, finish, new_figure, style
+from orthoopt.errors import InvalidInputError
 
 SIZE = (10.0, 6.0)
 """Figure size of both plots in inches: 1000 x 600 px at 100 dpi."""
@@ -24,7 +25,7 @@ HEATMAP_LEVELS = 16
 def _vector(label: str, v) -> np.ndarray:
     a = np.asarray(v.detach().to(torch.float64) if isinstance(v, torch.Tensor) else v, dtype=np.float64)
     if a.ndim != 1 or a.size == 0:
-        raise ValueError(f"channel magnitudes of {label!r} must be a non-empty 1-D sequence, got shape {a.shape}")
+        raise InvalidInputError(f"channel magnitudes of {label!r} must be a non-empty 1-D sequence, got shape {a.shape}")
     return a
 
 
@@ -47,7 +48,7 @@ def plot_channel_magnitudes(
     ylabel:      label of the magnitude axes (e.g. ``"max |W|"`` for :func:`plot_weight_channels`).
     """
     if not series:
-        raise ValueError("plot_channel_magnitudes needs at least one series")
+        raise InvalidInputError("plot_channel_magnitudes needs at least one series")
     data = {label: _vector(label, v) for label, v in series.items()}
     with style():
         fig = new_figure(*SIZE)
@@ -70,7 +71,7 @@ def plot_channel_magnitudes(
 def weight_channel_max(W: torch.Tensor) -> torch.Tensor:
     """``max_r |W[r, c]|`` per input channel ``c`` of a weight ``W`` of shape ``[out, in]``: ``[in]``."""
     if not isinstance(W, torch.Tensor) or W.ndim != 2 or W.numel() == 0:
-        raise ValueError(f"a weight must be a non-empty 2-D [out, in] tensor, got {getattr(W, 'shape', type(W))}")
+        raise InvalidInputError(f"a weight must be a non-empty 2-D [out, in] tensor, got {getattr(W, 'shape', type(W))}")
     return W.detach().abs().amax(dim=0)
 
 
@@ -88,7 +89,7 @@ def plot_weight_channels(
     weights: ``{label: W}``, ``W`` of shape ``[out, in]`` (the same block as stored or rotated).
     """
     if not weights:
-        raise ValueError("plot_weight_channels needs at least one series")
+        raise InvalidInputError("plot_weight_channels needs at least one series")
     series = {label: weight_channel_max(W) for label, W in weights.items()}
     name = f" of {block_name}" if block_name else ""
     return plot_channel_magnitudes(
@@ -111,18 +112,18 @@ def plot_activation_heatmap(
     save:       path stem; writes ``<save>.png`` and ``<save>.svg``.
     """
     if not series:
-        raise ValueError("plot_activation_heatmap needs at least one series")
+        raise InvalidInputError("plot_activation_heatmap needs at least one series")
     if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        raise InvalidInputError(f"max_tokens must be >= 1, got {max_tokens}")
     data = {}
     for label, X in series.items():
         if not isinstance(X, torch.Tensor) or X.ndim != 2 or X.numel() == 0:
-            raise ValueError(f"activations {label!r} must be a non-empty 2-D [tokens, channels] tensor")
+            raise InvalidInputError(f"activations {label!r} must be a non-empty 2-D [tokens, channels] tensor")
         data[label] = X[:max_tokens].detach().to(torch.float64).abs().numpy()
     hi = max(a.max() for a in data.values())
     positive = [a[a > 0].min() for a in data.values() if (a > 0).any()]
     if hi <= 0 or not positive:
-        raise ValueError("activations are all zero; nothing to draw")
+        raise InvalidInputError("activations are all zero; nothing to draw")
     lo = max(min(positive), hi * 1e-4)
     norm = LogNorm(vmin=lo, vmax=hi, clip=True)
     cmap = matplotlib.colormaps["viridis"].resampled(HEATMAP_LEVELS)

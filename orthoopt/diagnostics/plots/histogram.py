@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 
 from orthoopt.diagnostics.plots._figure import color, finish, new_figure, style
 from orthoopt.diagnostics.stats import excess_kurtosis, incoherence
+from orthoopt.errors import InvalidInputError
 
 SIZE = (8.0, 5.0)
 """Figure size in inches: 800 x 500 px at 100 dpi."""
@@ -34,13 +35,13 @@ def plot_weight_histogram(
     The legend gives each series' incoherence ``mu`` and excess kurtosis.
     """
     if not weights:
-        raise ValueError("plot_weight_histogram needs at least one weight")
+        raise InvalidInputError("plot_weight_histogram needs at least one weight")
     if bins < 2:
-        raise ValueError(f"bins must be >= 2, got {bins}")
+        raise InvalidInputError(f"bins must be >= 2, got {bins}")
     data = {}
     for label, W in weights.items():
         if not isinstance(W, torch.Tensor) or W.ndim != 2 or W.numel() == 0:
-            raise ValueError(f"weight {label!r} must be a non-empty 2-D tensor")
+            raise InvalidInputError(f"weight {label!r} must be a non-empty 2-D tensor")
         data[label] = W.detach().to(torch.float64)
     top = max(W.abs().max().item() for W in data.values())
     top = top if top > 0 else 1.0

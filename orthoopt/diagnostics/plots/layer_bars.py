@@ -15,6 +15,7 @@ from orthoopt.diagnostics.plots._figure import (
     new_figure,
     style,
 )
+from orthoopt.errors import InvalidInputError
 
 SIZE = (10.0, 7.0)
 """Figure size in inches: 1000 x 700 px at 100 dpi."""
@@ -72,9 +73,9 @@ def plot_layer_bars(
     a factor 30 (see :func:`orthoopt.diagnostics.plots._figure.auto_scale`).
     """
     if not series:
-        raise ValueError("plot_layer_bars needs at least one series")
+        raise InvalidInputError("plot_layer_bars needs at least one series")
     if not metrics:
-        raise ValueError("plot_layer_bars needs at least one metric")
+        raise InvalidInputError("plot_layer_bars needs at least one metric")
     groups: list[str] = []
     for rows in series.values():
         for row in rows:
@@ -91,7 +92,7 @@ def plot_layer_bars(
             for i, label in enumerate(labels):
                 by_group = {row["group"]: row for row in series[label]}
                 if any(metric not in r for r in by_group.values()):
-                    raise ValueError(f"series {label!r} has no metric {metric!r}")
+                    raise InvalidInputError(f"series {label!r} has no metric {metric!r}")
                 vals = [by_group[g][metric] if g in by_group else None for g in groups]
                 vals = np.array([np.nan if v is None else v for v in vals], float)
                 every.extend(vals)

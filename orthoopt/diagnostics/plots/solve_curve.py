@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 
 from orthoopt.core.tolerance import FLOOR
 from orthoopt.diagnostics.plots._figure import color, finish, new_figure, style
+from orthoopt.errors import InvalidInputError
 
 SIZE = (10.0, 4.5)
 """Figure size in inches: 1000 x 450 px at 100 dpi."""
@@ -22,9 +23,9 @@ TOLERANCES = {f"{str(d).removeprefix('torch.')} tolerance": v for d, v in sorted
 def _finite_1d(name: str, values) -> np.ndarray:
     a = np.asarray([float(v) for v in values], dtype=np.float64)
     if a.size == 0:
-        raise ValueError(f"{name} is empty")
+        raise InvalidInputError(f"{name} is empty")
     if not np.isfinite(a).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise InvalidInputError(f"{name} contains NaN or infinite values")
     return a
 
 
@@ -60,7 +61,7 @@ def plot_solve_history(
             orthogonality_error = getattr(history, "orthogonality_error", None)
         history = history.history
     if isinstance(history, (str, bytes)) or not hasattr(history, "__iter__"):
-        raise ValueError("history must be a sequence of losses or an object with .history")
+        raise InvalidInputError("history must be a sequence of losses or an object with .history")
     losses = _finite_1d("loss history", history)
     with style():
         fig = new_figure(*SIZE)
@@ -94,10 +95,10 @@ def _plot_orthogonality(ax, err) -> None:
     elif not isinstance(err, Mapping):
         err = {"error": err}
     if not err:
-        raise ValueError("orthogonality error is empty")
+        raise InvalidInputError("orthogonality error is empty")
     kinds = {_is_scalar(v) for v in err.values()}
     if len(kinds) > 1:
-        raise ValueError("orthogonality error must be all final values or all per-step curves, not a mix")
+        raise InvalidInputError("orthogonality error must be all final values or all per-step curves, not a mix")
     if kinds == {True}:
         names = list(err)
         values = _finite_1d("orthogonality error", [err[n] for n in names])
