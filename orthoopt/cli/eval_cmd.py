@@ -13,6 +13,7 @@ import math
 import sys
 import time
 
+from orthoopt.adapters.dtypes import DTYPE_CHOICES
 from orthoopt.eval.perplexity import perplexity
 from orthoopt.quant.calib import read_text
 from orthoopt.quant.model import load_quantized
@@ -60,6 +61,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=integer(0), default=None, help="lm-eval few-shot examples (default: the task's)")
     p.add_argument("--limit", type=real(0, low_open=True), default=None, help="lm-eval: examples per task (fraction if < 1)")
     add_window_args(p)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="dtype the model is loaded and run in (auto, the default: the checkpoint's own; "
+                        "log-probabilities are taken from float32 logits)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run)
@@ -77,9 +81,10 @@ def run(args) -> int:
         from orthoopt.eval.tasks import _import_lm_eval
 
         _import_lm_eval()  # fail on a missing lm-eval before loading the model
-    loaded = load_quantized(args.model_dir)
+    loaded = load_quantized(args.model_dir, args.dtype)
     start = time.perf_counter()
-    record = {"model": str(args.model_dir), "text": None if text is None else str(args.text)}
+    record = {"model": str(args.model_dir), "text": None if text is None else str(args.text),
+              "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch.")}
     if text is not None:
         record.update(perplexity(
             loaded.model, loaded.tokenizer, text=text, seq_len=args.seq_len, max_tokens=args.max_tokens,

@@ -22,6 +22,7 @@ from orthoopt.quant.model import load_checkpoint, quantize_model, save_quantized
 from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS
 from orthoopt.quant.schemes import PER_CHANNEL, SCHEMES, resolve
 from orthoopt.adapters.archs import locate
+from orthoopt.adapters.dtypes import DTYPE_CHOICES
 from orthoopt.adapters.sources import input_location
 from orthoopt.utils.argtypes import integer, real
 from orthoopt.utils.paths import prepare_output
@@ -108,6 +109,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="orthoopt: fake-quantized float weights + quant.json (default); compressed-tensors: packed "
         "integer weights loadable by transformers/vLLM (weight-only; docs/export.md)",
     )
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="dtype the model is loaded in and its weights written in (auto, the default: the "
+                        "checkpoint's own; RTN/GPTQ compute per layer in float32 and cast back)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)
@@ -166,7 +170,7 @@ def run(args) -> int:
     )
     kv = KVQuantConfig(bits=args.kvbits, group_size=args.kv_group_size, symmetric=args.kv_sym,
                        k_clip_ratio=args.k_clip, v_clip_ratio=args.v_clip, r3=args.r3)
-    model, tokenizer = load_checkpoint(args.model_dir)
+    model, tokenizer = load_checkpoint(args.model_dir, args.dtype)
     if args.format == "compressed-tensors" and args.wbits < 16:  # MoE experts: refuse before quantizing
         from orthoopt.export.compressed_tensors import check_exportable
         from orthoopt.quant.experts import quantized_expert_tensors
@@ -190,7 +194,8 @@ def run(args) -> int:
         percdamp=args.damp,
         block_size=args.block_size, progress=not args.no_progress,
     )
-    settings = {**result.settings, "scheme": scheme, "source": str(args.model_dir), "calibration": calib_info}
+    settings = {**result.settings, "scheme": scheme, "source": str(args.model_dir), "calibration": calib_info,
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     if args.format == "compressed-tensors":
         from orthoopt.export.compressed_tensors import save_compressed_tensors
 
