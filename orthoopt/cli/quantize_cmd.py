@@ -26,6 +26,7 @@ from orthoopt.adapters.dtypes import DTYPE_CHOICES
 from orthoopt.adapters.sources import input_location
 from orthoopt.utils.argtypes import integer, real
 from orthoopt.utils.paths import prepare_output
+from orthoopt.cli.memory_check import add_force, check_memory
 from orthoopt.cli.usage import help_kwargs
 
 DEFAULTS = {"wbits": 4, "group_size": None, "sym": True, "abits": 16, "act_sym": True}
@@ -112,6 +113,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="dtype the model is loaded in and its weights written in (auto, the default: the "
                         "checkpoint's own; RTN/GPTQ compute per layer in float32 and cast back)")
+    add_force(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)
@@ -147,6 +149,20 @@ def _validate(args) -> None:
         _import_ct()
 
 
+def _check_memory(args) -> None:
+    """Refuse (exit 2) before loading when the estimated peak does not fit (``--force`` skips it)."""
+    from orthoopt.adapters.dtypes import resolve_model_dtype
+    from orthoopt.adapters.footprint import quantize_estimate
+    from orthoopt.adapters.sources import resolve_source
+
+    source = resolve_source(args.model_dir, progress=not args.no_progress)
+    dtype = resolve_model_dtype(source, args.dtype)
+    gptq = args.method == "gptq" and args.wbits < 16
+    seq_len = args.seq_len or 2048
+    check_memory("orthoopt quantize", source, lambda ck: quantize_estimate(
+        ck, dtype, "gptq" if gptq else "rtn", args.nsamples, min(seq_len, ck.max_position or seq_len)), args.force)
+
+
 def _apply_scheme(args) -> dict | None:
     """Fill ``args.wbits/group_size/sym/abits/act_asym`` from ``--scheme`` and the flags given (a flag
     wins); returns quant.json's ``scheme`` record (None without ``--scheme``)."""
@@ -170,6 +186,7 @@ def run(args) -> int:
     )
     kv = KVQuantConfig(bits=args.kvbits, group_size=args.kv_group_size, symmetric=args.kv_sym,
                        k_clip_ratio=args.k_clip, v_clip_ratio=args.v_clip, r3=args.r3)
+    _check_memory(args)
     model, tokenizer = load_checkpoint(args.model_dir, args.dtype)
     if args.format == "compressed-tensors" and args.wbits < 16:  # MoE experts: refuse before quantizing
         from orthoopt.export.compressed_tensors import check_exportable

@@ -20,6 +20,7 @@ import torch
 
 from orthoopt.adapters.dtypes import DTYPE_CHOICES, dtype_name, parse_dtype, resolve_model_dtype
 from orthoopt.adapters.sources import PLANTED_CONFIG, input_location
+from orthoopt.cli.memory_check import add_force, check_memory
 from orthoopt.cli.usage import help_kwargs
 from orthoopt.config import DTYPES, PHASES, RotateConfig
 from orthoopt.methods import METHODS, listing, method, names
@@ -125,6 +126,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--r3", action="store_true", help="online head-wise Hadamard on queries/keys after RoPE")
     q.add_argument("--online-hadamard", action="store_true", help="online Hadamard before down_proj (R4)")
     q.add_argument("--batch-size", type=integer(1), default=1, help="calibration windows per step; default 1")
+    add_force(p)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
     p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)
@@ -183,6 +185,14 @@ def config_from_args(args: argparse.Namespace) -> RotateConfig:
                         checkpoint_every=args.checkpoint_every, model_dtype=model_dtype, **spin)
 
 
+def _check_memory(args: argparse.Namespace, config: RotateConfig, source, streamed: bool) -> None:
+    from orthoopt.adapters.footprint import rotate_estimate
+
+    check_memory("orthoopt rotate", source, lambda ck: rotate_estimate(
+        ck, config.torch_model_dtype, streamed, learned=config.learned, can_stream=config.entry.supports_streamed),
+        args.force)
+
+
 def _with_model_dtype(args: argparse.Namespace, config: RotateConfig, source) -> RotateConfig:
     """``config`` with ``model_dtype`` resolved for ``source`` (``--dtype auto``: the checkpoint's) and,
     without ``--rotation-dtype``, float64 rotations for a float64 model."""
@@ -226,12 +236,14 @@ def run(args: argparse.Namespace) -> int:
         check_model_folder(resolved.folder)
         args.model_dir = str(resolved.folder)
         config = _with_model_dtype(args, config, resolved)
+        _check_memory(args, config, resolved, streamed=True)
         model, tokenizer, source, calib = None, None, resolved.describe(), None
     else:
         from orthoopt.adapters import resolve_source
 
         resolved = resolve_source(args.model_dir or DEFAULT_MODEL, progress=not args.no_progress)
         config = _with_model_dtype(args, config, resolved)
+        _check_memory(args, config, resolved, streamed=False)
         model, tokenizer, source = load_default_or(args.model_dir, config.torch_model_dtype,
                                                    progress=not args.no_progress)
         calib = _calibration(args, tokenizer, model.config)
