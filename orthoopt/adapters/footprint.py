@@ -39,7 +39,7 @@ import torch
 from orthoopt.utils.memory import Estimate
 from orthoopt.utils.tensorfile import DTYPE_BYTES, check_safetensors, check_weight_files, read_json_object
 
-RUNTIME = 600 << 20
+RUNTIME = 512 << 20
 """Resident memory of the interpreter with torch, transformers and orthoopt imported (measured 0.45 GB
 for the tiny shape of ``benchmarks/model_size.py``), with margin."""
 LOAD_FACTOR = 1.0
@@ -58,6 +58,7 @@ class Checkpoint:
     lm_head_numel: int  # 0 when tied
     largest_numel: int
     layer_numel: int  # the largest decoder layer
+    layer_tensor_numel: int  # the largest tensor of a decoder layer
     hidden: int
     intermediate: int
     vocab: int
@@ -70,7 +71,7 @@ class Checkpoint:
         folder = Path(folder)
         config = read_json_object(folder / "config.json")
         text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-        stored = numel = embed = head = largest = 0
+        stored = numel = embed = head = largest = layer_largest = 0
         layers: dict[int, int] = {}
         import re
 
@@ -91,8 +92,9 @@ class Checkpoint:
                 m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
                 if m:
                     layers[int(m.group(1))] = layers.get(int(m.group(1)), 0) + n
+                    layer_largest = max(layer_largest, n)
         hidden = int(text.get("hidden_size") or 0)
-        return cls(stored, numel, embed, head, largest, max(layers.values(), default=0), hidden,
+        return cls(stored, numel, embed, head, largest, max(layers.values(), default=0), layer_largest, hidden,
                    int(text.get("intermediate_size") or 4 * hidden), int(text.get("vocab_size") or 0),
                    int(text.get("num_hidden_layers") or len(layers)), int(text.get("num_attention_heads") or 1),
                    text.get("max_position_embeddings"))
@@ -102,6 +104,12 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _phases(est: dict[str, int], phases: dict[str, int]) -> dict[str, int]:
+    """``est`` plus the largest of ``phases`` (transients that are not alive at the same time)."""
+    name = max(phases, key=phases.get)
+    return {**est, f"peak transient ({name})": phases[name]}
+
+
 def rotate_estimate(ck: Checkpoint, dtype: torch.dtype, streamed: bool, learned: bool = False,
                     can_stream: bool = False) -> Estimate:
     """Peak of ``orthoopt rotate`` in memory or ``--streamed``; ``learned``: a learned method's
@@ -109,17 +117,21 @@ def rotate_estimate(ck: Checkpoint, dtype: torch.dtype, streamed: bool, learned:
     b = _itemsize(dtype)
     if streamed:
         big = max(ck.embed_numel, ck.lm_head_numel)
-        est = Estimate({"runtime": RUNTIME,
-                        "embedding": big * b + min(STREAM_ROWS * ck.hidden, big) * 8 * 2,
-                        "layer": ck.layer_numel * b * 3 + min(ck.largest_numel, ck.layer_numel) * 8 * 3},
-                       f"--streamed holds one layer and the {_name(dtype)} embedding")
+        slice_rows = min(STREAM_ROWS * ck.hidden, big)
+        est = Estimate(_phases({"runtime": RUNTIME}, {
+            # the assembled embedding (or lm_head), its float64 row slice and product, the shard's buffer
+            "embedding": big * b * 2 + slice_rows * 8 * 2,
+            # one layer read, fused and being written, and the float64 product of its largest tensor
+            "layer": ck.layer_numel * b * 3 + ck.layer_tensor_numel * (8 * 2 + b)}),
+            f"--streamed holds one layer and the {_name(dtype)} embedding")
     else:
         untie = ck.embed_numel * b if ck.lm_head_numel == 0 else 0
-        est = Estimate({"runtime": RUNTIME, "model": ck.numel * b, "load": int(LOAD_FACTOR * ck.stored_bytes),
-                        "save": int(SAVE_FACTOR * ck.numel * b), "untie": untie,
-                        "objective": ck.numel * 4 if learned else 0,
-                        "largest tensor in float64": ck.largest_numel * 8 * 2},
-                       f"in memory holds the whole {_name(dtype)} model")
+        est = Estimate(_phases({"runtime": RUNTIME, "model": ck.numel * b, "untie": untie}, {
+            "load": int(LOAD_FACTOR * ck.stored_bytes),
+            "float64 write-back of the largest tensor": ck.largest_numel * (8 * 2 + b),
+            "save": int(SAVE_FACTOR * ck.numel * b),
+            "objective's float32 copy": ck.numel * 4 if learned else 0}),
+            f"in memory holds the whole {_name(dtype)} model")
     if not streamed and can_stream:
         est.alternatives.append(("--streamed", rotate_estimate(ck, dtype, True).total))
     if b > 2:
@@ -131,13 +143,15 @@ def rotate_estimate(ck: Checkpoint, dtype: torch.dtype, streamed: bool, learned:
 def quantize_estimate(ck: Checkpoint, dtype: torch.dtype, method: str, nsamples: int = 0, seq_len: int = 0) -> Estimate:
     """Peak of ``orthoopt quantize`` (the model is held whole; GPTQ adds one layer's calibration)."""
     b = _itemsize(dtype)
-    parts = {"runtime": RUNTIME, "model": ck.numel * b, "load": int(LOAD_FACTOR * ck.stored_bytes),
-             "save": int(SAVE_FACTOR * ck.numel * b), "largest tensor in float32": ck.largest_numel * 4 * 3}
+    phases = {"load": int(LOAD_FACTOR * ck.stored_bytes), "save": int(SAVE_FACTOR * ck.numel * b),
+              "float32 grid of the largest linear": ck.layer_tensor_numel * 4 * 3}
     if method == "gptq":
         tokens = nsamples * seq_len
-        parts["calibration"] = (tokens * ck.hidden * 4 * 3 + tokens * ck.intermediate * 4 * 2
-                                + (3 * ck.hidden ** 2 + ck.intermediate ** 2) * 4 + ck.num_heads * seq_len ** 2 * 4 * 2)
-    est = Estimate(parts, f"holds the whole {_name(dtype)} model (no layer-by-layer quantize yet)")
+        phases["calibration"] = (tokens * ck.hidden * 4 * 3 + tokens * ck.intermediate * 4 * 2
+                                 + (3 * ck.hidden ** 2 + ck.intermediate ** 2) * 4 + ck.num_heads * seq_len ** 2 * 4 * 2
+                                 + ck.layer_tensor_numel * 4 * 3)
+    est = Estimate(_phases({"runtime": RUNTIME, "model": ck.numel * b}, phases),
+                   f"holds the whole {_name(dtype)} model (no layer-by-layer quantize yet)")
     if b > 2:
         est.alternatives.append(("--dtype bfloat16", quantize_estimate(ck, torch.bfloat16, method, nsamples, seq_len).total))
     if method == "gptq" and nsamples > 8:
@@ -149,9 +163,10 @@ def quantize_estimate(ck: Checkpoint, dtype: torch.dtype, method: str, nsamples:
 def eval_estimate(ck: Checkpoint, dtype: torch.dtype, seq_len: int, batch_size: int = 1) -> Estimate:
     """Peak of ``orthoopt eval`` (perplexity: the model held whole, one batch of logits)."""
     b = _itemsize(dtype)
-    est = Estimate({"runtime": RUNTIME, "model": ck.numel * b, "load": int(LOAD_FACTOR * ck.stored_bytes),
-                    "activations": batch_size * seq_len * (ck.vocab * 4 * 3 + ck.intermediate * 4 * 4)},
-                   f"holds the whole {_name(dtype)} model (no layer-by-layer eval yet)")
+    est = Estimate(_phases({"runtime": RUNTIME, "model": ck.numel * b}, {
+        "load": int(LOAD_FACTOR * ck.stored_bytes),
+        "activations": batch_size * seq_len * (ck.vocab * 4 * 3 + ck.intermediate * 4 * 4)}),
+        f"holds the whole {_name(dtype)} model (no layer-by-layer eval yet)")
     if b > 2:
         est.alternatives.append(("--dtype bfloat16", eval_estimate(ck, torch.bfloat16, seq_len, batch_size).total))
     if batch_size > 1:
