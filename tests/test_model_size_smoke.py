@@ -70,3 +70,13 @@ def test_time_v_report_is_parsed():
     assert model_size._parse_time_v(report) == (62.5, 2048 * 1024)
     report = "\tElapsed (wall clock) time (h:mm:ss or m:ss): 1:00:03\n\tMaximum resident set size (kbytes): 1\n"
     assert model_size._parse_time_v(report) == (3603.0, 1024)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the check would run")
+def test_device_check_skips_cleanly_without_cuda(capsys):
+    import device_check
+
+    for device, says in (("cuda", "CUDA is not available"), ("cpu", "not a CUDA device")):
+        assert device_check.main(["--device", device]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("device_check: skipped: ") and says in out

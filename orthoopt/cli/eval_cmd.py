@@ -18,6 +18,7 @@ from orthoopt.eval.perplexity import perplexity
 from orthoopt.quant.calib import read_text
 from orthoopt.quant.model import load_quantized
 from orthoopt.cli.memory_check import add_force, check_memory
+from orthoopt.utils.checks import check_device
 from orthoopt.cli.usage import help_kwargs
 from orthoopt.utils.argtypes import integer, real
 
@@ -65,6 +66,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="dtype the model is loaded and run in (auto, the default: the checkpoint's own; "
                         "log-probabilities are taken from float32 logits)")
+    p.add_argument("--device", default=None, help="where the model computes, e.g. cuda or cuda:1 (default cpu): the whole model is moved there after loading (no layer-by-layer onloading yet); refused when not available")
     add_force(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -83,8 +85,11 @@ def run(args) -> int:
         from orthoopt.eval.tasks import _import_lm_eval
 
         _import_lm_eval()  # fail on a missing lm-eval before loading the model
+    device = check_device(args.device, "--device")
     _check_memory(args)
     loaded = load_quantized(args.model_dir, args.dtype)
+    if device is not None:
+        loaded.model.to(device)
     start = time.perf_counter()
     record = {"model": str(args.model_dir), "text": None if text is None else str(args.text),
               "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch.")}

@@ -27,6 +27,7 @@ from orthoopt.adapters.sources import input_location
 from orthoopt.utils.argtypes import integer, real
 from orthoopt.utils.paths import prepare_output
 from orthoopt.cli.memory_check import add_force, check_memory
+from orthoopt.utils.checks import check_device
 from orthoopt.cli.usage import help_kwargs
 
 DEFAULTS = {"wbits": 4, "group_size": None, "sym": True, "abits": 16, "act_sym": True}
@@ -113,6 +114,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="dtype the model is loaded in and its weights written in (auto, the default: the "
                         "checkpoint's own; RTN/GPTQ compute per layer in float32 and cast back)")
+    p.add_argument("--device", default=None, help="where the model computes, e.g. cuda or cuda:1 (default cpu): the whole model is moved there after loading (no layer-by-layer onloading yet); refused when not available")
     add_force(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
@@ -180,6 +182,7 @@ def _apply_scheme(args) -> dict | None:
 
 def run(args) -> int:
     scheme = _apply_scheme(args)
+    device = check_device(args.device, "--device")  # before any work
     _validate(args)
     act = ActQuantConfig(
         bits=args.abits, symmetric=not args.act_asym, clip_ratio=args.act_clip, online_hadamard=args.online_hadamard
@@ -188,6 +191,8 @@ def run(args) -> int:
                        k_clip_ratio=args.k_clip, v_clip_ratio=args.v_clip, r3=args.r3)
     _check_memory(args)
     model, tokenizer = load_checkpoint(args.model_dir, args.dtype)
+    if device is not None:
+        model.to(device)
     if args.format == "compressed-tensors" and args.wbits < 16:  # MoE experts: refuse before quantizing
         from orthoopt.export.compressed_tensors import check_exportable
         from orthoopt.quant.experts import quantized_expert_tensors
