@@ -25,6 +25,10 @@ from orthoopt.methods import method as method_entry
 
 PHASES = ("R1", "R2")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+"""Rotation dtypes (``dtype``)."""
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                "float64": torch.float64}
+"""Model dtypes (``model_dtype``): the weights are read, fused and written in it (``docs/conventions.md``)."""
 NOT_TRAJECTORY = ("checkpoint_every", "layers_per_shard", "calib_seq_len")
 """Fields that do not change the learned rotations: a resume may change them."""
 
@@ -56,8 +60,11 @@ class RotateConfig:
     sim_quant, batch_size, micro_batch_size, schedule_steps: spinquant only
                        (:class:`orthoopt.quant.rotated.SimQuantConfig`, windows per step / per backward,
                        length of the cosine decay, default the phase's steps).
-    model_dtype, layers_per_shard, arch: the safetensors (streamed) store only: dtype the weights are
-                       read, fused and written in; decoder layers per output shard; architecture override.
+    model_dtype:       dtype the weights are read, fused and written in (:data:`MODEL_DTYPES`; the
+                       safetensors store reads the checkpoint in it; in memory it records the loaded
+                       model's dtype). Products with the rotations are formed in float64 per tensor.
+    layers_per_shard, arch: the safetensors (streamed) store only: decoder layers per output shard;
+                       architecture override.
     """
 
     method: str = "optrot"
@@ -90,11 +97,11 @@ class RotateConfig:
         if set(rots) - set(PHASES) or not rots:
             raise InvalidInputError(f"rotations must be a non-empty subset of {PHASES}, got {sorted(set(rots))}")
         put("rotations", tuple(p for p in PHASES if p in set(rots)))
-        for name in ("dtype", "model_dtype"):
+        for name, allowed in (("dtype", DTYPES), ("model_dtype", MODEL_DTYPES)):
             v = getattr(self, name)
             s = str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
-            if s not in DTYPES:
-                raise InvalidInputError(f"{name} must be one of {', '.join(DTYPES)}, got {v!r}")
+            if s not in allowed:
+                raise InvalidInputError(f"{name} must be one of {', '.join(allowed)}, got {v!r}")
             put(name, s)
         if self.device is not None:
             put("device", str(self.device))
@@ -188,7 +195,7 @@ class RotateConfig:
 
     @property
     def torch_model_dtype(self) -> torch.dtype:
-        return DTYPES[self.model_dtype]
+        return MODEL_DTYPES[self.model_dtype]
 
     def phase_steps(self) -> dict[str, int]:
         """``{phase: steps}`` for the selected phases (0 where a dict leaves one out)."""
@@ -250,4 +257,4 @@ def _sim_quant_from_dict(d: Mapping):
     return SimQuantConfig(**d)
 
 
-__all__ = ["DTYPES", "METHODS", "PHASES", "RotateConfig"]
+__all__ = ["DTYPES", "METHODS", "MODEL_DTYPES", "PHASES", "RotateConfig"]

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from orthoopt.adapters.dtypes import DTYPE_CHOICES, dtype_name, resolve_model_dtype
+from orthoopt.adapters.sources import local_source
 from orthoopt.config import DTYPES, RotateConfig
 from orthoopt.errors import OrthooptError
 from orthoopt.methods import METHODS, names
@@ -51,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=real(0, low_open=True), default=None)
     p.add_argument("--seed", type=integer(0), default=0)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the learned rotations")
-    p.add_argument("--model-dtype", choices=tuple(DTYPES), default="float32", help="dtype of the weights")
+    p.add_argument("--model-dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="dtype the weights are read, fused and written in (auto: the checkpoint's own)")
     p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, GPU LOCAL_RANK per rank)")
     p.add_argument("--chunk-rows", type=integer(1), default=None)
     p.add_argument("--sample-fraction", type=real(0, 1, low_open=True), default=None)
@@ -88,7 +91,8 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> RotateCo
     and every rank's config, hence its resume settings, is the same."""
     phases = tuple(s.strip() for s in args.rotations.split(",") if s.strip())
     return RotateConfig(method=args.method, rotations=phases, solver=args.solver, steps=args.steps, lr=args.lr,
-                        seed=args.seed, dtype=args.dtype, model_dtype=args.model_dtype,
+                        seed=args.seed, dtype=args.dtype,
+                        model_dtype=dtype_name(resolve_model_dtype(local_source(Path(args.model_dir)), args.model_dtype)),
                         device=None if device.type == "cpu" else device.type, chunk_rows=args.chunk_rows,
                         sample_fraction=args.sample_fraction, layers_per_shard=args.layers_per_shard,
                         include_embeddings=args.include_embeddings, checkpoint_every=args.checkpoint_every)

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from orthoopt.adapters import llama2c
 from orthoopt.errors import InvalidInputError
+from orthoopt.adapters.dtypes import resolve_model_dtype
 from orthoopt.utils.atomic import atomic_dir
 from orthoopt.utils.checks import check_model_weights
 from orthoopt.utils.tensorfile import check_weight_files, read_json_object, read_safetensors
@@ -104,13 +105,16 @@ def check_model_folder(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+def load_model(path: str | os.PathLike, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu",
                progress: bool = True) -> PreTrainedModel:
-    """An eval-mode ``*ForCausalLM`` from any model source (:mod:`orthoopt.adapters.sources`): a
+    """An eval-mode ``*ForCausalLM`` in ``dtype`` from any model source (:mod:`orthoopt.adapters.sources`): a
     Hugging Face folder, a ``.gguf`` file (or a folder holding one; dequantized, loaded as a plain
     float model), a llama2.c ``.bin`` (or a folder holding one), ``planted`` (the planted-outlier toy
     Llama), a registered name such as ``smollm2-135m`` (its verified cache folder, fetched on first
-    use; ``progress`` shows the fetch) or a Hugging Face Hub id.
+    use; ``progress`` shows the fetch) or a Hugging Face Hub id. ``dtype``: a torch dtype, a
+    :data:`~orthoopt.adapters.dtypes.DTYPE_CHOICES` name, or ``"auto"`` (default): a folder's own
+    dtype (a bfloat16 checkpoint loads in bfloat16), float32 for the other kinds
+    (:func:`~orthoopt.adapters.dtypes.resolve_model_dtype`).
 
     Raises FileNotFoundError when ``path`` names nothing loadable (also for a Hub id while the Hub is
     unreachable, with what to pass instead), and ValueError naming the file and the fault for a
@@ -122,6 +126,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     source = resolve_source(path, progress=progress)
     if source.folder is not None:
         check_model_folder(source.folder)
+    dtype = resolve_model_dtype(source, dtype)
+    if source.folder is not None:
         try:
             with warnings.catch_warnings():  # "quantization_config from the model will be used" (it is; we set dequantize)
                 warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)

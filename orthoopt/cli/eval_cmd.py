@@ -14,9 +14,12 @@ import sys
 import time
 
 from orthoopt.errors import InvalidInputError
+from orthoopt.adapters.dtypes import DTYPE_CHOICES
 from orthoopt.eval.perplexity import perplexity
 from orthoopt.quant.calib import read_text
 from orthoopt.quant.model import load_quantized
+from orthoopt.cli.memory_check import add_force, check_memory
+from orthoopt.utils.checks import check_device
 from orthoopt.cli.usage import help_kwargs
 from orthoopt.utils.argtypes import integer, real
 
@@ -61,6 +64,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=integer(0), default=None, help="lm-eval few-shot examples (default: the task's)")
     p.add_argument("--limit", type=real(0, low_open=True), default=None, help="lm-eval: examples per task (fraction if < 1)")
     add_window_args(p)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="dtype the model is loaded and run in (auto, the default: the checkpoint's own; "
+                        "log-probabilities are taken from float32 logits)")
+    p.add_argument("--device", default=None, help="where the model computes, e.g. cuda or cuda:1 (default cpu): the whole model is moved there after loading (no layer-by-layer onloading yet); refused when not available")
+    add_force(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run)
@@ -78,9 +86,14 @@ def run(args) -> int:
         from orthoopt.eval.tasks import _import_lm_eval
 
         _import_lm_eval()  # fail on a missing lm-eval before loading the model
-    loaded = load_quantized(args.model_dir)
+    device = check_device(args.device, "--device")
+    _check_memory(args)
+    loaded = load_quantized(args.model_dir, args.dtype)
+    if device is not None:
+        loaded.model.to(device)
     start = time.perf_counter()
-    record = {"model": str(args.model_dir), "text": None if text is None else str(args.text)}
+    record = {"model": str(args.model_dir), "text": None if text is None else str(args.text),
+              "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch.")}
     if text is not None:
         record.update(perplexity(
             loaded.model, loaded.tokenizer, text=text, seq_len=args.seq_len, max_tokens=args.max_tokens,
@@ -111,6 +124,19 @@ def run(args) -> int:
     if error:
         print(f"orthoopt eval: warning: {error}", file=sys.stderr)
     return 0
+
+
+def _check_memory(args) -> None:
+    """Refuse (exit 2) before loading when the estimated peak does not fit (``--force`` skips it)."""
+    from orthoopt.adapters.dtypes import resolve_model_dtype
+    from orthoopt.adapters.footprint import eval_estimate
+    from orthoopt.adapters.sources import resolve_source
+
+    source = resolve_source(args.model_dir, progress=not args.no_progress)
+    dtype = resolve_model_dtype(source, args.dtype)
+    seq_len = args.seq_len or 2048
+    check_memory("orthoopt eval", source, lambda ck: eval_estimate(
+        ck, dtype, min(seq_len, ck.max_position or seq_len), args.batch_size), args.force)
 
 
 def undefined_figures(record: dict) -> str | None:

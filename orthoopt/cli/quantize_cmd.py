@@ -23,9 +23,12 @@ from orthoopt.quant.model import load_checkpoint, quantize_model, save_quantized
 from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS
 from orthoopt.quant.schemes import PER_CHANNEL, SCHEMES, resolve
 from orthoopt.adapters.archs import locate
+from orthoopt.adapters.dtypes import DTYPE_CHOICES
 from orthoopt.adapters.sources import input_location
 from orthoopt.utils.argtypes import integer, real
 from orthoopt.utils.paths import prepare_output
+from orthoopt.cli.memory_check import add_force, check_memory
+from orthoopt.utils.checks import check_device
 from orthoopt.cli.usage import help_kwargs
 
 DEFAULTS = {"wbits": 4, "group_size": None, "sym": True, "abits": 16, "act_sym": True}
@@ -110,6 +113,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="orthoopt: fake-quantized float weights + quant.json (default); compressed-tensors: "
         "integer weights loadable by transformers/vLLM (docs/export.md)",
     )
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="dtype the model is loaded in and its weights written in (auto, the default: the "
+                        "checkpoint's own; RTN/GPTQ compute per layer in float32 and cast back)")
+    p.add_argument("--device", default=None, help="where the model computes, e.g. cuda or cuda:1 (default cpu): the whole model is moved there after loading (no layer-by-layer onloading yet); refused when not available")
+    add_force(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)
@@ -146,6 +154,20 @@ def _validate(args) -> None:
         _import_ct()
 
 
+def _check_memory(args) -> None:
+    """Refuse (exit 2) before loading when the estimated peak does not fit (``--force`` skips it)."""
+    from orthoopt.adapters.dtypes import resolve_model_dtype
+    from orthoopt.adapters.footprint import quantize_estimate
+    from orthoopt.adapters.sources import resolve_source
+
+    source = resolve_source(args.model_dir, progress=not args.no_progress)
+    dtype = resolve_model_dtype(source, args.dtype)
+    gptq = args.method == "gptq" and args.wbits < 16
+    seq_len = args.seq_len or 2048
+    check_memory("orthoopt quantize", source, lambda ck: quantize_estimate(
+        ck, dtype, "gptq" if gptq else "rtn", args.nsamples, min(seq_len, ck.max_position or seq_len)), args.force)
+
+
 def _apply_scheme(args) -> dict | None:
     """Fill ``args.wbits/group_size/sym/abits/act_asym`` from ``--scheme`` and the flags given (a flag
     wins); returns quant.json's ``scheme`` record (None without ``--scheme``)."""
@@ -163,13 +185,17 @@ def _apply_scheme(args) -> dict | None:
 
 def run(args) -> int:
     scheme = _apply_scheme(args)
+    device = check_device(args.device, "--device")  # before any work
     _validate(args)
     act = ActQuantConfig(
         bits=args.abits, symmetric=not args.act_asym, clip_ratio=args.act_clip, online_hadamard=args.online_hadamard
     )
     kv = KVQuantConfig(bits=args.kvbits, group_size=args.kv_group_size, symmetric=args.kv_sym,
                        k_clip_ratio=args.k_clip, v_clip_ratio=args.v_clip, r3=args.r3)
-    model, tokenizer = load_checkpoint(args.model_dir)
+    _check_memory(args)
+    model, tokenizer = load_checkpoint(args.model_dir, args.dtype)
+    if device is not None:
+        model.to(device)
     if args.format == "compressed-tensors" and args.wbits < 16:  # MoE experts, R4 size: refuse before quantizing
         from orthoopt.export.compressed_tensors import check_exportable, r4_record
         from orthoopt.quant.experts import quantized_expert_tensors
@@ -193,7 +219,8 @@ def run(args) -> int:
         percdamp=args.damp,
         block_size=args.block_size, progress=not args.no_progress,
     )
-    settings = {**result.settings, "scheme": scheme, "source": str(args.model_dir), "calibration": calib_info}
+    settings = {**result.settings, "scheme": scheme, "source": str(args.model_dir), "calibration": calib_info,
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     if args.format == "compressed-tensors":
         from orthoopt.export.compressed_tensors import save_compressed_tensors
 

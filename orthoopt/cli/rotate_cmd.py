@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
+from orthoopt.adapters.dtypes import DTYPE_CHOICES, dtype_name, parse_dtype, resolve_model_dtype
 from orthoopt.adapters.sources import PLANTED_CONFIG, input_location
+from orthoopt.cli.memory_check import add_force, check_memory
 from orthoopt.cli.usage import help_kwargs
 from orthoopt.config import DTYPES, PHASES, RotateConfig
 from orthoopt.errors import InvalidInputError
@@ -98,8 +100,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-tokens", type=integer(1), default=2048)
     p.add_argument("--calib-seq-len", type=integer(1), default=256)
     p.add_argument("--seed", type=integer(0), default=0)
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
-                   help="dtype of the model and of the learned rotations")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="dtype the model is loaded, fused and written in (auto, the default: the checkpoint's "
+                        "own, so a bfloat16 checkpoint stays bfloat16; docs/conventions.md)")
+    p.add_argument("--rotation-dtype", choices=tuple(DTYPES), default=None,
+                   help="dtype the rotations are learned in (default float32; float64 for a float64 model)")
     p.add_argument("--include-embeddings", action="store_true",
                    help="also count embed_tokens/lm_head (kept in full precision) in learned objectives")
     p.add_argument("--init", default=None, help="start from these rotations (a rotate output folder or its rotations file)")
@@ -122,6 +127,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--r3", action="store_true", help="online head-wise Hadamard on queries/keys after RoPE")
     q.add_argument("--online-hadamard", action="store_true", help="online Hadamard before down_proj (R4)")
     q.add_argument("--batch-size", type=integer(1), default=1, help="calibration windows per step; default 1")
+    add_force(p)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
     p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)
@@ -170,11 +176,34 @@ def config_from_args(args: argparse.Namespace) -> RotateConfig:
                                                  online_hadamard=args.online_hadamard),
             kv=KVQuantConfig(bits=args.kvbits, r3=args.r3)), "batch_size": args.batch_size,
             "schedule_steps": args.steps if args.steps is not None else method(args.method).steps}
+    model_dtype = parse_dtype(args.dtype)  # None (auto): the checkpoint's, set once it is resolved (run)
+    model_dtype = "float32" if model_dtype is None else dtype_name(model_dtype)
+    rotation_dtype = args.rotation_dtype or ("float64" if model_dtype == "float64" else "float32")
     return RotateConfig(method=args.method, rotations=tuple(phases), solver=args.solver, steps=args.steps,
-                        lr=args.lr, seed=args.seed, dtype=args.dtype, device=args.device,
+                        lr=args.lr, seed=args.seed, dtype=rotation_dtype, device=args.device,
                         include_embeddings=args.include_embeddings, sample_fraction=args.sample_fraction,
                         calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
-                        checkpoint_every=args.checkpoint_every, model_dtype=args.dtype, **spin)
+                        checkpoint_every=args.checkpoint_every, model_dtype=model_dtype, **spin)
+
+
+def _check_memory(args: argparse.Namespace, config: RotateConfig, source, streamed: bool) -> None:
+    from orthoopt.adapters.footprint import rotate_estimate
+
+    check_memory("orthoopt rotate", source, lambda ck: rotate_estimate(
+        ck, config.torch_model_dtype, streamed, learned=config.learned, can_stream=config.entry.supports_streamed),
+        args.force)
+
+
+def _with_model_dtype(args: argparse.Namespace, config: RotateConfig, source) -> RotateConfig:
+    """``config`` with ``model_dtype`` resolved for ``source`` (``--dtype auto``: the checkpoint's) and,
+    without ``--rotation-dtype``, float64 rotations for a float64 model."""
+    from dataclasses import replace
+
+    model_dtype = dtype_name(resolve_model_dtype(source, args.dtype))
+    rotation_dtype = args.rotation_dtype or ("float64" if model_dtype == "float64" else "float32")
+    if (model_dtype, rotation_dtype) == (config.model_dtype, config.dtype):
+        return config
+    return replace(config, model_dtype=model_dtype, dtype=rotation_dtype)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -207,9 +236,17 @@ def run(args: argparse.Namespace) -> int:
 
         check_model_folder(resolved.folder)
         args.model_dir = str(resolved.folder)
+        config = _with_model_dtype(args, config, resolved)
+        _check_memory(args, config, resolved, streamed=True)
         model, tokenizer, source, calib = None, None, resolved.describe(), None
     else:
-        model, tokenizer, source = load_default_or(args.model_dir, config.torch_dtype, progress=not args.no_progress)
+        from orthoopt.adapters import resolve_source
+
+        resolved = resolve_source(args.model_dir or DEFAULT_MODEL, progress=not args.no_progress)
+        config = _with_model_dtype(args, config, resolved)
+        _check_memory(args, config, resolved, streamed=False)
+        model, tokenizer, source = load_default_or(args.model_dir, config.torch_model_dtype,
+                                                   progress=not args.no_progress)
         calib = _calibration(args, tokenizer, model.config)
     init = load_rotations(args.init) if args.init else None
 

@@ -15,6 +15,7 @@ from .checks import check_finite_tensor, check_not_meta
 from .moments import kurtosis, moments
 from .tolerance import (
     check_orthogonal,
+    invariance_ok,
     invariance_tolerance,
     orthogonality_error,
     orthogonality_tolerance,
@@ -29,6 +30,7 @@ __all__ = [
     "check_not_meta",
     "check_orthogonal",
     "get_rotation",
+    "invariance_ok",
     "invariance_tolerance",
     "kurtosis",
     "moments",

@@ -12,7 +12,7 @@ import torch
 
 from orthoopt.adapters.verify import logits as model_logits
 from orthoopt.config import PHASES, RotateConfig
-from orthoopt.core.tolerance import invariance_tolerance
+from orthoopt.core.tolerance import invariance_ok, invariance_tolerance
 from orthoopt.errors import InvalidInputError
 from orthoopt.pipeline.loop import PhaseRun, combine_results, run_phases
 from orthoopt.pipeline.memory import MemoryStore
@@ -68,8 +68,9 @@ def rotate_model(
                 names start there instead of at a random Hadamard. A fixed method ignores it.
     verify_ids: token ids ``[B, L]`` on which the logits before and after must agree; the relative
                 error goes into the report and a ValueError is raised above ``verify_tol`` (default
-                1e-4 for float32 models, 1e-6 for float64 ones: transformers' RMSNorm computes in
-                float32 whatever the model dtype, see ``docs/adapters.md``).
+                the model dtype's ``rtol`` of :data:`orthoopt.core.tolerance.INVARIANCE`, with its
+                ``atol``: 1e-4 for float32 models, 1e-6 for float64, 16 unit roundoffs for
+                bfloat16 / float16, ``docs/conventions.md``).
     callback:   ``callback(phase, step, loss, rotations)`` after each solver step (``step`` counts from
                 the unit's start, also in a resumed run: R1, then each layer's R2 from 0, reported as
                 phase ``"R2"``), with the rotations of the finished units (as fused) and the current
@@ -98,14 +99,16 @@ def rotate_model(
         solves = combine_results(run.units, results)
         report = build_report(config, rots, solves, time.perf_counter() - start, run.resumed, checkpoint)
         if ref is not None:
-            err = float((model_logits(model, verify_ids) - ref).norm() / ref.norm())
+            after = model_logits(model, verify_ids)
+            err = float((after.double() - ref.double()).norm() / ref.double().norm())
             report["invariance_error"] = err
             param_dtype = next(model.parameters()).dtype
             tol = verify_tol if verify_tol is not None else invariance_tolerance(param_dtype)
             report["invariance_tolerance"] = tol
-            if not err <= tol:
+            if not invariance_ok(after, ref, param_dtype, rtol=tol):
                 raise InvalidInputError(f"rotated model's logits differ from the original's by {err:.3e} (relative), "
-                                 f"above the tolerance {tol:.1e}: the write-back is wrong")
+                                 f"above the tolerance {tol:.1e} ({str(param_dtype).removeprefix('torch.')} model): "
+                                 "the write-back is wrong")
         report = {**dict(report_extra or {}), **report}
         return RotateResult(rots, report, solves)
 

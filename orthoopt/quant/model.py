@@ -224,10 +224,10 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, sett
     return out_dir
 
 
-def load_checkpoint(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
+def load_checkpoint(model_dir: str | os.PathLike, dtype: torch.dtype | str = "auto"):
     """``(model, tokenizer)`` from a model source with a tokenizer (a Hugging Face folder, a ``.gguf``
     file, a registered name, ``planted``, a Hub id; see :func:`orthoopt.adapters.load_model`); model
-    in eval mode.
+    in eval mode, in ``dtype`` (``"auto"``: the checkpoint's own, :mod:`orthoopt.adapters.dtypes`).
 
     Raises FileNotFoundError naming the source when it or its tokenizer files are missing.
     """
@@ -299,8 +299,9 @@ class LoadedModel:
     hooks: ActQuantHooks | None
 
 
-def load_quantized(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a checkpoint and, if it has quant.json, install its activation quantization / online Hadamard."""
+def load_quantized(model_dir: str | os.PathLike, dtype: torch.dtype | str = "auto") -> LoadedModel:
+    """Load a checkpoint in ``dtype`` (``"auto"``: its own, :mod:`orthoopt.adapters.dtypes`) and, if it
+    has quant.json, install its activation quantization / online Hadamard."""
     from orthoopt.adapters.sources import resolve_source
 
     source = resolve_source(model_dir)

@@ -1,0 +1,181 @@
+"""Estimated peak memory of each command on a Hugging Face folder, from its headers and config alone.
+
+The figures come from the checkpoint (bytes and shapes in the safetensors headers, ``config.json``),
+the dtype the command loads it in, and the path (in memory or ``--streamed``); nothing is read but
+headers. Each estimate is a sum of named parts (:class:`orthoopt.utils.memory.Estimate`):
+
+==================  ==============================================================================
+part                bytes
+==================  ==============================================================================
+runtime             :data:`RUNTIME`: Python, torch, transformers and the tokenizer
+model               the whole model in the load dtype (``numel x itemsize``): in-memory paths
+load                the checkpoint read while the model is built (``from_pretrained`` maps the
+                    files; ``LOAD_FACTOR`` of their bytes is resident at once)
+save                the output's serialization buffer (``SAVE_FACTOR`` of the model)
+untie               rotate: lm_head's own copy of a tied embedding (fusion unties it)
+embedding           rotate --streamed: the embedding (and lm_head) assembled in the load dtype, plus
+                    its float64 row slices
+layer               rotate --streamed: one layer in the load dtype, its float64 products and the
+                    shard being written
+calibration         quantize --method gptq: the calibration activations of one layer's inputs and
+                    outputs (float32), one layer's float32 Hessians, GPTQ's float32 work copies
+activations         eval: logits of one batch (float32, three copies: logits, log-softmax, gather)
+==================  ==============================================================================
+
+The factors are calibrated on the measurements of ``benchmarks/model_size.py``
+(``docs/performance.md``, where the estimates stand beside the measured peaks) and are meant to
+overestimate by at most about a quarter; sources that are not folders (``planted``, ``.gguf``,
+llama2.c, Hub ids) get no estimate and are not checked.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from orthoopt.utils.memory import Estimate
+from orthoopt.utils.tensorfile import DTYPE_BYTES, check_safetensors, check_weight_files, read_json_object
+
+RUNTIME = 512 << 20
+"""Resident memory of the interpreter with torch, transformers and orthoopt imported (measured 0.45 GB
+for the tiny shape of ``benchmarks/model_size.py``), with margin."""
+LOAD_FACTOR = 1.0
+SAVE_FACTOR = 1.0
+STREAM_ROWS = 1 << 14
+"""Rows of the embedding / lm_head the streamed store reads at once (``FusedReader.rows_per_read``)."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What the estimates need from a folder: stored bytes, numels and the config sizes."""
+
+    stored_bytes: int
+    numel: int
+    embed_numel: int
+    lm_head_numel: int  # 0 when tied
+    largest_numel: int
+    layer_numel: int  # the largest decoder layer
+    layer_tensor_numel: int  # the largest tensor of a decoder layer
+    hidden: int
+    intermediate: int
+    vocab: int
+    num_layers: int
+    num_heads: int
+    max_position: int | None
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> "Checkpoint":
+        folder = Path(folder)
+        config = read_json_object(folder / "config.json")
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        stored = numel = embed = head = largest = layer_largest = 0
+        layers: dict[int, int] = {}
+        import re
+
+        for f in check_weight_files(folder):
+            for name, e in check_safetensors(f).items():
+                if name == "__metadata__":
+                    continue
+                n = 1
+                for s in e["shape"]:
+                    n *= s
+                stored += n * DTYPE_BYTES.get(e["dtype"], 4)
+                numel += n
+                largest = max(largest, n)
+                if name.endswith("embed_tokens.weight"):
+                    embed = n
+                elif name.endswith("lm_head.weight"):
+                    head = n
+                m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+                if m:
+                    layers[int(m.group(1))] = layers.get(int(m.group(1)), 0) + n
+                    layer_largest = max(layer_largest, n)
+        hidden = int(text.get("hidden_size") or 0)
+        return cls(stored, numel, embed, head, largest, max(layers.values(), default=0), layer_largest, hidden,
+                   int(text.get("intermediate_size") or 4 * hidden), int(text.get("vocab_size") or 0),
+                   int(text.get("num_hidden_layers") or len(layers)), int(text.get("num_attention_heads") or 1),
+                   text.get("max_position_embeddings"))
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _phases(est: dict[str, int], phases: dict[str, int]) -> dict[str, int]:
+    """``est`` plus the largest of ``phases`` (transients that are not alive at the same time)."""
+    name = max(phases, key=phases.get)
+    return {**est, f"peak transient ({name})": phases[name]}
+
+
+def rotate_estimate(ck: Checkpoint, dtype: torch.dtype, streamed: bool, learned: bool = False,
+                    can_stream: bool = False) -> Estimate:
+    """Peak of ``orthoopt rotate`` in memory or ``--streamed``; ``learned``: a learned method's
+    objective holds a float32 copy of the weights (in memory); ``can_stream``: offer ``--streamed``."""
+    b = _itemsize(dtype)
+    if streamed:
+        big = max(ck.embed_numel, ck.lm_head_numel)
+        slice_rows = min(STREAM_ROWS * ck.hidden, big)
+        est = Estimate(_phases({"runtime": RUNTIME}, {
+            # the assembled embedding (or lm_head), its float64 row slice and product, the shard's buffer
+            "embedding": big * b * 2 + slice_rows * 8 * 2,
+            # one layer read, fused and being written, and the float64 product of its largest tensor
+            "layer": ck.layer_numel * b * 3 + ck.layer_tensor_numel * (8 * 2 + b)}),
+            f"--streamed holds one layer and the {_name(dtype)} embedding")
+    else:
+        untie = ck.embed_numel * b if ck.lm_head_numel == 0 else 0
+        est = Estimate(_phases({"runtime": RUNTIME, "model": ck.numel * b, "untie": untie}, {
+            "load": int(LOAD_FACTOR * ck.stored_bytes),
+            "float64 write-back of the largest tensor": ck.largest_numel * (8 * 2 + b),
+            "save": int(SAVE_FACTOR * ck.numel * b),
+            "objective's float32 copy": ck.numel * 4 if learned else 0}),
+            f"in memory holds the whole {_name(dtype)} model")
+    if not streamed and can_stream:
+        est.alternatives.append(("--streamed", rotate_estimate(ck, dtype, True).total))
+    if b > 2:
+        smaller = rotate_estimate(ck, torch.bfloat16, streamed, learned)
+        est.alternatives.append(("--dtype bfloat16", smaller.total))
+    return est
+
+
+def quantize_estimate(ck: Checkpoint, dtype: torch.dtype, method: str, nsamples: int = 0, seq_len: int = 0) -> Estimate:
+    """Peak of ``orthoopt quantize`` (the model is held whole; GPTQ adds one layer's calibration)."""
+    b = _itemsize(dtype)
+    phases = {"load": int(LOAD_FACTOR * ck.stored_bytes), "save": int(SAVE_FACTOR * ck.numel * b),
+              "float32 grid of the largest linear": ck.layer_tensor_numel * 4 * 3}
+    if method == "gptq":
+        tokens = nsamples * seq_len
+        phases["calibration"] = (tokens * ck.hidden * 4 * 3 + tokens * ck.intermediate * 4 * 2
+                                 + (3 * ck.hidden ** 2 + ck.intermediate ** 2) * 4 + ck.num_heads * seq_len ** 2 * 4 * 2
+                                 + ck.layer_tensor_numel * 4 * 3)
+    est = Estimate(_phases({"runtime": RUNTIME, "model": ck.numel * b}, phases),
+                   f"holds the whole {_name(dtype)} model (no layer-by-layer quantize yet)")
+    if b > 2:
+        est.alternatives.append(("--dtype bfloat16", quantize_estimate(ck, torch.bfloat16, method, nsamples, seq_len).total))
+    if method == "gptq" and nsamples > 8:
+        est.alternatives.append((f"--nsamples {nsamples // 4}",
+                                 quantize_estimate(ck, dtype, method, nsamples // 4, seq_len).total))
+    return est
+
+
+def eval_estimate(ck: Checkpoint, dtype: torch.dtype, seq_len: int, batch_size: int = 1) -> Estimate:
+    """Peak of ``orthoopt eval`` (perplexity: the model held whole, one batch of logits)."""
+    b = _itemsize(dtype)
+    est = Estimate(_phases({"runtime": RUNTIME, "model": ck.numel * b}, {
+        "load": int(LOAD_FACTOR * ck.stored_bytes),
+        "activations": batch_size * seq_len * (ck.vocab * 4 * 3 + ck.intermediate * 4 * 4)}),
+        f"holds the whole {_name(dtype)} model (no layer-by-layer eval yet)")
+    if b > 2:
+        est.alternatives.append(("--dtype bfloat16", eval_estimate(ck, torch.bfloat16, seq_len, batch_size).total))
+    if batch_size > 1:
+        est.alternatives.append(("--batch-size 1", eval_estimate(ck, dtype, seq_len, 1).total))
+    return est
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+__all__ = ["Checkpoint", "RUNTIME", "eval_estimate", "quantize_estimate", "rotate_estimate"]

@@ -1,0 +1,50 @@
+"""``--device`` on ``quantize`` and ``eval`` (issue 23, item 3, in part): ``--device cpu`` gives the same
+result as no device, and an unavailable device is refused before any work. No GPU needed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from orthoopt.adapters import load_model, save_planted
+from orthoopt.cli import main
+
+from helpers import run_error, sample_text_file
+
+Q = ["--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_planted(tmp_path_factory.mktemp("dev") / "m", hidden_size=64, num_layers=2, num_heads=4,
+                        intermediate_size=128, dtype=torch.bfloat16)
+
+
+def test_device_cpu_equals_no_device(model_dir, tmp_path, capsys):
+    text = sample_text_file(tmp_path / "t.txt")
+    gptq = ["--method", "gptq", "--calib", str(text), "--nsamples", "2", "--seq-len", "32"]
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "a"), *gptq, *Q]) == 0
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "b"), *gptq, "--device", "cpu", *Q]) == 0
+    a, b = load_model(tmp_path / "a").state_dict(), load_model(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ppl = []
+    for device in ([], ["--device", "cpu"]):
+        capsys.readouterr()
+        assert main(["eval", str(tmp_path / "a"), "--text", str(text), "--seq-len", "32", "--max-tokens", "128",
+                     "--json", *device, *Q]) == 0
+        ppl.append(json.loads(capsys.readouterr().out)["ppl"])
+    assert ppl[0] == ppl[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_an_unavailable_device_is_refused_before_any_work(model_dir, tmp_path, capsys):
+    text = sample_text_file(tmp_path / "t.txt")
+    for device, says in (("cuda", "CUDA is not available"), ("meta", "cannot compute"), ("nodevice", "not a device")):
+        err = run_error(capsys, ["quantize", str(model_dir), "--out", str(tmp_path / "q"), "--device", device, *Q])
+        assert "--device" in err and says in err
+        err = run_error(capsys, ["eval", str(model_dir), "--text", str(text), "--device", device, *Q])
+        assert "--device" in err and says in err
+    assert not (tmp_path / "q").exists()
