@@ -294,7 +294,7 @@ def render(settings: Settings, rows: list[dict], header: dict) -> str:
             f"({settings.eval_windows * settings.seq_len} tokens).", "",
             "| calibration | tokens | method | draws | mean ppl | sd | min - max | GPTQ s (mean) |",
             "|---|---:|---|---:|---:|---:|---|---:|"]
-    for c in calib:
+    for c in [c for c in settings.calib if any(tuple(r["calib"]) == c for r in rows)]:  # unpaired rows too
         for m in METHODS:
             sel = [r for r in rows if r["method"] == m and tuple(r["calib"]) == c]
             if not sel:
