@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # what static tools see; at run time the names load on first 
     from orthoopt.config import RotateConfig
     from orthoopt.methods import METHODS, Method
     from orthoopt.objectives.base import Objective
-    from orthoopt.pipeline import rotate_model, rotate_streamed
+    from orthoopt.pipeline.api import rotate_model, rotate_streamed
     from orthoopt.solvers.base import Solver
     from orthoopt.solvers.registry import SOLVERS
     from orthoopt.solvers.solve import SolveResult, solve
@@ -36,8 +36,8 @@ if TYPE_CHECKING:  # what static tools see; at run time the names load on first 
 __version__ = "0.1.0"
 
 PUBLIC: dict[str, str] = {
-    "rotate_model": "orthoopt.pipeline",
-    "rotate_streamed": "orthoopt.pipeline",
+    "rotate_model": "orthoopt.pipeline.api",
+    "rotate_streamed": "orthoopt.pipeline.api",
     "RotateConfig": "orthoopt.config",
     "solve": "orthoopt.solvers.solve",
     "SolveResult": "orthoopt.solvers.solve",

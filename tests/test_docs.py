@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ALLOWED: dict[str, str] = {
     "docs/img/optrot_convergence.png": "drawn by benchmarks/optrot_speed.py --plot when it runs; not committed",
     "benchmarks/.cache/full_settings/": "the cache folder benchmarks/full_settings.py creates when it runs",
+    "benchmarks/.cache/model_size/": "the checkpoints benchmarks/model_size.py builds when it runs",
+    "benchmarks/.cache/instrument-smollm2-135m/": "the record benchmarks/instrument.py writes when it runs",
     "orthoopt/rotations.safetensors": "the rotations file inside an `orthoopt rotate` output folder, not a repo path",
 }
 
