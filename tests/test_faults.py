@@ -602,8 +602,14 @@ def test_every_numeric_flag_refuses_bad_values_naming_the_flag(tiny, text, tmp_p
 
 def test_a_size_no_machine_holds_is_a_clean_error(tiny, text, tmp_path, capsys):  # noqa: F811
     """Counts within int64 pass the parser; one whose allocation fails is exit 2, not a traceback."""
-    err = run_error(capsys, ["quantize", str(tiny), "--out", str(tmp_path / "q"), "--method", "gptq", "--calib",
-                             str(text), "--nsamples", str(10**15), "--seq-len", "32", "--no-progress"])
+    argv = ["quantize", str(tiny), "--out", str(tmp_path / "q"), "--method", "gptq", "--calib", str(text),
+            "--nsamples", str(10**15), "--seq-len", "32", "--no-progress"]
+    # refused by the memory estimate before loading ...
+    err = run_error(capsys, argv)
+    assert "estimated peak memory" in err and err.count("\n") == 1
+    assert not (tmp_path / "q").exists()
+    # ... and, past it with --force, the failed allocation itself is the same clean exit 2
+    err = run_error(capsys, [*argv, "--force"])
     assert "not enough memory" in err and err.count("\n") == 1
     assert not (tmp_path / "q").exists()
 
