@@ -169,8 +169,8 @@ _WORKER: dict = {}
 
 def _worker_init(settings: Settings) -> None:
     torch.set_num_threads(settings.threads)
-    model, eval_ids, calib_ids, _ = load(settings)
-    _WORKER.update(model=model, eval_ids=eval_ids, calib_ids=calib_ids)
+    model, eval_ids, calib_ids, description = load(settings)
+    _WORKER.update(model=model, eval_ids=eval_ids, calib_ids=calib_ids, description=description)
 
 
 def _worker_unit(settings: Settings, record: Path, method: str, seed: int) -> None:
@@ -403,8 +403,8 @@ def main(argv=None) -> int:
         run_all(settings, record, args.jobs)
     rows = read_record(record, settings.key())
     wall = time.perf_counter() - start
-    description = load(settings)[3]
-    from rotation_quality import FINDINGS_MARKER, code_version, machine_info  # noqa: E402
+    description = _WORKER.get("description") or load(settings)[3]  # loaded once when it ran here
+    from rotation_quality import code_version, kept_findings, machine_info  # noqa: E402
 
     header = {"command": "python benchmarks/instrument.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "code": code_version(),
@@ -414,8 +414,7 @@ def main(argv=None) -> int:
     page = render(settings, rows, header)
     print(page)
     if results is not None:
-        old = results.read_text(encoding="utf-8") if results.is_file() else ""
-        findings = "\n" + old[old.index(FINDINGS_MARKER):] if FINDINGS_MARKER in old else ""
+        findings = kept_findings(results)
         with atomic_file(results) as f:
             f.write(page + findings)
     log(f"wall time {wall:.0f} s")

@@ -436,14 +436,17 @@ FINDINGS_MARKER = "<!-- findings: written by hand, kept when the benchmark rewri
 (how they were made is stated there) is not the benchmark's to overwrite."""
 
 
+def kept_findings(path: Path) -> str:
+    """The hand-written findings of an existing page (from :data:`FINDINGS_MARKER` on, after a blank
+    line), or "" when the page or its marker is missing."""
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    return "\n" + old[old.index(FINDINGS_MARKER):] if FINDINGS_MARKER in old else ""
+
+
 def write_results(path: Path, body: str, command: str, header: list[str]) -> None:
     """``path`` <- a markdown page with the command, date, machine and ``body``, atomically; the
     hand-written findings of an existing page (from :data:`FINDINGS_MARKER` on) are carried over."""
-    findings = ""
-    if path.is_file():
-        old = path.read_text(encoding="utf-8")
-        if FINDINGS_MARKER in old:
-            findings = "\n" + old[old.index(FINDINGS_MARKER):]
+    findings = kept_findings(path)
     text = "\n".join(["# Rotation quality benchmark", "",
                       "Written by `benchmarks/rotation_quality.py` down to the findings marker; rerun it rather "
                       "than editing the tables by hand.", "",
