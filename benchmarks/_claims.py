@@ -20,10 +20,13 @@ BEST = "best"
 CLAIMS = (
     ("optrot", "hadamard", "W4 GPTQ"),
     ("optrot", "hadamard", "W4 GPTQ g128"),
+    ("optrot", "hadamard", "W4 GPTQ g64"),
     ("optrot", "original", "W4 GPTQ"),
     ("optrot", "original", "W4 GPTQ g128"),
+    ("optrot", "original", "W4 GPTQ g64"),
     ("optrot+", "optrot", "W4 GPTQ"),
     ("optrot+", "optrot", "W4 GPTQ g128"),
+    ("optrot+", "optrot", "W4 GPTQ g64"),
     (BEST, "original", "W4 RTN"),
     (BEST, "original", "W4 RTN g128"),
     (BEST, "original", "W4 RTN g64"),

@@ -1,4 +1,4 @@
-"""Rotation quality benchmark: perplexity after rotating with every method and quantizing six ways, over draws.
+"""Rotation quality benchmark: perplexity after rotating with every method and quantizing seven ways, over draws.
 
     python benchmarks/rotation_quality.py --jobs 2 --no-progress   # docs/results.md: SmolLM2-135M defaults
     python benchmarks/rotation_quality.py --quick --results /tmp/r.md   # smoke test, tiny model
@@ -7,8 +7,8 @@ For one model: the unrotated original (norms not fused: the real baseline), then
 ``orthoopt.pipeline.rotate_model``) with each of identity (norms fused, no rotation), random
 orthogonal, random Hadamard, OptRot, OptRot+, KurTail kurtosis, DFRot and SpinQuant (trained for
 W4 RTN per channel and for g64); quantize every model with W4 RTN, W4 RTN g128, W4 RTN g64, W4 GPTQ,
-W4 GPTQ g128 and W4A8 RTN (symmetric 4-bit weights per output channel or per group of 128 / 64 input
-columns, g128 being the W4A16 scheme llm-compressor and vLLM use by default; 8-bit per-token
+W4 GPTQ g128, W4 GPTQ g64 and W4A8 RTN (symmetric 4-bit weights per output channel or per group of 128
+/ 64 input columns, g128 being the W4A16 scheme llm-compressor and vLLM use by default; 8-bit per-token
 activations; embeddings and lm_head in full precision, ``docs/quantization.md``). A group size that
 does not divide every decoder linear's input columns is not run (SmolLM2-135M: hidden 576, so no
 g128; llm-compressor refuses such layers too). Reported: WikiText-style perplexity (non-overlapping
@@ -24,12 +24,17 @@ spread (max - min and standard deviation); each claim (two methods, one column) 
 perplexities with a 95% interval over draws and evaluation windows
 (:func:`orthoopt.eval.draws_interval`, docs/quantization.md, "Comparing methods over draws").
 
-**Defaults.** On a real checkpoint: 4096 evaluation tokens in 32 windows of 128 (at least 20 windows
-are needed for an interval), 16 calibration windows, 3 draws, 1 draw of the expensive methods, every
-learned method its default steps. Estimated from the costs measured for docs/results.md (one GPTQ
-with its evaluation about 72 s, an RTN evaluation about 11 s, rotations as in its table): about
-7,400 CPU-seconds, an hour with ``--jobs 2`` on a quiet 2-core machine. On the planted fallback
-model (``--model-dir planted``): 65536 tokens, 64 calibration windows, the same draws.
+**Defaults.** On a real checkpoint: 16384 evaluation tokens in 64 windows of 256 (the protocol
+``docs/instrument.md`` chose: past about 64 windows a comparison's interval stops narrowing, since
+the spread is in the draws; at least 20 windows are needed for an interval), 16 calibration windows
+of 256, 3 draws, 1 draw of the expensive methods, every learned method its default steps. The wall
+time of that run is in the Time section of ``docs/results.md``. On the planted fallback model
+(``--model-dir planted``): 65536 tokens in windows of 128, 64 calibration windows, the same draws.
+
+**Resumable.** Each finished method's row (all its draws) is saved in ``--cache-dir`` under a folder
+named for the settings (:func:`record_dir`); a rerun with the same settings reads those rows instead
+of computing them, so a stopped run continues with the methods it had not finished, and methods
+can be added to a finished run (``--fresh``: compute everything again).
 
 Model: SmolLM2-135M when it is in the orthoopt cache (``orthoopt fetch smollm2-135m``), else the first
 real checkpoint in ``../shared/models`` if there is one (``--model-dir``), else a
@@ -51,6 +56,7 @@ import argparse
 import copy
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import math
 import os
@@ -108,10 +114,12 @@ QUANT_CONFIGS: dict[str, dict] = {
     "W4 RTN g64": {"method": "rtn", "wbits": 4, "group_size": 64},
     "W4 GPTQ": {"method": "gptq", "wbits": 4},
     "W4 GPTQ g128": {"method": "gptq", "wbits": 4, "group_size": 128},
+    "W4 GPTQ g64": {"method": "gptq", "wbits": 4, "group_size": 64},
     "W4A8 RTN": {"method": "rtn", "wbits": 4, "act": ActQuantConfig(bits=8)},
 }
 """The quantization columns. g128 is the W4A16 scheme llm-compressor and vLLM use by default
-(symmetric 4-bit weights in groups of 128 input columns, activations in 16 bits)."""
+(symmetric 4-bit weights in groups of 128 input columns, activations in 16 bits); g64 is the nearest
+group size that divides SmolLM2-135M's widths (576, 1536), where g128 cannot run."""
 FIXED_ROTATIONS = (ORIGINAL, "identity")
 """Methods whose rotated model does not depend on the draw: their data-free (RTN) cells are computed
 once and are the same in every draw; their GPTQ cells still vary with the calibration windows."""
@@ -397,7 +405,9 @@ def time_section(rows: dict[str, MethodResult], float_ppl: dict, timings: dict) 
     return ["## Time", "",
             f"total {timings['total']:.0f} s{workers}: model {timings['model']:.0f} s, float baseline "
             f"{timings['baseline']:.0f} s, methods {timings['methods']:.0f} s (all draws: rotation {rotation:.0f} s, "
-            f"quantization {quant:.0f} s, evaluation {evaluation:.0f} s)"]
+            f"quantization {quant:.0f} s, evaluation {evaluation:.0f} s)"] + (
+        ["", f"Read from the record of an earlier run with the same settings (their seconds are that run's): "
+              f"{', '.join(METHOD_LABELS[m] for m in timings['resumed'])}."] if timings.get("resumed") else [])
 
 
 def render(settings: Settings, prepared: PreparedModel, split, float_ppl: dict, rows: dict[str, MethodResult],
@@ -460,7 +470,7 @@ FULL = {"hidden": 256, "layers": 4, "heads": 4, "train_steps": 300, "steps": Non
         "seq_len": 128, "calib_samples": 64, "calib_tokens": 2048, "logit_windows": 8, "draws": 3,
         "expensive_draws": 1,
         "spin_windows": 400, "spin_batch": 4}
-REAL = {**FULL, "eval_tokens": 4096, "seq_len": 128, "calib_samples": 16}
+REAL = {**FULL, "eval_tokens": 16384, "seq_len": 256, "calib_samples": 16}
 """The defaults on a real checkpoint (SmolLM2-135M: about an hour with ``--jobs 2`` on 2 cores)."""
 QUICK = {"hidden": 128, "layers": 2, "heads": 2, "train_steps": 20, "steps": 3, "eval_tokens": 2048,
          "seq_len": 64, "calib_samples": 8, "calib_tokens": 256, "logit_windows": 2, "draws": 2,
@@ -525,6 +535,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--render", type=Path, default=None, metavar="ROWS_JSON",
                    help="run nothing: make the page from rows saved by --json (printed, and written as --results "
                         "says)")
+    p.add_argument("--fresh", action="store_true",
+                   help="compute every method again instead of reading the rows an earlier run with the same "
+                        "settings finished (kept in --cache-dir; a stopped run resumes from them)")
     p.add_argument("--seeds", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -628,24 +641,71 @@ def _worker_init(settings: Settings, threads: int) -> None:
     _WORKER["inputs"] = build_inputs(settings)
 
 
-def _worker_row(settings: Settings, method: str) -> MethodResult:
-    return method_row(settings, _WORKER["inputs"], method)
+def record_dir(settings: Settings) -> Path:
+    """The folder of this run's resumable record: one JSON file per finished method, in a folder
+    named for everything a row depends on (the settings but ``methods`` and ``progress``, and the
+    quantization columns), so a rerun with other settings starts its own record."""
+    key = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("methods", "progress", "cache_dir")}
+    key["columns"] = {name: {k: str(v) for k, v in c.items()} for name, c in QUANT_CONFIGS.items()}
+    digest = hashlib.sha256(json.dumps(key, default=str, sort_keys=True).encode()).hexdigest()[:12]
+    return settings.cache_dir / f"rotation-quality-{digest}"
 
 
-def run_rows(settings: Settings, inputs: Inputs, jobs: int, threads: int) -> dict[str, MethodResult]:
-    """Every method's row, in ``settings.methods`` order: in this process (``jobs`` 1), or in ``jobs``
-    worker processes (spawned, each building its own :class:`Inputs` and using ``threads`` torch threads),
-    longest methods first. The rows do not depend on which process computed them."""
-    if jobs <= 1:
-        return {m: method_row(settings, inputs, m) for m in settings.methods}
+def _row_path(record: Path, method: str) -> Path:
+    return record / f"{method}.json"
+
+
+def save_row(record: Path | None, row: MethodResult) -> None:
+    """``record/METHOD.json`` <- ``row``, atomically (a stopped run leaves whole rows only)."""
+    if record is None:
+        return
+    record.mkdir(parents=True, exist_ok=True)
+    with atomic_file(_row_path(record, row.method)) as f:
+        json.dump(json.loads(json.dumps(dataclasses.asdict(row), default=str)), f)
+
+
+def load_row(record: Path | None, method: str) -> MethodResult | None:
+    """The row of ``method`` kept in ``record`` by an earlier run with the same settings, or None."""
+    path = None if record is None else _row_path(record, method)
+    if path is None or not path.is_file():
+        return None
+    r = json.loads(path.read_text(encoding="utf-8"))
+    return MethodResult(**dict(r, seeds=tuple(r["seeds"]), loss={k: tuple(v) for k, v in r["loss"].items()}))
+
+
+def _computed_row(settings: Settings, inputs: Inputs, method: str, record: Path | None) -> MethodResult:
+    row = method_row(settings, inputs, method)
+    save_row(record, row)
+    return row
+
+
+def _worker_row(settings: Settings, method: str, record: Path | None) -> MethodResult:
+    return _computed_row(settings, _WORKER["inputs"], method, record)
+
+
+def run_rows(settings: Settings, inputs: Inputs, jobs: int, threads: int,
+             record: Path | None = None) -> dict[str, MethodResult]:
+    """Every method's row, in ``settings.methods`` order: read from ``record`` where an earlier run
+    with the same settings finished it, else computed (and saved there) in this process (``jobs`` 1),
+    or in ``jobs`` worker processes (spawned, each building its own :class:`Inputs` and using
+    ``threads`` torch threads), longest methods first. The rows do not depend on which process
+    computed them, nor on whether they were read back."""
+    rows = {m: r for m in settings.methods if (r := load_row(record, m)) is not None}
+    if rows:
+        log(f"read {len(rows)} finished method(s) from {record}: {', '.join(rows)}")
+    todo = [m for m in settings.methods if m not in rows]
+    if jobs <= 1 or len(todo) <= 1:
+        rows.update({m: _computed_row(settings, inputs, m, record) for m in todo})
+        return {m: rows[m] for m in settings.methods}
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    order = sorted(settings.methods, key=lambda m: COST_ORDER.index(m) if m in COST_ORDER else len(COST_ORDER))
+    order = sorted(todo, key=lambda m: COST_ORDER.index(m) if m in COST_ORDER else len(COST_ORDER))
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
                              initargs=(settings, threads)) as pool:
-        futures = {m: pool.submit(_worker_row, settings, m) for m in order}
-        return {m: futures[m].result() for m in settings.methods}
+        futures = {m: pool.submit(_worker_row, settings, m, record) for m in order}
+        rows.update({m: futures[m].result() for m in todo})
+    return {m: rows[m] for m in settings.methods}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -680,9 +740,12 @@ def main(argv: list[str] | None = None) -> int:
     log(f"float baseline perplexity {float_ppl['ppl']:.4f} on {float_ppl['tokens']} predicted tokens")
 
     t2 = time.perf_counter()
-    rows = run_rows(settings, inputs, args.jobs, args.threads or torch.get_num_threads())
+    record = None if args.fresh else record_dir(settings)
+    resumed = [m for m in settings.methods if record is not None and _row_path(record, m).is_file()]
+    rows = run_rows(settings, inputs, args.jobs, args.threads or torch.get_num_threads(), record)
     timings = {"model": t_model, "baseline": t_baseline, "methods": time.perf_counter() - t2,
-               "total": time.perf_counter() - t0, "jobs": args.jobs}
+               "total": time.perf_counter() - t0, "jobs": args.jobs,
+               "resumed": resumed}
     code_end = code_version()
     if code_end != code:
         code += f" at the start; {code_end} at the end (the checkout changed during the run)"

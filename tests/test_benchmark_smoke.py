@@ -45,7 +45,7 @@ def _table(markdown: str, heading: str) -> tuple[list[str], list[list[str]]]:
 
 
 @needs_text
-def test_quick_run_prints_full_table_and_writes_only_the_given_path(tmp_path, capsys):
+def test_quick_run_prints_full_table_and_writes_only_the_given_path(tmp_path, capsys, monkeypatch):
     real = REPO / "docs" / "results.md"
     before = _digest(real)
     out = tmp_path / "results.md"
@@ -61,7 +61,7 @@ def test_quick_run_prints_full_table_and_writes_only_the_given_path(tmp_path, ca
     assert "python benchmarks/rotation_quality.py --quick" in written
     for text in (printed, written):
         header, rows = _table(text, "Perplexity")
-        columns = ["W4 RTN", "W4 RTN g128", "W4 RTN g64", "W4 GPTQ", "W4 GPTQ g128", "W4A8 RTN"]
+        columns = ["W4 RTN", "W4 RTN g128", "W4 RTN g64", "W4 GPTQ", "W4 GPTQ g128", "W4 GPTQ g64", "W4A8 RTN"]
         assert header == ["method", "rotation s", *columns]
         labels = [r[0] for r in rows]
         methods = (rotation_quality.ORIGINAL, *rotation_quality.METHODS)
@@ -75,7 +75,7 @@ def test_quick_run_prints_full_table_and_writes_only_the_given_path(tmp_path, ca
         assert len(err_rows) == len(methods)
         for r in err_rows:
             assert float(r[1]) < rotation_quality.INVARIANCE_TOL  # rotation kept the float function
-            assert all(0 < float(x) < 10 for x in r[2:8]), r
+            assert all(0 < float(x) < 10 for x in r[2:9]), r
         header, spread_rows = _table(text, "Perplexity spread over draws")
         assert header == ["method", "draws", *columns]
         assert [r[0] for r in spread_rows] == labels[1:]
@@ -116,6 +116,23 @@ def test_quick_run_prints_full_table_and_writes_only_the_given_path(tmp_path, ca
     assert rotation_quality.main(["--quick", "--render", str(tmp_path / "rows.json"), "--results", str(again)]) == 0
     assert capsys.readouterr().out == printed.rsplit("wall time", 1)[0]
     assert again.read_text(encoding="utf-8") == written
+
+    # a rerun with the same settings reads every finished row from the record and computes none
+    def no_compute(*a, **k):
+        raise AssertionError("a finished method was computed again")
+
+    monkeypatch.setattr(rotation_quality, "run_method", no_compute)
+    resumed = tmp_path / "resumed.md"
+    assert rotation_quality.main(["--quick", "--no-progress", "--text", str(TEXT), "--results", str(resumed),
+                                  "--cache-dir", str(tmp_path / "cache"), "--draws", "2", "--threads", "0"]) == 0
+    capsys.readouterr()
+    for heading in ("Perplexity", "Relative logit error vs the float model", "Perplexity spread over draws", "Claims"):
+        assert _table(resumed.read_text(encoding="utf-8"), heading) == _table(written, heading), heading
+    assert "Read from the record of an earlier run" in resumed.read_text(encoding="utf-8")
+    # other settings are another record: nothing is read, so the patched row computation is reached
+    with pytest.raises(AssertionError, match="computed again"):
+        rotation_quality.main(["--quick", "--no-progress", "--text", str(TEXT), "--no-results", "--methods", "hadamard",
+                               "--cache-dir", str(tmp_path / "cache"), "--draws", "3", "--threads", "0"])
 
 
 def test_quick_mode_writes_no_results_page_unless_asked():
