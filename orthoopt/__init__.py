@@ -8,4 +8,14 @@ read the rotated space, ``R.T @ W`` for blocks that write it) are in ``docs/conv
 from orthoopt.errors import OrthooptError
 
 __version__ = "0.1.0"
-__all__ = ["OrthooptError", "__version__"]
+__all__ = ["OrthooptError", "__version__", "oneshot"]
+
+
+def __getattr__(name: str):
+    """``orthoopt.oneshot`` (:func:`orthoopt.jobs.oneshot.oneshot`), imported on first use so that
+    ``import orthoopt`` stays light."""
+    if name == "oneshot":
+        from orthoopt.jobs.oneshot import oneshot
+
+        return oneshot
+    raise AttributeError(f"module 'orthoopt' has no attribute {name!r}")

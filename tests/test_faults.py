@@ -523,6 +523,9 @@ VALID = {
     ("rotate", "--checkpoint-every"): {"0"},  # 0: no partial checkpoints
     ("rotate", "--lr"): HUGE,  # a huge step is the user's choice (cayley-sgd runs; L-BFGS takes no --lr)
     ("quantize", "--seed"): {"0"},
+    ("quantize", "--steps"): {"0"},  # quantize --rotate takes rotate's options (from the same definitions)
+    ("quantize", "--checkpoint-every"): {"0"},
+    ("quantize", "--lr"): HUGE,
     ("quantize", "--damp"): {"0"},
     ("quantize", "--group-size"): {"-1"},  # -1: one scale per output channel (AutoGPTQ's convention)  # no dampening: GPTQ says so if the Hessian is then singular
     ("eval", "--num-fewshot"): {"0"},  # zero-shot
@@ -563,7 +566,7 @@ def test_every_numeric_flag_refuses_bad_values_naming_the_flag(tiny, text, tmp_p
     assert len(flags) >= 40 and ("quantize", "--damp") in flags and ("eval", "--limit") in flags
     assert set(VALID) <= set(flags)  # the table names real flags
     base = {"rotate": ["rotate", str(tiny), "--out", str(tmp_path / "r"), "--no-progress"],
-            "quantize": ["quantize", str(tiny), "--out", str(tmp_path / "q"), "--no-progress"],
+            "quantize": ["quantize", str(tiny), "--out", str(tmp_path / "q"), "--rotate", "optrot", "--no-progress"],
             "eval": ["eval", str(tiny), "--text", str(text), "--no-progress"],
             "diagnose": ["diagnose", str(tiny), "--out", str(tmp_path / "d"), "--no-progress"],
             "compare": ["compare", str(tiny), str(tiny), "--text", str(text), "--no-progress"]}

@@ -287,13 +287,13 @@ def test_cli_quantize_moe_a4kv4_then_eval(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x).logits, mem(x).logits, rtol=0, atol=1e-5)
     # the compressed-tensors exporter refuses expert tensors with the reason, before quantizing, and writes nothing
-    import orthoopt.cli.quantize_cmd as quantize_cmd
+    import orthoopt.quant.model as quant_model  # orthoopt.jobs.oneshot calls it from there
 
     def must_not_run(*a, **k):
         raise AssertionError("quantize_model ran before the refusal")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(quantize_cmd, "quantize_model", must_not_run)
+        mp.setattr(quant_model, "quantize_model", must_not_run)
         assert main(["quantize", str(src), "--out", str(tmp_path / "ct"), "--method", "rtn", "--format",
                      "compressed-tensors", "--no-progress"]) == 2
     assert "MoE expert tensors" in capsys.readouterr().err
