@@ -349,7 +349,8 @@ def test_a_full_disk_is_a_clean_error_leaving_nothing_behind(command, tiny, text
     before = digest(tiny)
     out = small_disk / "out"
     argv = {"rotate": ["rotate", str(tiny), "--out", str(out), "--steps", "6", "--checkpoint-every", "2"],
-            "quantize": ["quantize", str(tiny), "--out", str(out)],
+            # orthoopt's format: its float weights overflow the disk (the default, packed 4-bit weights, fit)
+            "quantize": ["quantize", str(tiny), "--out", str(out), "--format", "orthoopt"],
             "diagnose": ["diagnose", str(tiny), "--out", str(out)]}[command]
     if command == "diagnose":  # its plots and summary are smaller: leave it about 40 KiB
         (small_disk / "filler").write_bytes(b"x" * 260 * 1024)

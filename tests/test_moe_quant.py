@@ -298,6 +298,11 @@ def test_cli_quantize_moe_a4kv4_then_eval(tmp_path, capsys):
                      "compressed-tensors", "--no-progress"]) == 2
     assert "MoE expert tensors" in capsys.readouterr().err
     assert not (tmp_path / "ct").exists()
+    # the default --format auto learns of the experts once the model is loaded and writes orthoopt's format
+    assert main(["quantize", str(src), "--out", str(tmp_path / "auto"), "--no-progress"]) == 0
+    assert "export" not in json.loads((tmp_path / "auto" / "quant.json").read_text())
+    assert "MoE expert tensors" in (tmp_path / "auto" / "report.md").read_text()
+    capsys.readouterr()
     # rotate --method spinquant (default simulated W4 RTN weights, experts included) with A4/KV4 and R3
     assert main(["rotate", str(src), "--out", str(tmp_path / "r"), "--method", "spinquant", "--calib", str(text),
                  "--calib-tokens", "128", "--calib-seq-len", "32", "--steps", "2", "--abits", "4", "--kvbits", "4",

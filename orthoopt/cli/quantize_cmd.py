@@ -124,7 +124,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--damp", type=real(0, 1e6), default=0.01, help="GPTQ dampening, fraction of mean diag(H); default 0.01")
     p.add_argument("--block-size", type=integer(1), default=128, help="GPTQ lazy-update block size; default 128")
     p.add_argument(
-        "--format", default="orthoopt", choices=FORMAT_CHOICES,
+        "--format", default="auto", choices=FORMAT_CHOICES,
         help="auto (default): compressed-tensors when it can carry the settings, else orthoopt; "
         "compressed-tensors: packed integer weights loadable by transformers/vLLM (refuses what it cannot carry); "
         "orthoopt: fake-quantized float weights + quant.json (docs/export.md)",

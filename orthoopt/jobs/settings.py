@@ -55,7 +55,7 @@ class QuantizeSettings:
     true_sequential: bool = True
     damp: float = 0.01
     block_size: int = 128
-    format: str = "orthoopt"
+    format: str = "auto"
 
     @classmethod
     def from_mapping(cls, values: dict, where: str = "quantize") -> "QuantizeSettings":
