@@ -166,3 +166,16 @@ def test_an_interrupted_run_leaves_no_output_and_keeps_the_previous_one(capsys, 
     monkeypatch.undo()
     assert main([*argv, "--resume"]) == 0
     assert not (tmp_path / "o.partial.safetensors").exists()
+
+
+def test_a_group_size_the_model_cannot_take_is_refused_before_the_rotation(capsys, tmp_path, monkeypatch):
+    """SmolLM2's widths 576 and 1536 are not multiples of W4A16's 128: refused at once, naming 64."""
+    import orthoopt.pipeline as pipeline
+
+    model = save_planted(tmp_path / "m", hidden_size=96, num_layers=1, num_heads=4, intermediate_size=192)
+    monkeypatch.setattr(pipeline, "rotate_model", lambda *a, **k: pytest.fail("rotated before refusing"))
+    err = run_error(capsys, ["quantize", str(model), "--out", str(tmp_path / "o"), "--rotate", "optrot",
+                             "--scheme", "W4A16", *QUIET])
+    assert "--scheme W4A16's group size 128 does not divide" in err and "96 input columns" in err
+    assert "(--group-size 32)" in err and "--group-size -1" in err
+    assert not (tmp_path / "o").exists()

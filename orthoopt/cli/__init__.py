@@ -27,7 +27,7 @@ load (when the scheme allows) and a report.md with perplexities and pictures. 'o
 'orthoopt eval' run the steps one at a time. Run 'orthoopt COMMAND --help' for a command's options."""
 
 EXAMPLES = (
-    "orthoopt quantize smollm2-135m --rotate optrot --scheme W4A16 --out runs/optrot-w4 --eval-text wiki.txt",
+    "orthoopt quantize smollm2-135m --rotate optrot --scheme W4A16 --group-size 64 --out runs/optrot-w4 --eval-text wiki.txt",
     "orthoopt fetch smollm2-135m",
     "orthoopt rotate smollm2-135m --out runs/rot --method optrot",
     "orthoopt quantize runs/rot --out runs/rot-w4 --scheme W4A16",

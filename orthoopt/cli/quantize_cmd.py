@@ -49,8 +49,8 @@ K/V-cache quantization, the online Hadamards, MoE experts); report.md says which
 --calib-split and --calib-text-column (needs the datasets package)."""
 
 EXAMPLES = (
-    "orthoopt quantize smollm2-135m --rotate optrot --scheme W4A16 --out runs/optrot-w4 --eval-text wiki.txt",
-    "orthoopt quantize smollm2-135m --rotate optrot --steps 50 --scheme W4A16 --method gptq --calib calib.txt "
+    "orthoopt quantize smollm2-135m --rotate optrot --scheme W4A16 --group-size 64 --out runs/optrot-w4 --eval-text wiki.txt",
+    "orthoopt quantize smollm2-135m --rotate optrot --steps 50 --scheme W4A16 --group-size 64 --method gptq --calib calib.txt "
     "--out runs/q",
     "orthoopt quantize MODEL --rotate spinquant --calib hf:Salesforce/wikitext:wikitext-2-raw-v1 --scheme W4A8 "
     "--out runs/sq",

@@ -267,6 +267,7 @@ def oneshot(model, *, out, rotate=None, scheme: str | None = None, calib=None, q
 
     with _phase(seconds, "load"):
         net, tokenizer = load_checkpoint(model, dtype=config.torch_dtype if config is not None else torch.float32)
+    _check_group_size(net, q)  # before the evaluation and the rotation (their minutes)
     fmt, passed_over = _experts_check(net, q, fmt, passed_over)
 
     evaluation, ids, float_nll = None, None, None
@@ -329,6 +330,34 @@ def oneshot(model, *, out, rotate=None, scheme: str | None = None, calib=None, q
     partial.unlink(missing_ok=True)
     description = q.describe(scheme_record, fmt) + (f" after {config.method}" if config is not None else "")
     return OneshotResult(out, settings, fmt, passed_over, dict(seconds), evaluation, description)
+
+
+def _check_group_size(net, q: QuantizeSettings) -> None:
+    """Refuse a weight group size that does not divide every quantized input width, naming those that do."""
+    import math
+
+    if q.group_size is None or q.wbits >= 16:
+        return
+    from orthoopt.adapters.archs import locate
+    from orthoopt.quant.experts import quantized_expert_tensors
+
+    located = locate(net)
+    widths = {}
+    for L in located.layers:
+        for role, lin in L.quant_linears(located.spec).items():
+            widths.setdefault(lin.in_features, L.names[role])
+        for name, t in quantized_expert_tensors(located.spec, L).items():
+            widths.setdefault(t.shape[-1], name)
+    bad = {w: n for w, n in widths.items() if w % q.group_size}
+    if not bad:
+        return
+    g = math.gcd(*widths)
+    fits = [d for d in (256, 128, 64, 32, 16) if g % d == 0][:2]
+    w, name = min(bad.items())
+    what = f"--scheme {q.scheme}'s group size" if q.scheme else "--group-size"
+    raise ValueError(f"{what} {q.group_size} does not divide {name}'s {w} input columns; groups that fit every "
+                     f"linear of this model: {', '.join(map(str, fits)) or 'none of 16..256'} "
+                     f"(--group-size {fits[0] if fits else -1}), or --group-size -1 for one scale per output channel")
 
 
 def _experts_check(net, q: QuantizeSettings, fmt: str, passed_over: list[str]) -> tuple[str, list[str]]:
