@@ -11,6 +11,7 @@ imported with the first name that needs them.
 
 * :func:`rotate_model`, :func:`rotate_streamed`: learn and apply rotations (in memory; a safetensors
   folder layer by layer), configured by :class:`RotateConfig`;
+* :func:`oneshot`: rotate, quantize and export in one call (``orthoopt quantize --rotate``);
 * :func:`solve` -> :class:`SolveResult`: minimize any :class:`Objective` with any :class:`Solver`;
 * :data:`METHODS` (:class:`Method` entries) and :data:`SOLVERS`: the method and solver registries;
 * :class:`OrthooptError`, the base of every exception orthoopt raises, and :class:`InvalidInputError`,
@@ -26,6 +27,7 @@ from orthoopt.errors import InvalidInputError, OrthooptError
 
 if TYPE_CHECKING:  # what static tools see; at run time the names load on first use (PUBLIC)
     from orthoopt.config import RotateConfig
+    from orthoopt.jobs.oneshot import oneshot
     from orthoopt.methods import METHODS, Method
     from orthoopt.objectives.base import Objective
     from orthoopt.pipeline.api import rotate_model, rotate_streamed
@@ -48,11 +50,12 @@ PUBLIC: dict[str, str] = {
     "SOLVERS": "orthoopt.solvers.registry",
     "OrthooptError": "orthoopt.errors",
     "InvalidInputError": "orthoopt.errors",
+    "oneshot": "orthoopt.jobs.oneshot",
 }
 """``{public name: the module that defines it}``."""
 
 __all__ = ["InvalidInputError", "METHODS", "Method", "Objective", "OrthooptError", "RotateConfig", "SOLVERS",
-           "SolveResult", "Solver", "__version__", "rotate_model", "rotate_streamed", "solve"]
+           "SolveResult", "Solver", "__version__", "oneshot", "rotate_model", "rotate_streamed", "solve"]
 """The public names: :data:`PUBLIC`'s and ``__version__`` (``tests/test_public_api.py`` checks they agree)."""
 
 

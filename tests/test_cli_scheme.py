@@ -33,7 +33,8 @@ def quantize(capsys, argv: list[str]) -> dict:
 
 def test_scheme_sets_the_quantizer_like_the_flags(capsys, tmp_path, model_dir):
     scheme = SCHEMES["W4A16"]
-    record = quantize(capsys, [str(model_dir), "--out", str(tmp_path / "s"), "--scheme", "w4a16"])
+    record = quantize(capsys, [str(model_dir), "--out", str(tmp_path / "s"), "--scheme", "w4a16",
+                               "--format", "orthoopt"])  # fake-quantized weights, compared below
     saved = json.loads((tmp_path / "s" / "quant.json").read_text())
     assert saved["scheme"] == {"name": "W4A16", "overrides": {}} == record["scheme"]
     assert (saved["wbits"], saved["group_size"], saved["sym"], saved["abits"]) == (
@@ -100,3 +101,26 @@ def test_compressed_tensors_export_of_a_scheme_is_the_preset(capsys, tmp_path, m
     assert main(["quantize", str(model_dir), "--out", str(tmp_path / "w4a4"), "--scheme", "W4A4",
                  "--format", "compressed-tensors", "--no-progress"]) == 2
     assert "A4 activations" in capsys.readouterr().err and not (tmp_path / "w4a4").exists()
+
+
+def test_the_default_format_is_compressed_tensors_when_it_carries_the_scheme(capsys, tmp_path, model_dir):
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors not installed (pip install 'orthoopt[export]')")
+    from orthoopt.export.compressed_tensors import unrepresentable
+
+    quantize(capsys, [str(model_dir), "--out", str(tmp_path / "w4a16"), "--scheme", "W4A16"])
+    config = json.loads((tmp_path / "w4a16" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert json.loads((tmp_path / "w4a16" / "quant.json").read_text())["export"]["format"] == "compressed-tensors"
+    assert "--format auto wrote orthoopt's format" not in (tmp_path / "w4a16" / "report.md").read_text()
+    # W4A8's dynamic int8 activations are carried (issue 24): compressed-tensors by default too
+    quantize(capsys, [str(model_dir), "--out", str(tmp_path / "w4a8"), "--scheme", "W4A8"])
+    assert json.loads((tmp_path / "w4a8" / "quant.json").read_text())["export"]["format"] == "compressed-tensors"
+    # W4A4's int4 activations are not (their grid differs): orthoopt's format, and the report says why
+    reasons = unrepresentable({"wbits": 4, "abits": 4, "group_size": 128, "act": {"bits": 4}})
+    assert reasons and reasons[0].startswith("A4 activations")
+    quantize(capsys, [str(model_dir), "--out", str(tmp_path / "w4a4"), "--scheme", "W4A4"])
+    assert "quantization_config" not in json.loads((tmp_path / "w4a4" / "config.json").read_text())
+    assert "export" not in json.loads((tmp_path / "w4a4" / "quant.json").read_text())
+    report = (tmp_path / "w4a4" / "report.md").read_text()
+    assert "--format auto wrote orthoopt's format, since compressed-tensors cannot carry this" in report
+    assert reasons[0] in report

@@ -139,9 +139,9 @@ def test_a_wrong_bf16_write_back_is_caught(folders, monkeypatch):
 def test_quantize_and_eval_keep_bf16(folders, tmp_path, text_file, capsys):
     src = folders["bfloat16"]
     rtn, gptq, ct = tmp_path / "rtn", tmp_path / "gptq", tmp_path / "ct"
-    assert main(["quantize", str(src), "--out", str(rtn), *Q]) == 0
+    assert main(["quantize", str(src), "--out", str(rtn), "--format", "orthoopt", *Q]) == 0
     assert main(["quantize", str(src), "--out", str(gptq), "--method", "gptq", "--calib", str(text_file),
-                 "--nsamples", "2", "--seq-len", "32", *Q]) == 0
+                 "--nsamples", "2", "--seq-len", "32", "--format", "orthoopt", *Q]) == 0
     assert main(["quantize", str(src), "--out", str(ct), "--format", "compressed-tensors", "--scheme", "W4A16",
                  "--group-size", "32", *Q]) == 0
     for out in (rtn, gptq):

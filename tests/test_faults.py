@@ -349,7 +349,8 @@ def test_a_full_disk_is_a_clean_error_leaving_nothing_behind(command, tiny, text
     before = digest(tiny)
     out = small_disk / "out"
     argv = {"rotate": ["rotate", str(tiny), "--out", str(out), "--steps", "6", "--checkpoint-every", "2"],
-            "quantize": ["quantize", str(tiny), "--out", str(out)],
+            # orthoopt's format: its float weights overflow the disk (the default, packed 4-bit weights, fit)
+            "quantize": ["quantize", str(tiny), "--out", str(out), "--format", "orthoopt"],
             "diagnose": ["diagnose", str(tiny), "--out", str(out)]}[command]
     if command == "diagnose":  # its plots and summary are smaller: leave it about 40 KiB
         (small_disk / "filler").write_bytes(b"x" * 260 * 1024)
@@ -523,6 +524,9 @@ VALID = {
     ("rotate", "--checkpoint-every"): {"0"},  # 0: no partial checkpoints
     ("rotate", "--lr"): HUGE,  # a huge step is the user's choice (cayley-sgd runs; L-BFGS takes no --lr)
     ("quantize", "--seed"): {"0"},
+    ("quantize", "--steps"): {"0"},  # quantize --rotate takes rotate's options (from the same definitions)
+    ("quantize", "--checkpoint-every"): {"0"},
+    ("quantize", "--lr"): HUGE,
     ("quantize", "--damp"): {"0"},
     ("quantize", "--group-size"): {"-1"},  # -1: one scale per output channel (AutoGPTQ's convention)  # no dampening: GPTQ says so if the Hessian is then singular
     ("eval", "--num-fewshot"): {"0"},  # zero-shot
@@ -563,7 +567,7 @@ def test_every_numeric_flag_refuses_bad_values_naming_the_flag(tiny, text, tmp_p
     assert len(flags) >= 40 and ("quantize", "--damp") in flags and ("eval", "--limit") in flags
     assert set(VALID) <= set(flags)  # the table names real flags
     base = {"rotate": ["rotate", str(tiny), "--out", str(tmp_path / "r"), "--no-progress"],
-            "quantize": ["quantize", str(tiny), "--out", str(tmp_path / "q"), "--no-progress"],
+            "quantize": ["quantize", str(tiny), "--out", str(tmp_path / "q"), "--rotate", "optrot", "--no-progress"],
             "eval": ["eval", str(tiny), "--text", str(text), "--no-progress"],
             "diagnose": ["diagnose", str(tiny), "--out", str(tmp_path / "d"), "--no-progress"],
             "compare": ["compare", str(tiny), str(tiny), "--text", str(text), "--no-progress"]}

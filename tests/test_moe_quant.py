@@ -287,17 +287,22 @@ def test_cli_quantize_moe_a4kv4_then_eval(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x).logits, mem(x).logits, rtol=0, atol=1e-5)
     # the compressed-tensors exporter refuses expert tensors with the reason, before quantizing, and writes nothing
-    import orthoopt.cli.quantize_cmd as quantize_cmd
+    import orthoopt.quant.model as quant_model  # orthoopt.jobs.oneshot calls it from there
 
     def must_not_run(*a, **k):
         raise AssertionError("quantize_model ran before the refusal")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(quantize_cmd, "quantize_model", must_not_run)
+        mp.setattr(quant_model, "quantize_model", must_not_run)
         assert main(["quantize", str(src), "--out", str(tmp_path / "ct"), "--method", "rtn", "--format",
                      "compressed-tensors", "--no-progress"]) == 2
     assert "MoE expert tensors" in capsys.readouterr().err
     assert not (tmp_path / "ct").exists()
+    # the default --format auto learns of the experts once the model is loaded and writes orthoopt's format
+    assert main(["quantize", str(src), "--out", str(tmp_path / "auto"), "--no-progress"]) == 0
+    assert "export" not in json.loads((tmp_path / "auto" / "quant.json").read_text())
+    assert "MoE expert tensors" in (tmp_path / "auto" / "report.md").read_text()
+    capsys.readouterr()
     # rotate --method spinquant (default simulated W4 RTN weights, experts included) with A4/KV4 and R3
     assert main(["rotate", str(src), "--out", str(tmp_path / "r"), "--method", "spinquant", "--calib", str(text),
                  "--calib-tokens", "128", "--calib-seq-len", "32", "--steps", "2", "--abits", "4", "--kvbits", "4",

@@ -20,15 +20,17 @@ DESCRIPTION = """\
 Learned orthogonal rotations for post-training quantization of LLMs.
 
 Rotating a model (R1 on the residual stream, R2 per attention head) leaves its function unchanged
-but spreads outliers, so the weights and activations quantize with less error. The usual flow:
-rotate the model, quantize the rotated checkpoint (RTN or GPTQ, optionally written as a packed
-compressed-tensors checkpoint for vLLM), then evaluate perplexity. Run 'orthoopt COMMAND --help'
-for a command's options."""
+but spreads outliers, so the weights and activations quantize with less error. One command does
+the usual flow: 'orthoopt quantize MODEL --rotate METHOD --scheme W4A16 --out DIR' rotates the
+model, quantizes it (RTN or GPTQ), writes a compressed-tensors checkpoint that transformers and vLLM
+load (when the scheme allows) and a report.md with perplexities and pictures. 'orthoopt rotate' and
+'orthoopt eval' run the steps one at a time. Run 'orthoopt COMMAND --help' for a command's options."""
 
 EXAMPLES = (
+    "orthoopt quantize smollm2-135m --rotate optrot --scheme W4A16 --group-size 64 --out runs/optrot-w4 --eval-text wiki.txt",
     "orthoopt fetch smollm2-135m",
     "orthoopt rotate smollm2-135m --out runs/rot --method optrot",
-    "orthoopt quantize runs/rot --out runs/rot-w4 --scheme W4A16 --format compressed-tensors",
+    "orthoopt quantize runs/rot --out runs/rot-w4 --scheme W4A16",
     "orthoopt eval runs/rot-w4 --text wikitext2-test.txt",
     "orthoopt compare smollm2-135m runs/rot-w4 --text wikitext2-test.txt",
 )

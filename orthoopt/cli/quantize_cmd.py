@@ -1,10 +1,12 @@
-"""``orthoopt quantize``: fake-quantize a checkpoint's weights (RTN or GPTQ) and record activation settings.
+"""``orthoopt quantize``: (optionally rotate,) quantize a checkpoint's weights (RTN or GPTQ), write it
+with ``report.md``.
 
-Writes OUT_DIR atomically: the dequantized weights (``save_pretrained``, safetensors), the tokenizer,
-and ``quant.json`` (settings, calibration, seconds), which ``orthoopt eval`` reads to re-install the
-activation quantization and online Hadamard. See docs/quantization.md. With ``--format
-compressed-tensors`` the weights are stored packed (integer codes, scales, zero-points) with a
-``quantization_config`` in config.json, for transformers and vLLM (docs/export.md).
+The command builds :func:`orthoopt.jobs.oneshot.oneshot`'s arguments from argv (``--rotate METHOD``
+with ``orthoopt rotate``'s options, added from :func:`orthoopt.cli.rotate_cmd.add_rotate_options`, or
+a ``--recipe`` file) and runs it. OUT holds the checkpoint (compressed-tensors when the settings are
+representable, else orthoopt's fake-quantized format with ``quant.json``, which ``orthoopt eval``
+reads to re-install the activation quantization and online Hadamard), ``report.md`` and its pictures.
+See docs/quantization.md and docs/export.md.
 """
 
 from __future__ import annotations
@@ -13,49 +15,54 @@ import argparse
 import json
 import sys
 
-from orthoopt.errors import InvalidInputError
-from orthoopt.eval.perplexity import default_seq_len
-from orthoopt.export import FORMATS
-from orthoopt.quant.act import ActQuantConfig
-from orthoopt.quant.calib import calibration_batches, check_context
-from orthoopt.quant.kv import KVQuantConfig
-from orthoopt.quant.model import load_checkpoint, quantize_model, save_quantized
-from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS
-from orthoopt.quant.schemes import PER_CHANNEL, SCHEMES, resolve
-from orthoopt.adapters.archs import locate
 from orthoopt.adapters.dtypes import DTYPE_CHOICES
-from orthoopt.adapters.sources import input_location
-from orthoopt.utils.argtypes import integer, real
-from orthoopt.utils.paths import prepare_output
 from orthoopt.cli.memory_check import add_force, check_memory
-from orthoopt.utils.checks import check_device
+from orthoopt.cli.rotate_cmd import SIM_QUANT_OPTIONS, add_rotate_options, config_from_args, method_choices_help
+from orthoopt.errors import InvalidInputError
 from orthoopt.cli.usage import help_kwargs
-
-DEFAULTS = {"wbits": 4, "group_size": None, "sym": True, "abits": 16, "act_sym": True}
-"""The weight/activation settings without --scheme (and without the flags)."""
+from orthoopt.jobs.settings import FORMAT_CHOICES, QuantizeSettings
+from orthoopt.methods import METHODS, names
+from orthoopt.quant.calib_source import DEFAULT_COLUMN, DEFAULT_SPLIT, CalibSource
+from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS
+from orthoopt.quant.schemes import PER_CHANNEL, SCHEMES
+from orthoopt.utils.argtypes import integer, real
 
 DESCRIPTION = """\
-Quantize a checkpoint's weights (RTN or GPTQ), optionally with activation and K/V-cache quantization.
+Quantize a model's weights (RTN or GPTQ), optionally rotating it first, and write the checkpoint
+with a report (report.md: settings, perplexity, time per phase, pictures).
+
+--rotate METHOD rotates the model before quantizing it, with every option of 'orthoopt rotate'
+(--steps, --solver, ...): one command instead of 'orthoopt rotate' then 'orthoopt quantize', with
+the same result. --recipe FILE.yaml takes all settings from one file (docs/quantization.md,
+"Recipes"; examples/recipes/).
 
 Pick the settings by compressed-tensors scheme name (--scheme W4A16, the names llm-compressor's
 recipes use) or flag by flag; --wbits, --group-size, --sym/--asym and --abits given explicitly win
 over the scheme (quant.json records the scheme and what was overridden). Without either, the
 weights are 4-bit, symmetric, one scale per output channel, activations not quantized.
 
---format orthoopt (default) writes fake-quantized float weights and quant.json; 'orthoopt eval'
-reads it and re-installs the activation and K/V-cache quantization. --format compressed-tensors
-writes integer weights that transformers and vLLM load without orthoopt; it carries the W*A16
+The default --format auto writes a compressed-tensors checkpoint (packed integer weights that
+transformers and vLLM load without orthoopt) whenever that format can carry the settings: the W*A16
 schemes, W4A8/W8A8 (dynamic int8 activations) and --online-hadamard for power-of-two intermediate
-sizes, and refuses the rest before any work. Quantize a rotated model
-('orthoopt rotate') to get the benefit of the rotation."""
+sizes. What it cannot carry (int4 activations, K/V-cache quantization, R3, MoE experts, R4 at other
+sizes) goes to orthoopt's own format (fake-quantized float weights + quant.json, which 'orthoopt
+eval' reads to re-install activation and K/V-cache quantization); report.md says which and why.
+Naming --format compressed-tensors refuses such settings before any work.
+
+--calib takes a text file or a Hugging Face dataset from the local cache: hf:NAME[:CONFIG] with
+--calib-split and --calib-text-column (needs the datasets package)."""
 
 EXAMPLES = (
-    "orthoopt quantize runs/rot --out runs/rot-w4 --scheme W4A16 --format compressed-tensors",
-    "orthoopt quantize runs/rot --out runs/rot-gptq --scheme W4A16 --method gptq --calib calib.txt",
-    "orthoopt quantize runs/rot --out runs/rot-w4a8 --scheme W4A8 --online-hadamard",
+    "orthoopt quantize smollm2-135m --rotate optrot --scheme W4A16 --group-size 64 --out runs/optrot-w4 --eval-text wiki.txt",
+    "orthoopt quantize smollm2-135m --rotate optrot --steps 50 --scheme W4A16 --group-size 64 --method gptq --calib calib.txt "
+    "--out runs/q",
+    "orthoopt quantize MODEL --rotate spinquant --calib hf:Salesforce/wikitext:wikitext-2-raw-v1 --scheme W4A8 "
+    "--out runs/sq",
+    "orthoopt quantize smollm2-135m --recipe examples/recipes/optrot-w4a16.yaml --out runs/recipe",
+    "orthoopt quantize runs/rot --out runs/rot-w4 --scheme W4A16  # an already rotated model",
     "orthoopt quantize runs/rot --out runs/rot-g64 --scheme W4A16 --group-size 64  # flag wins: groups of 64",
 )
-DOCS = ("docs/quantization.md", "docs/export.md (compressed-tensors, vLLM)")
+DOCS = ("docs/quantization.md", "docs/export.md (compressed-tensors, vLLM)", "docs/solvers.md (rotation methods)")
 
 CLIP = real(0, 1, low_open=True)  # a clipping ratio in (0, 1]
 BITS = integer(MIN_BITS, MAX_BITS, also=(16,))  # 16 = off
@@ -64,12 +71,17 @@ BITS = integer(MIN_BITS, MAX_BITS, also=(16,))  # 16 = off
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "quantize",
-        help="quantize a model's weights (RTN/GPTQ, by scheme name or flag by flag) and set activation quantization",
+        help="rotate (optional) and quantize a model (RTN/GPTQ, by scheme name or flag by flag), with a report",
         **help_kwargs(DESCRIPTION, EXAMPLES, DOCS),
     )
     p.add_argument("model_dir", metavar="MODEL",
                    help="model folder (with tokenizer), .gguf file, registered name (smollm2-135m), planted, or Hub id")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--out", required=True, help="output folder (written atomically, with report.md)")
+    p.add_argument("--recipe", default=None, metavar="FILE.yaml",
+                   help="take the rotation, quantization and evaluation settings from a YAML recipe "
+                        "(docs/quantization.md, Recipes); the settings flags are then refused")
+    p.add_argument("--rotate", default=None, choices=tuple(METHODS), metavar="METHOD",
+                   help="rotate the model first with this method (default: no rotation): " + method_choices_help())
     p.add_argument("--method", default="rtn", choices=("rtn", "gptq"), help="weight quantization method (default rtn)")
     p.add_argument("--scheme", default=None, metavar="SCHEME",
                    help="compressed-tensors scheme name, e.g. W4A16 (4-bit weights, groups of 128), W4A16_ASYM, "
@@ -97,10 +109,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--k-clip", type=CLIP, default=1.0, help="K clipping ratio in (0, 1]; default 1")
     p.add_argument("--v-clip", type=CLIP, default=1.0, help="V clipping ratio in (0, 1]; default 1")
     p.add_argument("--r3", action="store_true", help="online head-wise Hadamard on queries and keys after RoPE (R3)")
-    p.add_argument("--calib", default=None, help="calibration text file (required for GPTQ)")
+    p.add_argument("--calib", default=None, metavar="TEXT",
+                   help="calibration text: a text file, or hf:NAME[:CONFIG] (a Hugging Face dataset in the local "
+                        "cache); needed by GPTQ and by the rotation methods "
+                        f"{', '.join(names(lambda m: m.needs_calibration))}")
+    p.add_argument("--calib-split", default=None, help=f"hf: datasets: the split (default {DEFAULT_SPLIT})")
+    p.add_argument("--calib-text-column", default=None,
+                   help=f"hf: datasets: the text column (default {DEFAULT_COLUMN})")
     p.add_argument("--nsamples", type=integer(1), default=128, help="calibration windows; default 128")
     p.add_argument("--seq-len", type=integer(1), default=None, help="calibration window length (default: context, max 2048)")
-    p.add_argument("--seed", type=integer(0), default=0, help="calibration sampling seed; default 0")
+    p.add_argument("--seed", type=integer(0), default=0,
+                   help="calibration sampling seed (and, with --rotate, the rotation's seed); default 0")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: quantize each layer's input-sharing groups one after the other, each with the "
@@ -109,139 +128,119 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--damp", type=real(0, 1e6), default=0.01, help="GPTQ dampening, fraction of mean diag(H); default 0.01")
     p.add_argument("--block-size", type=integer(1), default=128, help="GPTQ lazy-update block size; default 128")
     p.add_argument(
-        "--format", default="orthoopt", choices=FORMATS,
-        help="orthoopt: fake-quantized float weights + quant.json (default); compressed-tensors: "
-        "integer weights loadable by transformers/vLLM (docs/export.md)",
+        "--format", default="auto", choices=FORMAT_CHOICES,
+        help="auto (default): compressed-tensors when it can carry the settings, else orthoopt; "
+        "compressed-tensors: packed integer weights loadable by transformers/vLLM (refuses what it cannot carry); "
+        "orthoopt: fake-quantized float weights + quant.json (docs/export.md)",
     )
+    p.add_argument("--eval-text", default=None, metavar="TEXT_FILE",
+                   help="measure the float and the quantized perplexity on this text (with the ratio's paired-"
+                        "bootstrap 95%% interval) for report.md")
+    p.add_argument("--eval-seq-len", type=integer(2), default=None,
+                   help="evaluation window length (default: the model's context, at most 2048)")
+    p.add_argument("--eval-max-tokens", type=integer(1), default=None, help="evaluate only the first N tokens")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="dtype the model is loaded in and its weights written in (auto, the default: the "
                         "checkpoint's own; RTN/GPTQ compute per layer in float32 and cast back)")
-    p.add_argument("--device", default=None, help="where the model computes, e.g. cuda or cuda:1 (default cpu): the whole model is moved there after loading (no layer-by-layer onloading yet); refused when not available")
+    p.add_argument("--device", default=None,
+                   help="where the model computes, e.g. cuda or cuda:1 (default cpu): the whole model is moved there "
+                        "after loading (after rotating, with --rotate; no layer-by-layer onloading yet); the "
+                        "rotation's objective and solver compute there too; refused when not available")
     add_force(p)
+    r = p.add_argument_group("rotation (with --rotate)", "the options of 'orthoopt rotate'; --calib and --seed are "
+                             "shared, and spinquant's loss simulates this command's quantization settings")
+    global ROTATE_DESTS
+    ROTATE_DESTS = tuple(add_rotate_options(r, r, skip=(*SIM_QUANT_OPTIONS, *SHARED_OPTIONS)))
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    p.set_defaults(func=run)
+    defaults: dict = {}
+    for a in p._actions:  # the first action of a dest sets its value (--sym/--asym share one)
+        defaults.setdefault(a.dest, a.default)
+    p.set_defaults(func=run, _defaults=defaults)
     return p
 
 
-def _validate(args) -> None:
-    if not (args.wbits == 16 or MIN_BITS <= args.wbits <= MAX_BITS):
-        raise InvalidInputError(f"--wbits must be in [{MIN_BITS}, {MAX_BITS}] or 16, got {args.wbits}")
-    if args.group_size is not None and args.group_size < 1:
-        raise InvalidInputError(f"--group-size must be positive or {PER_CHANNEL} (per output channel), got {args.group_size}")
-    if args.method == "gptq" and args.wbits < 16 and args.calib is None:
-        raise InvalidInputError("--method gptq needs calibration text: pass --calib TEXT_FILE")
-    if args.nsamples < 1:
-        raise InvalidInputError(f"--nsamples must be positive, got {args.nsamples}")
-    if args.seq_len is not None and args.seq_len < 1:
-        raise InvalidInputError(f"--seq-len must be positive, got {args.seq_len}")
-    if not 0 <= args.damp:
-        raise InvalidInputError(f"--damp must be non-negative, got {args.damp}")
-    if args.block_size < 1:
-        raise InvalidInputError(f"--block-size must be positive, got {args.block_size}")
-    # before any work: --out may not be, contain or lie inside an input, and must be writable
-    prepare_output(args.out, {"MODEL": input_location(args.model_dir), "--calib": args.calib}, marker="quant.json")
-    if args.format == "compressed-tensors":  # refuse before spending time on quantization
-        from orthoopt.export.compressed_tensors import _import_ct, check_exportable
-
-        check_exportable({
-            "wbits": args.wbits, "abits": args.abits, "group_size": args.group_size,
-            "gptq": {"act_order": args.act_order} if args.method == "gptq" else None,
-            "act": {"bits": args.abits, "symmetric": not args.act_asym, "clip_ratio": args.act_clip,
-                    "online_hadamard": args.online_hadamard},
-            "kvbits": args.kvbits, "r3": args.r3,
-        })
-        _import_ct()
+ROTATE_DESTS: tuple[str, ...] = ()
+"""The destinations of the rotation options (set by :func:`add_parser`)."""
+SETTINGS_DESTS = tuple(f for f in QuantizeSettings.__dataclass_fields__)
+SHARED_OPTIONS = ("dtype", "device")
+"""Rotation options ``orthoopt quantize`` has as its own (one --dtype and one --device serve both steps)."""
+HOW_TO_RUN = ("resume", "streamed")
+"""Rotation options that say how to run, not what: allowed with --recipe."""
 
 
-def _check_memory(args) -> None:
+def _given(parser_defaults: dict, args, dests) -> list[str]:
+    """The options among ``dests`` whose value is not the default (given on the command line)."""
+    return [d for d in dests if getattr(args, d) != parser_defaults.get(d)]
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def run(args) -> int:
+    from orthoopt.jobs.oneshot import oneshot
+
+    defaults = args._defaults
+    if args.recipe is not None:
+        from orthoopt.jobs.recipe import load_recipe
+
+        settings = [d for d in ROTATE_DESTS if d not in HOW_TO_RUN]
+        given = _given(defaults, args, ("rotate", *settings, *SETTINGS_DESTS, "calib", "calib_split",
+                                        "calib_text_column", "eval_text", "eval_seq_len", "eval_max_tokens"))
+        if given:
+            raise InvalidInputError(f"{', '.join(_flag(d) for d in given)} given with --recipe: put the setting in the "
+                             f"recipe file {args.recipe} instead (one place for a run's settings)")
+        kwargs = {**load_recipe(args.recipe), "resume": args.resume, "streamed": args.streamed}
+    else:
+        kwargs = _kwargs_from_args(args, defaults)
+    _check_memory(args, kwargs.get("quantize"))
+    result = oneshot(args.model_dir, out=args.out, device=args.device, progress=not args.no_progress, **kwargs)
+    settings = result.settings
+    if args.json:
+        print(json.dumps({**settings, "out": str(result.out)}, allow_nan=False))
+    else:
+        print(f"{result.description}: wrote {result.out} ({settings['seconds']:.1f} s)")
+    return 0
+
+
+def _check_memory(args, quantize: QuantizeSettings | None) -> None:
     """Refuse (exit 2) before loading when the estimated peak does not fit (``--force`` skips it)."""
     from orthoopt.adapters.dtypes import resolve_model_dtype
     from orthoopt.adapters.footprint import quantize_estimate
     from orthoopt.adapters.sources import resolve_source
 
+    q, _ = (quantize or QuantizeSettings()).resolved()
     source = resolve_source(args.model_dir, progress=not args.no_progress)
-    dtype = resolve_model_dtype(source, args.dtype)
-    gptq = args.method == "gptq" and args.wbits < 16
-    seq_len = args.seq_len or 2048
+    dtype = resolve_model_dtype(source, q.dtype)
+    seq_len = q.seq_len or 2048
     check_memory("orthoopt quantize", source, lambda ck: quantize_estimate(
-        ck, dtype, "gptq" if gptq else "rtn", args.nsamples, min(seq_len, ck.max_position or seq_len)), args.force)
+        ck, dtype, "gptq" if q.uses_calibration else "rtn", q.nsamples, min(seq_len, ck.max_position or seq_len)),
+        args.force)
 
 
-def _apply_scheme(args) -> dict | None:
-    """Fill ``args.wbits/group_size/sym/abits/act_asym`` from ``--scheme`` and the flags given (a flag
-    wins); returns quant.json's ``scheme`` record (None without ``--scheme``)."""
-    flags = {k: v for k, v in {"wbits": args.wbits, "sym": args.sym, "abits": args.abits,
-                               "act_sym": False if args.act_asym else None}.items() if v is not None}
-    if args.group_size is not None:  # given; PER_CHANNEL is None in the settings
-        flags["group_size"] = None if args.group_size == PER_CHANNEL else args.group_size
-    settings, overrides = resolve(args.scheme, flags, DEFAULTS)
-    args.wbits, args.group_size, args.sym, args.abits = (settings[k] for k in ("wbits", "group_size", "sym", "abits"))
-    args.act_asym = not settings["act_sym"]
-    if args.scheme is None:
-        return None
-    return {"name": args.scheme.upper(), "overrides": overrides}
-
-
-def run(args) -> int:
-    scheme = _apply_scheme(args)
-    device = check_device(args.device, "--device")  # before any work
-    _validate(args)
-    act = ActQuantConfig(
-        bits=args.abits, symmetric=not args.act_asym, clip_ratio=args.act_clip, online_hadamard=args.online_hadamard
-    )
-    kv = KVQuantConfig(bits=args.kvbits, group_size=args.kv_group_size, symmetric=args.kv_sym,
-                       k_clip_ratio=args.k_clip, v_clip_ratio=args.v_clip, r3=args.r3)
-    _check_memory(args)
-    model, tokenizer = load_checkpoint(args.model_dir, args.dtype)
-    if device is not None:
-        model.to(device)
-    if args.format == "compressed-tensors" and args.wbits < 16:  # MoE experts, R4 size: refuse before quantizing
-        from orthoopt.export.compressed_tensors import check_exportable, r4_record
-        from orthoopt.quant.experts import quantized_expert_tensors
-
-        located = locate(model)
-        experts = [n for L in located.layers for n in quantized_expert_tensors(located.spec, L)]
-        check_exportable({"wbits": args.wbits, "experts": experts, "act": {"online_hadamard": args.online_hadamard},
-                          "online_hadamard": r4_record(model) if args.online_hadamard else None})
-    calib, calib_info = None, None
-    if args.method == "gptq" and args.wbits < 16:
-        seq_len = args.seq_len if args.seq_len is not None else default_seq_len(model)
-        check_context(model, seq_len, "--seq-len")
-        calib = calibration_batches(args.calib, tokenizer, nsamples=args.nsamples, seq_len=seq_len, seed=args.seed)
-        calib_info = {"file": str(args.calib), "nsamples": args.nsamples, "seq_len": seq_len, "seed": args.seed}
-    elif args.calib is not None:
-        print("orthoopt quantize: note: --calib is not used by --method rtn", file=sys.stderr)
-
-    result = quantize_model(
-        model, method=args.method, wbits=args.wbits, group_size=args.group_size, sym=args.sym, act=act,
-        calib=calib, kv=kv, act_order=args.act_order, true_sequential=args.true_sequential, mse_clip=args.mse_clip,
-        percdamp=args.damp,
-        block_size=args.block_size, progress=not args.no_progress,
-    )
-    settings = {**result.settings, "scheme": scheme, "source": str(args.model_dir), "calibration": calib_info,
-                "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
-    if args.format == "compressed-tensors":
-        from orthoopt.export.compressed_tensors import save_compressed_tensors
-
-        out = save_compressed_tensors(model, tokenizer, args.out, result, settings, progress=not args.no_progress)
-        settings = json.loads((out / "quant.json").read_text(encoding="utf-8"))  # with its export record
+def _kwargs_from_args(args, defaults: dict) -> dict:
+    settings = QuantizeSettings(**{d: getattr(args, d) for d in SETTINGS_DESTS})
+    calib = CalibSource.of(args.calib, args.calib_split, args.calib_text_column)
+    if calib is not None and not calib.is_dataset and (args.calib_split or args.calib_text_column):
+        raise InvalidInputError("--calib-split and --calib-text-column are for a dataset (--calib hf:NAME[:CONFIG])")
+    config = None
+    if args.rotate is None:
+        given = _given(defaults, args, ROTATE_DESTS)
+        if given:
+            raise InvalidInputError(f"{', '.join(_flag(d) for d in given)} are rotation options: give --rotate METHOD "
+                             f"(one of {', '.join(METHODS)})")
     else:
-        out = save_quantized(model, tokenizer, args.out, settings)
-    if args.json:
-        print(json.dumps({**settings, "out": str(out)}, allow_nan=False))
-    else:
-        desc = f"W{args.wbits}A{args.abits}" + (f"KV{args.kvbits}" if args.kvbits < 16 else "") + f" {args.method}"
-        if scheme:
-            overridden = f", overridden: {', '.join(scheme['overrides'])}" if scheme["overrides"] else ""
-            desc += f" (scheme {scheme['name']}{overridden})"
-        if args.group_size:
-            desc += f" g{args.group_size}"
-        if args.r3:
-            desc += " +R3"
-        if args.online_hadamard:
-            desc += " +R4"
-        if args.format != "orthoopt":
-            desc += f" ({args.format})"
-        print(f"{desc}: wrote {out} ({settings['seconds']:.1f} s)")
-    return 0
+        resolved, _ = settings.resolved()
+        ns = argparse.Namespace(**{d: getattr(args, d) for d in ROTATE_DESTS}, method=args.rotate, seed=args.seed,
+                                calib=args.calib, **{d: getattr(args, d) for d in SHARED_OPTIONS},
+                                **{d: getattr(resolved, d) for d in SIM_QUANT_OPTIONS})
+        config = config_from_args(ns)
+    if (calib is not None and not settings.resolved()[0].uses_calibration
+            and (config is None or not config.entry.needs_calibration)):
+        print("orthoopt quantize: note: --calib is not used by --method rtn"
+              + ("" if config is None else f" nor by --rotate {config.method}"), file=sys.stderr)
+    return {"rotate": config, "quantize": settings, "calib": calib, "eval_text": args.eval_text,
+            "eval_seq_len": args.eval_seq_len, "eval_max_tokens": args.eval_max_tokens,
+            "init": getattr(args, "init", None), "resume": getattr(args, "resume", False),
+            "streamed": getattr(args, "streamed", False)}

@@ -72,7 +72,6 @@ def load_default_or(path: str | None, dtype: torch.dtype, progress: bool = True)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    learned = lambda m: m.learned  # noqa: E731
     kinds = {"fixed": names(lambda m: not m.learned), "free": names(lambda m: m.learned and not m.needs_calibration),
              "data": names(lambda m: m.needs_calibration)}
     description = DESCRIPTION + textwrap.fill(METHODS_HELP.format(**{k: ", ".join(v) for k, v in kinds.items()}), 100)
@@ -84,68 +83,93 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", dest="model_opt", default=None, metavar="MODEL", help="the same as the MODEL argument")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--method", choices=tuple(METHODS), default="optrot",
-                   help="the rotation method (docs/solvers.md; default optrot): "
-                        + "; ".join(f"{n}: {m.description.replace('`', '')}" for n, m in METHODS.items()))
-    p.add_argument("--rotations", default="R1,R2", help="comma-separated subset of R1,R2 (default: both)")
-    p.add_argument("--solver", choices=tuple(SOLVERS), default=None,
-                   help=f"default: the method's ({listing(learned, lambda m: m.solver)}; docs/solvers.md)")
-    p.add_argument("--steps", type=integer(0), default=None,
-                   help=f"solver steps per rotation phase; default the method's budget "
-                        f"({listing(learned, lambda m: m.steps)}: docs/solvers.md)")
-    p.add_argument("--lr", type=real(0, low_open=True), default=None,
-                   help=f"solver step size; default the solver's ({listing(lambda m: m.lr is not None, lambda m: m.lr)} "
-                        "when no --solver is given)")
+                   help="the rotation method (docs/solvers.md; default optrot): " + method_choices_help())
     p.add_argument("--calib", default=None, help=f"calibration text file (needed by "
                                                   f"{', '.join(names(lambda m: m.needs_calibration))})")
-    p.add_argument("--calib-tokens", type=integer(1), default=2048)
-    p.add_argument("--calib-seq-len", type=integer(1), default=256)
     p.add_argument("--seed", type=integer(0), default=0)
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="dtype the model is loaded, fused and written in (auto, the default: the checkpoint's "
-                        "own, so a bfloat16 checkpoint stays bfloat16; docs/conventions.md)")
-    p.add_argument("--rotation-dtype", choices=tuple(DTYPES), default=None,
-                   help="dtype the rotations are learned in (default float32; float64 for a float64 model)")
-    p.add_argument("--include-embeddings", action="store_true",
-                   help="also count embed_tokens/lm_head (kept in full precision) in learned objectives")
-    p.add_argument("--init", default=None, help="start from these rotations (a rotate output folder or its rotations file)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT.partial.safetensors if present (exact: whole solver state; "
-                        "refused if written with other settings)")
-    p.add_argument("--checkpoint-every", type=integer(0), default=25, help="steps between partial checkpoints (0: off)")
-    p.add_argument("--streamed", action="store_true",
-                   help=f"{', '.join(names(lambda m: m.supports_streamed))} only: read MODEL_DIR's safetensors layer "
-                        "by layer and write sharded output, never holding the whole model (docs/performance.md)")
-    sampling = ", ".join(names(lambda m: m.sampling))
-    p.add_argument("--device", default=None, help=f"{sampling}: where the objective and solver compute, e.g. cuda")
-    p.add_argument("--sample-fraction", type=real(0, 1, low_open=True), default=None,
-                   help=f"{sampling}: use this fraction of the weight rows per step (unbiased; docs/performance.md)")
-    q = p.add_argument_group("spinquant", "the quantization SpinQuant's loss simulates (match it in 'orthoopt quantize')")
-    q.add_argument("--wbits", type=BITS, default=4, help="weight bits (RTN, straight-through; 16 = off); default 4")
-    q.add_argument("--abits", type=BITS, default=16, help="activation bits (16 = off); default 16")
-    q.add_argument("--act-asym", action="store_true", help="asymmetric per-token activation grid")
-    q.add_argument("--kvbits", type=BITS, default=16, help="K/V-cache bits (16 = off); default 16")
-    q.add_argument("--r3", action="store_true", help="online head-wise Hadamard on queries/keys after RoPE")
-    q.add_argument("--online-hadamard", action="store_true", help="online Hadamard before down_proj (R4)")
-    q.add_argument("--batch-size", type=integer(1), default=1, help="calibration windows per step; default 1")
+    add_rotate_options(p, p.add_argument_group(
+        "spinquant", "the quantization SpinQuant's loss simulates (match it in 'orthoopt quantize')"))
     add_force(p)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
     p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)
 
 
-def _calibration(args, tokenizer, model_config=None) -> torch.Tensor | None:
-    if not method(args.method).needs_calibration:
-        return None
-    if args.calib is None:
-        raise InvalidInputError(f"method {args.method!r} needs calibration text: --calib TEXT_FILE")
-    if tokenizer is None:
-        raise InvalidInputError(f"method {args.method!r} needs a tokenizer in the model folder to read --calib")
-    from orthoopt.quant.calib import calibration_batches, check_context
+def method_choices_help() -> str:
+    """``"identity: no rotation ...; optrot: ..."``: every method of the registry, for help texts."""
+    return "; ".join(f"{n}: {m.description.replace('`', '')}" for n, m in METHODS.items())
 
-    seq_len = min(args.calib_seq_len, args.calib_tokens)
-    nsamples = max(1, -(-args.calib_tokens // seq_len))
-    check_context(model_config, seq_len, "--calib-seq-len")
-    return calibration_batches(args.calib, tokenizer, nsamples=nsamples, seq_len=seq_len, seed=args.seed)
+
+SIM_QUANT_OPTIONS = ("wbits", "abits", "act_asym", "kvbits", "r3", "online_hadamard")
+"""The spinquant options that name a quantization setting (``orthoopt quantize --rotate`` takes them from
+its own quantization settings instead)."""
+
+
+def add_rotate_options(p, spin, skip: tuple[str, ...] = ()) -> list[str]:
+    """Add the rotation options of ``orthoopt rotate`` (all but MODEL, --out, --method, --calib, --seed,
+    --json, --no-progress) to ``p`` and the spinquant ones to ``spin`` (parsers or argument groups).
+
+    ``orthoopt quantize --rotate`` adds them too, from here, so that both commands take the same
+    options; ``skip`` names the destinations it leaves out. Returns the destinations added.
+    """
+    learned = lambda m: m.learned  # noqa: E731
+    added: list[str] = []
+
+    def add(target, *flags, **kw) -> None:
+        dest = kw.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        if dest not in skip:
+            target.add_argument(*flags, **kw)
+            added.append(dest)
+
+    add(p, "--rotations", default="R1,R2", help="comma-separated subset of R1,R2 (default: both)")
+    add(p, "--solver", choices=tuple(SOLVERS), default=None,
+        help=f"default: the method's ({listing(learned, lambda m: m.solver)}; docs/solvers.md)")
+    add(p, "--steps", type=integer(0), default=None,
+        help=f"solver steps per rotation phase; default the method's budget "
+             f"({listing(learned, lambda m: m.steps)}: docs/solvers.md)")
+    add(p, "--lr", type=real(0, low_open=True), default=None,
+        help=f"solver step size; default the solver's ({listing(lambda m: m.lr is not None, lambda m: m.lr)} "
+             "when no --solver is given)")
+    add(p, "--calib-tokens", type=integer(1), default=2048, help="calibration tokens of a data method; default 2048")
+    add(p, "--calib-seq-len", type=integer(1), default=256,
+        help="calibration window length of a data method; default 256")
+    add(p, "--dtype", choices=DTYPE_CHOICES, default="auto",
+        help="dtype the model is loaded, fused and written in (auto, the default: the checkpoint's own, so a "
+             "bfloat16 checkpoint stays bfloat16; docs/conventions.md)")
+    add(p, "--rotation-dtype", choices=tuple(DTYPES), default=None,
+        help="dtype the rotations are learned in (default float32; float64 for a float64 model)")
+    add(p, "--include-embeddings", action="store_true",
+        help="also count embed_tokens/lm_head (kept in full precision) in learned objectives")
+    add(p, "--init", default=None, help="start from these rotations (a rotate output folder or its rotations file)")
+    add(p, "--resume", action="store_true",
+        help="continue from OUT.partial.safetensors if present (exact: whole solver state; "
+             "refused if written with other settings)")
+    add(p, "--checkpoint-every", type=integer(0), default=25, help="steps between partial checkpoints (0: off)")
+    add(p, "--streamed", action="store_true",
+        help=f"{', '.join(names(lambda m: m.supports_streamed))} only: read MODEL_DIR's safetensors layer "
+             "by layer and write sharded output, never holding the whole model (docs/performance.md)")
+    sampling = ", ".join(names(lambda m: m.sampling))
+    add(p, "--device", default=None, help=f"{sampling}: where the objective and solver compute, e.g. cuda")
+    add(p, "--sample-fraction", type=real(0, 1, low_open=True), default=None,
+        help=f"{sampling}: use this fraction of the weight rows per step (unbiased; docs/performance.md)")
+    add(spin, "--wbits", type=BITS, default=4, help="weight bits (RTN, straight-through; 16 = off); default 4")
+    add(spin, "--abits", type=BITS, default=16, help="activation bits (16 = off); default 16")
+    add(spin, "--act-asym", action="store_true", help="asymmetric per-token activation grid")
+    add(spin, "--kvbits", type=BITS, default=16, help="K/V-cache bits (16 = off); default 16")
+    add(spin, "--r3", action="store_true", help="online head-wise Hadamard on queries/keys after RoPE")
+    add(spin, "--online-hadamard", action="store_true", help="online Hadamard before down_proj (R4)")
+    add(spin, "--batch-size", type=integer(1), default=1, help="calibration windows per step; default 1")
+    return added
+
+
+def _calibration(args, tokenizer, config: RotateConfig, model_config=None) -> torch.Tensor | None:
+    """The windows a data method learns from (:func:`orthoopt.jobs.oneshot.rotation_calibration`, which
+    ``orthoopt quantize --rotate`` uses too)."""
+    from orthoopt.jobs.oneshot import rotation_calibration
+
+    if method(args.method).needs_calibration and args.calib is None:
+        raise InvalidInputError(f"method {args.method!r} needs calibration text: --calib TEXT_FILE (or hf:NAME[:CONFIG])")
+    return rotation_calibration(config, args.calib, tokenizer, model_config)
 
 
 def _partial_path(out: Path) -> Path:
@@ -247,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
         _check_memory(args, config, resolved, streamed=False)
         model, tokenizer, source = load_default_or(args.model_dir, config.torch_model_dtype,
                                                    progress=not args.no_progress)
-        calib = _calibration(args, tokenizer, model.config)
+        calib = _calibration(args, tokenizer, config, model.config)
     init = load_rotations(args.init) if args.init else None
 
     def plots(folder: Path, solves: dict) -> None:

@@ -1,4 +1,5 @@
-"""Calibration data: random fixed-length token windows from one text file.
+"""Calibration data: random fixed-length token windows from one text (a file, or a cached Hugging
+Face dataset: :mod:`orthoopt.quant.calib_source`).
 
 As in the GPTQ / QuaRot / SpinQuant code: the whole text is tokenized once (with the tokenizer's
 default special tokens, e.g. one BOS at the start for Llama) and ``nsamples`` windows of ``seq_len``
@@ -36,6 +37,14 @@ def read_text(path: str | os.PathLike) -> str:
     return text
 
 
+def source_text(source) -> str:
+    """The text of a calibration source: a file path, ``hf:NAME[:CONFIG]`` or a
+    :class:`~orthoopt.quant.calib_source.CalibSource` (:mod:`orthoopt.quant.calib_source`)."""
+    from orthoopt.quant.calib_source import CalibSource
+
+    return CalibSource.of(source).text()
+
+
 def model_context(model_or_config) -> int | None:
     """The model's context length (``config.max_position_embeddings``), or None when it has none."""
     config = getattr(model_or_config, "config", model_or_config)
@@ -69,6 +78,9 @@ def calibration_batches(
 ) -> torch.Tensor:
     """``[nsamples, seq_len]`` LongTensor of token windows from ``text_file``.
 
+    ``text_file`` is a text file, an ``hf:NAME[:CONFIG]`` string or a
+    :class:`~orthoopt.quant.calib_source.CalibSource` (a Hugging Face dataset from the local cache).
+
     Window starts are drawn uniformly from ``[0, tokens - seq_len]`` with
     ``torch.Generator().manual_seed(seed)``: the same file, tokenizer and seed give the same batches.
     Raises FileNotFoundError for a missing file, ValueError for an empty text, a text shorter than
@@ -78,10 +90,10 @@ def calibration_batches(
         raise InvalidInputError(f"nsamples must be positive, got {nsamples}")
     if seq_len < 1:
         raise InvalidInputError(f"seq_len must be positive, got {seq_len}")
-    ids = tokenize_text(read_text(text_file), tokenizer)
+    ids = tokenize_text(source_text(text_file), tokenizer)
     if ids.numel() < seq_len:
         raise InvalidInputError(
-            f"calibration text {text_file} has {ids.numel()} tokens, fewer than seq_len={seq_len}"
+            f"calibration text {getattr(text_file, 'spec', text_file)} has {ids.numel()} tokens, fewer than seq_len={seq_len}"
         )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (nsamples,), generator=gen)
