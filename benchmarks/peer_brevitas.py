@@ -33,8 +33,13 @@ Brevitas needs its own virtual environment (never orthoopt's; it is not an ortho
 
     python -m venv /work/venvs/brevitas
     /work/venvs/brevitas/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-    /work/venvs/brevitas/bin/pip install brevitas==0.13.4 transformers accelerate datasets
+    /work/venvs/brevitas/bin/pip install brevitas==0.13.4 transformers accelerate==1.13.0 datasets onnx gguf
     # orthoopt itself is imported from this checkout (sys.path), not installed there
+
+(``brevitas_examples.llm.main`` imports onnx and gguf at module level. accelerate 1.14 and later
+break Brevitas 0.13.4's ``remove_hooks``: their ``remove_hook_from_module`` reads an attribute of
+every value in a module's ``__dict__`` and Brevitas' quantizer injectors raise ``DependencyError``
+instead of ``AttributeError``; 1.13.0 keeps the fixed list of attributes.)
 
     OMP_NUM_THREADS=1 /work/venvs/brevitas/bin/python benchmarks/peer_brevitas.py \\
         --out runs/peer-brevitas --rotation learned --rot-steps 16
