@@ -200,7 +200,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({**settings, "out": str(result.out)}, allow_nan=False))
     else:
-        print(f"{result.description}: wrote {result.out} ({settings['seconds']:.1f} s)")
+        print(f"{result.description}: wrote {result.out} ({sum(result.seconds.values()):.1f} s in all)")
     return 0
 
 

@@ -340,7 +340,7 @@ def oneshot(model, *, out, rotate=None, scheme: str | None = None, calib=None, q
             notes = ([f"--format auto wrote orthoopt's format, since compressed-tensors cannot carry this: "
                       f"{'; '.join(passed_over)}"] if passed_over else [])
             write_report(tmp, title=f"orthoopt quantize: {model}", settings=_settings_rows(
-                model, config, q, scheme_record, calib, fmt, rotation_report), evaluation=evaluation,
+                model, config, q, scheme_record, calib, fmt, rotation_report, settings["dtype"]), evaluation=evaluation,
                 phases=seconds, snapshots=snaps, bits=bits, solves=solves, notes=notes)
     partial.unlink(missing_ok=True)
     description = q.describe(scheme_record, fmt) + (f" after {config.method}" if config is not None else "")
@@ -458,8 +458,9 @@ def _write_checkpoint(net, tokenizer, tmp: Path, fmt: str, result, settings: dic
     return json.loads((tmp / QUANT_JSON).read_text(encoding="utf-8"))
 
 
-def _settings_rows(model, config, q: QuantizeSettings, scheme, calib, fmt, rotation) -> list[tuple[str, object]]:
-    rows: list[tuple[str, object]] = [("model", str(model))]
+def _settings_rows(model, config, q: QuantizeSettings, scheme, calib, fmt, rotation,
+                   dtype: str) -> list[tuple[str, object]]:
+    rows: list[tuple[str, object]] = [("model", str(model)), ("model dtype (loaded, written)", dtype)]
     if config is None:
         rows.append(("rotation", "none"))
     else:
