@@ -24,9 +24,8 @@ EVAL = ["--seq-len", "32", "--max-tokens", "512", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_planted(tmp_path_factory.mktemp("m") / "tiny", hidden_size=64, num_layers=2, num_heads=4,
-                        intermediate_size=128)
+def model_dir(tiny_llama) -> Path:
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -46,10 +46,9 @@ LOOSE_MEAN * max |logit| (measured on this model: 5.5e-2 and 3.5e-3, docs/export
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
+def tiny(tiny_llama) -> Path:
     """A tiny llama whose intermediate size (128) is a power of two."""
-    return save_planted(tmp_path_factory.mktemp("m") / "tiny", hidden_size=64, num_layers=2, num_heads=4,
-                        intermediate_size=128)
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")

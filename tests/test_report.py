@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 import orthoopt
-from orthoopt.adapters import save_planted
 from orthoopt.cli import main
 from orthoopt.eval import compare_models
 from orthoopt.jobs.report import PICTURES, REPORT_FILE
@@ -21,9 +20,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_planted(tmp_path_factory.mktemp("m") / "tiny", hidden_size=64, num_layers=2, num_heads=4,
-                        intermediate_size=128)
+def model_dir(tiny_llama) -> Path:
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")
