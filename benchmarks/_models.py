@@ -166,7 +166,7 @@ def outlier_profile(model: torch.nn.Module, ids: torch.Tensor, channels: list[in
         return float(reduce(values[mask]) / values[~mask].median())
 
     # The output of layer i is the input of layer i+1's input norm; the last layer's, of the final norm.
-    readers = [L.input_norm for L in m.layers[1:]] + [m.final_norm]
+    readers = [L.norms["input_norm"] for L in m.layers[1:]] + [m.final_norm]
     outputs: list[torch.Tensor] = []
     hooks = [r.register_forward_pre_hook(lambda _mod, args: outputs.append(args[0].detach().double()))
              for r in readers]
@@ -183,8 +183,8 @@ def outlier_profile(model: torch.nn.Module, ids: torch.Tensor, channels: list[in
     layers = m.layers
     return {
         "embedding": ratio(m.embed.weight.detach().double().norm(dim=0)),
-        "o_rows": sum(ratio(L.o.weight.detach().double().norm(dim=1)) for L in layers) / len(layers),
-        "down_rows": sum(ratio(L.down.weight.detach().double().norm(dim=1)) for L in layers) / len(layers),
+        "o_rows": sum(ratio(L.projs["o"].weight.detach().double().norm(dim=1)) for L in layers) / len(layers),
+        "down_rows": sum(ratio(L.projs["down"].weight.detach().double().norm(dim=1)) for L in layers) / len(layers),
         "residual": residual,
         "residual_min": min(residual),
     }

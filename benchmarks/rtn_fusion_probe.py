@@ -67,7 +67,7 @@ def capture_inputs(model, ids: torch.Tensor) -> dict[tuple[int, str], torch.Tens
         for name in ("q", "o", "gate", "down"):
             def hook(mod, inp, out, key=(L.index, name)):
                 caps[key] = inp[0].reshape(-1, inp[0].shape[-1]).double()
-            hooks.append(getattr(L, name).register_forward_hook(hook))
+            hooks.append(L.projs[name].register_forward_hook(hook))
     try:
         model(input_ids=ids, use_cache=False)
     finally:
@@ -122,8 +122,8 @@ def rescale_norms(model, ids: torch.Tensor, grid: int = 11) -> list[float]:
     caps = capture_inputs(model, ids)
     chosen = []
     for L in m.layers:
-        for norm, names, key in ((L.input_norm, ("q", "k", "v"), "q"), (L.post_attn_norm, ("gate", "up"), "gate")):
-            X, lins = caps[(L.index, key)], [getattr(L, n) for n in names]
+        for norm, names, key in ((L.norms["input_norm"], ("q", "k", "v"), "q"), (L.norms["post_attn_norm"], ("gate", "up"), "gate")):
+            X, lins = caps[(L.index, key)], [L.projs[n] for n in names]
             stat = X.abs().mean(0).clamp_min(1e-12)
             best = None
             for a in torch.linspace(0, 1, grid).tolist():
@@ -152,7 +152,7 @@ def role_errors(model, ids: torch.Tensor) -> dict[tuple[int, str], float]:
             X = caps[(L.index, key)]
             num = den = 0.0
             for name in names:
-                W = getattr(L, name).weight
+                W = L.projs[name].weight
                 Wd = W.double()
                 num += float(((X @ (quantize_rtn(W, SPEC).double() - Wd).T) ** 2).sum())
                 den += float(((X @ Wd.T) ** 2).sum())
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log("## 1. Norm gains and massive activations")
     for layer in m.layers:
-        for name, norm in (("input_norm", layer.input_norm), ("post_attn_norm", layer.post_attn_norm)):
+        for name, norm in (("input_norm", layer.norms["input_norm"]), ("post_attn_norm", layer.norms["post_attn_norm"])):
             g = norm.weight.detach().abs().float()
             small = (g < 0.02 * g.median()).nonzero().flatten().tolist()
             log(f"layer {layer.index:2d} {name:15s} gain min {g.min():.2e} median {g.median():.3f} max {g.max():.3f}"

@@ -1,6 +1,6 @@
 """Every entry of the architecture table: norm fusion and rotations keep the logits, on tiny models built
 from transformers' own config classes; architectures that cannot take ``R1`` exactly refuse it with the
-reason. Adding an architecture is one entry in ``orthoopt.adapters.archs.ARCHS`` plus one row of
+reason. Adding an architecture is one entry in ``orthoopt.adapters.arch_table.ARCHS`` plus one row of
 :data:`CASES` (``docs/adapters.md``).
 
 Models are float64 with every weight random (norm scales too, so fusion is exercised). The float64

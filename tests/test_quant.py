@@ -210,7 +210,7 @@ def test_act_hooks_quantize_every_decoder_linear_input_and_remove_cleanly():
         ref = model(ids).logits
     seen = {}
     probes = [
-        getattr(L, role).register_forward_hook(lambda m, a, o, key=(L.index, role): seen.__setitem__(key, a[0]))
+        L.projs[role].register_forward_hook(lambda m, a, o, key=(L.index, role): seen.__setitem__(key, a[0]))
         for L in layers(model) for role in ROLES
     ]
     cfg = ActQuantConfig(bits=4)
@@ -233,13 +233,13 @@ def test_online_hadamard_preserves_full_precision_model():
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref = model(ids).logits
-    downs = [L.down.weight.clone() for L in layers(model)]
+    downs = [L.projs["down"].weight.clone() for L in layers(model)]
     info = rotate_down_proj_weights(model)
     H = online_hadamard_matrix(128, torch.float64)
     assert info["size"] == 128 and len(info["sha256"]) == 64
     assert torch.allclose(H @ H.T, torch.eye(128, dtype=torch.float64), atol=1e-14, rtol=0)
     for W, L in zip(downs, layers(model)):
-        assert torch.allclose(L.down.weight, W @ H, atol=1e-14, rtol=0)  # side "in": W -> W @ H
+        assert torch.allclose(L.projs["down"].weight, W @ H, atol=1e-14, rtol=0)  # side "in": W -> W @ H
     with torch.no_grad():
         rotated_only = model(ids).logits
     assert not torch.allclose(rotated_only, ref, atol=1e-3)  # the weight half alone changes the model
@@ -254,7 +254,7 @@ def test_online_hadamard_rotates_before_quantizing():
     model = tiny()
     rotate_down_proj_weights(model)
     cfg = ActQuantConfig(bits=8, online_hadamard=True)
-    down = layers(model)[0].down
+    down = layers(model)[0].projs["down"]
     raw, got = {}, {}
     down.register_forward_pre_hook(lambda m, a: raw.__setitem__("x", a[0]), prepend=True)  # runs first
     install_act_quant(model, cfg)
@@ -275,7 +275,7 @@ def test_quantize_model_rtn_touches_only_decoder_linears():
     spec = QuantSpec(bits=3, symmetric=False, group_size=32)
     for L0, L1 in zip(layers(before), layers(model)):
         for role in ROLES:
-            assert torch.equal(getattr(L1, role).weight, quantize_rtn(getattr(L0, role).weight, spec))
+            assert torch.equal(L1.projs[role].weight, quantize_rtn(L0.projs[role].weight, spec))
     assert torch.equal(model.model.embed_tokens.weight, before.model.embed_tokens.weight)
     assert torch.equal(model.lm_head.weight, before.lm_head.weight)
     assert torch.equal(model.model.layers[0].input_layernorm.weight, before.model.layers[0].input_layernorm.weight)

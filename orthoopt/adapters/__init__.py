@@ -5,7 +5,8 @@ OLMo-2, Mixtral, Qwen2-MoE, Qwen3-MoE). See ``docs/adapters.md``;
 conventions (row vectors, sides) are in ``docs/conventions.md``.
 """
 
-from orthoopt.adapters.archs import ARCHS, ArchSpec, Norm, Proj, UnsupportedModelError, locate
+from orthoopt.adapters.arch_table import ARCHS, ArchSpec, Norm, Proj
+from orthoopt.adapters.archs import UnsupportedModelError, locate
 from orthoopt.adapters.decoder import DecoderAdapter
 from orthoopt.adapters.io import load_model, load_rotations, load_tokenizer, save_rotated
 from orthoopt.adapters.llama2c import read_llama2c, write_llama2c

@@ -1,4 +1,4 @@
-"""One adapter for every decoder of the architecture table (:data:`orthoopt.adapters.archs.ARCHS`).
+"""One adapter for every decoder of the architecture table (:data:`orthoopt.adapters.arch_table.ARCHS`).
 
 Typical use (sides and shapes: ``docs/conventions.md``; the steps: ``docs/adapters.md``)::
 
@@ -28,7 +28,7 @@ class DecoderAdapter:
     """Bridge between a Hugging Face ``*ForCausalLM`` decoder and weight blocks / rotations.
 
     ``arch`` overrides ``model.config.model_type`` when looking up the layout in
-    :data:`orthoopt.adapters.archs.ARCHS`. Raises ``UnsupportedModelError`` (a ValueError) naming the
+    :data:`orthoopt.adapters.arch_table.ARCHS`. Raises ``UnsupportedModelError`` (a ValueError) naming the
     ``model_type`` and what is missing for an unsupported model, or when a residual norm is not an
     RMSNorm ``x / rms(x) * weight`` (e.g. a mean-subtracting LayerNorm).
     """

@@ -6,7 +6,7 @@ scales column ``j`` of ``W`` by ``s[j]``; expert tensors ``[experts, out, in]`` 
 every pre-norm has ``s == 1`` exactly (``w = 1``, or ``w = 0`` for ``rms1p``), so it commutes with any
 orthogonal ``R1``: ``(x @ R) / rms(x @ R) = (x / rms(x)) @ R`` because ``||x @ R|| = ||x||``.
 
-Which norm feeds which readers is the table's (:data:`orthoopt.adapters.archs.ARCHS`, ``Norm.readers``);
+Which norm feeds which readers is the table's (:data:`orthoopt.adapters.arch_table.ARCHS`, ``Norm.readers``);
 the final norm feeds ``lm_head``. Post-norms (OLMo-2, Gemma 2/3: on branch outputs) have no reader and
 are left as they are, as are q/k norms. :func:`fold_layer` is the tensor-level step shared with the
 streamed path (:mod:`orthoopt.streaming.fused`).

@@ -163,15 +163,15 @@ def read_llama2c(path: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
 
     put(m.embed.weight, arrays["embed"])
     for i, Lm in enumerate(m.layers):
-        put(Lm.input_norm.weight, arrays["rms_att"][i])
-        put(Lm.q.weight, _from_interleaved(arrays["wq"][i], nh))
-        put(Lm.k.weight, _from_interleaved(arrays["wk"][i], nkv))
-        put(Lm.v.weight, arrays["wv"][i])
-        put(Lm.o.weight, arrays["wo"][i])
-        put(Lm.post_attn_norm.weight, arrays["rms_ffn"][i])
-        put(Lm.gate.weight, arrays["w1"][i])
-        put(Lm.down.weight, arrays["w2"][i])
-        put(Lm.up.weight, arrays["w3"][i])
+        put(Lm.norms["input_norm"].weight, arrays["rms_att"][i])
+        put(Lm.projs["q"].weight, _from_interleaved(arrays["wq"][i], nh))
+        put(Lm.projs["k"].weight, _from_interleaved(arrays["wk"][i], nkv))
+        put(Lm.projs["v"].weight, arrays["wv"][i])
+        put(Lm.projs["o"].weight, arrays["wo"][i])
+        put(Lm.norms["post_attn_norm"].weight, arrays["rms_ffn"][i])
+        put(Lm.projs["gate"].weight, arrays["w1"][i])
+        put(Lm.projs["down"].weight, arrays["w2"][i])
+        put(Lm.projs["up"].weight, arrays["w3"][i])
     put(m.final_norm.weight, arrays["rms_final"])
     if not shared:
         put(m.lm_head.weight, arrays["wcls"])
@@ -202,21 +202,21 @@ def write_llama2c(model: torch.nn.Module, path: str | os.PathLike, version: int 
         problems.append(f"rope_theta {theta} (version 1 assumes 10000)")
     if problems:
         raise InvalidInputError("cannot write as llama2.c: " + "; ".join(problems))
-    V, H, L, S = m.embed.weight.shape[0], m.layers[0].gate.out_features, len(m.layers), int(cfg.max_position_embeddings)
+    V, H, L, S = m.embed.weight.shape[0], m.layers[0].projs["gate"].out_features, len(m.layers), int(cfg.max_position_embeddings)
     shared = m.tied
 
     def f32(t: torch.Tensor) -> bytes:
         return t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
 
-    norms_att = [f32(Lm.input_norm.weight) for Lm in m.layers]
-    norms_ffn = [f32(Lm.post_attn_norm.weight) for Lm in m.layers]
-    wq = [f32(_to_interleaved(Lm.q.weight, nh)) for Lm in m.layers]
-    wk = [f32(_to_interleaved(Lm.k.weight, nkv)) for Lm in m.layers]
-    wv = [f32(Lm.v.weight) for Lm in m.layers]
-    wo = [f32(Lm.o.weight) for Lm in m.layers]
-    w1 = [f32(Lm.gate.weight) for Lm in m.layers]
-    w2 = [f32(Lm.down.weight) for Lm in m.layers]
-    w3 = [f32(Lm.up.weight) for Lm in m.layers]
+    norms_att = [f32(Lm.norms["input_norm"].weight) for Lm in m.layers]
+    norms_ffn = [f32(Lm.norms["post_attn_norm"].weight) for Lm in m.layers]
+    wq = [f32(_to_interleaved(Lm.projs["q"].weight, nh)) for Lm in m.layers]
+    wk = [f32(_to_interleaved(Lm.projs["k"].weight, nkv)) for Lm in m.layers]
+    wv = [f32(Lm.projs["v"].weight) for Lm in m.layers]
+    wo = [f32(Lm.projs["o"].weight) for Lm in m.layers]
+    w1 = [f32(Lm.projs["gate"].weight) for Lm in m.layers]
+    w2 = [f32(Lm.projs["down"].weight) for Lm in m.layers]
+    w3 = [f32(Lm.projs["up"].weight) for Lm in m.layers]
     with atomic_file(path, "wb") as f:
         if version == 0:
             f.write(struct.pack("<7i", D, H, L, nh, nkv, V if shared else -V, S))

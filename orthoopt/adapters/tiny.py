@@ -203,14 +203,14 @@ def planted_outlier_model(
         E[:, channels] *= outlier_scale
         put(m.embed.weight, E)
         for L in m.layers:
-            put(L.input_norm.weight, lognormal((hidden_size,)))
-            put(L.post_attn_norm.weight, lognormal((hidden_size,)))
-            for lin in (L.q, L.k, L.v):
+            put(L.norms["input_norm"].weight, lognormal((hidden_size,)))
+            put(L.norms["post_attn_norm"].weight, lognormal((hidden_size,)))
+            for lin in (L.projs["q"], L.projs["k"], L.projs["v"]):
                 set_linear(lin, normal, residual_writer=False)
-            set_linear(L.o, normal, residual_writer=True)
-            for lin in (L.gate, L.up):
+            set_linear(L.projs["o"], normal, residual_writer=True)
+            for lin in (L.projs["gate"], L.projs["up"]):
                 set_linear(lin, student_t, residual_writer=False)
-            set_linear(L.down, student_t, residual_writer=True)
+            set_linear(L.projs["down"], student_t, residual_writer=True)
             if m.spec.qk_norms:
                 for norm_name in m.spec.qk_norms:
                     w = getattr(L.attn, norm_name).weight

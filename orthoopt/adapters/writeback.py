@@ -1,7 +1,7 @@
 """Weight blocks of a decoder and the write-back of rotations into its weights, from the table.
 
 Rotation names and sides follow ``docs/conventions.md``; which weight gets what comes from the
-architecture table (:data:`orthoopt.adapters.archs.ARCHS`), never from a list here:
+architecture table (:data:`orthoopt.adapters.arch_table.ARCHS`), never from a list here:
 
 * ``R1`` ``[hidden, hidden]`` (residual stream): side "in" (``W @ R1``) for the embedding, ``lm_head``
   and every projection that reads the residual (q, k, v, qkv, gate, up, gate_up, routers, experts'

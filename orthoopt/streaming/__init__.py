@@ -5,7 +5,7 @@
 * :class:`StreamedFourthPower` -- OptRot's R1 objective read from disk each step; :class:`StreamedBlockSum`
   -- any block-separable data-free objective, read the same way (``orthoopt.methods.summed_by_layer``).
 * :class:`SafetensorsCheckpoint`, :class:`DecoderLayout`, :class:`FusedReader`, :class:`ShardedWriter`
-  -- the reading, naming (from ``orthoopt.adapters.archs``), norm fusion and sharded writing underneath.
+  -- the reading, naming (from ``orthoopt.adapters.arch_table``), norm fusion and sharded writing underneath.
 
 The phase loop lives in :mod:`orthoopt.pipeline`; this package never imports it.
 """

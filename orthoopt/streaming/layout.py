@@ -1,6 +1,6 @@
 """Tensor names and sizes of a decoder checkpoint, from the architecture table.
 
-The names are those of :data:`orthoopt.adapters.archs.ARCHS`: a module path (``model.layers.3.mlp.up_proj``)
+The names are those of :data:`orthoopt.adapters.arch_table.ARCHS`: a module path (``model.layers.3.mlp.up_proj``)
 plus ``.weight`` / ``.bias`` is a safetensors key. Block names are the adapter's
 (``DecoderAdapter.weight_blocks``: relative to the decoder, e.g. ``layers.3.mlp.up_proj``, and
 ``lm_head``), so the streamed blocks can be checked against the in-memory ones.
