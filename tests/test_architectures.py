@@ -375,3 +375,20 @@ def test_full_settings_quantize_and_spinquant_on_every_architecture(model_type):
     assert result.report["invariance_error"] < 1e-4
     assert ("R1" in result.rotations) == ("R1" in rotations)
     assert sum(k.startswith("R2.") for k in result.rotations) == BASE["num_hidden_layers"]
+
+
+def test_llmcompressor_ignore_list_is_the_tables_full_precision_linears():
+    """llm-compressor's ignore list comes from the table: lm_head, and every router (quantize=False)
+    as a pattern that matches the router's full module name and no other projection's."""
+    import re
+
+    from orthoopt.interop.llmcompressor import ignore_list
+
+    for model_type, spec in ARCHS.items():
+        ignore = ignore_list(spec)
+        assert ignore[0] == spec.lm_head
+        patterns = [re.compile(p.removeprefix("re:")) for p in ignore[1:]]
+        assert len(patterns) == sum(not p.quantize for p in spec.projs), model_type
+        for p in spec.projs:
+            name = f"{spec.decoder}.{spec.layers}.7.{p.path}"
+            assert any(r.match(name) for r in patterns) == (not p.quantize), (model_type, p.path)

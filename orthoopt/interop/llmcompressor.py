@@ -6,7 +6,8 @@ virtual environment when pip would change them (docs/export.md). Nothing here is
 rest of orthoopt.
 
 Settings mirror ``orthoopt quantize``: weight-only int ``bits`` per output channel (``group_size``
-None) or per group, symmetric or not, on every decoder ``Linear`` except ``lm_head``; ``method``
+None) or per group, symmetric or not, on every decoder ``Linear`` except those the architecture
+table keeps in full precision (``lm_head`` and MoE routers: :func:`ignore_list`); ``method``
 "gptq" (``GPTQModifier``, dampening ``percdamp``, block 128, no act-order) or "rtn"
 (``QuantizationModifier``, min-max observer). ``spinquant=True`` first applies llm-compressor's
 ``SpinQuantModifier`` with R1 and R2 as (block-diagonal) Hadamard transforms fused into the weights.
@@ -45,6 +46,20 @@ def _scheme(bits: int, group_size: int | None, sym: bool) -> dict:
     weights = {"num_bits": bits, "type": "int", "symmetric": sym,
                "strategy": "group" if group_size else "channel", "group_size": group_size}
     return {"group_0": {"targets": ["Linear"], "weights": weights}}
+
+
+def ignore_list(spec) -> list[str]:
+    r"""llm-compressor's ``ignore`` for an architecture: the linears orthoopt's quantizers keep in full
+    precision (:attr:`orthoopt.adapters.arch_table.ArchSpec.full_precision`), as module names or
+    ``re:`` patterns over the model's full module names: ``lm_head`` and each projection with
+    ``quantize=False`` (MoE routers, ``re:.*layers\.\d+\.mlp\.gate$``). The embedding is no Linear."""
+    import re
+
+    out = [spec.lm_head]
+    for p in spec.projs:
+        if not p.quantize:
+            out.append(f"re:.*{re.escape(spec.layers)}\\.\\d+\\.{re.escape(p.path)}$")
+    return out
 
 
 def spinquant_block_size(model, block_size: int | None = None) -> int:
@@ -89,13 +104,15 @@ def quantize_with_llmcompressor(
 
         recipe.append(SpinQuantModifier(rotations=["R1", "R2"], transform_type="hadamard",
                                         transform_block_size=spinquant_block_size(model, spinquant_block)))
-    groups = _scheme(bits, group_size, sym)
+    from orthoopt.adapters.archs import locate
+
+    groups, ignore = _scheme(bits, group_size, sym), ignore_list(locate(model).spec)
     if method == "gptq":
         if calib is None:
             raise InvalidInputError("GPTQ needs calibration token ids")
-        recipe.append(GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=percdamp, actorder=None))
+        recipe.append(GPTQModifier(config_groups=groups, ignore=ignore, dampening_frac=percdamp, actorder=None))
     else:
-        recipe.append(QuantizationModifier(config_groups=groups, ignore=["lm_head"]))
+        recipe.append(QuantizationModifier(config_groups=groups, ignore=ignore))
 
     kwargs = {}
     if calib is not None and (method == "gptq" or spinquant):
