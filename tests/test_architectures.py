@@ -392,3 +392,12 @@ def test_llmcompressor_ignore_list_is_the_tables_full_precision_linears():
         for p in spec.projs:
             name = f"{spec.decoder}.{spec.layers}.7.{p.path}"
             assert any(r.match(name) for r in patterns) == (not p.quantize), (model_type, p.path)
+
+
+def test_every_group_of_the_table_has_its_diagnostics_label():
+    from orthoopt.adapters.arch_table import GROUPS
+    from orthoopt.diagnostics.report import INPUT_ROLES
+
+    for model_type, spec in ARCHS.items():
+        assert {p.group for p in spec.projs} <= set(GROUPS), model_type
+    assert set(INPUT_ROLES) == {*GROUPS, "head_in"}

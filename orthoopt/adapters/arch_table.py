@@ -43,6 +43,18 @@ PART_SIZES = ("q_heads", "kv_heads", "half")
 """Row counts of the parts of a fused projection: ``num_heads * head_dim``, ``num_kv_heads * head_dim``,
 half of the rows (``gate_up``)."""
 
+GROUPS = {
+    "attn_in": "attention input (q/k/v_proj)",
+    "attn_out": "attention output (o_proj input)",
+    "mlp_in": "MLP input (gate/up_proj)",
+    "mlp_hidden": "MLP hidden (down_proj input)",
+    "expert_hidden": "MoE experts' hidden (experts' down_proj input)",
+    "shared_hidden": "MoE shared expert's hidden (its down_proj input)",
+}
+"""``{Proj.group: label}``: every input-sharing group a table entry may use, in forward order, with
+the label diagnostics print for it (``tests/test_architectures.py`` checks every entry's groups are
+here)."""
+
 
 @dataclass(frozen=True)
 class Proj:
@@ -51,8 +63,8 @@ class Proj:
     role:    unique name within the layer (``"q"``, ``"qkv"``, ``"down"``, ``"router"``, ``"experts.down"``).
     path:    module path relative to the layer (``"self_attn.q_proj"``, ``"mlp.experts"``).
     side:    ``"in"`` reads the stream (``W @ R1``), ``"out"`` writes it (``R1.T @ W``, bias ``b @ R1``).
-    group:   projections with the same group read the same tensor (``"attn_in"``, ``"attn_out"``,
-             ``"mlp_in"``, ``"mlp_hidden"``, ...); groups are listed in forward order.
+    group:   projections with the same group read the same tensor, a key of :data:`GROUPS`
+             (``"attn_in"``, ``"attn_out"``, ``"mlp_in"``, ``"mlp_hidden"``, ...).
     param:   the weight's parameter name on the module (``"weight"``; fused experts: ``"gate_up_proj"``).
     parts:   row parts of a fused weight, in order: ``(("q", "q_heads"), ("k", "kv_heads"), ("v", "kv_heads"))``
              (sizes: :data:`PART_SIZES`).
@@ -268,4 +280,4 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
-__all__ = ["ARCHS", "ArchSpec", "NORM_KINDS", "Norm", "PART_SIZES", "Proj"]
+__all__ = ["ARCHS", "ArchSpec", "GROUPS", "NORM_KINDS", "Norm", "PART_SIZES", "Proj"]

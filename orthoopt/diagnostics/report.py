@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from orthoopt.adapters.arch_table import GROUPS
 from orthoopt.adapters.decoder import DecoderAdapter
 from orthoopt.diagnostics.activations import (
     DEFAULT_MASSIVE_RATIO,
@@ -60,17 +61,9 @@ def stored_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-INPUT_ROLES = {
-    "attn_in": "attention input (q/k/v_proj)",
-    "attn_out": "attention output (o_proj input)",
-    "mlp_in": "MLP input (gate/up_proj)",
-    "mlp_hidden": "MLP hidden (down_proj input)",
-    "expert_hidden": "MoE experts' hidden (experts' down_proj input)",
-    "shared_hidden": "MoE shared expert's hidden (its down_proj input)",
-    "head_in": "final hidden state (lm_head input)",
-}
+INPUT_ROLES = {**GROUPS, "head_in": "final hidden state (lm_head input)"}
 """Roles of the linear-layer inputs of a decoder, in forward order: the input-sharing groups of the
-architecture table (``Proj.group``) and ``head_in``. R1 rotates ``attn_in``,
+architecture table (:data:`orthoopt.adapters.arch_table.GROUPS`, with their labels) and ``head_in``. R1 rotates ``attn_in``,
 ``mlp_in`` and ``head_in`` (the residual stream after a norm), ``R2`` the value heads that make up
 ``attn_out``; ``mlp_hidden`` is rotated by neither (only by an online Hadamard, R4)."""
 
