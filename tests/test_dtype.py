@@ -172,3 +172,19 @@ def test_a_bad_dtype_is_a_clean_error(folders, tmp_path, capsys):
         err = run_error(capsys, [cmd, str(folders["float32"]), *extra, "--dtype", "int8"])
         assert "--dtype" in err and "bfloat16" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_diagnose_loads_the_checkpoints_own_dtype(folders, tmp_path, text_file, capsys):
+    """diagnose does not upcast a bf16 model whole (issue 23): it loads bf16 by default, float32 when
+    asked, and its float64 statistics agree to bf16 activation rounding between the two."""
+    runs = {}
+    for dtype in ("auto", "float32"):
+        out = tmp_path / dtype
+        assert main(["diagnose", str(folders["bfloat16"]), "--out", str(out), "--calib", str(text_file),
+                     "--calib-tokens", "64", "--seq-len", "32", "--dtype", dtype, "--json", *Q]) == 0
+        runs[dtype] = json.loads(capsys.readouterr().out)["models"][0]
+    assert runs["auto"]["dtype"] == "bfloat16" and runs["float32"]["dtype"] == "float32"
+    # the weights are the same bf16 values either way: the weight statistics are equal
+    assert runs["auto"]["overall"] == runs["float32"]["overall"]
+    err = run_error(capsys, ["diagnose", str(folders["bfloat16"]), "--out", str(tmp_path / "bad"), "--dtype", "int8"])
+    assert "--dtype" in err and not (tmp_path / "bad").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from orthoopt.adapters.dtypes import DTYPE_CHOICES
 from orthoopt.diagnostics.activations import DEFAULT_MASSIVE_RATIO
 from orthoopt.diagnostics.compare import diagnose_models
 from orthoopt.core.grid import MAX_BITS, MIN_BITS
@@ -62,6 +63,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"massive token: max |x| > this x median |x|; default {DEFAULT_MASSIVE_RATIO:g}")
     p.add_argument("--massive-min-abs", type=real(0), default=0.0,
                    help="massive token: also max |x| > this absolute value; default 0")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="dtype each model is loaded in (auto, the default: the checkpoint's own; the statistics "
+                        "are computed in float64 per tensor)")
     p.add_argument("--json", action="store_true", help="print summary.json on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)
@@ -86,7 +90,7 @@ def run(args) -> int:
         args.models, args.out, labels=_labels(args.labels, len(args.models)), calib=args.calib,
         calib_tokens=args.calib_tokens, seq_len=args.seq_len, block=args.block, act_module=args.act_module,
         k=args.k, bits=args.bits, massive_ratio=args.massive_ratio, massive_min_abs=args.massive_min_abs,
-        progress=not args.no_progress,
+        dtype=args.dtype, progress=not args.no_progress,
     )
     if args.json:
         print(json.dumps(summary, allow_nan=False))

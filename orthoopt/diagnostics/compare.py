@@ -115,6 +115,7 @@ def diagnose_models(
     bits: int = DEFAULT_BITS,
     massive_ratio: float = DEFAULT_MASSIVE_RATIO,
     massive_min_abs: float = 0.0,
+    dtype: str | torch.dtype = "auto",
     progress: bool = True,
 ) -> dict:
     """Measure each model folder in ``paths``, write plots and ``summary.json`` into ``out_dir``.
@@ -131,6 +132,9 @@ def diagnose_models(
                  layers reading the normalized residual stream, which R1 rotates (q/k/v, gate/up,
                  lm_head; see :data:`~orthoopt.diagnostics.report.INPUT_ROLES`), the one whose input
                  has the largest max/median channel magnitude in the first model).
+    dtype:       the dtype each model is loaded (and its activations computed) in; ``"auto"``, the
+                 default, is each checkpoint's own (:mod:`orthoopt.adapters.dtypes`), so a bfloat16
+                 model is not upcast whole. The statistics are computed in float64 per tensor.
 
     Returns the summary (also written as ``summary.json``)::
 
@@ -143,6 +147,9 @@ def diagnose_models(
     """
     if not paths:
         raise InvalidInputError("diagnose needs at least one model folder")
+    from orthoopt.adapters.dtypes import parse_dtype
+
+    parse_dtype(dtype)  # a bad name is refused before any work
     sources = [resolve_source(p, progress=progress) for p in paths]  # fetches registered names if needed
     if labels is None:
         labels = [Path(s.spec).resolve().name if s.path is not None else s.spec for s in sources]
@@ -171,7 +178,7 @@ def diagnose_models(
         record, s, block, act_module = _diagnose_one(
             path, label, calib=calib, calib_tokens=calib_tokens, seq_len=seq_len, block=block,
             act_module=act_module, k=k, bits=bits, massive_ratio=massive_ratio,
-            massive_min_abs=massive_min_abs, progress=progress, common_depth=common_depth,
+            massive_min_abs=massive_min_abs, progress=progress, common_depth=common_depth, dtype=dtype,
         )
         records.append(record)
         series.append(s)
@@ -183,7 +190,7 @@ def diagnose_models(
             "outlier_k": k, "rtn_bits": bits, "calib": None if calib is None else str(calib),
             "calib_tokens": calib_tokens if calib is not None else None,
             "seq_len": (seq_len or DEFAULT_SEQ_LEN) if calib is not None else None,
-            "massive_ratio": massive_ratio, "massive_min_abs": massive_min_abs,
+            "massive_ratio": massive_ratio, "massive_min_abs": massive_min_abs, "dtype": str(dtype),
         },
         "block": block,
         "act_module": act_module if calib is not None else None,
@@ -199,10 +206,11 @@ def diagnose_models(
 
 def _diagnose_one(path: Path | str, label: str, *, calib, calib_tokens: int, seq_len: int, block: str | None,
                   act_module: str | None, k: float, bits: int, massive_ratio: float, massive_min_abs: float,
-                  progress: bool, common_depth: int | None = None) -> tuple[dict, _Series, str, str | None]:
+                  progress: bool, common_depth: int | None = None,
+                  dtype: str | torch.dtype = "auto") -> tuple[dict, _Series, str, str | None]:
     """One model's summary record and plot data; ``block`` / ``act_module`` are chosen here when None
     (from the first model, among its first ``common_depth`` layers) and returned for the next models."""
-    model = load_model(path, dtype=torch.float32)
+    model = load_model(path, dtype=dtype)
     if calib is not None and seq_len is not None:
         check_context(model, seq_len, "seq_len")  # before the (slow) weight statistics
     weights = stored_weights(model)
@@ -218,6 +226,7 @@ def _diagnose_one(path: Path | str, label: str, *, calib, calib_tokens: int, seq
     config = model.config
     record = {
         "label": label, "path": str(path), "model_type": getattr(config, "model_type", None),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "num_layers": getattr(config, "num_hidden_layers", None),
         "hidden_size": getattr(config, "hidden_size", None),
         "overall": overall, "weights": wrep,
