@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from orthoopt.adapters import byte_tokenizer, locate, planted_outlier_model
+from orthoopt.adapters import locate
+from orthoopt.testing import byte_tokenizer, planted_outlier_model
 from orthoopt.quant import load_checkpoint
 from orthoopt.utils.atomic import atomic_dir
 

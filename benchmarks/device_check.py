@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from orthoopt.adapters import load_model, load_tokenizer
+    from orthoopt.models import load_model, load_tokenizer
     from orthoopt.eval.perplexity import perplexity
     from orthoopt.pipeline import rotate_model
     from orthoopt.quant import calibration_batches, quantize_model

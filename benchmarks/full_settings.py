@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import DEFAULT_TEXT, random_windows, split_halves  # noqa: E402
 
-from orthoopt.adapters import load_model, load_tokenizer  # noqa: E402
+from orthoopt.models import load_model, load_tokenizer  # noqa: E402
 from orthoopt.eval import perplexity  # noqa: E402
 from orthoopt.pipeline import rotate_model  # noqa: E402
 from orthoopt.quant import quantize_model, tokenize_text  # noqa: E402

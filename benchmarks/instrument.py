@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import DEFAULT_TEXT, random_windows, split_halves, token_ids  # noqa: E402
 from _models import PlantedLMSpec, load_or_train_planted, load_shared  # noqa: E402
 
-from orthoopt.adapters.registry import cached_model  # noqa: E402
+from orthoopt.models.registry import cached_model  # noqa: E402
 from orthoopt.eval import MIN_WINDOWS, draws_interval, paired_bootstrap, perplexity  # noqa: E402
 from orthoopt.pipeline import rotate_model  # noqa: E402
 from orthoopt.quant import quantize_model  # noqa: E402

@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from orthoopt.adapters import DecoderAdapter, load_model, load_tokenizer  # noqa: E402
+from orthoopt.adapters import DecoderAdapter
+from orthoopt.models import load_model, load_tokenizer  # noqa: E402
 from orthoopt.methods import METHODS  # noqa: E402
 from orthoopt.pipeline import build_objective  # noqa: E402
 from orthoopt.solvers import make_solver, solve  # noqa: E402

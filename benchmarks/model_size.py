@@ -153,7 +153,7 @@ def build_checkpoint(shape: Shape, cache: Path = CACHE, seed: int = 0) -> Path:
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from orthoopt.adapters import byte_tokenizer
+    from orthoopt.testing import byte_tokenizer
     from orthoopt.utils.atomic import atomic_dir
 
     folder = checkpoint_dir(shape, cache)
@@ -310,7 +310,7 @@ def run_shape(shape: Shape, commands, cache: Path, windows: int, seq_len: int, f
     """Build (or reuse) the checkpoint of ``shape`` and measure ``commands`` one after the other."""
     ckpt = build_checkpoint(shape, cache)
     check_disk(shape, cache, built=True)
-    from orthoopt.adapters.dtypes import folder_dtype_bytes
+    from orthoopt.models.dtypes import folder_dtype_bytes
 
     size = sum(folder_dtype_bytes(ckpt).values())
     text = text_file(cache, 4 * windows * seq_len + 1000)

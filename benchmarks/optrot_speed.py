@@ -83,7 +83,9 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 # ------------------------------------------------------------------------------------------- step
 def r1_blocks(model_dir: str | None, include_embeddings: bool, layers: int | None = None):
-    from orthoopt.adapters import DecoderAdapter, load_model, planted_outlier_model
+    from orthoopt.adapters import DecoderAdapter
+    from orthoopt.models import load_model
+    from orthoopt.testing import planted_outlier_model
 
     model = load_model(model_dir) if model_dir else planted_outlier_model(hidden_size=512, num_layers=8, seed=0)
     adapter = DecoderAdapter(model)
@@ -156,7 +158,7 @@ CHILD = textwrap.dedent("""
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
-    from orthoopt.adapters import load_model, load_tokenizer, save_rotated
+    from orthoopt.models import load_model, load_tokenizer, save_rotated
     from orthoopt.pipeline import rotate_model
     from orthoopt.pipeline import rotate_streamed
     mode, src, out = sys.argv[1:4]
@@ -201,7 +203,7 @@ def max_weight_difference(a: Path, b: Path) -> float:
 
 
 def section_rss(args) -> dict:
-    from orthoopt.adapters import save_planted
+    from orthoopt.testing import save_planted
 
     with tempfile.TemporaryDirectory(prefix="optrot_speed_") as tmp:
         tmp = Path(tmp)

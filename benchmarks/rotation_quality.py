@@ -72,8 +72,8 @@ from types import SimpleNamespace
 
 import torch
 
-from orthoopt.adapters.registry import cached_model
-from orthoopt.adapters.sources import resolve_source
+from orthoopt.models.registry import cached_model
+from orthoopt.models.sources import resolve_source
 from orthoopt.adapters.verify import logits
 from orthoopt.eval import perplexity
 from orthoopt.methods import METHODS as REGISTRY

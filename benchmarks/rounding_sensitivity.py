@@ -34,8 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import DEFAULT_TEXT, random_windows, split_halves  # noqa: E402
 
-from orthoopt.adapters import DecoderAdapter, load_model, load_tokenizer  # noqa: E402
-from orthoopt.adapters.sources import input_location  # noqa: E402
+from orthoopt.adapters import DecoderAdapter
+from orthoopt.models import load_model, load_tokenizer  # noqa: E402
+from orthoopt.models.sources import input_location  # noqa: E402
 from orthoopt.eval import perplexity  # noqa: E402
 from orthoopt.manifold import cayley_retraction, reorthogonalize, skew  # noqa: E402
 from orthoopt.pipeline import rotate_model  # noqa: E402

@@ -12,7 +12,8 @@ import argparse
 import json
 
 
-from orthoopt.adapters import DecoderAdapter, load_model
+from orthoopt.adapters import DecoderAdapter
+from orthoopt.models import load_model
 
 FULL_PRECISION = ("embed_tokens", "lm_head")
 

@@ -28,12 +28,9 @@ from pathlib import Path
 
 import torch
 
-from orthoopt.adapters import (
-    DecoderAdapter,
-    byte_tokenizer,
-    planted_outlier_model,
-    save_rotated,
-)
+from orthoopt.adapters import DecoderAdapter
+from orthoopt.models import save_rotated
+from orthoopt.testing import byte_tokenizer, planted_outlier_model
 from orthoopt.diagnostics import plot_solve_history, save_figure
 from orthoopt.diagnostics.compare import diagnose_models
 from orthoopt.hadamard import random_hadamard

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diagnostics_images import MAX_PNG_BYTES, markdown_table, to_palette_png  # noqa: E402
 
-from orthoopt.adapters import load_model, load_tokenizer, save_rotated  # noqa: E402
+from orthoopt.models import load_model, load_tokenizer, save_rotated  # noqa: E402
 from orthoopt.diagnostics.compare import diagnose_models  # noqa: E402
 from orthoopt.pipeline import rotate_model  # noqa: E402
 

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     src = Path(args.model) if args.model else None
     if src is None:
-        from orthoopt.adapters import save_planted
+        from orthoopt.testing import save_planted
 
         src = work / "planted"
         if not src.exists():

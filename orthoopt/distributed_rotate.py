@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from orthoopt.adapters.dtypes import DTYPE_CHOICES, dtype_name, resolve_model_dtype
-from orthoopt.adapters.sources import local_source
+from orthoopt.models.dtypes import DTYPE_CHOICES, dtype_name, resolve_model_dtype
+from orthoopt.models.sources import local_source
 from orthoopt.config import DTYPES, RotateConfig
 from orthoopt.errors import OrthooptError
 from orthoopt.methods import METHODS, names

@@ -11,7 +11,7 @@ torch.set_num_threads(1)
 def tiny_llama(tmp_path_factory):
     """A saved planted-outlier Llama folder: hidden 64, 2 layers, 4 heads, intermediate 128 (a power
     of two, so R4 exports), with a tokenizer."""
-    from orthoopt.adapters import save_planted
+    from orthoopt.testing import save_planted
 
     return save_planted(tmp_path_factory.mktemp("m") / "tiny", hidden_size=64, num_layers=2, num_heads=4,
                         intermediate_size=128)

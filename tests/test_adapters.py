@@ -25,21 +25,10 @@ from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-from orthoopt.adapters import (
-    DecoderAdapter,
-    UnsupportedModelError,
-    byte_tokenizer,
-    load_model,
-    load_rotations,
-    load_tokenizer,
-    logits_relative_error,
-    read_llama2c,
-    planted_outlier_model,
-    save_rotated,
-    write_llama2c,
-    writeback,
-)
-from orthoopt.adapters.io import REPORT_FILE, ROTATIONS_FILE
+from orthoopt.adapters import DecoderAdapter, UnsupportedModelError, logits_relative_error, writeback
+from orthoopt.models import load_model, load_rotations, load_tokenizer, read_llama2c, save_rotated, write_llama2c
+from orthoopt.testing import byte_tokenizer, planted_outlier_model
+from orthoopt.models.io import REPORT_FILE, ROTATIONS_FILE
 
 VOCAB = 97
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -21,7 +21,7 @@ import _data
 import _models
 import rotation_quality
 
-from orthoopt.adapters import byte_tokenizer
+from orthoopt.testing import byte_tokenizer
 from orthoopt.quant import calibration_batches, read_text
 
 needs_text = pytest.mark.skipif(not TEXT.is_file(), reason=f"shared WikiText file missing: {TEXT}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orthoopt.adapters import save_planted
+from orthoopt.testing import save_planted
 from orthoopt.cli import main
 from orthoopt.quant.calib import calibration_batches
 from orthoopt.quant.calib_source import CalibSource, _dataset_text
@@ -67,7 +67,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def test_a_cached_dataset_gives_its_column_joined_like_a_file(cache, tmp_path):
-    from orthoopt.adapters.tiny import byte_tokenizer
+    from orthoopt.testing.tiny import byte_tokenizer
 
     source = CalibSource("hf:tiny/calib:cfg")
     assert source.text() == "\n\n".join(ROWS)

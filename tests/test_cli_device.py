@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orthoopt.adapters import load_model, save_planted
+from orthoopt.models import load_model
+from orthoopt.testing import save_planted
 from orthoopt.cli import main
 
 from helpers import run_error, sample_text_file

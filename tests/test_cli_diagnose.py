@@ -12,13 +12,9 @@ import matplotlib.image
 import pytest
 import torch
 
-from orthoopt.adapters import (
-    DecoderAdapter,
-    load_model,
-    load_tokenizer,
-    save_planted,
-    save_rotated,
-)
+from orthoopt.adapters import DecoderAdapter
+from orthoopt.models import load_model, load_tokenizer, save_rotated
+from orthoopt.testing import save_planted
 from orthoopt.cli import main
 from orthoopt.diagnostics.plots import DPI, channels, histogram, layer_bars
 from orthoopt.hadamard import random_hadamard

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orthoopt.adapters import save_planted
+from orthoopt.testing import save_planted
 from orthoopt.cli import main
 from orthoopt.eval import perplexity
 from orthoopt.quant import ActQuantConfig, load_checkpoint, quantize_model

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orthoopt.adapters import save_planted
+from orthoopt.testing import save_planted
 from orthoopt.cli import main
 from orthoopt.quant import load_checkpoint, quantize_model
 from orthoopt.quant.schemes import SCHEMES

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from orthoopt.adapters import save_planted
+from orthoopt.testing import save_planted
 from orthoopt.cli import main
 from orthoopt.eval import MIN_WINDOWS, compare_models, paired_bootstrap, perplexity
 from orthoopt.quant import load_checkpoint, read_text, tokenize_text

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-from orthoopt.adapters import planted_outlier_model
+from orthoopt.testing import planted_outlier_model
 from orthoopt.diagnostics import (
     activation_stats,
     aggregate_blocks,

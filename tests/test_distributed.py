@@ -20,7 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from orthoopt.adapters import DecoderAdapter, load_model, save_planted
+from orthoopt.adapters import DecoderAdapter
+from orthoopt.models import load_model
+from orthoopt.testing import save_planted
 from orthoopt.objectives import FourthPower
 from orthoopt.solvers.distributed import (
     DistributedObjective,

@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from orthoopt.adapters import load_model, save_planted
-from orthoopt.adapters.dtypes import checkpoint_dtype, parse_dtype, resolve_model_dtype
-from orthoopt.adapters.sources import resolve_source
+from orthoopt.models import load_model
+from orthoopt.testing import save_planted
+from orthoopt.models.dtypes import checkpoint_dtype, parse_dtype, resolve_model_dtype
+from orthoopt.models.sources import resolve_source
 from orthoopt.cli import main
 from orthoopt.core.tolerance import INVARIANCE, check_orthogonal, invariance_ok, invariance_tolerance, unit_roundoff
 from orthoopt.pipeline import rotate_model

@@ -64,7 +64,8 @@ def test_every_orthoopt_exception_derives_from_orthoopterror():
 
 
 def test_the_named_errors_keep_their_builtin_bases():
-    from orthoopt.adapters import ModelFetchError, UnsupportedModelError
+    from orthoopt.adapters import UnsupportedModelError
+    from orthoopt.models import ModelFetchError
     from orthoopt.solvers import NonFiniteLossError, ProcrustesUnsupportedError
 
     assert issubclass(NonFiniteLossError, ValueError)

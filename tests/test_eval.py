@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orthoopt.adapters import byte_tokenizer, planted_outlier_model
+from orthoopt.testing import byte_tokenizer, planted_outlier_model
 from orthoopt.eval import default_seq_len, perplexity
 from orthoopt.quant import read_text, tokenize_text
 

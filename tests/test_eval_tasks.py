@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from orthoopt.adapters import save_planted
+from orthoopt.testing import save_planted
 from orthoopt.cli import main
 
 HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None

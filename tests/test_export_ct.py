@@ -14,7 +14,7 @@ pytest.importorskip("compressed_tensors", reason="compressed-tensors not install
 
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # noqa: E402
 
-from orthoopt.adapters import save_planted  # noqa: E402
+from orthoopt.testing import save_planted  # noqa: E402
 from orthoopt.cli import main  # noqa: E402
 from orthoopt.export.compressed_tensors import save_compressed_tensors, unrepresentable  # noqa: E402
 from orthoopt.quant import load_checkpoint, quantize_model  # noqa: E402

@@ -28,7 +28,7 @@ pytest.importorskip("compressed_tensors", reason="compressed-tensors not install
 from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
 from compressed_tensors.transform import TransformConfig  # noqa: E402
 
-from orthoopt.adapters import save_planted  # noqa: E402
+from orthoopt.testing import save_planted  # noqa: E402
 from orthoopt.adapters.archs import locate  # noqa: E402
 from orthoopt.cli import main  # noqa: E402
 from orthoopt.export.compressed_tensors import save_compressed_tensors, unrepresentable  # noqa: E402

@@ -162,7 +162,7 @@ class Child:
 @pytest.fixture(scope="module", autouse=True)
 def warm(tiny):  # noqa: F811
     """Load a model here once, so that the forked children start with every lazy import done."""
-    from orthoopt.adapters import load_model, load_tokenizer
+    from orthoopt.models import load_model, load_tokenizer
 
     load_model(tiny), load_tokenizer(tiny)
 
@@ -228,7 +228,7 @@ KILL_POINTS = {
     "during-R1": ("step", "R1", 12),  # the partial holds R1 after 10 steps (mid-phase solver state)
     "during-R2": ("step", "R2", 12),  # R1 fused, layer 0's R2 after 10 steps (R2 is one unit per layer)
     "right-after-R1": ("step", "R2", 0),  # the partial is the R1/R2 boundary: layer 0's R2 not begun
-    "during-the-final-write": ("after", "orthoopt.adapters.io:save_file"),  # weights written, no report.json yet
+    "during-the-final-write": ("after", "orthoopt.models.io:save_file"),  # weights written, no report.json yet
 }
 
 

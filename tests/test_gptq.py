@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from orthoopt.adapters import planted_outlier_model
+from orthoopt.testing import planted_outlier_model
 from orthoopt.adapters.archs import locate
 from orthoopt.quant import (
     ActQuantConfig,

@@ -129,8 +129,8 @@ def test_the_graph_sees_module_level_edges_only():
     assert "orthoopt.solvers.base" in graph["orthoopt.solvers"]  # an __init__ re-export, relative
     assert "orthoopt.objectives.base" in graph["orthoopt.solvers.base"]  # from ..objectives.base import
     assert "orthoopt.cli" in graph["orthoopt.__main__"]  # absolute
-    assert "orthoopt.adapters.llama2c" in graph["orthoopt.adapters.io"]  # from orthoopt.adapters import llama2c
-    assert "orthoopt.adapters.gguf" not in graph["orthoopt.adapters.io"]  # imported inside a function only
+    assert "orthoopt.models.llama2c" in graph["orthoopt.models.io"]  # from orthoopt.adapters import llama2c
+    assert "orthoopt.models.gguf" not in graph["orthoopt.models.io"]  # imported inside a function only
 
 
 def test_a_cycle_is_found_and_named():

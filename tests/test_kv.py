@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orthoopt.adapters import planted_outlier_model
+from orthoopt.testing import planted_outlier_model
 from orthoopt.adapters.archs import locate
 from orthoopt.hadamard import hadamard_transform
 from orthoopt.quant import QuantSpec, quantize_model, quantize_rows

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orthoopt.adapters import save_planted
-from orthoopt.adapters.footprint import Checkpoint, eval_estimate, quantize_estimate, rotate_estimate
+from orthoopt.testing import save_planted
+from orthoopt.models.footprint import Checkpoint, eval_estimate, quantize_estimate, rotate_estimate
 from orthoopt.cli import main
 from orthoopt.utils import memory
 from orthoopt.utils.memory import LIMIT_ENV, available_memory, parse_size

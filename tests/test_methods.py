@@ -13,7 +13,9 @@ import json
 import pytest
 import torch
 
-from orthoopt.adapters import DecoderAdapter, load_model, save_planted
+from orthoopt.adapters import DecoderAdapter
+from orthoopt.models import load_model
+from orthoopt.testing import save_planted
 from orthoopt.cli import build_parser, main
 from orthoopt.config import RotateConfig
 from orthoopt.methods import METHODS, Method, method_table_markdown, names, summed_by_layer

@@ -18,8 +18,8 @@ sys.path.insert(0, str(BENCH))
 
 import model_size  # noqa: E402
 
-from orthoopt.adapters import load_model  # noqa: E402
-from orthoopt.adapters.dtypes import checkpoint_dtype  # noqa: E402
+from orthoopt.models import load_model  # noqa: E402
+from orthoopt.models.dtypes import checkpoint_dtype  # noqa: E402
 from orthoopt.cli import build_parser  # noqa: E402
 
 

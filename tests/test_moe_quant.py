@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from orthoopt.adapters import DecoderAdapter
-from orthoopt.adapters.tiny import byte_tokenizer
+from orthoopt.testing.tiny import byte_tokenizer
 from orthoopt.cli import main
 from orthoopt.quant.act import ActQuantConfig
 from orthoopt.quant.experts import expert_hessian, gptq_experts, quantize_experts_rtn

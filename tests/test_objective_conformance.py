@@ -33,7 +33,8 @@ import torch
 
 import orthoopt.objectives as objectives_pkg
 import orthoopt.streaming.objective as streamed_pkg
-from orthoopt.adapters import DecoderAdapter, planted_outlier_model, save_planted
+from orthoopt.adapters import DecoderAdapter
+from orthoopt.testing import planted_outlier_model, save_planted
 from orthoopt.methods import METHODS, ObjectiveInputs, StreamedInputs, summed_by_layer
 from orthoopt.objectives import DFRotLoss, Kurtosis, Objective, Sum, WeightBlock, block_dims
 from orthoopt.quant.rotated import RotatedQuantLM

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import orthoopt
-from orthoopt.adapters import save_planted
+from orthoopt.testing import save_planted
 from orthoopt.cli import main
 
 from helpers import run_error, sample_text_file

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orthoopt.adapters import load_model, load_rotations, save_planted
+from orthoopt.models import load_model, load_rotations
+from orthoopt.testing import save_planted
 from orthoopt.pipeline import rotate_model, rotate_streamed
 
 TINY = dict(arch="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, seed=3)

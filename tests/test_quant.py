@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orthoopt.adapters import byte_tokenizer, planted_outlier_model
+from orthoopt.testing import byte_tokenizer, planted_outlier_model
 from orthoopt.hadamard import hadamard_transform
 from orthoopt.quant import (
     ActQuantConfig,

@@ -11,8 +11,9 @@ import json
 import pytest
 import torch
 
-from orthoopt.adapters import cached_model, load_model, load_tokenizer, logits_relative_error
-from orthoopt.adapters.registry import MARKER_FILE, REGISTRY
+from orthoopt.adapters import logits_relative_error
+from orthoopt.models import cached_model, load_model, load_tokenizer
+from orthoopt.models.registry import MARKER_FILE, REGISTRY
 from orthoopt.cli import main
 from orthoopt.manifold import orthogonality_error
 from orthoopt.pipeline import rotate_model

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orthoopt.adapters import save_planted
+from orthoopt.testing import save_planted
 from orthoopt.cli import main
 from orthoopt.jobs.recipe import load_recipe
 from orthoopt.jobs.settings import QuantizeSettings

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from orthoopt.adapters import planted_outlier_model, save_planted
+from orthoopt.testing import planted_outlier_model, save_planted
 from orthoopt.cli import main
 from orthoopt.objectives import DFRotLoss, FourthPower, WeightBlock
 from orthoopt.pipeline import rotate_model, rotate_streamed

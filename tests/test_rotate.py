@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from orthoopt.adapters import DecoderAdapter, load_model, save_planted
+from orthoopt.adapters import DecoderAdapter
+from orthoopt.models import load_model
+from orthoopt.testing import save_planted
 from orthoopt.cli import main
 from orthoopt.manifold import orthogonality_error
 from orthoopt.methods import METHODS

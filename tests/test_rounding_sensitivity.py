@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orthoopt.adapters import save_planted
+from orthoopt.testing import save_planted
 from orthoopt.manifold import orthogonality_error
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"

@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from orthoopt.adapters import DecoderAdapter, planted_outlier_model, save_planted
+from orthoopt.adapters import DecoderAdapter
+from orthoopt.testing import planted_outlier_model, save_planted
 from orthoopt.cli import main
 from orthoopt.objectives import FourthPower, HessianWeighted, WeightBlock
 from orthoopt.utils import atomic
@@ -410,7 +411,7 @@ def test_a_parked_previous_output_is_put_back_when_the_kill_fell_between_the_ren
 
 DRIVER = """
 import sys, time
-import orthoopt.adapters.io as io
+import orthoopt.models.io as io
 original = io.save_file
 def slow_save(*args, **kwargs):          # the model weights are already in the temporary folder
     original(*args, **kwargs)

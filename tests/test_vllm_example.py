@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("compressed_tensors", reason="compressed-tensors not installed (pip install 'orthoopt[export]')")
 
-from orthoopt.adapters import save_planted  # noqa: E402
+from orthoopt.testing import save_planted  # noqa: E402
 from orthoopt.cli import main  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from orthoopt.adapters.dtypes import DTYPE_CHOICES
+from orthoopt.models.dtypes import DTYPE_CHOICES
 from orthoopt.diagnostics.activations import DEFAULT_MASSIVE_RATIO
 from orthoopt.diagnostics.compare import diagnose_models
 from orthoopt.core.grid import MAX_BITS, MIN_BITS

@@ -14,7 +14,7 @@ import sys
 import time
 
 from orthoopt.errors import InvalidInputError
-from orthoopt.adapters.dtypes import DTYPE_CHOICES
+from orthoopt.models.dtypes import DTYPE_CHOICES
 from orthoopt.eval.perplexity import perplexity
 from orthoopt.quant.calib import read_text
 from orthoopt.quant.model import load_quantized
@@ -128,9 +128,9 @@ def run(args) -> int:
 
 def _check_memory(args) -> None:
     """Refuse (exit 2) before loading when the estimated peak does not fit (``--force`` skips it)."""
-    from orthoopt.adapters.dtypes import resolve_model_dtype
-    from orthoopt.adapters.footprint import eval_estimate
-    from orthoopt.adapters.sources import resolve_source
+    from orthoopt.models.dtypes import resolve_model_dtype
+    from orthoopt.models.footprint import eval_estimate
+    from orthoopt.models.sources import resolve_source
 
     source = resolve_source(args.model_dir, progress=not args.no_progress)
     dtype = resolve_model_dtype(source, args.dtype)

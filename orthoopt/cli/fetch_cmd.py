@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from orthoopt.adapters import registry
+from orthoopt.models import registry
 from orthoopt.cli.usage import help_kwargs
 from orthoopt.errors import InvalidInputError
 

@@ -1,4 +1,4 @@
-"""The commands' memory check: the estimated peak (:mod:`orthoopt.adapters.footprint`) against the
+"""The commands' memory check: the estimated peak (:mod:`orthoopt.models.footprint`) against the
 available memory (:mod:`orthoopt.utils.memory`), before the model is loaded; ``--force`` skips it."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ def add_force(p: argparse.ArgumentParser) -> None:
 
 def check_memory(command: str, source, estimate: Callable[..., Estimate], force: bool) -> None:
     """Raise :class:`~orthoopt.utils.memory.MemoryBudgetError` (exit 2) when ``estimate(checkpoint)``
-    for the Hugging Face folder of ``source`` (a :class:`~orthoopt.adapters.sources.ModelSource`)
+    for the Hugging Face folder of ``source`` (a :class:`~orthoopt.models.sources.ModelSource`)
     does not fit; other sources are not checked."""
     if force or getattr(source, "folder", None) is None:
         return
-    from orthoopt.adapters.footprint import Checkpoint
+    from orthoopt.models.footprint import Checkpoint
 
     check_fits(estimate(Checkpoint.read(source.folder)), command, force)

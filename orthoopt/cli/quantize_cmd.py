@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from orthoopt.adapters.dtypes import DTYPE_CHOICES
+from orthoopt.models.dtypes import DTYPE_CHOICES
 from orthoopt.cli.memory_check import add_force, check_memory
 from orthoopt.cli.rotate_cmd import SIM_QUANT_OPTIONS, add_rotate_options, config_from_args, method_choices_help
 from orthoopt.errors import InvalidInputError
@@ -206,9 +206,9 @@ def run(args) -> int:
 
 def _check_memory(args, quantize: QuantizeSettings | None) -> None:
     """Refuse (exit 2) before loading when the estimated peak does not fit (``--force`` skips it)."""
-    from orthoopt.adapters.dtypes import resolve_model_dtype
-    from orthoopt.adapters.footprint import quantize_estimate
-    from orthoopt.adapters.sources import resolve_source
+    from orthoopt.models.dtypes import resolve_model_dtype
+    from orthoopt.models.footprint import quantize_estimate
+    from orthoopt.models.sources import resolve_source
 
     q, _ = (quantize or QuantizeSettings()).resolved()
     source = resolve_source(args.model_dir, progress=not args.no_progress)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from orthoopt.adapters.dtypes import DTYPE_CHOICES, dtype_name, parse_dtype, resolve_model_dtype
-from orthoopt.adapters.sources import PLANTED_CONFIG, input_location
+from orthoopt.models.dtypes import DTYPE_CHOICES, dtype_name, parse_dtype, resolve_model_dtype
+from orthoopt.models.sources import PLANTED_CONFIG, input_location
 from orthoopt.cli.memory_check import add_force, check_memory
 from orthoopt.cli.usage import help_kwargs
 from orthoopt.config import DTYPES, PHASES, RotateConfig
@@ -62,8 +62,8 @@ DOCS = ("docs/objectives.md", "docs/solvers.md", "docs/adapters.md", "docs/perfo
 
 def load_default_or(path: str | None, dtype: torch.dtype, progress: bool = True):
     """``(model, tokenizer, description)`` of model source ``path`` (default :data:`DEFAULT_MODEL`;
-    ``planted`` is the planted-outlier Llama, see :mod:`orthoopt.adapters.sources`)."""
-    from orthoopt.adapters import load_model, load_tokenizer, resolve_source
+    ``planted`` is the planted-outlier Llama, see :mod:`orthoopt.models.sources`)."""
+    from orthoopt.models import load_model, load_tokenizer, resolve_source
 
     source = resolve_source(path or DEFAULT_MODEL, progress=progress)
     spec = str(source.path) if source.path is not None else source.spec
@@ -211,7 +211,7 @@ def config_from_args(args: argparse.Namespace) -> RotateConfig:
 
 
 def _check_memory(args: argparse.Namespace, config: RotateConfig, source, streamed: bool) -> None:
-    from orthoopt.adapters.footprint import rotate_estimate
+    from orthoopt.models.footprint import rotate_estimate
 
     check_memory("orthoopt rotate", source, lambda ck: rotate_estimate(
         ck, config.torch_model_dtype, streamed, learned=config.learned, can_stream=config.entry.supports_streamed),
@@ -231,7 +231,7 @@ def _with_model_dtype(args: argparse.Namespace, config: RotateConfig, source) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from orthoopt.adapters import load_rotations
+    from orthoopt.models import load_rotations
 
     config = config_from_args(args)
     if args.streamed:
@@ -250,13 +250,13 @@ def run(args: argparse.Namespace) -> int:
     prepare_output(partial, {k: v for k, v in inputs.items() if k != "--resume file"}, kind="file",
                    what="partial checkpoint")
     if args.streamed:
-        from orthoopt.adapters import resolve_source
+        from orthoopt.models import resolve_source
 
         resolved = resolve_source(args.model_dir or DEFAULT_MODEL, progress=not args.no_progress)
         if resolved.folder is None:
             raise InvalidInputError(f"--streamed needs a Hugging Face folder with safetensors weights (or a registered "
                              f"name), got {resolved.kind} {args.model_dir!r}")
-        from orthoopt.adapters.io import check_model_folder
+        from orthoopt.models.io import check_model_folder
 
         check_model_folder(resolved.folder)
         args.model_dir = str(resolved.folder)
@@ -264,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
         _check_memory(args, config, resolved, streamed=True)
         model, tokenizer, source, calib = None, None, resolved.describe(), None
     else:
-        from orthoopt.adapters import resolve_source
+        from orthoopt.models import resolve_source
 
         resolved = resolve_source(args.model_dir or DEFAULT_MODEL, progress=not args.no_progress)
         config = _with_model_dtype(args, config, resolved)

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 import orthoopt
-from orthoopt.adapters.io import load_model, load_tokenizer
-from orthoopt.adapters.sources import resolve_source
+from orthoopt.models.io import load_model, load_tokenizer
+from orthoopt.models.sources import resolve_source
 from orthoopt.diagnostics.activations import DEFAULT_MASSIVE_RATIO, channel_max_abs
 from orthoopt.diagnostics.plots import (
     plot_activation_heatmap,
@@ -133,7 +133,7 @@ def diagnose_models(
                  lm_head; see :data:`~orthoopt.diagnostics.report.INPUT_ROLES`), the one whose input
                  has the largest max/median channel magnitude in the first model).
     dtype:       the dtype each model is loaded (and its activations computed) in; ``"auto"``, the
-                 default, is each checkpoint's own (:mod:`orthoopt.adapters.dtypes`), so a bfloat16
+                 default, is each checkpoint's own (:mod:`orthoopt.models.dtypes`), so a bfloat16
                  model is not upcast whole. The statistics are computed in float64 per tensor.
 
     Returns the summary (also written as ``summary.json``)::
@@ -147,7 +147,7 @@ def diagnose_models(
     """
     if not paths:
         raise InvalidInputError("diagnose needs at least one model folder")
-    from orthoopt.adapters.dtypes import parse_dtype
+    from orthoopt.models.dtypes import parse_dtype
 
     parse_dtype(dtype)  # a bad name is refused before any work
     sources = [resolve_source(p, progress=progress) for p in paths]  # fetches registered names if needed

@@ -55,8 +55,8 @@ def check_options(resamples, seed, seq_len=None, max_tokens=None, batch_size=1, 
 
 def _check_source(spec: str) -> None:
     """Fail at once on a model path that does not exist (before minutes of scoring the others)."""
-    from orthoopt.adapters.registry import REGISTRY
-    from orthoopt.adapters.sources import resolve_source
+    from orthoopt.models.registry import REGISTRY
+    from orthoopt.models.sources import resolve_source
 
     if spec not in REGISTRY:  # registered names are fetched on load, as `orthoopt eval` does
         resolve_source(spec, fetch=False)

@@ -154,7 +154,7 @@ def check_inputs(model, out, config: RotateConfig | None, q: QuantizeSettings, c
 
     Returns ``(format, why compressed-tensors was passed over)`` (:func:`orthoopt.export.choose.choose_format`).
     """
-    from orthoopt.adapters.sources import input_location
+    from orthoopt.models.sources import input_location
     from orthoopt.utils.paths import prepare_output
 
     data_free = ", ".join(names(lambda m: not m.needs_calibration))
@@ -247,8 +247,8 @@ def oneshot(model, *, out, rotate=None, scheme: str | None = None, calib=None, q
     from orthoopt.quant.model import load_checkpoint
     from orthoopt.utils.atomic import atomic_dir
 
-    from orthoopt.adapters import resolve_source
-    from orthoopt.adapters.dtypes import dtype_name, resolve_model_dtype
+    from orthoopt.models import resolve_source
+    from orthoopt.models.dtypes import dtype_name, resolve_model_dtype
     from orthoopt.utils.checks import check_device
 
     q, scheme_record = _settings(quantize, scheme)
@@ -269,7 +269,7 @@ def oneshot(model, *, out, rotate=None, scheme: str | None = None, calib=None, q
         config = replace(config, model_dtype=dtype_name(model_dtype),
                          dtype="float64" if model_dtype == torch.float64 else config.dtype)
     if streamed:
-        from orthoopt.adapters.io import check_model_folder
+        from orthoopt.models.io import check_model_folder
 
         if resolved.folder is None:
             raise InvalidInputError(f"--streamed needs a Hugging Face folder with safetensors weights (or a registered "
@@ -299,7 +299,7 @@ def oneshot(model, *, out, rotate=None, scheme: str | None = None, calib=None, q
         snaps = [snapshot(net, "input", bits)]
     init_rotations = None
     if init is not None:
-        from orthoopt.adapters import load_rotations
+        from orthoopt.models import load_rotations
 
         init_rotations = load_rotations(init)
 
@@ -333,7 +333,7 @@ def oneshot(model, *, out, rotate=None, scheme: str | None = None, calib=None, q
         with _phase(seconds, "write"):
             settings = _write_checkpoint(net, tokenizer, tmp, fmt, result, settings, progress)
             if rotation_report is not None:
-                from orthoopt.adapters.io import write_rotations
+                from orthoopt.models.io import write_rotations
 
                 write_rotations(tmp, {k: v.detach().cpu() for k, v in rotations.items()})
         with _phase(seconds, "report"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from orthoopt.adapters.dtypes import DTYPE_CHOICES
+from orthoopt.models.dtypes import DTYPE_CHOICES
 from orthoopt.errors import InvalidInputError
 from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS
 from orthoopt.quant.schemes import PER_CHANNEL, resolve
@@ -32,7 +32,7 @@ class QuantizeSettings:
     channel), ``sym`` and ``abits`` None to take the scheme's value (or :data:`DEFAULTS`);
     ``act_asym`` true to make the activation grid asymmetric; the K/V, GPTQ and calibration-window
     settings; ``format`` one of :data:`FORMAT_CHOICES`; ``dtype`` the dtype the model is loaded in
-    and its weights written in (``"auto"``: the checkpoint's own, :mod:`orthoopt.adapters.dtypes`).
+    and its weights written in (``"auto"``: the checkpoint's own, :mod:`orthoopt.models.dtypes`).
     """
 
     scheme: str | None = None

@@ -3,7 +3,7 @@
 A run's folder is written to a temporary sibling and renamed into place only when complete
 (:func:`orthoopt.utils.atomic.atomic_dir`): the store's weights and side files
 (:meth:`~orthoopt.store.WeightStore.write_weights`), then ``orthoopt/rotations.safetensors`` and
-``report.json`` (:func:`orthoopt.adapters.io.write_run_files`), then the caller's extra files (plots).
+``report.json`` (:func:`orthoopt.models.io.write_run_files`), then the caller's extra files (plots).
 A streamed store writes its layers into the folder while the loop runs (it is opened before the loop,
 :meth:`~orthoopt.store.WeightStore.open_output`); the in-memory store writes the module at the end.
 Under ``torchrun`` every rank runs the loop, the rotations are gathered, rank 0 writes and every rank
@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from orthoopt.adapters.io import write_run_files
+from orthoopt.models.io import write_run_files
 from orthoopt.pipeline.loop import PhaseRun
 from orthoopt.pipeline.report import RotateResult
 from orthoopt.solvers.distributed import all_gather_objects

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from orthoopt.adapters.archs import ARCHS, locate
-from orthoopt.adapters.io import load_model, load_tokenizer
+from orthoopt.models.io import load_model, load_tokenizer
 from orthoopt.core.grid import check_bits_or_off
 from orthoopt.errors import InvalidInputError
 from orthoopt.quant.act import (
@@ -227,11 +227,11 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, sett
 def load_checkpoint(model_dir: str | os.PathLike, dtype: torch.dtype | str = "auto"):
     """``(model, tokenizer)`` from a model source with a tokenizer (a Hugging Face folder, a ``.gguf``
     file, a registered name, ``planted``, a Hub id; see :func:`orthoopt.adapters.load_model`); model
-    in eval mode, in ``dtype`` (``"auto"``: the checkpoint's own, :mod:`orthoopt.adapters.dtypes`).
+    in eval mode, in ``dtype`` (``"auto"``: the checkpoint's own, :mod:`orthoopt.models.dtypes`).
 
     Raises FileNotFoundError naming the source when it or its tokenizer files are missing.
     """
-    from orthoopt.adapters.sources import resolve_source
+    from orthoopt.models.sources import resolve_source
 
     source = resolve_source(model_dir)
     spec = str(source.path) if source.path is not None else source.spec
@@ -300,9 +300,9 @@ class LoadedModel:
 
 
 def load_quantized(model_dir: str | os.PathLike, dtype: torch.dtype | str = "auto") -> LoadedModel:
-    """Load a checkpoint in ``dtype`` (``"auto"``: its own, :mod:`orthoopt.adapters.dtypes`) and, if it
+    """Load a checkpoint in ``dtype`` (``"auto"``: its own, :mod:`orthoopt.models.dtypes`) and, if it
     has quant.json, install its activation quantization / online Hadamard."""
-    from orthoopt.adapters.sources import resolve_source
+    from orthoopt.models.sources import resolve_source
 
     source = resolve_source(model_dir)
     model, tokenizer = load_checkpoint(str(source.path) if source.path is not None else source.spec, dtype)

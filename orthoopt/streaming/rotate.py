@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from orthoopt.adapters.io import LEGACY_ROTATIONS_FILE, REPORT_FILE
+from orthoopt.models.io import LEGACY_ROTATIONS_FILE, REPORT_FILE
 from orthoopt.config import RotateConfig
 from orthoopt.errors import InvalidInputError
 from orthoopt.methods import ObjectiveInputs, StreamedInputs

@@ -7,7 +7,7 @@ memory.usage_in_bytes``) and the ``ORTHOOPT_MEMORY_LIMIT`` environment variable 
 state a budget below what the machine has. :func:`check_fits` raises :class:`MemoryBudgetError` (a
 ``ValueError``: the command line exits 2 with one line) naming the estimate, what is available, where
 that figure comes from, and the settings that would fit, unless ``force`` (``--force``). The estimates
-themselves are :mod:`orthoopt.adapters.footprint`'s.
+themselves are :mod:`orthoopt.models.footprint`'s.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def resolve_model_dtype(source, dtype: str | torch.dtype | None = "auto") -> torch.dtype:
-    """The dtype to load ``source`` (a :class:`~orthoopt.adapters.sources.ModelSource`) in: ``dtype``
+    """The dtype to load ``source`` (a :class:`~orthoopt.models.sources.ModelSource`) in: ``dtype``
     when given, else (``"auto"``) the checkpoint's (:func:`checkpoint_dtype`) for a Hugging Face
     folder and float32 for the other kinds (module doc)."""
     explicit = parse_dtype(dtype)

