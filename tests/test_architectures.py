@@ -401,3 +401,24 @@ def test_every_group_of_the_table_has_its_diagnostics_label():
     for model_type, spec in ARCHS.items():
         assert {p.group for p in spec.projs} <= set(GROUPS), model_type
     assert set(INPUT_ROLES) == {*GROUPS, "head_in"}
+
+
+def test_one_layout_validator_for_modules_and_safetensors(tmp_path):
+    """A missing projection gets the same decoder-relative name from a loaded model and from its file."""
+    from safetensors.torch import load_file, save_file
+
+    from orthoopt.adapters.archs import locate
+
+    model = build("llama", torch.float32)
+    model.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    del model.model.layers[1].mlp.down_proj
+    want = "missing model.layers.1.mlp.down_proj (nn.Linear)"
+    with pytest.raises(UnsupportedModelError) as loaded:
+        locate(model)
+    with pytest.raises(UnsupportedModelError) as streamed:
+        DecoderLayout.from_checkpoint(SafetensorsCheckpoint(tmp_path / "m"))
+    assert want in str(loaded.value) and want in str(streamed.value)

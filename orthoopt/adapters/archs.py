@@ -165,6 +165,48 @@ def _has_param(module: object, proj: Proj) -> bool:
     return isinstance(getattr(module, proj.param, None), torch.Tensor)
 
 
+def spec_for(model_type: str | None, arch: str | None = None, layout_check=None) -> ArchSpec:
+    """The table entry of ``model_type`` (or of ``arch``, which overrides it); the one refusal of an
+    unsupported model, for loaded models (:func:`locate`) and safetensors files
+    (:class:`orthoopt.streaming.layout.DecoderLayout`) alike. ``layout_check``: a callable giving what
+    the Llama layout would lack, appended to the message."""
+    key = arch if arch is not None else model_type
+    if key not in ARCHS:
+        check = f". Layout check: {layout_check() or 'no missing modules'}" if layout_check is not None else ""
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported (supported: {sorted(ARCHS)}); "
+            f"a decoder with the Llama layout may be forced with arch='llama'{check}"
+        )
+    return ARCHS[key]
+
+
+def layer_problems(spec: ArchSpec, num_layers: int, has, limit: int = 12) -> list[str]:
+    """What the decoder layers lack for ``spec``, as decoder-relative names (``layers.3.mlp.down_proj
+    (nn.Linear)``); empty when nothing. The one layout validator of the layers, for a loaded model
+    and a safetensors file alike: ``has(path, proj)`` says whether the decoder-relative module
+    ``path`` exists, with ``proj``'s weight when ``proj`` is given (None: a norm). Every non-optional
+    projection and every norm is required; of the optional ones (Qwen2-MoE's dense or expert MLP),
+    each layer needs at least one variant's writer. Stops after ``limit`` problems."""
+    missing: list[str] = []
+    optional = [p for p in spec.projs if p.optional]
+    for i in range(num_layers):
+        where = f"{spec.layers}.{i}"
+        for pr in spec.projs:
+            if not pr.optional and not has(f"{where}.{pr.path}", pr):
+                what = "nn.Linear" if pr.is_linear else f"tensor {pr.param}"
+                missing.append(f"{where}.{pr.path} ({what})")
+        if optional:
+            present = {pr.role for pr in optional if has(f"{where}.{pr.path}", pr)}
+            if not any(p.side == "out" and p.role in present for p in optional):
+                missing.append(f"{where}.{spec.mlp} (an MLP or MoE block of the {spec.model_type!r} layout)")
+        for n in spec.norms:
+            if not has(f"{where}.{n.path}", None):
+                missing.append(f"{where}.{n.path}")
+        if len(missing) > limit:
+            break
+    return missing
+
+
 def locate(model: nn.Module, arch: str | None = None) -> DecoderModules:
     """Resolve the modules of ``model`` (a ``*ForCausalLM``) using ``ARCHS[arch]``.
 
@@ -174,14 +216,8 @@ def locate(model: nn.Module, arch: str | None = None) -> DecoderModules:
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    spec = spec_for(model_type, arch, lambda: _layout_problems(model, ARCHS["llama"]))
     key = arch if arch is not None else model_type
-    if key not in ARCHS:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported (supported: {sorted(ARCHS)}); "
-            f"a decoder with the Llama layout may be forced with arch='llama'. "
-            f"Layout check: {_layout_problems(model, ARCHS['llama']) or 'no missing modules'}"
-        )
-    spec = ARCHS[key]
     problems = _layout_problems(model, spec)
     if problems:
         raise UnsupportedModelError(f"model_type {model_type!r} does not have the {key!r} layout: {problems}")
@@ -234,22 +270,11 @@ def _layout_problems(model: nn.Module, spec: ArchSpec) -> str:
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         missing.append(f"{spec.decoder}.{spec.layers} (non-empty nn.ModuleList)")
         return "missing " + ", ".join(missing)
-    optional = [p for p in spec.projs if p.optional]
-    for i, layer in enumerate(layers):
-        where = f"{spec.decoder}.{spec.layers}.{i}"
-        for pr in spec.projs:
-            if not pr.optional and not _has_param(_get(layer, pr.path), pr):
-                what = "nn.Linear" if pr.is_linear else f"tensor {pr.param}"
-                missing.append(f"{where}.{pr.path} ({what})")
-        if optional:  # each layer needs every role of at least one MLP variant: check the readers
-            present = {pr.role for pr in optional if _has_param(_get(layer, pr.path), pr)}
-            if not any(p.side == "out" and p.role in present for p in optional):
-                missing.append(f"{where}.{spec.mlp} (an MLP or MoE block of the {spec.model_type!r} layout)")
-        for n in spec.norms:
-            if _get(layer, n.path) is None:
-                missing.append(f"{where}.{n.path}")
-        if len(missing) > 12:
-            break
+    def has(path: str, pr: Proj | None) -> bool:
+        module = _get(dec, path)
+        return module is not None if pr is None else _has_param(module, pr)
+
+    missing += [f"{spec.decoder}.{name}" for name in layer_problems(spec, len(layers), has)]
     return ("missing " + ", ".join(missing)) if missing else ""
 
 

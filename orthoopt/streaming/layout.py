@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orthoopt.adapters.archs import ARCHS, ArchSpec, UnsupportedModelError, part_rows
+from orthoopt.adapters.arch_table import ARCHS, ArchSpec
+from orthoopt.adapters.archs import UnsupportedModelError, layer_problems, part_rows, spec_for
 from orthoopt.streaming.checkpoint import SafetensorsCheckpoint
 
 _LLAMA = ARCHS["llama"]
@@ -48,12 +49,7 @@ class DecoderLayout:
         cfg = ckpt.config
         model_type = cfg.get("model_type")
         key = arch if arch is not None else model_type
-        if key not in ARCHS:
-            raise UnsupportedModelError(
-                f"model_type {model_type!r} is not supported (supported: {sorted(ARCHS)}); "
-                "a decoder with the Llama layout may be forced with arch='llama'"
-            )
-        spec = ARCHS[key]
+        spec = spec_for(model_type, arch)
         if any(p.experts for p in spec.projs):
             raise UnsupportedModelError(
                 f"model_type {model_type!r}: streamed rotation does not support MoE checkpoints: their experts are "
@@ -66,22 +62,20 @@ class DecoderLayout:
         hidden, heads, layers = int(cfg["hidden_size"]), int(cfg["num_attention_heads"]), int(cfg["num_hidden_layers"])
         kv = int(cfg.get("num_key_value_heads") or heads)
         probe = cls(spec, layers, hidden, heads, kv, 1, 1, False)
-        needed = [probe.key(probe.embed), probe.key(probe.final_norm)]
+        absent = [f"{spec.decoder}.{name}" for name in (spec.embed, spec.final_norm)
+                  if probe.key(name) not in ckpt]
+        absent += [f"{spec.decoder}.{name}" for name in layer_problems(
+            spec, layers, lambda path, pr: probe.key(path, pr.param if pr is not None else "weight") in ckpt)]
+        if absent:
+            raise UnsupportedModelError(f"checkpoint {ckpt.path} does not have the {key!r} layout: missing "
+                                        + ", ".join(absent))
         roles, experts = [], []
         for i in range(layers):
             names = probe.layer_modules(i)
-            needed += [probe.key(names[n.role]) for n in spec.norms]
-            needed += [probe.key(names[p.role], p.param) for p in spec.projs if not p.optional]
             have = tuple(p.role for p in spec.projs if probe.key(names[p.role], p.param) in ckpt)
             roles.append(have)
             experts.append(tuple((p.role, ckpt.shape(probe.key(names[p.role], p.param))[0])
                                  for p in spec.projs if p.experts and p.role in have))
-        absent = [n for n in needed if n not in ckpt]
-        if absent:
-            raise UnsupportedModelError(
-                f"checkpoint {ckpt.path} does not have the {key!r} layout: missing {absent[:6]}"
-                + (f" and {len(absent) - 6} more" if len(absent) > 6 else "")
-            )
         names0 = probe.layer_modules(0)
         o_in = ckpt.shape(probe.key(names0[spec.o_role], spec.proj(spec.o_role).param))[-1]
         if o_in % heads:
