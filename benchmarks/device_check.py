@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from orthoopt.eval.perplexity import perplexity
     from orthoopt.pipeline import rotate_model
     from orthoopt.quant import calibration_batches, quantize_model
+    from orthoopt.quant.config import QuantizeConfig
 
     device = torch.device(args.device)
     records: list[dict] = []
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     calib_file.write_text(text[: 4 * args.windows * args.seq_len * 8], encoding="utf-8")
     calib = calibration_batches(calib_file, tokenizer, nsamples=args.windows, seq_len=args.seq_len, seed=0)
     calib_file.unlink()
-    phase("quantize-gptq", lambda: quantize_model(model, method="gptq", wbits=4, calib=calib, progress=False))
+    phase("quantize-gptq", lambda: quantize_model(model, QuantizeConfig("gptq", wbits=4), calib=calib, progress=False))
     result = phase("eval", lambda: perplexity(model, tokenizer, text=text, seq_len=args.seq_len,
                                               max_tokens=args.windows * args.seq_len, progress=False))
     print(f"device_check: perplexity {result['ppl']:.3f} over {result['tokens']} tokens")

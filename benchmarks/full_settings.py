@@ -41,6 +41,7 @@ from orthoopt.models import load_model, load_tokenizer  # noqa: E402
 from orthoopt.eval import perplexity  # noqa: E402
 from orthoopt.pipeline import rotate_model  # noqa: E402
 from orthoopt.quant import quantize_model, tokenize_text  # noqa: E402
+from orthoopt.quant.config import QuantizeConfig  # noqa: E402
 from orthoopt.quant.act import ActQuantConfig  # noqa: E402
 from orthoopt.quant.kv import KVQuantConfig  # noqa: E402
 from orthoopt.quant.rotated import SimQuantConfig  # noqa: E402
@@ -119,10 +120,7 @@ def main() -> int:
                 key = f"{setting} {wq}" if seed in (None, args.seed) else f"{setting} {wq} seed {seed}"
                 t1 = time.perf_counter()
                 q = copy.deepcopy(model)
-                r = quantize_model(q, wq, wbits=4, mse_clip=args.mse_clip,
-                                   calib=gptq_calibs[seed] if wq == "gptq" else None,
-                                   act=ActQuantConfig(bits=bits, symmetric=False, online_hadamard=rotated),
-                                   kv=KVQuantConfig(bits=bits, r3=rotated), progress=False)
+                r = quantize_model(q, QuantizeConfig(wq, wbits=4, mse_clip=args.mse_clip, act=ActQuantConfig(bits=bits, symmetric=False, online_hadamard=rotated), kv=KVQuantConfig(bits=bits, r3=rotated)), calib=gptq_calibs[seed] if wq == "gptq" else None, progress=False)
                 p = perplexity(q, tok, text=split.eval, seq_len=args.seq_len, max_tokens=args.eval_tokens,
                                progress=False)
                 r.hooks.remove()

@@ -57,6 +57,7 @@ from orthoopt.models.registry import cached_model  # noqa: E402
 from orthoopt.eval import MIN_WINDOWS, draws_interval, paired_bootstrap, perplexity  # noqa: E402
 from orthoopt.pipeline import rotate_model  # noqa: E402
 from orthoopt.quant import quantize_model  # noqa: E402
+from orthoopt.quant.config import QuantizeConfig  # noqa: E402
 from orthoopt.utils.atomic import atomic_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,7 +145,7 @@ def run_unit(settings: Settings, record: Path, method: str, seed: int, state: di
         windows = random_windows(calib_ids, c[0], c[1], seed=seed)
         q_model = copy.deepcopy(rotated)
         start = time.perf_counter()
-        q = quantize_model(q_model, method="gptq", wbits=4, calib=windows, progress=settings.progress)
+        q = quantize_model(q_model, QuantizeConfig("gptq", wbits=4), calib=windows, progress=settings.progress)
         gptq_seconds = time.perf_counter() - start
         n = all_windows if c == settings.calib[0] else settings.eval_windows
         if c == settings.calib[0] and settings.max_eval_windows:

@@ -54,6 +54,7 @@ from orthoopt.interop.llmcompressor import (  # noqa: E402
 from orthoopt.methods import METHODS  # noqa: E402
 from orthoopt.pipeline import rotate_model  # noqa: E402
 from orthoopt.quant import load_checkpoint, quantize_model  # noqa: E402
+from orthoopt.quant.config import GPTQConfig, QuantizeConfig  # noqa: E402
 
 ORTHOOPT_ROTATIONS = ("none", "identity", "hadamard", "optrot", "optrot+")
 LLMC_ROTATIONS = ("none", "spinquant")
@@ -201,8 +202,7 @@ def main(argv=None) -> int:
             for q in QUANT:
                 model = copy.deepcopy(rotated)
                 start = time.perf_counter()
-                quantize_model(model, method=q, wbits=4, group_size=None, sym=True, true_sequential=args.true_sequential,
-                               calib=calib if q == "gptq" else None, progress=progress)
+                quantize_model(model, QuantizeConfig(q, wbits=4, group_size=None, sym=True, gptq=GPTQConfig(true_sequential=args.true_sequential)), calib=calib if q == "gptq" else None, progress=progress)
                 row[f"{q}_s"] = time.perf_counter() - start
                 row[q] = ppl(model)["ppl"]
                 log(f"orthoopt {rot} {q}: ppl {row[q]:.3f}, {row[f'{q}_s']:.1f} s")

@@ -78,7 +78,7 @@ from orthoopt.adapters.verify import logits
 from orthoopt.eval import perplexity
 from orthoopt.methods import METHODS as REGISTRY
 from orthoopt.pipeline import rotate_model
-from orthoopt.quant import ActQuantConfig, quantize_model
+from orthoopt.quant import ActQuantConfig, QuantizeConfig, quantize_model
 from orthoopt.quant.rotated import SimQuantConfig
 from orthoopt.utils.atomic import atomic_file
 
@@ -234,7 +234,7 @@ def quantize_and_eval(rotated: torch.nn.Module, config: dict, settings: Settings
     """Quantize a copy of ``rotated`` with ``config`` (GPTQ on ``calib``); ``{"ppl", "window_nll",
     "logit_error", "quant_seconds", "eval_seconds"}``."""
     model = copy.deepcopy(rotated)
-    q = quantize_model(model, **config, calib=calib if config["method"] == "gptq" else None,
+    q = quantize_model(model, QuantizeConfig(**config), calib=calib if config["method"] == "gptq" else None,
                        progress=settings.progress)
     start = time.perf_counter()
     ppl = perplexity(model, eval_ids, seq_len=settings.seq_len, max_tokens=settings.eval_tokens,

@@ -41,6 +41,7 @@ from orthoopt.eval import perplexity  # noqa: E402
 from orthoopt.manifold import cayley_retraction, reorthogonalize, skew  # noqa: E402
 from orthoopt.pipeline import rotate_model  # noqa: E402
 from orthoopt.quant import quantize_model, tokenize_text  # noqa: E402
+from orthoopt.quant.config import QuantizeConfig  # noqa: E402
 from orthoopt.quant.act import ActQuantConfig  # noqa: E402
 from orthoopt.quant.kv import KVQuantConfig  # noqa: E402
 from orthoopt.utils.atomic import atomic_file  # noqa: E402
@@ -108,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             q = copy.deepcopy(model)
             act = ActQuantConfig(bits=bits, symmetric=False, online_hadamard=True) if bits < 16 else None
             kv = KVQuantConfig(bits=bits, r3=True) if bits < 16 else None
-            r = quantize_model(q, method, wbits=4, calib=calib if method == "gptq" else None, act=act, kv=kv,
-                               progress=False)
+            r = quantize_model(q, QuantizeConfig(method, wbits=4, act=act, kv=kv), calib=calib if method == "gptq" else None, progress=False)
             table[name][cell] = perplexity(q, tok, text=split.eval, seq_len=args.seq_len,
                                            max_tokens=args.eval_tokens, progress=False)["ppl"]
             r.hooks.remove()

@@ -42,6 +42,7 @@ from orthoopt.eval import perplexity
 from orthoopt.hadamard import is_hadamard_size, random_hadamard
 from orthoopt.manifold import random_orthogonal
 from orthoopt.quant import quantize_model
+from orthoopt.quant.config import QuantizeConfig
 from orthoopt.quant.quantizer import QuantSpec
 from orthoopt.quant.rtn import quantize_rtn
 
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if name.endswith("+rescale"):
             rescale_norms(v, calib)
         fp = perplexity(v, windows.flatten(), seq_len=L, progress=False)["ppl"]
-        quantize_model(v, method="rtn", wbits=4, progress=False)
+        quantize_model(v, QuantizeConfig("rtn", wbits=4), progress=False)
         qp = perplexity(v, windows.flatten(), seq_len=L, progress=False)["ppl"]
         log(f"| {name} | {fp:.3f} | {qp:.3f} |")
 
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     log("\n## 4. Excess NLL of W4 RTN over float, by position in the window")
     ref = nll_by_position(model, windows)
     for name, v in (("original", copy.deepcopy(model)), ("hadamard", variant(model, "hadamard", args.seed))):
-        quantize_model(v, method="rtn", wbits=4, progress=False)
+        quantize_model(v, QuantizeConfig("rtn", wbits=4), progress=False)
         d = nll_by_position(v, windows) - ref
         log(f"{name}: positions 1-4 {[round(x, 3) for x in d[:4].tolist()]}, 5-32 {d[4:32].mean():.3f}, "
             f"33-128 {d[32:128].mean():.3f}, 129- {d[128:].mean():.3f}")

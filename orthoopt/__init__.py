@@ -11,6 +11,7 @@ imported with the first name that needs them.
 
 * :func:`rotate_model`, :func:`rotate_streamed`: learn and apply rotations (in memory; a safetensors
   folder layer by layer), configured by :class:`RotateConfig`;
+* :func:`quantize_model`, configured by :class:`QuantizeConfig`: RTN / GPTQ, activations, K/V;
 * :func:`oneshot`: rotate, quantize and export in one call (``orthoopt quantize --rotate``);
 * :func:`solve` -> :class:`SolveResult`: minimize any :class:`Objective` with any :class:`Solver`;
 * :data:`METHODS` (:class:`Method` entries) and :data:`SOLVERS`: the method and solver registries;
@@ -31,6 +32,8 @@ if TYPE_CHECKING:  # what static tools see; at run time the names load on first 
     from orthoopt.methods import METHODS, Method
     from orthoopt.objectives.base import Objective
     from orthoopt.pipeline.api import rotate_model, rotate_streamed
+    from orthoopt.quant.config import QuantizeConfig
+    from orthoopt.quant.model import quantize_model
     from orthoopt.solvers.base import Solver
     from orthoopt.solvers.registry import SOLVERS
     from orthoopt.solvers.solve import SolveResult, solve
@@ -41,6 +44,8 @@ PUBLIC: dict[str, str] = {
     "rotate_model": "orthoopt.pipeline.api",
     "rotate_streamed": "orthoopt.pipeline.api",
     "RotateConfig": "orthoopt.config",
+    "quantize_model": "orthoopt.quant.model",
+    "QuantizeConfig": "orthoopt.quant.config",
     "solve": "orthoopt.solvers.solve",
     "SolveResult": "orthoopt.solvers.solve",
     "Objective": "orthoopt.objectives.base",
@@ -54,8 +59,9 @@ PUBLIC: dict[str, str] = {
 }
 """``{public name: the module that defines it}``."""
 
-__all__ = ["InvalidInputError", "METHODS", "Method", "Objective", "OrthooptError", "RotateConfig", "SOLVERS",
-           "SolveResult", "Solver", "__version__", "oneshot", "rotate_model", "rotate_streamed", "solve"]
+__all__ = ["InvalidInputError", "METHODS", "Method", "Objective", "OrthooptError", "QuantizeConfig", "RotateConfig",
+           "SOLVERS", "SolveResult", "Solver", "__version__", "oneshot", "quantize_model", "rotate_model",
+           "rotate_streamed", "solve"]
 """The public names: :data:`PUBLIC`'s and ``__version__`` (``tests/test_public_api.py`` checks they agree)."""
 
 

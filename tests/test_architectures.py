@@ -305,15 +305,16 @@ def test_calibration_inputs_follow_the_table_groups(model_type):
 def test_quantization_reads_the_table():
     from orthoopt.quant.act import ActQuantConfig
     from orthoopt.quant.model import quantize_model
+    from orthoopt.quant.config import QuantizeConfig
 
     model = build("phi3", torch.float32)
     m = DecoderAdapter(model).modules
-    r = quantize_model(model, wbits=4, method="rtn", act=ActQuantConfig(bits=8, online_hadamard=True), progress=False)
+    r = quantize_model(model, QuantizeConfig("rtn", wbits=4, act=ActQuantConfig(bits=8, online_hadamard=True)), progress=False)
     assert len(r.params) == sum(len(L.quant_linears(m.spec)) for L in m.layers) == 4 * len(m.layers)
     assert any(k.endswith("self_attn.qkv_proj") for k in r.params)
     moe = build("qwen2_moe", torch.float32)
     assert set(DecoderAdapter(moe).modules.spec.full_precision) >= {"embed_tokens", "lm_head", "layers.*.mlp.gate"}
-    r = quantize_model(moe, wbits=4, method="rtn", progress=False)  # experts per slice (tests/test_moe_quant.py)
+    r = quantize_model(moe, QuantizeConfig("rtn", wbits=4), progress=False)  # experts per slice (tests/test_moe_quant.py)
     assert {k for k in r.params if ".experts." in k} == {"model.layers.0.mlp.experts.gate_up_proj",
                                                          "model.layers.0.mlp.experts.down_proj"}  # layer 1 is dense
     assert not any(k.endswith(("mlp.gate", "shared_expert_gate")) for k in r.params)  # routers: full precision
@@ -347,6 +348,7 @@ def test_full_settings_quantize_and_spinquant_on_every_architecture(model_type):
     where R1 is refused) keeps the float model's logits. float32, transformers unpatched."""
     from orthoopt.pipeline import rotate_model
     from orthoopt.quant.act import ActQuantConfig
+    from orthoopt.quant.config import QuantizeConfig
     from orthoopt.quant.kv import KVQuantConfig
     from orthoopt.quant.model import quantize_model
     from orthoopt.quant.rotated import SimQuantConfig
@@ -356,13 +358,12 @@ def test_full_settings_quantize_and_spinquant_on_every_architecture(model_type):
     with torch.no_grad():
         ref = model(x).logits
     r3 = copy.deepcopy(model)
-    hooks = quantize_model(r3, wbits=16, kv=KVQuantConfig(r3=True), progress=False).hooks
+    hooks = quantize_model(r3, QuantizeConfig(wbits=16, kv=KVQuantConfig(r3=True)), progress=False).hooks
     with torch.no_grad():
         assert (r3(x).logits - ref).norm() < 1e-4 * ref.norm()  # the online Hadamard alone is exact
     hooks.remove()
     q = copy.deepcopy(model)
-    quantize_model(q, "rtn", wbits=4, act=ActQuantConfig(bits=4, symmetric=False),
-                   kv=KVQuantConfig(bits=4, r3=True), progress=False)
+    quantize_model(q, QuantizeConfig("rtn", wbits=4, act=ActQuantConfig(bits=4, symmetric=False), kv=KVQuantConfig(bits=4, r3=True)), progress=False)
     with torch.no_grad():
         out = q(x).logits
     assert torch.isfinite(out).all() and (out - ref).norm() > 1e-3 * ref.norm()  # really quantized

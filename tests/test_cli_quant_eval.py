@@ -17,6 +17,7 @@ from orthoopt.testing import save_planted
 from orthoopt.cli import main
 from orthoopt.eval import perplexity
 from orthoopt.quant import ActQuantConfig, load_checkpoint, quantize_model
+from orthoopt.quant.config import QuantizeConfig
 
 from helpers import run_error, sample_text_file
 
@@ -58,8 +59,7 @@ def test_rtn_w4a8_r4_roundtrip_matches_in_memory(capsys, tmp_path, model_dir, te
     assert evaluated["quant"] == saved and evaluated["windows"] == 16 and evaluated["seq_len"] == 32
 
     model, tok = load_checkpoint(model_dir)  # the same pipeline in memory
-    quantize_model(model, "rtn", wbits=4, sym=False, progress=False,
-                   act=ActQuantConfig(bits=8, symmetric=False, clip_ratio=0.9, online_hadamard=True))
+    quantize_model(model, QuantizeConfig("rtn", wbits=4, sym=False, act=ActQuantConfig(bits=8, symmetric=False, clip_ratio=0.9, online_hadamard=True)), progress=False)
     direct = perplexity(model, tok, text=text_file.read_text(), seq_len=32, max_tokens=512, progress=False)
     assert evaluated["ppl"] == pytest.approx(direct["ppl"], rel=1e-6)
 
@@ -173,8 +173,7 @@ def test_w4a4kv4_r3_r4_roundtrip_every_arch(capsys, tmp_path, text_file, arch):
     from orthoopt.quant.kv import KVQuantConfig
 
     model, tok = load_checkpoint(src)
-    quantize_model(model, "rtn", wbits=4, progress=False, act=ActQuantConfig(bits=4, online_hadamard=True),
-                   kv=KVQuantConfig(bits=4, group_size=8, r3=True))
+    quantize_model(model, QuantizeConfig("rtn", wbits=4, act=ActQuantConfig(bits=4, online_hadamard=True), kv=KVQuantConfig(bits=4, group_size=8, r3=True)), progress=False)
     direct = perplexity(model, tok, text=text_file.read_text(), seq_len=32, max_tokens=512, progress=False)
     assert evaluated["ppl"] == pytest.approx(direct["ppl"], rel=1e-6)
     # quant.json without the kv record: the KV quantization is gone and the perplexity moves

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from orthoopt.testing import save_planted
 from orthoopt.cli import main
 from orthoopt.quant import load_checkpoint, quantize_model
+from orthoopt.quant.config import QuantizeConfig
 from orthoopt.quant.schemes import SCHEMES
 
 
@@ -40,7 +41,7 @@ def test_scheme_sets_the_quantizer_like_the_flags(capsys, tmp_path, model_dir):
     assert (saved["wbits"], saved["group_size"], saved["sym"], saved["abits"]) == (
         scheme.wbits, scheme.group_size, scheme.sym, scheme.abits)
     model, _ = load_checkpoint(model_dir)  # the same grid in memory, flag by flag
-    quantize_model(model, "rtn", wbits=scheme.wbits, group_size=scheme.group_size, sym=scheme.sym, progress=False)
+    quantize_model(model, QuantizeConfig("rtn", wbits=scheme.wbits, group_size=scheme.group_size, sym=scheme.sym), progress=False)
     stored = load_file(tmp_path / "s" / "model.safetensors")
     for name, p in model.state_dict().items():
         assert torch.equal(stored[name], p), name

@@ -18,6 +18,7 @@ from orthoopt.testing import save_planted  # noqa: E402
 from orthoopt.cli import main  # noqa: E402
 from orthoopt.export.compressed_tensors import save_compressed_tensors, unrepresentable  # noqa: E402
 from orthoopt.quant import load_checkpoint, quantize_model  # noqa: E402
+from orthoopt.quant.config import GPTQConfig, QuantizeConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -65,8 +66,7 @@ def test_export_loads_in_transformers_with_orthoopt_logits(tmp_path, tiny, metho
     gen = torch.Generator().manual_seed(0)
     calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=gen)
     ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=gen)
-    res = quantize_model(model, method=method, wbits=4, group_size=group, sym=sym, calib=calib,
-                         act_order=act_order, progress=False)
+    res = quantize_model(model, QuantizeConfig(method, wbits=4, group_size=group, sym=sym, gptq=GPTQConfig(act_order=act_order)), calib=calib, progress=False)
     ref = logits(model, ids)
     out = save_compressed_tensors(model, tok, tmp_path / "ct", res)
     assert_same(logits(model, ids), ref)  # the in-memory model is given back unchanged
@@ -150,7 +150,7 @@ def test_smollm2_export_matches_fake_quant(tmp_path):
     if src is None:
         pytest.skip("SmolLM2-135M not cached (set ORTHOOPT_SMOLLM or run `orthoopt fetch smollm2-135m`)")
     model, tok = load_checkpoint(src)
-    res = quantize_model(model, method="rtn", wbits=4, group_size=64, sym=True, progress=False)
+    res = quantize_model(model, QuantizeConfig("rtn", wbits=4, group_size=64, sym=True), progress=False)
     ids = tok("Rotations spread outliers before 4-bit quantization.", return_tensors="pt").input_ids
     ref = logits(model, ids)
     out = save_compressed_tensors(model, tok, tmp_path / "ct", res)

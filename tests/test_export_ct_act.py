@@ -34,6 +34,7 @@ from orthoopt.cli import main  # noqa: E402
 from orthoopt.export.compressed_tensors import save_compressed_tensors, unrepresentable  # noqa: E402
 from orthoopt.hadamard import hadamard_matrix  # noqa: E402
 from orthoopt.quant import load_checkpoint, quantize_model  # noqa: E402
+from orthoopt.quant.config import QuantizeConfig  # noqa: E402
 from orthoopt.quant.act import ActQuantConfig  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ct_transformers_load.py"
@@ -106,8 +107,7 @@ def ct_arithmetic_logits(model, ids, r4: bool) -> torch.Tensor:
 
 def quantized(tiny, wbits, group, r4):
     model, tok = load_checkpoint(tiny)
-    res = quantize_model(model, method="rtn", wbits=wbits, group_size=group, progress=False,
-                         act=ActQuantConfig(bits=8, online_hadamard=r4))
+    res = quantize_model(model, QuantizeConfig("rtn", wbits=wbits, group_size=group, act=ActQuantConfig(bits=8, online_hadamard=r4)), progress=False)
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     return model, tok, res, ids
 

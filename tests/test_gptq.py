@@ -24,6 +24,7 @@ from orthoopt.quant import (
     quantize_rtn,
     rotate_down_proj_weights,
 )
+from orthoopt.quant.config import QuantizeConfig
 
 F64 = torch.float64
 
@@ -246,7 +247,7 @@ def test_gptq_model_beats_rtn_model():
     errors = {}
     for method in ("rtn", "gptq"):
         model = copy.deepcopy(base)
-        result = quantize_model(model, method, wbits=3, calib=calib if method == "gptq" else None, progress=False)
+        result = quantize_model(model, QuantizeConfig(method, wbits=3), calib=calib if method == "gptq" else None, progress=False)
         with torch.no_grad():
             errors[method] = float((model(test).logits - ref).norm() / ref.norm())
         if method == "gptq":

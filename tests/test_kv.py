@@ -9,6 +9,7 @@ from orthoopt.testing import planted_outlier_model
 from orthoopt.adapters.archs import locate
 from orthoopt.hadamard import hadamard_transform
 from orthoopt.quant import QuantSpec, quantize_model, quantize_rows
+from orthoopt.quant.config import QuantizeConfig
 from orthoopt.quant.kv import KVQuantConfig, install_kv_quant, quantize_heads
 
 ARCHS = [
@@ -150,7 +151,7 @@ def test_config_validation_and_errors():
 
 def test_quantize_model_records_kv_and_r3():
     model = tiny(num_kv_heads=2)
-    res = quantize_model(model, "rtn", wbits=16, kv=KVQuantConfig(bits=4, r3=True), progress=False)
+    res = quantize_model(model, QuantizeConfig("rtn", wbits=16, kv=KVQuantConfig(bits=4, r3=True)), progress=False)
     s = res.settings
     assert s["kvbits"] == 4 and s["kv"]["r3"] and s["r3"]["size"] == locate(model).head_dim
     assert model.config._attn_implementation == "orthoopt_kv_sdpa"

@@ -21,6 +21,7 @@ from orthoopt.quant.act import ActQuantConfig
 from orthoopt.quant.experts import expert_hessian, gptq_experts, quantize_experts_rtn
 from orthoopt.quant.kv import KVQuantConfig
 from orthoopt.quant.model import load_quantized, quantize_model
+from orthoopt.quant.config import QuantizeConfig
 
 from test_architectures import BASE, CASES, build, exact
 
@@ -63,7 +64,7 @@ def rtn_reference(W: torch.Tensor, bits: int, group: int | None) -> torch.Tensor
 def test_rtn_quantizes_every_expert_slice_and_keeps_routers(model_type, group):
     model = build(model_type, torch.float64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    r = quantize_model(model, "rtn", wbits=4, group_size=group, progress=False)
+    r = quantize_model(model, QuantizeConfig("rtn", wbits=4, group_size=group), progress=False)
     m = DecoderAdapter(model).modules
     names = [f"model.{L.names['experts.down']}.{p}" for L in m.layers if "experts.down" in L.projs
              for p in ("gate_up_proj", "down_proj")]
@@ -171,7 +172,7 @@ def test_gptq_on_moe_model_beats_rtn_and_records_grids():
     err = {}
     for method in ("rtn", "gptq"):
         model = copy.deepcopy(base)
-        r = quantize_model(model, method, wbits=4, calib=calib, progress=False)
+        r = quantize_model(model, QuantizeConfig(method, wbits=4), calib=calib, progress=False)
         with torch.no_grad():
             err[method] = float((model(calib).logits - ref).norm() / ref.norm())
         if method == "gptq":
@@ -206,7 +207,7 @@ def test_gptq_records_experts_without_calibration_tokens():
         router.forward = types.MethodType(never_3, router)
     before = model.model.layers[1].mlp.experts.down_proj.detach().clone()
     with pytest.warns(UserWarning, match="received no calibration token"):
-        r = quantize_model(model, "gptq", wbits=4, calib=ids(4, 16, seed=1), progress=False)
+        r = quantize_model(model, QuantizeConfig("gptq", wbits=4), calib=ids(4, 16, seed=1), progress=False)
     assert r.settings["experts_rtn_fallback"] == {f"layers.{i}.mlp.experts.{p}": [3]
                                                   for i in range(2) for p in ("gate_up_proj", "down_proj")}
     want = quantize_experts_rtn(before, r.spec)[0][3]
@@ -235,13 +236,13 @@ def test_activation_and_kv_quant_on_moe(model_type):
     with torch.no_grad():
         ref = model(x).logits
     # R3 alone is exact; K/V and activation quantization change the logits
-    r = quantize_model(model, wbits=16, kv=KVQuantConfig(r3=True), progress=False)
+    r = quantize_model(model, QuantizeConfig(wbits=16, kv=KVQuantConfig(r3=True)), progress=False)
     with torch.no_grad():
         assert float((model(x).logits - ref).norm() / ref.norm()) < 1e-10
     r.hooks.remove()
     module = next(iter(experts_of(model).values()))
     captured = capture(module, model, x)
-    r = quantize_model(model, wbits=16, act=ActQuantConfig(bits=4), kv=KVQuantConfig(bits=4), progress=False)
+    r = quantize_model(model, QuantizeConfig(wbits=16, act=ActQuantConfig(bits=4), kv=KVQuantConfig(bits=4)), progress=False)
     m = DecoderAdapter(model).modules  # one hook per linear, one wrapper per experts module, the KV wrapper
     assert len(r.hooks) == sum(len(L.quant_linears(m.spec)) for L in m.layers) + len(experts_of(model)) + 1
     h, i = captured[0]
@@ -282,7 +283,7 @@ def test_cli_quantize_moe_a4kv4_then_eval(tmp_path, capsys):
     assert report["ppl"] > 1 and report["ppl"] == pytest.approx(math.exp(report["nll"]))
     # the loaded checkpoint computes what the in-memory quantized model computes (hooks re-installed)
     mem = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    quantize_model(mem, "rtn", wbits=4, act=ActQuantConfig(bits=4), kv=KVQuantConfig(bits=4), progress=False)
+    quantize_model(mem, QuantizeConfig("rtn", wbits=4, act=ActQuantConfig(bits=4), kv=KVQuantConfig(bits=4)), progress=False)
     x = ids(2, 16, vocab=259)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x).logits, mem(x).logits, rtol=0, atol=1e-5)
@@ -328,7 +329,7 @@ def test_spinquant_on_moe(model_type):
         off = RotatedQuantLM(model, SimQuantConfig(wbits=16))(rots, x)
         ref = copy.deepcopy(model)
         DecoderAdapter(ref).apply_rotations(rots)
-        r = quantize_model(ref, "rtn", wbits=4, act=sq.act, kv=sq.kv, progress=False)
+        r = quantize_model(ref, QuantizeConfig("rtn", wbits=4, act=sq.act, kv=sq.kv), progress=False)
         assert float(on) == pytest.approx(float(ref(x, labels=x).loss), rel=1e-9)
         r.hooks.remove()
         assert float(off) == pytest.approx(float(model(x, labels=x).loss), rel=1e-9)

@@ -25,6 +25,8 @@ from orthoopt.quant import (
     rotate_down_proj_weights,
     tokenize_text,
 )
+from orthoopt.quant.config import GPTQConfig, QuantizeConfig
+from orthoopt.quant.kv import KVQuantConfig
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -271,7 +273,7 @@ def test_online_hadamard_rotates_before_quantizing():
 def test_quantize_model_rtn_touches_only_decoder_linears():
     model = tiny()
     before = copy.deepcopy(model)
-    result = quantize_model(model, method="rtn", wbits=3, group_size=32, sym=False, progress=False)
+    result = quantize_model(model, QuantizeConfig("rtn", wbits=3, group_size=32, sym=False), progress=False)
     spec = QuantSpec(bits=3, symmetric=False, group_size=32)
     for L0, L1 in zip(layers(before), layers(model)):
         for role in ROLES:
@@ -298,8 +300,10 @@ def test_quantize_model_rtn_touches_only_decoder_linears():
 def test_quantize_model_rejects_bad_settings(kw, match):
     model = tiny()
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=match):
-        quantize_model(model, progress=False, **kw)
+    kw = dict(kw)
+    calib = kw.pop("calib", None)
+    with pytest.raises(ValueError, match=match):  # QuantizeConfig refuses some, quantize_model the rest
+        quantize_model(model, QuantizeConfig(**kw), calib=calib, progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing changed
 
 
@@ -358,3 +362,40 @@ def test_one_grid_tokens_and_straight_through():
     y.grad = None
     straight_through(y, quantize_tokens(y.detach(), spec)).sum().backward()
     assert torch.equal(y.grad, torch.ones_like(x)) and not torch.equal(exact, torch.zeros_like(x))
+
+
+# ------------------------------------------------------------------------------------ QuantizeConfig
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(method="awq"), "method must be one of"),
+        (dict(wbits=1), "weight bits"),
+        (dict(wbits=True), "weight bits"),
+        (dict(group_size=0), "group_size must be a positive int"),
+        (dict(act=8), "act must be a ActQuantConfig"),
+        (dict(gptq=dict(percdamp=0.01)), "gptq must be a GPTQConfig"),
+    ],
+)
+def test_quantize_config_refuses_bad_fields_by_name(kw, match):
+    with pytest.raises(ValueError, match=match):
+        QuantizeConfig(**kw)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(percdamp=-0.1), "percdamp"), (dict(block_size=0), "block_size")])
+def test_gptq_config_refuses_bad_fields_by_name(kw, match):
+    with pytest.raises(ValueError, match=match):
+        GPTQConfig(**kw)
+
+
+def test_quantize_settings_map_every_flag_onto_the_config():
+    from orthoopt.jobs.settings import QuantizeSettings
+
+    flags = QuantizeSettings(method="gptq", wbits=3, group_size=32, sym=False, abits=8, act_asym=True, act_clip=0.9,
+                             online_hadamard=True, mse_clip=True, kvbits=4, kv_group_size=8, kv_sym=True, k_clip=0.8,
+                             v_clip=0.7, r3=True, act_order=True, true_sequential=False, damp=0.05, block_size=64)
+    c = flags.resolved()[0].quantize_config()
+    assert (c.method, c.wbits, c.group_size, c.sym, c.mse_clip) == ("gptq", 3, 32, False, True)
+    assert c.act == ActQuantConfig(bits=8, symmetric=False, clip_ratio=0.9, online_hadamard=True)
+    assert c.kv == KVQuantConfig(bits=4, group_size=8, symmetric=True, k_clip_ratio=0.8, v_clip_ratio=0.7, r3=True)
+    assert c.gptq == GPTQConfig(act_order=True, true_sequential=False, percdamp=0.05, block_size=64)
+    assert c.uses_calibration and c.weight_spec.bits == 3 and not c.weight_spec.symmetric

@@ -206,14 +206,15 @@ def test_non_finite_weights_are_refused_with_the_tensor_name(argv, nan_model, te
 
 def test_quantize_model_api_refuses_non_finite_and_meta_weights():
     from orthoopt.quant import quantize_model
+    from orthoopt.quant.config import QuantizeConfig
 
     model = planted_outlier_model(**TINY)
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_proj\.weight.*non-finite"):
-        quantize_model(model, "rtn", wbits=4)
+        quantize_model(model, QuantizeConfig("rtn", wbits=4))
     with pytest.raises(ValueError, match="meta device"):
-        quantize_model(planted_outlier_model(**TINY).to("meta"), "rtn", wbits=4)
+        quantize_model(planted_outlier_model(**TINY).to("meta"), QuantizeConfig("rtn", wbits=4))
 
 
 def strict_json(text: str) -> dict:

@@ -16,6 +16,7 @@ from orthoopt.manifold import orthogonality_error
 from orthoopt.objectives import FourthPower, QuantizedLMLoss
 from orthoopt.pipeline import rotate_model
 from orthoopt.quant import quantize_model
+from orthoopt.quant.config import QuantizeConfig
 from orthoopt.quant.act import ActQuantConfig
 from orthoopt.quant.kv import KVQuantConfig
 from orthoopt.quant.rotated import RotatedQuantLM, SimQuantConfig
@@ -60,7 +61,7 @@ def test_rotated_loss_matches_fused_and_quantized_model(arch, kw):
     assert float(off) == pytest.approx(float(lm_loss(model, x)), rel=1e-6)
     ref = copy.deepcopy(model)
     DecoderAdapter(ref).apply_rotations(rots)
-    r = quantize_model(ref, "rtn", wbits=4, act=FULL.act, kv=FULL.kv, progress=False)
+    r = quantize_model(ref, QuantizeConfig("rtn", wbits=4, act=FULL.act, kv=FULL.kv), progress=False)
     assert float(on) == pytest.approx(float(lm_loss(ref, x)), rel=1e-6)
     r.hooks.remove()
     assert abs(float(on) - float(off)) > 1e-4  # the quantization is really simulated

@@ -244,7 +244,7 @@ def save_compressed_tensors(
     r4 = settings.get("online_hadamard") if act.get("online_hadamard") else None
     if act.get("online_hadamard") and not (r4 or {}).get("size"):
         raise InvalidInputError("the settings ask for the online Hadamard (R4) but record no size (quant.json's "
-                         "online_hadamard); quantize with quantize_model(..., act=ActQuantConfig(online_hadamard=True))")
+                         "online_hadamard); quantize with QuantizeConfig(act=ActQuantConfig(online_hadamard=True))")
     ct = _import_ct()
     out_dir = Path(out_dir)
     fmt = ACT_FORMAT if with_act else FORMAT

@@ -417,26 +417,16 @@ def _rotate(net, tokenizer, config, calib, init, resume, partial, source_folder,
 def _quantize(net, tokenizer, q: QuantizeSettings, calib, progress):
     """``quantize_model`` with ``q``'s settings (GPTQ's windows from ``calib``); ``(result, calibration record)``."""
     from orthoopt.eval.perplexity import default_seq_len
-    from orthoopt.quant.act import ActQuantConfig
     from orthoopt.quant.calib import calibration_batches, check_context
-    from orthoopt.quant.kv import KVQuantConfig
     from orthoopt.quant.model import quantize_model
 
-    act = ActQuantConfig(bits=q.abits, symmetric=not q.act_asym, clip_ratio=q.act_clip,
-                         online_hadamard=q.online_hadamard)
-    kv = KVQuantConfig(bits=q.kvbits, group_size=q.kv_group_size, symmetric=q.kv_sym, k_clip_ratio=q.k_clip,
-                       v_clip_ratio=q.v_clip, r3=q.r3)
     batches, info = None, None
     if q.uses_calibration:
         seq_len = q.seq_len if q.seq_len is not None else default_seq_len(net)
         check_context(net, seq_len, "--seq-len")
         batches = calibration_batches(calib, tokenizer, nsamples=q.nsamples, seq_len=seq_len, seed=q.seed)
         info = {**calib.describe(), "nsamples": q.nsamples, "seq_len": seq_len, "seed": q.seed}
-    result = quantize_model(
-        net, method=q.method, wbits=q.wbits, group_size=q.group_size, sym=q.sym, act=act, calib=batches, kv=kv,
-        act_order=q.act_order, true_sequential=q.true_sequential, mse_clip=q.mse_clip, percdamp=q.damp,
-        block_size=q.block_size, progress=progress,
-    )
+    result = quantize_model(net, q.quantize_config(), calib=batches, progress=progress)
     return result, info
 
 

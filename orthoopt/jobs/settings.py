@@ -12,12 +12,12 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from orthoopt.models.dtypes import DTYPE_CHOICES
 from orthoopt.errors import InvalidInputError
+from orthoopt.quant.config import QUANT_METHODS, QuantizeConfig
 from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS
 from orthoopt.quant.schemes import PER_CHANNEL, resolve
 
 DEFAULTS = {"wbits": 4, "group_size": None, "sym": True, "abits": 16, "act_sym": True}
 """The weight/activation settings without a scheme (and without the flags)."""
-QUANT_METHODS = ("rtn", "gptq")
 FORMAT_CHOICES = ("auto", "orthoopt", "compressed-tensors")
 """``--format``: ``auto`` (default) is compressed-tensors when the exporter can carry the settings,
 else orthoopt (:func:`orthoopt.export.choose.choose_format`)."""
@@ -127,6 +127,21 @@ class QuantizeSettings:
         """True when the weight quantizer reads calibration text (GPTQ on quantized weights)."""
         return self.method == "gptq" and (self.wbits or DEFAULTS["wbits"]) < 16
 
+    def quantize_config(self) -> QuantizeConfig:
+        """The library config of these (resolved) settings: what :func:`orthoopt.quant.quantize_model` runs."""
+        from orthoopt.quant.act import ActQuantConfig
+        from orthoopt.quant.config import GPTQConfig
+        from orthoopt.quant.kv import KVQuantConfig
+
+        return QuantizeConfig(
+            method=self.method, wbits=self.wbits, group_size=self.group_size, sym=self.sym, mse_clip=self.mse_clip,
+            act=ActQuantConfig(bits=self.abits, symmetric=not self.act_asym, clip_ratio=self.act_clip,
+                               online_hadamard=self.online_hadamard),
+            kv=KVQuantConfig(bits=self.kvbits, group_size=self.kv_group_size, symmetric=self.kv_sym,
+                             k_clip_ratio=self.k_clip, v_clip_ratio=self.v_clip, r3=self.r3),
+            gptq=GPTQConfig(act_order=self.act_order, true_sequential=self.true_sequential, percdamp=self.damp,
+                            block_size=self.block_size))
+
     def export_settings(self) -> dict:
         """The settings an exporter's representability check reads (quant.json's keys), from resolved settings."""
         return {
@@ -152,4 +167,4 @@ class QuantizeSettings:
         return desc + (f" ({fmt})" if fmt != "orthoopt" else "")
 
 
-__all__ = ["DEFAULTS", "FORMAT_CHOICES", "QUANT_METHODS", "QuantizeSettings"]
+__all__ = ["DEFAULTS", "FORMAT_CHOICES", "QuantizeSettings"]

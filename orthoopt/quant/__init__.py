@@ -16,6 +16,7 @@ from orthoopt.quant.rtn import quantize_rtn, quantize_rtn_params
 _LAZY = {
     "ActQuantConfig": "act", "ActQuantHooks": "act", "install_act_quant": "act",
     "online_hadamard_matrix": "act", "quantize_activations": "act", "rotate_down_proj_weights": "act",
+    "GPTQConfig": "config", "QuantizeConfig": "config",
     "KVQuantConfig": "kv", "KVQuantHooks": "kv", "install_kv_quant": "kv",
     "LoadedModel": "model", "QuantResult": "model", "load_checkpoint": "model", "load_quantized": "model",
     "quantize_model": "model", "read_quant_settings": "model", "save_quantized": "model",
@@ -32,12 +33,14 @@ def __getattr__(name: str):
 __all__ = [
     "ActQuantConfig",
     "ActQuantHooks",
+    "GPTQConfig",
     "GPTQResult",
     "HessianAccumulator",
     "KVQuantConfig",
     "KVQuantHooks",
     "LoadedModel",
     "QuantResult",
+    "QuantizeConfig",
     "QuantSpec",
     "WeightQuantParams",
     "calibration_batches",

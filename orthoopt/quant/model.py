@@ -23,7 +23,6 @@ from torch import nn
 
 from orthoopt.adapters.archs import ARCHS, locate
 from orthoopt.models.io import load_model, load_tokenizer
-from orthoopt.core.grid import check_bits_or_off
 from orthoopt.errors import InvalidInputError
 from orthoopt.quant.act import (
     ActQuantConfig,
@@ -33,6 +32,7 @@ from orthoopt.quant.act import (
     install_act_quant,
     rotate_down_proj_weights,
 )
+from orthoopt.quant.config import QuantizeConfig
 from orthoopt.quant.experts import check_experts_module, expert_params, quantize_experts_rtn, quantized_expert_tensors
 from orthoopt.quant.kv import KVQuantConfig, install_kv_quant, r3_size
 from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams
@@ -41,7 +41,6 @@ from orthoopt.quant.sequential import check_calib, gptq_quantize_model
 from orthoopt.utils.atomic import atomic_dir
 from orthoopt.utils.checks import check_model_weights
 
-QUANT_METHODS = ("rtn", "gptq")
 QUANT_JSON = "quant.json"
 QUANT_FORMAT = "orthoopt.quant/1"
 FULL_PRECISION = ARCHS["llama"].full_precision
@@ -76,34 +75,28 @@ class QuantResult:
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
-    method: str = "rtn",
-    wbits: int = 4,
-    group_size: int | None = None,
-    sym: bool = True,
-    act: ActQuantConfig | None = None,
+    config: QuantizeConfig | None = None,
     calib: torch.Tensor | None = None,
     *,
-    kv: KVQuantConfig | None = None,
-    act_order: bool = False,
-    true_sequential: bool = True,
-    mse_clip: bool = False,
-    percdamp: float = 0.01,
-    block_size: int = 128,
     progress: bool = True,
 ) -> QuantResult:
     """Quantize ``model`` in place and install its activation hooks; the model is then ready to evaluate.
 
-    method:     "rtn" or "gptq" (GPTQ needs ``calib``, a ``[nsamples, seq_len]`` LongTensor).
-    wbits:      2..8, or 16 to keep weights in full precision (e.g. W16A4).
-    group_size: ``None`` per output channel, else input columns per scale (must divide every ``in``).
-    sym:        symmetric weight grid (else asymmetric).
-    act:        activation quantization and online Hadamard (default: off).
-    kv:         online R3 and K/V-cache quantization (default: off; :mod:`orthoopt.quant.kv`).
-    act_order, percdamp, block_size: GPTQ options (:func:`orthoopt.quant.gptq.gptq_quantize`).
-    true_sequential: GPTQ quantizes each layer group by group, each group's Hessians taken with the
-                earlier groups quantized (default), or all of a layer's linears from one pass
-                (:mod:`orthoopt.quant.sequential`).
-    mse_clip:   per-row MSE search of the clipping ratio (both methods).
+    Parameters
+    ----------
+    model : nn.Module
+        A decoder of an architecture in :data:`orthoopt.adapters.archs.ARCHS`.
+    config : QuantizeConfig, optional
+        What to do (:class:`orthoopt.quant.config.QuantizeConfig`; default W4 RTN per output channel).
+    calib : torch.Tensor, optional
+        GPTQ's calibration token ids, a ``[nsamples, seq_len]`` LongTensor.
+    progress : bool
+        Progress bars on stderr.
+
+    Returns
+    -------
+    QuantResult
+        The settings record (quant.json), the installed hooks, GPTQ's losses and every grid.
 
     MoE models: every expert's slice of the expert tensors is quantized like a linear (RTN per slice;
     GPTQ with a Hessian per expert from the tokens routed to it, RTN for an expert no calibration token
@@ -114,21 +107,18 @@ def quantize_model(
     quantization (GPTQ calibrates with the activation half of the Hadamard active and activations and
     K/V in full precision, as QuaRot does), then activation hooks, then R3/KV hooks.
     """
-    if method not in QUANT_METHODS:
-        raise InvalidInputError(f"method must be one of {QUANT_METHODS}, got {method!r}")
-    check_bits_or_off(wbits, "weight")
+    config = QuantizeConfig() if config is None else config
+    if not isinstance(config, QuantizeConfig):
+        raise InvalidInputError(f"config must be a QuantizeConfig (orthoopt.quant.QuantizeConfig), got "
+                                f"{type(config).__name__}")
+    method, wbits, group_size, sym, mse_clip = config.method, config.wbits, config.group_size, config.sym, config.mse_clip
+    act, kv, gptq = config.act, config.kv, config.gptq
     check_model_weights(model)  # no meta tensors, no NaN/inf weights (they would be written as they are)
-    act = act if act is not None else ActQuantConfig()
-    kv = kv if kv is not None else KVQuantConfig()
-    spec = None
-    if wbits < 16:
-        spec = QuantSpec(bits=wbits, symmetric=sym, group_size=group_size, mse=mse_clip)
-        if method == "gptq" and calib is None:
+    spec = config.weight_spec
+    if config.uses_calibration:
+        if calib is None:
             raise InvalidInputError("GPTQ needs calibration data: pass calib (a [nsamples, seq_len] LongTensor)")
-        if method == "gptq":
-            check_calib(calib)
-            if percdamp < 0 or block_size < 1:
-                raise InvalidInputError(f"GPTQ needs percdamp >= 0 and block_size >= 1, got {percdamp}, {block_size}")
+        check_calib(calib)
     located = locate(model)  # raises for an unsupported architecture before anything changes
     expert_tensors = {n: t for L in located.layers for n, t in quantized_expert_tensors(located.spec, L).items()}
     for L in located.layers if spec is not None or act.enabled else ():
@@ -168,8 +158,8 @@ def quantize_model(
         by_decoder_name: dict[str, WeightQuantParams] = {}
         with install_act_quant(model, ActQuantConfig(online_hadamard=act.online_hadamard)):
             losses = gptq_quantize_model(
-                model, calib, spec, act_order=act_order, percdamp=percdamp, block_size=block_size, progress=progress,
-                true_sequential=true_sequential,
+                model, calib, spec, act_order=gptq.act_order, percdamp=gptq.percdamp, block_size=gptq.block_size,
+                progress=progress, true_sequential=gptq.true_sequential,
                 params=by_decoder_name, rtn_experts=rtn_experts,
             )
         for L in located.layers:
@@ -188,8 +178,7 @@ def quantize_model(
         "group_size": group_size,
         "sym": sym,
         "mse_clip": mse_clip,
-        "gptq": {"act_order": act_order, "percdamp": percdamp, "block_size": block_size,
-                 "true_sequential": true_sequential} if method == "gptq" else None,
+        "gptq": gptq.to_dict() if method == "gptq" else None,
         "act": act.to_dict(),
         "online_hadamard": hadamard,
         "kvbits": kv.bits,
