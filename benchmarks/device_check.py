@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from orthoopt.models import load_model, load_tokenizer
     from orthoopt.eval.perplexity import perplexity
+    from orthoopt.config import RotateConfig
     from orthoopt.pipeline import rotate_model
     from orthoopt.quant import calibration_batches, quantize_model
     from orthoopt.quant.config import QuantizeConfig
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     model = phase("load", lambda: load_model(args.model, dtype=dtype, device=device))
     tokenizer = load_tokenizer(args.model)
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-    phase("rotate", lambda: rotate_model(model, args.method, verify_ids=ids, progress=False))
+    phase("rotate", lambda: rotate_model(model, RotateConfig(args.method), verify_ids=ids, progress=False))
     text = text_path.read_text(encoding="utf-8") if text_path else " rotations and outliers .\n" * 20000
     calib_file = Path(args.json or "device_check").with_suffix(".calib.txt")
     calib_file.write_text(text[: 4 * args.windows * args.seq_len * 8], encoding="utf-8")

@@ -39,6 +39,7 @@ from _data import DEFAULT_TEXT, random_windows, split_halves  # noqa: E402
 
 from orthoopt.models import load_model, load_tokenizer  # noqa: E402
 from orthoopt.eval import perplexity  # noqa: E402
+from orthoopt.config import RotateConfig  # noqa: E402
 from orthoopt.pipeline import rotate_model  # noqa: E402
 from orthoopt.quant import quantize_model, tokenize_text  # noqa: E402
 from orthoopt.quant.config import QuantizeConfig  # noqa: E402
@@ -89,18 +90,20 @@ def main() -> int:
         for method in methods:
             t0 = time.perf_counter()
             model = load_model(args.model)
-            kw = {}
+            kw, calib = {}, None
             if method == "optrot":
                 kw = {"steps": args.optrot_steps, "solver": args.optrot_solver}
             elif method in ("optrot+", "kurtosis", "dfrot"):  # their default solver and budget (orthoopt.methods.METHODS)
-                kw = {"calib": gptq_calib}
+                calib = gptq_calib
             elif method == "spinquant":
-                kw = {"steps": args.spin_steps, "calib": spin_calib, "batch_size": args.spin_batch,
+                calib = spin_calib
+                kw = {"steps": args.spin_steps, "batch_size": args.spin_batch,
                       "sim_quant": SimQuantConfig(wbits=4, act=ActQuantConfig(bits=4, symmetric=False,
                                                                               online_hadamard=True),
                                                   kv=KVQuantConfig(bits=4, r3=True))}
             verify = random_windows(calib_ids, 2, 32, args.seed + 2)
-            res = rotate_model(model, method, progress=False, seed=args.seed, verify_ids=verify, **kw)
+            res = rotate_model(model, RotateConfig(method, seed=args.seed, **kw), calib=calib, progress=False,
+                               verify_ids=verify)
             rot_s = time.perf_counter() - t0
             rec = {"method": method, "rotation_s": round(rot_s, 1), "report_loss": res.report.get("loss"),
                    "invariance_error": res.report["invariance_error"], "ppl": {}, "seconds": {},
@@ -120,7 +123,18 @@ def main() -> int:
                 key = f"{setting} {wq}" if seed in (None, args.seed) else f"{setting} {wq} seed {seed}"
                 t1 = time.perf_counter()
                 q = copy.deepcopy(model)
-                r = quantize_model(q, QuantizeConfig(wq, wbits=4, mse_clip=args.mse_clip, act=ActQuantConfig(bits=bits, symmetric=False, online_hadamard=rotated), kv=KVQuantConfig(bits=bits, r3=rotated)), calib=gptq_calibs[seed] if wq == "gptq" else None, progress=False)
+                r = quantize_model(
+                    q,
+                    QuantizeConfig(
+                        wq,
+                        wbits=4,
+                        mse_clip=args.mse_clip,
+                        act=ActQuantConfig(bits=bits, symmetric=False, online_hadamard=rotated),
+                        kv=KVQuantConfig(bits=bits, r3=rotated),
+                    ),
+                    calib=gptq_calibs[seed] if wq == "gptq" else None,
+                    progress=False,
+                )
                 p = perplexity(q, tok, text=split.eval, seq_len=args.seq_len, max_tokens=args.eval_tokens,
                                progress=False)
                 r.hooks.remove()

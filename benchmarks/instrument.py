@@ -55,6 +55,7 @@ from _models import PlantedLMSpec, load_or_train_planted, load_shared  # noqa: E
 
 from orthoopt.models.registry import cached_model  # noqa: E402
 from orthoopt.eval import MIN_WINDOWS, draws_interval, paired_bootstrap, perplexity  # noqa: E402
+from orthoopt.config import RotateConfig  # noqa: E402
 from orthoopt.pipeline import rotate_model  # noqa: E402
 from orthoopt.quant import quantize_model  # noqa: E402
 from orthoopt.quant.config import QuantizeConfig  # noqa: E402
@@ -138,7 +139,7 @@ def run_unit(settings: Settings, record: Path, method: str, seed: int, state: di
     model, eval_ids, calib_ids = state["model"], state["eval_ids"], state["calib_ids"]
     rotated = copy.deepcopy(model)
     start = time.perf_counter()
-    rotate_model(rotated, method, steps=settings.steps, seed=seed, progress=settings.progress)
+    rotate_model(rotated, RotateConfig(method, steps=settings.steps, seed=seed), progress=settings.progress)
     rotation_seconds = time.perf_counter() - start
     all_windows = eval_ids.numel() // settings.seq_len
     for c in todo:

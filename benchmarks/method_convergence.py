@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from orthoopt.adapters import DecoderAdapter
 from orthoopt.models import load_model, load_tokenizer  # noqa: E402
+from orthoopt.config import RotateConfig  # noqa: E402
 from orthoopt.methods import METHODS  # noqa: E402
 from orthoopt.pipeline import build_objective  # noqa: E402
 from orthoopt.solvers import make_solver, solve  # noqa: E402
@@ -66,8 +67,8 @@ def run(objective, solver_name: str, steps: int, lr: float | None, seed: int) ->
 
 
 def method_rows(method: str, adapter: DecoderAdapter, calib: torch.Tensor, args) -> dict:
-    objective = build_objective(method, adapter, "R1", calib=calib, calib_tokens=args.calib_tokens,
-                                seed=args.seed, progress=False)
+    config = RotateConfig(method, calib_tokens=args.calib_tokens, seed=args.seed)
+    objective = build_objective(config, adapter, "R1", calib=calib, progress=False)
     default_solver, lr = METHODS[method].solver, METHODS[method].lr
     runs = {"default": run(objective, default_solver, args.steps, lr, args.seed)}
     long = args.steps * args.reference_factor

@@ -52,6 +52,7 @@ from orthoopt.interop.llmcompressor import (  # noqa: E402
     unavailable_reason,
 )
 from orthoopt.methods import METHODS  # noqa: E402
+from orthoopt.config import RotateConfig  # noqa: E402
 from orthoopt.pipeline import rotate_model  # noqa: E402
 from orthoopt.quant import load_checkpoint, quantize_model  # noqa: E402
 from orthoopt.quant.config import GPTQConfig, QuantizeConfig  # noqa: E402
@@ -194,15 +195,28 @@ def main(argv=None) -> int:
             rotated = copy.deepcopy(base)
             start = time.perf_counter()
             if rot != "none":  # "none": the checkpoint as loaded (norms not fused), as llm-compressor's row
-                rotate_model(rotated, rot, steps=args.steps, seed=args.seed,
-                             calib=calib if rot in METHODS and METHODS[rot].learned else None, calib_tokens=args.calib_tokens,
-                             progress=progress)
-            row = {"tool": "orthoopt", "rotation": NAMES[rot],
-                   "rotation_s": None if rot == "none" else time.perf_counter() - start}
+                rotate_model(
+                    rotated,
+                    RotateConfig(rot, steps=args.steps, seed=args.seed, calib_tokens=args.calib_tokens),
+                    calib=calib if rot in METHODS and METHODS[rot].learned else None,
+                    progress=progress,
+                )
+            row = {
+                "tool": "orthoopt",
+                "rotation": NAMES[rot],
+                "rotation_s": None if rot == "none" else time.perf_counter() - start,
+            }
             for q in QUANT:
                 model = copy.deepcopy(rotated)
                 start = time.perf_counter()
-                quantize_model(model, QuantizeConfig(q, wbits=4, group_size=None, sym=True, gptq=GPTQConfig(true_sequential=args.true_sequential)), calib=calib if q == "gptq" else None, progress=progress)
+                quantize_model(
+                    model,
+                    QuantizeConfig(
+                        q, wbits=4, group_size=None, sym=True, gptq=GPTQConfig(true_sequential=args.true_sequential)
+                    ),
+                    calib=calib if q == "gptq" else None,
+                    progress=progress,
+                )
                 row[f"{q}_s"] = time.perf_counter() - start
                 row[q] = ppl(model)["ppl"]
                 log(f"orthoopt {rot} {q}: ppl {row[q]:.3f}, {row[f'{q}_s']:.1f} s")

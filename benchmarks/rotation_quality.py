@@ -77,6 +77,7 @@ from orthoopt.models.sources import resolve_source
 from orthoopt.adapters.verify import logits
 from orthoopt.eval import perplexity
 from orthoopt.methods import METHODS as REGISTRY
+from orthoopt.config import RotateConfig
 from orthoopt.pipeline import rotate_model
 from orthoopt.quant import ActQuantConfig, QuantizeConfig, quantize_model
 from orthoopt.quant.rotated import SimQuantConfig
@@ -220,12 +221,19 @@ def rotate(base: torch.nn.Module, method: str, settings: Settings, calib: torch.
         return rotated, None
     if method in SPINQUANT_ROWS:
         sim = SimQuantConfig(wbits=4, w_group_size=SPINQUANT_ROWS[method])
-        result = rotate_model(rotated, "spinquant", steps=settings.steps, seed=seed, calib=spin_calib,
-                              batch_size=settings.spin_batch, sim_quant=sim, progress=settings.progress)
+        result = rotate_model(
+            rotated,
+            RotateConfig("spinquant", steps=settings.steps, seed=seed, batch_size=settings.spin_batch, sim_quant=sim),
+            calib=spin_calib,
+            progress=settings.progress,
+        )
         return rotated, result
-    result = rotate_model(rotated, method, steps=settings.steps, seed=seed,
-                          calib=calib if method in REGISTRY and REGISTRY[method].learned else None,
-                          calib_tokens=settings.calib_tokens, progress=settings.progress)
+    result = rotate_model(
+        rotated,
+        RotateConfig(method, steps=settings.steps, seed=seed, calib_tokens=settings.calib_tokens),
+        calib=calib if method in REGISTRY and REGISTRY[method].learned else None,
+        progress=settings.progress,
+    )
     return rotated, result
 
 

@@ -39,6 +39,7 @@ from orthoopt.models import load_model, load_tokenizer  # noqa: E402
 from orthoopt.models.sources import input_location  # noqa: E402
 from orthoopt.eval import perplexity  # noqa: E402
 from orthoopt.manifold import cayley_retraction, reorthogonalize, skew  # noqa: E402
+from orthoopt.config import RotateConfig  # noqa: E402
 from orthoopt.pipeline import rotate_model  # noqa: E402
 from orthoopt.quant import quantize_model, tokenize_text  # noqa: E402
 from orthoopt.quant.config import QuantizeConfig  # noqa: E402
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     split = split_halves(args.text)
     tok = load_tokenizer(args.model)
     calib = random_windows(tokenize_text(split.calib, tok), args.gptq_windows, args.seq_len, 0)
-    base = rotate_model(load_model(args.model), args.method, seed=0, progress=False).rotations
+    base = rotate_model(load_model(args.model), RotateConfig(args.method, seed=0), progress=False).rotations
     variants = {"exact": base, "re-projected": {k: reorthogonalize(R) for k, R in base.items()}}
     for d in range(1, args.draws + 1):
         variants[f"draw {d}"] = {k: R @ near_identity(R.shape[0], args.eps, 1000 * d + i)
@@ -107,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         for cell in cells:
             bits, method = CELLS[cell]
             q = copy.deepcopy(model)
-            act = ActQuantConfig(bits=bits, symmetric=False, online_hadamard=True) if bits < 16 else None
-            kv = KVQuantConfig(bits=bits, r3=True) if bits < 16 else None
-            r = quantize_model(q, QuantizeConfig(method, wbits=4, act=act, kv=kv), calib=calib if method == "gptq" else None, progress=False)
+            act = ActQuantConfig(bits=bits, symmetric=False, online_hadamard=True) if bits < 16 else ActQuantConfig()
+            kv = KVQuantConfig(bits=bits, r3=True) if bits < 16 else KVQuantConfig()
+            r = quantize_model(q, QuantizeConfig(method, wbits=4, act=act, kv=kv),
+                               calib=calib if method == "gptq" else None, progress=False)
             table[name][cell] = perplexity(q, tok, text=split.eval, seq_len=args.seq_len,
                                            max_tokens=args.eval_tokens, progress=False)["ppl"]
             r.hooks.remove()

@@ -6,7 +6,7 @@ their rotations (``docs/conventions.md``):
 * ``identity``: norms fused, no rotation;
 * ``hadamard``: ``R1 = random_hadamard(512)`` and ``R2.i = random_hadamard(64)`` (QuaRot-style), fused
   with ``DecoderAdapter.apply_rotations``;
-* ``optrot``: learned with ``orthoopt.pipeline.rotate_model(model, "optrot")`` (OptRot's fourth-power
+* ``optrot``: learned with ``orthoopt.pipeline.rotate_model(model, RotateConfig("optrot"))`` (OptRot's fourth-power
   objective, Cayley SGD from a random Hadamard start; R1, then R2 on the R1-rotated weights).
 
 Each copy is saved to a temporary folder and all three are measured by
@@ -34,6 +34,7 @@ from orthoopt.testing import byte_tokenizer, planted_outlier_model
 from orthoopt.diagnostics import plot_solve_history, save_figure
 from orthoopt.diagnostics.compare import diagnose_models
 from orthoopt.hadamard import random_hadamard
+from orthoopt.config import RotateConfig
 from orthoopt.pipeline import rotate_model
 from orthoopt.utils.atomic import atomic_path
 
@@ -66,7 +67,7 @@ def build_models(folder: Path, steps: int, seed: int, progress: bool) -> tuple[l
     paths.append(save_rotated(model, tokenizer, folder / "hadamard", rotations, {"method": "hadamard"}))
 
     model = planted_outlier_model()
-    result = rotate_model(model, "optrot", steps=steps, seed=seed, progress=progress)
+    result = rotate_model(model, RotateConfig("optrot", steps=steps, seed=seed), progress=progress)
     paths.append(save_rotated(model, tokenizer, folder / "optrot", result.rotations, result.report))
     return paths, result.solves
 

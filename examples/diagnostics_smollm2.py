@@ -33,6 +33,7 @@ from diagnostics_images import MAX_PNG_BYTES, markdown_table, to_palette_png  # 
 
 from orthoopt.models import load_model, load_tokenizer, save_rotated  # noqa: E402
 from orthoopt.diagnostics.compare import diagnose_models  # noqa: E402
+from orthoopt.config import RotateConfig  # noqa: E402
 from orthoopt.pipeline import rotate_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def main() -> None:
         tokenizer = load_tokenizer(MODEL)
         for label, method in (("norm-fused", "identity"), ("hadamard", "hadamard")):
             model = load_model(MODEL)
-            result = rotate_model(model, method, seed=args.seed, progress=progress)
+            result = rotate_model(model, RotateConfig(method, seed=args.seed), progress=progress)
             paths.append(save_rotated(model, tokenizer, tmp / label, result.rotations, result.report))
             del model
         calib = args.calib if args.calib_tokens > 0 else None

@@ -6,8 +6,10 @@ One frozen dataclass is accepted by the Python API (:func:`orthoopt.pipeline.rot
 :meth:`RotateConfig.to_json` / :meth:`RotateConfig.from_json`). Constructing one validates it: a bad
 field raises ValueError naming the field. What each method needs and its defaults come from the
 method registry, :data:`orthoopt.methods.METHODS`, the one module this one imports from orthoopt
-(the pipeline and the stores import this one). ``calib_seq_len`` is recorded here, but the
-calibration windows are cut by the caller (``orthoopt rotate``), which hands ``rotate_model`` token ids.
+(the pipeline and the stores import this one). ``calib_tokens`` and ``calib_seq_len`` say how
+calibration text is cut into windows: :func:`orthoopt.pipeline.calibration.rotation_calibration` reads
+them, for ``rotate_model(model, config, calib=TEXT, tokenizer=tok)``, ``orthoopt rotate --calib`` and
+``orthoopt quantize --rotate``; token ids given directly are used as they are.
 """
 
 from __future__ import annotations

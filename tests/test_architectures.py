@@ -324,6 +324,7 @@ def test_quantization_reads_the_table():
 def test_streamed_rotation_equals_in_memory(model_type, tmp_path):
     """The whole streamed OptRot run (fused qkv / (1 + w) norms, uniform post-norms) writes the
     in-memory pipeline's checkpoint."""
+    from orthoopt.config import RotateConfig
     from orthoopt.pipeline import rotate_model
     from orthoopt.pipeline import rotate_streamed
 
@@ -332,8 +333,10 @@ def test_streamed_rotation_equals_in_memory(model_type, tmp_path):
         uniform_post_norms(model)
     model.save_pretrained(tmp_path / "src")
     mem = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32)
-    rotate_model(mem, "optrot", solver="cayley-sgd", steps=3, seed=3, progress=False)
-    rotate_streamed(tmp_path / "src", tmp_path / "out", solver="cayley-sgd", steps=3, seed=3, progress=False)
+    rotate_model(mem, RotateConfig("optrot", solver="cayley-sgd", steps=3, seed=3), progress=False)
+    rotate_streamed(
+        tmp_path / "src", tmp_path / "out", RotateConfig(solver="cayley-sgd", steps=3, seed=3), progress=False
+    )
     got = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
     want = mem.state_dict()
     assert set(got) == set(want)
@@ -346,6 +349,7 @@ def test_full_settings_quantize_and_spinquant_on_every_architecture(model_type):
     """Issue 14 on every table entry: W4A4KV4 with R3 (``quantize --abits 4 --kvbits 4 --r3``) quantizes
     and changes the logits, R3 alone keeps them, and ``rotate --method spinquant`` (R1 and R2, or R2
     where R1 is refused) keeps the float model's logits. float32, transformers unpatched."""
+    from orthoopt.config import RotateConfig
     from orthoopt.pipeline import rotate_model
     from orthoopt.quant.act import ActQuantConfig
     from orthoopt.quant.config import QuantizeConfig
@@ -371,8 +375,13 @@ def test_full_settings_quantize_and_spinquant_on_every_architecture(model_type):
     rotations = ("R1", "R2") if CASES[model_type][2] else ("R2",)
     sim = SimQuantConfig(wbits=4, act=ActQuantConfig(bits=4, symmetric=False), kv=KVQuantConfig(bits=4, r3=True))
     spun = copy.deepcopy(model)
-    result = rotate_model(spun, "spinquant", rotations, steps=2, calib=ids(4, batch=4, seq=16), sim_quant=sim,
-                          batch_size=2, progress=False, verify_ids=x)
+    result = rotate_model(
+        spun,
+        RotateConfig("spinquant", rotations=rotations, steps=2, sim_quant=sim, batch_size=2),
+        calib=ids(4, batch=4, seq=16),
+        progress=False,
+        verify_ids=x,
+    )
     assert result.report["invariance_error"] < 1e-4
     assert ("R1" in result.rotations) == ("R1" in rotations)
     assert sum(k.startswith("R2.") for k in result.rotations) == BASE["num_hidden_layers"]

@@ -29,6 +29,7 @@ from orthoopt.solvers.distributed import (
     shard_blocks,
     shard_ranges,
 )
+from orthoopt.config import RotateConfig
 from orthoopt.pipeline import rotate_streamed
 
 WORLD = 2
@@ -139,8 +140,12 @@ def test_two_process_rotation_equals_single_process(two_process_run, tmp_path):
     # rotations move apart by about STEPS times that, ~1e-12; we allow 1e-9. Any real disagreement
     # (a shard lost or counted twice, ranks out of step) changes the rotations at the 1e-2 level.
     src, out, _ = two_process_run
-    single = rotate_streamed(src, tmp_path / "out1", steps=STEPS, seed=2, dtype=torch.float64,
-                             model_dtype=torch.float64, progress=False)
+    single = rotate_streamed(
+        src,
+        tmp_path / "out1",
+        RotateConfig(steps=STEPS, seed=2, dtype=torch.float64, model_dtype=torch.float64),
+        progress=False,
+    )
     multi = load_file(str(out / "orthoopt" / "rotations.safetensors"))
     assert set(multi) == set(single.rotations) == {"R1", "R2.0", "R2.1", "R2.2"}
     for k, R in single.rotations.items():
@@ -150,6 +155,10 @@ def test_two_process_rotation_equals_single_process(two_process_run, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["streamed"]["world_size"] == WORLD and report["streamed"]["rank_max_abs_difference"] == 0.0
     # and the run did learn something: R1 moved away from its start
-    start = rotate_streamed(src, tmp_path / "out0", rotations=("R1",), steps=0, seed=2, dtype=torch.float64,
-                            model_dtype=torch.float64, progress=False).rotations["R1"]
+    start = rotate_streamed(
+        src,
+        tmp_path / "out0",
+        RotateConfig(rotations=("R1",), steps=0, seed=2, dtype=torch.float64, model_dtype=torch.float64),
+        progress=False,
+    ).rotations["R1"]
     assert float((multi["R1"] - start).abs().max()) > 1e-3

@@ -17,6 +17,7 @@ from orthoopt.models.dtypes import checkpoint_dtype, parse_dtype, resolve_model_
 from orthoopt.models.sources import resolve_source
 from orthoopt.cli import main
 from orthoopt.core.tolerance import INVARIANCE, check_orthogonal, invariance_ok, invariance_tolerance, unit_roundoff
+from orthoopt.config import RotateConfig
 from orthoopt.pipeline import rotate_model
 
 from helpers import run_error, sample_text_file
@@ -112,7 +113,7 @@ def test_learned_rotation_of_a_bf16_model(folders):
     float64 per tensor, cast back once; the model stays bf16 and keeps its function to the bf16 tolerance."""
     model = load_model(folders["bfloat16"])
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    result = rotate_model(model, "optrot", steps=2, verify_ids=ids, progress=False)
+    result = rotate_model(model, RotateConfig("optrot", steps=2), verify_ids=ids, progress=False)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert result.report["config"]["dtype"] == "float32"  # learned in float32, re-orthogonalized in float64
     for name, R in result.rotations.items():
@@ -134,7 +135,7 @@ def test_a_wrong_bf16_write_back_is_caught(folders, monkeypatch):
     model = load_model(folders["bfloat16"])
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="bfloat16 model"):
-        rotate_model(model, "hadamard", verify_ids=ids, progress=False)
+        rotate_model(model, RotateConfig("hadamard"), verify_ids=ids, progress=False)
 
 
 def test_quantize_and_eval_keep_bf16(folders, tmp_path, text_file, capsys):

@@ -76,13 +76,13 @@ def test_a_new_entry_runs_in_memory_and_streamed(registered, model_dir, tmp_path
     model = load_model(model_dir)
     adapter = DecoderAdapter(load_model(model_dir))
     adapter.fuse_norms()
-    objective = build_objective(NAME, adapter, "R1")
+    objective = build_objective(RotateConfig(NAME), adapter, "R1")
     assert isinstance(objective, FourthPower) and objective.normalize
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    mem = rotate_model(model, NAME, seed=1, progress=False, verify_ids=ids)
+    mem = rotate_model(model, RotateConfig(NAME, seed=1), progress=False, verify_ids=ids)
     assert mem.report["method"] == NAME and mem.report["steps"] == {"R1": 7, "R2": 7}
     assert mem.report["solver"] == "cayley-sgd" and mem.solves["R1"].history[-1] < mem.solves["R1"].history[0]
-    res = rotate_streamed(model_dir, tmp_path / "s", NAME, seed=1, progress=False)
+    res = rotate_streamed(model_dir, tmp_path / "s", RotateConfig(NAME, seed=1), progress=False)
     # the streamed R1 objective sums the layers' terms: equal up to the order of the float sums
     for phase in ("R1", "R2"):
         assert res.solves[phase].history == pytest.approx(mem.solves[phase].history, rel=1e-5)
@@ -107,7 +107,7 @@ def test_the_distributed_entry_point_takes_every_streamed_method(model_dir, tmp_
     choices = next(a for a in distributed_parser()._actions if a.dest == "method").choices
     assert tuple(choices) == names(lambda m: m.supports_streamed)
     assert distributed_main([str(model_dir), "--out", str(tmp_path / "d"), "--method", "hadamard", "--quiet"]) == 0
-    rotate_streamed(model_dir, tmp_path / "s", "hadamard", progress=False)
+    rotate_streamed(model_dir, tmp_path / "s", RotateConfig("hadamard"), progress=False)
     want, got = load_model(tmp_path / "s").state_dict(), load_model(tmp_path / "d").state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert json.loads((tmp_path / "d" / "report.json").read_text())["method"] == "hadamard"

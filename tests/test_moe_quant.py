@@ -314,6 +314,7 @@ def test_cli_quantize_moe_a4kv4_then_eval(tmp_path, capsys):
 
 @pytest.mark.parametrize("model_type", MOE)
 def test_spinquant_on_moe(model_type):
+    from orthoopt.config import RotateConfig
     from orthoopt.pipeline import rotate_model
     from orthoopt.quant.rotated import RotatedQuantLM, SimQuantConfig
     from orthoopt.solvers import initial_rotations
@@ -337,8 +338,13 @@ def test_spinquant_on_moe(model_type):
     model = build(model_type, torch.float32)
     with torch.no_grad():
         want = model(x).logits
-    res = rotate_model(model, "spinquant", steps=2, calib=ids(4, 16, seed=1), sim_quant=sq, batch_size=2,
-                       progress=False, verify_ids=x)
+    res = rotate_model(
+        model,
+        RotateConfig("spinquant", steps=2, sim_quant=sq, batch_size=2),
+        calib=ids(4, 16, seed=1),
+        progress=False,
+        verify_ids=x,
+    )
     assert res.solves["R1"].steps == 2 and res.report["invariance_error"] < 1e-4
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, want, rtol=1e-3, atol=1e-3)
@@ -350,6 +356,7 @@ def test_moe_routers_never_enter_the_learned_objectives(model_type):
     (``Proj.quantize=False``, ``ArchSpec.full_precision``), so no learned objective counts their
     rows (until then only embed_tokens / lm_head were left out and ``mlp.gate`` entered R1's loss);
     ``include_embeddings`` brings back the embedding and lm_head, never a router."""
+    from orthoopt.config import RotateConfig
     from orthoopt.pipeline import build_objective
 
     adapter = DecoderAdapter(build(model_type, torch.float32))
@@ -359,7 +366,8 @@ def test_moe_routers_never_enter_the_learned_objectives(model_type):
                and b.name not in (spec.embed, spec.lm_head)]
     assert routers and all(".mlp.gate" in r or "shared_expert_gate" in r for r in routers)
     for include in (False, True):
-        names = [b.name for b in build_objective("optrot", adapter, "R1", include_embeddings=include).blocks]
+        config = RotateConfig("optrot", include_embeddings=include)
+        names = [b.name for b in build_objective(config, adapter, "R1").blocks]
         assert not set(routers) & set(names), include
         assert any(".experts." in n for n in names)
         assert (spec.embed in names) == include

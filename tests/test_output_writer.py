@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from orthoopt.models import load_model, load_rotations
 from orthoopt.testing import save_planted
+from orthoopt.config import RotateConfig
 from orthoopt.pipeline import rotate_model, rotate_streamed
 
 TINY = dict(arch="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, seed=3)
@@ -37,9 +38,14 @@ def test_rotate_model_writes_through_the_writer_what_the_streamed_store_writes(m
     memory_out, streamed_out = tmp_path / "memory", tmp_path / "streamed"
     model = load_model(model_dir)
     seen = []
-    result = rotate_model(model, "hadamard", seed=2, out=memory_out, report_extra={"model": "tiny"},
-                          extras=lambda folder, res: seen.append((folder.name, sorted(res.rotations))))
-    streamed = rotate_streamed(model_dir, streamed_out, "hadamard", seed=2, progress=False)
+    result = rotate_model(
+        model,
+        RotateConfig("hadamard", seed=2),
+        out=memory_out,
+        report_extra={"model": "tiny"},
+        extras=lambda folder, res: seen.append((folder.name, sorted(res.rotations))),
+    )
+    streamed = rotate_streamed(model_dir, streamed_out, RotateConfig("hadamard", seed=2), progress=False)
     # the extras ran in the temporary folder, before the rename
     assert seen and seen[0][0] != memory_out.name and seen[0][1] == sorted(result.rotations)
     # the rotations and the report are the writer's, the same for both stores
@@ -65,12 +71,12 @@ def test_rotate_model_writes_through_the_writer_what_the_streamed_store_writes(m
 def test_a_failed_invariance_check_leaves_no_output(model_dir, tmp_path):
     out = tmp_path / "o"
     with pytest.raises(ValueError, match="the write-back is wrong"):
-        rotate_model(load_model(model_dir), "hadamard", out=out, verify_ids=_ids(), verify_tol=0.0)
+        rotate_model(load_model(model_dir), RotateConfig("hadamard"), out=out, verify_ids=_ids(), verify_tol=0.0)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == []  # no temporary folder left either
 
 
 def test_without_out_nothing_is_written(model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rotate_model(load_model(model_dir), "random", seed=0)
+    rotate_model(load_model(model_dir), RotateConfig("random", seed=0))
     assert list(tmp_path.iterdir()) == []

@@ -16,6 +16,7 @@ from orthoopt.models import cached_model, load_model, load_tokenizer
 from orthoopt.models.registry import MARKER_FILE, REGISTRY
 from orthoopt.cli import main
 from orthoopt.manifold import orthogonality_error
+from orthoopt.config import RotateConfig
 from orthoopt.pipeline import rotate_model
 
 NAME = "smollm2-135m"
@@ -48,7 +49,9 @@ def test_hadamard_rotation_keeps_the_logits_float64(ids):
     assert (model.config.hidden_size, model.config.num_hidden_layers) == (576, 30)
     q_before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     # rotate_model compares the logits on `ids` before and after and raises above verify_tol
-    result = rotate_model(model, "hadamard", dtype=torch.float64, verify_ids=ids, verify_tol=1e-6, progress=False)
+    result = rotate_model(
+        model, RotateConfig("hadamard", dtype=torch.float64), verify_ids=ids, verify_tol=1e-6, progress=False
+    )
     assert result.report["invariance_error"] < 1e-6
     assert set(result.rotations) == {"R1", *(f"R2.{i}" for i in range(30))}
     assert all(orthogonality_error(R) < 1e-10 for R in result.rotations.values())

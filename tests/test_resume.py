@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from orthoopt.testing import planted_outlier_model, save_planted
 from orthoopt.cli import main
 from orthoopt.objectives import DFRotLoss, FourthPower, WeightBlock
+from orthoopt.config import RotateConfig
 from orthoopt.pipeline import rotate_model, rotate_streamed
 from orthoopt.resume import Partial, read_partial, write_partial
 from orthoopt.solvers import SOLVERS, initial_rotations, make_solver
@@ -174,7 +175,7 @@ def test_streamed_kill9_in_r1_and_in_a_layers_r2_then_resume_is_bit_identical(mo
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the killed runs
     try:
-        rotate_streamed(model_dir, tmp_path / "ref", steps=120, seed=0, progress=False)  # uninterrupted
+        rotate_streamed(model_dir, tmp_path / "ref", RotateConfig(steps=120, seed=0), progress=False)  # uninterrupted
         out = tmp_path / "run"
         partial = out.with_name(out.name + ".partial.safetensors")
         argv = ["rotate", str(model_dir), "--out", str(out), "--streamed", "--steps", "120", "--checkpoint-every",
@@ -293,7 +294,8 @@ def _interrupted_partial(model, tmp_path: Path, **kw) -> Path:
             raise Stop
 
     with pytest.raises(Stop):
-        rotate_model(model, "optrot", steps=8, progress=False, callback=cb, checkpoint=path, checkpoint_every=2, **kw)
+        rotate_model(model, RotateConfig("optrot", steps=8, checkpoint_every=2, **kw), progress=False, callback=cb,
+                     checkpoint=path)
     return path
 
 
@@ -308,13 +310,14 @@ def _interrupted_partial(model, tmp_path: Path, **kw) -> Path:
 def test_resume_refuses_a_partial_checkpoint_of_another_run(tmp_path, change, named):
     path = _interrupted_partial(planted_outlier_model(**SMALL), tmp_path)
     before = path.read_bytes()
-    kw = dict(steps=8, progress=False, checkpoint=path, checkpoint_every=2, resume=True)
+    config = dict(steps=8, checkpoint_every=2)
     model = planted_outlier_model(**SMALL)
     if change.get("method") == "hadamard-model":  # another model: different weights, same shapes
         model = planted_outlier_model(**{**SMALL, "seed": SMALL["seed"] + 1})
         change = {}
     with pytest.raises(ValueError, match=named) as e:
-        rotate_model(model, "optrot", **{**kw, **change})
+        rotate_model(model, RotateConfig("optrot", **{**config, **change}), progress=False, checkpoint=path,
+                     resume=True)
     assert "different run" in str(e.value)
     assert path.read_bytes() == before  # a refused resume leaves the file alone
 
@@ -469,27 +472,28 @@ def _memory_setting(name: str) -> tuple[str, dict]:
     """A method that ``name`` can solve (procrustes: DFRot's targets, from calibration tokens)."""
     if name == "procrustes":
         ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-        return "dfrot", {"calib": ids, "calib_tokens": 64}
-    return "optrot", {}
+        return "dfrot", {"calib_tokens": 64}, ids
+    return "optrot", {}, None
 
 
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_resume_from_every_partial_checkpoint_in_memory_is_bit_identical(name, tmp_path, monkeypatch):
-    method, data = _memory_setting(name)
+    method, data, calib = _memory_setting(name)
+    config = RotateConfig(method, solver=name, **_every(name), **data)
     threads = torch.get_num_threads()
     try:
         fresh = lambda: planted_outlier_model(**{k: v for k, v in WIDE.items() if k != "arch"})
         ref_model = fresh()
         copies = _every_partial(tmp_path, monkeypatch, lambda ck: rotate_model(
-            ref_model, method, checkpoint=ck, solver=name, progress=False, **_every(name), **data))
+            ref_model, config, calib=calib, checkpoint=ck, progress=False))
         ref = ref_model.state_dict()
         phases = [(m["phase"], m["step"]) for m in map(_partial_meta, copies)]
         # mid-phase checkpoints of both phases, and the phase boundary
         _covers_every_kind_of_checkpoint(phases, name)
         for copy, where in zip(copies, phases):
             model = fresh()
-            rotate_model(model, method, checkpoint=_resumed_from(copy, tmp_path), resume=True, solver=name,
-                         progress=False, **_every(name), **data)
+            rotate_model(model, config, calib=calib, checkpoint=_resumed_from(copy, tmp_path), resume=True,
+                         progress=False)
             for k, v in model.state_dict().items():
                 assert torch.equal(v, ref[k]), f"{name}: resumed from {where}, weight {k} differs"
     finally:
@@ -499,14 +503,15 @@ def test_resume_from_every_partial_checkpoint_in_memory_is_bit_identical(name, t
 @pytest.mark.parametrize("name", sorted(set(SOLVERS) - {"procrustes"}))
 def test_resume_from_every_partial_checkpoint_streamed_is_bit_identical(name, wide_dir, tmp_path, monkeypatch):
     model_dir = wide_dir
+    config = RotateConfig(solver=name, **_every(name))
     copies = _every_partial(tmp_path, monkeypatch, lambda ck: rotate_streamed(
-        model_dir, tmp_path / "ref", checkpoint=ck, solver=name, progress=False, **_every(name)))
+        model_dir, tmp_path / "ref", config, checkpoint=ck, progress=False))
     phases = [(m["phase"], m["step"]) for m in map(_partial_meta, copies)]
     _covers_every_kind_of_checkpoint(phases, name)
     for i, (copy, where) in enumerate(zip(copies, phases)):
         out = tmp_path / f"run{i}"
-        rotate_streamed(model_dir, out, checkpoint=_resumed_from(copy, tmp_path), resume=True, solver=name,
-                        progress=False, **_every(name))
+        rotate_streamed(model_dir, out, config, checkpoint=_resumed_from(copy, tmp_path), resume=True,
+                        progress=False)
         try:
             _same_output(out, tmp_path / "ref")
         except AssertionError as e:
@@ -545,15 +550,15 @@ def test_spinquant_resumed_from_every_partial_checkpoint_takes_the_same_batches(
     batches of 2 with 5 steps: a restarted stream takes other batches from the second checkpoint on."""
     fresh = lambda: planted_outlier_model(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, seed=2)
     ids = torch.randint(0, 259, (6, 12), generator=torch.Generator().manual_seed(0))
-    settings = dict(steps=5, checkpoint_every=2, seed=0, calib=ids, batch_size=2, progress=False)
+    config = RotateConfig("spinquant", steps=5, checkpoint_every=2, seed=0, batch_size=2)
     ref_model = fresh()
-    copies = _every_partial(tmp_path, monkeypatch, lambda ck: rotate_model(ref_model, "spinquant", checkpoint=ck,
-                                                                            **settings))
+    copies = _every_partial(tmp_path, monkeypatch, lambda ck: rotate_model(ref_model, config, calib=ids, checkpoint=ck,
+                                                                            progress=False))
     ref = ref_model.state_dict()
     steps = [int(_partial_meta(c)["step"]) for c in copies]
     assert {2, 4} <= set(steps), steps
     for copy, step in zip(copies, steps):
         model = fresh()
-        rotate_model(model, "spinquant", checkpoint=_resumed_from(copy, tmp_path), resume=True, **settings)
+        rotate_model(model, config, calib=ids, checkpoint=_resumed_from(copy, tmp_path), resume=True, progress=False)
         for k, v in model.state_dict().items():
             assert torch.equal(v, ref[k]), f"resumed from step {step}: weight {k} differs"

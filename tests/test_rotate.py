@@ -17,6 +17,7 @@ from orthoopt.testing import save_planted
 from orthoopt.cli import main
 from orthoopt.manifold import orthogonality_error
 from orthoopt.methods import METHODS
+from orthoopt.config import RotateConfig
 from orthoopt.pipeline import rotate_model
 
 from helpers import main_interrupted_at
@@ -101,7 +102,7 @@ def test_optrot_beats_hadamard_on_fourth_power_and_max(tmp_path):
 def test_float64_rotation_is_exact_to_norm_precision(model_dir):
     model = load_model(model_dir, dtype=torch.float64)
     ids = _ids(model.config.vocab_size)
-    result = rotate_model(model, "optrot", steps=3, dtype=torch.float64, verify_ids=ids, progress=False)
+    result = rotate_model(model, RotateConfig("optrot", steps=3, dtype=torch.float64), verify_ids=ids, progress=False)
     # transformers' RMSNorm computes in float32 whatever the model dtype (docs/adapters.md)
     assert result.report["invariance_error"] < 1e-6
     assert result.report["orthogonality_error"] < 1e-12
@@ -145,11 +146,13 @@ def test_bad_input_gives_clear_errors_and_writes_nothing(model_dir, tmp_path, ca
 def test_sampled_optrot_keeps_the_function_and_other_methods_refuse_sampling(model_dir):
     model = load_model(model_dir)
     ids = _ids(model.config.vocab_size)
-    result = rotate_model(model, "optrot", steps=3, sample_fraction=0.5, verify_ids=ids, progress=False)
+    result = rotate_model(model, RotateConfig("optrot", steps=3, sample_fraction=0.5), verify_ids=ids, progress=False)
     assert result.report["sample_fraction"] == 0.5
     assert result.report["invariance_error"] < 1e-4
     with pytest.raises(ValueError, match="optrot"):
-        rotate_model(load_model(model_dir), "kurtosis", steps=1, sample_fraction=0.5, calib=ids, progress=False)
+        rotate_model(
+            load_model(model_dir), RotateConfig("kurtosis", steps=1, sample_fraction=0.5), calib=ids, progress=False
+        )
 
 
 def test_rotate_config_validates_names_the_field_and_round_trips(model_dir, tmp_path, capsys):
@@ -192,3 +195,30 @@ def test_streaming_never_imports_the_pipeline():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.startswith("orthoopt.pipeline") for n in names), f"{path.name} imports the pipeline"
+
+
+def test_rotate_model_takes_calibration_text_cut_as_the_cli_cuts_it(model_dir, calib_file, tmp_path, capsys):
+    """``rotate_model(model, config, calib=TEXT, tokenizer=tok)`` reads ``calib_tokens`` /
+    ``calib_seq_len`` from the config (``orthoopt.pipeline.calibration``) and gives the CLI's rotations."""
+    from orthoopt.models import load_tokenizer
+
+    out = tmp_path / "cli"
+    assert main(["rotate", str(model_dir), "--out", str(out), "--method", "optrot+", "--steps", "2", "--quiet",
+                 "--calib", str(calib_file), "--calib-tokens", "192", "--calib-seq-len", "64"]) == 0
+    config = RotateConfig("optrot+", steps=2, calib_tokens=192, calib_seq_len=64)
+    result = rotate_model(load_model(model_dir), config, calib=calib_file, tokenizer=load_tokenizer(model_dir),
+                          progress=False)
+    cli = load_file(str(out / "orthoopt" / "rotations.safetensors"))
+    assert set(cli) == set(result.rotations)
+    for k, R in result.rotations.items():
+        assert torch.equal(R, cli[k].to(R.dtype)), k  # same windows, same arithmetic, one machine
+    other = rotate_model(load_model(model_dir), RotateConfig("optrot+", steps=2, calib_tokens=192, calib_seq_len=32),
+                         calib=calib_file, tokenizer=load_tokenizer(model_dir), progress=False)
+    assert not torch.equal(other.rotations["R1"], result.rotations["R1"])  # calib_seq_len is read
+
+
+def test_rotate_model_takes_settings_only_as_a_rotate_config(model_dir):
+    with pytest.raises(ValueError, match=r"config must be a RotateConfig \(RotateConfig\('hadamard'\)\)"):
+        rotate_model(load_model(model_dir), "hadamard")
+    with pytest.raises(TypeError):
+        rotate_model(load_model(model_dir), RotateConfig("hadamard"), seed=1)  # no keyword second interface

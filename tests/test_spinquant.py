@@ -14,6 +14,7 @@ from orthoopt.testing import planted_outlier_model, save_planted
 from orthoopt.cli import main
 from orthoopt.manifold import orthogonality_error
 from orthoopt.objectives import FourthPower, QuantizedLMLoss
+from orthoopt.config import RotateConfig
 from orthoopt.pipeline import rotate_model
 from orthoopt.quant import quantize_model
 from orthoopt.quant.config import QuantizeConfig
@@ -137,7 +138,7 @@ def test_errors():
     with pytest.raises(ValueError, match="batch_size"):
         QuantizedLMLoss(fn, ids(), batch_size=0)
     with pytest.raises(ValueError, match="spinquant"):
-        rotate_model(fused(), "optrot", steps=1, progress=False, batch_size=2)
+        rotate_model(fused(), RotateConfig("optrot", steps=1, batch_size=2), progress=False)
 
 
 def test_rotate_model_spinquant_joint_cosine_and_invariance():
@@ -150,8 +151,14 @@ def test_rotate_model_spinquant_joint_cosine_and_invariance():
     def spy(phase, step, loss, rots):
         lrs.append((phase, sorted(rots)))
 
-    res = rotate_model(model, "spinquant", steps=steps, calib=ids(6, 16, seed=1), sim_quant=FULL, batch_size=2,
-                       progress=False, callback=spy, verify_ids=x)
+    res = rotate_model(
+        model,
+        RotateConfig("spinquant", steps=steps, sim_quant=FULL, batch_size=2),
+        calib=ids(6, 16, seed=1),
+        progress=False,
+        callback=spy,
+        verify_ids=x,
+    )
     assert set(res.solves) == {"R1"} and res.solves["R1"].steps == steps  # one joint solve
     assert lrs[0][1] == ["R1", "R2.0", "R2.1"]
     assert res.report["lr"] == 1.5 and res.report["lr_schedule"] == "cosine"

@@ -15,6 +15,7 @@ from orthoopt.models import load_model
 from orthoopt.testing import save_planted
 from orthoopt.methods import METHODS
 from orthoopt.objectives import FourthPower
+from orthoopt.config import RotateConfig
 from orthoopt.pipeline import rotate_model, rotate_streamed
 from orthoopt.streaming import (
     DecoderLayout,
@@ -54,10 +55,10 @@ def _streamed_and_in_memory(src: Path, tmp_path: Path, method: str, **settings):
     """Rotate ``src`` in memory and streamed with the same settings; assert the weights, rotations and
     loss curves (R2: summed over layers) are equal bit for bit; return ``(model, mem, res, out)``."""
     model = load_model(src)
-    kw = dict(steps=STEPS, seed=3, progress=False, **settings)
-    mem = rotate_model(model, method, **kw)
+    config = RotateConfig(method, steps=STEPS, seed=3, **settings)
+    mem = rotate_model(model, config, progress=False)
     out = tmp_path / "out"
-    res = rotate_streamed(src, out, method=method, **kw)
+    res = rotate_streamed(src, out, config, progress=False)
     got, want = state(out), model.state_dict()
     assert set(got) == set(want)
     for k in want:
@@ -106,7 +107,7 @@ def test_every_streamed_method_equals_in_memory(saved, tmp_path, case, method):
 def test_sharded_output_loads_and_keeps_logits(saved, tmp_path):
     src = saved["llama-gqa-bias"]
     out = tmp_path / "out"
-    rotate_streamed(src, out, steps=2, seed=0, layers_per_shard=1, progress=False)
+    rotate_streamed(src, out, RotateConfig(steps=2, seed=0, layers_per_shard=1), progress=False)
     index = json.loads((out / INDEX_FILE).read_text())
     assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
     rotated = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -134,7 +135,7 @@ def test_interrupted_write_leaves_nothing(saved, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ShardedWriter, "write", failing_write)
     with pytest.raises(KeyboardInterrupt):
-        rotate_streamed(src, out, steps=1, progress=False)
+        rotate_streamed(src, out, RotateConfig(steps=1), progress=False)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == []  # no temporary sibling left either
     # a previous output survives a failed run untouched
@@ -142,7 +143,7 @@ def test_interrupted_write_leaves_nothing(saved, tmp_path, monkeypatch):
     (out / "marker").write_text("old")
     calls["n"] = 0
     with pytest.raises(KeyboardInterrupt):
-        rotate_streamed(src, out, steps=1, progress=False)
+        rotate_streamed(src, out, RotateConfig(steps=1), progress=False)
     assert [p.name for p in out.iterdir()] == ["marker"]
 
 
@@ -171,9 +172,12 @@ def test_streamed_objective_matches_in_memory_blocks_and_numbers(saved):
 def test_streamed_with_embeddings_and_sampling_equals_in_memory(saved, tmp_path):
     src = saved["llama-gqa-bias"]
     model = load_model(src)
-    rotate_model(model, "optrot", rotations=("R1",), steps=3, seed=1, include_embeddings=True, progress=False)
-    rotate_streamed(src, tmp_path / "out", rotations=("R1",), steps=3, seed=1, include_embeddings=True,
-                    progress=False)
+    rotate_model(
+        model, RotateConfig("optrot", rotations=("R1",), steps=3, seed=1, include_embeddings=True), progress=False
+    )
+    rotate_streamed(
+        src, tmp_path / "out", RotateConfig(rotations=("R1",), steps=3, seed=1, include_embeddings=True), progress=False
+    )
     got, want = state(tmp_path / "out"), model.state_dict()
     assert max(float((got[k] - want[k]).abs().max()) for k in want) <= 1e-6
     # sampled steps: the streamed objective draws the rows the in-memory one draws
@@ -195,7 +199,7 @@ def test_bad_inputs(saved, tmp_path):
         if not m.supports_streamed:
             with pytest.raises(ValueError, match=rf"streamed mode supports methods identity, random, hadamard, "
                                                  rf"optrot .*method '{re.escape(name)}' reads "):
-                rotate_streamed(src, tmp_path / "o", method=name)
+                rotate_streamed(src, tmp_path / "o", RotateConfig(name))
     with pytest.raises(ValueError, match="would replace the input"):
         rotate_streamed(src, src, progress=False)
     with pytest.raises(FileNotFoundError, match="not found"):
@@ -207,4 +211,4 @@ def test_bad_inputs(saved, tmp_path):
     with pytest.raises(ValueError, match="safetensors only"):
         rotate_streamed(bin_only, tmp_path / "o")
     with pytest.raises(ValueError, match="layers_per_shard"):
-        rotate_streamed(src, tmp_path / "o", layers_per_shard=0)
+        rotate_streamed(src, tmp_path / "o", RotateConfig(layers_per_shard=0))

@@ -163,9 +163,9 @@ def add_rotate_options(p, spin, skip: tuple[str, ...] = ()) -> list[str]:
 
 
 def _calibration(args, tokenizer, config: RotateConfig, model_config=None) -> torch.Tensor | None:
-    """The windows a data method learns from (:func:`orthoopt.jobs.oneshot.rotation_calibration`, which
+    """The windows a data method learns from (:func:`orthoopt.pipeline.calibration.rotation_calibration`, which
     ``orthoopt quantize --rotate`` uses too)."""
-    from orthoopt.jobs.oneshot import rotation_calibration
+    from orthoopt.pipeline.calibration import rotation_calibration
 
     if method(args.method).needs_calibration and args.calib is None:
         raise InvalidInputError(f"method {args.method!r} needs calibration text: --calib TEXT_FILE (or hf:NAME[:CONFIG])")

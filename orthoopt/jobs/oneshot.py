@@ -65,27 +65,6 @@ def partial_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + PARTIAL_SUFFIX)
 
 
-def rotation_calibration(config: RotateConfig, source, tokenizer, model_config=None) -> torch.Tensor | None:
-    """The calibration windows a data method learns from (None for the other methods).
-
-    ``ceil(calib_tokens / w)`` windows of ``w = min(calib_seq_len, calib_tokens)`` tokens from
-    ``source`` (a file, ``hf:NAME[:CONFIG]`` or a :class:`~orthoopt.quant.calib_source.CalibSource`),
-    seeded by ``config.seed``: what ``orthoopt rotate --calib`` reads.
-    """
-    if not config.entry.needs_calibration:
-        return None
-    if source is None:
-        raise InvalidInputError(f"method {config.method!r} needs calibration text: --calib TEXT_FILE (or hf:NAME)")
-    if tokenizer is None:
-        raise InvalidInputError(f"method {config.method!r} needs a tokenizer in the model folder to read --calib")
-    from orthoopt.quant.calib import calibration_batches, check_context
-
-    seq_len = min(config.calib_seq_len, config.calib_tokens)
-    nsamples = max(1, -(-config.calib_tokens // seq_len))
-    check_context(model_config, seq_len, "--calib-seq-len")
-    return calibration_batches(source, tokenizer, nsamples=nsamples, seq_len=seq_len, seed=config.seed)
-
-
 def sim_quant_of(q: QuantizeSettings):
     """SpinQuant's simulated quantization for resolved settings ``q``, as ``orthoopt rotate``'s
     spinquant options give it (weight bits; activation bits, grid and R4; K/V bits and R3)."""
@@ -406,6 +385,8 @@ def _rotate(net, tokenizer, config, calib, init, resume, partial, source_folder,
         net, _ = load_checkpoint(folder, dtype=config.torch_model_dtype)
         shutil.rmtree(folder)
         return net, {"model": str(source_folder), **result.report}, result.solves, result.rotations
+    from orthoopt.pipeline.calibration import rotation_calibration
+
     calib_ids = rotation_calibration(config, calib, tokenizer, net.config)
     seed = config.seed
     ids = torch.randint(0, net.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(seed))
@@ -474,4 +455,4 @@ def _settings_rows(model, config, q: QuantizeSettings, scheme, calib, fmt, rotat
     return rows
 
 
-__all__ = ["OneshotResult", "check_inputs", "oneshot", "partial_path", "rotation_calibration", "sim_quant_of"]
+__all__ = ["OneshotResult", "check_inputs", "oneshot", "partial_path", "sim_quant_of"]

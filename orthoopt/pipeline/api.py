@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import torch
 
 from orthoopt.adapters.verify import logits as model_logits
-from orthoopt.config import PHASES, RotateConfig
+from orthoopt.config import RotateConfig
 from orthoopt.core.tolerance import invariance_ok, invariance_tolerance
 from orthoopt.errors import InvalidInputError
 from orthoopt.pipeline.loop import PhaseRun, combine_results, run_phases
@@ -21,30 +21,21 @@ from orthoopt.pipeline.report import RotateResult, build_report
 from orthoopt.solvers import SolveResult
 
 
-def _as_config(config: RotateConfig | str | None, rotations, kwargs: dict) -> RotateConfig:
-    """A :class:`RotateConfig` from ``config``, or from a method name and keyword settings (the
-    keyword form of :func:`rotate_model` / :func:`rotate_streamed`)."""
-    if isinstance(config, RotateConfig):
-        if kwargs or rotations is not None:
-            raise InvalidInputError(f"pass settings either as a RotateConfig or as keywords, not both "
-                             f"(got {sorted(kwargs) + (['rotations'] if rotations is not None else [])})")
-        return config
-    if config is not None and not isinstance(config, str):
-        raise InvalidInputError(f"config must be a RotateConfig or a method name, got {type(config).__name__}")
-    if "dtype" in kwargs and isinstance(kwargs["dtype"], torch.dtype):
-        kwargs["dtype"] = str(kwargs["dtype"]).removeprefix("torch.")
-    if "method" in kwargs and config is not None:
-        raise InvalidInputError(f"method given twice: {config!r} and method={kwargs['method']!r}")
-    method = kwargs.pop("method", config or "optrot")
-    return RotateConfig(method=method, rotations=PHASES if rotations is None else tuple(rotations), **kwargs)
+def _as_config(config: RotateConfig | None) -> RotateConfig:
+    """``config``, or the default :class:`RotateConfig` (optrot) when None; anything else is refused."""
+    if config is None:
+        return RotateConfig()
+    if not isinstance(config, RotateConfig):
+        hint = f" (RotateConfig({config!r}))" if isinstance(config, str) else ""
+        raise InvalidInputError(f"config must be a RotateConfig{hint}, got {type(config).__name__}")
+    return config
 
 
 def rotate_model(
     model,
-    config: RotateConfig | str | None = None,
-    rotations: Iterable[str] | None = None,
+    config: RotateConfig | None = None,
     *,
-    calib: torch.Tensor | None = None,
+    calib=None,
     init: Mapping[str, torch.Tensor] | None = None,
     verify_ids: torch.Tensor | None = None,
     verify_tol: float | None = None,
@@ -56,37 +47,70 @@ def rotate_model(
     tokenizer=None,
     report_extra: Mapping | None = None,
     extras: Callable[[Path, RotateResult], None] | None = None,
-    **settings,
 ) -> RotateResult:
     """Fuse norms, learn (or draw) the rotations of ``config`` and fuse them into ``model`` in place.
 
-    config:     a :class:`~orthoopt.config.RotateConfig`, or a method name with the config's fields as
-                keywords (``rotate_model(model, "optrot", steps=50, seed=1)``; ``rotations`` may be
-                the third positional argument; ``checkpoint_every`` is a config field).
-    calib:      calibration token ids ``[N, L]`` for the methods that need them (``Method.needs_calibration``).
-    init:       starting rotations (e.g. a previous run's, :func:`~orthoopt.adapters.load_rotations`); rotations it
-                names start there instead of at a random Hadamard. A fixed method ignores it.
-    verify_ids: token ids ``[B, L]`` on which the logits before and after must agree; the relative
-                error goes into the report and a ValueError is raised above ``verify_tol`` (default
-                the model dtype's ``rtol`` of :data:`orthoopt.core.tolerance.INVARIANCE`, with its
-                ``atol``: 1e-4 for float32 models, 1e-6 for float64, 16 unit roundoffs for
-                bfloat16 / float16, ``docs/conventions.md``).
-    callback:   ``callback(phase, step, loss, rotations)`` after each solver step (``step`` counts from
-                the unit's start, also in a resumed run: R1, then each layer's R2 from 0, reported as
-                phase ``"R2"``), with the rotations of the finished units (as fused) and the current
-                iterate; a true return stops that unit early (one layer's R2: the next layer still
-                runs). A joint
-                method (spinquant) reports its one solve as phase ``"R1"`` (the first selected phase)
-                with all its rotations, and takes ``steps`` of that phase.
-    checkpoint, resume: exact resume, see the module doc. ``steps`` are per unit (R1; each ``R2.i``). The file is
-                left in place when the run ends; the caller removes it once the output is safely written.
-    out:        write the rotated model to this folder as ``orthoopt rotate`` does, through the one output
-                writer of both stores (:func:`orthoopt.pipeline.output.run_and_write`: ``save_pretrained``
-                files, ``tokenizer``'s files when given, ``orthoopt/rotations.safetensors``, ``report.json``
-                with ``report_extra`` merged in; ``extras(folder, result)`` may add files), atomically: a
-                failed check leaves no folder. Without ``out`` nothing is written.
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A decoder of an architecture in :data:`orthoopt.adapters.archs.ARCHS`.
+    config : RotateConfig, optional
+        The run's settings (:class:`~orthoopt.config.RotateConfig`; default optrot with its budget),
+        e.g. ``RotateConfig("optrot", steps=50, seed=1)``. The only way settings are given.
+    calib : torch.Tensor or str or os.PathLike or CalibSource, optional
+        Calibration data for the methods that need it (``Method.needs_calibration``): token ids
+        ``[N, L]``, or text (a file, ``hf:NAME[:CONFIG]``, a
+        :class:`~orthoopt.quant.calib_source.CalibSource`) cut with ``tokenizer`` into the windows of
+        ``config.calib_tokens`` / ``config.calib_seq_len`` (:func:`orthoopt.pipeline.calibration.rotation_calibration`,
+        the windows ``orthoopt rotate --calib`` takes).
+    init : mapping of str to torch.Tensor, optional
+        Starting rotations (e.g. a previous run's, :func:`~orthoopt.models.load_rotations`); the
+        rotations it names start there instead of at a random Hadamard. A fixed method ignores it.
+    verify_ids : torch.Tensor, optional
+        Token ids ``[B, L]`` on which the logits before and after must agree; the relative error goes
+        into the report and a ValueError is raised above ``verify_tol`` (default the model dtype's
+        ``rtol`` of :data:`orthoopt.core.tolerance.INVARIANCE`, with its ``atol``: 1e-4 for float32
+        models, 1e-6 for float64, 16 unit roundoffs for bfloat16 / float16, ``docs/conventions.md``).
+    verify_tol : float, optional
+        See ``verify_ids``.
+    progress : bool
+        Progress bars on stderr.
+    callback : callable, optional
+        ``callback(phase, step, loss, rotations)`` after each solver step (``step`` counts from the
+        unit's start, also in a resumed run: R1, then each layer's R2 from 0, reported as phase
+        ``"R2"``), with the rotations of the finished units (as fused) and the current iterate; a true
+        return stops that unit early (one layer's R2: the next layer still runs). A joint method
+        (spinquant) reports its one solve as phase ``"R1"`` (the first selected phase) with all its
+        rotations, and takes ``steps`` of that phase.
+    checkpoint : str or Path, optional
+        The partial checkpoint file (exact resume, see the package doc); every
+        ``config.checkpoint_every`` steps and at each unit's end. ``steps`` are per unit (R1; each
+        ``R2.i``). The file is left in place when the run ends; the caller removes it once the output
+        is safely written.
+    resume : bool
+        Continue from ``checkpoint`` if it exists (refused if written with other settings).
+    out : str or os.PathLike, optional
+        Write the rotated model to this folder as ``orthoopt rotate`` does, through the one output
+        writer of both stores (:func:`orthoopt.pipeline.output.run_and_write`: ``save_pretrained``
+        files, ``tokenizer``'s files when given, ``orthoopt/rotations.safetensors``, ``report.json``),
+        atomically: a failed check leaves no folder. Without ``out`` nothing is written.
+    tokenizer : optional
+        The model's tokenizer (written with ``out``; cuts text ``calib``).
+    report_extra : mapping, optional
+        Entries merged into the report (``report.json``).
+    extras : callable, optional
+        ``extras(folder, result)`` may add files to the output folder before it is renamed into place.
+
+    Returns
+    -------
+    RotateResult
+        The rotations, the report and each phase's :class:`~orthoopt.solvers.SolveResult`.
     """
-    config = _as_config(config, rotations, settings)
+    config = _as_config(config)
+    if calib is not None and not isinstance(calib, torch.Tensor):
+        from orthoopt.pipeline.calibration import rotation_calibration
+
+        calib = rotation_calibration(config, calib, tokenizer, getattr(model, "config", None))
     start = time.perf_counter()
     ref = model_logits(model, verify_ids) if verify_ids is not None else None
     store = MemoryStore(model, tokenizer)
@@ -121,8 +145,7 @@ def rotate_model(
 def rotate_streamed(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    config: RotateConfig | str | None = None,
-    rotations: Iterable[str] | None = None,
+    config: RotateConfig | None = None,
     *,
     init: Mapping[str, torch.Tensor] | None = None,
     progress: bool = True,
@@ -131,30 +154,45 @@ def rotate_streamed(
     resume: bool = False,
     report_extra: Mapping | None = None,
     extras: Callable[[Path, RotateResult], None] | None = None,
-    **settings,
 ) -> RotateResult:
     """Rotate the checkpoint in ``model_dir`` and write it to ``out_dir``, streaming (the safetensors
     store, :class:`orthoopt.streaming.rotate.SafetensorsStore`: about one layer in memory).
 
-    config:        as in :func:`rotate_model`, a method that streams (``Method.supports_streamed``: the
-                   fixed ones and optrot, ``docs/solvers.md``); ``model_dtype``,
-                   ``layers_per_shard``, ``chunk_rows``, ``arch`` are the store's fields.
-    init, progress, callback, checkpoint, resume: as in :func:`rotate_model`; R2 is solved layer by
-                   layer, each layer's solve reported as phase ``"R2"`` with steps from 0. Under
-                   ``torchrun`` rank 0 writes R1's collective state to ``checkpoint`` and in R2 each rank
-                   writes its own file (:func:`orthoopt.streaming.rotate.rank_partial`).
-    report_extra:  entries merged into ``report.json``; ``extras(folder, result)`` may add files.
+    Parameters
+    ----------
+    model_dir : str or os.PathLike
+        A Hugging Face folder with safetensors weights.
+    out_dir : str or os.PathLike
+        The output folder (sharded safetensors, config, side files, ``orthoopt/rotations.safetensors``,
+        ``report.json``), written to a temporary sibling and renamed into place.
+    config : RotateConfig, optional
+        The run's settings (default optrot), of a method that streams (``Method.supports_streamed``,
+        ``docs/solvers.md``); ``model_dtype``, ``layers_per_shard``, ``chunk_rows`` and ``arch`` are
+        the store's fields.
+    init, progress, callback, checkpoint, resume
+        As in :func:`rotate_model`; R2 is solved layer by layer, each layer's solve reported as phase
+        ``"R2"`` with steps from 0. Under ``torchrun`` rank 0 writes R1's collective state to
+        ``checkpoint`` and in R2 each rank writes its own file (:func:`orthoopt.streaming.rotate.rank_partial`).
+    report_extra : mapping, optional
+        Entries merged into ``report.json``.
+    extras : callable, optional
+        ``extras(folder, result)`` may add files before the folder is renamed into place.
 
-    The output folder matches ``save_rotated``'s (sharded safetensors, config, side files,
-    ``orthoopt/rotations.safetensors``, ``report.json``), written to a temporary sibling and renamed into place.
-    With the same settings the weights equal :func:`rotate_model`'s bit for bit on one machine. Under
-    ``torchrun`` every rank returns the result; rank 0 writes. Raises ValueError / FileNotFoundError
-    for bad arguments or inputs before anything is written.
+    Returns
+    -------
+    RotateResult
+        With the same settings the weights equal :func:`rotate_model`'s bit for bit on one machine.
+        Under ``torchrun`` every rank returns the result; rank 0 writes.
+
+    Raises
+    ------
+    InvalidInputError, FileNotFoundError
+        For bad arguments or inputs, before anything is written.
     """
     from orthoopt.streaming.rotate import SafetensorsStore
     from orthoopt.utils.paths import prepare_output
 
-    config = _as_config(config, rotations, settings)
+    config = _as_config(config)
     config.check_streamed()
     out_dir = Path(out_dir)
     prepare_output(out_dir, {"model_dir": model_dir}, what="out_dir")

@@ -43,8 +43,7 @@ class MemoryStore:
     def prepare(self, phase: str, config: RotateConfig, calib, progress: bool) -> None:
         self._phase_data = None  # the previous phase's statistics go before the next ones are taken
         if config.entry.per_phase_statistics:
-            stats = phase_statistics(config.method, self.adapter, phase, calib, config.calib_tokens, config.seed,
-                                     progress, config.include_embeddings)
+            stats = phase_statistics(config, self.adapter, phase, calib, progress)
             self._phase_data = (phase, stats)
 
     def local_units(self, units: list[Unit]) -> list[Unit]:
@@ -52,13 +51,11 @@ class MemoryStore:
 
     def objective(self, unit: Unit, config: RotateConfig, calib, progress: bool) -> Objective:
         joint = config.entry.joint
-        extra = ({"sim_quant": config.sim_quant, "batch_size": config.batch_size,
-                  "micro_batch_size": config.micro_batch_size} if config.entry.simulates_quantization else {})
+        cache = None
         if not joint and self._phase_data is not None and self._phase_data[0] == unit.phase:
-            extra["cache"] = self._phase_data[1]
-        return build_objective(config.method, self.adapter, unit.phases if joint else unit.phase, calib,
-                               config.calib_tokens, config.seed, progress, config.include_embeddings,
-                               config.sample_fraction, config.device, names=tuple(unit.dims), **extra)
+            cache = self._phase_data[1]
+        return build_objective(config, self.adapter, unit.phases if joint else unit.phase, calib, progress=progress,
+                               names=tuple(unit.dims), cache=cache)
 
     def settle(self, unit: Unit, rotations: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return rotations

@@ -12,9 +12,9 @@ from typing import Iterable, Mapping
 import torch
 
 from orthoopt.adapters import DecoderAdapter
+from orthoopt.config import RotateConfig
 from orthoopt.errors import InvalidInputError
 from orthoopt.methods import ObjectiveInputs, check_sampling
-from orthoopt.methods import method as method_entry
 from orthoopt.methods import names as _names
 from orthoopt.objectives import Objective
 
@@ -70,14 +70,15 @@ _PHASE_STATISTICS = {"hessians": _hessian_statistics, "activations": _activation
 """How each per-phase statistics kind of :data:`orthoopt.methods.STATISTICS` is taken."""
 
 
-def phase_statistics(method: str, adapter: DecoderAdapter, phase: str, calib: torch.Tensor | None,
-                     calib_tokens: int = 2048, seed: int = 0, progress: bool = True,
-                     include_embeddings: bool = False) -> dict:
-    """The calibration statistics the objective of ``method`` needs for ``phase`` on the adapter's
-    current weights, by the entry's ``statistics``: ``{"hessians": ...}``, ``{"activations":
-    {rotation: X}}``, or ``{}`` (data-free methods, and ``"model"``, which reads batches itself)."""
-    take = _PHASE_STATISTICS.get(method_entry(method).statistics)
-    return {} if take is None else take(adapter, phase, calib, calib_tokens, seed, progress, include_embeddings)
+def phase_statistics(config: RotateConfig, adapter: DecoderAdapter, phase: str, calib: torch.Tensor | None,
+                     progress: bool = True) -> dict:
+    """The calibration statistics the objective of ``config.method`` needs for ``phase`` on the
+    adapter's current weights, by the entry's ``statistics``: ``{"hessians": ...}``, ``{"activations":
+    {rotation: X}}`` (``config.calib_tokens`` rows sampled with ``config.seed``), or ``{}`` (data-free
+    methods, and ``"model"``, which reads batches itself)."""
+    take = _PHASE_STATISTICS.get(config.entry.statistics)
+    return {} if take is None else take(adapter, phase, calib, config.calib_tokens, config.seed, progress,
+                                        config.include_embeddings)
 
 
 def _block_hessians(adapter: DecoderAdapter, phase: str, blocks, H: Mapping) -> list:
@@ -90,42 +91,57 @@ def _block_hessians(adapter: DecoderAdapter, phase: str, blocks, H: Mapping) -> 
     return out
 
 
-def build_objective(method: str, adapter: DecoderAdapter, phase: str | Iterable[str], calib: torch.Tensor | None = None,
-                    calib_tokens: int = 2048, seed: int = 0, progress: bool = True,
-                    include_embeddings: bool = False, sample_fraction: float | None = None,
-                    device: torch.device | str | None = None, sim_quant=None, batch_size: int = 1,
-                    micro_batch_size: int | None = None, names: Iterable[str] | None = None,
+def build_objective(config: RotateConfig, adapter: DecoderAdapter, phase: str | Iterable[str],
+                    calib: torch.Tensor | None = None, *, progress: bool = True, names: Iterable[str] | None = None,
                     cache: dict | None = None) -> Objective:
-    """The objective of a learned ``method`` for the rotations of ``phase`` (``"R1"`` or ``"R2"``) on the
-    adapter's current (fused, possibly partly rotated) weights: the registry entry's ``objective``
-    factory (:data:`orthoopt.methods.METHODS`) applied to the blocks and the statistics of its
-    ``statistics`` kind. ``calib``: token ids ``[N, L]``, needed by the data-driven methods.
-    ``include_embeddings``: see the module doc. ``sample_fraction`` and ``device``: methods with
-    ``sampling`` only (optrot). Statistics ``"model"`` (spinquant): ``phase`` may be several phases
-    (learned jointly), ``sim_quant`` is the simulated quantization
-    (:class:`orthoopt.quant.rotated.SimQuantConfig`, default W4 RTN only), ``batch_size`` /
-    ``micro_batch_size`` the calibration windows per step / per backward pass. ``names``: only these
-    rotations of ``phase`` (one layer's ``R2.i``); ``cache``: the phase's calibration statistics
-    (:func:`phase_statistics`) when already taken, so that a phase solved layer by layer runs the
-    calibration forward pass once."""
-    entry = method_entry(method)
+    """The objective of a learned method for the rotations of ``phase`` on the adapter's current weights.
+
+    The registry entry's ``objective`` factory (:data:`orthoopt.methods.METHODS`) applied to the
+    blocks and the statistics of its ``statistics`` kind, with what ``config`` says.
+
+    Parameters
+    ----------
+    config : RotateConfig
+        The run's settings: ``method``, and what its objective reads (``include_embeddings``,
+        ``calib_tokens``, ``seed``; ``sample_fraction`` and ``device`` for methods with ``sampling``;
+        ``sim_quant``, ``batch_size`` and ``micro_batch_size`` for a method that simulates quantization).
+    adapter : DecoderAdapter
+        The model's adapter (fused, possibly partly rotated weights).
+    phase : str or iterable of str
+        ``"R1"`` or ``"R2"``; several phases for a joint method (learned together).
+    calib : torch.Tensor, optional
+        Calibration token ids ``[N, L]``, needed by the data-driven methods.
+    progress : bool
+        Progress bars while statistics are taken.
+    names : iterable of str, optional
+        Only these rotations of ``phase`` (one layer's ``R2.i``).
+    cache : dict, optional
+        The phase's statistics (:func:`phase_statistics`) when already taken, so that a phase solved
+        layer by layer runs the calibration forward pass once.
+
+    Returns
+    -------
+    Objective
+    """
+    method, entry = config.method, config.entry
     if not entry.learned:
         raise InvalidInputError(f"method {method!r} learns nothing; learned methods: "
                          f"{', '.join(_names(lambda m: m.learned))}")
-    check_sampling(entry, sample_fraction, device)
+    check_sampling(entry, config.sample_fraction, config.device)
     if entry.needs_calibration and calib is None:
         raise InvalidInputError(f"method {method!r} needs calibration text (--calib TEXT_FILE)")
-    inputs = ObjectiveInputs(calib=calib, sample_fraction=sample_fraction, seed=seed, device=device,
-                             batch_size=batch_size, micro_batch_size=micro_batch_size)
+    inputs = ObjectiveInputs(calib=calib, sample_fraction=config.sample_fraction, seed=config.seed,
+                             device=config.device, batch_size=config.batch_size,
+                             micro_batch_size=config.micro_batch_size)
     if entry.simulates_quantization:
         from orthoopt.quant.rotated import RotatedQuantLM
 
         phases = (phase,) if isinstance(phase, str) else tuple(phase)
-        inputs.model_loss = RotatedQuantLM(adapter.model, sim_quant, rotations=phases)
+        inputs.model_loss = RotatedQuantLM(adapter.model, config.sim_quant, rotations=phases)
         return entry.objective(inputs)
     if cache is None:
-        cache = phase_statistics(method, adapter, phase, calib, calib_tokens, seed, progress, include_embeddings)
-    inputs.blocks = _blocks(adapter, phase, include_embeddings, names)
+        cache = phase_statistics(config, adapter, phase, calib, progress)
+    inputs.blocks = _blocks(adapter, phase, config.include_embeddings, names)
     if "hessians" in cache:
         inputs.hessians = _block_hessians(adapter, phase, inputs.blocks, cache["hessians"])
     if "activations" in cache:
