@@ -1,28 +1,36 @@
 """The settings of one ``rotate`` run: :class:`RotateConfig`, validated once, written into ``report.json``.
 
 One frozen dataclass is accepted by the Python API (:func:`orthoopt.pipeline.rotate_model`,
-:func:`orthoopt.pipeline.rotate_streamed`), built from argv by ``orthoopt rotate`` and by
-``python -m orthoopt.distributed_rotate``, and stored as JSON (``report.json["config"]``,
+:func:`orthoopt.pipeline.rotate_streamed`), built from argv by ``orthoopt rotate``, ``orthoopt quantize
+--rotate`` and ``python -m orthoopt.distributed_rotate``, and stored as JSON (``report.json["config"]``,
 :meth:`RotateConfig.to_json` / :meth:`RotateConfig.from_json`). Constructing one validates it: a bad
-field raises ValueError naming the field. What each method needs and its defaults come from the
-method registry, :data:`orthoopt.methods.METHODS`, the one module this one imports from orthoopt
-(the pipeline and the stores import this one). ``calib_tokens`` and ``calib_seq_len`` say how
-calibration text is cut into windows: :func:`orthoopt.pipeline.calibration.rotation_calibration` reads
-them, for ``rotate_model(model, config, calib=TEXT, tokenizer=tok)``, ``orthoopt rotate --calib`` and
+field raises :class:`~orthoopt.errors.InvalidInputError` (a ValueError) naming the field. Each field
+states its description and, where a command line sets it, its option (:func:`option`): the class
+docstring and :mod:`orthoopt.config_options`, which builds the commands' argparse options, are made
+from them, so a setting is named, typed and explained once. What each method needs and its defaults
+come from the method registry, :data:`orthoopt.methods.METHODS` (the pipeline and the stores import
+this module, never the other way). ``calib_tokens`` and ``calib_seq_len`` say how calibration text is
+cut into windows: :func:`orthoopt.pipeline.calibration.rotation_calibration` reads them, for
+``rotate_model(model, config, calib=TEXT, tokenizer=tok)``, ``orthoopt rotate --calib`` and
 ``orthoopt quantize --rotate``; token ids given directly are used as they are.
 """
 
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import MISSING, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from orthoopt.errors import InvalidInputError
-from orthoopt.methods import METHODS, STATISTICS, Method, check_sampling, names
+from orthoopt.utils.argtypes import integer, real
+
+if TYPE_CHECKING:
+    from orthoopt.quant.rotated import SimQuantConfig
+from orthoopt.methods import METHODS, STATISTICS, Method, check_sampling, listing, names
 from orthoopt.methods import method as method_entry
 
 PHASES = ("R1", "R2")
@@ -40,57 +48,117 @@ def _int(name: str, v: Any, low: int) -> None:
         raise InvalidInputError(f"{name} must be an int >= {low}, got {v!r}")
 
 
+def option(default: Any = MISSING, *, help: Any, flag: str | None = None, type: Any = None,
+           choices: Any = None, flag_default: Any = MISSING, group: str | None = None,
+           default_factory: Any = MISSING) -> Any:
+    """A :class:`RotateConfig` field with its description and, where a command line sets it, its option.
+
+    ``help`` (a str, or a callable giving one) documents the field (the class docstring and the
+    option's help are made from it);
+    ``flag`` (e.g. ``"--steps"``) makes it a command-line option, whose argparse ``type`` (a
+    :mod:`orthoopt.utils.argtypes` parser), ``choices`` (a tuple, or a callable giving one) and
+    ``group`` (``"spinquant"``) it states; ``flag_default`` is the command line's default where it
+    differs from the field's (``--dtype auto``: the checkpoint's own, resolved once the model is known).
+    :mod:`orthoopt.config_options` turns these into argparse options.
+    """
+    meta = {"help": help, "flag": flag, "type": type, "choices": choices, "flag_default": flag_default,
+            "group": group}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _phases(text: str) -> tuple[str, ...]:
+    """``--rotations`` parser: ``"R1,R2"`` -> ``("R1", "R2")``, refusing other names."""
+    import argparse
+
+    got = [s.strip() for s in text.split(",") if s.strip()]
+    if not got or set(got) - set(PHASES):
+        raise argparse.ArgumentTypeError(f"must name a comma-separated subset of {','.join(PHASES)}, got {text!r}")
+    return tuple(p for p in PHASES if p in got)
+
+
+def _solver_names() -> tuple[str, ...]:
+    from orthoopt.solvers import SOLVERS
+
+    return tuple(SOLVERS)
+
+
+_LEARNED = lambda m: m.learned  # noqa: E731
+
+
+def _sampling() -> str:
+    return ", ".join(names(lambda m: m.sampling))
+
+
+def help_text(f) -> str:
+    """Field ``f``'s description: its ``help``, called when it is a callable (text derived from the method
+    registry, read when a parser is built, so that a method registered later is listed)."""
+    text = f.metadata["help"]
+    return text() if callable(text) else text
+
+
 @dataclass(frozen=True)
 class RotateConfig:
-    """Everything a ``rotate`` run's result depends on, besides the model, calibration and init data.
-
-    method:            a key of :data:`orthoopt.methods.METHODS` (``docs/solvers.md``, ``docs/objectives.md``).
-    rotations:         subset of ``("R1", "R2")``, kept in that order.
-    solver:            solver name (``orthoopt.solvers.SOLVERS``); None: the method's default.
-    steps:             solver steps per phase: an int, or ``{phase: steps}`` (a phase missing takes 0);
-                       None (default): the method's budget (:attr:`orthoopt.methods.Method.steps`).
-    lr:                solver step size; None: the method's (:attr:`orthoopt.methods.Method.lr`) or solver's default.
-    seed:              seeds the random Hadamard start, fixed rotations, sampling and calibration.
-    dtype:             dtype the rotations are learned in (``"float32"`` or ``"float64"``).
-    device:            where objective and solver compute (None: CPU); weights are fused on the CPU.
-    include_embeddings: count embed_tokens / lm_head in learned objectives (the other blocks the
-                       architecture table keeps in full precision, MoE routers, never count).
-    sample_fraction, chunk_rows: optrot's row sampling and segment size (``docs/performance.md``).
-    calib_tokens, calib_seq_len: calibration tokens per objective and window length (data methods).
-    stop:              stopping criteria of :func:`orthoopt.solvers.solve` (``min_grad_norm``, ...).
-    checkpoint_every:  steps between partial checkpoints (0: off); units also checkpoint at their ends.
-    sim_quant, batch_size, micro_batch_size, schedule_steps: spinquant only
-                       (:class:`orthoopt.quant.rotated.SimQuantConfig`, windows per step / per backward,
-                       length of the cosine decay, default the phase's steps).
-    model_dtype:       dtype the weights are read, fused and written in (:data:`MODEL_DTYPES`; the
-                       safetensors store reads the checkpoint in it; in memory it records the loaded
-                       model's dtype). Products with the rotations are formed in float64 per tensor.
-    layers_per_shard, arch: the safetensors (streamed) store only: decoder layers per output shard;
-                       architecture override.
-    """
-
-    method: str = "optrot"
-    rotations: tuple[str, ...] = PHASES
-    solver: str | None = None
-    steps: Any = None
-    lr: float | None = None
-    seed: int = 0
-    dtype: Any = "float32"
-    device: str | None = None
-    include_embeddings: bool = False
-    sample_fraction: float | None = None
-    chunk_rows: int | None = None
-    calib_tokens: int = 2048
-    calib_seq_len: int = 256
-    stop: Any = field(default_factory=dict)
-    checkpoint_every: int = 0
-    sim_quant: Any = None
-    batch_size: int = 1
-    micro_batch_size: int | None = None
-    schedule_steps: int | None = None
-    model_dtype: Any = "float32"
-    layers_per_shard: int = 1
-    arch: str | None = None
+    method: str = option("optrot", help="the rotation method, a key of orthoopt.methods.METHODS "
+                         "(docs/solvers.md, docs/objectives.md)")
+    rotations: tuple[str, ...] = option(PHASES, flag="--rotations", type=_phases,
+                                        help="the phases to run, a subset of R1,R2 kept in that order (default both)")
+    solver: str | None = option(None, flag="--solver", choices=_solver_names,
+                                help=lambda: f"solver name (orthoopt.solvers.SOLVERS); default the method's "
+                                             f"({listing(_LEARNED, lambda m: m.solver)}; docs/solvers.md)")
+    steps: int | dict[str, int] | None = option(None, flag="--steps", type=integer(0),
+                        help=lambda: f"solver steps per rotation phase (in Python also a {{phase: steps}} dict, a "
+                                     f"phase missing taking 0); default the method's budget "
+                                     f"({listing(_LEARNED, lambda m: m.steps)})")
+    lr: float | None = option(None, flag="--lr", type=real(0, low_open=True),
+                              help=lambda: f"solver step size; default the method's "
+                                           f"({listing(lambda m: m.lr is not None, lambda m: m.lr)}, when no "
+                                           "solver is given) or else the solver's")
+    seed: int = option(0, flag="--seed", type=integer(0),
+                       help="seeds the random Hadamard start, fixed rotations, row sampling and calibration windows")
+    dtype: str | torch.dtype = option("float32", flag="--rotation-dtype", choices=tuple(DTYPES), flag_default=None,
+                        help="dtype the rotations are learned in (float32 or float64; the command line's default: "
+                             "float64 for a float64 model, else float32)")
+    device: str | None = option(None, flag="--device",
+                                help=lambda: f"where the objective and solver compute, e.g. cuda (default the CPU; "
+                                             f"{_sampling()} only); weights are fused on the CPU")
+    include_embeddings: bool = option(False, flag="--include-embeddings",
+                                      help="also count embed_tokens / lm_head in learned objectives (the other "
+                                           "blocks the architecture table keeps in full precision, MoE routers, "
+                                           "never count)")
+    sample_fraction: float | None = option(None, flag="--sample-fraction", type=real(0, 1, low_open=True),
+                                           help=lambda: f"{_sampling()}: use this fraction of the weight rows per step "
+                                                        "(unbiased; docs/performance.md)")
+    chunk_rows: int | None = option(None, flag="--chunk-rows", type=integer(1),
+                                    help=lambda: f"{_sampling()}: weight rows per segment of the objective "
+                                                 "(bounds its memory; docs/performance.md)")
+    calib_tokens: int = option(2048, flag="--calib-tokens", type=integer(1),
+                               help="calibration tokens per objective of a data method")
+    calib_seq_len: int = option(256, flag="--calib-seq-len", type=integer(1),
+                                help="calibration window length of a data method")
+    stop: dict[str, float] = option(help="stopping criteria of orthoopt.solvers.solve (min_grad_norm, min_rel_decrease, "
+                            "window, max_seconds)", default_factory=dict)
+    checkpoint_every: int = option(0, flag="--checkpoint-every", type=integer(0), flag_default=25,
+                                   help="steps between partial checkpoints (0: off; needs a checkpoint path, "
+                                        "which the command line always has, hence its default 25); units also "
+                                        "checkpoint at their ends")
+    sim_quant: SimQuantConfig | None = option(None, help="spinquant: the quantization its loss simulates "
+                                       "(orthoopt.quant.rotated.SimQuantConfig; default W4 RTN per channel)")
+    batch_size: int = option(1, flag="--batch-size", type=integer(1), group="spinquant",
+                             help="spinquant: calibration windows per step")
+    micro_batch_size: int | None = option(None, flag="--micro-batch-size", type=integer(1), group="spinquant",
+                                          help="spinquant: windows per backward pass (default the batch size)")
+    schedule_steps: int | None = option(None, help="spinquant: length of the cosine learning-rate decay "
+                                                   "(default the phase's steps)")
+    model_dtype: str | torch.dtype = option("float32", flag="--dtype", choices=("auto", *MODEL_DTYPES), flag_default="auto",
+                              help="dtype the weights are read, fused and written in; products with the rotations are "
+                                   "formed in float64 per tensor (docs/conventions.md). The command line's default, "
+                                   "auto, is the checkpoint's own dtype, so a bfloat16 checkpoint stays bfloat16; "
+                                   "rotate_model records the loaded model's dtype here")
+    layers_per_shard: int = option(1, flag="--layers-per-shard", type=integer(1),
+                                   help="streamed (safetensors) runs only: decoder layers per output shard")
+    arch: str | None = option(None, help="streamed only: architecture override (a key of the architecture table)")
 
     def __post_init__(self) -> None:
         put = object.__setattr__.__get__(self)  # frozen: normalize in place once
@@ -241,6 +309,23 @@ class RotateConfig:
     def trajectory(self) -> dict:
         """The fields the learned rotations depend on (for refusing a foreign partial checkpoint)."""
         return {k: v for k, v in self.to_json().items() if k not in NOT_TRAJECTORY}
+
+
+def _docstring(cls: type) -> str:
+    """The class docstring: its summary and a numpydoc Parameters section made from the fields' ``help``."""
+    lines = ["Everything a ``rotate`` run's result depends on, besides the model, calibration and init data.", "",
+             "Constructing one validates it (:class:`~orthoopt.errors.InvalidInputError` naming the field);",
+             "``orthoopt rotate`` and ``python -m orthoopt.distributed_rotate`` build their options from these",
+             "fields (:mod:`orthoopt.config_options`; a field's option is named at the end of its text).", "",
+             "Parameters", "----------"]
+    for f in fields(cls):
+        flag = f" Option ``{f.metadata['flag']}``." if f.metadata.get("flag") else ""
+        lines += [f"{f.name} : {f.type}", *textwrap.wrap(help_text(f) + "." + flag, 96,
+                                                         initial_indent="    ", subsequent_indent="    ")]
+    return "\n".join(lines)
+
+
+RotateConfig.__doc__ = _docstring(RotateConfig)
 
 
 def _sim_quant_from_dict(d: Mapping):

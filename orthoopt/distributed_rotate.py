@@ -31,12 +31,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from orthoopt.models.dtypes import DTYPE_CHOICES, dtype_name, resolve_model_dtype
+from orthoopt.models.dtypes import dtype_name, resolve_model_dtype
 from orthoopt.models.sources import local_source
-from orthoopt.config import DTYPES, RotateConfig
+from orthoopt.config import RotateConfig
+from orthoopt.config_options import add_config_options, config_values, dest, resolve_dtypes
 from orthoopt.errors import OrthooptError
-from orthoopt.methods import METHODS, names
-from orthoopt.utils.argtypes import integer, real
+from orthoopt.methods import names
+
+
+STREAMED_FIELDS = ("rotations", "solver", "steps", "lr", "seed", "model_dtype", "dtype", "device", "chunk_rows",
+                   "sample_fraction", "layers_per_shard", "include_embeddings", "checkpoint_every")
+"""The :class:`~orthoopt.config.RotateConfig` fields this entry point sets: the options of
+``orthoopt rotate --streamed`` (the same flags, types, defaults and help, from
+:func:`orthoopt.config_options.add_config_options`)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,21 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (written by rank 0)")
     p.add_argument("--method", choices=names(lambda m: m.supports_streamed), default="optrot",
                    help="a method the streamed store runs (docs/solvers.md); default optrot")
-    p.add_argument("--rotations", default="R1,R2", help="comma-separated subset of R1,R2")
-    p.add_argument("--solver", default=None, help=f"default: the method's (optrot {METHODS['optrot'].solver})")
-    p.add_argument("--steps", type=integer(0), default=None,
-                   help=f"solver steps per rotation phase; default the method's budget (optrot {METHODS['optrot'].steps})")
-    p.add_argument("--lr", type=real(0, low_open=True), default=None)
-    p.add_argument("--seed", type=integer(0), default=0)
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the learned rotations")
-    p.add_argument("--model-dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="dtype the weights are read, fused and written in (auto: the checkpoint's own)")
-    p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, GPU LOCAL_RANK per rank)")
-    p.add_argument("--chunk-rows", type=integer(1), default=None)
-    p.add_argument("--sample-fraction", type=real(0, 1, low_open=True), default=None)
-    p.add_argument("--layers-per-shard", type=integer(1), default=1)
-    p.add_argument("--include-embeddings", action="store_true")
-    p.add_argument("--checkpoint-every", type=integer(0), default=25, help="steps between partial checkpoints (0: off)")
+    add_config_options(p, STREAMED_FIELDS, help_prefix={
+        "device": "cpu (gloo, the default) or cuda (NCCL, GPU LOCAL_RANK per rank)"})
     p.add_argument("--resume", action="store_true", help="continue exactly from the partial checkpoints")
     p.add_argument("--json", action="store_true", help="rank 0 prints the report as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -89,13 +83,11 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> RotateCo
     """The run's :class:`~orthoopt.config.RotateConfig` (the same fields as ``orthoopt rotate --streamed``).
     ``device`` is the type only (``"cuda"``): each rank computes on its current device (``LOCAL_RANK``),
     and every rank's config, hence its resume settings, is the same."""
-    phases = tuple(s.strip() for s in args.rotations.split(",") if s.strip())
-    return RotateConfig(method=args.method, rotations=phases, solver=args.solver, steps=args.steps, lr=args.lr,
-                        seed=args.seed, dtype=args.dtype,
-                        model_dtype=dtype_name(resolve_model_dtype(local_source(Path(args.model_dir)), args.model_dtype)),
-                        device=None if device.type == "cpu" else device.type, chunk_rows=args.chunk_rows,
-                        sample_fraction=args.sample_fraction, layers_per_shard=args.layers_per_shard,
-                        include_embeddings=args.include_embeddings, checkpoint_every=args.checkpoint_every)
+    source = local_source(Path(args.model_dir))
+    values = resolve_dtypes(config_values(args, [dest(n) for n in STREAMED_FIELDS]),
+                            lambda: dtype_name(resolve_model_dtype(source, "auto")))
+    values["device"] = None if device.type == "cpu" else device.type
+    return RotateConfig(method=args.method, **values)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from orthoopt.streaming.rotate import rank_partial
 
     args = build_parser().parse_args(argv)
-    device = init_process_group(args.device)
+    device = init_process_group(args.device or "cpu")
     try:
         rank, size = world()
         config = config_from_args(args, device)

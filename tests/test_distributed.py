@@ -77,8 +77,8 @@ def _worker(rank: int, port: int, src: str, out: str, scratch: str) -> None:
     # 2. the whole streamed rotation through the entry point (float64 rotations and weights)
     from orthoopt.distributed_rotate import main
 
-    main([src, "--out", out, "--steps", str(STEPS), "--seed", "2", "--dtype", "float64",
-          "--model-dtype", "float64", "--quiet"])
+    main([src, "--out", out, "--steps", str(STEPS), "--seed", "2", "--rotation-dtype", "float64",
+          "--dtype", "float64", "--quiet"])
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,8 @@ RULES = [
     ("config states settings and runs nothing", ["config"], "not",
      ["adapters", "models", "pipeline", "streaming", "jobs", "cli", "distributed_rotate", "eval", "export",
       "diagnostics", "objectives"]),
+    ("config_options makes argparse options from config's fields, for cli and distributed_rotate",
+     ["config_options"], "only", ["config", "errors", "config_options"]),
     ("quant quantizes a model in memory, knowing no rotation objective, solver or run", ["quant"], "not",
      ["objectives", "solvers", "pipeline", "streaming", "methods", "config", "jobs", "cli", "eval", "export",
       "diagnostics", "distributed_rotate"]),

@@ -85,3 +85,34 @@ def test_import_orthoopt_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT.parent), "PATH": "/usr/bin:/bin"}).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_public_callables_document_every_parameter_in_numpydoc():
+    """Each public function and class taking parameters has a numpydoc ``Parameters`` section that
+    names every one of them (``name : type`` lines; ``a, b : ...`` names several)."""
+    import inspect
+    import re
+
+    missing = []
+    for name in orthoopt.PUBLIC:
+        obj = getattr(orthoopt, name)
+        if not (inspect.isfunction(obj) or inspect.isclass(obj)) or issubclass_safe(obj, Exception):
+            continue
+        params = [p for p in inspect.signature(obj).parameters if p not in ("self", "args", "kwargs")]
+        if not params:
+            continue
+        doc = inspect.getdoc(obj) or ""
+        section = re.search(r"^Parameters\n-{10}\n(.*?)(?:\n\n[A-Z][a-z]+\n-{3,}\n|\Z)", doc, re.S | re.M)
+        if section is None:
+            missing.append(f"{name}: no Parameters section")
+            continue
+        named = {n.strip() for line in section.group(1).splitlines() if not line.startswith(" ") and " : " in line
+                 for n in line.split(" : ")[0].split(",")}
+        lacking = [p for p in params if p not in named]
+        if lacking:
+            missing.append(f"{name}: {lacking}")
+    assert not missing, missing
+
+
+def issubclass_safe(obj, base) -> bool:
+    return isinstance(obj, type) and issubclass(obj, base)

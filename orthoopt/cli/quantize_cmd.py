@@ -163,7 +163,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 ROTATE_DESTS: tuple[str, ...] = ()
 """The destinations of the rotation options (set by :func:`add_parser`)."""
 SETTINGS_DESTS = tuple(f for f in QuantizeSettings.__dataclass_fields__)
-SHARED_OPTIONS = ("dtype", "device")
+SHARED_OPTIONS = ("dtype", "device", "seed")
 """Rotation options ``orthoopt quantize`` has as its own (one --dtype and one --device serve both steps)."""
 HOW_TO_RUN = ("resume", "streamed")
 """Rotation options that say how to run, not what: allowed with --recipe."""
@@ -232,7 +232,7 @@ def _kwargs_from_args(args, defaults: dict) -> dict:
                              f"(one of {', '.join(METHODS)})")
     else:
         resolved, _ = settings.resolved()
-        ns = argparse.Namespace(**{d: getattr(args, d) for d in ROTATE_DESTS}, method=args.rotate, seed=args.seed,
+        ns = argparse.Namespace(**{d: getattr(args, d) for d in ROTATE_DESTS}, method=args.rotate,
                                 calib=args.calib, **{d: getattr(args, d) for d in SHARED_OPTIONS},
                                 **{d: getattr(resolved, d) for d in SIM_QUANT_OPTIONS})
         config = config_from_args(ns)

@@ -18,17 +18,17 @@ from pathlib import Path
 
 import torch
 
-from orthoopt.models.dtypes import DTYPE_CHOICES, dtype_name, parse_dtype, resolve_model_dtype
+from orthoopt.models.dtypes import dtype_name, resolve_model_dtype
 from orthoopt.models.sources import PLANTED_CONFIG, input_location
 from orthoopt.cli.memory_check import add_force, check_memory
 from orthoopt.cli.usage import help_kwargs
-from orthoopt.config import DTYPES, PHASES, RotateConfig
+from orthoopt.config import RotateConfig
+from orthoopt.config_options import FIELD_OF_DEST, add_config_options, config_values, resolve_dtypes
 from orthoopt.errors import InvalidInputError
-from orthoopt.methods import METHODS, listing, method, names
+from orthoopt.methods import METHODS, method, names
 from orthoopt.core.grid import MAX_BITS, MIN_BITS
 from orthoopt.pipeline import rotate_model, rotate_streamed
-from orthoopt.solvers import SOLVERS
-from orthoopt.utils.argtypes import integer, real
+from orthoopt.utils.argtypes import integer
 from orthoopt.utils.checks import check_device
 from orthoopt.utils.paths import prepare_output
 DEFAULT_MODEL = "smollm2-135m"
@@ -86,7 +86,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the rotation method (docs/solvers.md; default optrot): " + method_choices_help())
     p.add_argument("--calib", default=None, help=f"calibration text file (needed by "
                                                   f"{', '.join(names(lambda m: m.needs_calibration))})")
-    p.add_argument("--seed", type=integer(0), default=0)
     add_rotate_options(p, p.add_argument_group(
         "spinquant", "the quantization SpinQuant's loss simulates (match it in 'orthoopt quantize')"))
     add_force(p)
@@ -105,15 +104,24 @@ SIM_QUANT_OPTIONS = ("wbits", "abits", "act_asym", "kvbits", "r3", "online_hadam
 its own quantization settings instead)."""
 
 
-def add_rotate_options(p, spin, skip: tuple[str, ...] = ()) -> list[str]:
-    """Add the rotation options of ``orthoopt rotate`` (all but MODEL, --out, --method, --calib, --seed,
-    --json, --no-progress) to ``p`` and the spinquant ones to ``spin`` (parsers or argument groups).
+HOW_TO_RUN_OPTIONS = ("init", "resume", "streamed")
+"""Rotation options that are not :class:`~orthoopt.config.RotateConfig` fields: where to start and how to run."""
 
-    ``orthoopt quantize --rotate`` adds them too, from here, so that both commands take the same
-    options; ``skip`` names the destinations it leaves out. Returns the destinations added.
+
+def add_rotate_options(p, spin, skip: tuple[str, ...] = ()) -> list[str]:
+    """Add the rotation options of ``orthoopt rotate`` (all but MODEL, --out, --method, --calib, --json,
+    --no-progress) to ``p`` and the spinquant ones to ``spin`` (parsers or argument groups).
+
+    The :class:`~orthoopt.config.RotateConfig` fields' options come from
+    :func:`orthoopt.config_options.add_config_options` (one flag, type, default and help per field,
+    shared with ``python -m orthoopt.distributed_rotate``); ``--init``, ``--resume``, ``--streamed``
+    and the spinquant quantization flags (the fields of
+    :class:`~orthoopt.quant.rotated.SimQuantConfig`) are added here. ``orthoopt quantize --rotate``
+    adds them too, from here, so that both commands take the same options; ``skip`` names the
+    destinations it leaves out. Returns the destinations added.
     """
-    learned = lambda m: m.learned  # noqa: E731
-    added: list[str] = []
+    streamed = ", ".join(names(lambda m: m.supports_streamed))
+    added = add_config_options(p, skip=skip, groups={"spinquant": spin})
 
     def add(target, *flags, **kw) -> None:
         dest = kw.get("dest") or flags[0].lstrip("-").replace("-", "_")
@@ -121,44 +129,19 @@ def add_rotate_options(p, spin, skip: tuple[str, ...] = ()) -> list[str]:
             target.add_argument(*flags, **kw)
             added.append(dest)
 
-    add(p, "--rotations", default="R1,R2", help="comma-separated subset of R1,R2 (default: both)")
-    add(p, "--solver", choices=tuple(SOLVERS), default=None,
-        help=f"default: the method's ({listing(learned, lambda m: m.solver)}; docs/solvers.md)")
-    add(p, "--steps", type=integer(0), default=None,
-        help=f"solver steps per rotation phase; default the method's budget "
-             f"({listing(learned, lambda m: m.steps)}: docs/solvers.md)")
-    add(p, "--lr", type=real(0, low_open=True), default=None,
-        help=f"solver step size; default the solver's ({listing(lambda m: m.lr is not None, lambda m: m.lr)} "
-             "when no --solver is given)")
-    add(p, "--calib-tokens", type=integer(1), default=2048, help="calibration tokens of a data method; default 2048")
-    add(p, "--calib-seq-len", type=integer(1), default=256,
-        help="calibration window length of a data method; default 256")
-    add(p, "--dtype", choices=DTYPE_CHOICES, default="auto",
-        help="dtype the model is loaded, fused and written in (auto, the default: the checkpoint's own, so a "
-             "bfloat16 checkpoint stays bfloat16; docs/conventions.md)")
-    add(p, "--rotation-dtype", choices=tuple(DTYPES), default=None,
-        help="dtype the rotations are learned in (default float32; float64 for a float64 model)")
-    add(p, "--include-embeddings", action="store_true",
-        help="also count embed_tokens/lm_head (kept in full precision) in learned objectives")
     add(p, "--init", default=None, help="start from these rotations (a rotate output folder or its rotations file)")
     add(p, "--resume", action="store_true",
         help="continue from OUT.partial.safetensors if present (exact: whole solver state; "
              "refused if written with other settings)")
-    add(p, "--checkpoint-every", type=integer(0), default=25, help="steps between partial checkpoints (0: off)")
     add(p, "--streamed", action="store_true",
-        help=f"{', '.join(names(lambda m: m.supports_streamed))} only: read MODEL_DIR's safetensors layer "
-             "by layer and write sharded output, never holding the whole model (docs/performance.md)")
-    sampling = ", ".join(names(lambda m: m.sampling))
-    add(p, "--device", default=None, help=f"{sampling}: where the objective and solver compute, e.g. cuda")
-    add(p, "--sample-fraction", type=real(0, 1, low_open=True), default=None,
-        help=f"{sampling}: use this fraction of the weight rows per step (unbiased; docs/performance.md)")
+        help=f"{streamed} only: read MODEL_DIR's safetensors layer by layer and write sharded output, never "
+             "holding the whole model (docs/performance.md)")
     add(spin, "--wbits", type=BITS, default=4, help="weight bits (RTN, straight-through; 16 = off); default 4")
     add(spin, "--abits", type=BITS, default=16, help="activation bits (16 = off); default 16")
     add(spin, "--act-asym", action="store_true", help="asymmetric per-token activation grid")
     add(spin, "--kvbits", type=BITS, default=16, help="K/V-cache bits (16 = off); default 16")
     add(spin, "--r3", action="store_true", help="online head-wise Hadamard on queries/keys after RoPE")
     add(spin, "--online-hadamard", action="store_true", help="online Hadamard before down_proj (R4)")
-    add(spin, "--batch-size", type=integer(1), default=1, help="calibration windows per step; default 1")
     return added
 
 
@@ -177,37 +160,29 @@ def _partial_path(out: Path) -> Path:
 
 
 def config_from_args(args: argparse.Namespace) -> RotateConfig:
-    """The run's :class:`~orthoopt.config.RotateConfig` from ``orthoopt rotate``'s arguments."""
-    phases = [s.strip() for s in args.rotations.split(",") if s.strip()]
-    if not phases or set(phases) - set(PHASES):
-        raise InvalidInputError(f"--rotations must name a subset of {','.join(PHASES)}, got {args.rotations!r}")
-    if args.steps is not None and args.steps < 0:
-        raise InvalidInputError(f"--steps must be >= 0, got {args.steps}")
-    if method(args.method).needs_calibration and (args.calib_tokens < 1 or args.calib_seq_len < 1):
-        raise InvalidInputError(f"--calib-tokens and --calib-seq-len must be >= 1, got {args.calib_tokens} and "
-                         f"{args.calib_seq_len}")
-    if args.checkpoint_every < 0:
-        raise InvalidInputError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    """The run's :class:`~orthoopt.config.RotateConfig` from ``orthoopt rotate``'s arguments (``--dtype auto``
+    stands for float32 until :func:`_with_model_dtype` knows the checkpoint)."""
     check_device(args.device, "--device")
-    spin = {}
-    if method(args.method).simulates_quantization:
+    values = config_values(args, [d for d in FIELD_OF_DEST if hasattr(args, d)])
+    values = resolve_dtypes(values, lambda: "float32")
+    entry = method(args.method)
+    if entry.simulates_quantization:
         from orthoopt.quant.act import ActQuantConfig
         from orthoopt.quant.kv import KVQuantConfig
         from orthoopt.quant.rotated import SimQuantConfig
 
-        spin = {"sim_quant": SimQuantConfig(
+        values["sim_quant"] = SimQuantConfig(
             wbits=args.wbits, act=ActQuantConfig(bits=args.abits, symmetric=not args.act_asym,
                                                  online_hadamard=args.online_hadamard),
-            kv=KVQuantConfig(bits=args.kvbits, r3=args.r3)), "batch_size": args.batch_size,
-            "schedule_steps": args.steps if args.steps is not None else method(args.method).steps}
-    model_dtype = parse_dtype(args.dtype)  # None (auto): the checkpoint's, set once it is resolved (run)
-    model_dtype = "float32" if model_dtype is None else dtype_name(model_dtype)
-    rotation_dtype = args.rotation_dtype or ("float64" if model_dtype == "float64" else "float32")
-    return RotateConfig(method=args.method, rotations=tuple(phases), solver=args.solver, steps=args.steps,
-                        lr=args.lr, seed=args.seed, dtype=rotation_dtype, device=args.device,
-                        include_embeddings=args.include_embeddings, sample_fraction=args.sample_fraction,
-                        calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
-                        checkpoint_every=args.checkpoint_every, model_dtype=model_dtype, **spin)
+            kv=KVQuantConfig(bits=args.kvbits, r3=args.r3))
+        values["schedule_steps"] = args.steps if args.steps is not None else entry.steps
+    else:
+        spin = [f for f, d in (("batch_size", 1), ("micro_batch_size", None)) if values.get(f, d) != d]
+        if spin:
+            raise InvalidInputError(f"{', '.join('--' + f.replace('_', '-') for f in spin)} are for method "
+                                    f"{', '.join(names(lambda m: m.simulates_quantization))}, not {args.method!r}")
+        values.pop("batch_size", None), values.pop("micro_batch_size", None)
+    return RotateConfig(method=args.method, **values)
 
 
 def _check_memory(args: argparse.Namespace, config: RotateConfig, source, streamed: bool) -> None:
@@ -223,11 +198,11 @@ def _with_model_dtype(args: argparse.Namespace, config: RotateConfig, source) ->
     without ``--rotation-dtype``, float64 rotations for a float64 model."""
     from dataclasses import replace
 
-    model_dtype = dtype_name(resolve_model_dtype(source, args.dtype))
-    rotation_dtype = args.rotation_dtype or ("float64" if model_dtype == "float64" else "float32")
-    if (model_dtype, rotation_dtype) == (config.model_dtype, config.dtype):
+    values = resolve_dtypes({"model_dtype": args.dtype, "dtype": args.rotation_dtype},
+                            lambda: dtype_name(resolve_model_dtype(source, "auto")))
+    if (values["model_dtype"], values["dtype"]) == (config.model_dtype, config.dtype):
         return config
-    return replace(config, model_dtype=model_dtype, dtype=rotation_dtype)
+    return replace(config, **values)
 
 
 def run(args: argparse.Namespace) -> int:

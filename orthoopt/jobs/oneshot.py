@@ -206,6 +206,10 @@ def oneshot(model, *, out, rotate=None, scheme: str | None = None, calib=None, q
         As ``orthoopt rotate``'s ``--init`` (a rotations folder or file), ``--resume`` (continue from
         ``OUT.partial.safetensors``) and ``--streamed`` (rotate layer by layer from the safetensors
         folder, into the output's temporary folder, then load it for quantization).
+    device : str or torch.device, optional
+        Where the model computes (``orthoopt quantize --device``; default the CPU): the whole model is
+        moved there after loading (after rotating, with ``rotate``), and the rotation's objective and
+        solver compute there too; refused when not available.
     progress : bool
         Progress bars and phase messages on stderr.
 

@@ -169,7 +169,7 @@ def rotate_streamed(
         The run's settings (default optrot), of a method that streams (``Method.supports_streamed``,
         ``docs/solvers.md``); ``model_dtype``, ``layers_per_shard``, ``chunk_rows`` and ``arch`` are
         the store's fields.
-    init, progress, callback, checkpoint, resume
+    init, progress, callback, checkpoint, resume : optional
         As in :func:`rotate_model`; R2 is solved layer by layer, each layer's solve reported as phase
         ``"R2"`` with steps from 0. Under ``torchrun`` rank 0 writes R1's collective state to
         ``checkpoint`` and in R2 each rank writes its own file (:func:`orthoopt.streaming.rotate.rank_partial`).

@@ -54,6 +54,13 @@ class Solver:
     """Base class: bookkeeping of the rotations, finiteness checks, orthogonality maintenance.
 
     Subclasses set :attr:`name` and implement :meth:`_reset_state` and :meth:`_update`.
+
+    Parameters
+    ----------
+    ortho_tol : float, optional
+        Re-project an iterate onto O(n) when its ``||R^T R - I||_F`` exceeds this (counted in
+        ``num_reorthogonalizations``); None: the size- and dtype-aware default of
+        :func:`orthoopt.core.tolerance.orthogonality_tolerance`.
     """
 
     name = "solver"

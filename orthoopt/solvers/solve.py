@@ -29,21 +29,33 @@ Callback = Callable[[int, float, dict[str, torch.Tensor]], object]
 class SolveResult:
     """What :func:`solve` returns.
 
-    rotations:           ``{name: [n, n]}`` final iterate (copies).
-    history:             loss before each step taken (``history[i]`` is the loss at step ``i``'s start).
-    orthogonality_error: max over rotations of ``||R^T R - I||_F`` (float64) of the final iterate.
-    steps:               number of steps taken (``len(history)``; fewer than asked if stopped early).
-    seconds:             wall time of the steps.
-    final_loss:          ``objective.loss`` at the final rotations (the loss after the last step).
-    stop_reason:         which criterion ended the run: ``"max_steps"``, ``"min_grad_norm"``,
-                         ``"min_rel_decrease"``, ``"max_seconds"``, ``"callback"`` or ``"stalled"`` (a
-                         line-search solver found no acceptable step twice in a row).
-    num_evaluations:     loss-and-gradient evaluations of the objective made by this run's steps (the
-                         cost unit of ``docs/solvers.md``; procrustes: loss-and-targets evaluations).
-    num_reorthogonalizations: re-projections onto O(n) during this run (0 for the exact Cayley and
-                         geoopt solvers; a broken retraction shows here).
-    grad_norm:           Riemannian gradient norm ``sqrt(sum ||skew(R^T G)||_F^2)`` at the start of the
-                         last step (None for procrustes or when no step was taken).
+    Parameters
+    ----------
+    rotations : dict of str to torch.Tensor
+        ``{name: [n, n]}`` final iterate (copies).
+    history : list of float
+        Loss before each step taken (``history[i]`` is the loss at step ``i``'s start).
+    orthogonality_error : float
+        Max over rotations of ``||R^T R - I||_F`` (float64) of the final iterate.
+    steps : int
+        Number of steps taken (``len(history)``; fewer than asked if stopped early).
+    seconds : float
+        Wall time of the steps.
+    final_loss : float
+        ``objective.loss`` at the final rotations (the loss after the last step).
+    stop_reason : str
+        Which criterion ended the run: ``"max_steps"``, ``"min_grad_norm"``, ``"min_rel_decrease"``,
+        ``"max_seconds"``, ``"callback"`` or ``"stalled"`` (a line-search solver found no acceptable
+        step twice in a row).
+    num_evaluations : int
+        Loss-and-gradient evaluations of the objective made by this run's steps (the cost unit of
+        ``docs/solvers.md``; procrustes: loss-and-targets evaluations).
+    num_reorthogonalizations : int
+        Re-projections onto O(n) during this run (0 for the exact Cayley and geoopt solvers; a broken
+        retraction shows here).
+    grad_norm : float or None
+        Riemannian gradient norm ``sqrt(sum ||skew(R^T G)||_F^2)`` at the start of the last step
+        (None for procrustes or when no step was taken).
     """
 
     rotations: dict[str, torch.Tensor]
@@ -109,38 +121,62 @@ def solve(
 ) -> SolveResult:
     """Run at most ``steps`` solver steps on ``objective`` and return a :class:`SolveResult`.
 
-    objective: an :class:`~orthoopt.objectives.base.Objective` (``dims``, ``loss``, ``value_and_grad``;
-               ``procrustes_targets`` for the ``"procrustes"`` solver).
-    init:      ``"identity" | "random" | "hadamard"`` (built for ``objective.dims`` with ``seed``, in
-               ``dtype`` or float32); a dict ``{name: [n, n]}`` of orthogonal matrices (each within
-               :func:`orthoopt.core.tolerance.orthogonality_tolerance` of its size and dtype, else
-               ValueError; cast to ``dtype`` if given; names the objective does not use are carried along unchanged);
-               a previous :class:`SolveResult` (its rotations); or ``None`` to continue an already
-               initialized ``solver`` object with its state (momentum, Adam moments) intact.
-    solver:    a solver object or a name for :func:`make_solver` with its defaults. Resuming with
-               ``init=previous.rotations`` calls ``solver.init``, which restarts momentum/moments;
-               ``init=None`` keeps them.
-    callback:  ``callback(step, loss, rotations)`` after each step, with the 0-based step index, the
-               loss before that step and a copy of the rotations after it; a true return stops early.
-    progress:  tqdm bar on stderr with the latest loss.
-    dtype, device: of the rotations the solver works on (the objective computes on the rotations'
-               device); by default float32 on the CPU for a named init, the given tensors' otherwise.
-    Stopping criteria (checked after every step; the first that holds ends the run and is named in
-    ``SolveResult.stop_reason``; ``None`` turns one off):
+    Parameters
+    ----------
+    objective : Objective
+        An :class:`~orthoopt.objectives.base.Objective` (``dims``, ``loss``, ``value_and_grad``;
+        ``procrustes_targets`` for the ``"procrustes"`` solver).
+    init : {"identity", "random", "hadamard"}, dict, SolveResult or None
+        A named start (built for ``objective.dims`` with ``seed``, in ``dtype`` or float32); a dict
+        ``{name: [n, n]}`` of orthogonal matrices (each within
+        :func:`orthoopt.core.tolerance.orthogonality_tolerance` of its size and dtype, else
+        InvalidInputError; cast to ``dtype`` if given; names the objective does not use are carried
+        along unchanged); a previous :class:`SolveResult` (its rotations); or None to continue an
+        already initialized ``solver`` object with its state (momentum, Adam moments) intact.
+    solver : Solver or str
+        A solver object or a name for :func:`make_solver` with its defaults. Resuming with
+        ``init=previous.rotations`` calls ``solver.init``, which restarts momentum/moments;
+        ``init=None`` keeps them.
+    steps : int
+        At most this many steps (stop reason ``"max_steps"``).
+    callback : callable, optional
+        ``callback(step, loss, rotations)`` after each step, with the 0-based step index, the loss
+        before that step and a copy of the rotations after it; a true return stops early
+        (``"callback"``).
+    progress : bool
+        A tqdm bar on stderr with the latest loss.
+    dtype, device : torch.dtype, torch.device or str, optional
+        Of the rotations the solver works on (the objective computes on the rotations' device); by
+        default float32 on the CPU for a named init, the given tensors' otherwise.
+    seed : int
+        Seeds a random or Hadamard named start.
+    min_grad_norm : float, optional
+        Stop when the Riemannian gradient norm at the start of a step (``solver.grad_norm``) is at
+        most this (``"min_grad_norm"``); solvers without a gradient (procrustes) never stop here.
+    min_rel_decrease, window : float and int, optional
+        Stop when ``history[-1-window] - history[-1] <= min_rel_decrease * |history[-1-window]|``:
+        the loss fell by less than this fraction over the last ``window`` steps (``"min_rel_decrease"``).
+    max_seconds : float, optional
+        Stop when the wall time of the steps reaches this (``"max_seconds"``).
+    prior_history : list of float, optional
+        Losses of steps taken before this call (a resumed run), counted in the window test only
+        (``history`` holds this call's steps).
 
-    steps:            at most this many steps (``"max_steps"``).
-    min_grad_norm:    the Riemannian gradient norm at the start of the step (``solver.grad_norm``) is at
-                      most this (``"min_grad_norm"``); solvers without a gradient (procrustes) never stop here.
-    min_rel_decrease, window: ``history[-1-window] - history[-1] <= min_rel_decrease *
-                      |history[-1-window]|``: the loss fell by less than this fraction over the last
-                      ``window`` steps (``"min_rel_decrease"``).
-    max_seconds:      wall time of the steps reached this (``"max_seconds"``).
-    prior_history:    losses of steps taken before this call (a resumed run), counted in the window
-                      test only (``history`` holds this call's steps).
-    A callback returning true gives ``"callback"``; a line-search solver (cayley-bb, cayley-lbfgs)
-    that finds no acceptable step twice in a row gives ``"stalled"``.
-    Raises ValueError for bad arguments and :class:`~orthoopt.solvers.base.NonFiniteLossError` (a
-    ValueError) naming the step when the loss or a gradient is NaN/inf.
+    Returns
+    -------
+    SolveResult
+        The final rotations, loss history and why the run stopped. The stopping criteria are checked
+        after every step; the first that holds ends the run and is named in
+        ``SolveResult.stop_reason`` (None turns one off); a line-search solver (cayley-bb,
+        cayley-lbfgs) that finds no acceptable step twice in a row gives ``"stalled"``.
+
+    Raises
+    ------
+    InvalidInputError
+        For bad arguments.
+    NonFiniteLossError
+        (:mod:`orthoopt.solvers.base`, a ValueError) naming the step when the loss or a gradient is
+        NaN or inf.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise InvalidInputError(f"steps must be a non-negative int, got {steps!r}")
