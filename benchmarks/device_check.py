@@ -2,18 +2,25 @@
 
     python benchmarks/device_check.py                       # planted Llama, bfloat16, cuda
     python benchmarks/device_check.py --model DIR --device cuda:1 --windows 8 --seq-len 512
+    python benchmarks/device_check.py --shape 1b --method optrot --steps 20   # Llama-3.2-1B shape
+    python benchmarks/device_check.py --device cpu --allow-cpu --windows 2 --seq-len 32   # dry run
 
 Phases, in one process on the device: ``load`` (``load_model(..., device=)``, the checkpoint's own dtype
-unless ``--dtype``), ``rotate`` (``rotate_model`` with ``--method``, default hadamard, fused in place on
-the device, invariance checked on the device), ``quantize-gptq`` (``quantize_model`` GPTQ W4 with
-``--windows`` calibration windows of ``--seq-len`` tokens), ``eval`` (perplexity on the same number of
-windows of WikiText-2, or a synthetic text). Each phase prints its wall time and
-``torch.cuda.max_memory_allocated`` (reset before it); ``--json PATH`` writes them.
+unless ``--dtype``), ``rotate`` (``rotate_model`` with ``--method``, default hadamard, ``--steps`` for
+the learned methods, fused in place on the device, invariance checked on the device), ``quantize-gptq``
+(``quantize_model`` GPTQ W4 with ``--windows`` calibration windows of ``--seq-len`` tokens), ``eval``
+(perplexity on the same number of windows of ``--text``, default WikiText-2 from ``../shared``, or a
+synthetic text). Each phase prints its wall time, ``torch.cuda.max_memory_allocated`` (reset before
+it) and the process's peak RSS so far (host memory); ``--json PATH`` writes them.
+
+``--shape NAME`` runs on the random-weight bfloat16 checkpoint of ``benchmarks/model_size.py``'s shape
+(1b, 3b, 8b, tiny; built and cached on first use): time and memory mean something, perplexity not.
 
 Without CUDA (or when ``--device`` names a device this machine lacks) it prints why it skips and exits
-0, so a machine with a GPU gives the numbers in one command and any other machine runs it harmlessly
-(``tests/test_model_size_smoke.py`` runs the skip path). The CUDA path has not been run for this
-commit: no GPU was available (``docs/performance.md``).
+0, so a machine with a GPU gives the numbers in one command and any other machine runs it harmlessly.
+``--allow-cpu`` runs the same phases on the CPU (no device memory column), so the script itself is
+tested without a GPU (``tests/test_model_size_smoke.py`` runs both). Measured numbers:
+``docs/performance.md`` (GPU).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,10 +38,12 @@ if str(REPO) not in sys.path:
 TEXT = REPO.parent / "shared" / "data" / "wikitext2-test.txt"
 
 
-def skip_reason(device: str) -> str | None:
+def skip_reason(device: str, allow_cpu: bool = False) -> str | None:
     """Why the check cannot run on ``device`` here (None when it can)."""
     import torch
 
+    if device == "cpu" and allow_cpu:
+        return None
     if not device.startswith("cuda"):
         return f"device {device!r} is not a CUDA device; this check measures CUDA runs"
     if not torch.cuda.is_available():
@@ -44,17 +54,28 @@ def skip_reason(device: str) -> str | None:
     return None
 
 
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (``ru_maxrss``, KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="planted", help="model source (default: the planted Llama)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="auto", help="auto (the checkpoint's own) or a dtype name; planted: bfloat16")
+    ap.add_argument("--shape", default=None, help="a benchmarks/model_size.py shape (1b, 3b, 8b, tiny) instead of --model")
     ap.add_argument("--method", default="hadamard", help="rotation method (default hadamard)")
+    ap.add_argument("--steps", type=int, default=None, help="solver steps of a learned method (default: its own)")
+    ap.add_argument("--text", default=str(TEXT), help="evaluation / calibration text (default WikiText-2 test)")
+    ap.add_argument("--allow-cpu", action="store_true", help="run on --device cpu too (a dry run of the script)")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    reason = skip_reason(args.device)
+    reason = skip_reason(args.device, args.allow_cpu)
     if reason is not None:
         print(f"device_check: skipped: {reason}")
         return 0
@@ -69,40 +90,56 @@ def main(argv: list[str] | None = None) -> int:
     from orthoopt.quant.config import QuantizeConfig
 
     device = torch.device(args.device)
+    cuda = device.type == "cuda"
     records: list[dict] = []
 
     def phase(name: str, fn):
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
         began = time.perf_counter()
         out = fn()
-        torch.cuda.synchronize(device)
+        if cuda:
+            torch.cuda.synchronize(device)
         rec = {"phase": name, "seconds": round(time.perf_counter() - began, 3),
-               "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(device)}
+               "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+               "peak_rss_bytes": peak_rss_bytes()}
         records.append(rec)
-        print(f"| {name} | {rec['seconds']} | {rec['max_memory_allocated_bytes'] / 1e9:.2f} |", flush=True)
+        gpu = f"{rec['max_memory_allocated_bytes'] / 1e9:.2f}" if cuda else "-"
+        print(f"| {name} | {rec['seconds']} | {gpu} | {rec['peak_rss_bytes'] / 1e9:.2f} |", flush=True)
         return out
 
-    dtype = "bfloat16" if args.model == "planted" and args.dtype == "auto" else args.dtype
-    text_path = TEXT if TEXT.is_file() else None
-    print(f"device_check: {args.model} on {torch.cuda.get_device_name(device)}, {args.method} + GPTQ W4 + eval")
-    print("| phase | seconds | max memory allocated GB |\n|---|---:|---:|")
-    model = phase("load", lambda: load_model(args.model, dtype=dtype, device=device))
-    tokenizer = load_tokenizer(args.model)
+    source = args.model
+    if args.shape is not None:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        import model_size
+
+        source = str(model_size.build_checkpoint(model_size.SHAPES[args.shape]))
+    dtype = "bfloat16" if source == "planted" and args.dtype == "auto" else args.dtype
+    text_path = Path(args.text) if Path(args.text).is_file() else None
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    settings = {} if args.steps is None else {"steps": args.steps}
+    print(f"device_check: {args.shape or source} on {name}, {args.method} + GPTQ W4 + eval")
+    print("| phase | seconds | max memory allocated GB | peak RSS so far GB |\n|---|---:|---:|---:|")
+    model = phase("load", lambda: load_model(source, dtype=dtype, device=device))
+    tokenizer = load_tokenizer(source)
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-    phase("rotate", lambda: rotate_model(model, RotateConfig(args.method), verify_ids=ids, progress=False))
+    config = RotateConfig(args.method, **settings)
+    phase("rotate", lambda: rotate_model(model, config, verify_ids=ids, progress=False))
     text = text_path.read_text(encoding="utf-8") if text_path else " rotations and outliers .\n" * 20000
-    calib_file = Path(args.json or "device_check").with_suffix(".calib.txt")
-    calib_file.write_text(text[: 4 * args.windows * args.seq_len * 8], encoding="utf-8")
-    calib = calibration_batches(calib_file, tokenizer, nsamples=args.windows, seq_len=args.seq_len, seed=0)
-    calib_file.unlink()
+    with tempfile.TemporaryDirectory() as tmp:
+        calib_file = Path(tmp) / "calib.txt"
+        calib_file.write_text(text[: 4 * args.windows * args.seq_len * 8], encoding="utf-8")
+        calib = calibration_batches(calib_file, tokenizer, nsamples=args.windows, seq_len=args.seq_len, seed=0)
     phase("quantize-gptq", lambda: quantize_model(model, QuantizeConfig("gptq", wbits=4), calib=calib, progress=False))
     result = phase("eval", lambda: perplexity(model, tokenizer, text=text, seq_len=args.seq_len,
                                               max_tokens=args.windows * args.seq_len, progress=False))
     print(f"device_check: perplexity {result['ppl']:.3f} over {result['tokens']} tokens")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(device), "model": args.model,
-                                               "phases": records}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"device": name, "model": args.shape or source, "method": args.method,
+                                               "steps": args.steps, "windows": args.windows, "seq_len": args.seq_len,
+                                               "dtype": str(next(model.parameters()).dtype),
+                                               "ppl": result["ppl"], "phases": records}, indent=1) + "\n")
     return 0
 
 

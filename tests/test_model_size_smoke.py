@@ -80,3 +80,18 @@ def test_device_check_skips_cleanly_without_cuda(capsys):
         assert device_check.main(["--device", device]) == 0
         out = capsys.readouterr().out
         assert out.startswith("device_check: skipped: ") and says in out
+
+
+def test_device_check_runs_its_phases_on_the_cpu_when_allowed(tmp_path, capsys):
+    import json
+
+    import device_check
+
+    out = tmp_path / "dc.json"
+    assert device_check.main(["--device", "cpu", "--allow-cpu", "--shape", "tiny", "--windows", "2", "--seq-len", "16",
+                              "--text", str(tmp_path / "absent.txt"), "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert [p["phase"] for p in rec["phases"]] == ["load", "rotate", "quantize-gptq", "eval"]
+    assert all(p["seconds"] >= 0 and p["peak_rss_bytes"] > 0 and p["max_memory_allocated_bytes"] is None
+               for p in rec["phases"])
+    assert rec["dtype"] == "torch.bfloat16" and rec["ppl"] > 1
