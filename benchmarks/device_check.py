@@ -14,13 +14,14 @@ synthetic text). Each phase prints its wall time, ``torch.cuda.max_memory_alloca
 it) and the process's peak RSS so far (host memory); ``--json PATH`` writes them.
 
 ``--shape NAME`` runs on the random-weight bfloat16 checkpoint of ``benchmarks/model_size.py``'s shape
-(1b, 3b, 8b, tiny; built and cached on first use): time and memory mean something, perplexity not.
+(1b, 3b, 8b, tiny; built under ``--cache`` on first use, then reused): time and memory mean something,
+perplexity not. ``--shape`` and ``--model`` exclude each other.
 
 Without CUDA (or when ``--device`` names a device this machine lacks) it prints why it skips and exits
 0, so a machine with a GPU gives the numbers in one command and any other machine runs it harmlessly.
 ``--allow-cpu`` runs the same phases on the CPU (no device memory column), so the script itself is
-tested without a GPU (``tests/test_model_size_smoke.py`` runs both). Measured numbers:
-``docs/performance.md`` (GPU).
+tested without a GPU (``tests/test_model_size_smoke.py`` runs both). The CUDA path has not been run
+yet: no GPU machine was lent for this work (``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-TEXT = REPO.parent / "shared" / "data" / "wikitext2-test.txt"
+
+import model_size  # noqa: E402  (beside this file: the shapes, their checkpoints, the WikiText-2 path)
 
 
 def skip_reason(device: str, allow_cpu: bool = False) -> str | None:
@@ -63,13 +65,16 @@ def peak_rss_bytes() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="planted", help="model source (default: the planted Llama)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None, help="model source (default: the planted Llama)")
+    which.add_argument("--shape", default=None, choices=sorted(model_size.SHAPES),
+                       help="a benchmarks/model_size.py shape instead of --model (random bf16 weights)")
+    ap.add_argument("--cache", default=str(model_size.CACHE), help="where --shape checkpoints are built and reused")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="auto", help="auto (the checkpoint's own) or a dtype name; planted: bfloat16")
-    ap.add_argument("--shape", default=None, help="a benchmarks/model_size.py shape (1b, 3b, 8b, tiny) instead of --model")
     ap.add_argument("--method", default="hadamard", help="rotation method (default hadamard)")
     ap.add_argument("--steps", type=int, default=None, help="solver steps of a learned method (default: its own)")
-    ap.add_argument("--text", default=str(TEXT), help="evaluation / calibration text (default WikiText-2 test)")
+    ap.add_argument("--text", default=str(model_size.TEXT), help="evaluation / calibration text (default WikiText-2 test)")
     ap.add_argument("--allow-cpu", action="store_true", help="run on --device cpu too (a dry run of the script)")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -109,12 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {rec['seconds']} | {gpu} | {rec['peak_rss_bytes'] / 1e9:.2f} |", flush=True)
         return out
 
-    source = args.model
+    source = args.model or "planted"
     if args.shape is not None:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        import model_size
-
-        source = str(model_size.build_checkpoint(model_size.SHAPES[args.shape]))
+        source = str(model_size.build_checkpoint(model_size.SHAPES[args.shape], Path(args.cache)))
     dtype = "bfloat16" if source == "planted" and args.dtype == "auto" else args.dtype
     text_path = Path(args.text) if Path(args.text).is_file() else None
     name = torch.cuda.get_device_name(device) if cuda else "cpu"

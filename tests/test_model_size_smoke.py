@@ -89,9 +89,19 @@ def test_device_check_runs_its_phases_on_the_cpu_when_allowed(tmp_path, capsys):
 
     out = tmp_path / "dc.json"
     assert device_check.main(["--device", "cpu", "--allow-cpu", "--shape", "tiny", "--windows", "2", "--seq-len", "16",
-                              "--text", str(tmp_path / "absent.txt"), "--json", str(out)]) == 0
+                              "--cache", str(tmp_path / "cache"), "--text", str(tmp_path / "absent.txt"),
+                              "--json", str(out)]) == 0
     rec = json.loads(out.read_text())
     assert [p["phase"] for p in rec["phases"]] == ["load", "rotate", "quantize-gptq", "eval"]
     assert all(p["seconds"] >= 0 and p["peak_rss_bytes"] > 0 and p["max_memory_allocated_bytes"] is None
                for p in rec["phases"])
     assert rec["dtype"] == "torch.bfloat16" and rec["ppl"] > 1
+    assert (tmp_path / "cache" / "tiny-bf16" / "model_size.json").is_file()
+
+
+def test_device_check_refuses_a_shape_and_a_model_together(capsys):
+    import device_check
+
+    with pytest.raises(SystemExit) as stop:
+        device_check.main(["--shape", "tiny", "--model", "planted"])
+    assert stop.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
