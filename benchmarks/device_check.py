@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = "bfloat16" if source == "planted" and args.dtype == "auto" else args.dtype
     text_path = Path(args.text) if Path(args.text).is_file() else None
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    settings = {} if args.steps is None else {"steps": args.steps}
+    settings = {} if args.steps is None else {"solve": {"steps": args.steps}}
     print(f"device_check: {args.shape or source} on {name}, {args.method} + GPTQ W4 + eval")
     print("| phase | seconds | max memory allocated GB | peak RSS so far GB |\n|---|---:|---:|---:|")
     model = phase("load", lambda: load_model(source, dtype=dtype, device=device))

@@ -92,15 +92,16 @@ def main() -> int:
             model = load_model(args.model)
             kw, calib = {}, None
             if method == "optrot":
-                kw = {"steps": args.optrot_steps, "solver": args.optrot_solver}
+                kw = {"solve": {"steps": args.optrot_steps, "solver": args.optrot_solver}}
             elif method in ("optrot+", "kurtosis", "dfrot"):  # their default solver and budget (orthoopt.methods.METHODS)
                 calib = gptq_calib
             elif method == "spinquant":
                 calib = spin_calib
-                kw = {"steps": args.spin_steps, "batch_size": args.spin_batch,
-                      "sim_quant": SimQuantConfig(wbits=4, act=ActQuantConfig(bits=4, symmetric=False,
-                                                                              online_hadamard=True),
-                                                  kv=KVQuantConfig(bits=4, r3=True))}
+                kw = {"solve": {"steps": args.spin_steps},
+                      "spinquant": {"batch_size": args.spin_batch,
+                                    "sim_quant": SimQuantConfig(wbits=4, act=ActQuantConfig(bits=4, symmetric=False,
+                                                                                            online_hadamard=True),
+                                                                kv=KVQuantConfig(bits=4, r3=True))}}
             verify = random_windows(calib_ids, 2, 32, args.seed + 2)
             res = rotate_model(model, RotateConfig(method, seed=args.seed, **kw), calib=calib, progress=False,
                                verify_ids=verify)

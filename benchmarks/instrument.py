@@ -139,7 +139,7 @@ def run_unit(settings: Settings, record: Path, method: str, seed: int, state: di
     model, eval_ids, calib_ids = state["model"], state["eval_ids"], state["calib_ids"]
     rotated = copy.deepcopy(model)
     start = time.perf_counter()
-    rotate_model(rotated, RotateConfig(method, steps=settings.steps, seed=seed), progress=settings.progress)
+    rotate_model(rotated, RotateConfig(method, seed=seed, solve={"steps": settings.steps}), progress=settings.progress)
     rotation_seconds = time.perf_counter() - start
     all_windows = eval_ids.numel() // settings.seq_len
     for c in todo:

@@ -67,7 +67,7 @@ def run(objective, solver_name: str, steps: int, lr: float | None, seed: int) ->
 
 
 def method_rows(method: str, adapter: DecoderAdapter, calib: torch.Tensor, args) -> dict:
-    config = RotateConfig(method, calib_tokens=args.calib_tokens, seed=args.seed)
+    config = RotateConfig(method, seed=args.seed, calib={"tokens": args.calib_tokens})
     objective = build_objective(config, adapter, "R1", calib=calib, progress=False)
     default_solver, lr = METHODS[method].solver, METHODS[method].lr
     runs = {"default": run(objective, default_solver, args.steps, lr, args.seed)}

@@ -197,7 +197,7 @@ def main(argv=None) -> int:
             if rot != "none":  # "none": the checkpoint as loaded (norms not fused), as llm-compressor's row
                 rotate_model(
                     rotated,
-                    RotateConfig(rot, steps=args.steps, seed=args.seed, calib_tokens=args.calib_tokens),
+                    RotateConfig(rot, seed=args.seed, solve={"steps": args.steps}, calib={"tokens": args.calib_tokens}),
                     calib=calib if rot in METHODS and METHODS[rot].learned else None,
                     progress=progress,
                 )

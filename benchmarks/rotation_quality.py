@@ -223,14 +223,15 @@ def rotate(base: torch.nn.Module, method: str, settings: Settings, calib: torch.
         sim = SimQuantConfig(wbits=4, w_group_size=SPINQUANT_ROWS[method])
         result = rotate_model(
             rotated,
-            RotateConfig("spinquant", steps=settings.steps, seed=seed, batch_size=settings.spin_batch, sim_quant=sim),
+            RotateConfig("spinquant", seed=seed, solve={"steps": settings.steps},
+                         spinquant={"batch_size": settings.spin_batch, "sim_quant": sim}),
             calib=spin_calib,
             progress=settings.progress,
         )
         return rotated, result
     result = rotate_model(
         rotated,
-        RotateConfig(method, steps=settings.steps, seed=seed, calib_tokens=settings.calib_tokens),
+        RotateConfig(method, seed=seed, solve={"steps": settings.steps}, calib={"tokens": settings.calib_tokens}),
         calib=calib if method in REGISTRY and REGISTRY[method].learned else None,
         progress=settings.progress,
     )

@@ -67,7 +67,7 @@ def build_models(folder: Path, steps: int, seed: int, progress: bool) -> tuple[l
     paths.append(save_rotated(model, tokenizer, folder / "hadamard", rotations, {"method": "hadamard"}))
 
     model = planted_outlier_model()
-    result = rotate_model(model, RotateConfig("optrot", steps=steps, seed=seed), progress=progress)
+    result = rotate_model(model, RotateConfig("optrot", seed=seed, solve={"steps": steps}), progress=progress)
     paths.append(save_rotated(model, tokenizer, folder / "optrot", result.rotations, result.report))
     return paths, result.solves
 

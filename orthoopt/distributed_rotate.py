@@ -34,13 +34,14 @@ import torch.distributed as dist
 from orthoopt.models.dtypes import dtype_name, resolve_model_dtype
 from orthoopt.models.sources import local_source
 from orthoopt.config import RotateConfig
-from orthoopt.config_options import add_config_options, config_values, dest, resolve_dtypes
+from orthoopt.config_options import add_config_options, build_config, config_values, dest, resolve_dtypes
 from orthoopt.errors import OrthooptError
 from orthoopt.methods import names
 
 
-STREAMED_FIELDS = ("rotations", "solver", "steps", "lr", "seed", "model_dtype", "dtype", "device", "chunk_rows",
-                   "sample_fraction", "layers_per_shard", "include_embeddings", "checkpoint_every")
+STREAMED_FIELDS = ("rotations", "solve.solver", "solve.steps", "solve.lr", "seed", "checkpoint.dtype", "compute.dtype",
+                   "compute.device", "compute.chunk_rows", "compute.sample_fraction", "checkpoint.layers_per_shard",
+                   "include_embeddings", "solve.checkpoint_every")
 """The :class:`~orthoopt.config.RotateConfig` fields this entry point sets: the options of
 ``orthoopt rotate --streamed`` (the same flags, types, defaults and help, from
 :func:`orthoopt.config_options.add_config_options`)."""
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=names(lambda m: m.supports_streamed), default="optrot",
                    help="a method the streamed store runs (docs/solvers.md); default optrot")
     add_config_options(p, STREAMED_FIELDS, help_prefix={
-        "device": "cpu (gloo, the default) or cuda (NCCL, GPU LOCAL_RANK per rank)"})
+        "compute.device": "cpu (gloo, the default) or cuda (NCCL, GPU LOCAL_RANK per rank)"})
     p.add_argument("--resume", action="store_true", help="continue exactly from the partial checkpoints")
     p.add_argument("--json", action="store_true", help="rank 0 prints the report as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -86,8 +87,8 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> RotateCo
     source = local_source(Path(args.model_dir))
     values = resolve_dtypes(config_values(args, [dest(n) for n in STREAMED_FIELDS]),
                             lambda: dtype_name(resolve_model_dtype(source, "auto")))
-    values["device"] = None if device.type == "cpu" else device.type
-    return RotateConfig(method=args.method, **values)
+    values["compute.device"] = None if device.type == "cpu" else device.type
+    return build_config(args.method, values)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -180,6 +180,13 @@ class Method:
         """True when the safetensors store can run it: fixed, or data-free with a streamed R1 objective."""
         return not self.learned or (self.statistics == "none" and not self.joint and self.streamed is not None)
 
+    @property
+    def streams_bit_for_bit(self) -> bool:
+        """True when its streamed run equals the in-memory one bit for bit (fixed methods, and streamed
+        objectives that add in the in-memory order); False for :func:`summed_by_layer` factories, equal
+        up to the order of the float sums."""
+        return self.supports_streamed and (not self.learned or getattr(self.streamed, "bit_for_bit", True))
+
 
 def check_sampling(entry: Method, sample_fraction: float | None, device: Any) -> None:
     """Refuse row sampling and an objective device for a method that does not take them.
@@ -229,6 +236,7 @@ def summed_by_layer(objective: Callable[[ObjectiveInputs], Objective]) -> Callab
 
         return StreamedBlockSum(inputs.reader, inputs.units, make)
 
+    streamed.bit_for_bit = False  # Method.streams_bit_for_bit
     return streamed
 
 

@@ -37,7 +37,9 @@ from safetensors.torch import save_file
 from orthoopt.errors import InvalidInputError
 from orthoopt.utils.atomic import atomic_path
 
-FORMAT = "orthoopt-partial/2"
+FORMAT = "orthoopt-partial/3"
+"""Version of the file layout; 3: the settings name RotateConfig's fields by their group (``solve.steps``),
+so a file of version 2 is refused by its format, not reported as another run's."""
 
 
 def tensor_checksum(tensors) -> str:

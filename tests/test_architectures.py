@@ -333,9 +333,9 @@ def test_streamed_rotation_equals_in_memory(model_type, tmp_path):
         uniform_post_norms(model)
     model.save_pretrained(tmp_path / "src")
     mem = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32)
-    rotate_model(mem, RotateConfig("optrot", solver="cayley-sgd", steps=3, seed=3), progress=False)
+    rotate_model(mem, RotateConfig("optrot", seed=3, solve={"solver": "cayley-sgd", "steps": 3}), progress=False)
     rotate_streamed(
-        tmp_path / "src", tmp_path / "out", RotateConfig(solver="cayley-sgd", steps=3, seed=3), progress=False
+        tmp_path / "src", tmp_path / "out", RotateConfig(seed=3, solve={"solver": "cayley-sgd", "steps": 3}), progress=False
     )
     got = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
     want = mem.state_dict()
@@ -377,7 +377,7 @@ def test_full_settings_quantize_and_spinquant_on_every_architecture(model_type):
     spun = copy.deepcopy(model)
     result = rotate_model(
         spun,
-        RotateConfig("spinquant", rotations=rotations, steps=2, sim_quant=sim, batch_size=2),
+        RotateConfig("spinquant", rotations=rotations, solve={"steps": 2}, spinquant={"sim_quant": sim, "batch_size": 2}),
         calib=ids(4, batch=4, seq=16),
         progress=False,
         verify_ids=x,

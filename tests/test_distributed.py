@@ -143,7 +143,7 @@ def test_two_process_rotation_equals_single_process(two_process_run, tmp_path):
     single = rotate_streamed(
         src,
         tmp_path / "out1",
-        RotateConfig(steps=STEPS, seed=2, dtype=torch.float64, model_dtype=torch.float64),
+        RotateConfig(seed=2, solve={"steps": STEPS}, compute={"dtype": torch.float64}, checkpoint={"dtype": torch.float64}),
         progress=False,
     )
     multi = load_file(str(out / "orthoopt" / "rotations.safetensors"))
@@ -158,7 +158,7 @@ def test_two_process_rotation_equals_single_process(two_process_run, tmp_path):
     start = rotate_streamed(
         src,
         tmp_path / "out0",
-        RotateConfig(rotations=("R1",), steps=0, seed=2, dtype=torch.float64, model_dtype=torch.float64),
+        RotateConfig(rotations=("R1",), seed=2, solve={"steps": 0}, compute={"dtype": torch.float64}, checkpoint={"dtype": torch.float64}),
         progress=False,
     ).rotations["R1"]
     assert float((multi["R1"] - start).abs().max()) > 1e-3

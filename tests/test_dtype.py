@@ -81,7 +81,7 @@ def test_rotate_keeps_the_dtype_in_memory_and_streamed_bit_for_bit(folders, tmp_
         floats = {k: v for k, v in stored_dtypes(out).items() if v.startswith(("F", "BF"))}
         assert floats and set(floats.values()) == {code}, out
         assert json.loads((out / "config.json").read_text())["dtype"] == name
-        assert json.loads((out / "report.json").read_text())["config"]["model_dtype"] == name
+        assert json.loads((out / "report.json").read_text())["config"]["checkpoint"]["dtype"] == name
     a, b = load_model(mem).state_dict(), load_model(streamed).state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # the same per-tensor arithmetic
     report = json.loads((mem / "report.json").read_text())
@@ -105,7 +105,7 @@ def test_float32_checkpoints_rotate_as_before(folders, tmp_path):
     a, b = load_model(tmp_path / "auto").state_dict(), load_model(tmp_path / "explicit").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     config = json.loads((tmp_path / "auto" / "report.json").read_text())["config"]
-    assert (config["dtype"], config["model_dtype"]) == ("float32", "float32")
+    assert (config["compute"]["dtype"], config["checkpoint"]["dtype"]) == ("float32", "float32")
 
 
 def test_learned_rotation_of_a_bf16_model(folders):
@@ -113,9 +113,9 @@ def test_learned_rotation_of_a_bf16_model(folders):
     float64 per tensor, cast back once; the model stays bf16 and keeps its function to the bf16 tolerance."""
     model = load_model(folders["bfloat16"])
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    result = rotate_model(model, RotateConfig("optrot", steps=2), verify_ids=ids, progress=False)
+    result = rotate_model(model, RotateConfig("optrot", solve={"steps": 2}), verify_ids=ids, progress=False)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    assert result.report["config"]["dtype"] == "float32"  # learned in float32, re-orthogonalized in float64
+    assert result.report["config"]["compute"]["dtype"] == "float32"  # learned in float32, re-orthogonalized in float64
     for name, R in result.rotations.items():
         check_orthogonal(R, name)
     assert result.report["invariance_error"] <= invariance_tolerance(torch.bfloat16)

@@ -1,7 +1,7 @@
 """The method registry (``orthoopt.methods``, issue 22 item 2): one entry per method, everything else derived.
 
-A data-free objective becomes a ``--method`` by one registry entry: a throwaway entry (OptRot's fourth
-power with ``normalize=True``) shows up in the CLI's choices and help and in the docs table, and runs end
+A new data-free objective becomes a ``--method`` by one registry entry plus its class: a throwaway
+entry (a sixth-power objective defined here, as a contributor's file would) shows up in the CLI's choices and help and in the docs table, and runs end
 to end in memory and streamed through the CLI, ``rotate_model`` and ``rotate_streamed``.
 """
 
@@ -19,19 +19,34 @@ from orthoopt.testing import save_planted
 from orthoopt.cli import build_parser, main
 from orthoopt.config import RotateConfig
 from orthoopt.methods import METHODS, Method, method_table_markdown, names, summed_by_layer
-from orthoopt.objectives import FourthPower
+from orthoopt.objectives import Objective
 from orthoopt.pipeline import build_objective, rotate_model, rotate_streamed
 
 TINY = dict(arch="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, seed=3)
-NAME = "optrot-normalized"
+NAME = "sixth-power"
 
 
-def normalized(inputs):
-    return FourthPower(inputs.blocks, normalize=True)
+class SixthPower(Objective):
+    """A new data-free objective, written as a contributor would in its own file: the sum over blocks of
+    ``mean((W R)**6)``; the gradient comes from the base class (autograd)."""
+
+    def __init__(self, blocks) -> None:
+        self.blocks = list(blocks)
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {b.rotation: b.dim for b in self.blocks}
+
+    def loss(self, rotations) -> torch.Tensor:
+        return sum(b.rotated(rotations[b.rotation]).double().pow(6).mean() for b in self.blocks)
 
 
-ENTRY = Method(NAME, "scale-free fourth power of the rotated weights (`FourthPower`, normalize)", "", "learned",
-               objective=normalized, solver="cayley-sgd", steps=7, streamed=summed_by_layer(normalized))
+def sixth_power(inputs):
+    return SixthPower(inputs.blocks)
+
+
+ENTRY = Method(NAME, "sixth power of the rotated weights (test-only `SixthPower`)", "", "learned",
+               objective=sixth_power, solver="cayley-sgd", steps=7, streamed=summed_by_layer(sixth_power))
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +69,8 @@ def _rotate_options(parser):
 def test_the_tables_of_the_config_are_views_of_the_registry():
     for name, m in METHODS.items():
         c = RotateConfig(method=name)
-        assert c.learned == m.learned and c.steps == m.steps and c.solver_name == m.solver
-        assert c.effective_lr == m.lr and (c.sim_quant is not None) == m.simulates_quantization
+        assert c.learned == m.learned and c.solve.steps == m.steps and c.solver_name == m.solver
+        assert c.effective_lr == m.lr and (c.spinquant.sim_quant is not None) == m.simulates_quantization
     assert names(lambda m: m.supports_streamed) == ("identity", "random", "hadamard", "optrot")
     assert names(lambda m: m.needs_calibration) == ("optrot+", "kurtosis", "dfrot", "spinquant")
     assert METHODS["kurtosis"].solver == "cayley-lbfgs"  # the module doc of the pipeline once said radam
@@ -77,13 +92,14 @@ def test_a_new_entry_runs_in_memory_and_streamed(registered, model_dir, tmp_path
     adapter = DecoderAdapter(load_model(model_dir))
     adapter.fuse_norms()
     objective = build_objective(RotateConfig(NAME), adapter, "R1")
-    assert isinstance(objective, FourthPower) and objective.normalize
+    assert isinstance(objective, SixthPower) and set(objective.dims) == {"R1"}
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     mem = rotate_model(model, RotateConfig(NAME, seed=1), progress=False, verify_ids=ids)
     assert mem.report["method"] == NAME and mem.report["steps"] == {"R1": 7, "R2": 7}
     assert mem.report["solver"] == "cayley-sgd" and mem.solves["R1"].history[-1] < mem.solves["R1"].history[0]
     res = rotate_streamed(model_dir, tmp_path / "s", RotateConfig(NAME, seed=1), progress=False)
     # the streamed R1 objective sums the layers' terms: equal up to the order of the float sums
+    assert not registered.streams_bit_for_bit and METHODS["optrot"].streams_bit_for_bit
     for phase in ("R1", "R2"):
         assert res.solves[phase].history == pytest.approx(mem.solves[phase].history, rel=1e-5)
     for k, R in mem.rotations.items():

@@ -340,7 +340,7 @@ def test_spinquant_on_moe(model_type):
         want = model(x).logits
     res = rotate_model(
         model,
-        RotateConfig("spinquant", steps=2, sim_quant=sq, batch_size=2),
+        RotateConfig("spinquant", solve={"steps": 2}, spinquant={"sim_quant": sq, "batch_size": 2}),
         calib=ids(4, 16, seed=1),
         progress=False,
         verify_ids=x,

@@ -101,8 +101,8 @@ def test_one_command_equals_rotate_then_quantize(capsys, tmp_path, model_dir, te
 def test_python_oneshot_is_what_the_command_runs(capsys, tmp_path, model_dir):
     assert main(["quantize", str(model_dir), "--out", str(tmp_path / "cli"), "--rotate", "optrot", "--steps", "3",
                  "--scheme", "W4A16", *QUIET]) == 0
-    result = orthoopt.oneshot(str(model_dir), out=tmp_path / "py", rotate={"method": "optrot", "steps": 3,
-                                                                         "checkpoint_every": 25},
+    result = orthoopt.oneshot(str(model_dir), out=tmp_path / "py", rotate={"method": "optrot",
+                                                                         "solve": {"steps": 3, "checkpoint_every": 25}},
                               scheme="W4A16", progress=False)
     assert result.format == "compressed-tensors" and result.out == tmp_path / "py"
     assert set(result.seconds) >= {"load", "rotate", "quantize", "write", "report"}

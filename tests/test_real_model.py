@@ -50,7 +50,7 @@ def test_hadamard_rotation_keeps_the_logits_float64(ids):
     q_before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     # rotate_model compares the logits on `ids` before and after and raises above verify_tol
     result = rotate_model(
-        model, RotateConfig("hadamard", dtype=torch.float64), verify_ids=ids, verify_tol=1e-6, progress=False
+        model, RotateConfig("hadamard", compute={"dtype": torch.float64}), verify_ids=ids, verify_tol=1e-6, progress=False
     )
     assert result.report["invariance_error"] < 1e-6
     assert set(result.rotations) == {"R1", *(f"R2.{i}" for i in range(30))}

@@ -36,7 +36,7 @@ def test_a_recipe_gives_what_the_flags_give(tmp_path, model_dir):
     text = sample_text_file(tmp_path / "calib.txt", chars=6000)
     recipe = write(tmp_path, """
 version: 1
-rotate: {method: optrot, steps: 3, checkpoint_every: 25, seed: 2}
+rotate: {method: optrot, solve: {steps: 3, checkpoint_every: 25}, seed: 2}
 quantize:
   scheme: W4A16
   method: gptq
@@ -57,13 +57,13 @@ calib: calib.txt        # relative to the recipe's folder
 
 def test_the_recipe_is_read_into_oneshot_arguments(tmp_path):
     recipe = write(tmp_path, """
-rotate: {method: spinquant, steps: 5, rotations: [R1], init: rot}
+rotate: {method: spinquant, solve: {steps: 5}, rotations: [R1], init: rot}
 quantize: {scheme: w4a8, group_size: 64}
 calib: {source: "hf:org/data:cfg", split: validation, text_column: body}
 eval: {text: eval.txt, max_tokens: 4096}
 """)
     kw = load_recipe(recipe)
-    assert kw["rotate"] == {"method": "spinquant", "steps": 5, "rotations": ["R1"]}
+    assert kw["rotate"] == {"method": "spinquant", "solve": {"steps": 5}, "rotations": ["R1"]}
     assert kw["init"] == str(tmp_path / "rot") and kw["eval_text"] == str(tmp_path / "eval.txt")
     assert kw["quantize"] == QuantizeSettings(scheme="w4a8", group_size=64)
     assert kw["calib"] == CalibSource("hf:org/data:cfg", "validation", "body")
@@ -77,9 +77,11 @@ eval: {text: eval.txt, max_tokens: 4096}
     ("quantize: {sym: 1}", "quantize.sym must be bool or null, got 1"),
     ("quantize: {scheme: W9A9}", "quantize: unknown scheme 'W9A9'"),
     ("quantize: {method: awq}", "quantize: --method must be one of rtn, gptq"),
-    ("rotate: {steps: 3}", "rotate needs a method"),
+    ("rotate: {solve: {steps: 3}}", "rotate needs a method"),
     ("rotate: {method: optrot, step: 3}", "rotate: unknown key 'step'"),
-    ("rotate: {method: optrot, steps: -1}", "rotate: steps must be an int >= 0"),
+    ("rotate: {method: optrot, solve: {steps: -1}}", "rotate: steps must be an int >= 0"),
+    ("rotate: {method: optrot, solve: {step: 3}}", "rotate: solve has unknown fields"),
+    ("rotate: {method: optrot, steps: 3}", "rotate: unknown key 'steps'"),
     ("rotate: {method: turbo}", "unknown rotation method 'turbo'"),
     ("calib: {source: a.txt, split: train}", "calib.split and calib.text_column are for a dataset"),
     ("calib: {file: a.txt}", "calib: unknown key 'file'; known keys: source, split, text_column"),

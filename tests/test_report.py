@@ -35,7 +35,7 @@ def embedded(report: str) -> list[str]:
 
 def test_the_report_has_the_perplexities_compare_measures_on_the_written_folders(tmp_path, model_dir, text):
     out = tmp_path / "q"
-    result = orthoopt.oneshot(str(model_dir), out=out, rotate={"method": "optrot", "steps": 3}, quantize={
+    result = orthoopt.oneshot(str(model_dir), out=out, rotate={"method": "optrot", "solve": {"steps": 3}}, quantize={
         "wbits": 3, "group_size": 32, "format": "orthoopt"}, eval_text=text, eval_seq_len=32, eval_max_tokens=1024,
         progress=False)
     ev = result.evaluation

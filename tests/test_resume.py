@@ -175,7 +175,7 @@ def test_streamed_kill9_in_r1_and_in_a_layers_r2_then_resume_is_bit_identical(mo
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the killed runs
     try:
-        rotate_streamed(model_dir, tmp_path / "ref", RotateConfig(steps=120, seed=0), progress=False)  # uninterrupted
+        rotate_streamed(model_dir, tmp_path / "ref", RotateConfig(seed=0, solve={"steps": 120}), progress=False)  # uninterrupted
         out = tmp_path / "run"
         partial = out.with_name(out.name + ".partial.safetensors")
         argv = ["rotate", str(model_dir), "--out", str(out), "--streamed", "--steps", "120", "--checkpoint-every",
@@ -205,7 +205,7 @@ def test_streamed_kill9_in_r1_and_in_a_layers_r2_then_resume_is_bit_identical(mo
     assert solves == [(["R2.1"], 120 - int(meta["step"]))]
     report = json.loads(capsys.readouterr().out)
     assert report["resumed"]["phase"] == "R2.1" and report["resumed"]["steps_done"] > 0
-    assert report["config"]["checkpoint_every"] == 5 and report["streamed"]["world_size"] == 1
+    assert report["config"]["solve"]["checkpoint_every"] == 5 and report["streamed"]["world_size"] == 1
     _same_output(out, tmp_path / "ref")
     assert not partial.exists()
 
@@ -294,30 +294,29 @@ def _interrupted_partial(model, tmp_path: Path, **kw) -> Path:
             raise Stop
 
     with pytest.raises(Stop):
-        rotate_model(model, RotateConfig("optrot", steps=8, checkpoint_every=2, **kw), progress=False, callback=cb,
-                     checkpoint=path)
+        rotate_model(model, RotateConfig("optrot", **kw, solve={"steps": 8, "checkpoint_every": 2}), progress=False,
+                     callback=cb, checkpoint=path)
     return path
 
 
 @pytest.mark.parametrize("change, named", [
-    (dict(solver="radam"), "solver"),
+    (dict(solve={"solver": "radam"}), "solver"),
     (dict(seed=1), "seed"),
-    (dict(steps=9), "steps"),
-    (dict(lr=0.1, solver="cayley-sgd"), "lr"),
-    (dict(dtype=torch.float64), "dtype"),
+    (dict(solve={"steps": 9}), "steps"),
+    (dict(solve={"lr": 0.1, "solver": "cayley-sgd"}), "lr"),
+    (dict(compute={"dtype": torch.float64}), "dtype"),
     (dict(method="hadamard-model"), "model"),
 ])
 def test_resume_refuses_a_partial_checkpoint_of_another_run(tmp_path, change, named):
     path = _interrupted_partial(planted_outlier_model(**SMALL), tmp_path)
     before = path.read_bytes()
-    config = dict(steps=8, checkpoint_every=2)
+    config = RotateConfig("optrot", solve={"steps": 8, "checkpoint_every": 2})
     model = planted_outlier_model(**SMALL)
     if change.get("method") == "hadamard-model":  # another model: different weights, same shapes
         model = planted_outlier_model(**{**SMALL, "seed": SMALL["seed"] + 1})
         change = {}
     with pytest.raises(ValueError, match=named) as e:
-        rotate_model(model, RotateConfig("optrot", **{**config, **change}), progress=False, checkpoint=path,
-                     resume=True)
+        rotate_model(model, config.replace(**change), progress=False, checkpoint=path, resume=True)
     assert "different run" in str(e.value)
     assert path.read_bytes() == before  # a refused resume leaves the file alone
 
@@ -421,7 +420,8 @@ def _every(name: str) -> dict:
     rounding difference (issue 25) takes several L-BFGS steps to change the rotations (resuming from
     step 5, 10, ... of 20 showed it; 6 steps did not). The other solvers' restores are checked at the
     rounding level by ``test_solver_state_through_the_file_continues_bit_for_bit_from_every_step``."""
-    return dict(steps=20, checkpoint_every=5, seed=0) if name == "cayley-lbfgs" else dict(steps=6, checkpoint_every=2, seed=0)
+    steps, every = (20, 5) if name == "cayley-lbfgs" else (6, 2)
+    return dict(seed=0, solve={"solver": name, "steps": steps, "checkpoint_every": every})
 
 
 # hidden 128 (default heads): large enough that row- and column-major operands round differently
@@ -464,7 +464,7 @@ def _resumed_from(copy: Path, tmp_path: Path) -> Path:
 
 def _covers_every_kind_of_checkpoint(phases: list[tuple[str, str]], name: str) -> None:
     """Mid-R1, mid-R2 of both layers, and the boundary before layer 1's R2 (R2 is one unit per layer)."""
-    k = str(_every(name)["checkpoint_every"])
+    k = str(_every(name)["solve"]["checkpoint_every"])
     assert {("R1", k), ("R2.0", k), ("R2.1", "0"), ("R2.1", k)} <= set(phases), phases
 
 
@@ -472,14 +472,14 @@ def _memory_setting(name: str) -> tuple[str, dict]:
     """A method that ``name`` can solve (procrustes: DFRot's targets, from calibration tokens)."""
     if name == "procrustes":
         ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-        return "dfrot", {"calib_tokens": 64}, ids
+        return "dfrot", {"calib": {"tokens": 64}}, ids
     return "optrot", {}, None
 
 
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_resume_from_every_partial_checkpoint_in_memory_is_bit_identical(name, tmp_path, monkeypatch):
     method, data, calib = _memory_setting(name)
-    config = RotateConfig(method, solver=name, **_every(name), **data)
+    config = RotateConfig(method, **_every(name), **data)
     threads = torch.get_num_threads()
     try:
         fresh = lambda: planted_outlier_model(**{k: v for k, v in WIDE.items() if k != "arch"})
@@ -503,7 +503,7 @@ def test_resume_from_every_partial_checkpoint_in_memory_is_bit_identical(name, t
 @pytest.mark.parametrize("name", sorted(set(SOLVERS) - {"procrustes"}))
 def test_resume_from_every_partial_checkpoint_streamed_is_bit_identical(name, wide_dir, tmp_path, monkeypatch):
     model_dir = wide_dir
-    config = RotateConfig(solver=name, **_every(name))
+    config = RotateConfig(**_every(name))
     copies = _every_partial(tmp_path, monkeypatch, lambda ck: rotate_streamed(
         model_dir, tmp_path / "ref", config, checkpoint=ck, progress=False))
     phases = [(m["phase"], m["step"]) for m in map(_partial_meta, copies)]
@@ -550,7 +550,7 @@ def test_spinquant_resumed_from_every_partial_checkpoint_takes_the_same_batches(
     batches of 2 with 5 steps: a restarted stream takes other batches from the second checkpoint on."""
     fresh = lambda: planted_outlier_model(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, seed=2)
     ids = torch.randint(0, 259, (6, 12), generator=torch.Generator().manual_seed(0))
-    config = RotateConfig("spinquant", steps=5, checkpoint_every=2, seed=0, batch_size=2)
+    config = RotateConfig("spinquant", seed=0, solve={"steps": 5, "checkpoint_every": 2}, spinquant={"batch_size": 2})
     ref_model = fresh()
     copies = _every_partial(tmp_path, monkeypatch, lambda ck: rotate_model(ref_model, config, calib=ids, checkpoint=ck,
                                                                             progress=False))

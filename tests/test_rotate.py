@@ -102,7 +102,7 @@ def test_optrot_beats_hadamard_on_fourth_power_and_max(tmp_path):
 def test_float64_rotation_is_exact_to_norm_precision(model_dir):
     model = load_model(model_dir, dtype=torch.float64)
     ids = _ids(model.config.vocab_size)
-    result = rotate_model(model, RotateConfig("optrot", steps=3, dtype=torch.float64), verify_ids=ids, progress=False)
+    result = rotate_model(model, RotateConfig("optrot", solve={"steps": 3}, compute={"dtype": torch.float64}), verify_ids=ids, progress=False)
     # transformers' RMSNorm computes in float32 whatever the model dtype (docs/adapters.md)
     assert result.report["invariance_error"] < 1e-6
     assert result.report["orthogonality_error"] < 1e-12
@@ -146,34 +146,53 @@ def test_bad_input_gives_clear_errors_and_writes_nothing(model_dir, tmp_path, ca
 def test_sampled_optrot_keeps_the_function_and_other_methods_refuse_sampling(model_dir):
     model = load_model(model_dir)
     ids = _ids(model.config.vocab_size)
-    result = rotate_model(model, RotateConfig("optrot", steps=3, sample_fraction=0.5), verify_ids=ids, progress=False)
+    result = rotate_model(model, RotateConfig("optrot", solve={"steps": 3}, compute={"sample_fraction": 0.5}), verify_ids=ids, progress=False)
     assert result.report["sample_fraction"] == 0.5
     assert result.report["invariance_error"] < 1e-4
     with pytest.raises(ValueError, match="optrot"):
         rotate_model(
-            load_model(model_dir), RotateConfig("kurtosis", steps=1, sample_fraction=0.5), calib=ids, progress=False
+            load_model(model_dir), RotateConfig("kurtosis", solve={"steps": 1}, compute={"sample_fraction": 0.5}), calib=ids, progress=False
         )
 
 
 def test_rotate_config_validates_names_the_field_and_round_trips(model_dir, tmp_path, capsys):
-    from orthoopt.config import RotateConfig
+    from orthoopt.config import RotateConfig, SpinQuantConfig
 
-    for bad, field in [(dict(method="nope"), "method"), (dict(steps=-1), "steps"), (dict(steps={"R3": 1}), "steps"),
-                       (dict(rotations=("R1", "R4")), "rotations"), (dict(lr=0.0), "lr"), (dict(dtype="int8"), "dtype"),
-                       (dict(solver="adamw"), "solver"), (dict(sample_fraction=1.5), "sample_fraction"),
-                       (dict(method="dfrot", sample_fraction=0.5), "sample_fraction"),
-                       (dict(checkpoint_every=-2), "checkpoint_every"), (dict(layers_per_shard=0), "layers_per_shard"),
-                       (dict(batch_size=2), "batch_size"), (dict(stop={"patience": 3}), "stop"),
-                       (dict(device="meta"), "meta")]:
+    for bad, field in [(dict(method="nope"), "method"), (dict(solve={"steps": -1}), "steps"),
+                       (dict(solve={"steps": {"R3": 1}}), "steps"), (dict(rotations=("R1", "R4")), "rotations"),
+                       (dict(solve={"lr": 0.0}), "lr"), (dict(compute={"dtype": "int8"}), "dtype"),
+                       (dict(solve={"solver": "adamw"}), "solver"), (dict(compute={"sample_fraction": 1.5}), "sample_fraction"),
+                       (dict(method="dfrot", compute={"sample_fraction": 0.5}), "sample_fraction"),
+                       (dict(solve={"checkpoint_every": -2}), "checkpoint_every"),
+                       (dict(checkpoint={"layers_per_shard": 0}), "layers_per_shard"),
+                       (dict(spinquant={"batch_size": 2}), "batch_size"), (dict(solve={"stop": {"patience": 3}}), "stop"),
+                       (dict(compute={"device": "meta"}), "meta"), (dict(solve={"step": 3}), "solve has unknown fields"),
+                       (dict(calib=3), "calib must be a CalibConfig"), (dict(seed=-1), "seed")]:
         with pytest.raises(ValueError, match=field):
             RotateConfig(**bad)
-    spin = RotateConfig(method="spinquant", rotations=["R2", "R1"], steps={"R1": 3}, dtype=torch.float64, batch_size=2)
-    assert spin.rotations == ("R1", "R2") and spin.dtype == "float64" and spin.phase_steps() == {"R1": 3, "R2": 0}
-    assert spin.effective_lr == 1.5 and spin.sim_quant is not None
+    with pytest.raises(TypeError):
+        RotateConfig("optrot", steps=3)  # settings live in their groups: no flat second interface
+    spin = RotateConfig(method="spinquant", rotations=["R2", "R1"], solve={"steps": {"R1": 3}},
+                        compute={"dtype": torch.float64}, spinquant=SpinQuantConfig(batch_size=2))
+    assert spin.rotations == ("R1", "R2") and spin.compute.dtype == "float64" and spin.phase_steps() == {"R1": 3, "R2": 0}
+    assert spin.effective_lr == 1.5 and spin.spinquant.sim_quant is not None and spin.spinquant.batch_size == 2
     again = RotateConfig.from_json(json.loads(json.dumps(spin.to_json())))
     assert again == spin
     with pytest.raises(ValueError, match="unknown RotateConfig fields"):
         RotateConfig.from_json({**spin.to_json(), "colour": 1})
+    # a config written before the groups (flat, report.json of earlier versions) reads into its groups
+    flat = {"method": "optrot", "steps": 7, "lr": 0.5, "calib_tokens": 64, "model_dtype": "bfloat16", "dtype": "float64",
+            "layers_per_shard": 2, "seed": 1}
+    assert RotateConfig.from_json(flat) == RotateConfig("optrot", seed=1, solve={"steps": 7, "lr": 0.5},
+                                                        calib={"tokens": 64}, compute={"dtype": "float64"},
+                                                        checkpoint={"dtype": "bfloat16", "layers_per_shard": 2})
+    # replace: a group changes by the fields given, validated again
+    moved = spin.replace(seed=2, solve={"lr": 0.1})
+    assert (moved.seed, moved.solve.lr, moved.solve.steps, moved.spinquant) == (2, 0.1, {"R1": 3}, spin.spinquant)
+    with pytest.raises(ValueError, match="lr"):
+        spin.replace(solve={"lr": -1.0})
+    with pytest.raises(ValueError, match="unknown RotateConfig fields"):
+        spin.replace(steps=3)
     # the CLI and the distributed entry point build the same config from argv; report.json carries it
     from orthoopt.distributed_rotate import build_parser, config_from_args
 
@@ -182,7 +201,7 @@ def test_rotate_config_validates_names_the_field_and_round_trips(model_dir, tmp_
     assert main(["rotate", str(model_dir), "--out", str(out), "--streamed", *argv, "--quiet"]) == 0
     written = RotateConfig.from_json(json.loads((out / "report.json").read_text())["config"])
     dist = config_from_args(build_parser().parse_args([str(model_dir), "--out", str(out), *argv]), torch.device("cpu"))
-    assert written == dist == RotateConfig(steps=2, seed=4, sample_fraction=0.5)
+    assert written == dist == RotateConfig(seed=4, solve={"steps": 2}, compute={"sample_fraction": 0.5})
 
 
 def test_streaming_never_imports_the_pipeline():
@@ -198,23 +217,22 @@ def test_streaming_never_imports_the_pipeline():
 
 
 def test_rotate_model_takes_calibration_text_cut_as_the_cli_cuts_it(model_dir, calib_file, tmp_path, capsys):
-    """``rotate_model(model, config, calib=TEXT, tokenizer=tok)`` reads ``calib_tokens`` /
-    ``calib_seq_len`` from the config (``orthoopt.pipeline.calibration``) and gives the CLI's rotations."""
+    """``rotate_model(model, config, calib=TEXT, tokenizer=tok)`` reads ``calib.tokens`` /
+    ``calib.seq_len`` from the config (``orthoopt.pipeline.calibration``) and gives the CLI's rotations."""
     from orthoopt.models import load_tokenizer
 
     out = tmp_path / "cli"
     assert main(["rotate", str(model_dir), "--out", str(out), "--method", "optrot+", "--steps", "2", "--quiet",
                  "--calib", str(calib_file), "--calib-tokens", "192", "--calib-seq-len", "64"]) == 0
-    config = RotateConfig("optrot+", steps=2, calib_tokens=192, calib_seq_len=64)
+    config = RotateConfig("optrot+", solve={"steps": 2}, calib={"tokens": 192, "seq_len": 64})
     result = rotate_model(load_model(model_dir), config, calib=calib_file, tokenizer=load_tokenizer(model_dir),
                           progress=False)
     cli = load_file(str(out / "orthoopt" / "rotations.safetensors"))
     assert set(cli) == set(result.rotations)
     for k, R in result.rotations.items():
         assert torch.equal(R, cli[k].to(R.dtype)), k  # same windows, same arithmetic, one machine
-    other = rotate_model(load_model(model_dir), RotateConfig("optrot+", steps=2, calib_tokens=192, calib_seq_len=32),
-                         calib=calib_file, tokenizer=load_tokenizer(model_dir), progress=False)
-    assert not torch.equal(other.rotations["R1"], result.rotations["R1"])  # calib_seq_len is read
+    other = rotate_model(load_model(model_dir), config.replace(calib={"seq_len": 32}), calib=calib_file, tokenizer=load_tokenizer(model_dir), progress=False)
+    assert not torch.equal(other.rotations["R1"], result.rotations["R1"])  # calib.seq_len is read
 
 
 def test_rotate_model_takes_settings_only_as_a_rotate_config(model_dir):

@@ -512,7 +512,7 @@ def test_meta_tensors_are_clear_errors(tiny, tmp_path, capsys):
     with pytest.raises(ValueError, match="meta device"):
         FourthPower([WeightBlock(torch.empty(8, 8, device="meta"), "R1", "in", "w")])
     with pytest.raises(ValueError, match="meta"):
-        rotate_model(planted_outlier_model(**TINY), RotateConfig("optrot", steps=1, device="meta"), progress=False)
+        rotate_model(planted_outlier_model(**TINY), RotateConfig("optrot", solve={"steps": 1}, compute={"device": "meta"}), progress=False)
     err = run_error(capsys, ["rotate", str(tiny), "--out", str(tmp_path / "o"), "--method", "optrot",
                              "--device", "meta", "--no-progress"])
     assert "meta" in err and "--device" in err

@@ -138,7 +138,7 @@ def test_errors():
     with pytest.raises(ValueError, match="batch_size"):
         QuantizedLMLoss(fn, ids(), batch_size=0)
     with pytest.raises(ValueError, match="spinquant"):
-        rotate_model(fused(), RotateConfig("optrot", steps=1, batch_size=2), progress=False)
+        rotate_model(fused(), RotateConfig("optrot", solve={"steps": 1}, spinquant={"batch_size": 2}), progress=False)
 
 
 def test_rotate_model_spinquant_joint_cosine_and_invariance():
@@ -153,7 +153,7 @@ def test_rotate_model_spinquant_joint_cosine_and_invariance():
 
     res = rotate_model(
         model,
-        RotateConfig("spinquant", steps=steps, sim_quant=FULL, batch_size=2),
+        RotateConfig("spinquant", solve={"steps": steps}, spinquant={"sim_quant": FULL, "batch_size": 2}),
         calib=ids(6, 16, seed=1),
         progress=False,
         callback=spy,

@@ -51,24 +51,27 @@ def state(path: Path) -> dict[str, torch.Tensor]:
     return load_model(path).state_dict()
 
 
-def _streamed_and_in_memory(src: Path, tmp_path: Path, method: str, **settings):
+def _streamed_and_in_memory(src: Path, tmp_path: Path, method: str, solver: str | None = None, exact: bool = True):
     """Rotate ``src`` in memory and streamed with the same settings; assert the weights, rotations and
-    loss curves (R2: summed over layers) are equal bit for bit; return ``(model, mem, res, out)``."""
+    loss curves (R2: summed over layers) are equal bit for bit (``exact``; else to rtol 1e-5, atol 1e-5:
+    a ``summed_by_layer`` entry adds its terms in another order); return ``(model, mem, res, out)``."""
     model = load_model(src)
-    config = RotateConfig(method, steps=STEPS, seed=3, **settings)
+    config = RotateConfig(method, seed=3, solve={"steps": STEPS, "solver": solver})
     mem = rotate_model(model, config, progress=False)
     out = tmp_path / "out"
     res = rotate_streamed(src, out, config, progress=False)
     got, want = state(out), model.state_dict()
     assert set(got) == set(want)
+    same = torch.equal if exact else (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5))
     for k in want:
-        assert torch.equal(got[k], want[k]), k
+        assert same(got[k], want[k]), k
     assert set(res.rotations) == set(mem.rotations) == {"R1", "R2.0", "R2.1"}
     for k, R in mem.rotations.items():
-        assert torch.equal(res.rotations[k], R), k
+        assert same(res.rotations[k], R), k
     assert set(res.solves) == set(mem.solves)
     for phase in res.solves:
-        assert res.solves[phase].history == mem.solves[phase].history
+        assert res.solves[phase].history == (mem.solves[phase].history if exact else
+                                             pytest.approx(mem.solves[phase].history, rel=1e-5))
     return model, mem, res, out
 
 
@@ -77,8 +80,7 @@ def _streamed_and_in_memory(src: Path, tmp_path: Path, method: str, **settings):
 def test_streamed_equals_in_memory(saved, tmp_path, case, solver):
     """Bit for bit, with the method's default solver too (cayley-lbfgs: one line search per unit, so
     the in-memory R2 must be solved layer by layer as the streamed one is; issue 22)."""
-    model, mem, res, out = _streamed_and_in_memory(saved[case], tmp_path, "optrot",
-                                                   **({} if solver is None else {"solver": solver}))
+    model, mem, res, out = _streamed_and_in_memory(saved[case], tmp_path, "optrot", solver)
     assert set(res.solves) == {"R1", "R2"}
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] == model.config.tie_word_embeddings
@@ -96,18 +98,21 @@ def test_every_streamed_method_equals_in_memory(saved, tmp_path, case, method):
     """Every method the registry streams (fixed: drawn per unit with derived seeds, no solve; learned:
     its default solver) gives the in-memory run's weights, rotations and loss curves bit for bit."""
     assert {"identity", "random", "hadamard", "optrot"} <= set(STREAMED)
-    _, mem, res, out = _streamed_and_in_memory(saved[case], tmp_path, method)
+    assert all(METHODS[m].streams_bit_for_bit for m in ("identity", "random", "hadamard", "optrot"))
+    _, mem, res, out = _streamed_and_in_memory(saved[case], tmp_path, method,
+                                               exact=METHODS[method].streams_bit_for_bit)
     assert set(res.solves) == ({"R1", "R2"} if METHODS[method].learned else set())
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == method and report["solver"] == mem.report["solver"]
-    assert {k: v for k, v in report.items() if k not in ("seconds", "streamed")} == \
-        {k: v for k, v in mem.report.items() if k != "seconds"}
+    rounded = () if METHODS[method].streams_bit_for_bit else ("loss", "invariance_error")
+    assert {k: v for k, v in report.items() if k not in ("seconds", "streamed", *rounded)} == \
+        {k: v for k, v in mem.report.items() if k not in ("seconds", *rounded)}
 
 
 def test_sharded_output_loads_and_keeps_logits(saved, tmp_path):
     src = saved["llama-gqa-bias"]
     out = tmp_path / "out"
-    rotate_streamed(src, out, RotateConfig(steps=2, seed=0, layers_per_shard=1), progress=False)
+    rotate_streamed(src, out, RotateConfig(seed=0, solve={"steps": 2}, checkpoint={"layers_per_shard": 1}), progress=False)
     index = json.loads((out / INDEX_FILE).read_text())
     assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
     rotated = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -135,7 +140,7 @@ def test_interrupted_write_leaves_nothing(saved, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ShardedWriter, "write", failing_write)
     with pytest.raises(KeyboardInterrupt):
-        rotate_streamed(src, out, RotateConfig(steps=1), progress=False)
+        rotate_streamed(src, out, RotateConfig(solve={"steps": 1}), progress=False)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == []  # no temporary sibling left either
     # a previous output survives a failed run untouched
@@ -143,7 +148,7 @@ def test_interrupted_write_leaves_nothing(saved, tmp_path, monkeypatch):
     (out / "marker").write_text("old")
     calls["n"] = 0
     with pytest.raises(KeyboardInterrupt):
-        rotate_streamed(src, out, RotateConfig(steps=1), progress=False)
+        rotate_streamed(src, out, RotateConfig(solve={"steps": 1}), progress=False)
     assert [p.name for p in out.iterdir()] == ["marker"]
 
 
@@ -173,10 +178,10 @@ def test_streamed_with_embeddings_and_sampling_equals_in_memory(saved, tmp_path)
     src = saved["llama-gqa-bias"]
     model = load_model(src)
     rotate_model(
-        model, RotateConfig("optrot", rotations=("R1",), steps=3, seed=1, include_embeddings=True), progress=False
+        model, RotateConfig("optrot", rotations=("R1",), seed=1, include_embeddings=True, solve={"steps": 3}), progress=False
     )
     rotate_streamed(
-        src, tmp_path / "out", RotateConfig(rotations=("R1",), steps=3, seed=1, include_embeddings=True), progress=False
+        src, tmp_path / "out", RotateConfig(rotations=("R1",), seed=1, include_embeddings=True, solve={"steps": 3}), progress=False
     )
     got, want = state(tmp_path / "out"), model.state_dict()
     assert max(float((got[k] - want[k]).abs().max()) for k in want) <= 1e-6
@@ -211,4 +216,4 @@ def test_bad_inputs(saved, tmp_path):
     with pytest.raises(ValueError, match="safetensors only"):
         rotate_streamed(bin_only, tmp_path / "o")
     with pytest.raises(ValueError, match="layers_per_shard"):
-        rotate_streamed(src, tmp_path / "o", RotateConfig(layers_per_shard=0))
+        rotate_streamed(src, tmp_path / "o", RotateConfig(checkpoint={"layers_per_shard": 0}))

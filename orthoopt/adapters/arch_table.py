@@ -212,11 +212,15 @@ def _gemma(model_type: str, **kw) -> ArchSpec:
     return ArchSpec(model_type, _ATTN + _MLP, norms, final_norm_kind="rms1p", embed_scale="sqrt(hidden)", **kw)
 
 
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+"""The 3-D parameters of a fused experts module (transformers' layout, ``[experts, 2 * inter, hidden]``
+and ``[experts, hidden, inter]``): the table's ``experts.gate_up`` / ``experts.down`` params, which
+:mod:`orthoopt.quant.experts` reads the module by."""
 _MOE_ROUTED = (
     Proj("router", "mlp.gate", "in", "mlp_in", quantize=False),
-    Proj("experts.gate_up", "mlp.experts", "in", "mlp_in", param="gate_up_proj",
+    Proj("experts.gate_up", "mlp.experts", "in", "mlp_in", param=EXPERT_PARAMS[0],
           parts=(("gate", "half"), ("up", "half")), experts=True),
-    Proj("experts.down", "mlp.experts", "out", "expert_hidden", param="down_proj", experts=True),
+    Proj("experts.down", "mlp.experts", "out", "expert_hidden", param=EXPERT_PARAMS[1], experts=True),
 )
 _MOE_NORMS = (
     Norm("input_norm", "input_layernorm", "rms", "pre", ("q", "k", "v")),
@@ -280,4 +284,4 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
-__all__ = ["ARCHS", "ArchSpec", "GROUPS", "NORM_KINDS", "Norm", "PART_SIZES", "Proj"]
+__all__ = ["ARCHS", "ArchSpec", "EXPERT_PARAMS", "GROUPS", "NORM_KINDS", "Norm", "PART_SIZES", "Proj"]

@@ -23,7 +23,9 @@ from orthoopt.models.sources import PLANTED_CONFIG, input_location
 from orthoopt.cli.memory_check import add_force, check_memory
 from orthoopt.cli.usage import help_kwargs
 from orthoopt.config import RotateConfig
-from orthoopt.config_options import FIELD_OF_DEST, add_config_options, config_values, resolve_dtypes
+from orthoopt.config import nest
+from orthoopt.config_options import (FIELD_OF_DEST, MODEL_DTYPE, ROTATION_DTYPE, add_config_options, build_config,
+                                      config_values, dest, resolve_dtypes)
 from orthoopt.errors import InvalidInputError
 from orthoopt.methods import METHODS, method, names
 from orthoopt.core.grid import MAX_BITS, MIN_BITS
@@ -171,38 +173,37 @@ def config_from_args(args: argparse.Namespace) -> RotateConfig:
         from orthoopt.quant.kv import KVQuantConfig
         from orthoopt.quant.rotated import SimQuantConfig
 
-        values["sim_quant"] = SimQuantConfig(
+        values["spinquant.sim_quant"] = SimQuantConfig(
             wbits=args.wbits, act=ActQuantConfig(bits=args.abits, symmetric=not args.act_asym,
                                                  online_hadamard=args.online_hadamard),
             kv=KVQuantConfig(bits=args.kvbits, r3=args.r3))
-        values["schedule_steps"] = args.steps if args.steps is not None else entry.steps
+        values["solve.schedule_steps"] = args.steps if args.steps is not None else entry.steps
     else:
-        spin = [f for f, d in (("batch_size", 1), ("micro_batch_size", None)) if values.get(f, d) != d]
+        spin = [dest(p) for p, d in (("spinquant.batch_size", 1), ("spinquant.micro_batch_size", None))
+                if values.get(p, d) != d]
         if spin:
-            raise InvalidInputError(f"{', '.join('--' + f.replace('_', '-') for f in spin)} are for method "
+            raise InvalidInputError(f"{', '.join('--' + d.replace('_', '-') for d in spin)} are for method "
                                     f"{', '.join(names(lambda m: m.simulates_quantization))}, not {args.method!r}")
-        values.pop("batch_size", None), values.pop("micro_batch_size", None)
-    return RotateConfig(method=args.method, **values)
+        values.pop("spinquant.batch_size", None), values.pop("spinquant.micro_batch_size", None)
+    return build_config(args.method, values)
 
 
 def _check_memory(args: argparse.Namespace, config: RotateConfig, source, streamed: bool) -> None:
     from orthoopt.models.footprint import rotate_estimate
 
     check_memory("orthoopt rotate", source, lambda ck: rotate_estimate(
-        ck, config.torch_model_dtype, streamed, learned=config.learned, can_stream=config.entry.supports_streamed),
+        ck, config.checkpoint.torch_dtype, streamed, learned=config.learned, can_stream=config.entry.supports_streamed),
         args.force)
 
 
 def _with_model_dtype(args: argparse.Namespace, config: RotateConfig, source) -> RotateConfig:
-    """``config`` with ``model_dtype`` resolved for ``source`` (``--dtype auto``: the checkpoint's) and,
-    without ``--rotation-dtype``, float64 rotations for a float64 model."""
-    from dataclasses import replace
-
-    values = resolve_dtypes({"model_dtype": args.dtype, "dtype": args.rotation_dtype},
+    """``config`` with the weights' dtype resolved for ``source`` (``--dtype auto``: the checkpoint's)
+    and, without ``--rotation-dtype``, float64 rotations for a float64 model."""
+    values = resolve_dtypes({MODEL_DTYPE: args.dtype, ROTATION_DTYPE: args.rotation_dtype},
                             lambda: dtype_name(resolve_model_dtype(source, "auto")))
-    if (values["model_dtype"], values["dtype"]) == (config.model_dtype, config.dtype):
+    if (values[MODEL_DTYPE], values[ROTATION_DTYPE]) == (config.checkpoint.dtype, config.compute.dtype):
         return config
-    return replace(config, **values)
+    return config.replace(**nest(values))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -244,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         resolved = resolve_source(args.model_dir or DEFAULT_MODEL, progress=not args.no_progress)
         config = _with_model_dtype(args, config, resolved)
         _check_memory(args, config, resolved, streamed=False)
-        model, tokenizer, source = load_default_or(args.model_dir, config.torch_model_dtype,
+        model, tokenizer, source = load_default_or(args.model_dir, config.checkpoint.torch_dtype,
                                                    progress=not args.no_progress)
         calib = _calibration(args, tokenizer, config, model.config)
     init = load_rotations(args.init) if args.init else None

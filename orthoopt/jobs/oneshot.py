@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -90,8 +90,10 @@ def _rotate_config(rotate, q: QuantizeSettings) -> RotateConfig | None:
         raise InvalidInputError(f"rotate: give the method (one of {', '.join(METHODS)})")
     if values["method"] not in METHODS:
         raise InvalidInputError(f"unknown rotation method {values['method']!r}; choose one of {', '.join(METHODS)}")
-    if METHODS[values["method"]].simulates_quantization and "sim_quant" not in values:
-        values["sim_quant"] = sim_quant_of(q)  # the loss simulates the quantization this run applies
+    if METHODS[values["method"]].simulates_quantization and not (values.get("spinquant") or {}).get("sim_quant"):
+        spin = values.get("spinquant") or {}
+        if isinstance(spin, Mapping):  # the loss simulates the quantization this run applies
+            values["spinquant"] = {**spin, "sim_quant": sim_quant_of(q)}
     try:
         return RotateConfig(**{k: (tuple(v) if k == "rotations" and not isinstance(v, str) else v)
                                for k, v in values.items()})
@@ -187,7 +189,7 @@ def oneshot(model, *, out, rotate=None, scheme: str | None = None, calib=None, q
     rotate : str, mapping or RotateConfig, optional
         The rotation: a method of :data:`orthoopt.methods.METHODS` (``"optrot"``), a mapping of
         :class:`~orthoopt.config.RotateConfig` fields with ``"method"`` (``{"method": "optrot",
-        "steps": 50}``), or a config. None: no rotation (quantize the model as it is). SpinQuant's
+        "solve": {"steps": 50}}``, as ``report.json["config"]`` holds it), or a config. None: no rotation (quantize the model as it is). SpinQuant's
         simulated quantization defaults to this run's settings (:func:`sim_quant_of`).
     scheme : str, optional
         A compressed-tensors scheme name (``"W4A16"``; :data:`orthoopt.quant.schemes.SCHEMES`).
@@ -237,8 +239,8 @@ def oneshot(model, *, out, rotate=None, scheme: str | None = None, calib=None, q
     q, scheme_record = _settings(quantize, scheme)
     config = _rotate_config(rotate, q)
     device = check_device(device, "--device")
-    if config is not None and device is not None and config.device is None:
-        config = replace(config, device=str(device))
+    if config is not None and device is not None and config.compute.device is None:
+        config = config.replace(compute={"device": str(device)})
     calib = CalibSource.of(calib)
     check_options(DEFAULT_RESAMPLES, 0, eval_seq_len, eval_max_tokens)
     out = Path(out)
@@ -248,9 +250,9 @@ def oneshot(model, *, out, rotate=None, scheme: str | None = None, calib=None, q
     source_folder = None
     resolved = resolve_source(model, progress=progress)
     model_dtype = resolve_model_dtype(resolved, q.dtype)
-    if config is not None and config.model_dtype != dtype_name(model_dtype):  # the one --dtype serves both steps
-        config = replace(config, model_dtype=dtype_name(model_dtype),
-                         dtype="float64" if model_dtype == torch.float64 else config.dtype)
+    if config is not None and config.checkpoint.dtype != dtype_name(model_dtype):  # the one --dtype serves both steps
+        config = config.replace(checkpoint={"dtype": dtype_name(model_dtype)},
+                                compute={"dtype": "float64" if model_dtype == torch.float64 else config.compute.dtype})
     if streamed:
         from orthoopt.models.io import check_model_folder
 
@@ -386,7 +388,7 @@ def _rotate(net, tokenizer, config, calib, init, resume, partial, source_folder,
         result = rotate_streamed(source_folder, folder, config, init=init, progress=progress, checkpoint=partial,
                                  resume=resume)
         del net
-        net, _ = load_checkpoint(folder, dtype=config.torch_model_dtype)
+        net, _ = load_checkpoint(folder, dtype=config.checkpoint.torch_dtype)
         shutil.rmtree(folder)
         return net, {"model": str(source_folder), **result.report}, result.solves, result.rotations
     from orthoopt.pipeline.calibration import rotation_calibration
@@ -442,7 +444,7 @@ def _settings_rows(model, config, q: QuantizeSettings, scheme, calib, fmt, rotat
         steps = config.phase_steps() if config.learned else "-"
         rows += [("rotation", f"{config.method} ({', '.join(config.rotations)})"),
                  ("solver, steps", f"{config.solver_name or '-'}, {steps}"),
-                 ("rotation seed, dtype", f"{config.seed}, {config.dtype}")]
+                 ("rotation seed, dtype", f"{config.seed}, {config.compute.dtype}")]
         if rotation is not None and rotation.get("invariance_error") is not None:
             rows.append(("rotated logits vs input (relative)", rotation["invariance_error"]))
     rows += [("scheme", scheme["name"] if scheme else "none"),

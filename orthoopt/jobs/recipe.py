@@ -7,7 +7,7 @@ into :func:`orthoopt.jobs.oneshot.oneshot`'s arguments, so a published setting i
     version: 1                    # optional; 1 is the only version
     rotate:                       # optional (no rotation without it)
       method: optrot              # a method of orthoopt.methods.METHODS
-      steps: 150                  # any orthoopt.config.RotateConfig field; plus init: ROTATIONS
+      solve: {steps: 150}         # RotateConfig's fields, grouped as report.json["config"]; plus init: ROTATIONS
     quantize:                     # optional; the fields of orthoopt.jobs.settings.QuantizeSettings
       scheme: W4A16
       method: gptq

@@ -43,7 +43,7 @@ the phase's first unit (:meth:`MemoryStore.prepare`). The loop starts each unit 
 cosine schedule of spinquant and the user's callback, re-orthogonalizes in float64 and hands the
 rotations to the store.
 
-Exact resume: with ``checkpoint=PATH`` and ``config.checkpoint_every=k`` the loop writes its whole state
+Exact resume: with ``checkpoint=PATH`` and ``config.solve.checkpoint_every=k`` the loop writes its whole state
 (finished rotations in float64, the solver's state, the objective's sampling generators, the loss
 histories; :mod:`orthoopt.resume`) to ``PATH`` every ``k`` steps of a unit and after each unit (so a
 streamed run continues from the first unfinished layer); ``resume=True`` continues from ``PATH`` when

@@ -56,12 +56,12 @@ def rotate_model(
         A decoder of an architecture in :data:`orthoopt.adapters.archs.ARCHS`.
     config : RotateConfig, optional
         The run's settings (:class:`~orthoopt.config.RotateConfig`; default optrot with its budget),
-        e.g. ``RotateConfig("optrot", steps=50, seed=1)``. The only way settings are given.
+        e.g. ``RotateConfig("optrot", seed=1, solve={"steps": 50})``. The only way settings are given.
     calib : torch.Tensor or str or os.PathLike or CalibSource, optional
         Calibration data for the methods that need it (``Method.needs_calibration``): token ids
         ``[N, L]``, or text (a file, ``hf:NAME[:CONFIG]``, a
         :class:`~orthoopt.quant.calib_source.CalibSource`) cut with ``tokenizer`` into the windows of
-        ``config.calib_tokens`` / ``config.calib_seq_len`` (:func:`orthoopt.pipeline.calibration.rotation_calibration`,
+        ``config.calib.tokens`` / ``config.calib.seq_len`` (:func:`orthoopt.pipeline.calibration.rotation_calibration`,
         the windows ``orthoopt rotate --calib`` takes).
     init : mapping of str to torch.Tensor, optional
         Starting rotations (e.g. a previous run's, :func:`~orthoopt.models.load_rotations`); the
@@ -84,7 +84,7 @@ def rotate_model(
         rotations, and takes ``steps`` of that phase.
     checkpoint : str or Path, optional
         The partial checkpoint file (exact resume, see the package doc); every
-        ``config.checkpoint_every`` steps and at each unit's end. ``steps`` are per unit (R1; each
+        ``config.solve.checkpoint_every`` steps and at each unit's end. ``steps`` are per unit (R1; each
         ``R2.i``). The file is left in place when the run ends; the caller removes it once the output
         is safely written.
     resume : bool
@@ -167,8 +167,8 @@ def rotate_streamed(
         ``report.json``), written to a temporary sibling and renamed into place.
     config : RotateConfig, optional
         The run's settings (default optrot), of a method that streams (``Method.supports_streamed``,
-        ``docs/solvers.md``); ``model_dtype``, ``layers_per_shard``, ``chunk_rows`` and ``arch`` are
-        the store's fields.
+        ``docs/solvers.md``); ``checkpoint`` (dtype, layers_per_shard, arch) and
+        ``compute.chunk_rows`` are the store's settings.
     init, progress, callback, checkpoint, resume : optional
         As in :func:`rotate_model`; R2 is solved layer by layer, each layer's solve reported as phase
         ``"R2"`` with steps from 0. Under ``torchrun`` rank 0 writes R1's collective state to

@@ -1,6 +1,6 @@
 """The calibration windows a data method learns from, cut from text by the run's config.
 
-``calib_tokens`` and ``calib_seq_len`` of :class:`~orthoopt.config.RotateConfig` are read here, so that
+``calib.tokens`` and ``calib.seq_len`` of :class:`~orthoopt.config.RotateConfig` are read here, so that
 :func:`orthoopt.pipeline.rotate_model` given text (a file, ``hf:NAME[:CONFIG]`` or a
 :class:`~orthoopt.quant.calib_source.CalibSource`) and a tokenizer cuts the same windows as
 ``orthoopt rotate --calib`` and ``orthoopt quantize --rotate``.
@@ -20,7 +20,7 @@ def rotation_calibration(config: RotateConfig, source, tokenizer, model_config=N
     Parameters
     ----------
     config : RotateConfig
-        ``method``, ``calib_tokens``, ``calib_seq_len`` and ``seed`` are read.
+        ``method``, ``calib.tokens``, ``calib.seq_len`` and ``seed`` are read.
     source : str, os.PathLike or CalibSource
         A text file, ``hf:NAME[:CONFIG]`` or a :class:`~orthoopt.quant.calib_source.CalibSource`.
     tokenizer
@@ -31,7 +31,7 @@ def rotation_calibration(config: RotateConfig, source, tokenizer, model_config=N
     Returns
     -------
     torch.Tensor or None
-        ``ceil(calib_tokens / w)`` windows ``[N, w]`` of ``w = min(calib_seq_len, calib_tokens)``
+        ``ceil(calib.tokens / w)`` windows ``[N, w]`` of ``w = min(calib.seq_len, calib.tokens)``
         tokens, drawn with ``config.seed``; None when the method needs no calibration.
     """
     if not config.entry.needs_calibration:
@@ -42,8 +42,8 @@ def rotation_calibration(config: RotateConfig, source, tokenizer, model_config=N
         raise InvalidInputError(f"method {config.method!r} needs a tokenizer in the model folder to read --calib")
     from orthoopt.quant.calib import calibration_batches, check_context
 
-    seq_len = min(config.calib_seq_len, config.calib_tokens)
-    nsamples = max(1, -(-config.calib_tokens // seq_len))
+    seq_len = min(config.calib.seq_len, config.calib.tokens)
+    nsamples = max(1, -(-config.calib.tokens // seq_len))
     check_context(model_config, seq_len, "--calib-seq-len")
     return calibration_batches(source, tokenizer, nsamples=nsamples, seq_len=seq_len, seed=config.seed)
 

@@ -35,7 +35,7 @@ def run_settings(config: RotateConfig, fingerprint: dict, calib: torch.Tensor | 
         "solver_settings": make_solver(config.solver_name, **kwargs).config() if config.learned else None,
         "steps": config.phase_steps(),
         "lr": config.effective_lr,
-        "calib_tokens": config.calib_tokens if calib is not None else None,
+        "calib_tokens": config.calib.tokens if calib is not None else None,
         "calib": None if calib is None else tensor_checksum([calib]),
         "init": None if init is None else tensor_checksum([init[k] for k in sorted(init)]),
         **fingerprint,
@@ -133,14 +133,14 @@ def run_phases(store: WeightStore, config: RotateConfig, *, calib: torch.Tensor 
     """The phase loop (module doc): R1 then R2 (or one joint group), unit by unit, over ``store``.
 
     calib, init, progress, callback: as in :func:`rotate_model`. checkpoint, resume: exact resume
-    (module doc); ``config.checkpoint_every`` sets the period. Raises ValueError for a refused resume
+    (module doc); ``config.solve.checkpoint_every`` sets the period. Raises ValueError for a refused resume
     before the store is touched (:meth:`~orthoopt.store.WeightStore.begin`).
     """
-    if (config.checkpoint_every or resume) and checkpoint is None:
+    if (config.solve.checkpoint_every or resume) and checkpoint is None:
         raise InvalidInputError("checkpoint_every and resume need checkpoint=PATH")
     learned = config.learned
     phase_steps = config.phase_steps()
-    every = config.checkpoint_every
+    every = config.solve.checkpoint_every
     settings = partial = None
     if checkpoint is not None and (resume or (learned and every)):
         settings = run_settings(config, store.fingerprint(), calib, init)
@@ -160,9 +160,9 @@ def run_phases(store: WeightStore, config: RotateConfig, *, calib: torch.Tensor 
         checkpoint = None
     store.begin()
     plan = plan_units(config, store.rotation_dims())
-    dtype, device = config.torch_dtype, config.device
+    dtype, device = config.compute.torch_dtype, config.compute.device
     lr = config.effective_lr
-    stop = dict(config.stop)
+    stop = dict(config.solve.stop)
     out: dict[str, torch.Tensor] = {}
     results: dict[str, SolveResult] = {}
     mine = store.local_units(plan)
@@ -199,7 +199,7 @@ def run_phases(store: WeightStore, config: RotateConfig, *, calib: torch.Tensor 
             cb = _unit_callback(store, unit, done, before, callback, out, results, solver, objective,
                                 checkpoint if every else None, every, settings)
             if cosine:
-                total = config.schedule_steps or phase_steps.get(unit.phase, 0)
+                total = config.solve.schedule_steps or phase_steps.get(unit.phase, 0)
                 cb = _cosine(solver, base_lr, total, done, cb)
             result = solve(objective, None if done or before else start, solver,
                            max(0, phase_steps.get(unit.phase, 0) - done), callback=cb, progress=progress,

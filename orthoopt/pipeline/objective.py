@@ -74,10 +74,10 @@ def phase_statistics(config: RotateConfig, adapter: DecoderAdapter, phase: str, 
                      progress: bool = True) -> dict:
     """The calibration statistics the objective of ``config.method`` needs for ``phase`` on the
     adapter's current weights, by the entry's ``statistics``: ``{"hessians": ...}``, ``{"activations":
-    {rotation: X}}`` (``config.calib_tokens`` rows sampled with ``config.seed``), or ``{}`` (data-free
+    {rotation: X}}`` (``config.calib.tokens`` rows sampled with ``config.seed``), or ``{}`` (data-free
     methods, and ``"model"``, which reads batches itself)."""
     take = _PHASE_STATISTICS.get(config.entry.statistics)
-    return {} if take is None else take(adapter, phase, calib, config.calib_tokens, config.seed, progress,
+    return {} if take is None else take(adapter, phase, calib, config.calib.tokens, config.seed, progress,
                                         config.include_embeddings)
 
 
@@ -103,8 +103,8 @@ def build_objective(config: RotateConfig, adapter: DecoderAdapter, phase: str | 
     ----------
     config : RotateConfig
         The run's settings: ``method``, and what its objective reads (``include_embeddings``,
-        ``calib_tokens``, ``seed``; ``sample_fraction`` and ``device`` for methods with ``sampling``;
-        ``sim_quant``, ``batch_size`` and ``micro_batch_size`` for a method that simulates quantization).
+        ``calib.tokens``, ``seed``; ``compute.sample_fraction`` and ``compute.device`` for methods with
+        ``sampling``; the ``spinquant`` group for a method that simulates quantization).
     adapter : DecoderAdapter
         The model's adapter (fused, possibly partly rotated weights).
     phase : str or iterable of str
@@ -127,17 +127,17 @@ def build_objective(config: RotateConfig, adapter: DecoderAdapter, phase: str | 
     if not entry.learned:
         raise InvalidInputError(f"method {method!r} learns nothing; learned methods: "
                          f"{', '.join(_names(lambda m: m.learned))}")
-    check_sampling(entry, config.sample_fraction, config.device)
+    check_sampling(entry, config.compute.sample_fraction, config.compute.device)
     if entry.needs_calibration and calib is None:
         raise InvalidInputError(f"method {method!r} needs calibration text (--calib TEXT_FILE)")
-    inputs = ObjectiveInputs(calib=calib, sample_fraction=config.sample_fraction, seed=config.seed,
-                             device=config.device, batch_size=config.batch_size,
-                             micro_batch_size=config.micro_batch_size)
+    inputs = ObjectiveInputs(calib=calib, sample_fraction=config.compute.sample_fraction, seed=config.seed,
+                             device=config.compute.device, batch_size=config.spinquant.batch_size,
+                             micro_batch_size=config.spinquant.micro_batch_size)
     if entry.simulates_quantization:
         from orthoopt.quant.rotated import RotatedQuantLM
 
         phases = (phase,) if isinstance(phase, str) else tuple(phase)
-        inputs.model_loss = RotatedQuantLM(adapter.model, config.sim_quant, rotations=phases)
+        inputs.model_loss = RotatedQuantLM(adapter.model, config.spinquant.sim_quant, rotations=phases)
         return entry.objective(inputs)
     if cache is None:
         cache = phase_statistics(config, adapter, phase, calib, progress)

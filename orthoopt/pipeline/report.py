@@ -44,12 +44,12 @@ def build_report(config: RotateConfig, rotations: Mapping[str, torch.Tensor], so
         "lr": config.effective_lr,
         "seed": config.seed,
         "include_embeddings": config.include_embeddings,
-        "sample_fraction": config.sample_fraction,
-        **({"sim_quant": config.sim_quant.to_dict(), "batch_size": config.batch_size,
-            "micro_batch_size": config.micro_batch_size or config.batch_size, "lr_schedule": "cosine"}
+        "sample_fraction": config.compute.sample_fraction,
+        **({"sim_quant": config.spinquant.sim_quant.to_dict(), "batch_size": config.spinquant.batch_size,
+            "micro_batch_size": config.spinquant.micro_batch_size or config.spinquant.batch_size, "lr_schedule": "cosine"}
            if config.entry.simulates_quantization else {}),
-        "device": config.device,
-        "dtype": config.dtype,
+        "device": config.compute.device,
+        "dtype": config.compute.dtype,
         "seconds": seconds,
         "orthogonality_error": max(orthogonality_error(R) for R in rotations.values()),
         "loss": {p: loss_summary(r.history) | {"final": r.final_loss, "orthogonality_error": r.orthogonality_error,
@@ -58,8 +58,8 @@ def build_report(config: RotateConfig, rotations: Mapping[str, torch.Tensor], so
                  for p, r in solves.items()},
         "config": config.to_json(),
     }
-    if config.stop:
-        report["stop"] = dict(config.stop)
+    if config.solve.stop:
+        report["stop"] = dict(config.solve.stop)
     if resumed is not None:
         report["resumed"] = {"from": str(checkpoint), "phase": resumed.phase, "steps_done": resumed.step}
     return report

@@ -40,13 +40,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from orthoopt.adapters.arch_table import EXPERT_PARAMS
 from orthoopt.adapters.archs import ArchSpec, LayerModules
 from orthoopt.errors import InvalidInputError
 from orthoopt.quant.gptq import HessianAccumulator, gptq_quantize
 from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams
 from orthoopt.quant.rtn import quantize_rtn_params
 
-GATE_UP, DOWN = "gate_up_proj", "down_proj"
+GATE_UP, DOWN = EXPERT_PARAMS  # the architecture table's names of the fused experts' tensors
 
 
 def expert_params(spec: ArchSpec, L: LayerModules) -> dict[str, tuple[nn.Module, str]]:

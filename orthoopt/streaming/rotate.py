@@ -103,8 +103,8 @@ class SafetensorsStore:
     """A model folder as a :class:`~orthoopt.store.WeightStore` (see the module doc).
 
     model_dir: Hugging Face folder with safetensors weights; config: the run's
-    :class:`~orthoopt.config.RotateConfig` (``model_dtype``, ``chunk_rows``, ``sample_fraction``,
-    ``device``, ``arch``, ``include_embeddings``, ``layers_per_shard``, ``seed``). Raises
+    :class:`~orthoopt.config.RotateConfig` (``checkpoint``: dtype, arch, layers_per_shard; ``compute``:
+    chunk_rows, sample_fraction, device; ``include_embeddings``, ``seed``). Raises
     FileNotFoundError / ValueError for a missing or unreadable folder.
     """
 
@@ -112,9 +112,9 @@ class SafetensorsStore:
         config.check_streamed()
         self.config = config
         self.ckpt = SafetensorsCheckpoint(model_dir)
-        self.layout = DecoderLayout.from_checkpoint(self.ckpt, config.arch)
-        self.reader = FusedReader(self.ckpt, self.layout, config.torch_model_dtype)
-        self.device = None if config.device is None else torch.device(config.device)
+        self.layout = DecoderLayout.from_checkpoint(self.ckpt, config.checkpoint.arch)
+        self.reader = FusedReader(self.ckpt, self.layout, config.checkpoint.torch_dtype)
+        self.device = None if config.compute.device is None else torch.device(config.compute.device)
         self.progress = progress
         self.rank, self.world_size = world()
         self.rank_difference = 0.0  # max |R1 - R1 of rank 0| at the end of a distributed R1 solve
@@ -153,15 +153,17 @@ class SafetensorsStore:
             share = shard_ranges([self.reader.unit_numel(u) for u in units], self.world_size)[self.rank]
             local = None
             if len(share):
-                local = c.entry.streamed(StreamedInputs(self.reader, [units[j] for j in share], chunk_rows=c.chunk_rows,
-                                                        sample_fraction=c.sample_fraction, seed=c.seed,
+                local = c.entry.streamed(StreamedInputs(self.reader, [units[j] for j in share],
+                                                        chunk_rows=c.compute.chunk_rows,
+                                                        sample_fraction=c.compute.sample_fraction, seed=c.seed,
                                                         device=self.device))
             return local if self.world_size == 1 else DistributedObjective(local, {"R1": self.layout.hidden})
         i = int(unit.key.split(".")[1])
         t = self._layer(i)
         self._cached = (i, t)
-        return c.entry.objective(ObjectiveInputs(blocks=r2_blocks(t, self.layout, i), sample_fraction=c.sample_fraction,
-                                                 seed=c.seed, device=self.device))
+        return c.entry.objective(ObjectiveInputs(blocks=r2_blocks(t, self.layout, i),
+                                                 sample_fraction=c.compute.sample_fraction, seed=c.seed,
+                                                 device=self.device))
 
     def settle(self, unit: Unit, rotations: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if unit.key == "R1" and self.world_size > 1:
@@ -223,8 +225,9 @@ class SafetensorsStore:
     def report(self) -> dict:
         c = self.config
         return {"streamed": {
-            "model_dtype": c.model_dtype, "chunk_rows": c.chunk_rows, "sample_fraction": c.sample_fraction,
-            "device": c.device, "layers_per_shard": c.layers_per_shard, "world_size": self.world_size,
+            "model_dtype": c.checkpoint.dtype, "chunk_rows": c.compute.chunk_rows,
+            "sample_fraction": c.compute.sample_fraction, "device": c.compute.device,
+            "layers_per_shard": c.checkpoint.layers_per_shard, "world_size": self.world_size,
             "rank_max_abs_difference": self.rank_difference, "peak_rss_mib": peak_rss_mib(),
             "checkpoint_bytes": self.ckpt.nbytes(),
         }}
@@ -257,7 +260,7 @@ class SafetensorsStore:
     def open_output(self, folder: Path) -> None:
         """Start writing shards into ``folder`` (rank 0); one process writes each layer as soon as its
         R2 is fused (:meth:`apply`), under ``torchrun`` rank 0 writes every layer after the loop."""
-        self.num_shards, self.layer_shard = _shard_plan(self.layout, self.config.layers_per_shard)
+        self.num_shards, self.layer_shard = _shard_plan(self.layout, self.config.checkpoint.layers_per_shard)
         self.writer = ShardedWriter(folder, self.num_shards)
         self._next_layer = 0
         self._pending: dict[str, torch.Tensor] = {}
@@ -308,7 +311,7 @@ class SafetensorsStore:
         """The layers not written yet, the rest of the weights (:meth:`write_rest`), ``config.json`` and
         the input's side files (tokenizer, generation config)."""
         self.write_rest()
-        _write_config(self.ckpt.path, folder, self.reader.untie, self.config.torch_model_dtype)
+        _write_config(self.ckpt.path, folder, self.reader.untie, self.config.checkpoint.torch_dtype)
         _copy_side_files(self.ckpt.path, folder)
 
 
