@@ -406,7 +406,8 @@ def main(argv=None) -> int:
     rows = read_record(record, settings.key())
     wall = time.perf_counter() - start
     description = _WORKER.get("description") or load(settings)[3]  # loaded once when it ran here
-    from rotation_quality import code_version, kept_findings, machine_info  # noqa: E402
+    from _results_page import kept_findings  # noqa: E402
+    from rotation_quality import code_version, machine_info  # noqa: E402
 
     header = {"command": "python benchmarks/instrument.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "code": code_version(),

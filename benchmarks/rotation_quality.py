@@ -1,6 +1,7 @@
 """Rotation quality benchmark: perplexity after rotating with every method and quantizing seven ways, over draws.
 
-    python benchmarks/rotation_quality.py --jobs 2 --no-progress   # docs/results.md: SmolLM2-135M defaults
+    python benchmarks/rotation_quality.py --no-progress             # SmolLM2-135M defaults: the claims, ~50 min
+    python benchmarks/rotation_quality.py --draws 3 --no-progress   # docs/results.md (3 draws)
     python benchmarks/rotation_quality.py --quick --results /tmp/r.md   # smoke test, tiny model
 
 For one model: the unrotated original (norms not fused: the real baseline), then rotate (R1 then R2,
@@ -27,8 +28,10 @@ perplexities with a 95% interval over draws and evaluation windows
 **Defaults.** On a real checkpoint: 16384 evaluation tokens in 64 windows of 256 (the protocol
 ``docs/instrument.md`` chose: past about 64 windows a comparison's interval stops narrowing, since
 the spread is in the draws; at least 20 windows are needed for an interval), 16 calibration windows
-of 256, 3 draws, 1 draw of the expensive methods, every learned method its default steps. The wall
-time of that run is in the Time section of ``docs/results.md``. On the planted fallback model
+of 256, the methods the claims compare (unrotated, Hadamard, OptRot, OptRot+; ``--methods all`` adds
+the others), 2 draws (1 of the expensive methods), every learned method its default steps, 2 worker
+processes: about 50 minutes on 2 cores (:data:`_rq_rows.REAL`). ``docs/results.md`` is the same with
+``--draws 3``; its Time section gives what that run took. On the planted fallback model
 (``--model-dir planted``): 65536 tokens in windows of 128, 64 calibration windows, the same draws.
 
 **Resumable.** Each finished method's row (all its draws) is saved in ``--cache-dir`` under a folder
@@ -46,7 +49,8 @@ evaluated. Every learned method runs its default solver for its default budget o
 report goes to ``docs/results.md`` (atomically) with the command, date, code version, machine and
 load; the wall time is printed last. ``--json OUT`` also saves the rows (every draw's perplexities
 and per-window NLLs) with the settings and header; ``--render OUT`` makes the same page from them
-without running anything (the page is always rendered from that record). Runs on one torch thread by default (``--threads``): the
+without running anything: the page is always rendered from that record, by ``_results_page.py``
+(the rows' types and the columns are in ``_rq_rows.py``). Runs on one torch thread by default (``--threads``): the
 machine is shared, and oversubscribed threads are far slower than one.
 """
 
@@ -58,17 +62,14 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import math
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -76,111 +77,25 @@ from orthoopt.models.registry import cached_model
 from orthoopt.models.sources import resolve_source
 from orthoopt.adapters.verify import logits
 from orthoopt.eval import perplexity
-from orthoopt.methods import METHODS as REGISTRY
 from orthoopt.config import RotateConfig
 from orthoopt.pipeline import rotate_model
-from orthoopt.quant import ActQuantConfig, QuantizeConfig, quantize_model
+from orthoopt.quant import QuantizeConfig, quantize_model
 from orthoopt.quant.rotated import SimQuantConfig
 from orthoopt.utils.atomic import atomic_file
 
-# SpinQuant's end-to-end objective is trained for one quantization setting: here two rows, one trained
-# for per-channel W4 RTN and one for W4 RTN with groups of 64 (its A4/KV4 training is in
-# benchmarks/full_settings.py).
-SPINQUANT_ROWS = {"spinquant": None, "spinquant-g64": 64}
-"""Benchmark row -> the weight group size its simulated W4 RTN uses (None: per output channel)."""
-METHODS = (*(m for m in REGISTRY if m != "spinquant"), *SPINQUANT_ROWS)
-
-# helpers beside this script (its folder is sys.path[0] when it runs)
-from _claims import claims_section
+# helpers beside this script (its folder is sys.path[0] when it runs): the rows (_rq_rows), the page
+# rendered from their JSON record (_results_page, with the claims of _claims)
 from _data import DEFAULT_TEXT, SHARED, random_windows, split_halves, token_ids
 from _models import CACHE_DIR, PlantedLMSpec, PreparedModel, load_or_train_planted, load_shared, shared_model_dir
+from _results_page import publish
+from _rq_rows import (CLAIM_METHODS, EXPENSIVE, FIXED_ROTATIONS, FULL, METHODS, ORIGINAL, QUANT_CONFIGS, QUICK,
+                      REAL, REGISTRY, SPINQUANT_ROWS, MethodResult, Settings)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REAL_MODEL = "smollm2-135m"
 """The model of ``--model-dir auto`` when it is in the orthoopt cache (``orthoopt fetch smollm2-135m``)."""
 INVARIANCE_TOL = 1e-4  # rotate_model's own tolerance for float32 models
 DEFAULT_RESULTS = REPO / "docs" / "results.md"
-
-ORIGINAL = "original"
-"""The pseudo-method of the unrotated checkpoint as loaded: no norm fusion, no rotation (the real baseline)."""
-METHOD_LABELS = {
-    ORIGINAL: "unrotated original (norms not fused)",
-    "identity": "norm-fused, no rotation", "random": "random orthogonal", "hadamard": "random Hadamard",
-    "optrot": "OptRot", "optrot+": "OptRot+", "kurtosis": "KurTail (kurtosis)", "dfrot": "DFRot",
-    "spinquant": "SpinQuant (trained for W4 RTN)", "spinquant-g64": "SpinQuant (trained for W4 RTN g64)",
-}
-QUANT_CONFIGS: dict[str, dict] = {
-    "W4 RTN": {"method": "rtn", "wbits": 4},
-    "W4 RTN g128": {"method": "rtn", "wbits": 4, "group_size": 128},
-    "W4 RTN g64": {"method": "rtn", "wbits": 4, "group_size": 64},
-    "W4 GPTQ": {"method": "gptq", "wbits": 4},
-    "W4 GPTQ g128": {"method": "gptq", "wbits": 4, "group_size": 128},
-    "W4 GPTQ g64": {"method": "gptq", "wbits": 4, "group_size": 64},
-    "W4A8 RTN": {"method": "rtn", "wbits": 4, "act": ActQuantConfig(bits=8)},
-}
-"""The quantization columns. g128 is the W4A16 scheme llm-compressor and vLLM use by default
-(symmetric 4-bit weights in groups of 128 input columns, activations in 16 bits); g64 is the nearest
-group size that divides SmolLM2-135M's widths (576, 1536), where g128 cannot run."""
-FIXED_ROTATIONS = (ORIGINAL, "identity")
-"""Methods whose rotated model does not depend on the draw: their data-free (RTN) cells are computed
-once and are the same in every draw; their GPTQ cells still vary with the calibration windows."""
-EXPENSIVE = ("kurtosis", "dfrot", "spinquant", "spinquant-g64")
-"""Methods whose rotation takes over ten minutes on SmolLM2-135M: ``--expensive-draws`` draws each."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What one benchmark run does (the command-line flags, resolved)."""
-
-    model_dir: Path | None          # None: the trained planted-outlier model
-    planted: PlantedLMSpec
-    text: Path
-    methods: tuple[str, ...]
-    steps: int | None               # solver steps per phase (R1, R2) of every learned method; None: each one's default
-    seq_len: int                    # window length: calibration, GPTQ and evaluation
-    calib_samples: int              # calibration windows (rotation data + GPTQ)
-    calib_tokens: int               # activation rows for kurtosis / dfrot (rotate_model's calib_tokens)
-    eval_tokens: int                # evaluated tokens (cut into eval_tokens // seq_len windows)
-    logit_windows: int              # eval windows used for the relative logit error
-    spin_windows: int               # SpinQuant's training windows (seq_len tokens each, from the first half)
-    spin_batch: int                 # SpinQuant's windows per step
-    seed: int
-    draws: int                      # draws of every method but the EXPENSIVE ones: seeds seed .. seed+draws-1
-    expensive_draws: int            # draws of the EXPENSIVE methods
-    cache_dir: Path
-    progress: bool
-
-    def seeds(self, method: str | None = None) -> tuple[int, ...]:
-        """The draw seeds of ``method`` (draw ``d`` uses seed ``seed + d`` for its GPTQ and rotation
-        calibration windows and its random rotation); all methods' together when None."""
-        k = self.expensive_draws if method in EXPENSIVE else self.draws
-        k = max(self.draws, self.expensive_draws) if method is None else k
-        return tuple(range(self.seed, self.seed + k))
-
-
-@dataclass
-class MethodResult:
-    """One row: a rotation method over its draws, each quantized every way (lists are per draw)."""
-
-    method: str
-    seeds: tuple[int, ...]          # the draws' seeds
-    rotation_seconds: list[float] = field(default_factory=list)
-    invariance_error: float = 0.0   # largest relative logit error of a rotated float model (should be ~1e-6)
-    loss: dict = field(default_factory=dict)  # {phase: (first, final)} of learned methods, first draw
-    ppl: dict[str, list[float]] = field(default_factory=dict)
-    window_nll: dict[str, list[list[float]]] = field(default_factory=dict)  # [draw][window] mean NLL
-    logit_error: dict[str, list[float]] = field(default_factory=dict)
-    quant_seconds: dict[str, float] = field(default_factory=dict)  # summed over draws
-    eval_seconds: dict[str, float] = field(default_factory=dict)
-
-    def mean_ppl(self, config: str) -> float | None:
-        """The mean over draws of the perplexity of one quantization column (None: not run)."""
-        return _mean(self.ppl[config]) if config in self.ppl else None
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
-
 
 def columns_for(model: torch.nn.Module) -> tuple[dict[str, dict], list[str]]:
     """The quantization columns that apply to ``model`` and a note per column that does not: a group
@@ -295,140 +210,6 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------------------- report
-def fmt(x: float | None, digits: int = 4) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.{digits}f}" if math.isfinite(x) and abs(x) < 1e5 else f"{x:.3e}"
-
-
-def settings_section(settings: Settings, prepared: PreparedModel, split, n_eval: int,
-                     skipped: list[str] = ()) -> list[str]:
-    s = settings
-    windows = min(s.eval_tokens, n_eval) // s.seq_len
-    def base(m: str) -> str:
-        return "spinquant" if m in SPINQUANT_ROWS else m
-
-    learned = ", ".join(f"{m} {REGISTRY[base(m)].solver} {REGISTRY[base(m)].steps if s.steps is None else s.steps} steps"
-                        for m in s.methods if base(m) in REGISTRY and REGISTRY[base(m)].learned)
-    out = ["## Settings", "", f"- model: {prepared.description}"]
-    if prepared.source == "planted":
-        info, tr = prepared.info, prepared.info["train"]
-        before, after = info["outliers_before"], info["outliers_after"]
-        where = f"loaded from cache {info['cache']}" if info["cached"] else "trained in this run"
-        per_layer = lambda xs: "[" + ", ".join(f"{x:.1f}" for x in xs) + "]"  # noqa: E731
-        out.append(
-            f"- fallback model: {info['parameters'] / 1e6:.2f}M parameters; training loss {tr['loss_first']:.3f} "
-            f"-> {tr['loss_last']:.3f} nats/byte, {tr['seconds']:.0f} s ({where}). The default size, hidden "
-            f"{FULL['hidden']} / {FULL['layers']} layers, is below the planted model's 512 / 8 so that the whole "
-            "run, training included, stays well under 30 minutes on a shared 2-core CPU (--hidden, --layers)")
-        out.append(
-            f"- planted outlier channels {info['channels']} (ratio to the median other channel, before -> after "
-            f"training): embedding columns {before['embedding']:.1f} -> {after['embedding']:.1f}, o_proj rows "
-            f"{before['o_rows']:.1f} -> {after['o_rows']:.1f}, down_proj rows {before['down_rows']:.1f} -> "
-            f"{after['down_rows']:.1f}, residual RMS per layer {per_layer(before['residual'])} -> "
-            f"{per_layer(after['residual'])}")
-    out += [
-        f"- text: {split.describe()}",
-        "- rotation s: wall time of `rotate_model` (norm fusion, calibration capture, solve, write-back)",
-        f"- rotations: R1 and R2; learned methods: solver and steps per phase ({learned}), "
-        f"start at the random Hadamard matrix",
-        f"- draws: {s.draws} of every method ({s.expensive_draws} of {', '.join(EXPENSIVE)}); draw d uses seed "
-        f"{s.seed} + d for GPTQ's calibration windows, the rotation calibration windows and the random "
-        "rotation (random, hadamard, the Hadamard start of learned methods); norm fusion alone and the "
-        "unrotated original are the same model in every draw (their RTN cells too)",
-        *([f"- SpinQuant rows: R1 and R2 learned jointly on the causal-LM loss of the rotated model with its "
-           f"decoder linears W4 RTN-quantized (straight-through), per output channel or per group of 64 as the "
-           f"row says, activations in full precision; Cayley SGD lr 1.5, cosine decay, {s.spin_batch} windows "
-           f"of {s.seq_len} tokens per step from {s.spin_windows} windows of the first half (seed 1000 + the draw's)"]
-          if any(m in SPINQUANT_ROWS for m in s.methods) else []),
-        f"- calibration: {s.calib_samples} windows x {s.seq_len} tokens = {s.calib_samples * s.seq_len} tokens "
-        f"from the first half (optrot+ Hessians, GPTQ); kurtosis/dfrot use {s.calib_tokens} activation rows "
-        "of them",
-        f"- evaluation: {windows} windows x {s.seq_len} tokens = {windows * s.seq_len} tokens "
-        f"({windows * (s.seq_len - 1)} predicted) of the second half; logit errors on its first "
-        f"{s.logit_windows} windows",
-        "- quantization: weights symmetric per output channel or per group of 128 / 64 input columns (g128: "
-        "the W4A16 scheme llm-compressor and vLLM use by default; RTN or GPTQ, damp 0.01, no act-order); A8 = "
-        "8-bit symmetric per-token activations of every decoder linear, no online Hadamard; embeddings and "
-        "lm_head in full precision",
-        *(f"- {note} (`-` in the tables)" for note in skipped),
-    ]
-    return out
-
-
-def perplexity_table(float_ppl: dict, rows: dict[str, MethodResult]) -> list[str]:
-    names = list(QUANT_CONFIGS)
-    out = ["## Perplexity", "", "Mean over the draws; the spread is in the next table.", "",
-           "| method | rotation s | " + " | ".join(names) + " |",
-           "|---|---:|" + "---:|" * len(names),
-           "| float (unquantized) | - | " + " | ".join(fmt(float_ppl["ppl"]) for _ in names) + " |"]
-    for m, r in rows.items():
-        cells = " | ".join(fmt(r.mean_ppl(n)) for n in names)
-        out.append(f"| {METHOD_LABELS[m]} | {_mean(r.rotation_seconds):.1f} | {cells} |")
-    return out
-
-
-def logit_table(rows: dict[str, MethodResult]) -> list[str]:
-    names = list(QUANT_CONFIGS)
-    out = ["## Relative logit error vs the float model", "",
-           "`||L_q - L_float||_F / ||L_float||_F`, mean over the draws; `rotated float` is the rotated, "
-           "unquantized model (rotation invariance check, largest over the draws).", "",
-           "| method | rotated float | " + " | ".join(names) + " | solver loss R1 (start -> end) |",
-           "|---|---:|" + "---:|" * len(names) + "---|"]
-    for m, r in rows.items():
-        loss = r.loss.get("R1")
-        loss_s = f"{loss[0]:.4g} -> {loss[1]:.4g}" if loss and loss[0] is not None else "-"
-        cells = " | ".join(fmt(_mean(r.logit_error[n]) if n in r.logit_error else None, 4) for n in names)
-        out.append(f"| {METHOD_LABELS[m]} | {r.invariance_error:.1e} | {cells} | {loss_s} |")
-    return out
-
-
-def spread_table(rows: dict[str, MethodResult]) -> list[str]:
-    """Per cell: the perplexity's max - min and standard deviation (ddof 1) over the draws."""
-    if all(len(r.seeds) < 2 for r in rows.values()):
-        return []
-    names = list(QUANT_CONFIGS)
-    out = ["## Perplexity spread over draws", "",
-           "Per cell `max - min / standard deviation` of the perplexity over the method's draws (`draws` "
-           "column; one draw: `-`).", "",
-           "| method | draws | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
-    for m, r in rows.items():
-        cells = " | ".join(_spread(r.ppl.get(n, [])) for n in names)
-        out.append(f"| {METHOD_LABELS[m]} | {len(r.seeds)} | {cells} |")
-    return out
-
-
-def _spread(xs: list[float]) -> str:
-    if len(xs) < 2:
-        return "-"
-    return f"{max(xs) - min(xs):.4f} / {statistics.stdev(xs):.4f}"
-
-
-def time_section(rows: dict[str, MethodResult], float_ppl: dict, timings: dict) -> list[str]:
-    rotation = sum(sum(r.rotation_seconds) for r in rows.values())
-    quant = sum(sum(r.quant_seconds.values()) for r in rows.values())
-    evaluation = sum(sum(r.eval_seconds.values()) for r in rows.values()) + float_ppl["seconds"]
-    jobs = timings.get("jobs", 1)
-    workers = f" (methods in {jobs} worker processes; the per-part sums below add up their times)" if jobs > 1 else ""
-    return ["## Time", "",
-            f"total {timings['total']:.0f} s{workers}: model {timings['model']:.0f} s, float baseline "
-            f"{timings['baseline']:.0f} s, methods {timings['methods']:.0f} s (all draws: rotation {rotation:.0f} s, "
-            f"quantization {quant:.0f} s, evaluation {evaluation:.0f} s)"] + (
-        ["", f"Read from the record of an earlier run with the same settings (their seconds are that run's): "
-              f"{', '.join(METHOD_LABELS[m] for m in timings['resumed'])}."] if timings.get("resumed") else [])
-
-
-def render(settings: Settings, prepared: PreparedModel, split, float_ppl: dict, rows: dict[str, MethodResult],
-           n_eval: int, timings: dict, skipped: list[str] = ()) -> str:
-    """The markdown report (also printed): settings, tables, the claims with their intervals, times;
-    ``skipped``: why some quantization columns were not run."""
-    sections = [settings_section(settings, prepared, split, n_eval, skipped), perplexity_table(float_ppl, rows),
-                spread_table(rows), logit_table(rows), claims_section(rows, METHOD_LABELS),
-                time_section(rows, float_ppl, timings)]
-    return "\n\n".join("\n".join(sec) for sec in sections if sec) + "\n"
-
-
 def code_version() -> str:
     """``git describe``-like id of the checkout: commit, plus whether tracked files were modified."""
     def git(*a: str) -> str:
@@ -450,43 +231,7 @@ def machine_info(load_start: tuple, load_end: tuple, jobs: int = 1) -> list[str]
             f"{os.cpu_count()})"]
 
 
-FINDINGS_MARKER = "<!-- findings: written by hand, kept when the benchmark rewrites this page -->"
-"""Everything from this line on in an existing results page is kept: the analysis of the numbers
-(how they were made is stated there) is not the benchmark's to overwrite."""
-
-
-def kept_findings(path: Path) -> str:
-    """The hand-written findings of an existing page (from :data:`FINDINGS_MARKER` on, after a blank
-    line), or "" when the page or its marker is missing."""
-    old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    return "\n" + old[old.index(FINDINGS_MARKER):] if FINDINGS_MARKER in old else ""
-
-
-def write_results(path: Path, body: str, command: str, header: list[str]) -> None:
-    """``path`` <- a markdown page with the command, date, machine and ``body``, atomically; the
-    hand-written findings of an existing page (from :data:`FINDINGS_MARKER` on) are carried over."""
-    findings = kept_findings(path)
-    text = "\n".join(["# Rotation quality benchmark", "",
-                      "Written by `benchmarks/rotation_quality.py` down to the findings marker; rerun it rather "
-                      "than editing the tables by hand.", "",
-                      "```", command, "```", ""] + header + ["", body]) + findings
-    with atomic_file(path) as f:
-        f.write(text)
-
-
 # -------------------------------------------------------------------------------------------- CLI
-FULL = {"hidden": 256, "layers": 4, "heads": 4, "train_steps": 300, "steps": None, "eval_tokens": 65536,
-        "seq_len": 128, "calib_samples": 64, "calib_tokens": 2048, "logit_windows": 8, "draws": 3,
-        "expensive_draws": 1,
-        "spin_windows": 400, "spin_batch": 4}
-REAL = {**FULL, "eval_tokens": 16384, "seq_len": 256, "calib_samples": 16}
-"""The defaults on a real checkpoint (SmolLM2-135M: about an hour with ``--jobs 2`` on 2 cores)."""
-QUICK = {"hidden": 128, "layers": 2, "heads": 2, "train_steps": 20, "steps": 3, "eval_tokens": 2048,
-         "seq_len": 64, "calib_samples": 8, "calib_tokens": 256, "logit_windows": 2, "draws": 2,
-         "expensive_draws": 1,
-         "spin_windows": 8, "spin_batch": 2}
-
-
 def _default(key: str) -> str:
     if FULL[key] is None:
         return "each method its default"
@@ -501,8 +246,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "smollm2-135m when cached, else the first folder in ../shared/models, else the planted "
                         "model; 'planted': always the trained planted-outlier model")
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text file: first half calibrates, second evaluates")
-    p.add_argument("--methods", default=",".join((ORIGINAL, *METHODS)),
-                   help=f"comma-separated rotation methods, '{ORIGINAL}' = the unrotated checkpoint [all]")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated rotation methods, '{ORIGINAL}' = the unrotated checkpoint, or 'all' "
+                        f"[all; on a real model the claims' {','.join(CLAIM_METHODS)}]")
     sizes = [("--steps", "steps", "solver steps per phase (R1, R2) of every learned method"),
              ("--eval-tokens", "eval_tokens", "tokens evaluated"),
              ("--seq-len", "seq_len", "window length of calibration, GPTQ and evaluation"),
@@ -531,10 +277,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch CPU threads, 0: torch's default [1]. On the shared 2-core machine a 2-thread "
                         "training step next to other jobs was measured 15x slower than a 1-thread one, while "
                         "alone it is 1.75x faster")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=int, default=None,
                    help="methods computed in this many worker processes at once, each with --threads torch "
-                        "threads [1]; on 2 cores, --jobs 2 --threads 1 keeps both busy (small products scale "
-                        "poorly over threads)")
+                        "threads [1; on a real model 2]; on 2 cores, --jobs 2 --threads 1 keeps both busy (small "
+                        "products scale poorly over threads)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: always the planted model, tiny (hidden 128, 2 layers), 3 steps, 2048 eval "
                         "tokens, 2 draws (1 of the expensive methods); writes no results page unless --results is given")
@@ -566,7 +312,8 @@ def resolve(args: argparse.Namespace) -> Settings:
                                     "nor a fetched registered name")
     base = QUICK if args.quick else FULL if model_dir is None else REAL
     v = {k: getattr(args, k) if getattr(args, k) is not None else d for k, d in base.items()}
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    given = args.methods or ("all" if base is not REAL else ",".join(CLAIM_METHODS))
+    methods = (ORIGINAL, *METHODS) if given == "all" else tuple(m.strip() for m in given.split(",") if m.strip())
     bad = [m for m in methods if m not in (ORIGINAL, *METHODS)]
     if bad or not methods:
         raise ValueError(f"unknown methods {bad}; choose from {', '.join((ORIGINAL, *METHODS))}")
@@ -719,7 +466,7 @@ def run_rows(settings: Settings, inputs: Inputs, jobs: int, threads: int,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads < 0 or args.jobs < 1:
+    if args.threads < 0 or (args.jobs is not None and args.jobs < 1):
         raise ValueError(f"--threads must be >= 0 and --jobs >= 1, got {args.threads} and {args.jobs}")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -727,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--seeds (W4 GPTQ repeated over calibration seeds) is replaced by --draws: every cell over "
                          "K draws of calibration and rotation seeds")
     settings = resolve(args)
+    if args.jobs is None:
+        args.jobs = min(2, os.cpu_count() or 1) if settings.model_dir is not None else 1
     command = "python " + " ".join(shlex.quote(a) for a in [
         str(Path(sys.argv[0]).resolve().relative_to(REPO)) if argv is None else "benchmarks/rotation_quality.py",
         *(sys.argv[1:] if argv is None else argv)])
@@ -774,27 +523,6 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     print(f"wall time {wall:.0f} s ({wall / 60:.1f} min)")
     return 0
-
-
-def render_record(record: dict) -> str:
-    """The markdown body of a run saved by ``--json`` (:func:`render` on the objects rebuilt from it)."""
-    s = dict(record["settings"], planted=PlantedLMSpec(**record["settings"]["planted"]),
-             methods=tuple(record["settings"]["methods"]), text=Path(record["settings"]["text"]),
-             cache_dir=Path(record["settings"]["cache_dir"]))
-    s["model_dir"] = None if s["model_dir"] is None else Path(s["model_dir"])
-    rows = {r["method"]: MethodResult(**dict(r, seeds=tuple(r["seeds"]))) for r in record["rows"]}
-    split = SimpleNamespace(describe=lambda: record["split"])
-    return render(Settings(**s), SimpleNamespace(**record["model"]), split, record["float_ppl"], rows,
-                  record["n_eval"], record["timings"], record["skipped"])
-
-
-def publish(record: dict, out_path: Path | None) -> None:
-    """Print the page of ``record`` (the run's header, then the body) and write it to ``out_path``."""
-    body = render_record(record)
-    print("\n".join(record["header"]) + "\n\n" + body)
-    if out_path is not None:
-        write_results(out_path, body, record["command"], record["header"])
-        log(f"wrote {out_path}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ sys.path.insert(0, str(BENCH))
 
 import _data
 import _models
+import _results_page
+import _rq_rows
 import rotation_quality
 
 from orthoopt.testing import byte_tokenizer
@@ -64,8 +66,8 @@ def test_quick_run_prints_full_table_and_writes_only_the_given_path(tmp_path, ca
         columns = ["W4 RTN", "W4 RTN g128", "W4 RTN g64", "W4 GPTQ", "W4 GPTQ g128", "W4 GPTQ g64", "W4A8 RTN"]
         assert header == ["method", "rotation s", *columns]
         labels = [r[0] for r in rows]
-        methods = (rotation_quality.ORIGINAL, *rotation_quality.METHODS)
-        assert labels == ["float (unquantized)"] + [rotation_quality.METHOD_LABELS[m] for m in methods]
+        methods = (_rq_rows.ORIGINAL, *_rq_rows.METHODS)
+        assert labels == ["float (unquantized)"] + [_rq_rows.METHOD_LABELS[m] for m in methods]
         for r in rows:
             ppl = [float(x) for x in r[2:]]
             assert all(math.isfinite(p) and p > 1 for p in ppl), r
@@ -79,7 +81,7 @@ def test_quick_run_prints_full_table_and_writes_only_the_given_path(tmp_path, ca
         header, spread_rows = _table(text, "Perplexity spread over draws")
         assert header == ["method", "draws", *columns]
         assert [r[0] for r in spread_rows] == labels[1:]
-        draws = {m: 1 if m in rotation_quality.EXPENSIVE else 2 for m in methods}
+        draws = {m: 1 if m in _rq_rows.EXPENSIVE else 2 for m in methods}
         assert [int(r[1]) for r in spread_rows] == [draws[m] for m in methods]
         for m, r in zip(methods, spread_rows):
             if draws[m] == 1:
@@ -88,7 +90,7 @@ def test_quick_run_prints_full_table_and_writes_only_the_given_path(tmp_path, ca
             spread = {c: tuple(float(x) for x in cell.split(" / ")) for c, cell in zip(columns, r[2:])}
             for c, (width, sd) in spread.items():  # two draws: sd = |a - b| / sqrt(2)
                 assert width == pytest.approx(sd * math.sqrt(2), abs=2e-4), (m, c)
-            fixed = m in rotation_quality.FIXED_ROTATIONS
+            fixed = m in _rq_rows.FIXED_ROTATIONS
             assert all((spread[c][0] == 0) == (fixed and "GPTQ" not in c) for c in columns), (m, spread)
         header, claim_rows = _table(text, "Claims")
         assert header[:3] == ["claim", "column", "draws"] and header[-2:] == ["95% interval", "verdict"]
@@ -111,11 +113,16 @@ def test_quick_run_prints_full_table_and_writes_only_the_given_path(tmp_path, ca
     # --render makes the same page from the saved rows, running nothing
     rows_json = json.loads((tmp_path / "rows.json").read_text(encoding="utf-8"))
     assert [len(r["window_nll"]["W4 GPTQ"]) for r in rows_json["rows"]] == [
-        1 if m in rotation_quality.EXPENSIVE else 2 for m in methods]
+        1 if m in _rq_rows.EXPENSIVE else 2 for m in methods]
     again = tmp_path / "again.md"
     assert rotation_quality.main(["--quick", "--render", str(tmp_path / "rows.json"), "--results", str(again)]) == 0
     assert capsys.readouterr().out == printed.rsplit("wall time", 1)[0]
     assert again.read_text(encoding="utf-8") == written
+    # the page is the renderer's alone: _results_page on the record, no collecting code involved
+    alone = tmp_path / "alone.md"
+    _results_page.publish(rows_json, alone)
+    assert alone.read_text(encoding="utf-8") == written
+    assert "import torch" not in (BENCH / "_results_page.py").read_text(encoding="utf-8")
 
     # a rerun with the same settings reads every finished row from the record and computes none
     def no_compute(*a, **k):
@@ -141,6 +148,21 @@ def test_quick_mode_writes_no_results_page_unless_asked():
     assert rotation_quality.results_path(rotation_quality.parse_args([])) == rotation_quality.DEFAULT_RESULTS
     assert rotation_quality.results_path(rotation_quality.parse_args(["--quick", "--results", "x.md"])) == Path("x.md")
     assert rotation_quality.results_path(rotation_quality.parse_args(["--no-results"])) is None
+
+
+def test_real_model_defaults_are_the_claims_methods_in_two_draws(tmp_path):
+    from orthoopt.testing import save_planted
+
+    folder = save_planted(tmp_path / "m", arch="llama", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2)
+    real = rotation_quality.resolve(rotation_quality.parse_args(["--model-dir", str(folder)]))
+    assert real.methods == _rq_rows.CLAIM_METHODS == ("original", "hadamard", "optrot", "optrot+")
+    assert (real.draws, real.expensive_draws, real.eval_tokens, real.seq_len) == (2, 1, 16384, 256)
+    every = rotation_quality.resolve(rotation_quality.parse_args(["--model-dir", str(folder), "--methods", "all"]))
+    assert every.methods == (_rq_rows.ORIGINAL, *_rq_rows.METHODS)
+    claimed = {m for claim in __import__("_claims").CLAIMS for m in claim[:2]} - {"best"}
+    assert claimed <= set(_rq_rows.CLAIM_METHODS)  # every claim's methods run by default
+    planted = rotation_quality.resolve(rotation_quality.parse_args(["--model-dir", "planted"]))
+    assert planted.methods == every.methods and planted.draws == 3
 
 
 def test_bad_flags_raise():
@@ -209,14 +231,14 @@ def test_trained_planted_model_is_cached(tmp_path):
 
 def test_rewriting_the_results_page_keeps_the_hand_written_findings(tmp_path):
     page = tmp_path / "results.md"
-    findings = rotation_quality.FINDINGS_MARKER + "\n\n## Findings\n\nmeasured by hand, keep me\n"
+    findings = _results_page.FINDINGS_MARKER + "\n\n## Findings\n\nmeasured by hand, keep me\n"
     page.write_text("# old tables\n\n| a | b |\n" + findings, encoding="utf-8")
-    rotation_quality.write_results(page, "## Perplexity\n\nnew table\n", "python benchmarks/x.py", ["- date: now"])
+    _results_page.write_results(page, "## Perplexity\n\nnew table\n", "python benchmarks/x.py", ["- date: now"])
     text = page.read_text(encoding="utf-8")
     assert "old tables" not in text and "new table" in text
     assert text.endswith(findings)
     page.write_text("# no marker\n", encoding="utf-8")
-    rotation_quality.write_results(page, "body\n", "cmd", [])
+    _results_page.write_results(page, "body\n", "cmd", [])
     assert "no marker" not in page.read_text(encoding="utf-8")
 
 
