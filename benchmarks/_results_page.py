@@ -16,7 +16,7 @@ from orthoopt.utils.atomic import atomic_file
 
 from _claims import claims_section
 from _models import PlantedLMSpec, PreparedModel
-from _rq_rows import (EXPENSIVE, FULL, METHOD_LABELS, QUANT_CONFIGS, REGISTRY, SPINQUANT_ROWS, MethodResult,
+from _rq_rows import (EXPENSIVE, FULL, METHOD_LABELS, REGISTRY, SPINQUANT_ROWS, MethodResult,
                       Settings, _mean)
 
 
@@ -81,8 +81,7 @@ def settings_section(settings: Settings, prepared: PreparedModel, split, n_eval:
     return out
 
 
-def perplexity_table(float_ppl: dict, rows: dict[str, MethodResult]) -> list[str]:
-    names = list(QUANT_CONFIGS)
+def perplexity_table(float_ppl: dict, rows: dict[str, MethodResult], names: list[str]) -> list[str]:
     out = ["## Perplexity", "", "Mean over the draws; the spread is in the next table.", "",
            "| method | rotation s | " + " | ".join(names) + " |",
            "|---|---:|" + "---:|" * len(names),
@@ -93,8 +92,7 @@ def perplexity_table(float_ppl: dict, rows: dict[str, MethodResult]) -> list[str
     return out
 
 
-def logit_table(rows: dict[str, MethodResult]) -> list[str]:
-    names = list(QUANT_CONFIGS)
+def logit_table(rows: dict[str, MethodResult], names: list[str]) -> list[str]:
     out = ["## Relative logit error vs the float model", "",
            "`||L_q - L_float||_F / ||L_float||_F`, mean over the draws; `rotated float` is the rotated, "
            "unquantized model (rotation invariance check, largest over the draws).", "",
@@ -108,11 +106,10 @@ def logit_table(rows: dict[str, MethodResult]) -> list[str]:
     return out
 
 
-def spread_table(rows: dict[str, MethodResult]) -> list[str]:
+def spread_table(rows: dict[str, MethodResult], names: list[str]) -> list[str]:
     """Per cell: the perplexity's max - min and standard deviation (ddof 1) over the draws."""
     if all(len(r.seeds) < 2 for r in rows.values()):
         return []
-    names = list(QUANT_CONFIGS)
     out = ["## Perplexity spread over draws", "",
            "Per cell `max - min / standard deviation` of the perplexity over the method's draws (`draws` "
            "column; one draw: `-`).", "",
@@ -147,8 +144,9 @@ def render(settings: Settings, prepared: PreparedModel, split, float_ppl: dict, 
            n_eval: int, timings: dict, skipped: list[str] = ()) -> str:
     """The markdown report (also printed): settings, tables, the claims with their intervals, times;
     ``skipped``: why some quantization columns were not run."""
-    sections = [settings_section(settings, prepared, split, n_eval, skipped), perplexity_table(float_ppl, rows),
-                spread_table(rows), logit_table(rows), claims_section(rows, METHOD_LABELS),
+    names = list(settings.column_configs())
+    sections = [settings_section(settings, prepared, split, n_eval, skipped), perplexity_table(float_ppl, rows, names),
+                spread_table(rows, names), logit_table(rows, names), claims_section(rows, METHOD_LABELS),
                 time_section(rows, float_ppl, timings)]
     return "\n\n".join("\n".join(sec) for sec in sections if sec) + "\n"
 
@@ -183,6 +181,8 @@ def render_record(record: dict) -> str:
              methods=tuple(record["settings"]["methods"]), text=Path(record["settings"]["text"]),
              cache_dir=Path(record["settings"]["cache_dir"]))
     s["model_dir"] = None if s["model_dir"] is None else Path(s["model_dir"])
+    if s.get("columns") is not None:
+        s["columns"] = tuple(s["columns"])
     rows = {r["method"]: MethodResult(**dict(r, seeds=tuple(r["seeds"]))) for r in record["rows"]}
     split = SimpleNamespace(describe=lambda: record["split"])
     return render(Settings(**s), SimpleNamespace(**record["model"]), split, record["float_ppl"], rows,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from orthoopt.methods import METHODS as REGISTRY
 from orthoopt.quant import ActQuantConfig
+from orthoopt.quant.kv import KVQuantConfig
 
 from _models import PlantedLMSpec
 
@@ -39,6 +40,16 @@ QUANT_CONFIGS: dict[str, dict] = {
 """The quantization columns. g128 is the W4A16 scheme llm-compressor and vLLM use by default
 (symmetric 4-bit weights in groups of 128 input columns, activations in 16 bits); g64 is the nearest
 group size that divides SmolLM2-135M's widths (576, 1536), where g128 cannot run."""
+A4_COLUMNS: dict[str, dict] = {
+    "W4A4KV4 RTN": {"method": "rtn", "wbits": 4, "act": ActQuantConfig(bits=4, symmetric=False, online_hadamard=True),
+                    "kv": KVQuantConfig(bits=4, r3=True)},
+    "W4A4KV4 GPTQ": {"method": "gptq", "wbits": 4, "act": ActQuantConfig(bits=4, symmetric=False, online_hadamard=True),
+                     "kv": KVQuantConfig(bits=4, r3=True)},
+}
+"""Columns run only when ``--columns`` names them: the papers' W4A4KV4 (4-bit asymmetric per-token
+activations, 4-bit asymmetric K/V per head, online Hadamards R4 before down_proj and R3 on queries and
+keys in every row), as ``benchmarks/full_settings.py`` quantizes its rotated rows."""
+ALL_COLUMNS = {**QUANT_CONFIGS, **A4_COLUMNS}
 FIXED_ROTATIONS = (ORIGINAL, "identity")
 """Methods whose rotated model does not depend on the draw: their data-free (RTN) cells are computed
 once and are the same in every draw; their GPTQ cells still vary with the calibration windows."""
@@ -67,6 +78,11 @@ class Settings:
     expensive_draws: int            # draws of the EXPENSIVE methods
     cache_dir: Path
     progress: bool
+    columns: tuple[str, ...] | None = None  # names of ALL_COLUMNS to run; None: QUANT_CONFIGS
+
+    def column_configs(self) -> dict[str, dict]:
+        """The quantization columns of the run (name -> quantize_model settings), in order."""
+        return dict(QUANT_CONFIGS) if self.columns is None else {n: ALL_COLUMNS[n] for n in self.columns}
 
     def seeds(self, method: str | None = None) -> tuple[int, ...]:
         """The draw seeds of ``method`` (draw ``d`` uses seed ``seed + d`` for its GPTQ and rotation

@@ -88,7 +88,7 @@ from orthoopt.utils.atomic import atomic_file
 from _data import DEFAULT_TEXT, SHARED, random_windows, split_halves, token_ids
 from _models import CACHE_DIR, PlantedLMSpec, PreparedModel, load_or_train_planted, load_shared, shared_model_dir
 from _results_page import publish
-from _rq_rows import (CLAIM_METHODS, EXPENSIVE, FIXED_ROTATIONS, FULL, METHODS, ORIGINAL, QUANT_CONFIGS, QUICK,
+from _rq_rows import (A4_COLUMNS, ALL_COLUMNS, CLAIM_METHODS, EXPENSIVE, FIXED_ROTATIONS, FULL, METHODS, ORIGINAL, QUANT_CONFIGS, QUICK,
                       REAL, REGISTRY, SPINQUANT_ROWS, MethodResult, Settings)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,14 +97,14 @@ DEFAULT_REAL_MODEL = "smollm2-135m"
 INVARIANCE_TOL = 1e-4  # rotate_model's own tolerance for float32 models
 DEFAULT_RESULTS = REPO / "docs" / "results.md"
 
-def columns_for(model: torch.nn.Module) -> tuple[dict[str, dict], list[str]]:
+def columns_for(model: torch.nn.Module, configs: dict[str, dict] = QUANT_CONFIGS) -> tuple[dict[str, dict], list[str]]:
     """The quantization columns that apply to ``model`` and a note per column that does not: a group
     size must divide the input columns of every decoder linear (orthoopt refuses others, and so does
     llm-compressor for its group strategy; SmolLM2-135M's hidden size 576 is not a multiple of 128)."""
     widths = {m.in_features for name, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}"}
     run, skipped = {}, []
-    for name, config in QUANT_CONFIGS.items():
+    for name, config in configs.items():
         bad = sorted(w for w in widths if config.get("group_size") and w % config["group_size"])
         if bad:
             skipped.append(f"{name}: not run, group size {config['group_size']} does not divide the decoder "
@@ -267,6 +267,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, key, text in sizes:
         p.add_argument(flag, type=int, default=None,
                        help=f"{text} [{_default(key)}]")
+    p.add_argument("--columns", default=None,
+                   help=f"comma-separated quantization columns of {', '.join(ALL_COLUMNS)} [all but "
+                        f"{', '.join(A4_COLUMNS)}]")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the first draw (rotations, calibration windows) and of training [0]")
     p.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="where trained planted models are cached")
@@ -321,6 +324,10 @@ def resolve(args: argparse.Namespace) -> Settings:
               "draws", "expensive_draws", "spin_windows", "spin_batch"):
         if v[k] is not None and v[k] < (2 if k == "seq_len" else 1):
             raise ValueError(f"--{k.replace('_', '-')} must be positive (seq-len at least 2), got {v[k]}")
+    columns = None if args.columns is None else tuple(c.strip() for c in args.columns.split(",") if c.strip())
+    if columns is not None and (not columns or set(columns) - set(ALL_COLUMNS)):
+        raise ValueError(f"unknown columns {sorted(set(columns) - set(ALL_COLUMNS))}; choose from "
+                         f"{', '.join(ALL_COLUMNS)}")
     if v["eval_tokens"] < v["seq_len"] * v["logit_windows"]:
         raise ValueError(f"--eval-tokens {v['eval_tokens']} is less than --logit-windows x --seq-len")
     planted = PlantedLMSpec(hidden_size=v["hidden"], num_layers=v["layers"], num_heads=v["heads"],
@@ -330,7 +337,7 @@ def resolve(args: argparse.Namespace) -> Settings:
                     v["calib_tokens"], v["eval_tokens"], v["logit_windows"], v["spin_windows"], v["spin_batch"],
                     args.seed,
                     v["draws"], v["expensive_draws"], args.cache_dir,
-                    not args.no_progress)
+                    not args.no_progress, columns)
 
 
 def results_path(args: argparse.Namespace) -> Path | None:
@@ -375,7 +382,7 @@ def build_inputs(settings: Settings) -> Inputs:
                          f"{settings.logit_windows} windows of {settings.seq_len}")
     probe = eval_ids[: settings.logit_windows * settings.seq_len].reshape(settings.logit_windows, settings.seq_len)
     return Inputs(prepared, split, calibs, spin_calibs, eval_ids, probe, logits(prepared.model, probe),
-                  *columns_for(prepared.model))
+                  *columns_for(prepared.model, settings.column_configs()))
 
 
 def method_row(settings: Settings, inputs: Inputs, method: str) -> MethodResult:
@@ -401,8 +408,9 @@ def record_dir(settings: Settings) -> Path:
     """The folder of this run's resumable record: one JSON file per finished method, in a folder
     named for everything a row depends on (the settings but ``methods`` and ``progress``, and the
     quantization columns), so a rerun with other settings starts its own record."""
-    key = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("methods", "progress", "cache_dir")}
-    key["columns"] = {name: {k: str(v) for k, v in c.items()} for name, c in QUANT_CONFIGS.items()}
+    key = {k: v for k, v in dataclasses.asdict(settings).items()
+           if k not in ("methods", "progress", "cache_dir", "columns")}
+    key["columns"] = {name: {k: str(v) for k, v in c.items()} for name, c in settings.column_configs().items()}
     digest = hashlib.sha256(json.dumps(key, default=str, sort_keys=True).encode()).hexdigest()[:12]
     return settings.cache_dir / f"rotation-quality-{digest}"
 

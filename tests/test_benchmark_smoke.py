@@ -101,7 +101,8 @@ def test_quick_run_prints_full_table_and_writes_only_the_given_path(tmp_path, ca
             assert low <= ratio <= high and r[7] in ("lower", "higher", "not separated"), r
             assert r[7] == ("lower" if high < 1 else "higher" if low > 1 else "not separated"), r
         assert {r[1] for r in claim_rows} >= {"W4 GPTQ", "W4 GPTQ g128", "W4 RTN", "W4 RTN g128", "W4 RTN g64"}
-        assert "W4A4KV4 is not a column of this benchmark" in text
+        assert "W4A4KV4 (OptRot's weight/activation trade-off) is claimed only in a run with `--columns`" in text
+        assert "| W4A4KV4" not in text  # opt-in columns: not run, not listed
     # the settings the issue asks to see are printed
     for needle in ("solver and steps per phase", "SpinQuant rows:", "calibration:", "evaluation:", "windows x 64 tokens", "model:"):
         assert needle in printed
@@ -140,6 +141,21 @@ def test_quick_run_prints_full_table_and_writes_only_the_given_path(tmp_path, ca
     with pytest.raises(AssertionError, match="computed again"):
         rotation_quality.main(["--quick", "--no-progress", "--text", str(TEXT), "--no-results", "--methods", "hadamard",
                                "--cache-dir", str(tmp_path / "cache"), "--draws", "3", "--threads", "0"])
+
+
+def test_opt_in_w4a4kv4_columns_run_and_carry_their_claims(tmp_path, capsys):
+    argv = ["--quick", "--no-progress", "--no-results", "--methods", "hadamard,optrot,optrot+", "--columns",
+            "W4A4KV4 GPTQ", "--cache-dir", str(tmp_path / "cache")]
+    if TEXT.is_file():
+        argv += ["--text", str(TEXT)]
+    assert rotation_quality.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| method | rotation s | W4A4KV4 GPTQ |" in printed and "W4 RTN" not in printed.split("## Claims")[0]
+    assert re.search(r"\| OptRot vs random Hadamard \| W4A4KV4 GPTQ \| 2 \|", printed)
+    assert re.search(r"\| OptRot\+ vs random Hadamard \| W4A4KV4 GPTQ \| 2 \|", printed)
+    assert "is claimed only in a run with" not in printed
+    with pytest.raises(ValueError, match="unknown columns"):
+        rotation_quality.resolve(rotation_quality.parse_args(["--quick", "--columns", "W3A3"]))
 
 
 def test_quick_mode_writes_no_results_page_unless_asked():
