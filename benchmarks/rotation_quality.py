@@ -87,7 +87,7 @@ from orthoopt.utils.atomic import atomic_file
 # rendered from their JSON record (_results_page, with the claims of _claims)
 from _data import DEFAULT_TEXT, SHARED, random_windows, split_halves, token_ids
 from _models import CACHE_DIR, PlantedLMSpec, PreparedModel, load_or_train_planted, load_shared, shared_model_dir
-from _results_page import publish
+from _results_page import log, publish
 from _rq_rows import (A4_COLUMNS, ALL_COLUMNS, CLAIM_METHODS, EXPENSIVE, FIXED_ROTATIONS, FULL, METHODS, ORIGINAL, QUANT_CONFIGS, QUICK,
                       REAL, REGISTRY, SPINQUANT_ROWS, MethodResult, Settings)
 
@@ -204,10 +204,6 @@ def run_method(base: torch.nn.Module, method: str, settings: Settings, probe: to
             row.quant_seconds[name] = row.quant_seconds.get(name, 0.0) + r["quant_seconds"]
             row.eval_seconds[name] = row.eval_seconds.get(name, 0.0) + r["eval_seconds"]
     return row
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def code_version() -> str:

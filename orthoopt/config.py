@@ -427,25 +427,17 @@ FLAT_FIELDS = {"solver": "solve.solver", "steps": "solve.steps", "lr": "solve.lr
 
 
 def _from_flat(d: dict) -> dict:
-    out: dict = {}
-    for k, v in d.items():
-        path = FLAT_FIELDS.get(k, k)
-        if "." in path:
-            group, name = path.split(".")
-            out.setdefault(group, {})[name] = v
-        else:
-            out[k] = v
-    return out
+    return nest({FLAT_FIELDS.get(k, k): v for k, v in d.items()})
 
 
-def flatten(d: Mapping, prefix: str = "") -> dict:
+def flatten(d: Mapping) -> dict:
     """``{"solve": {"steps": 5}}`` -> ``{"solve.steps": 5}`` (the groups of a :meth:`RotateConfig.to_json`)."""
     out = {}
     for k, v in d.items():
-        if k in GROUPS and not prefix and isinstance(v, Mapping):
+        if k in GROUPS and isinstance(v, Mapping):
             out.update({f"{k}.{n}": x for n, x in v.items()})
         else:
-            out[prefix + k] = v
+            out[k] = v
     return out
 
 
