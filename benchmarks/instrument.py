@@ -19,6 +19,8 @@ Reported, from the per-window NLLs alone (nothing is re-run to render):
 - per calibration setting, the OptRot / Hadamard ratio with the two-level bootstrap interval
   (:func:`orthoopt.eval.draws_interval`, draws and windows resampled) and the mean window-only interval
   of one draw (:func:`orthoopt.eval.paired_bootstrap`);
+- per method, every pair of calibration settings against each other with the same interval (draws
+  paired by seed: the same rotation, other calibration windows);
 - for the first calibration setting, the same at evaluation sizes from 16 windows (4k tokens) to the
   whole second half;
 - a variance decomposition of the per-draw log ratio into a between-draw part and a window part, and
@@ -26,7 +28,8 @@ Reported, from the per-window NLLs alone (nothing is re-run to render):
 
 Long work is resumable: each (method, draw, calibration) result is written to ``--record DIR`` as soon
 as it is made (atomically) and a rerun with the same settings skips what is there. The page is
-rendered from that record (``--render`` renders without running anything). One torch thread per
+rendered from that record (``--render`` renders without running anything, under the header of the
+run that last added to the record, kept in ``header.json`` beside the units). One torch thread per
 worker (``--threads``); ``--jobs`` runs (method, draw) units in parallel processes, OptRot first.
 """
 
@@ -91,6 +94,11 @@ class Settings:
         """What a record's results depend on (a rerun with another key starts a new record)."""
         return json.dumps({k: v for k, v in dataclasses.asdict(self).items()
                            if k not in ("threads", "progress", "draws", "calib")}, default=str, sort_keys=True)
+
+
+HEADER_FILE = "header.json"
+"""The record's account of the run that last added to it (command, date, code, wall time, machine),
+which ``--render`` shows instead of its own."""
 
 
 def parse_calib(spec: str) -> tuple[tuple[int, int], ...]:
@@ -201,7 +209,7 @@ def log(msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ analysis
 def read_record(record: Path, key: str | None = None) -> list[dict]:
-    rows = [json.loads(p.read_text()) for p in sorted(record.glob("*.json")) if p.name != "header.json"]
+    rows = [json.loads(p.read_text()) for p in sorted(record.glob("*.json")) if p.name != HEADER_FILE]
     if key is not None:
         stale = [r for r in rows if r["key"] != key]
         if stale:
@@ -322,6 +330,20 @@ def render(settings: Settings, rows: list[dict], header: dict) -> str:
         out.append(f"| {calib_name(c)} | {ref.shape[0]} | {fmt_ci(iv)} | {iv.ci95[1] - iv.ci95[0]:.4f} | {one:.4f} | "
                    f"{math.sqrt(parts['draw_var']):.4f} | {iv.verdict} |")
 
+    out += ["", "## Calibration against calibration, per method", "",
+            "Ratio `ppl(second) / ppl(first)` of one method quantized with two calibration settings, on the same "
+            f"{settings.eval_windows} windows; draws paired by seed (the same rotation, other calibration windows).", "",
+            "| method | first | second | ratio [95% over draws and windows] | verdict |",
+            "|---|---|---|---|---|"]
+    for m in METHODS:
+        for i, a in enumerate(calib):
+            for b in calib[i + 1:]:
+                first, second = (nll_matrix(rows, m, c, settings.eval_windows) for c in (a, b))
+                if first.shape != second.shape:  # settings with different paired seeds
+                    continue
+                iv = draws_interval(first, second)
+                out.append(f"| {m} | {calib_name(a)} | {calib_name(b)} | {fmt_ci(iv)} | {iv.verdict} |")
+
     c0 = calib[0] if calib else None
     if c0 is not None:
         full = nll_matrix(rows, REFERENCE, c0).shape[1]
@@ -400,8 +422,8 @@ def main(argv=None) -> int:
     record.mkdir(parents=True, exist_ok=True)
     results = args.results or (None if args.quick else REPO / "docs" / "instrument.md")
     start, load_start = time.perf_counter(), os.getloadavg()
+    before = None if args.render else len(read_record(record, settings.key()))
     if not args.render:
-        read_record(record, settings.key())
         run_all(settings, record, args.jobs)
     rows = read_record(record, settings.key())
     wall = time.perf_counter() - start
@@ -414,6 +436,12 @@ def main(argv=None) -> int:
               "wall": f"{wall / 60:.1f} min" if not args.render else "(rendered only)",
               "machine": "; ".join(line.removeprefix("- ") for line in machine_info(load_start, os.getloadavg(), args.jobs)),
               "model": description}
+    header_file = record / HEADER_FILE
+    if before is not None and len(rows) > before:  # the run's facts stay with its record, for later renders
+        with atomic_file(header_file) as f:
+            f.write(json.dumps(header, indent=2) + "\n")
+    elif header_file.is_file():
+        header = json.loads(header_file.read_text())
     page = render(settings, rows, header)
     print(page)
     if results is not None:

@@ -67,12 +67,15 @@ def test_quick_run_writes_page_and_resumes_from_record(tmp_path, capsys):
     record, page = tmp_path / "record", tmp_path / "page.md"
     argv = ["--quick", "--no-progress", "--text", str(TEXT), "--record", str(record), "--results", str(page)]
     assert instrument.main(argv) == 0
-    units = sorted(p.name for p in record.glob("*.json"))
+    units = sorted(p.name for p in record.glob("*-seed*.json"))
     assert len(units) == 2 * 2 * 2  # methods x draws x calibration settings
     text = page.read_text()
     for heading in ("## Perplexity over draws, by calibration", "## OptRot / Hadamard, by calibration",
-                    "## By evaluation size"):
+                    "## Calibration against calibration, per method", "## By evaluation size"):
         assert heading in text
+    # one row per method for the one pair of calibration settings, with its interval and verdict
+    pairs = [line for line in text.splitlines() if line.startswith(("| optrot | 4x32 | 8x64 |", "| hadamard | 4x32 | 8x64 |"))]
+    assert len(pairs) == 2 and all(line.rstrip(" |").endswith(("lower", "higher", "not separated")) for line in pairs)
     # the first calibration setting is scored on more windows than the others
     first = json.loads((record / "optrot-seed0-4x32.json").read_text())
     other = json.loads((record / "optrot-seed0-8x64.json").read_text())
@@ -83,6 +86,12 @@ def test_quick_run_writes_page_and_resumes_from_record(tmp_path, capsys):
     assert instrument.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in record.glob("*.json")} == stamps
     assert "ppl" not in capsys.readouterr().err  # no unit ran
+    # a page rendered later shows the run that made the record, not the render
+    header = json.loads((record / "header.json").read_text())
+    assert "--render" not in header["command"] and header["wall"] != "(rendered only)"
+    assert instrument.main([*argv, "--render"]) == 0
+    assert page.read_text().startswith(instrument.render(instrument.resolve(instrument.parse_args(argv)),
+                                                         instrument.read_record(record), header))
     # a record made with other settings is refused, not mixed in
     with pytest.raises(ValueError, match="other settings"):
         instrument.main([*argv, "--seed", "5"])
