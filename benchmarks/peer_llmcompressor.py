@@ -18,6 +18,13 @@ perplexity on the first ``--eval-tokens`` tokens of the second half, non-overlap
 (orthoopt's ``rotate_model``; llm-compressor's SpinQuant is inside its ``oneshot``) and quantization,
 measured here with ``--threads`` torch threads.
 
+With ``--out FILE.md`` the run also writes ``FILE.json`` (every cell, with its per-window NLLs) and
+``FILE.compare.json``: the cells as one ``orthoopt compare --json`` record (reference: the float
+model; models named ``llmc-<rotation>-<rtn|gptq>`` and ``oo-<rotation>-<rtn|gptq>``), which
+``benchmarks/peer_table.py`` turns into ratios with paired-bootstrap 95% intervals between any two cells::
+
+    python benchmarks/peer_table.py runs/peer.compare.json --refs oo-none,oo-hadamard,oo-optrot,llmc-spinquant
+
 llm-compressor pins its own transformers; run this script with a Python where ``llmcompressor``
 imports (``pip install -e '.[peer]'`` in a separate venv, docs/export.md). Where it does not, the
 script says so and exits 0 without measuring anything.
@@ -99,6 +106,28 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def _score(result: dict) -> tuple[float, list[float]]:
+    """``(ppl, window_nll)`` of one :func:`orthoopt.eval.perplexity` result."""
+    return result["ppl"], [float(x) for x in result["window_nll"]]
+
+
+def compare_record(float_eval: dict, rows: list[dict], seq_len: int) -> dict:
+    """The run's cells as one ``orthoopt compare --json`` record, for ``benchmarks/peer_table.py``.
+
+    The reference is the float model (``"float"``); each measured cell is a model named
+    ``<row key>-<rtn|gptq>`` (``llmc-spinquant-gptq``, ``oo-optrot-rtn``) with its perplexity and
+    per-window NLLs, all scored on the same windows in this process. Ratios and intervals against
+    the float model are left to ``peer_table.py`` (which pairs any two cells).
+    """
+    ref = {"model": "float", "ppl": float_eval["ppl"], "window_nll": list(float_eval["window_nll"])}
+    models = []
+    for row in rows:
+        for q in QUANT:
+            if row.get(f"{q}_window_nll") is not None:
+                models.append({"model": f"{row['key']}-{q}", "ppl": row[q], "window_nll": row[f"{q}_window_nll"]})
+    return {"reference": ref, "windows": len(ref["window_nll"]), "seq_len": seq_len, "models": models}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     reason = unavailable_reason()
@@ -166,9 +195,13 @@ def main(argv=None) -> int:
         text = "\n".join(header + [""] + table) + "\n"
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            for path, content in ((args.out, text), (args.out.with_suffix(".json"), json.dumps(
-                    {"float_ppl": float_ppl, "rows": rows, "versions": versions, "command": command,
-                     "complete": final}, indent=2) + "\n")):
+            outputs = [(args.out, text), (args.out.with_suffix(".json"), json.dumps(
+                {"float_ppl": float_ppl, "rows": rows, "versions": versions, "command": command,
+                 "complete": final}, indent=2) + "\n")]
+            if float_ppl.get("window_nll") is not None and rows:
+                outputs.append((args.out.with_suffix(".compare.json"), json.dumps(
+                    compare_record(float_ppl, rows, args.seq_len), indent=2) + "\n"))
+            for path, content in outputs:
                 tmp = path.with_name(path.name + ".tmp")
                 tmp.write_text(content, encoding="utf-8")
                 tmp.replace(path)
@@ -176,14 +209,14 @@ def main(argv=None) -> int:
 
     if "llmcompressor" in tools:
         for rot in (r for r in LLMC_ROTATIONS if r in wanted):
-            row = {"tool": "llm-compressor", "rotation": NAMES[rot], "rotation_s": None}
+            row = {"tool": "llm-compressor", "key": f"llmc-{rot}", "rotation": NAMES[rot], "rotation_s": None}
             if rot == "spinquant":
                 row["rotation"] += f" (block {spinquant_block_size(base)})"
             for q in QUANT:
                 model = copy.deepcopy(base)
                 info = quantize_with_llmcompressor(model, calib, method=q, spinquant=rot == "spinquant")
                 row[f"{q}_s"] = info["seconds"]
-                row[q] = ppl(model)["ppl"]
+                row[q], row[f"{q}_window_nll"] = _score(ppl(model))
                 log(f"llm-compressor {rot} {q}: ppl {row[q]:.3f}, {info['seconds']:.1f} s")
                 del model
                 if not any(r is row for r in rows):
@@ -203,6 +236,7 @@ def main(argv=None) -> int:
                 )
             row = {
                 "tool": "orthoopt",
+                "key": f"oo-{rot}",
                 "rotation": NAMES[rot],
                 "rotation_s": None if rot == "none" else time.perf_counter() - start,
             }
@@ -218,7 +252,7 @@ def main(argv=None) -> int:
                     progress=progress,
                 )
                 row[f"{q}_s"] = time.perf_counter() - start
-                row[q] = ppl(model)["ppl"]
+                row[q], row[f"{q}_window_nll"] = _score(ppl(model))
                 log(f"orthoopt {rot} {q}: ppl {row[q]:.3f}, {row[f'{q}_s']:.1f} s")
                 del model
                 if not any(r is row for r in rows):

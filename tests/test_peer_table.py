@@ -66,3 +66,23 @@ def test_cli_exit_2_on_mismatch(tmp_path, windows, capsys):
     assert peer_table.main([str(a), str(b)]) == 2
     assert "not the same evaluation" in capsys.readouterr().err
     assert peer_table.main([str(a), "--refs", "oo-none"]) == 0
+
+
+def test_peer_llmcompressor_cells_form_a_record_the_table_pairs(windows):
+    import peer_llmcompressor
+
+    def cell(key, rtn, gptq):
+        return {"key": key, "rtn": math.exp(float(np.mean(windows[rtn]))), "rtn_window_nll": list(windows[rtn]),
+                "gptq": math.exp(float(np.mean(windows[gptq]))), "gptq_window_nll": list(windows[gptq])}
+
+    rows = [cell("oo-none", "oo-none-rtn", "oo-none-gptq"), cell("llmc-spinquant", "peer-x-rtn", "peer-x-gptq"),
+            {"key": "oo-optrot", "rtn": 1.0, "rtn_window_nll": list(windows["oo-optrot-rtn"])}]  # GPTQ not run yet
+    float_eval = {"ppl": math.exp(float(np.mean(windows["float"]))), "window_nll": list(windows["float"])}
+    rec = peer_llmcompressor.compare_record(float_eval, rows, 256)
+    assert [m["model"] for m in rec["models"]] == ["oo-none-rtn", "oo-none-gptq", "llmc-spinquant-rtn",
+                                                   "llmc-spinquant-gptq", "oo-optrot-rtn"]
+    assert rec["windows"] == 64 and rec["seq_len"] == 256 and rec["reference"]["model"] == "float"
+    nll, ppl = peer_table.load_windows([rec])
+    table = {r["model"]: r for r in peer_table.pair_table(nll, ppl, ["oo-none"])}
+    want = paired_bootstrap(windows["oo-none-gptq"], windows["peer-x-gptq"], 10_000, 0)
+    assert table["llmc-spinquant-gptq"]["vs"]["oo-none"]["ci95"] == list(want.ci95)
