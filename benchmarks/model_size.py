@@ -23,10 +23,15 @@ Each command then runs as its own subprocess, one after the other (never two at 
 ==================  ===========================================================================
 rotate              ``orthoopt rotate CKPT --method hadamard`` (in memory)
 rotate-streamed     ``orthoopt rotate CKPT --method hadamard --streamed``
-quantize-rtn        ``orthoopt quantize CKPT --method rtn --wbits 4``
-quantize-gptq       ``orthoopt quantize CKPT --method gptq --calib TEXT --nsamples W --seq-len L``
+quantize-rtn        ``orthoopt quantize CKPT --method rtn --wbits 4 --format orthoopt``
+quantize-gptq       ``orthoopt quantize CKPT --method gptq --calib TEXT --nsamples W --seq-len L --format orthoopt``
 eval                ``orthoopt eval CKPT --text TEXT --seq-len L --max-tokens W*L``
+*-streamed          the same command with ``--streamed``: one decoder layer in memory at a time
+                    (``quantize-rtn-streamed``, ``quantize-gptq-streamed``, ``eval-streamed``)
 ==================  ===========================================================================
+
+Both quantize paths write orthoopt's format (fake-quantized weights + quant.json), the one
+``--streamed`` writes, so the two compare like for like.
 
 A command the memory check refuses (``orthoopt`` exits 2 when its estimated peak exceeds the
 available memory, ``docs/performance.md``) is reported as refused with the message; ``--force`` passes
@@ -106,7 +111,8 @@ SHAPES = {
     # --quick: a tiny Llama with the same structure (GQA, tied)
     "tiny": Shape("tiny", 64, 2, 4, 2, 128, 512, True, max_position_embeddings=2048),
 }
-COMMANDS = ("rotate", "rotate-streamed", "quantize-rtn", "quantize-gptq", "eval")
+COMMANDS = ("rotate", "rotate-streamed", "quantize-rtn", "quantize-rtn-streamed", "quantize-gptq",
+            "quantize-gptq-streamed", "eval", "eval-streamed")
 
 
 def _prod(shape) -> int:
@@ -227,15 +233,17 @@ class Record:
 def command_argv(command: str, ckpt: Path, out: Path, text: Path, windows: int, seq_len: int, force: bool) -> list[str]:
     """``orthoopt`` arguments of ``command`` (module doc)."""
     tail = ["--no-progress"] + (["--force"] if force else [])
+    if command.endswith("-streamed") and command != "rotate-streamed":
+        return command_argv(command.removesuffix("-streamed"), ckpt, out, text, windows, seq_len, force) + ["--streamed"]
     if command == "rotate":
         return ["rotate", str(ckpt), "--out", str(out), "--method", "hadamard", *tail]
     if command == "rotate-streamed":
         return ["rotate", str(ckpt), "--out", str(out), "--method", "hadamard", "--streamed", *tail]
     if command == "quantize-rtn":
-        return ["quantize", str(ckpt), "--out", str(out), "--method", "rtn", "--wbits", "4", *tail]
+        return ["quantize", str(ckpt), "--out", str(out), "--method", "rtn", "--wbits", "4", "--format", "orthoopt", *tail]
     if command == "quantize-gptq":
         return ["quantize", str(ckpt), "--out", str(out), "--method", "gptq", "--wbits", "4", "--calib", str(text),
-                "--nsamples", str(windows), "--seq-len", str(seq_len), *tail]
+                "--nsamples", str(windows), "--seq-len", str(seq_len), "--format", "orthoopt", *tail]
     if command == "eval":
         return ["eval", str(ckpt), "--text", str(text), "--seq-len", str(seq_len), "--max-tokens",
                 str(windows * seq_len), *tail]

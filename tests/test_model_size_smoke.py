@@ -54,6 +54,8 @@ def test_quick_shape_builds_and_is_measured(tmp_path):
                                   progress=lambda _: None)
     assert rec.returncode == 0 and rec.peak_rss_bytes > 100 << 20 and rec.measured_by.startswith("getrusage")
     assert "| tiny |" in model_size.table([rec])
+    (rec,) = model_size.run_shape(shape, ["quantize-rtn-streamed"], tmp_path, 2, 32, False, progress=lambda _: None)
+    assert rec.returncode == 0 and rec.peak_rss_bytes > 100 << 20, rec
     assert {p.name for p in tmp_path.iterdir() if p.is_dir()} == {ckpt.name}  # the outputs are removed
 
 

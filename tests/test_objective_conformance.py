@@ -41,7 +41,7 @@ from orthoopt.quant.rotated import RotatedQuantLM
 from orthoopt.resume import Partial, read_partial, write_partial
 from orthoopt.solvers import initial_rotations
 from orthoopt.streaming import FusedReader
-from orthoopt.streaming.checkpoint import SafetensorsCheckpoint
+from orthoopt.models.safetensors_folder import SafetensorsCheckpoint
 from orthoopt.streaming.layout import DecoderLayout
 
 F64 = torch.float64

@@ -24,7 +24,7 @@ from orthoopt.streaming import (
     ShardedWriter,
     StreamedFourthPower,
 )
-from orthoopt.streaming.checkpoint import INDEX_FILE
+from orthoopt.models.safetensors_folder import INDEX_FILE
 from orthoopt.streaming.layer_rotation import r2_blocks
 
 from helpers import assert_streamed_r1_blocks_match

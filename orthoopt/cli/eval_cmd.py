@@ -15,9 +15,10 @@ import time
 
 from orthoopt.errors import InvalidInputError
 from orthoopt.models.dtypes import DTYPE_CHOICES
+from orthoopt.eval.layered import perplexity_layered
 from orthoopt.eval.perplexity import perplexity
 from orthoopt.quant.calib import read_text
-from orthoopt.quant.model import load_quantized
+from orthoopt.quant.model import load_layered, load_quantized
 from orthoopt.cli.memory_check import add_force, check_memory
 from orthoopt.utils.checks import check_device
 from orthoopt.cli.usage import help_kwargs
@@ -67,7 +68,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="dtype the model is loaded and run in (auto, the default: the checkpoint's own; "
                         "log-probabilities are taken from float32 logits)")
-    p.add_argument("--device", default=None, help="where the model computes, e.g. cuda or cuda:1 (default cpu): the whole model is moved there after loading (no layer-by-layer onloading yet); refused when not available")
+    p.add_argument("--device", default=None, help="where the model computes, e.g. cuda or cuda:1 (default cpu): the "
+                   "whole model is moved there after loading, or with --streamed one layer at a time; refused when "
+                   "not available")
+    p.add_argument("--streamed", action="store_true",
+                   help="hold one decoder layer at a time (plus embedding, lm_head and the windows' hidden states): "
+                        "read layer by layer from the safetensors files; the same figures as without it. Perplexity "
+                        "only (not --tasks); Hugging Face folders with plain safetensors weights")
     add_force(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -81,21 +88,28 @@ def run(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks is not None else []
     if args.tasks is not None and not tasks:
         raise InvalidInputError("--tasks is empty")
+    if args.streamed and tasks:
+        raise InvalidInputError("--tasks runs lm-eval on the whole model: it does not combine with --streamed")
     text = read_text(args.text) if args.text is not None else None  # fail on a bad text before loading
     if tasks:
         from orthoopt.eval.tasks import _import_lm_eval
 
         _import_lm_eval()  # fail on a missing lm-eval before loading the model
     device = check_device(args.device, "--device")
-    _check_memory(args)
-    loaded = load_quantized(args.model_dir, args.dtype)
-    if device is not None:
-        loaded.model.to(device)
+    _check_memory(args, None if text is None else len(text))
+    if args.streamed:
+        loaded = load_layered(args.model_dir, args.dtype, device)
+    else:
+        loaded = load_quantized(args.model_dir, args.dtype)
+        if device is not None:
+            loaded.model.to(device)
     start = time.perf_counter()
     record = {"model": str(args.model_dir), "text": None if text is None else str(args.text),
-              "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch.")}
+              "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."), "streamed": args.streamed}
     if text is not None:
-        record.update(perplexity(
+        score = (perplexity if loaded.layered is None else
+                 lambda _, *a, **k: perplexity_layered(loaded.layered, *a, **k))
+        record.update(score(
             loaded.model, loaded.tokenizer, text=text, seq_len=args.seq_len, max_tokens=args.max_tokens,
             batch_size=args.batch_size, progress=not args.no_progress,
         ))
@@ -126,8 +140,9 @@ def run(args) -> int:
     return 0
 
 
-def _check_memory(args) -> None:
-    """Refuse (exit 2) before loading when the estimated peak does not fit (``--force`` skips it)."""
+def _check_memory(args, text_chars: int | None) -> None:
+    """Refuse (exit 2) before loading when the estimated peak does not fit (``--force`` skips it);
+    ``text_chars`` bounds the evaluated tokens of ``--streamed`` (at most one token per two characters)."""
     from orthoopt.models.dtypes import resolve_model_dtype
     from orthoopt.models.footprint import eval_estimate
     from orthoopt.models.sources import resolve_source
@@ -135,8 +150,10 @@ def _check_memory(args) -> None:
     source = resolve_source(args.model_dir, progress=not args.no_progress)
     dtype = resolve_model_dtype(source, args.dtype)
     seq_len = args.seq_len or 2048
+    tokens = min(x for x in (args.max_tokens, (text_chars or 0) // 2 + 1) if x is not None)
     check_memory("orthoopt eval", source, lambda ck: eval_estimate(
-        ck, dtype, min(seq_len, ck.max_position or seq_len), args.batch_size), args.force)
+        ck, dtype, min(seq_len, ck.max_position or seq_len), args.batch_size,
+        streamed_tokens=tokens if args.streamed else None), args.force)
 
 
 def undefined_figures(record: dict) -> str | None:

@@ -144,8 +144,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "checkpoint's own; RTN/GPTQ compute per layer in float32 and cast back)")
     p.add_argument("--device", default=None,
                    help="where the model computes, e.g. cuda or cuda:1 (default cpu): the whole model is moved there "
-                        "after loading (after rotating, with --rotate; no layer-by-layer onloading yet); the "
+                        "after loading (after rotating, with --rotate), or with --streamed one layer at a time; the "
                         "rotation's objective and solver compute there too; refused when not available")
+    p.add_argument("--streamed", action="store_true",
+                   help="hold one decoder layer at a time in every step: the rotation (with --rotate) streams from "
+                        "the safetensors files, quantization (RTN or GPTQ) reads, quantizes and writes one layer's "
+                        "shard at a time, and --eval-text is scored layer by layer; same weights as without it. "
+                        "Writes orthoopt's format; Hugging Face folders with plain safetensors weights")
     add_force(p)
     r = p.add_argument_group("rotation (with --rotate)", "the options of 'orthoopt rotate'; --calib and --seed are "
                              "shared, and spinquant's loss simulates this command's quantization settings")
@@ -163,7 +168,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 ROTATE_DESTS: tuple[str, ...] = ()
 """The destinations of the rotation options (set by :func:`add_parser`)."""
 SETTINGS_DESTS = tuple(f for f in QuantizeSettings.__dataclass_fields__)
-SHARED_OPTIONS = ("dtype", "device", "seed")
+SHARED_OPTIONS = ("dtype", "device", "seed", "streamed")
 """Rotation options ``orthoopt quantize`` has as its own (one --dtype and one --device serve both steps)."""
 HOW_TO_RUN = ("resume", "streamed")
 """Rotation options that say how to run, not what: allowed with --recipe."""
@@ -215,8 +220,8 @@ def _check_memory(args, quantize: QuantizeSettings | None) -> None:
     dtype = resolve_model_dtype(source, q.dtype)
     seq_len = q.seq_len or 2048
     check_memory("orthoopt quantize", source, lambda ck: quantize_estimate(
-        ck, dtype, "gptq" if q.uses_calibration else "rtn", q.nsamples, min(seq_len, ck.max_position or seq_len)),
-        args.force)
+        ck, dtype, "gptq" if q.uses_calibration else "rtn", q.nsamples, min(seq_len, ck.max_position or seq_len),
+        streamed=args.streamed), args.force)
 
 
 def _kwargs_from_args(args, defaults: dict) -> dict:

@@ -4,9 +4,10 @@
 from orthoopt.eval.bootstrap import MIN_WINDOWS, PairedInterval, paired_bootstrap
 from orthoopt.eval.compare import compare_models
 from orthoopt.eval.draws import draws_interval
+from orthoopt.eval.layered import perplexity_layered
 from orthoopt.eval.perplexity import default_seq_len, perplexity
 
 __all__ = [
     "MIN_WINDOWS", "PairedInterval", "compare_models", "default_seq_len", "draws_interval", "paired_bootstrap",
-    "perplexity",
+    "perplexity", "perplexity_layered",
 ]

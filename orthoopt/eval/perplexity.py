@@ -65,6 +65,24 @@ def perplexity(
     the model's logits are not finite (``orthoopt eval --json`` writes such figures as null).
     Raises ValueError for windows longer than the model's context.
     """
+    seq_len = default_seq_len(model) if seq_len is None else seq_len
+    check_context(model, seq_len, "seq_len")
+    for name, p in model.named_parameters():
+        check_not_meta(p, f"weight {name!r}")
+    ids = window_ids(tokenizer_or_ids, text, seq_len, max_tokens, batch_size)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        return score_windows(lambda b, batch: model(input_ids=batch.to(device), use_cache=False).logits,
+                             ids, batch_size, progress)
+    finally:
+        model.train(was_training)
+
+
+def window_ids(tokenizer_or_ids, text: str | None, seq_len: int, max_tokens: int | None,
+               batch_size: int = 1) -> torch.Tensor:
+    """The ``[windows, seq_len]`` token ids :func:`perplexity` scores (arguments and errors as there)."""
     if isinstance(tokenizer_or_ids, torch.Tensor):
         if text is not None:
             raise InvalidInputError("give either token ids or a tokenizer with text, not ids and text")
@@ -78,12 +96,8 @@ def perplexity(
         if text is None:
             raise InvalidInputError("perplexity with a tokenizer needs text=...")
         ids = tokenize_text(text, tokenizer_or_ids)
-    seq_len = default_seq_len(model) if seq_len is None else seq_len
     if seq_len < 2:
         raise InvalidInputError(f"seq_len must be at least 2, got {seq_len}")
-    check_context(model, seq_len, "seq_len")
-    for name, p in model.named_parameters():
-        check_not_meta(p, f"weight {name!r}")
     if batch_size < 1:
         raise InvalidInputError(f"batch_size must be positive, got {batch_size}")
     if max_tokens is not None:
@@ -93,29 +107,28 @@ def perplexity(
     windows = ids.numel() // seq_len
     if windows == 0:
         raise InvalidInputError(f"the text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
-    device = next(model.parameters()).device
-    ids = ids[: windows * seq_len].reshape(windows, seq_len)
+    return ids[: windows * seq_len].reshape(windows, seq_len)
 
-    was_training = model.training
-    model.eval()
+
+def score_windows(logits_of, ids: torch.Tensor, batch_size: int, progress: bool = True) -> dict:
+    """:func:`perplexity`'s result from ``logits_of(b, batch)``, the logits of the ``b``-th batch
+    ``batch = ids[b * batch_size : (b + 1) * batch_size]`` (``[B, seq_len, vocab]``, any device)."""
+    windows, seq_len = ids.shape
     total = torch.zeros((), dtype=torch.float64)
     window_nll: list[float] = []
-    try:
-        with tqdm(total=windows, desc="perplexity", unit="window", disable=not progress, file=sys.stderr) as bar:
-            for start in range(0, windows, batch_size):
-                batch = ids[start : start + batch_size].to(device)
-                logits = model(input_ids=batch, use_cache=False).logits
-                if logits.dtype != torch.float64:
-                    logits = logits.float()
-                # cross_entropy is nll_loss(log_softmax): the same sum as before, plus the per-token terms
-                logp = torch.log_softmax(logits[:, :-1].reshape(-1, logits.shape[-1]), dim=1)
-                target = batch[:, 1:].reshape(-1)
-                total += F.nll_loss(logp, target, reduction="sum").double().cpu()
-                per_token = F.nll_loss(logp, target, reduction="none").double().cpu()
-                window_nll.extend(per_token.reshape(batch.shape[0], seq_len - 1).mean(dim=1).tolist())
-                bar.update(batch.shape[0])
-    finally:
-        model.train(was_training)
+    with tqdm(total=windows, desc="perplexity", unit="window", disable=not progress, file=sys.stderr) as bar:
+        for b, start in enumerate(range(0, windows, batch_size)):
+            batch = ids[start : start + batch_size]
+            logits = logits_of(b, batch)
+            if logits.dtype != torch.float64:
+                logits = logits.float()
+            # cross_entropy is nll_loss(log_softmax): the same sum as before, plus the per-token terms
+            logp = torch.log_softmax(logits[:, :-1].reshape(-1, logits.shape[-1]), dim=1)
+            target = batch[:, 1:].reshape(-1).to(logp.device)
+            total += F.nll_loss(logp, target, reduction="sum").double().cpu()
+            per_token = F.nll_loss(logp, target, reduction="none").double().cpu()
+            window_nll.extend(per_token.reshape(batch.shape[0], seq_len - 1).mean(dim=1).tolist())
+            bar.update(batch.shape[0])
     tokens = windows * (seq_len - 1)
     nll = float(total) / tokens
     try:

@@ -36,6 +36,8 @@ from orthoopt.methods import METHODS, names
 from orthoopt.quant.calib_source import CalibSource
 
 PARTIAL_SUFFIX = ".partial.safetensors"
+STREAMED_FORMAT = ("--streamed writes orthoopt's format (the compressed-tensors export packs the whole model in "
+                   "memory, not layer by layer)")
 CHECKPOINT_DIR = "checkpoint.tmp"
 """Where the checkpoint writer puts its files inside the output's temporary folder before they move up."""
 
@@ -145,11 +147,16 @@ def check_inputs(model, out, config: RotateConfig | None, q: QuantizeSettings, c
     if q.uses_calibration and calib is None:
         raise InvalidInputError("--method gptq needs calibration text: pass --calib TEXT_FILE (or hf:NAME[:CONFIG]), "
                          "or use --method rtn")
-    if config is None and (init is not None or resume or streamed):
-        raise InvalidInputError("--init, --resume and --streamed are rotation options: give --rotate METHOD")
-    if streamed:
+    if config is None and (init is not None or resume):
+        raise InvalidInputError("--init and --resume are rotation options: give --rotate METHOD")
+    if streamed and config is not None:
         config.check_streamed()
     fmt, passed_over = choose_format(q.format, q.export_settings())
+    if streamed and fmt == "compressed-tensors":
+        if q.format != "auto":
+            raise InvalidInputError("--streamed writes orthoopt's format only (the compressed-tensors export packs the "
+                                    "whole model in memory): pass --format orthoopt, or leave out --streamed")
+        fmt, passed_over = "orthoopt", [STREAMED_FORMAT]
     if fmt == "compressed-tensors":
         from orthoopt.export.compressed_tensors import _import_ct
 
@@ -227,7 +234,7 @@ def oneshot(model, *, out, rotate=None, scheme: str | None = None, calib=None, q
     """
     from orthoopt.eval.bootstrap import DEFAULT_RESAMPLES, check_window_count, paired_bootstrap
     from orthoopt.eval.compare import check_options
-    from orthoopt.eval.perplexity import default_seq_len, perplexity
+    from orthoopt.eval.perplexity import default_seq_len
     from orthoopt.quant.calib import check_context, read_text, tokenize_text
     from orthoopt.quant.model import load_checkpoint
     from orthoopt.utils.atomic import atomic_dir
@@ -262,9 +269,14 @@ def oneshot(model, *, out, rotate=None, scheme: str | None = None, calib=None, q
         check_model_folder(resolved.folder)
         source_folder = resolved.folder
 
+    layered = None
     with _phase(seconds, "load"):
-        net, tokenizer = load_checkpoint(model, dtype=model_dtype)
-    if device is not None and config is None:
+        if streamed:  # the skeleton: embedding, norm and lm_head loaded, every decoder layer left on disk
+            layered, tokenizer = _layered(source_folder, model_dtype, device)
+            net = layered.model
+        else:
+            net, tokenizer = load_checkpoint(model, dtype=model_dtype)
+    if device is not None and config is None and layered is None:
         net.to(device)
     _check_group_size(net, q)  # before the evaluation and the rotation (their minutes)
     fmt, passed_over = _loaded_check(net, q, fmt, passed_over)
@@ -277,11 +289,12 @@ def oneshot(model, *, out, rotate=None, scheme: str | None = None, calib=None, q
             check_context(net, seq_len, "--eval-seq-len")
             check_window_count(min(ids.numel(), eval_max_tokens or ids.numel()) // seq_len, seq_len)
             _log(progress, f"perplexity of the float model on {eval_text}")
-            float_res = perplexity(net, ids, seq_len=seq_len, max_tokens=eval_max_tokens, progress=progress)
+            float_res = _perplexity(net, layered, ids, seq_len=seq_len, max_tokens=eval_max_tokens,
+                                    progress=progress)
             float_nll = float_res["window_nll"]
     bits = q.wbits if q.wbits < 16 else 4
-    with _phase(seconds, "report"):
-        snaps = [snapshot(net, "input", bits)]
+    with _phase(seconds, "report"):  # (weight statistics need the weights in memory: not with --streamed)
+        snaps = [] if streamed else [snapshot(net, "input", bits)]
     init_rotations = None
     if init is not None:
         from orthoopt.models import load_rotations
@@ -294,13 +307,26 @@ def oneshot(model, *, out, rotate=None, scheme: str | None = None, calib=None, q
             with _phase(seconds, "rotate"):
                 _log(progress, f"rotation {config.method} ({','.join(config.rotations)})")
                 net, rotation_report, solves, rotations = _rotate(net, tokenizer, config, calib, init_rotations,
-                                                                  resume, partial, source_folder, tmp, progress)
-            with _phase(seconds, "report"):
-                snaps.append(snapshot(net, "rotated", bits, tuple(snaps[0].channels)))
-            if device is not None:
-                net.to(device)
-        with _phase(seconds, "quantize"):
-            result, calib_info = _quantize(net, tokenizer, q, calib, progress)
+                                                                  resume, partial, source_folder, tmp, progress,
+                                                                  layered=streamed, device=device)
+            if streamed:
+                layered = net
+                net = layered.model
+            else:
+                with _phase(seconds, "report"):
+                    snaps.append(snapshot(net, "rotated", bits, tuple(snaps[0].channels)))
+                if device is not None:
+                    net.to(device)
+        staging = tmp / CHECKPOINT_DIR
+        with _phase(seconds, "quantize"):  # with --streamed: layer by layer, each layer's shard written at once
+            result, calib_info = _quantize(net, tokenizer, q, calib, progress,
+                                           layered=layered, staging=staging)
+        if layered is not None:
+            rotated_folder = layered.folder if config is not None else None
+            layered = _reload_written(staging, model_dtype, device, result)
+            net = layered.model
+            if rotated_folder is not None:
+                shutil.rmtree(rotated_folder)
         settings = {**result.settings, "scheme": scheme_record, "source": str(model), "calibration": calib_info,
                     "dtype": dtype_name(next(net.parameters()).dtype)}
         if rotation_report is not None:
@@ -308,15 +334,16 @@ def oneshot(model, *, out, rotate=None, scheme: str | None = None, calib=None, q
         if ids is not None:
             with _phase(seconds, "eval quantized"):
                 _log(progress, "perplexity of the quantized model")
-                quant_res = perplexity(net, ids, seq_len=float_res["seq_len"], max_tokens=eval_max_tokens,
-                                       progress=progress)
+                quant_res = _perplexity(net, layered, ids, seq_len=float_res["seq_len"], max_tokens=eval_max_tokens,
+                                        progress=progress)
                 interval = paired_bootstrap(float_nll, quant_res["window_nll"], DEFAULT_RESAMPLES, 0)
                 evaluation = {"text": str(eval_text), "windows": quant_res["windows"], "seq_len": quant_res["seq_len"],
                               "tokens": quant_res["tokens"], "float": float_res["ppl"], "quantized": quant_res["ppl"],
                               "ratio": interval.ratio, "ci95": list(interval.ci95), "verdict": interval.verdict,
                               "resamples": DEFAULT_RESAMPLES, "seed": 0}
         with _phase(seconds, "write"):
-            settings = _write_checkpoint(net, tokenizer, tmp, fmt, result, settings, progress)
+            settings = _write_checkpoint(net, tokenizer, tmp, fmt, result, settings, progress,
+                                         written=layered is not None)
             if rotation_report is not None:
                 from orthoopt.models.io import write_rotations
 
@@ -376,9 +403,11 @@ def _loaded_check(net, q: QuantizeSettings, fmt: str, passed_over: list[str]) ->
     return choose_format(q.format, {**q.export_settings(), **known})
 
 
-def _rotate(net, tokenizer, config, calib, init, resume, partial, source_folder, tmp, progress):
-    """Rotate ``net`` in memory (or, streamed, from ``source_folder`` into ``tmp`` and load it back);
-    ``(model, rotate report, solves, rotations)``."""
+def _rotate(net, tokenizer, config, calib, init, resume, partial, source_folder, tmp, progress, layered=False,
+            device=None):
+    """Rotate ``net`` in memory (or, streamed, from ``source_folder`` into ``tmp``, then read back: whole,
+    or with ``layered`` as a :class:`~orthoopt.models.onload.LayeredModel` whose folder the caller
+    removes); ``(model, rotate report, solves, rotations)``."""
     from orthoopt.pipeline import rotate_model, rotate_streamed
 
     if source_folder is not None:
@@ -388,9 +417,15 @@ def _rotate(net, tokenizer, config, calib, init, resume, partial, source_folder,
         result = rotate_streamed(source_folder, folder, config, init=init, progress=progress, checkpoint=partial,
                                  resume=resume)
         del net
+        report = {"model": str(source_folder), **result.report}
+        if layered:
+            from orthoopt.models.onload import LayeredModel
+
+            return (LayeredModel(folder, config.checkpoint.torch_dtype, device), report, result.solves,
+                    result.rotations)
         net, _ = load_checkpoint(folder, dtype=config.checkpoint.torch_dtype)
         shutil.rmtree(folder)
-        return net, {"model": str(source_folder), **result.report}, result.solves, result.rotations
+        return net, report, result.solves, result.rotations
     from orthoopt.pipeline.calibration import rotation_calibration
 
     calib_ids = rotation_calibration(config, calib, tokenizer, net.config)
@@ -401,8 +436,9 @@ def _rotate(net, tokenizer, config, calib, init, resume, partial, source_folder,
     return net, result.report, result.solves, result.rotations
 
 
-def _quantize(net, tokenizer, q: QuantizeSettings, calib, progress):
-    """``quantize_model`` with ``q``'s settings (GPTQ's windows from ``calib``); ``(result, calibration record)``."""
+def _quantize(net, tokenizer, q: QuantizeSettings, calib, progress, layered=None, staging=None):
+    """``quantize_model`` with ``q``'s settings (GPTQ's windows from ``calib``); ``(result, calibration record)``.
+    With ``layered`` (a LayeredModel), layer by layer, writing the weights into ``staging``."""
     from orthoopt.eval.perplexity import default_seq_len
     from orthoopt.quant.calib import calibration_batches, check_context
     from orthoopt.quant.model import quantize_model
@@ -413,17 +449,56 @@ def _quantize(net, tokenizer, q: QuantizeSettings, calib, progress):
         check_context(net, seq_len, "--seq-len")
         batches = calibration_batches(calib, tokenizer, nsamples=q.nsamples, seq_len=seq_len, seed=q.seed)
         info = {**calib.describe(), "nsamples": q.nsamples, "seq_len": seq_len, "seed": q.seed}
+    if layered is not None:
+        from orthoopt.quant.layered import write_layered
+
+        staging.mkdir()
+        return write_layered(layered, tokenizer, staging, q.quantize_config(), batches, progress=progress), info
     result = quantize_model(net, q.quantize_config(), calib=batches, progress=progress)
     return result, info
 
 
-def _write_checkpoint(net, tokenizer, tmp: Path, fmt: str, result, settings: dict, progress: bool) -> dict:
+def _layered(folder, dtype, device):
+    """``(LayeredModel, tokenizer)`` of a Hugging Face folder."""
+    from orthoopt.models.io import load_tokenizer
+    from orthoopt.models.onload import LayeredModel
+
+    tokenizer = load_tokenizer(folder)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{folder} has no tokenizer (tokenizer.json / tokenizer_config.json / "
+                                "tokenizer.model); copy the tokenizer files into it")
+    return LayeredModel(folder, dtype, device), tokenizer
+
+
+def _reload_written(folder, dtype, device, result):
+    """The quantized weights just written to ``folder``, as a LayeredModel with the run's hooks."""
+    from orthoopt.models.onload import LayeredModel
+    from orthoopt.quant.model import install_from_settings
+
+    layered = LayeredModel(folder, dtype, device)
+    install_from_settings(layered.model, result.settings)
+    return layered
+
+
+def _perplexity(net, layered, ids, **kw):
+    """:func:`~orthoopt.eval.perplexity` of ``net``, or layer by layer of ``layered`` when given."""
+    from orthoopt.eval.layered import perplexity_layered
+    from orthoopt.eval.perplexity import perplexity
+
+    return perplexity(net, ids, **kw) if layered is None else perplexity_layered(layered, ids, **kw)
+
+
+def _write_checkpoint(net, tokenizer, tmp: Path, fmt: str, result, settings: dict, progress: bool,
+                      written: bool = False) -> dict:
     """Write the checkpoint's files into ``tmp`` (through the format's writer, into a subfolder whose
-    files then move up); returns quant.json as written."""
+    files then move up); returns quant.json as written. ``written``: the layer-by-layer quantizer has
+    already put the weights, config and tokenizer in the subfolder (only quant.json is left)."""
     from orthoopt.quant.model import QUANT_JSON, save_quantized
 
     staging = tmp / CHECKPOINT_DIR
-    if fmt == "compressed-tensors":
+    if written:
+        (staging / QUANT_JSON).write_text(json.dumps(settings, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    elif fmt == "compressed-tensors":
         from orthoopt.export.compressed_tensors import save_compressed_tensors
 
         save_compressed_tensors(net, tokenizer, staging, result, settings, progress=progress)

@@ -108,7 +108,8 @@ def write_report(folder: Path, *, title: str, settings: list[tuple[str, object]]
     phases : dict
         ``{phase: seconds}``.
     snapshots : list of WeightSnapshot
-        ``input`` first, then ``rotated`` when there was a rotation.
+        ``input`` first, then ``rotated`` when there was a rotation; empty when the weights were never
+        in memory at once (``--streamed``: the report says so instead of drawing them).
     bits : int
         The RTN error's weight bits (shown in the picture).
     solves : dict, optional
@@ -135,6 +136,27 @@ def write_report(folder: Path, *, title: str, settings: list[tuple[str, object]]
               *(f"| {k} | {v:.1f} |" for k, v in phases.items()), f"| total | {sum(phases.values()):.1f} |", ""]
 
     lines += ["## Pictures", ""]
+    if not snapshots:
+        lines += ["Weight statistics not measured: the run held one decoder layer at a time (`--streamed`).", ""]
+    else:
+        written += _weight_pictures(folder, lines, snapshots, bits)
+    for phase, res in (solves or {}).items():
+        if not res.history:
+            continue
+        fig = plot_solve_history(res, title=f"Rotation {phase}: solver loss per step")
+        name = f"loss_{phase}"
+        written += [p.name for p in save_figure(fig, folder / name, formats=("png",))]
+        lines += [f"Solver loss of {phase} ({len(res.history)} steps, {_fmt(res.history[0])} -> "
+                  f"{_fmt(res.final_loss)}):", "", f"![loss {phase}]({name}.png)", ""]
+    if notes:
+        lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]
+    (folder / REPORT_FILE).write_text("\n".join(lines), encoding="utf-8")
+    return [REPORT_FILE, *written]
+
+
+def _weight_pictures(folder: Path, lines: list[str], snapshots: list, bits: int) -> list[str]:
+    """The weight-channel and per-layer pictures of ``snapshots`` (their lines appended to ``lines``)."""
+    written: list[str] = []
     first = snapshots[0]
     block = next(iter(first.channels), None)
     labels = ", ".join(f"`{s.label}`" for s in snapshots)
@@ -154,18 +176,7 @@ def write_report(folder: Path, *, title: str, settings: list[tuple[str, object]]
     lines += ["Per decoder layer: mean incoherence `max|w| sqrt(n) / ||W||_F` of its blocks (1 = flat) and the "
               f"relative error of {bits}-bit round-to-nearest, per output channel.", "",
               "![per-layer incoherence and RTN error](weight_layers.png)", ""]
-    for phase, res in (solves or {}).items():
-        if not res.history:
-            continue
-        fig = plot_solve_history(res, title=f"Rotation {phase}: solver loss per step")
-        name = f"loss_{phase}"
-        written += [p.name for p in save_figure(fig, folder / name, formats=("png",))]
-        lines += [f"Solver loss of {phase} ({len(res.history)} steps, {_fmt(res.history[0])} -> "
-                  f"{_fmt(res.final_loss)}):", "", f"![loss {phase}]({name}.png)", ""]
-    if notes:
-        lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]
-    (folder / REPORT_FILE).write_text("\n".join(lines), encoding="utf-8")
-    return [REPORT_FILE, *written]
+    return written
 
 
 def _as_matrix(v: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ part                bytes
 ==================  ==============================================================================
 runtime             :data:`RUNTIME`: Python, torch, transformers and the tokenizer
 model               the whole model in the load dtype (``numel x itemsize``): in-memory paths
+non-layer weights   ``--streamed`` quantize / eval: the embedding, final norm and lm_head
 load                the checkpoint read while the model is built (``from_pretrained`` maps the
                     files; ``LOAD_FACTOR`` of their bytes is resident at once)
 save                the output's serialization buffer (``SAVE_FACTOR`` of the model)
@@ -16,7 +17,9 @@ untie               rotate: lm_head's own copy of a tied embedding (fusion untie
 embedding           rotate --streamed: the embedding (and lm_head) assembled in the load dtype, plus
                     its float64 row slices
 layer               rotate --streamed: one layer in the load dtype, its float64 products and the
-                    shard being written
+                    shard being written; quantize / eval --streamed: one layer read (and its
+                    quantized copy and shard)
+hidden states       eval --streamed: every evaluated window's hidden states in the load dtype
 calibration         quantize --method gptq: the calibration activations of one layer's inputs and
                     outputs (float32), one layer's float32 Hessians, GPTQ's float32 work copies
 activations         eval: logits of one batch (float32, three copies: logits, log-softmax, gather)
@@ -140,37 +143,62 @@ def rotate_estimate(ck: Checkpoint, dtype: torch.dtype, streamed: bool, learned:
     return est
 
 
-def quantize_estimate(ck: Checkpoint, dtype: torch.dtype, method: str, nsamples: int = 0, seq_len: int = 0) -> Estimate:
-    """Peak of ``orthoopt quantize`` (the model is held whole; GPTQ adds one layer's calibration)."""
+def quantize_estimate(ck: Checkpoint, dtype: torch.dtype, method: str, nsamples: int = 0, seq_len: int = 0,
+                      streamed: bool = False) -> Estimate:
+    """Peak of ``orthoopt quantize``: the whole model held (GPTQ adds one layer's calibration), or with
+    ``streamed`` the non-layer weights and one layer (read, quantized and its shard being written)."""
     b = _itemsize(dtype)
-    phases = {"load": int(LOAD_FACTOR * ck.stored_bytes), "save": int(SAVE_FACTOR * ck.numel * b),
-              "float32 grid of the largest linear": ck.layer_tensor_numel * 4 * 3}
+    grid = ck.layer_tensor_numel * 4 * 3
+    phases = {"float32 grid of the largest linear": grid}
     if method == "gptq":
         tokens = nsamples * seq_len
         phases["calibration"] = (tokens * ck.hidden * 4 * 3 + tokens * ck.intermediate * 4 * 2
                                  + (3 * ck.hidden ** 2 + ck.intermediate ** 2) * 4 + ck.num_heads * seq_len ** 2 * 4 * 2
-                                 + ck.layer_tensor_numel * 4 * 3)
-    est = Estimate(_phases({"runtime": RUNTIME, "model": ck.numel * b}, phases),
-                   f"holds the whole {_name(dtype)} model (no layer-by-layer quantize yet)")
+                                 + grid)
+    if streamed:
+        nonlayer = ck.numel - ck.layer_numel * ck.num_layers
+        est = Estimate(_phases({"runtime": RUNTIME, "non-layer weights": nonlayer * b,
+                                "layer (read, quantized, shard)": ck.layer_numel * b * 3}, phases),
+                       f"--streamed holds one {_name(dtype)} layer")
+    else:
+        phases.update({"load": int(LOAD_FACTOR * ck.stored_bytes), "save": int(SAVE_FACTOR * ck.numel * b)})
+        est = Estimate(_phases({"runtime": RUNTIME, "model": ck.numel * b}, phases),
+                       f"holds the whole {_name(dtype)} model")
+        est.alternatives.append(("--streamed", quantize_estimate(ck, dtype, method, nsamples, seq_len, True).total))
     if b > 2:
-        est.alternatives.append(("--dtype bfloat16", quantize_estimate(ck, torch.bfloat16, method, nsamples, seq_len).total))
+        est.alternatives.append(("--dtype bfloat16",
+                                 quantize_estimate(ck, torch.bfloat16, method, nsamples, seq_len, streamed).total))
     if method == "gptq" and nsamples > 8:
         est.alternatives.append((f"--nsamples {nsamples // 4}",
-                                 quantize_estimate(ck, dtype, method, nsamples // 4, seq_len).total))
+                                 quantize_estimate(ck, dtype, method, nsamples // 4, seq_len, streamed).total))
     return est
 
 
-def eval_estimate(ck: Checkpoint, dtype: torch.dtype, seq_len: int, batch_size: int = 1) -> Estimate:
-    """Peak of ``orthoopt eval`` (perplexity: the model held whole, one batch of logits)."""
+def eval_estimate(ck: Checkpoint, dtype: torch.dtype, seq_len: int, batch_size: int = 1,
+                  streamed_tokens: int | None = None) -> Estimate:
+    """Peak of ``orthoopt eval`` (perplexity: the model held whole, one batch of logits); with
+    ``streamed_tokens`` (the evaluated tokens), of ``eval --streamed``: the non-layer weights, one
+    layer (read and its copy), every window's hidden states and one batch's logits and layer work."""
     b = _itemsize(dtype)
-    est = Estimate(_phases({"runtime": RUNTIME, "model": ck.numel * b}, {
-        "load": int(LOAD_FACTOR * ck.stored_bytes),
-        "activations": batch_size * seq_len * (ck.vocab * 4 * 3 + ck.intermediate * 4 * 4)}),
-        f"holds the whole {_name(dtype)} model (no layer-by-layer eval yet)")
+    batch = batch_size * seq_len * (ck.vocab * 4 * 3 + ck.intermediate * 4 * 4)
+    if streamed_tokens is not None:
+        nonlayer = ck.numel - ck.layer_numel * ck.num_layers
+        est = Estimate(_phases({"runtime": RUNTIME, "non-layer weights": nonlayer * b,
+                                "hidden states": streamed_tokens * ck.hidden * b}, {
+            "layer": ck.layer_numel * b * 2 + batch_size * seq_len * ck.intermediate * 4 * 4,
+            "activations": batch}),
+            f"--streamed holds one {_name(dtype)} layer and the windows' hidden states")
+    else:
+        est = Estimate(_phases({"runtime": RUNTIME, "model": ck.numel * b}, {
+            "load": int(LOAD_FACTOR * ck.stored_bytes), "activations": batch}),
+            f"holds the whole {_name(dtype)} model")
+        est.alternatives.append((f"--streamed --max-tokens {seq_len * 64}",
+                                 eval_estimate(ck, dtype, seq_len, batch_size, seq_len * 64).total))
     if b > 2:
-        est.alternatives.append(("--dtype bfloat16", eval_estimate(ck, torch.bfloat16, seq_len, batch_size).total))
+        est.alternatives.append(("--dtype bfloat16", eval_estimate(ck, torch.bfloat16, seq_len, batch_size,
+                                                                   streamed_tokens).total))
     if batch_size > 1:
-        est.alternatives.append(("--batch-size 1", eval_estimate(ck, dtype, seq_len, 1).total))
+        est.alternatives.append(("--batch-size 1", eval_estimate(ck, dtype, seq_len, 1, streamed_tokens).total))
     return est
 
 

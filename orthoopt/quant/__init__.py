@@ -21,6 +21,7 @@ _LAZY = {
     "LoadedModel": "model", "QuantResult": "model", "load_checkpoint": "model", "load_quantized": "model",
     "quantize_model": "model", "read_quant_settings": "model", "save_quantized": "model",
     "gptq_quantize_model": "sequential",
+    "load_layered": "model", "quantize_layered": "layered", "write_layered": "layered",
 }
 
 
@@ -31,6 +32,9 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "load_layered",
+    "quantize_layered",
+    "write_layered",
     "ActQuantConfig",
     "ActQuantHooks",
     "GPTQConfig",

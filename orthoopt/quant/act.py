@@ -125,14 +125,17 @@ def _intermediate_size(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def rotate_down_proj_weights(model: nn.Module) -> dict:
+def rotate_down_proj_weights(model: nn.Module, layers=None) -> dict:
     """Weight half of R4: every ``down_proj`` weight ``W`` (``[hidden, n]``) becomes ``W @ H``.
 
     Computed in float64 and cast back. Returns ``{"size": n, "sha256": hadamard_fingerprint(n)}``
     for quant.json. Apply once; the activation half is installed by :func:`install_act_quant`.
+    ``layers``: only these decoder layers' (indices; None: all), for a model quantized layer by layer.
     """
     n = _intermediate_size(model)
-    for lin in _r4_linears(model):
+    for i, lin in enumerate(_r4_linears(model)):
+        if layers is not None and i not in layers:
+            continue
         W = lin.weight
         W.copy_(hadamard_transform(W.double()).to(W.dtype))  # rows: W @ H
     return {"size": n, "sha256": hadamard_fingerprint(n)}

@@ -79,6 +79,7 @@ def quantize_model(
     calib: torch.Tensor | None = None,
     *,
     progress: bool = True,
+    onload=None,
 ) -> QuantResult:
     """Quantize ``model`` in place and install its activation hooks; the model is then ready to evaluate.
 
@@ -92,6 +93,11 @@ def quantize_model(
         GPTQ's calibration token ids, a ``[nsamples, seq_len]`` LongTensor.
     progress : bool
         Progress bars on stderr.
+    onload : object, optional
+        For a model whose decoder layers stay on disk (:func:`quantize_layered`): ``onload.load_layer(i)``
+        is called before layer ``i`` is touched and ``onload.finish_layer(i)`` once it is quantized
+        (and, for GPTQ, its outputs computed), one layer after the other; None: the whole model is in
+        memory. The arithmetic per layer is the same either way.
 
     Returns
     -------
@@ -113,7 +119,8 @@ def quantize_model(
                                 f"{type(config).__name__}")
     method, wbits, group_size, sym, mse_clip = config.method, config.wbits, config.group_size, config.sym, config.mse_clip
     act, kv, gptq = config.act, config.kv, config.gptq
-    check_model_weights(model)  # no meta tensors, no NaN/inf weights (they would be written as they are)
+    if onload is None:  # (a layered model's reader checks each tensor as it reads it)
+        check_model_weights(model)  # no meta tensors, no NaN/inf weights (they would be written as they are)
     spec = config.weight_spec
     if config.uses_calibration:
         if calib is None:
@@ -140,7 +147,8 @@ def quantize_model(
                 raise InvalidInputError(f"group_size {group_size} does not divide {name}'s {t.shape[-1]} input columns")
 
     start = time.perf_counter()
-    hadamard = rotate_down_proj_weights(model) if act.online_hadamard else None
+    layered = _LayerSteps(model, onload, act.online_hadamard)
+    hadamard = layered.hadamard_record()
     losses: dict[str, float] = {}
     full_name = {id(m): n for n, m in model.named_modules()}
     params: dict[str, WeightQuantParams] = {}
@@ -148,19 +156,21 @@ def quantize_model(
     prefix = located.spec.decoder + "."
     if spec is not None and method == "rtn":
         for L in located.layers:
+            layered.load_layer(L.index)
             for lin in L.quant_linears(located.spec).values():
                 q, params[full_name[id(lin)]] = quantize_rtn_params(lin.weight, spec)
                 lin.weight.copy_(q)
-        for name, t in expert_tensors.items():
-            q, params[prefix + name] = quantize_experts_rtn(t, spec)
-            t.copy_(q)
+            for name, t in quantized_expert_tensors(located.spec, L).items():  # read after the layer is loaded
+                q, params[prefix + name] = quantize_experts_rtn(t, spec)
+                t.copy_(q)
+            layered.finish_layer(L.index)
     elif spec is not None:
         by_decoder_name: dict[str, WeightQuantParams] = {}
         with install_act_quant(model, ActQuantConfig(online_hadamard=act.online_hadamard)):
             losses = gptq_quantize_model(
                 model, calib, spec, act_order=gptq.act_order, percdamp=gptq.percdamp, block_size=gptq.block_size,
                 progress=progress, true_sequential=gptq.true_sequential,
-                params=by_decoder_name, rtn_experts=rtn_experts,
+                params=by_decoder_name, rtn_experts=rtn_experts, onload=layered,
             )
         for L in located.layers:
             for role, lin in L.quant_linears(located.spec).items():
@@ -195,6 +205,34 @@ def quantize_model(
         "seconds": round(time.perf_counter() - start, 3),
     }
     return QuantResult(settings, hooks, losses, params, spec)
+
+
+class _LayerSteps:
+    """What :func:`quantize_model` does when it reaches and leaves a decoder layer: the weight half of
+    the online Hadamard on its ``down_proj`` (so a layer read from disk is rotated when it is read),
+    and the caller's ``onload`` steps. With the whole model in memory the rotation of every layer
+    happens up front, as the same per-layer arithmetic."""
+
+    def __init__(self, model: nn.Module, onload, online_hadamard: bool) -> None:
+        self.model, self.onload, self.online_hadamard = model, onload, online_hadamard
+        self._record = None
+        if online_hadamard and onload is None:
+            self._record = rotate_down_proj_weights(model)
+
+    def hadamard_record(self) -> dict | None:
+        if not self.online_hadamard:
+            return None
+        return self._record if self._record is not None else rotate_down_proj_weights(self.model, layers=())
+
+    def load_layer(self, i: int) -> None:
+        if self.onload is not None:
+            self.onload.load_layer(i)
+            if self.online_hadamard:
+                rotate_down_proj_weights(self.model, layers=(i,))
+
+    def finish_layer(self, i: int) -> None:
+        if self.onload is not None:
+            self.onload.finish_layer(i)
 
 
 def _r3_record(model: nn.Module) -> dict:
@@ -280,12 +318,14 @@ def install_from_settings(model: nn.Module, settings: dict) -> ActQuantHooks:
 
 @dataclass
 class LoadedModel:
-    """A checkpoint ready to evaluate: ``quant`` is quant.json (None if absent), ``hooks`` its hooks."""
+    """A checkpoint ready to evaluate: ``quant`` is quant.json (None if absent), ``hooks`` its hooks;
+    ``layered`` the :class:`~orthoopt.models.onload.LayeredModel` when its layers stay on disk."""
 
     model: nn.Module
     tokenizer: object
     quant: dict | None
     hooks: ActQuantHooks | None
+    layered: object | None = None  # the LayeredModel of load_layered (None: loaded whole)
 
 
 def load_quantized(model_dir: str | os.PathLike, dtype: torch.dtype | str = "auto") -> LoadedModel:
@@ -298,3 +338,26 @@ def load_quantized(model_dir: str | os.PathLike, dtype: torch.dtype | str = "aut
     settings = read_quant_settings(source.folder) if source.folder is not None else None
     hooks = install_from_settings(model, settings) if settings is not None else None
     return LoadedModel(model, tokenizer, settings, hooks)
+
+
+def load_layered(model_dir: str | os.PathLike, dtype: torch.dtype | str = "auto",
+                 device: str | torch.device | None = None) -> LoadedModel:
+    """:func:`load_quantized` with the decoder layers left on disk (:class:`orthoopt.models.onload.LayeredModel`):
+    only the embedding, final norm and lm_head are loaded; quant.json's hooks are installed on the
+    skeleton and act on each layer while it is loaded. ``model_dir``: a Hugging Face folder (or a
+    registered name) with safetensors weights; anything else is refused with the reason."""
+    from orthoopt.models.io import check_model_folder, load_tokenizer
+    from orthoopt.models.onload import LayeredModel
+    from orthoopt.models.dtypes import resolve_model_dtype
+    from orthoopt.models.sources import resolve_source
+
+    source = resolve_source(model_dir)
+    if source.folder is None:
+        raise InvalidInputError(f"{model_dir} is a {source.kind} source: layer-by-layer loading (--streamed) reads "
+                                "a Hugging Face folder with safetensors weights; evaluate it without --streamed")
+    check_model_folder(source.folder)
+    layered = LayeredModel(source.folder, resolve_model_dtype(source, dtype), device)
+    tokenizer = load_tokenizer(source.folder)
+    settings = read_quant_settings(source.folder)
+    hooks = install_from_settings(layered.model, settings) if settings is not None else None
+    return LoadedModel(layered.model, tokenizer, settings, hooks, layered)

@@ -186,6 +186,7 @@ def gptq_quantize_model(
     params: dict[str, WeightQuantParams] | None = None,
     rtn_experts: dict[str, list[int]] | None = None,
     true_sequential: bool = True,
+    onload=None,
 ) -> dict[str, float]:
     """Quantize every decoder-layer linear and MoE expert tensor of ``model`` in place with GPTQ.
 
@@ -197,6 +198,8 @@ def gptq_quantize_model(
     leading expert dimension) under the same keys; when ``rtn_experts`` is a dict, it receives, per
     expert tensor, the experts quantized by RTN for want of calibration tokens. ``true_sequential``:
     the layer's input-sharing groups one after the other (default), or the whole layer at once (module doc).
+    ``onload``: for a model whose layers stay on disk, an object whose ``load_layer(i)`` is called before
+    layer ``i`` is touched and ``finish_layer(i)`` once its outputs are computed (None: all in memory).
     """
     check_calib(calib)
     located = locate(model)
@@ -205,6 +208,8 @@ def gptq_quantize_model(
     groups = located.spec.groups if true_sequential else (tuple(r for g in located.spec.groups for r in g),)
     losses: dict[str, float] = {}
     for i in tqdm(range(len(layers)), desc="GPTQ layers", disable=not progress, file=sys.stderr):
+        if onload is not None:
+            onload.load_layer(i)
         layer, mods = layers[i], located.layers[i]
         quantized = mods.quant_linears(located.spec)
         expert_tensors = expert_params(located.spec, mods)
@@ -236,4 +241,6 @@ def gptq_quantize_model(
                 if params is not None:
                     params[name] = WeightQuantParams(result.scale, result.zero, result.group_index)
         inputs = [_first(layer(x, **layer_kwargs[i])) for x in inputs]
+        if onload is not None:
+            onload.finish_layer(i)
     return losses

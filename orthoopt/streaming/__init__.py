@@ -4,18 +4,19 @@
   fixed methods and OptRot, R1 and every R2.i, equal to the in-memory run); peak memory about one layer (``docs/performance.md``).
 * :class:`StreamedFourthPower` -- OptRot's R1 objective read from disk each step; :class:`StreamedBlockSum`
   -- any block-separable data-free objective, read the same way (``orthoopt.methods.summed_by_layer``).
-* :class:`SafetensorsCheckpoint`, :class:`DecoderLayout`, :class:`FusedReader`, :class:`ShardedWriter`
-  -- the reading, naming (from ``orthoopt.adapters.arch_table``), norm fusion and sharded writing underneath.
+* :class:`DecoderLayout`, :class:`FusedReader` -- the naming (from ``orthoopt.adapters.arch_table``) and norm fusion;
+  :class:`SafetensorsCheckpoint` and :class:`ShardedWriter` (from :mod:`orthoopt.models`) the reading and the
+  sharded writing underneath.
 
 The phase loop lives in :mod:`orthoopt.pipeline`; this package never imports it.
 """
 
-from orthoopt.streaming.checkpoint import SafetensorsCheckpoint
+from orthoopt.models.safetensors_folder import SafetensorsCheckpoint
 from orthoopt.streaming.fused import FusedReader
 from orthoopt.streaming.layout import DecoderLayout
 from orthoopt.streaming.objective import StreamedBlockSum, StreamedFourthPower
 from orthoopt.streaming.rotate import SafetensorsStore, peak_rss_mib
-from orthoopt.streaming.shards import ShardedWriter
+from orthoopt.models.shards import ShardedWriter
 
 __all__ = [
     "DecoderLayout", "FusedReader", "SafetensorsCheckpoint", "SafetensorsStore", "ShardedWriter",

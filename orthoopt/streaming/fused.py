@@ -17,7 +17,7 @@ from orthoopt.adapters.archs import UnsupportedModelError, effective_scale, iden
 from orthoopt.adapters.fusion import fold_layer, fold_scale
 from orthoopt.adapters.writeback import layer_r1_entries
 from orthoopt.errors import InvalidInputError
-from orthoopt.streaming.checkpoint import SafetensorsCheckpoint
+from orthoopt.models.safetensors_folder import SafetensorsCheckpoint
 from orthoopt.streaming.layout import DecoderLayout
 
 Unit = int | str

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from orthoopt.adapters.arch_table import ARCHS, ArchSpec
 from orthoopt.adapters.archs import UnsupportedModelError, layer_problems, part_rows, spec_for
-from orthoopt.streaming.checkpoint import SafetensorsCheckpoint
+from orthoopt.models.safetensors_folder import SafetensorsCheckpoint
 
 _LLAMA = ARCHS["llama"]
 ROLES = _LLAMA.roles

@@ -57,11 +57,11 @@ from orthoopt.solvers.distributed import (
     world,
 )
 from orthoopt.store import Unit
-from orthoopt.streaming.checkpoint import INDEX_FILE, SafetensorsCheckpoint
+from orthoopt.models.safetensors_folder import INDEX_FILE, SafetensorsCheckpoint
 from orthoopt.streaming.fused import FusedReader
 from orthoopt.streaming.layer_rotation import apply_r1, apply_r2, r2_blocks, rotate_rows
 from orthoopt.streaming.layout import DecoderLayout
-from orthoopt.streaming.shards import ShardedWriter
+from orthoopt.models.shards import ShardedWriter
 
 try:
     import resource

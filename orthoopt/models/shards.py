@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from orthoopt.errors import InvalidInputError
-from orthoopt.streaming.checkpoint import INDEX_FILE
+from orthoopt.models.safetensors_folder import INDEX_FILE
 
 
 class ShardedWriter:

@@ -1,0 +1,215 @@
+"""Layer-by-layer loading (orthoopt.models.onload) and evaluation (orthoopt.eval.layered, eval --streamed).
+
+The layered paths perform the same operations on the same tensors as the whole model, so their
+figures are compared with exact equality (the arithmetic is the same by construction, on any CPU).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from orthoopt.cli import main
+from orthoopt.eval import perplexity
+from orthoopt.eval.layered import perplexity_layered
+from orthoopt.models.footprint import Checkpoint, eval_estimate
+from orthoopt.models.io import load_model
+from orthoopt.models.onload import LayeredModel
+from orthoopt.testing import save_planted
+
+from helpers import run_error, sample_text_file
+
+IDS = torch.randint(0, 259, (1500,), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    return sample_text_file(tmp_path_factory.mktemp("text") / "text.txt")
+
+
+@pytest.mark.parametrize("kw", [
+    {"dtype": torch.float32},
+    {"dtype": torch.bfloat16, "tie_word_embeddings": True, "num_kv_heads": 2},
+    {"dtype": torch.float32, "arch": "qwen2"},  # q/k/v biases
+])
+def test_layered_perplexity_is_bit_identical_to_the_whole_model(tmp_path, kw):
+    folder = save_planted(tmp_path / "m", hidden_size=64, num_layers=3, num_heads=4, intermediate_size=128, **kw)
+    whole = perplexity(load_model(folder), IDS, seq_len=64, batch_size=3, progress=False)  # 23 windows: last batch 2
+    layered = LayeredModel(folder, kw["dtype"])
+    assert all(p.is_meta for p in layered.layers.parameters())  # nothing of a layer is read up front
+    got = perplexity_layered(layered, IDS, seq_len=64, batch_size=3, progress=False)
+    assert got == whole
+    assert all(p.is_meta for p in layered.layers.parameters())  # every layer released again
+    assert next(layered.model.parameters()).dtype == kw["dtype"]
+
+
+def test_a_loaded_layer_holds_the_files_tensors(tmp_path):
+    folder = save_planted(tmp_path / "m", hidden_size=64, num_layers=2, num_heads=4, dtype=torch.bfloat16)
+    whole, layered = load_model(folder), LayeredModel(folder, torch.bfloat16)
+    layer = layered.load_layer(1)
+    for (name, p), (_, q) in zip(layer.named_parameters(), whole.model.layers[1].named_parameters()):
+        assert p.dtype == torch.bfloat16 and torch.equal(p, q), name
+    layered.release_layer(1)
+    assert all(p.is_meta for p in layer.parameters())
+
+
+def run_json(capsys, argv):
+    capsys.readouterr()
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_streamed_gives_the_figures_of_eval(capsys, tmp_path, tiny_llama, text_file):
+    quantized = tmp_path / "q"
+    assert main(["quantize", str(tiny_llama), "--out", str(quantized), "--method", "rtn", "--wbits", "4",
+                 "--abits", "8", "--online-hadamard", "--kvbits", "4", "--no-progress"]) == 0
+    for folder in (tiny_llama, quantized):  # plain, and with quant.json's activation / KV / R4 hooks
+        args = ["eval", str(folder), "--text", str(text_file), "--seq-len", "32", "--max-tokens", "800",
+                "--batch-size", "4", "--no-progress", "--json"]
+        whole, streamed = run_json(capsys, args), run_json(capsys, args + ["--streamed"])
+        assert (whole["streamed"], streamed["streamed"]) == (False, True)
+        for key in ("ppl", "nll", "window_nll", "windows", "tokens", "quant", "dtype"):
+            assert streamed[key] == whole[key], key
+
+
+def test_eval_streamed_refuses_what_it_cannot_read(capsys, tmp_path, text_file, tiny_llama):
+    assert "does not combine with --streamed" in run_error(
+        capsys, ["eval", str(tiny_llama), "--text", str(text_file), "--tasks", "piqa", "--streamed"])
+    assert "reads a Hugging Face folder" in run_error(
+        capsys, ["eval", "planted", "--text", str(text_file), "--streamed", "--no-progress"])
+    ct = tmp_path / "ct"
+    ct.mkdir()
+    for f in tiny_llama.iterdir():
+        (ct / f.name).write_bytes(f.read_bytes())
+    config = json.loads((ct / "config.json").read_text())
+    (ct / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "compressed-tensors"}}))
+    with pytest.raises(Exception, match="compressed-tensors checkpoint"):
+        LayeredModel(ct, torch.float32)
+
+
+def test_streamed_eval_estimate_holds_one_layer(tmp_path):
+    folder = save_planted(tmp_path / "m", hidden_size=64, num_layers=8, num_heads=4, intermediate_size=256)
+    ck = Checkpoint.read(folder)
+    whole = eval_estimate(ck, torch.float32, 64)
+    streamed = eval_estimate(ck, torch.float32, 64, streamed_tokens=4096)
+    layer_bytes = ck.layer_numel * 4
+    assert whole.parts["model"] == ck.numel * 4
+    assert streamed.parts["non-layer weights"] == (ck.numel - 8 * ck.layer_numel) * 4
+    assert streamed.parts["hidden states"] == 4096 * 64 * 4
+    assert streamed.total < whole.total - 5 * layer_bytes
+    assert any(flags.startswith("--streamed") for flags, _ in whole.alternatives)
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("dtype,method,extra", [
+    (torch.float32, "rtn", {"group_size": 32, "sym": False}),
+    (torch.bfloat16, "rtn", {"act": {"bits": 8, "online_hadamard": True}}),
+    (torch.float32, "gptq", {"act": {"bits": 8, "online_hadamard": True}}),
+    (torch.bfloat16, "gptq", {"gptq": {"true_sequential": False}, "group_size": 32}),
+])
+def test_layered_quantize_writes_the_weights_of_the_in_memory_path(tmp_path, dtype, method, extra):
+    from orthoopt.quant import ActQuantConfig, load_checkpoint, quantize_model, save_quantized
+    from orthoopt.quant.config import GPTQConfig, QuantizeConfig
+    from orthoopt.quant.layered import quantize_layered
+
+    folder = save_planted(tmp_path / "m", hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+                          intermediate_size=128, tie_word_embeddings=dtype == torch.bfloat16, dtype=dtype)
+    kw = dict(extra)
+    if "act" in kw:
+        kw["act"] = ActQuantConfig(**kw["act"])
+    if "gptq" in kw:
+        kw["gptq"] = GPTQConfig(**kw["gptq"])
+    config = QuantizeConfig(method, wbits=4, **kw)
+    calib = torch.randint(0, 259, (6, 48), generator=torch.Generator().manual_seed(1)) if method == "gptq" else None
+    model, tok = load_checkpoint(folder)
+    whole = quantize_model(model, config, calib, progress=False)
+    save_quantized(model, tok, tmp_path / "whole", whole.settings)
+    got = quantize_layered(folder, tmp_path / "layered", config, calib, progress=False)
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "layered")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype == dtype and torch.equal(a[name], b[name]), name
+    assert got.losses == whole.losses
+    strip = lambda s: {k: v for k, v in s.items() if k != "seconds"}  # noqa: E731
+    assert strip(got.settings) == strip(whole.settings)
+    saved = json.loads((tmp_path / "layered" / "quant.json").read_text())
+    assert strip(saved) == strip(whole.settings)
+    # the layered output is a checkpoint like any other: it evaluates to the in-memory output's figures
+    ids = IDS[:640]
+    from orthoopt.quant import load_quantized
+    want = perplexity(load_quantized(tmp_path / "whole").model, ids, seq_len=32, progress=False)
+    assert perplexity(load_quantized(tmp_path / "layered").model, ids, seq_len=32, progress=False) == want
+
+
+def _report_perplexity(folder):
+    lines = (folder / "report.md").read_text().splitlines()
+    return [ln for ln in lines if ln.startswith("| float (input)") or ln.startswith("| quantized") or "Quantized / float" in ln]
+
+
+def test_quantize_streamed_writes_and_scores_what_quantize_does(tmp_path, tiny_llama, text_file):
+    import orthoopt
+
+    q = {"method": "gptq", "nsamples": 4, "seq_len": 32, "abits": 8, "online_hadamard": True, "format": "orthoopt"}
+    common = dict(calib=text_file, quantize=q, eval_text=text_file, eval_seq_len=32, eval_max_tokens=800, progress=False)
+    whole = orthoopt.oneshot(str(tiny_llama), out=tmp_path / "whole", **common)
+    streamed = orthoopt.oneshot(str(tiny_llama), out=tmp_path / "streamed", streamed=True, **common)
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "streamed")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert {k: v for k, v in streamed.evaluation.items()} == whole.evaluation
+    assert _report_perplexity(tmp_path / "streamed") == _report_perplexity(tmp_path / "whole")
+    assert "Weight statistics not measured" in (tmp_path / "streamed" / "report.md").read_text()
+    strip = lambda s: {k: v for k, v in s.items() if k != "seconds"}  # noqa: E731
+    assert strip(streamed.settings) == strip(whole.settings)
+    assert sorted(p.name for p in (tmp_path / "streamed").iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_quantize_streamed_after_a_streamed_rotation(tmp_path, tiny_llama, text_file):
+    import orthoopt
+
+    q = {"method": "rtn", "wbits": 4, "format": "orthoopt"}
+    # the reference: orthoopt rotate --streamed, then quantize the rotated folder in memory
+    assert main(["rotate", str(tiny_llama), "--out", str(tmp_path / "rot"), "--method", "hadamard", "--streamed",
+                 "--quiet"]) == 0
+    orthoopt.oneshot(str(tmp_path / "rot"), out=tmp_path / "ref", quantize=q, progress=False)
+    got = orthoopt.oneshot(str(tiny_llama), out=tmp_path / "one", rotate="hadamard", quantize=q, streamed=True,
+                           progress=False)
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "one")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert got.settings["rotation"]["method"] == "hadamard"
+    assert not any(p.name == "rotated.tmp" for p in (tmp_path / "one").iterdir())
+
+
+def test_quantize_streamed_formats(capsys, tmp_path, tiny_llama):
+    import orthoopt
+
+    got = orthoopt.oneshot(str(tiny_llama), out=tmp_path / "auto", quantize={"scheme": "W4A16", "group_size": 32}, streamed=True,
+                           progress=False)
+    assert got.format == "orthoopt" and any("--streamed writes orthoopt's format" in r for r in got.passed_over)
+    err = run_error(capsys, ["quantize", str(tiny_llama), "--out", str(tmp_path / "ct"), "--scheme", "W4A16",
+                             "--group-size", "32", "--format", "compressed-tensors", "--streamed", "--no-progress"])
+    assert "--streamed writes orthoopt's format only" in err and not (tmp_path / "ct").exists()
+    # the CLI flag runs without --rotate, and its memory estimate is the layer-by-layer one
+    assert main(["quantize", str(tiny_llama), "--out", str(tmp_path / "cli"), "--wbits", "4", "--format", "orthoopt",
+                 "--streamed", "--no-progress"]) == 0
+    assert (tmp_path / "cli" / "model.safetensors.index.json").is_file()
+
+
+def test_streamed_quantize_estimate_holds_one_layer(tmp_path):
+    from orthoopt.models.footprint import quantize_estimate
+
+    folder = save_planted(tmp_path / "m", hidden_size=64, num_layers=8, num_heads=4, intermediate_size=256)
+    ck = Checkpoint.read(folder)
+    whole = quantize_estimate(ck, torch.float32, "gptq", 16, 64)
+    streamed = quantize_estimate(ck, torch.float32, "gptq", 16, 64, streamed=True)
+    assert streamed.parts["layer (read, quantized, shard)"] == ck.layer_numel * 4 * 3
+    assert streamed.total < whole.total and ("--streamed", streamed.total) in whole.alternatives
