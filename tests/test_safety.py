@@ -573,6 +573,41 @@ def test_every_test_named_in_the_guarantees_page_exists():
     assert named <= defined, sorted(named - defined)
 
 
+def test_the_finite_check_sums_a_narrow_tensor_chunk_by_chunk(monkeypatch):
+    """A bf16/fp16 tensor wider than one chunk is summed through one float32 buffer (no whole-tensor
+    float32 copy): the sum matches float64's, and a NaN or inf in the last, partial chunk is caught."""
+    from orthoopt.core import checks
+
+    monkeypatch.setattr(checks, "_CHUNK", 64)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(33, 7, generator=g).to(dtype)  # 231 elements: 3 full chunks and one of 39
+        got = checks._sum(x, torch.float32)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), x.double().sum(), rtol=1e-5, atol=1e-5)
+        checks.check_finite_tensor(x, "w")
+        for bad in (float("nan"), float("inf")):
+            y = x.clone()
+            y[-1, -1] = bad
+            with pytest.raises(ValueError, match=r"^w has 1 non-finite value\(s\) of 231"):
+                checks.check_finite_tensor(y, "w")
+    t = x[:, ::2]  # not contiguous: reshape copies, the sum is the same
+    torch.testing.assert_close(checks._sum(t, torch.float32).double(), t.double().sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_large_blocks_go_back_to_the_os_on_glibc(monkeypatch):
+    """The CLI fixes glibc's mmap threshold (orthoopt.utils.heap); a user's MALLOC_MMAP_THRESHOLD_ stands."""
+    import platform
+
+    from orthoopt.utils import heap
+
+    monkeypatch.setenv(heap.ENV, "65536")
+    assert heap.release_large_blocks() is False
+    monkeypatch.delenv(heap.ENV)
+    expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert heap.release_large_blocks() is expected
+
+
 def test_the_finite_check_counts_exactly_and_passes_huge_finite_values():
     from orthoopt.core.checks import check_finite_tensor
 

@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, its message already on stderr)
         return e.code if isinstance(e.code, int) else 2
+    from orthoopt.utils.heap import release_large_blocks
+
+    release_large_blocks()  # freed layers go back to the OS (orthoopt.utils.heap)
     if getattr(args, "no_progress", False):
         from transformers.utils import logging as hf_logging
 

@@ -20,6 +20,26 @@ def check_not_meta(t: torch.Tensor, what: str) -> None:
         raise InvalidInputError(f"{what} is on the meta device: {META_HINT}")
 
 
+_CHUNK = 1 << 22  # elements summed at a time when the accumulator is wider than the tensor
+
+
+def _sum(t: torch.Tensor, acc: torch.dtype | None) -> torch.Tensor:
+    """``t.sum(dtype=acc)`` without the whole-tensor ``acc`` copy ``sum`` makes when ``acc`` is wider than
+    ``t``'s dtype (a bf16 embedding of 0.5 GB would take a 1 GB float32 temporary): chunk by chunk through
+    one reused buffer (a fresh temporary per chunk fragments the heap and grows the RSS as much)."""
+    if acc is None or t.dtype == acc or t.numel() <= _CHUNK:
+        return t.sum(dtype=acc)
+    flat = t.reshape(-1)
+    buf = torch.empty(_CHUNK, dtype=acc, device=t.device)
+    total = torch.zeros((), dtype=acc, device=t.device)
+    for i in range(0, flat.numel(), _CHUNK):
+        part = flat[i:i + _CHUNK]
+        chunk = buf[:part.numel()]
+        chunk.copy_(part)
+        total += chunk.sum()
+    return total
+
+
 def check_finite_tensor(t: torch.Tensor, what: str) -> None:
     """Raise ValueError naming ``what`` and the count if ``t`` holds NaN or inf (meta: see :func:`check_not_meta`)."""
     check_not_meta(t, what)
@@ -28,7 +48,7 @@ def check_finite_tensor(t: torch.Tensor, what: str) -> None:
     # fast path: NaN and inf propagate through a sum (~15x faster than isfinite().all() on the CPU); a
     # non-finite sum of finite values (overflow) falls through to the exact count, which then passes
     acc = None if t.is_complex() or t.dtype == torch.float64 else torch.float32
-    if bool(torch.isfinite(t.sum(dtype=acc))):
+    if bool(torch.isfinite(_sum(t, acc))):
         return
     if not bool(torch.isfinite(t).all()):
         bad, nan = int((~torch.isfinite(t)).sum()), int(torch.isnan(t).sum())
