@@ -148,13 +148,14 @@ def quantize_estimate(ck: Checkpoint, dtype: torch.dtype, method: str, nsamples:
     """Peak of ``orthoopt quantize``: the whole model held (GPTQ adds one layer's calibration), or with
     ``streamed`` the non-layer weights and one layer (read, quantized and its shard being written)."""
     b = _itemsize(dtype)
-    grid = ck.layer_tensor_numel * 4 * 3
+    grid = ck.layer_tensor_numel * 4 * 4  # float32 weight, grid, codes and error of the largest linear
     phases = {"float32 grid of the largest linear": grid}
     if method == "gptq":
         tokens = nsamples * seq_len
         phases["calibration"] = (tokens * ck.hidden * 4 * 3 + tokens * ck.intermediate * 4 * 2
                                  + (3 * ck.hidden ** 2 + ck.intermediate ** 2) * 4 + ck.num_heads * seq_len ** 2 * 4 * 2
-                                 + grid)
+                                 # the solve of the widest linear: its Hessian's copy and two Cholesky factors
+                                 + 3 * ck.intermediate ** 2 * 4 + grid)
     if streamed:
         nonlayer = ck.numel - ck.layer_numel * ck.num_layers
         est = Estimate(_phases({"runtime": RUNTIME, "non-layer weights": nonlayer * b,

@@ -68,10 +68,9 @@ class GPTQResult:
     loss: float
 
 
-def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
+def _cholesky(A: torch.Tensor, upper: bool = False) -> torch.Tensor:
     try:
-        L = torch.linalg.cholesky(H)
-        return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        return torch.linalg.cholesky(A, upper=upper)
     except torch.linalg.LinAlgError as e:
         raise InvalidInputError(
             "GPTQ: the dampened Hessian is not positive definite; increase percdamp or use more calibration data"
@@ -118,8 +117,14 @@ def gptq_quantize(
         W, H = W[:, perm], H[perm][:, perm]
     else:
         perm = torch.arange(cols, device=W.device)
-    H += percdamp * torch.diag(H).mean() * torch.eye(cols, dtype=dtype, device=W.device)
-    U = _upper_cholesky_of_inverse(H)  # upper Cholesky factor of H^-1
+    H.diagonal().add_(percdamp * torch.diag(H).mean())  # H + damp I without an [n, n] identity
+    # U, the upper Cholesky factor of H^-1, with at most two [n, n] matrices alive at a time
+    L = _cholesky(H)
+    del H
+    H_inv = torch.cholesky_inverse(L)
+    del L
+    U = _cholesky(H_inv, upper=True)
+    del H_inv
 
     ngroups = cols // g
     scales = torch.empty(rows, ngroups, dtype=dtype, device=W.device)

@@ -1,0 +1,266 @@
+"""A cost model of the layer-by-layer commands, checked against measured wall times (issue 23, item 5).
+
+    python benchmarks/cost_model.py --measured ms1b.json ms3b.json ms8b.json   # check, then project
+    python benchmarks/cost_model.py                                          # projections only
+
+Each command is split into phases whose work is a function of the Llama shape and the settings alone
+(:func:`phases`): FLOPs of the dense products in the dtype they run in, bytes read and written,
+elements quantized, GPTQ's per-linear solve. A phase's time is its work divided by a **rate** of this
+machine, and the rates are measured here by microbenchmarks of the kernels the commands run
+(:func:`measure_rates`: float64 / float32 / bfloat16 matmuls at the commands' shapes, a safetensors
+read and write of 256 MiB, ``quantize_rtn`` of a 4096 x 4096 bf16 weight, ``gptq_quantize`` at three
+sizes fitted to ``a r c^2 + b r c + g c``, and the interpreter's start-up). Nothing is fitted to the
+command timings, so ``--measured`` (records of ``benchmarks/model_size.py --json``) is a check:
+predicted vs measured wall time per command and shape.
+
+The projections give an OptRot + GPTQ W4 run (R1 and R2 learned with ``--steps`` loss-and-gradient
+evaluations each, GPTQ true sequential on ``--windows`` x ``--seq-len`` tokens, evaluation of
+``--eval-tokens``) for Llama-3-8B and Llama-3-70B on this CPU (measured rates) and on one H100-class
+GPU (the assumed rates of :data:`H100`, stated in the output). The OptRot phase is modelled, not
+measured at these sizes: one loss-and-gradient evaluation of the fused fourth-power objective forms
+``W R`` for every weight that touches the residual stream and its gradient ``W^T G``: ``4 h P``
+FLOPs in float32 (``h`` hidden size, ``P`` those weights' count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for _p in (REPO, Path(__file__).resolve().parent):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from model_size import SHAPES, Shape  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
+
+PROJECTED = {
+    "8b": SHAPES["8b"],
+    # meta-llama/Meta-Llama-3-70B: hidden 8192, 80 layers, 64 heads, 8 kv heads, MLP 28672, vocab 128256, untied
+    "70b": Shape("llama-3-70b", 8192, 80, 64, 8, 28672, 128256, False, max_position_embeddings=8192),
+}
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Throughputs of one machine: FLOP/s per dtype, bytes/s, RTN elements/s, GPTQ coefficients, start-up s."""
+
+    f64: float
+    f32: float
+    bf16: float
+    read: float
+    write: float
+    rtn: float
+    gptq_rc2: float  # seconds per r c^2 of one gptq_quantize of an [r, c] weight
+    gptq_rc: float   # seconds per r c (the per-column updates)
+    gptq_c: float    # seconds per column (the per-column launch / interpreter cost)
+    startup: float
+    note: str = ""
+
+
+# One H100-class GPU (SXM), assumed, not measured: half of the peak dense rates (FP64 tensor 67,
+# FP32 67, BF16 989 TFLOP/s), layers arriving over PCIe at 20 GB/s from page-cached files, and
+# GPTQ's per-column step costing ~12 kernel launches (~0.1 ms per column).
+H100 = Rates(f64=33e12, f32=33e12, bf16=400e12, read=20e9, write=5e9, rtn=50e9,
+             gptq_rc2=2 / 33e12, gptq_rc=2 / 1.5e12, gptq_c=1e-4, startup=10.0,
+             note="assumed: 50% of H100 SXM peak FP64/FP32, 40% of BF16, PCIe 20 GB/s in, 5 GB/s out, 0.1 ms/column")
+
+
+def _best(fn, repeat: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def measure_rates() -> Rates:
+    """The rates of this machine, from microbenchmarks of the commands' own kernels (~1 minute)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from orthoopt.core.grid import QuantSpec
+    from orthoopt.models.safetensors_folder import SafetensorsCheckpoint
+    from orthoopt.quant.gptq import gptq_quantize
+    from orthoopt.quant.rtn import quantize_rtn
+
+    g = torch.Generator().manual_seed(0)
+    gemm = {}
+    for dtype, (m, k, n) in {torch.float64: (2048, 2048, 2048), torch.float32: (2048, 2048, 2048),
+                             torch.bfloat16: (1024, 2048, 8192)}.items():
+        a, b = torch.randn(m, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype)
+        gemm[dtype] = 2 * m * k * n / _best(lambda: a @ b)
+    with tempfile.TemporaryDirectory() as d:
+        w = torch.randn(8192, 16384, generator=g).to(torch.bfloat16)  # 256 MiB
+        path = Path(d) / "model.safetensors"
+        write = w.numel() * 2 / _best(lambda: save_file({"w": w}, str(path)), repeat=2)
+        (Path(d) / "config.json").write_text("{}")
+        ck = SafetensorsCheckpoint(d)
+        read = w.numel() * 2 / _best(lambda: ck.read(["w"], torch.bfloat16)["w"].clone(), repeat=2)
+    spec = QuantSpec(bits=4)
+    x = torch.randn(4096, 4096, generator=g).to(torch.bfloat16)
+    rtn = x.numel() / _best(lambda: quantize_rtn(x, spec))
+    samples = []
+    for r, c in ((512, 1024), (2048, 1024), (2048, 2048)):
+        W = torch.randn(r, c, generator=g)
+        X = torch.randn(4 * c, c, generator=g)
+        H = X.T @ X / X.shape[0]
+        samples.append((r, c, _best(lambda: gptq_quantize(W, H, spec), repeat=1)))
+    A = torch.tensor([[r * c * c, r * c, c] for r, c, _ in samples], dtype=torch.float64)
+    coef = torch.linalg.solve(A, torch.tensor([t for *_, t in samples], dtype=torch.float64)).clamp(min=0)
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import orthoopt.cli, transformers, torch; "
+                    "from transformers import AutoModelForCausalLM"], check=True, cwd=REPO)
+    startup = time.perf_counter() - t
+    return Rates(f64=gemm[torch.float64], f32=gemm[torch.float32], bf16=gemm[torch.bfloat16], read=read,
+                 write=write, rtn=rtn, gptq_rc2=float(coef[0]), gptq_rc=float(coef[1]), gptq_c=float(coef[2]),
+                 startup=startup, note=f"measured here, {torch.get_num_threads()} torch threads")
+
+
+# the work ---------------------------------------------------------------------------------------
+
+def linears(s: Shape) -> list[tuple[str, int, int]]:
+    """``(name, rows, cols)`` of one decoder layer's linears."""
+    h, d = s.hidden_size, s.hidden_size // s.num_attention_heads
+    kv = s.num_key_value_heads * d
+    return [("q", h, h), ("k", kv, h), ("v", kv, h), ("o", h, h),
+            ("gate", s.intermediate_size, h), ("up", s.intermediate_size, h), ("down", h, s.intermediate_size)]
+
+
+def counts(s: Shape) -> dict[str, int]:
+    """Parameter counts: per layer, all layers, embedding (and untied lm_head), total."""
+    layer = sum(r * c for _, r, c in linears(s))
+    embed = s.vocab_size * s.hidden_size
+    heads = embed * (1 if s.tie_word_embeddings else 2)
+    return {"layer": layer, "layers": layer * s.num_hidden_layers, "embed": embed, "heads": heads,
+            "total": layer * s.num_hidden_layers + heads}
+
+
+def _gptq_seconds(s: Shape, r: Rates) -> float:
+    return s.num_hidden_layers * sum(r.gptq_rc2 * m * c * c + r.gptq_rc * m * c + r.gptq_c * c
+                                     for _, m, c in linears(s))
+
+
+def phases(s: Shape, command: str, rates: Rates, windows: int = 4, seq_len: int = 256,
+           steps: int = 150) -> dict[str, float]:
+    """Seconds per phase of ``command`` (a ``model_size`` command name, or ``optrot``) on ``rates``."""
+    n = counts(s)
+    h, L = s.hidden_size, s.num_hidden_layers
+    disk = 2 * n["total"]  # bf16 bytes
+    tokens = windows * seq_len
+    forward = 2 * tokens * n["layers"] + 4 * tokens * seq_len * h * L // 2  # linears + causal attention
+    out: dict[str, float] = {"start-up": rates.startup}
+    if command == "quantize-rtn-streamed":
+        out |= {"read": disk / rates.read, "RTN": n["layers"] / rates.rtn, "write": disk / rates.write,
+                "reload embedding": 2 * n["heads"] / rates.read}
+    elif command == "quantize-gptq-streamed":
+        hessians = 2 * tokens * L * (3 * h * h + s.intermediate_size ** 2)  # X^T X of the four inputs, float32
+        out |= {"read": disk / rates.read, "calibration forwards": 2 * forward / rates.bf16,
+                "Hessians": hessians / rates.f32, "GPTQ solve": _gptq_seconds(s, rates),
+                "write": disk / rates.write, "reload embedding": 2 * n["heads"] / rates.read}
+    elif command == "eval-streamed":
+        out |= {"read": disk / rates.read, "layers": forward / rates.bf16,
+                "lm_head": 2 * tokens * n["embed"] / rates.bf16}
+    elif command == "rotate-streamed":  # hadamard: every tensor W R1 (or R1^T W) in float64
+        r2 = 2 * (h // s.num_attention_heads) * 2 * h * h * L  # v rows and o columns per head
+        out |= {"read": disk / rates.read, "R1 products": 2 * h * (n["layers"] + n["heads"]) / rates.f64,
+                "R2 products": r2 / rates.f64, "write": disk / rates.write}
+    elif command == "optrot":  # R1 and R2 learned, data-free: steps evaluations of 4 h P float32 FLOPs
+        d = h // s.num_attention_heads
+        out |= {"read": 2 * disk / rates.read,
+                "R1 objective": steps * 4 * h * (n["layers"] + n["heads"]) / rates.f32,
+                "R2 objective": steps * 4 * d * 2 * h * h * L / rates.f32,
+                "write-back": 2 * h * (n["layers"] + n["heads"]) / rates.f64, "write": disk / rates.write}
+    else:
+        raise ValueError(f"no cost model for {command!r}")
+    return out
+
+
+def pipeline(s: Shape, rates: Rates, windows: int, seq_len: int, steps: int, eval_tokens: int) -> dict[str, float]:
+    """An OptRot + GPTQ W4 run with evaluation, phase by phase (seconds)."""
+    rot = phases(s, "optrot", rates, steps=steps)
+    gptq = phases(s, "quantize-gptq-streamed", rates, windows, seq_len)
+    ev = phases(s, "eval-streamed", rates, eval_tokens // seq_len, seq_len)
+    return {"start-up": rates.startup, "rotate: read + write": rot["read"] + rot["write"] + rot["write-back"],
+            "rotate: R1 objective": rot["R1 objective"], "rotate: R2 objective": rot["R2 objective"],
+            "GPTQ: read + write": gptq["read"] + gptq["write"] + gptq["reload embedding"],
+            "GPTQ: calibration + Hessians": gptq["calibration forwards"] + gptq["Hessians"],
+            "GPTQ: solve": gptq["GPTQ solve"], "eval": ev["layers"] + ev["lm_head"] + ev["read"]}
+
+
+def _fmt(sec: float) -> str:
+    return f"{sec:.0f} s" if sec < 600 else f"{sec / 60:.0f} min" if sec < 36000 else f"{sec / 3600:.1f} h"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--measured", nargs="*", default=[], help="model_size.py --json records to check against")
+    ap.add_argument("--steps", type=int, default=150, help="OptRot evaluations per phase in the projection [150]")
+    ap.add_argument("--windows", type=int, default=128, help="GPTQ calibration windows in the projection [128]")
+    ap.add_argument("--seq-len", type=int, default=2048, help="window length in the projection [2048]")
+    ap.add_argument("--eval-tokens", type=int, default=1 << 18, help="evaluated tokens in the projection [262144]")
+    ap.add_argument("--json", default=None, help="also write rates, checks and projections here")
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    rates = measure_rates()
+    print(f"rates ({rates.note}): float64 {rates.f64 / 1e9:.1f}, float32 {rates.f32 / 1e9:.1f}, bf16 "
+          f"{rates.bf16 / 1e9:.1f} GFLOP/s; read {rates.read / 1e9:.2f}, write {rates.write / 1e9:.2f} GB/s; RTN "
+          f"{rates.rtn / 1e6:.0f} M elements/s; GPTQ {rates.gptq_rc2:.3g} s/(r c^2) + {rates.gptq_rc:.3g} s/(r c) + "
+          f"{rates.gptq_c:.3g} s/column; start-up {rates.startup:.1f} s")
+    by_name = {s.name: s for s in [*SHAPES.values(), *PROJECTED.values()]}
+    checks = []
+    records = [r for f in args.measured for r in json.loads(Path(f).read_text())]
+    if records:
+        print("\n| shape | command | measured s | model s | model / measured | largest phase |")
+        print("|---|---|---:|---:|---:|---|")
+    for rec in records:
+        if rec.get("wall_s") is None or rec["shape"] not in by_name:
+            continue
+        w = s = by_name[rec["shape"]]
+        argv = rec["argv"]
+        windows = int(argv[argv.index("--nsamples") + 1]) if "--nsamples" in argv else 4
+        seq_len = int(argv[argv.index("--seq-len") + 1]) if "--seq-len" in argv else 256
+        try:
+            ph = phases(w, rec["command"], rates, windows, seq_len)
+        except ValueError:
+            continue
+        total = sum(ph.values())
+        top = max(ph, key=ph.get)
+        checks.append({"shape": s.name, "command": rec["command"], "measured_s": rec["wall_s"], "model_s": total,
+                       "phases": ph})
+        print(f"| {s.name} | {rec['command']} | {rec['wall_s']:.1f} | {total:.1f} | {total / rec['wall_s']:.2f} | "
+              f"{top} ({ph[top]:.1f} s) |")
+
+    print(f"\nOptRot ({args.steps} evaluations per phase) + GPTQ W4 ({args.windows} x {args.seq_len} tokens, true "
+          f"sequential) + eval ({args.eval_tokens} tokens), layer by layer:")
+    machines = {"this CPU": rates, "H100 (assumed)": H100}
+    projections = {}
+    for key, s in PROJECTED.items():
+        for mname, r in machines.items():
+            ph = pipeline(s, r, args.windows, args.seq_len, args.steps, args.eval_tokens)
+            projections[f"{s.name} / {mname}"] = ph
+    names = list(next(iter(projections.values())))
+    print("\n| phase | " + " | ".join(projections) + " |")
+    print("|---|" + "---:|" * len(projections))
+    for p in names:
+        print(f"| {p} | " + " | ".join(_fmt(ph[p]) for ph in projections.values()) + " |")
+    print("| **total** | " + " | ".join(f"**{_fmt(sum(ph.values()))}**" for ph in projections.values()) + " |")
+    print(f"\nH100 rates: {H100.note}")
+    print(f"wall time {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rates": asdict(rates), "h100": asdict(H100), "checks": checks,
+                                               "projections": projections}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""benchmarks/cost_model.py (issue 23, item 5): the work it counts is the shapes' own (parameter counts
+against the published totals, less the norms), and its phases scale as the formulas say."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import cost_model  # noqa: E402
+
+UNIT = cost_model.Rates(f64=1.0, f32=1.0, bf16=1.0, read=1.0, write=1.0, rtn=1.0, gptq_rc2=1.0, gptq_rc=0.0,
+                        gptq_c=0.0, startup=0.0)
+
+
+@pytest.mark.parametrize("key, published", [("1b", 1_235_814_400), ("8b", 8_030_261_248)])
+def test_the_counted_weights_are_the_published_models_less_their_norms(key, published):
+    s = cost_model.SHAPES[key]
+    norms = s.hidden_size * (2 * s.num_hidden_layers + 1)
+    assert cost_model.counts(s)["total"] + norms == published
+
+
+def test_the_70b_shape_is_llama_3_70b():
+    s = cost_model.PROJECTED["70b"]
+    norms = s.hidden_size * (2 * s.num_hidden_layers + 1)
+    assert cost_model.counts(s)["total"] + norms == 70_553_706_496  # Meta-Llama-3-70B's safetensors total
+
+
+def test_phases_are_work_over_rate():
+    """With unit rates a phase's seconds are its work: the hadamard write-back is 2 h P float64 FLOPs,
+    halving a rate doubles only the phases that use it, GPTQ's solve is sum r c^2 over the linears."""
+    s = cost_model.SHAPES["1b"]
+    n, h = cost_model.counts(s), s.hidden_size
+    ph = cost_model.phases(s, "rotate-streamed", UNIT)
+    assert ph["R1 products"] == 2 * h * (n["layers"] + n["heads"])
+    assert ph["read"] == ph["write"] == 2 * n["total"]
+    slow = cost_model.phases(s, "rotate-streamed", cost_model.Rates(**{**UNIT.__dict__, "f64": 0.5}))
+    assert slow["R1 products"] == 2 * ph["R1 products"] and slow["read"] == ph["read"]
+    gptq = cost_model.phases(s, "quantize-gptq-streamed", UNIT)
+    assert gptq["GPTQ solve"] == s.num_hidden_layers * sum(r * c * c for _, r, c in cost_model.linears(s))
+    with pytest.raises(ValueError, match="no cost model"):
+        cost_model.phases(s, "rotate", UNIT)
