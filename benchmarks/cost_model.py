@@ -9,8 +9,9 @@ elements quantized, GPTQ's per-linear solve. A phase's time is its work divided 
 machine, and the rates are measured here by microbenchmarks of the kernels the commands run
 (:func:`measure_rates`: float64 / float32 / bfloat16 matmuls at the commands' shapes, a safetensors
 read and write of 256 MiB, ``quantize_rtn`` of a 4096 x 4096 bf16 weight, ``gptq_quantize`` at three
-sizes fitted to ``a r c^2 + b r c + g c``, and the interpreter's start-up). Nothing is fitted to the
-command timings, so ``--measured`` (records of ``benchmarks/model_size.py --json``) is a check:
+sizes fitted to ``a r c^2 + b r c + g c``, the float64 write-back ``rotate_rows`` at two widths fitted
+to ``a 2 r h^2 + b r h``) plus each command's fixed cost, its wall time on ``model_size``'s tiny shape.
+Nothing is fitted to the commands' timings at size, so ``--measured`` (records of ``benchmarks/model_size.py --json``) is a check:
 predicted vs measured wall time per command and shape.
 
 The projections give an OptRot + GPTQ W4 run (R1 and R2 learned with ``--steps`` loss-and-gradient
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +40,7 @@ for _p in (REPO, Path(__file__).resolve().parent):
 
 from model_size import SHAPES, Shape  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 
+MODELLED = ("quantize-rtn-streamed", "quantize-gptq-streamed", "eval-streamed", "rotate-streamed")
 PROJECTED = {
     "8b": SHAPES["8b"],
     # meta-llama/Meta-Llama-3-70B: hidden 8192, 80 layers, 64 heads, 8 kv heads, MLP 28672, vocab 128256, untied
@@ -60,7 +61,9 @@ class Rates:
     gptq_rc2: float  # seconds per r c^2 of one gptq_quantize of an [r, c] weight
     gptq_rc: float   # seconds per r c (the per-column updates)
     gptq_c: float    # seconds per column (the per-column launch / interpreter cost)
-    startup: float
+    rot_rh2: float   # seconds per 2 r h^2 of the float64 write-back W @ R of an [r, h] bf16 weight
+    rot_rh: float    # seconds per r h (its casts to float64 and back)
+    fixed: dict      # seconds of each command on a tiny model (start-up, skeleton, files, checks)
     note: str = ""
 
 
@@ -68,8 +71,10 @@ class Rates:
 # FP32 67, BF16 989 TFLOP/s), layers arriving over PCIe at 20 GB/s from page-cached files, and
 # GPTQ's per-column step costing ~12 kernel launches (~0.1 ms per column).
 H100 = Rates(f64=33e12, f32=33e12, bf16=400e12, read=20e9, write=5e9, rtn=50e9,
-             gptq_rc2=2 / 33e12, gptq_rc=2 / 1.5e12, gptq_c=1e-4, startup=10.0,
-             note="assumed: 50% of H100 SXM peak FP64/FP32, 40% of BF16, PCIe 20 GB/s in, 5 GB/s out, 0.1 ms/column")
+             gptq_rc2=2 / 33e12, gptq_rc=2 / 1.5e12, gptq_c=1e-4, rot_rh2=1 / 33e12, rot_rh=20 / 1.5e12,
+             fixed={}, note="assumed: 50% of H100 SXM peak FP64/FP32, 40% of BF16, PCIe 20 GB/s in, 5 GB/s out, "
+                            "0.1 ms per GPTQ column, 10 s fixed per command")
+FIXED_DEFAULT = 10.0
 
 
 def _best(fn, repeat: int = 3) -> float:
@@ -109,20 +114,44 @@ def measure_rates() -> Rates:
     x = torch.randn(4096, 4096, generator=g).to(torch.bfloat16)
     rtn = x.numel() / _best(lambda: quantize_rtn(x, spec))
     samples = []
-    for r, c in ((512, 1024), (2048, 1024), (2048, 2048)):
+    for r, c in ((1024, 2048), (4096, 2048), (2048, 8192)):
         W = torch.randn(r, c, generator=g)
-        X = torch.randn(4 * c, c, generator=g)
+        X = torch.randn(2 * c, c, generator=g)
         H = X.T @ X / X.shape[0]
+        del X
         samples.append((r, c, _best(lambda: gptq_quantize(W, H, spec), repeat=1)))
-    A = torch.tensor([[r * c * c, r * c, c] for r, c, _ in samples], dtype=torch.float64)
-    coef = torch.linalg.solve(A, torch.tensor([t for *_, t in samples], dtype=torch.float64)).clamp(min=0)
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import orthoopt.cli, transformers, torch; "
-                    "from transformers import AutoModelForCausalLM"], check=True, cwd=REPO)
-    startup = time.perf_counter() - t
+    gptq = _fit([[r * c * c, r * c, c] for r, c, _ in samples], [t for *_, t in samples])
+    from orthoopt.streaming.layer_rotation import rotate_rows
+
+    rot = []
+    for h in (2048, 4096):
+        W = torch.randn(4096, h, generator=g).to(torch.bfloat16)
+        R = torch.linalg.qr(torch.randn(h, h, generator=g, dtype=torch.float64))[0]
+        rot.append((4096, h, _best(lambda: rotate_rows(W, R), repeat=2)))
+    rot_coef = _fit([[2 * r * h * h, r * h] for r, h, _ in rot], [t for *_, t in rot])
     return Rates(f64=gemm[torch.float64], f32=gemm[torch.float32], bf16=gemm[torch.bfloat16], read=read,
-                 write=write, rtn=rtn, gptq_rc2=float(coef[0]), gptq_rc=float(coef[1]), gptq_c=float(coef[2]),
-                 startup=startup, note=f"measured here, {torch.get_num_threads()} torch threads")
+                 write=write, rtn=rtn, gptq_rc2=gptq[0], gptq_rc=gptq[1], gptq_c=gptq[2], rot_rh2=rot_coef[0],
+                 rot_rh=rot_coef[1], fixed=fixed_costs(), note=f"measured here, {torch.get_num_threads()} torch threads")
+
+
+def _fit(rows, times) -> list[float]:
+    """Non-negative coefficients of ``times ~ rows @ coef`` (as many samples as coefficients: solved)."""
+    import torch
+
+    A, t = torch.tensor(rows, dtype=torch.float64), torch.tensor(times, dtype=torch.float64)
+    return [float(v) for v in torch.linalg.solve(A, t).clamp(min=0)]
+
+
+def fixed_costs() -> dict:
+    """Wall seconds of each modelled command on ``model_size``'s tiny shape (2 layers, hidden 64): what a
+    command costs besides its work (interpreter start-up, imports, the skeleton, config and tokenizer
+    files, the memory check), measured the way ``model_size`` measures the real shapes."""
+    import model_size
+
+    with tempfile.TemporaryDirectory() as d:
+        records = model_size.run_shape(SHAPES["tiny"], MODELLED, Path(d), 4, 256, False, use_time=False,
+                                       progress=lambda _: None)
+    return {r.command: r.wall_s for r in records if r.returncode == 0}
 
 
 # the work ---------------------------------------------------------------------------------------
@@ -149,6 +178,13 @@ def _gptq_seconds(s: Shape, r: Rates) -> float:
                                      for _, m, c in linears(s))
 
 
+def _rotate_seconds(s: Shape, r: Rates) -> float:
+    """The float64 write-back of R1 into every weight touching the residual stream (``2 h`` FLOPs per
+    weight, ``W @ R`` or ``R^T @ W``) and the casts around each product."""
+    n, h = counts(s), s.hidden_size
+    return (n["layers"] + n["heads"]) * (2 * h * r.rot_rh2 + r.rot_rh)
+
+
 def phases(s: Shape, command: str, rates: Rates, windows: int = 4, seq_len: int = 256,
            steps: int = 150) -> dict[str, float]:
     """Seconds per phase of ``command`` (a ``model_size`` command name, or ``optrot``) on ``rates``."""
@@ -157,7 +193,8 @@ def phases(s: Shape, command: str, rates: Rates, windows: int = 4, seq_len: int 
     disk = 2 * n["total"]  # bf16 bytes
     tokens = windows * seq_len
     forward = 2 * tokens * n["layers"] + 4 * tokens * seq_len * h * L // 2  # linears + causal attention
-    out: dict[str, float] = {"start-up": rates.startup}
+    out: dict[str, float] = {"fixed": rates.fixed.get("rotate-streamed" if command == "optrot" else command,
+                                                        FIXED_DEFAULT)}
     if command == "quantize-rtn-streamed":
         out |= {"read": disk / rates.read, "RTN": n["layers"] / rates.rtn, "write": disk / rates.write,
                 "reload embedding": 2 * n["heads"] / rates.read}
@@ -171,14 +208,14 @@ def phases(s: Shape, command: str, rates: Rates, windows: int = 4, seq_len: int 
                 "lm_head": 2 * tokens * n["embed"] / rates.bf16}
     elif command == "rotate-streamed":  # hadamard: every tensor W R1 (or R1^T W) in float64
         r2 = 2 * (h // s.num_attention_heads) * 2 * h * h * L  # v rows and o columns per head
-        out |= {"read": disk / rates.read, "R1 products": 2 * h * (n["layers"] + n["heads"]) / rates.f64,
+        out |= {"read": disk / rates.read, "R1 products": _rotate_seconds(s, rates),
                 "R2 products": r2 / rates.f64, "write": disk / rates.write}
     elif command == "optrot":  # R1 and R2 learned, data-free: steps evaluations of 4 h P float32 FLOPs
         d = h // s.num_attention_heads
         out |= {"read": 2 * disk / rates.read,
                 "R1 objective": steps * 4 * h * (n["layers"] + n["heads"]) / rates.f32,
                 "R2 objective": steps * 4 * d * 2 * h * h * L / rates.f32,
-                "write-back": 2 * h * (n["layers"] + n["heads"]) / rates.f64, "write": disk / rates.write}
+                "write-back": _rotate_seconds(s, rates), "write": disk / rates.write}
     else:
         raise ValueError(f"no cost model for {command!r}")
     return out
@@ -189,7 +226,7 @@ def pipeline(s: Shape, rates: Rates, windows: int, seq_len: int, steps: int, eva
     rot = phases(s, "optrot", rates, steps=steps)
     gptq = phases(s, "quantize-gptq-streamed", rates, windows, seq_len)
     ev = phases(s, "eval-streamed", rates, eval_tokens // seq_len, seq_len)
-    return {"start-up": rates.startup, "rotate: read + write": rot["read"] + rot["write"] + rot["write-back"],
+    return {"fixed (3 commands)": rot["fixed"] + gptq["fixed"] + ev["fixed"], "rotate: read + write": rot["read"] + rot["write"] + rot["write-back"],
             "rotate: R1 objective": rot["R1 objective"], "rotate: R2 objective": rot["R2 objective"],
             "GPTQ: read + write": gptq["read"] + gptq["write"] + gptq["reload embedding"],
             "GPTQ: calibration + Hessians": gptq["calibration forwards"] + gptq["Hessians"],
@@ -215,7 +252,8 @@ def main(argv=None) -> int:
     print(f"rates ({rates.note}): float64 {rates.f64 / 1e9:.1f}, float32 {rates.f32 / 1e9:.1f}, bf16 "
           f"{rates.bf16 / 1e9:.1f} GFLOP/s; read {rates.read / 1e9:.2f}, write {rates.write / 1e9:.2f} GB/s; RTN "
           f"{rates.rtn / 1e6:.0f} M elements/s; GPTQ {rates.gptq_rc2:.3g} s/(r c^2) + {rates.gptq_rc:.3g} s/(r c) + "
-          f"{rates.gptq_c:.3g} s/column; start-up {rates.startup:.1f} s")
+          f"{rates.gptq_c:.3g} s/column; write-back {rates.rot_rh2:.3g} s/(2 r h^2) + {rates.rot_rh:.3g} s/(r h); "
+          f"fixed s per command {rates.fixed}")
     by_name = {s.name: s for s in [*SHAPES.values(), *PROJECTED.values()]}
     checks = []
     records = [r for f in args.measured for r in json.loads(Path(f).read_text())]

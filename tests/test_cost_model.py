@@ -14,7 +14,7 @@ sys.path.insert(0, str(BENCH))
 import cost_model  # noqa: E402
 
 UNIT = cost_model.Rates(f64=1.0, f32=1.0, bf16=1.0, read=1.0, write=1.0, rtn=1.0, gptq_rc2=1.0, gptq_rc=0.0,
-                        gptq_c=0.0, startup=0.0)
+                        gptq_c=0.0, rot_rh2=1.0, rot_rh=0.0, fixed={})
 
 
 @pytest.mark.parametrize("key, published", [("1b", 1_235_814_400), ("8b", 8_030_261_248)])
@@ -38,7 +38,7 @@ def test_phases_are_work_over_rate():
     ph = cost_model.phases(s, "rotate-streamed", UNIT)
     assert ph["R1 products"] == 2 * h * (n["layers"] + n["heads"])
     assert ph["read"] == ph["write"] == 2 * n["total"]
-    slow = cost_model.phases(s, "rotate-streamed", cost_model.Rates(**{**UNIT.__dict__, "f64": 0.5}))
+    slow = cost_model.phases(s, "rotate-streamed", cost_model.Rates(**{**UNIT.__dict__, "rot_rh2": 2.0}))
     assert slow["R1 products"] == 2 * ph["R1 products"] and slow["read"] == ph["read"]
     gptq = cost_model.phases(s, "quantize-gptq-streamed", UNIT)
     assert gptq["GPTQ solve"] == s.num_hidden_layers * sum(r * c * c for _, r, c in cost_model.linears(s))
