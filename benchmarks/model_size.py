@@ -26,8 +26,10 @@ rotate-streamed     ``orthoopt rotate CKPT --method hadamard --streamed``
 quantize-rtn        ``orthoopt quantize CKPT --method rtn --wbits 4 --format orthoopt``
 quantize-gptq       ``orthoopt quantize CKPT --method gptq --calib TEXT --nsamples W --seq-len L --format orthoopt``
 eval                ``orthoopt eval CKPT --text TEXT --seq-len L --max-tokens W*L``
+diagnose            ``orthoopt diagnose CKPT --out OUT`` (weights only; whole model: only when named)
 *-streamed          the same command with ``--streamed``: one decoder layer in memory at a time
-                    (``quantize-rtn-streamed``, ``quantize-gptq-streamed``, ``eval-streamed``)
+                    (``quantize-rtn-streamed``, ``quantize-gptq-streamed``, ``eval-streamed``,
+                    ``diagnose-streamed``)
 ==================  ===========================================================================
 
 Both quantize paths write orthoopt's format (fake-quantized weights + quant.json), the one
@@ -112,7 +114,9 @@ SHAPES = {
     "tiny": Shape("tiny", 64, 2, 4, 2, 128, 512, True, max_position_embeddings=2048),
 }
 COMMANDS = ("rotate", "rotate-streamed", "quantize-rtn", "quantize-rtn-streamed", "quantize-gptq",
-            "quantize-gptq-streamed", "eval", "eval-streamed")
+            "quantize-gptq-streamed", "eval", "eval-streamed", "diagnose", "diagnose-streamed")
+# the whole-model diagnose has no memory check and needs about 5x the checkpoint: named, not default
+DEFAULT_COMMANDS = tuple(c for c in COMMANDS if c != "diagnose")
 
 
 def _prod(shape) -> int:
@@ -244,6 +248,8 @@ def command_argv(command: str, ckpt: Path, out: Path, text: Path, windows: int, 
     if command == "quantize-gptq":
         return ["quantize", str(ckpt), "--out", str(out), "--method", "gptq", "--wbits", "4", "--calib", str(text),
                 "--nsamples", str(windows), "--seq-len", str(seq_len), "--format", "orthoopt", *tail]
+    if command == "diagnose":  # no memory check to skip: no --force
+        return ["diagnose", str(ckpt), "--out", str(out), "--no-progress"]
     if command == "eval":
         return ["eval", str(ckpt), "--text", str(text), "--seq-len", str(seq_len), "--max-tokens",
                 str(windows * seq_len), *tail]
@@ -369,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default=None, help="comma-separated subset of 1b,3b,8b (default 1b,3b)")
     ap.add_argument("--include-8b", action="store_true", help="also the Llama-3-8B shape (16 GB bf16 on disk)")
     ap.add_argument("--quick", action="store_true", help="a tiny shape only (smoke test)")
-    ap.add_argument("--commands", default=",".join(COMMANDS), help=f"comma-separated subset of {','.join(COMMANDS)}")
+    ap.add_argument("--commands", default=",".join(DEFAULT_COMMANDS),
+                    help=f"comma-separated subset of {','.join(COMMANDS)} (default: all but diagnose)")
     ap.add_argument("--windows", type=int, default=None, help="calibration / eval windows (default 4; --quick 2)")
     ap.add_argument("--seq-len", type=int, default=None, help="window length (default 256; --quick 32)")
     ap.add_argument("--cache", default=str(CACHE), help="where checkpoints are built and outputs written")

@@ -535,3 +535,24 @@ def test_one_kurtosis_definition():
     assert excess_kurtosis(X) == pytest.approx(float(kurtosis(X.reshape(-1), dim=0)) - 3, rel=1e-14)
     torch.testing.assert_close(row_kurtosis(X), kurtosis(X, center=False), rtol=0, atol=0)
     torch.testing.assert_close(row_kurtosis(X, center=True), kurtosis(X), rtol=0, atol=0)
+
+
+def test_weight_stats_in_row_chunks_are_the_whole_tensors(monkeypatch):
+    """weight_stats converts STATS_CHUNK entries at a time to float64; chunks of a few rows (the last one
+    partial) give the statistics of one chunk to float64 rounding, and exactly the same counts."""
+    from orthoopt.diagnostics import stats
+
+    W = torch.randn(37, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    W[5, 3] = 40.0  # an outlier
+    whole = stats.weight_stats(W)
+    monkeypatch.setattr(stats, "STATS_CHUNK", 48)  # 3 rows per chunk: 13 chunks
+    chunked = stats.weight_stats(W)
+    for key, value in whole.items():
+        if isinstance(value, float):
+            assert chunked[key] == pytest.approx(value, rel=1e-12, abs=0), key
+        else:
+            assert chunked[key] == value, key
+    assert chunked["outlier_fraction"] > 0
+    assert chunked["incoherence"] == pytest.approx(stats.incoherence(W), rel=1e-12)
+    assert chunked["rtn_error"] == pytest.approx(stats.rtn_error(W), rel=1e-12)
+    assert chunked["excess_kurtosis"] == pytest.approx(stats.excess_kurtosis(W), rel=1e-12)

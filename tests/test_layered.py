@@ -213,3 +213,29 @@ def test_streamed_quantize_estimate_holds_one_layer(tmp_path):
     streamed = quantize_estimate(ck, torch.float32, "gptq", 16, 64, streamed=True)
     assert streamed.parts["layer (read, quantized, shard)"] == ck.layer_numel * 4 * 3
     assert streamed.total < whole.total and ("--streamed", streamed.total) in whole.alternatives
+
+
+@pytest.mark.parametrize("kw", [{"dtype": torch.float32}, {"dtype": torch.bfloat16, "tie_word_embeddings": True}])
+def test_diagnose_streamed_gives_the_summary_of_diagnose(capsys, tmp_path, kw, text_file):
+    """The weight statistics read layer by layer are the whole model's, to the last digit; each layer is read
+    once in forward order and released; --calib (the whole model's activations) is refused with --streamed."""
+    from orthoopt.diagnostics.report import LayeredWeights, stored_weights
+
+    folder = save_planted(tmp_path / "m", hidden_size=64, num_layers=3, num_heads=4, intermediate_size=128, **kw)
+    base = ["diagnose", str(folder), "--no-progress", "--json"]
+    whole = run_json(capsys, base + ["--out", str(tmp_path / "d1")])
+    streamed = run_json(capsys, base + ["--out", str(tmp_path / "d2"), "--streamed"])
+    assert (whole["settings"].pop("streamed"), streamed["settings"].pop("streamed")) == (False, True)
+    assert streamed == whole
+    layered = LayeredModel(folder, kw["dtype"])
+    reads = []
+    original = layered.load_layer
+    layered.load_layer = lambda i: reads.append(i) or original(i)
+    lazy, eager = LayeredWeights(layered), stored_weights(load_model(folder))
+    assert list(lazy) == list(eager)
+    for name, W in lazy.items():
+        assert torch.equal(W, eager[name]), name
+    lazy.release()
+    assert reads == [0, 1, 2] and all(p.is_meta for p in layered.layers.parameters())
+    err = run_error(capsys, base + ["--out", str(tmp_path / "d3"), "--streamed", "--calib", str(text_file)])
+    assert "--streamed measures the weights only" in err and not (tmp_path / "d3").exists()

@@ -66,6 +66,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="dtype each model is loaded in (auto, the default: the checkpoint's own; the statistics "
                         "are computed in float64 per tensor)")
+    p.add_argument("--streamed", action="store_true",
+                   help="hold one decoder layer at a time (Hugging Face folders with safetensors weights): the same "
+                        "weight statistics; not with --calib")
     p.add_argument("--json", action="store_true", help="print summary.json on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)
@@ -90,7 +93,7 @@ def run(args) -> int:
         args.models, args.out, labels=_labels(args.labels, len(args.models)), calib=args.calib,
         calib_tokens=args.calib_tokens, seq_len=args.seq_len, block=args.block, act_module=args.act_module,
         k=args.k, bits=args.bits, massive_ratio=args.massive_ratio, massive_min_abs=args.massive_min_abs,
-        dtype=args.dtype, progress=not args.no_progress,
+        dtype=args.dtype, progress=not args.no_progress, streamed=args.streamed,
     )
     if args.json:
         print(json.dumps(summary, allow_nan=False))

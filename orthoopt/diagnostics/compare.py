@@ -117,6 +117,7 @@ def diagnose_models(
     massive_min_abs: float = 0.0,
     dtype: str | torch.dtype = "auto",
     progress: bool = True,
+    streamed: bool = False,
 ) -> dict:
     """Measure each model folder in ``paths``, write plots and ``summary.json`` into ``out_dir``.
 
@@ -135,6 +136,9 @@ def diagnose_models(
     dtype:       the dtype each model is loaded (and its activations computed) in; ``"auto"``, the
                  default, is each checkpoint's own (:mod:`orthoopt.models.dtypes`), so a bfloat16
                  model is not upcast whole. The statistics are computed in float64 per tensor.
+    streamed:    hold one decoder layer at a time (:class:`~orthoopt.diagnostics.report.LayeredWeights`;
+                 Hugging Face folders with safetensors weights; the weight statistics only, so not with
+                 ``calib``): the same summary as without it.
 
     Returns the summary (also written as ``summary.json``)::
 
@@ -163,6 +167,13 @@ def diagnose_models(
         raise FileNotFoundError(f"calibration text not found: {calib}")
     if calib_tokens < 1 or (seq_len is not None and seq_len < 1):
         raise InvalidInputError(f"calib_tokens and seq_len must be >= 1, got {calib_tokens} and {seq_len}")
+    if streamed and calib is not None:
+        raise InvalidInputError("--streamed measures the weights only: the activation statistics (--calib) run the "
+                                "whole model; drop one of the two")
+    if streamed:
+        not_folders = [str(s.spec) for s in sources if s.folder is None]
+        if not_folders:
+            raise InvalidInputError(f"--streamed reads Hugging Face folders with safetensors weights, got {not_folders}")
     if act_module is not None and calib is None:
         raise InvalidInputError("an activation module was chosen but no calibration text was given (--calib)")
     if not k > 0:
@@ -179,6 +190,7 @@ def diagnose_models(
             path, label, calib=calib, calib_tokens=calib_tokens, seq_len=seq_len, block=block,
             act_module=act_module, k=k, bits=bits, massive_ratio=massive_ratio,
             massive_min_abs=massive_min_abs, progress=progress, common_depth=common_depth, dtype=dtype,
+            streamed=streamed,
         )
         records.append(record)
         series.append(s)
@@ -191,6 +203,7 @@ def diagnose_models(
             "calib_tokens": calib_tokens if calib is not None else None,
             "seq_len": (seq_len or DEFAULT_SEQ_LEN) if calib is not None else None,
             "massive_ratio": massive_ratio, "massive_min_abs": massive_min_abs, "dtype": str(dtype),
+            "streamed": streamed,
         },
         "block": block,
         "act_module": act_module if calib is not None else None,
@@ -207,13 +220,22 @@ def diagnose_models(
 def _diagnose_one(path: Path | str, label: str, *, calib, calib_tokens: int, seq_len: int, block: str | None,
                   act_module: str | None, k: float, bits: int, massive_ratio: float, massive_min_abs: float,
                   progress: bool, common_depth: int | None = None,
-                  dtype: str | torch.dtype = "auto") -> tuple[dict, _Series, str, str | None]:
+                  dtype: str | torch.dtype = "auto", streamed: bool = False) -> tuple[dict, _Series, str, str | None]:
     """One model's summary record and plot data; ``block`` / ``act_module`` are chosen here when None
     (from the first model, among its first ``common_depth`` layers) and returned for the next models."""
-    model = load_model(path, dtype=dtype)
+    if streamed:
+        from orthoopt.diagnostics.report import LayeredWeights
+        from orthoopt.models.dtypes import resolve_model_dtype
+        from orthoopt.models.onload import LayeredModel
+
+        source = resolve_source(path, progress=progress)
+        layered = LayeredModel(source.folder, resolve_model_dtype(source, dtype))
+        model, weights = layered.model, LayeredWeights(layered)
+    else:
+        model = load_model(path, dtype=dtype)
+        weights = stored_weights(model)
     if calib is not None and seq_len is not None:
         check_context(model, seq_len, "seq_len")  # before the (slow) weight statistics
-    weights = stored_weights(model)
     wrep = weight_report(weights, k=k, bits=bits, progress=progress)
     if block is None:
         shared = [r for r in wrep["blocks"] if common_depth is None or (_layer_index(r["name"]) or 0) < common_depth]
@@ -232,6 +254,8 @@ def _diagnose_one(path: Path | str, label: str, *, calib, calib_tokens: int, seq
         "overall": overall, "weights": wrep,
     }
     s = _Series(label, weights[block].clone())
+    if streamed:
+        weights.release()
     if calib is not None:
         tokenizer = load_tokenizer(path)
         if tokenizer is None:

@@ -61,6 +61,59 @@ def stored_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+class LayeredWeights(Mapping):
+    """:func:`stored_weights` of a :class:`~orthoopt.models.onload.LayeredModel`, read one decoder layer
+    at a time: the same names, in the same order, with the same tensors; looking up a weight of another
+    layer frees the layer held and reads that one, so iterating in order reads each layer once.
+
+    Parameters
+    ----------
+    layered : LayeredModel
+        The model whose embedding (and untied lm_head) is loaded and whose layers stay on disk.
+    """
+
+    def __init__(self, layered) -> None:
+        from orthoopt.adapters.archs import locate
+
+        self.layered = layered
+        m = locate(layered.model)  # the skeleton's modules (DecoderAdapter refuses its meta parameters)
+        self._where: dict[str, tuple[int | None, nn.Module, str, int | None]] = {
+            m.names["embed"]: (None, m.embed, "weight", None)}
+        for i, L in enumerate(m.layers):
+            for role, mod in L.projs.items():
+                pr = m.spec.proj(role)
+                if pr.experts:
+                    experts = getattr(mod, pr.param).shape[0]
+                    self._where.update({f"{L.names[role]}.{pr.param}.{e}": (i, mod, pr.param, e)
+                                        for e in range(experts)})
+                else:
+                    self._where[L.names[role]] = (i, mod, pr.param, None)
+        if not m.tied:
+            self._where[m.names["lm_head"]] = (None, m.lm_head, "weight", None)
+        self._held: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        layer, module, param, expert = self._where[name]
+        if layer is not None and layer != self._held:
+            self.release()
+            self.layered.load_layer(layer)
+            self._held = layer
+        W = getattr(module, param).detach()
+        return W if expert is None else W[expert]
+
+    def release(self) -> None:
+        """Free the layer held, if any."""
+        if self._held is not None:
+            self.layered.release_layer(self._held)
+            self._held = None
+
+
 INPUT_ROLES = {**GROUPS, "head_in": "final hidden state (lm_head input)"}
 """Roles of the linear-layer inputs of a decoder, in forward order: the input-sharing groups of the
 architecture table (:data:`orthoopt.adapters.arch_table.GROUPS`, with their labels) and ``head_in``. R1 rotates ``attn_in``,
