@@ -25,15 +25,17 @@ rotate              ``orthoopt rotate CKPT --method hadamard`` (in memory)
 rotate-streamed     ``orthoopt rotate CKPT --method hadamard --streamed``
 quantize-rtn        ``orthoopt quantize CKPT --method rtn --wbits 4 --format orthoopt``
 quantize-gptq       ``orthoopt quantize CKPT --method gptq --calib TEXT --nsamples W --seq-len L --format orthoopt``
+quantize-ct         ``orthoopt quantize CKPT --scheme W4A16 --format compressed-tensors`` (RTN, packed export)
 eval                ``orthoopt eval CKPT --text TEXT --seq-len L --max-tokens W*L``
 diagnose            ``orthoopt diagnose CKPT --out OUT`` (weights only; whole model: only when named)
 *-streamed          the same command with ``--streamed``: one decoder layer in memory at a time
-                    (``quantize-rtn-streamed``, ``quantize-gptq-streamed``, ``eval-streamed``,
+                    (``quantize-rtn-streamed``, ``quantize-gptq-streamed``, ``quantize-ct-streamed``, ``eval-streamed``,
                     ``diagnose-streamed``)
 ==================  ===========================================================================
 
-Both quantize paths write orthoopt's format (fake-quantized weights + quant.json), the one
-``--streamed`` writes, so the two compare like for like.
+The rtn and gptq commands write orthoopt's format (fake-quantized weights + quant.json) and the ct
+commands compressed-tensors (packed int4 codes), each with and without ``--streamed``, so every pair
+compares like for like.
 
 A command the memory check refuses (``orthoopt`` exits 2 when its estimated peak exceeds the
 available memory, ``docs/performance.md``) is reported as refused with the message; ``--force`` passes
@@ -114,8 +116,9 @@ SHAPES = {
     "tiny": Shape("tiny", 64, 2, 4, 2, 128, 512, True, max_position_embeddings=2048),
 }
 COMMANDS = ("rotate", "rotate-streamed", "quantize-rtn", "quantize-rtn-streamed", "quantize-gptq",
-            "quantize-gptq-streamed", "eval", "eval-streamed", "diagnose", "diagnose-streamed")
-# the whole-model diagnose has no memory check and needs about 5x the checkpoint: named, not default
+            "quantize-gptq-streamed", "quantize-ct", "quantize-ct-streamed", "eval", "eval-streamed", "diagnose",
+            "diagnose-streamed")
+# the whole-model diagnose has no memory check (1.25x the checkpoint at the 1B shape): named, not default
 DEFAULT_COMMANDS = tuple(c for c in COMMANDS if c != "diagnose")
 
 
@@ -245,6 +248,8 @@ def command_argv(command: str, ckpt: Path, out: Path, text: Path, windows: int, 
         return ["rotate", str(ckpt), "--out", str(out), "--method", "hadamard", "--streamed", *tail]
     if command == "quantize-rtn":
         return ["quantize", str(ckpt), "--out", str(out), "--method", "rtn", "--wbits", "4", "--format", "orthoopt", *tail]
+    if command == "quantize-ct":
+        return ["quantize", str(ckpt), "--out", str(out), "--scheme", "W4A16", "--format", "compressed-tensors", *tail]
     if command == "quantize-gptq":
         return ["quantize", str(ckpt), "--out", str(out), "--method", "gptq", "--wbits", "4", "--calib", str(text),
                 "--nsamples", str(windows), "--seq-len", str(seq_len), "--format", "orthoopt", *tail]

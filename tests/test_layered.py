@@ -190,14 +190,10 @@ def test_quantize_streamed_after_a_streamed_rotation(tmp_path, tiny_llama, text_
 
 
 def test_quantize_streamed_formats(capsys, tmp_path, tiny_llama):
-    import orthoopt
-
-    got = orthoopt.oneshot(str(tiny_llama), out=tmp_path / "auto", quantize={"scheme": "W4A16", "group_size": 32}, streamed=True,
-                           progress=False)
-    assert got.format == "orthoopt" and any("--streamed writes orthoopt's format" in r for r in got.passed_over)
-    err = run_error(capsys, ["quantize", str(tiny_llama), "--out", str(tmp_path / "ct"), "--scheme", "W4A16",
-                             "--group-size", "32", "--format", "compressed-tensors", "--streamed", "--no-progress"])
-    assert "--streamed writes orthoopt's format only" in err and not (tmp_path / "ct").exists()
+    # compressed-tensors layer by layer: tests/test_ct_layered.py; orthoopt's format on request
+    err = run_error(capsys, ["quantize", str(tiny_llama), "--out", str(tmp_path / "ct"), "--scheme", "W4A8",
+                             "--online-hadamard", "--format", "compressed-tensors", "--streamed", "--no-progress"])
+    assert "layer-by-layer export" in err and not (tmp_path / "ct").exists()
     # the CLI flag runs without --rotate, and its memory estimate is the layer-by-layer one
     assert main(["quantize", str(tiny_llama), "--out", str(tmp_path / "cli"), "--wbits", "4", "--format", "orthoopt",
                  "--streamed", "--no-progress"]) == 0

@@ -26,7 +26,8 @@ def can_carry(fmt: str, settings: dict) -> list[str]:
         ``"orthoopt"`` or ``"compressed-tensors"``.
     settings : dict
         quant.json's keys that decide it (``wbits``, ``abits``, ``group_size``, ``gptq``, ``act``,
-        ``kvbits``, ``r3``, and ``experts`` once the model is loaded).
+        ``kvbits``, ``r3``, and ``experts`` once the model is loaded; ``layered``: written one decoder
+        layer at a time, ``--streamed``).
 
     Returns
     -------
@@ -37,8 +38,9 @@ def can_carry(fmt: str, settings: dict) -> list[str]:
         return []
     if fmt == "compressed-tensors":
         from orthoopt.export.compressed_tensors import unrepresentable
+        from orthoopt.export.ct_layered import layered_reasons
 
-        return unrepresentable(settings)
+        return unrepresentable(settings) + (layered_reasons(settings) if settings.get("layered") else [])
     raise InvalidInputError(f"unknown format {fmt!r}; choose one of {', '.join(PREFERRED)}")
 
 

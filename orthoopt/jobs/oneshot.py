@@ -36,8 +36,6 @@ from orthoopt.methods import METHODS, names
 from orthoopt.quant.calib_source import CalibSource
 
 PARTIAL_SUFFIX = ".partial.safetensors"
-STREAMED_FORMAT = ("--streamed writes orthoopt's format (the compressed-tensors export packs the whole model in "
-                   "memory, not layer by layer)")
 CHECKPOINT_DIR = "checkpoint.tmp"
 """Where the checkpoint writer puts its files inside the output's temporary folder before they move up."""
 
@@ -151,12 +149,7 @@ def check_inputs(model, out, config: RotateConfig | None, q: QuantizeSettings, c
         raise InvalidInputError("--init and --resume are rotation options: give --rotate METHOD")
     if streamed and config is not None:
         config.check_streamed()
-    fmt, passed_over = choose_format(q.format, q.export_settings())
-    if streamed and fmt == "compressed-tensors":
-        if q.format != "auto":
-            raise InvalidInputError("--streamed writes orthoopt's format only (the compressed-tensors export packs the "
-                                    "whole model in memory): pass --format orthoopt, or leave out --streamed")
-        fmt, passed_over = "orthoopt", [STREAMED_FORMAT]
+    fmt, passed_over = choose_format(q.format, {**q.export_settings(), "layered": streamed})
     if fmt == "compressed-tensors":
         from orthoopt.export.compressed_tensors import _import_ct
 
@@ -279,7 +272,7 @@ def oneshot(model, *, out, rotate=None, scheme: str | None = None, calib=None, q
     if device is not None and config is None and layered is None:
         net.to(device)
     _check_group_size(net, q)  # before the evaluation and the rotation (their minutes)
-    fmt, passed_over = _loaded_check(net, q, fmt, passed_over)
+    fmt, passed_over = _loaded_check(net, q, fmt, passed_over, streamed)
 
     evaluation, ids, float_nll = None, None, None
     if eval_text is not None:
@@ -342,8 +335,7 @@ def oneshot(model, *, out, rotate=None, scheme: str | None = None, calib=None, q
                               "ratio": interval.ratio, "ci95": list(interval.ci95), "verdict": interval.verdict,
                               "resamples": DEFAULT_RESAMPLES, "seed": 0}
         with _phase(seconds, "write"):
-            settings = _write_checkpoint(net, tokenizer, tmp, fmt, result, settings, progress,
-                                         written=layered is not None)
+            settings = _write_checkpoint(net, tokenizer, tmp, fmt, result, settings, progress, layered=layered)
             if rotation_report is not None:
                 from orthoopt.models.io import write_rotations
 
@@ -387,7 +379,8 @@ def _check_group_size(net, q: QuantizeSettings) -> None:
                      f"(--group-size {fits[0] if fits else -1}), or --group-size -1 for one scale per output channel")
 
 
-def _loaded_check(net, q: QuantizeSettings, fmt: str, passed_over: list[str]) -> tuple[str, list[str]]:
+def _loaded_check(net, q: QuantizeSettings, fmt: str, passed_over: list[str],
+                  streamed: bool) -> tuple[str, list[str]]:
     """What the format question needs the loaded model for (MoE expert tensors, the R4 size): ``auto``
     falls back to orthoopt's format, a named format refuses."""
     if fmt != "compressed-tensors" or q.wbits >= 16:
@@ -397,7 +390,8 @@ def _loaded_check(net, q: QuantizeSettings, fmt: str, passed_over: list[str]) ->
     from orthoopt.quant.experts import quantized_expert_tensors
 
     located = locate(net)
-    known = {"experts": [n for L in located.layers for n in quantized_expert_tensors(located.spec, L)]}
+    known = {"experts": [n for L in located.layers for n in quantized_expert_tensors(located.spec, L)],
+             "layered": streamed}
     if q.online_hadamard:
         known["online_hadamard"] = r4_record(net)
     return choose_format(q.format, {**q.export_settings(), **known})
@@ -489,14 +483,23 @@ def _perplexity(net, layered, ids, **kw):
 
 
 def _write_checkpoint(net, tokenizer, tmp: Path, fmt: str, result, settings: dict, progress: bool,
-                      written: bool = False) -> dict:
+                      layered=None) -> dict:
     """Write the checkpoint's files into ``tmp`` (through the format's writer, into a subfolder whose
-    files then move up); returns quant.json as written. ``written``: the layer-by-layer quantizer has
-    already put the weights, config and tokenizer in the subfolder (only quant.json is left)."""
+    files then move up); returns quant.json as written. ``layered``: the layer-by-layer quantizer has
+    already put the fake-quantized weights, config and tokenizer in the subfolder (a LayeredModel of
+    it): orthoopt's format adds quant.json, compressed-tensors packs them layer by layer into a new
+    subfolder that replaces it."""
     from orthoopt.quant.model import QUANT_JSON, save_quantized
 
     staging = tmp / CHECKPOINT_DIR
-    if written:
+    if layered is not None and fmt == "compressed-tensors":
+        from orthoopt.export.ct_layered import save_compressed_tensors_layered
+
+        packed = tmp / (CHECKPOINT_DIR + ".ct")
+        save_compressed_tensors_layered(layered, tokenizer, packed, result, settings, progress=progress)
+        shutil.rmtree(staging)
+        staging = packed
+    elif layered is not None:
         (staging / QUANT_JSON).write_text(json.dumps(settings, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     elif fmt == "compressed-tensors":
         from orthoopt.export.compressed_tensors import save_compressed_tensors
