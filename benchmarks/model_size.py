@@ -28,9 +28,10 @@ quantize-gptq       ``orthoopt quantize CKPT --method gptq --calib TEXT --nsampl
 quantize-ct         ``orthoopt quantize CKPT --scheme W4A16 --format compressed-tensors`` (RTN, packed export)
 eval                ``orthoopt eval CKPT --text TEXT --seq-len L --max-tokens W*L``
 diagnose            ``orthoopt diagnose CKPT --out OUT`` (weights only; whole model: only when named)
+diagnose-acts       ``orthoopt diagnose CKPT --out OUT --calib TEXT --calib-tokens W*L --seq-len L`` (and activations)
 *-streamed          the same command with ``--streamed``: one decoder layer in memory at a time
                     (``quantize-rtn-streamed``, ``quantize-gptq-streamed``, ``quantize-ct-streamed``, ``eval-streamed``,
-                    ``diagnose-streamed``)
+                    ``diagnose-streamed``, ``diagnose-acts-streamed``)
 ==================  ===========================================================================
 
 The rtn and gptq commands write orthoopt's format (fake-quantized weights + quant.json) and the ct
@@ -117,9 +118,9 @@ SHAPES = {
 }
 COMMANDS = ("rotate", "rotate-streamed", "quantize-rtn", "quantize-rtn-streamed", "quantize-gptq",
             "quantize-gptq-streamed", "quantize-ct", "quantize-ct-streamed", "eval", "eval-streamed", "diagnose",
-            "diagnose-streamed")
-# the whole-model diagnose has no memory check (1.25x the checkpoint at the 1B shape): named, not default
-DEFAULT_COMMANDS = tuple(c for c in COMMANDS if c != "diagnose")
+            "diagnose-streamed", "diagnose-acts", "diagnose-acts-streamed")
+# the whole-model diagnose has no memory check (1.25x the checkpoint at the 1B shape, weights only): named, not default
+DEFAULT_COMMANDS = tuple(c for c in COMMANDS if c not in ("diagnose", "diagnose-acts"))
 
 
 def _prod(shape) -> int:
@@ -255,6 +256,9 @@ def command_argv(command: str, ckpt: Path, out: Path, text: Path, windows: int, 
                 "--nsamples", str(windows), "--seq-len", str(seq_len), "--format", "orthoopt", *tail]
     if command == "diagnose":  # no memory check to skip: no --force
         return ["diagnose", str(ckpt), "--out", str(out), "--no-progress"]
+    if command == "diagnose-acts":
+        return ["diagnose", str(ckpt), "--out", str(out), "--calib", str(text), "--calib-tokens", str(windows * seq_len),
+                "--seq-len", str(seq_len), "--no-progress"]
     if command == "eval":
         return ["eval", str(ckpt), "--text", str(text), "--seq-len", str(seq_len), "--max-tokens",
                 str(windows * seq_len), *tail]

@@ -233,5 +233,14 @@ def test_diagnose_streamed_gives_the_summary_of_diagnose(capsys, tmp_path, kw, t
         assert torch.equal(W, eager[name]), name
     lazy.release()
     assert reads == [0, 1, 2] and all(p.is_meta for p in layered.layers.parameters())
-    err = run_error(capsys, base + ["--out", str(tmp_path / "d3"), "--streamed", "--calib", str(text_file)])
-    assert "--streamed measures the weights only" in err and not (tmp_path / "d3").exists()
+    # the activations, layer by layer: the same statistics to the last digit, the same plots' data
+    acts = ["--calib", str(text_file), "--calib-tokens", "300", "--seq-len", "64"]
+    whole = run_json(capsys, base + acts + ["--out", str(tmp_path / "a1")])
+    streamed = run_json(capsys, base + acts + ["--out", str(tmp_path / "a2"), "--streamed"])
+    assert (whole["settings"].pop("streamed"), streamed["settings"].pop("streamed")) == (False, True)
+    assert len(whole["models"][0]["activations"]["inputs"]) == 3 * 4 + 1  # qkv, o, gate/up, down per layer; head
+    assert streamed == whole
+    assert any(p.startswith("activation") and p.endswith(".png") for p in whole["plots"]), whole["plots"]
+    for plot in whole["plots"]:  # drawn from the same per-channel maxima and heat-map rows
+        if plot.endswith(".png"):
+            assert (tmp_path / "a1" / plot).read_bytes() == (tmp_path / "a2" / plot).read_bytes(), plot

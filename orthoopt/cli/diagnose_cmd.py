@@ -68,7 +68,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "are computed in float64 per tensor)")
     p.add_argument("--streamed", action="store_true",
                    help="hold one decoder layer at a time (Hugging Face folders with safetensors weights): the same "
-                        "weight statistics; not with --calib")
+                        "weight and activation statistics")
     p.add_argument("--json", action="store_true", help="print summary.json on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)

@@ -136,9 +136,9 @@ def diagnose_models(
     dtype:       the dtype each model is loaded (and its activations computed) in; ``"auto"``, the
                  default, is each checkpoint's own (:mod:`orthoopt.models.dtypes`), so a bfloat16
                  model is not upcast whole. The statistics are computed in float64 per tensor.
-    streamed:    hold one decoder layer at a time (:class:`~orthoopt.diagnostics.report.LayeredWeights`;
-                 Hugging Face folders with safetensors weights; the weight statistics only, so not with
-                 ``calib``): the same summary as without it.
+    streamed:    hold one decoder layer at a time (:class:`~orthoopt.diagnostics.report.LayeredWeights`
+                 and, with ``calib``, :func:`~orthoopt.diagnostics.layered_acts.layered_activation_report`;
+                 Hugging Face folders with safetensors weights): the same summary as without it.
 
     Returns the summary (also written as ``summary.json``)::
 
@@ -167,9 +167,6 @@ def diagnose_models(
         raise FileNotFoundError(f"calibration text not found: {calib}")
     if calib_tokens < 1 or (seq_len is not None and seq_len < 1):
         raise InvalidInputError(f"calib_tokens and seq_len must be >= 1, got {calib_tokens} and {seq_len}")
-    if streamed and calib is not None:
-        raise InvalidInputError("--streamed measures the weights only: the activation statistics (--calib) run the "
-                                "whole model; drop one of the two")
     if streamed:
         not_folders = [str(s.spec) for s in sources if s.folder is None]
         if not_folders:
@@ -263,16 +260,26 @@ def _diagnose_one(path: Path | str, label: str, *, calib, calib_tokens: int, seq
         ids = calibration_tokens(calib, tokenizer, calib_tokens)
         if seq_len is None:
             seq_len = min(DEFAULT_SEQ_LEN, model_context(model) or DEFAULT_SEQ_LEN)
-        inputs = capture_inputs(model, ids, seq_len=seq_len, progress=progress)
-        arep = activation_report(inputs, massive_ratio, massive_min_abs, roles=input_roles(model), progress=progress)
+        if streamed:
+            from orthoopt.diagnostics.layered_acts import layered_activation_report
+
+            arep, inputs = layered_activation_report(layered, ids, seq_len, massive_ratio, massive_min_abs,
+                                                     keep_rows=HEATMAP_TOKENS, progress=progress)
+        else:
+            inputs = capture_inputs(model, ids, seq_len=seq_len, progress=progress)
+            arep = activation_report(inputs, massive_ratio, massive_min_abs, roles=input_roles(model),
+                                     progress=progress)
         if act_module is None:
             candidates = [r for r in arep["inputs"] if r["role"] in RESIDUAL_ROLES and r["channel_max_ratio"] is not None]
             act_module = max(candidates or arep["inputs"], key=lambda r: r["channel_max_ratio"] or 0.0)["name"]
         if act_module not in inputs:
             raise InvalidInputError(f"act_module {act_module!r} is not a linear layer of {path} (e.g. {list(inputs)[:3]})")
         record["activations"] = arep
-        s.channel_max = channel_max_abs(inputs[act_module])
-        s.heatmap = inputs[act_module][:HEATMAP_TOKENS].clone()
+        if streamed:
+            s.channel_max, s.heatmap = inputs[act_module]
+        else:
+            s.channel_max = channel_max_abs(inputs[act_module])
+            s.heatmap = inputs[act_module][:HEATMAP_TOKENS].clone()
         del inputs
     del model, weights
     return record, s, block, act_module

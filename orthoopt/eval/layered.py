@@ -77,6 +77,41 @@ def _swapped(layers: nn.ModuleList, stand_ins: list[nn.Module]):
 
 
 @torch.no_grad()
+def record_layer_inputs(layered, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Pass 1 of the module docstring: for each batch of token ids ``[batch, seq]``, the hidden states
+    entering decoder layer 0 and the keyword arguments the model hands each layer
+    (``kwargs[b][i]``: batch ``b``, layer ``i``); no decoder layer is loaded."""
+    model, layers = layered.model, layered.layers
+    hidden: list[torch.Tensor] = []
+    kwargs: list[list[dict]] = []
+    store: dict = {}
+    originals = _swapped(layers, [_Recorder(i, i == len(layers) - 1, store) for i in range(len(layers))])
+    try:
+        for batch in batches:
+            store.update(hidden=None, kwargs=[])
+            try:
+                model(input_ids=batch.to(layered.device), use_cache=False)
+            except _Stop:
+                pass
+            hidden.append(store["hidden"])
+            kwargs.append(store["kwargs"])
+    finally:
+        _swapped(layers, originals)
+    return hidden, kwargs
+
+
+def run_head(layered, hidden: torch.Tensor, batch: torch.Tensor):
+    """Pass 3 of the module docstring for one batch: the model's output (its own final norm and lm_head)
+    on the final hidden states ``hidden`` of the token ids ``batch``."""
+    layers = layered.layers
+    originals = _swapped(layers, [_Replay(hidden)] + [_Replay(None) for _ in range(len(layers) - 1)])
+    try:
+        return layered.model(input_ids=batch.to(layered.device), use_cache=False)
+    finally:
+        _swapped(layers, originals)
+
+
+@torch.no_grad()
 def perplexity_layered(
     layered,
     tokenizer_or_ids,
@@ -109,23 +144,8 @@ def perplexity_layered(
     seq_len = default_seq_len(model) if seq_len is None else seq_len
     check_context(model, seq_len, "seq_len")
     ids = window_ids(tokenizer_or_ids, text, seq_len, max_tokens, batch_size)
-    device = layered.device
     batches = [ids[s : s + batch_size] for s in range(0, ids.shape[0], batch_size)]
-    hidden: list[torch.Tensor] = []
-    kwargs: list[list[dict]] = []
-    store: dict = {}
-    originals = _swapped(layers, [_Recorder(i, i == len(layers) - 1, store) for i in range(len(layers))])
-    try:
-        for batch in batches:
-            store.update(hidden=None, kwargs=[])
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _Stop:
-                pass
-            hidden.append(store["hidden"])
-            kwargs.append(store["kwargs"])
-    finally:
-        _swapped(layers, originals)
+    hidden, kwargs = record_layer_inputs(layered, batches)
     for i in tqdm(range(len(layers)), desc="layers", unit="layer", disable=not progress, file=sys.stderr):
         layer = layered.load_layer(i)
         try:
@@ -135,14 +155,12 @@ def perplexity_layered(
             layered.release_layer(i)
 
     def logits_of(b: int, batch: torch.Tensor) -> torch.Tensor:
-        originals = _swapped(layers, [_Replay(hidden[b])] + [_Replay(None) for _ in range(len(layers) - 1)])
         try:
-            return model(input_ids=batch.to(device), use_cache=False).logits
+            return run_head(layered, hidden[b], batch).logits
         finally:
-            _swapped(layers, originals)
             hidden[b] = None  # free the batch's states once its logits are made
 
     return score_windows(logits_of, ids, batch_size, progress)
 
 
-__all__ = ["perplexity_layered"]
+__all__ = ["perplexity_layered", "record_layer_inputs", "run_head"]
