@@ -51,7 +51,7 @@ STATS_CHUNK = 1 << 22
 
 
 def _checked(W: torch.Tensor, what: str = "weight", axes: str = "[out, in]") -> torch.Tensor:
-    """``W`` detached, checked as :func:`as_matrix` checks it, in its own dtype."""
+    """``W`` detached, in its own dtype; raises InvalidInputError for other shapes or no entries."""
     if not isinstance(W, torch.Tensor):
         raise InvalidInputError(f"{what} must be a torch.Tensor, got {type(W).__name__}")
     if W.ndim != 2:
@@ -63,13 +63,7 @@ def _checked(W: torch.Tensor, what: str = "weight", axes: str = "[out, in]") -> 
 
 def as_matrix(W: torch.Tensor, what: str = "weight", axes: str = "[out, in]") -> torch.Tensor:
     """``W`` detached as a float64 2-D tensor; raises ValueError for other shapes or no entries."""
-    if not isinstance(W, torch.Tensor):
-        raise InvalidInputError(f"{what} must be a torch.Tensor, got {type(W).__name__}")
-    if W.ndim != 2:
-        raise InvalidInputError(f"{what} must be 2-D {axes}, got shape {tuple(W.shape)}")
-    if W.numel() == 0:
-        raise InvalidInputError(f"{what} has no entries (shape {tuple(W.shape)})")
-    return W.detach().to(torch.float64)
+    return _checked(W, what, axes).to(torch.float64)
 
 
 def incoherence(W: torch.Tensor) -> float:

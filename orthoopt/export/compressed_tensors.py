@@ -258,24 +258,11 @@ def save_compressed_tensors(
     if with_act:  # one config group: its input_activations apply to exactly the weight-quantized linears
         _check_act_targets(model, set(targets))
 
-    args = quantization_args(spec, ct)
-    scheme = ct["QuantizationScheme"](targets=["Linear"], weights=args,
-                                      input_activations=activation_args(ct) if with_act else None)
-    qconfig = ct["QuantizationConfig"](
-        config_groups={"group_0": scheme}, ignore=ignore, format=fmt,
-        quantization_status=ct["QuantizationStatus"].FROZEN,
-    )
-
     originals = {name: m.weight for name, m in targets.items()}
-    ct["apply_quantization_config"](model, qconfig, show_progress=False)
+    ct["apply_quantization_config"](model, frozen_config(spec, ignore, with_act, fmt, ct), show_progress=False)
     compressor = None
     try:
-        for name, m in targets.items():
-            scale, zero = _ct_params(result.params[name], spec, m.weight.dtype)
-            if m.weight_scale.shape != scale.shape:
-                raise RuntimeError(f"{name}: scale shape {tuple(scale.shape)} != expected {tuple(m.weight_scale.shape)}")
-            m.weight_scale.data = scale.to(m.weight.device)
-            m.weight_zero_point.data = zero.to(m.weight.device)
+        set_grids(targets, result)
         with _r4(model, r4, ct, progress):
             compressor = ct["ModelCompressor"].from_pretrained_model(model, quantization_format=fmt)
             with _bars(progress):
@@ -296,6 +283,27 @@ def save_compressed_tensors(
     finally:
         _restore(model, targets, originals, ct, compressor)
     return out_dir
+
+
+def frozen_config(spec: QuantSpec, ignore: list[str], with_act: bool, fmt: str, ct: dict):
+    """The export's compressed-tensors ``QuantizationConfig``: one group ``targets: [Linear]`` with the
+    weight (and, ``with_act``, int8 input-activation) arguments, ``ignore`` left in full precision,
+    status frozen (the grids are set, not calibrated)."""
+    scheme = ct["QuantizationScheme"](targets=["Linear"], weights=quantization_args(spec, ct),
+                                      input_activations=activation_args(ct) if with_act else None)
+    return ct["QuantizationConfig"](config_groups={"group_0": scheme}, ignore=ignore, format=fmt,
+                                    quantization_status=ct["QuantizationStatus"].FROZEN)
+
+
+def set_grids(targets: dict[str, nn.Module], result: QuantResult) -> None:
+    """Set each target linear's ``weight_scale`` / ``weight_zero_point`` (attached by
+    ``apply_quantization_config``) to orthoopt's grid of it in ``result`` (:func:`_ct_params`)."""
+    for name, m in targets.items():
+        scale, zero = _ct_params(result.params[name], result.spec, m.weight.dtype)
+        if m.weight_scale.shape != scale.shape:
+            raise RuntimeError(f"{name}: scale shape {tuple(scale.shape)} != expected {tuple(m.weight_scale.shape)}")
+        m.weight_scale.data = scale.to(m.weight.device)
+        m.weight_zero_point.data = zero.to(m.weight.device)
 
 
 def _check_act_targets(model: nn.Module, weight_targets: set[str]) -> None:

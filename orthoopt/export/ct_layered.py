@@ -31,12 +31,12 @@ from orthoopt.export.compressed_tensors import (
     FORMAT,
     _bars,
     _check_codes,
-    _ct_params,
     _import_ct,
     _restore,
     activation_args,
     check_exportable,
-    quantization_args,
+    frozen_config,
+    set_grids,
 )
 from orthoopt.models.onload import LayeredModel
 from orthoopt.models.shards import ShardedWriter
@@ -55,13 +55,6 @@ def layered_reasons(settings: dict) -> list[str]:
     return [R4_LAYERED] if (settings.get("online_hadamard") or act.get("online_hadamard")) else []
 
 
-def _scheme_config(result: QuantResult, ignore: list[str], with_act: bool, fmt: str, ct: dict):
-    scheme = ct["QuantizationScheme"](targets=["Linear"], weights=quantization_args(result.spec, ct),
-                                      input_activations=activation_args(ct) if with_act else None)
-    return ct["QuantizationConfig"](config_groups={"group_0": scheme}, ignore=ignore, format=fmt,
-                                    quantization_status=ct["QuantizationStatus"].FROZEN)
-
-
 @torch.no_grad()
 def _layer_state(layered: LayeredModel, i: int, result: QuantResult, with_act: bool, fmt: str, ct: dict,
                  progress: bool) -> dict[str, torch.Tensor]:
@@ -73,16 +66,10 @@ def _layer_state(layered: LayeredModel, i: int, result: QuantResult, with_act: b
         targets = {name: m for name, m in linears.items() if name in result.params}
         ignore = sorted(name[len(prefix):] for name in set(linears) - set(targets))
         originals = {name: m.weight for name, m in targets.items()}
-        ct["apply_quantization_config"](layer, _scheme_config(result, ignore, with_act, fmt, ct),
+        ct["apply_quantization_config"](layer, frozen_config(result.spec, ignore, with_act, fmt, ct),
                                         show_progress=False)
         try:
-            for name, m in targets.items():
-                scale, zero = _ct_params(result.params[name], result.spec, m.weight.dtype)
-                if m.weight_scale.shape != scale.shape:
-                    raise RuntimeError(f"{name}: scale shape {tuple(scale.shape)} != expected "
-                                       f"{tuple(m.weight_scale.shape)}")
-                m.weight_scale.data = scale.to(m.weight.device)
-                m.weight_zero_point.data = zero.to(m.weight.device)
+            set_grids(targets, result)
             with _bars(progress):
                 for m in targets.values():
                     ct["compress_module"](m, fmt)
@@ -181,21 +168,16 @@ def _write_quantization_config(model: nn.Module, folder: Path, result: QuantResu
     """``config.json``'s ``quantization_config`` as the whole-model export writes it: compressed-tensors
     derives it from the skeleton with the schemes attached (its decoder layers on ``meta``, so nothing
     is allocated), marked compressed; the schemes are taken off again."""
-    ct["apply_quantization_config"](model, _scheme_config(result, ignore, with_act, fmt, ct), show_progress=False)
+    targets = {name: model.get_submodule(name) for name in result.params}
+    originals = {name: m.weight for name, m in targets.items()}
+    ct["apply_quantization_config"](model, frozen_config(result.spec, ignore, with_act, fmt, ct),
+                                    show_progress=False)
     try:
         compressor = ct["ModelCompressor"].from_pretrained_model(model, quantization_format=fmt)
         compressor.quantization_config.quantization_status = ct["QuantizationStatus"].COMPRESSED
         compressor.update_config(str(folder))
     finally:
-        for name in result.params:
-            m = model.get_submodule(name)
-            ct["QuantizationMetadata"].clear_quantization(m)
-            for key in ("weight_scale", "weight_zero_point"):
-                if key in m._parameters or key in m._buffers:
-                    delattr(m, key)
-            for attr in ("quantization_status", "quantization_enabled"):
-                if hasattr(m, attr):
-                    delattr(m, attr)
+        _restore(model, targets, originals, ct, None)
 
 
 __all__ = ["R4_LAYERED", "layered_reasons", "save_compressed_tensors_layered"]
