@@ -378,8 +378,8 @@ class RotateConfig:
         if not entry.supports_streamed:
             why = ("reads " + STATISTICS[entry.statistics]) if entry.needs_calibration else "has no streamed objective"
             raise InvalidInputError(f"streamed mode supports methods {', '.join(names(lambda m: m.supports_streamed))} "
-                             f"(they need the weights only, layer by layer); method {self.method!r} {why}: run it "
-                             "in memory (without --streamed)")
+                             f"(they need one layer at a time: its weights, or its inputs on calibration text); "
+                             f"method {self.method!r} {why}: run it in memory (without --streamed)")
 
     def to_json(self) -> dict:
         """A JSON-able dict, one object per group; :meth:`from_json` gives back an equal config."""

@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", help="Hugging Face model folder with safetensors weights")
     p.add_argument("--out", required=True, help="output folder (written by rank 0)")
-    p.add_argument("--method", choices=names(lambda m: m.supports_streamed), default="optrot",
-                   help="a method the streamed store runs (docs/solvers.md); default optrot")
+    p.add_argument("--method", choices=names(lambda m: m.supports_streamed and not m.needs_calibration),
+                   default="optrot", help="a data-free method the streamed store runs (docs/solvers.md); default "
+                   "optrot. The streamed data methods run in one process: orthoopt rotate --streamed --calib")
     add_config_options(p, STREAMED_FIELDS, help_prefix={
         "compute.device": "cpu (gloo, the default) or cuda (NCCL, GPU LOCAL_RANK per rank)"})
     p.add_argument("--resume", action="store_true", help="continue exactly from the partial checkpoints")

@@ -177,15 +177,24 @@ class Method:
 
     @property
     def supports_streamed(self) -> bool:
-        """True when the safetensors store can run it: fixed, or data-free with a streamed R1 objective."""
-        return not self.learned or (self.statistics == "none" and not self.joint and self.streamed is not None)
+        """True when the safetensors store can run it: fixed; data-free with a streamed R1 objective; or
+        an objective of activations alone (the store takes them layer by layer). Not a joint method,
+        nor one whose objective runs the whole model (statistics ``"model"``) or needs every layer's
+        input Hessians next to the weights at once (``"hessians"``)."""
+        if not self.learned:
+            return True
+        if self.joint:
+            return False
+        return self.statistics == "activations" or (self.statistics == "none" and self.streamed is not None)
 
     @property
     def streams_bit_for_bit(self) -> bool:
-        """True when its streamed run equals the in-memory one bit for bit (fixed methods, and streamed
-        objectives that add in the in-memory order); False for :func:`summed_by_layer` factories, equal
-        up to the order of the float sums."""
-        return self.supports_streamed and (not self.learned or getattr(self.streamed, "bit_for_bit", True))
+        """True when its streamed run equals the in-memory one bit for bit (fixed methods, objectives of
+        activations, which the store takes as the in-memory one does, and streamed objectives that add
+        in the in-memory order); False for :func:`summed_by_layer` factories, equal up to the order of
+        the float sums."""
+        return self.supports_streamed and (not self.learned or self.statistics == "activations"
+                                           or getattr(self.streamed, "bit_for_bit", True))
 
 
 def check_sampling(entry: Method, sample_fraction: float | None, device: Any) -> None:

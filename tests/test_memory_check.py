@@ -72,6 +72,9 @@ def test_estimates_grow_with_the_model_and_streaming_is_smaller(bf16):
     mem_bf16 = rotate_estimate(ck, torch.bfloat16, streamed=False).total
     assert rotate_estimate(ck, torch.float32, streamed=False).total > mem_bf16
     assert rotate_estimate(ck, torch.bfloat16, streamed=True).total < mem_bf16
+    rows = 2048 * ck.hidden * 4 * 2 * ck.num_layers  # a streamed data method keeps its R1 rows resident
+    assert rotate_estimate(ck, torch.bfloat16, streamed=True, calib_tokens=2048).total >= \
+        rotate_estimate(ck, torch.bfloat16, streamed=True).total + rows
     assert quantize_estimate(ck, torch.bfloat16, "gptq", 128, 2048).total > quantize_estimate(ck, torch.bfloat16, "rtn").total
 
 

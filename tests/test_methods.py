@@ -71,7 +71,7 @@ def test_the_tables_of_the_config_are_views_of_the_registry():
         c = RotateConfig(method=name)
         assert c.learned == m.learned and c.solve.steps == m.steps and c.solver_name == m.solver
         assert c.effective_lr == m.lr and (c.spinquant.sim_quant is not None) == m.simulates_quantization
-    assert names(lambda m: m.supports_streamed) == ("identity", "random", "hadamard", "optrot")
+    assert names(lambda m: m.supports_streamed) == ("identity", "random", "hadamard", "optrot", "kurtosis", "dfrot")
     assert names(lambda m: m.needs_calibration) == ("optrot+", "kurtosis", "dfrot", "spinquant")
     assert METHODS["kurtosis"].solver == "cayley-lbfgs"  # the module doc of the pipeline once said radam
     with pytest.raises(ValueError, match="a fixed method names an init kind"):
@@ -121,7 +121,7 @@ def test_the_distributed_entry_point_takes_every_streamed_method(model_dir, tmp_
     from orthoopt.distributed_rotate import main as distributed_main
 
     choices = next(a for a in distributed_parser()._actions if a.dest == "method").choices
-    assert tuple(choices) == names(lambda m: m.supports_streamed)
+    assert tuple(choices) == names(lambda m: m.supports_streamed and not m.needs_calibration)
     assert distributed_main([str(model_dir), "--out", str(tmp_path / "d"), "--method", "hadamard", "--quiet"]) == 0
     rotate_streamed(model_dir, tmp_path / "s", RotateConfig("hadamard"), progress=False)
     want, got = load_model(tmp_path / "s").state_dict(), load_model(tmp_path / "d").state_dict()

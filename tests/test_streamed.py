@@ -56,10 +56,13 @@ def _streamed_and_in_memory(src: Path, tmp_path: Path, method: str, solver: str 
     loss curves (R2: summed over layers) are equal bit for bit (``exact``; else to rtol 1e-5, atol 1e-5:
     a ``summed_by_layer`` entry adds its terms in another order); return ``(model, mem, res, out)``."""
     model = load_model(src)
-    config = RotateConfig(method, seed=3, solve={"steps": STEPS, "solver": solver})
-    mem = rotate_model(model, config, progress=False)
+    config = RotateConfig(method, seed=3, solve={"steps": STEPS, "solver": solver}, calib={"tokens": 40})
+    calib = None  # a data method's windows (3 x 16 tokens: more than calib.tokens, so rows are sampled)
+    if METHODS[method].needs_calibration:
+        calib = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
+    mem = rotate_model(model, config, calib=calib, progress=False)
     out = tmp_path / "out"
-    res = rotate_streamed(src, out, config, progress=False)
+    res = rotate_streamed(src, out, config, calib=calib, progress=False)
     got, want = state(out), model.state_dict()
     assert set(got) == set(want)
     same = torch.equal if exact else (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5))
@@ -203,7 +206,7 @@ def test_bad_inputs(saved, tmp_path):
     for name, m in METHODS.items():  # every method that needs the whole model is refused, by name
         if not m.supports_streamed:
             with pytest.raises(ValueError, match=rf"streamed mode supports methods identity, random, hadamard, "
-                                                 rf"optrot .*method '{re.escape(name)}' reads "):
+                                                 rf"optrot, kurtosis, dfrot .*method '{re.escape(name)}' reads "):
                 rotate_streamed(src, tmp_path / "o", RotateConfig(name))
     with pytest.raises(ValueError, match="would replace the input"):
         rotate_streamed(src, src, progress=False)

@@ -141,3 +141,43 @@ def block_inputs(entries: list, inputs: dict[str, torch.Tensor]) -> dict[str, to
             X = inputs[module]
             out[block.name] = X if sl is None else X[:, sl]
     return out
+
+
+def sampled_tokens(num_tokens: int, max_tokens: int, seed: int = 0) -> torch.Tensor | None:
+    """The token positions :func:`linear_inputs` keeps when its ``batches`` is one tensor of
+    ``num_tokens`` tokens: the ``max_tokens`` smallest of ``num_tokens`` float64 keys drawn with
+    ``seed``, in position order; None when every token is kept (``num_tokens <= max_tokens``).
+
+    The incremental bottom-k of :func:`linear_inputs` keeps the same set in the same order, so a pass
+    that sees all the tokens at once (one decoder layer at a time) can take the same rows.
+    """
+    if max_tokens < 1:
+        raise InvalidInputError(f"max_tokens must be >= 1, got {max_tokens}")
+    keys = torch.rand(num_tokens, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if num_tokens <= max_tokens:
+        return None
+    return torch.topk(keys, max_tokens, largest=False).indices.sort().values
+
+
+def rotation_rows(entries: Iterable, inputs: dict[str, torch.Tensor],
+                  out: dict[str, list[torch.Tensor]] | None = None) -> dict[str, list[torch.Tensor]]:
+    """``{rotation: [X, ...]}``: the input rows each rotation multiplies, from ``(block, input module,
+    column slice)`` entries of side-"in" blocks and :func:`linear_inputs` output.
+
+    Modules that read one tensor (an input-sharing group: the same tensor object in ``inputs``) count
+    once per column slice; entries without a captured input are skipped. ``out`` (appended to, and
+    returned) lets a caller add a model's blocks piece by piece, e.g. one decoder layer at a time:
+    ``torch.cat`` of each list is what the whole model's entries give at once.
+    """
+    out = {} if out is None else out
+    seen: set[tuple[int, str]] = set()
+    for block, module, sl in entries:
+        if module is None or module not in inputs:
+            continue
+        X = inputs[module]
+        key = (X.data_ptr(), str(sl))  # modules reading one tensor share it: count it once
+        if key in seen:
+            continue
+        seen.add(key)
+        out.setdefault(block.rotation, []).append(X if sl is None else X[:, sl])
+    return out

@@ -192,7 +192,8 @@ def _check_memory(args: argparse.Namespace, config: RotateConfig, source, stream
     from orthoopt.models.footprint import rotate_estimate
 
     check_memory("orthoopt rotate", source, lambda ck: rotate_estimate(
-        ck, config.checkpoint.torch_dtype, streamed, learned=config.learned, can_stream=config.entry.supports_streamed),
+        ck, config.checkpoint.torch_dtype, streamed, learned=config.learned, can_stream=config.entry.supports_streamed,
+        calib_tokens=config.calib.tokens if config.entry.statistics == "activations" else 0),
         args.force)
 
 
@@ -239,6 +240,13 @@ def run(args: argparse.Namespace) -> int:
         config = _with_model_dtype(args, config, resolved)
         _check_memory(args, config, resolved, streamed=True)
         model, tokenizer, source, calib = None, None, resolved.describe(), None
+        if config.entry.needs_calibration:  # cut here, so that a bad --calib fails before any work
+            from transformers import AutoConfig
+
+            from orthoopt.models.io import load_tokenizer
+
+            tokenizer = load_tokenizer(resolved.folder, progress=not args.no_progress)
+            calib = _calibration(args, tokenizer, config, AutoConfig.from_pretrained(resolved.folder))
     else:
         from orthoopt.models import resolve_source
 
@@ -268,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         plots(folder, res.solves)
 
     if args.streamed:
-        result = rotate_streamed(args.model_dir, out, config, init=init, progress=not args.no_progress,
+        result = rotate_streamed(args.model_dir, out, config, calib=calib, init=init, progress=not args.no_progress,
                                  checkpoint=partial, resume=args.resume, report_extra={"model": source}, extras=extras)
     else:
         ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(args.seed))

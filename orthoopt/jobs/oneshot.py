@@ -403,13 +403,15 @@ def _rotate(net, tokenizer, config, calib, init, resume, partial, source_folder,
     or with ``layered`` as a :class:`~orthoopt.models.onload.LayeredModel` whose folder the caller
     removes); ``(model, rotate report, solves, rotations)``."""
     from orthoopt.pipeline import rotate_model, rotate_streamed
+    from orthoopt.pipeline.calibration import rotation_calibration
 
+    calib_ids = rotation_calibration(config, calib, tokenizer, net.config)
     if source_folder is not None:
         from orthoopt.quant.model import load_checkpoint
 
         folder = tmp / "rotated.tmp"
-        result = rotate_streamed(source_folder, folder, config, init=init, progress=progress, checkpoint=partial,
-                                 resume=resume)
+        result = rotate_streamed(source_folder, folder, config, calib=calib_ids, init=init, progress=progress,
+                                 checkpoint=partial, resume=resume)
         del net
         report = {"model": str(source_folder), **result.report}
         if layered:
@@ -420,9 +422,6 @@ def _rotate(net, tokenizer, config, calib, init, resume, partial, source_folder,
         net, _ = load_checkpoint(folder, dtype=config.checkpoint.torch_dtype)
         shutil.rmtree(folder)
         return net, report, result.solves, result.rotations
-    from orthoopt.pipeline.calibration import rotation_calibration
-
-    calib_ids = rotation_calibration(config, calib, tokenizer, net.config)
     seed = config.seed
     ids = torch.randint(0, net.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(seed))
     result = rotate_model(net, config, calib=calib_ids, init=init, verify_ids=ids, progress=progress,

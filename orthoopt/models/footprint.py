@@ -114,19 +114,31 @@ def _phases(est: dict[str, int], phases: dict[str, int]) -> dict[str, int]:
 
 
 def rotate_estimate(ck: Checkpoint, dtype: torch.dtype, streamed: bool, learned: bool = False,
-                    can_stream: bool = False) -> Estimate:
+                    can_stream: bool = False, calib_tokens: int = 0) -> Estimate:
     """Peak of ``orthoopt rotate`` in memory or ``--streamed``; ``learned``: a learned method's
-    objective holds a float32 copy of the weights (in memory); ``can_stream``: offer ``--streamed``."""
+    objective holds a float32 copy of the weights (in memory); ``can_stream``: offer ``--streamed``;
+    ``calib_tokens``: a streamed data method's rows (R1: two input groups per layer, float32) and the
+    layer-by-layer pass that takes them."""
     b = _itemsize(dtype)
     if streamed:
         big = max(ck.embed_numel, ck.lm_head_numel)
         slice_rows = min(STREAM_ROWS * ck.hidden, big)
-        est = Estimate(_phases({"runtime": RUNTIME}, {
+        resident = {"runtime": RUNTIME}
+        transients = {
             # the assembled embedding (or lm_head), its float64 row slice and product, the shard's buffer
             "embedding": big * b * 2 + slice_rows * 8 * 2,
             # one layer read, fused and being written, and the float64 product of its largest tensor
-            "layer": ck.layer_numel * b * 3 + ck.layer_tensor_numel * (8 * 2 + b)}),
-            f"--streamed holds one layer and the {_name(dtype)} embedding")
+            "layer": ck.layer_numel * b * 3 + ck.layer_tensor_numel * (8 * 2 + b)}
+        if calib_tokens:
+            resident["calibration rows"] = calib_tokens * ck.hidden * 4 * 2 * ck.num_layers
+            # the model's non-layer weights (a rotated embedding beside the read one), one layer loaded
+            # and fused, the windows' hidden states and one layer's activations
+            transients["statistics pass"] = ((ck.numel - ck.layer_numel * ck.num_layers) * b + big * b
+                                             + ck.layer_numel * b * 3
+                                             + calib_tokens * (ck.hidden * 4 * 6 + ck.intermediate * 4 * 3))
+        est = Estimate(_phases(resident, transients),
+                       f"--streamed holds one layer and the {_name(dtype)} embedding"
+                       + (f", and {calib_tokens} calibration tokens' rows" if calib_tokens else ""))
     else:
         untie = ck.embed_numel * b if ck.lm_head_numel == 0 else 0
         est = Estimate(_phases({"runtime": RUNTIME, "model": ck.numel * b, "untie": untie}, {
@@ -136,9 +148,9 @@ def rotate_estimate(ck: Checkpoint, dtype: torch.dtype, streamed: bool, learned:
             "objective's float32 copy": ck.numel * 4 if learned else 0}),
             f"in memory holds the whole {_name(dtype)} model")
     if not streamed and can_stream:
-        est.alternatives.append(("--streamed", rotate_estimate(ck, dtype, True).total))
+        est.alternatives.append(("--streamed", rotate_estimate(ck, dtype, True, calib_tokens=calib_tokens).total))
     if b > 2:
-        smaller = rotate_estimate(ck, torch.bfloat16, streamed, learned)
+        smaller = rotate_estimate(ck, torch.bfloat16, streamed, learned, calib_tokens=calib_tokens)
         est.alternatives.append(("--dtype bfloat16", smaller.total))
     return est
 

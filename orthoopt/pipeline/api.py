@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -147,6 +148,8 @@ def rotate_streamed(
     out_dir: str | os.PathLike,
     config: RotateConfig | None = None,
     *,
+    calib=None,
+    tokenizer=None,
     init: Mapping[str, torch.Tensor] | None = None,
     progress: bool = True,
     callback: Callable[[str, int, float, dict], bool | None] | None = None,
@@ -169,6 +172,14 @@ def rotate_streamed(
         The run's settings (default optrot), of a method that streams (``Method.supports_streamed``,
         ``docs/solvers.md``); ``checkpoint`` (dtype, layers_per_shard, arch) and
         ``compute.chunk_rows`` are the store's settings.
+    calib : torch.Tensor or str or os.PathLike or CalibSource, optional
+        Calibration data of a data method that streams (kurtosis, dfrot: statistics
+        ``"activations"``), as in :func:`rotate_model`; text is cut with ``tokenizer`` (default: the
+        folder's own). The rows are taken one decoder layer at a time
+        (:mod:`orthoopt.streaming.statistics`) and held for the phase: ``calib.tokens`` rows per
+        input-sharing group and layer, as in memory.
+    tokenizer : optional
+        Cuts text ``calib`` (default: ``AutoTokenizer`` of ``model_dir``).
     init, progress, callback, checkpoint, resume : optional
         As in :func:`rotate_model`; R2 is solved layer by layer, each layer's solve reported as phase
         ``"R2"`` with steps from 0. Under ``torchrun`` rank 0 writes R1's collective state to
@@ -198,6 +209,15 @@ def rotate_streamed(
     prepare_output(out_dir, {"model_dir": model_dir}, what="out_dir")
     began = time.perf_counter()
     store = SafetensorsStore(model_dir, config, progress=progress)
+    if calib is not None and not isinstance(calib, torch.Tensor):
+        from orthoopt.pipeline.calibration import rotation_calibration
+
+        if tokenizer is None and config.entry.needs_calibration:
+            from orthoopt.models.io import load_tokenizer
+
+            tokenizer = load_tokenizer(model_dir)
+        context = SimpleNamespace(max_position_embeddings=store.ckpt.config.get("max_position_embeddings"))
+        calib = rotation_calibration(config, calib, tokenizer, context)
 
     def finish(run: PhaseRun, rots: dict[str, torch.Tensor], results: dict[str, SolveResult]) -> RotateResult:
         solves = combine_results(run.units, results)
@@ -206,7 +226,7 @@ def rotate_streamed(
         report.update(dict(report_extra or {}))
         return RotateResult(rots, report, solves)
 
-    return run_and_write(store, out_dir, lambda: run_phases(store, config, init=init,
+    return run_and_write(store, out_dir, lambda: run_phases(store, config, calib=calib, init=init,
                                                            progress=progress and store.rank == 0,
                                                            callback=callback, checkpoint=checkpoint, resume=resume),
                          finish, extras)

@@ -12,6 +12,7 @@ from typing import Iterable, Mapping
 import torch
 
 from orthoopt.adapters import DecoderAdapter
+from orthoopt.adapters.calibration import rotation_rows
 from orthoopt.config import RotateConfig
 from orthoopt.errors import InvalidInputError
 from orthoopt.methods import ObjectiveInputs, check_sampling
@@ -39,19 +40,8 @@ def _activations(adapter: DecoderAdapter, phase: str, calib: torch.Tensor, max_t
     sources = adapter.block_sources(phase)
     modules = sorted({sources[b.name][0] for b in blocks if sources[b.name] is not None})
     inputs = adapter.linear_inputs(calib, max_tokens=max_tokens, modules=modules, seed=seed, progress=progress)
-    rows: dict[str, list[torch.Tensor]] = {}
-    seen: set[tuple[int, str]] = set()
-    for b in blocks:
-        src = sources[b.name]
-        if src is None:
-            continue
-        X = inputs[src[0]]
-        key = (X.data_ptr(), str(src[1]))  # modules reading one tensor share it: count it once
-        if key in seen:
-            continue
-        seen.add(key)
-        rows.setdefault(b.rotation, []).append(X if src[1] is None else X[:, src[1]])
-    return {name: torch.cat(xs) for name, xs in rows.items()}
+    entries = [(b, *sources[b.name]) if sources[b.name] is not None else (b, None, None) for b in blocks]
+    return {name: torch.cat(xs) for name, xs in rotation_rows(entries, inputs).items()}
 
 
 def _hessian_statistics(adapter: DecoderAdapter, phase: str, calib, calib_tokens, seed, progress,

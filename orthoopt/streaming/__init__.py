@@ -1,7 +1,10 @@
 """Weights of models that need not fit in memory: read safetensors layer by layer, write shards.
 
 * :class:`SafetensorsStore` -- the weight store of :func:`orthoopt.pipeline.rotate_streamed` (the
-  fixed methods and OptRot, R1 and every R2.i, equal to the in-memory run); peak memory about one layer (``docs/performance.md``).
+  fixed methods, OptRot, and the data methods of activations (kurtosis, dfrot), R1 and every R2.i,
+  equal to the in-memory run); peak memory about one layer (``docs/performance.md``).
+* :class:`FusedLayers`, :func:`layer_statistics` -- calibration inputs taken one layer at a time
+  (:mod:`orthoopt.streaming.statistics`).
 * :class:`StreamedFourthPower` -- OptRot's R1 objective read from disk each step; :class:`StreamedBlockSum`
   -- any block-separable data-free objective, read the same way (``orthoopt.methods.summed_by_layer``).
 * :class:`DecoderLayout`, :class:`FusedReader` -- the naming (from ``orthoopt.adapters.arch_table``) and norm fusion;
@@ -16,9 +19,10 @@ from orthoopt.streaming.fused import FusedReader
 from orthoopt.streaming.layout import DecoderLayout
 from orthoopt.streaming.objective import StreamedBlockSum, StreamedFourthPower
 from orthoopt.streaming.rotate import SafetensorsStore, peak_rss_mib
+from orthoopt.streaming.statistics import FusedLayers, layer_statistics
 from orthoopt.models.shards import ShardedWriter
 
 __all__ = [
-    "DecoderLayout", "FusedReader", "SafetensorsCheckpoint", "SafetensorsStore", "ShardedWriter",
-    "StreamedBlockSum", "StreamedFourthPower", "peak_rss_mib",
+    "DecoderLayout", "FusedLayers", "FusedReader", "SafetensorsCheckpoint", "SafetensorsStore", "ShardedWriter",
+    "StreamedBlockSum", "StreamedFourthPower", "layer_statistics", "peak_rss_mib",
 ]

@@ -3,12 +3,15 @@ written as shards, for the one phase loop of :mod:`orthoopt.pipeline` (``rotate_
 
 :class:`SafetensorsStore` implements :class:`orthoopt.store.WeightStore` for every method the registry
 marks as streamed (:attr:`orthoopt.methods.Method.supports_streamed`: the fixed methods, whose rotations
-are drawn per unit and fused as below, and the data-free learned ones with a ``streamed`` R1 objective,
-e.g. OptRot):
+are drawn per unit and fused as below, the data-free learned ones with a ``streamed`` R1 objective,
+e.g. OptRot, and the objectives of activations, kurtosis and dfrot, whose rows :meth:`SafetensorsStore.prepare`
+takes before each phase with one pass of the calibration windows through the layers,
+:mod:`orthoopt.streaming.statistics`):
 
 1. **R1** is one unit: each solver step reads the norm-fused R1 blocks layer by layer and accumulates
    the loss and gradient (the entry's ``streamed`` factory; OptRot:
-   :class:`~orthoopt.streaming.objective.StreamedFourthPower`).
+   :class:`~orthoopt.streaming.objective.StreamedFourthPower`); a data method's objective is the
+   in-memory one on the phase's rows.
 2. **R2** is one unit per layer (``R2.0``, ``R2.1``, ..., as the phase loop plans every R2): read the layer, fuse the norms, fuse R1
    (float64, cast back as the in-memory write-back does), learn ``R2.i`` (the entry's ``objective``)
    on that layer's R1-rotated v/o blocks alone (they are the only blocks next to it), fuse it, and write the layer's shard. The
@@ -59,6 +62,9 @@ from orthoopt.solvers.distributed import (
 from orthoopt.store import Unit
 from orthoopt.models.safetensors_folder import INDEX_FILE, SafetensorsCheckpoint
 from orthoopt.streaming.fused import FusedReader
+from orthoopt.adapters.calibration import rotation_rows
+from orthoopt.adapters.writeback import layer_r1_entries, layer_r2_entries
+from orthoopt.core import WeightBlock
 from orthoopt.streaming.layer_rotation import apply_r1, apply_r2, r2_blocks, rotate_rows
 from orthoopt.streaming.layout import DecoderLayout
 from orthoopt.models.shards import ShardedWriter
@@ -117,10 +123,14 @@ class SafetensorsStore:
         self.device = None if config.compute.device is None else torch.device(config.compute.device)
         self.progress = progress
         self.rank, self.world_size = world()
+        if self.world_size > 1 and config.entry.needs_calibration:
+            raise InvalidInputError(f"method {config.method!r} reads calibration text: the streamed store runs it in "
+                                    "one process (not under torchrun)")
         self.rank_difference = 0.0  # max |R1 - R1 of rank 0| at the end of a distributed R1 solve
         self.R1: torch.Tensor | None = None
         self.r2: dict[int, torch.Tensor] = {}
         self._cached: tuple[int, dict[str, torch.Tensor]] | None = None  # the layer of the R2 unit in progress
+        self._phase_data: tuple[str, dict[str, torch.Tensor]] | None = None  # (phase, {rotation: X})
         self.writer: ShardedWriter | None = None
 
     # WeightStore ------------------------------------------------------------------------------
@@ -136,7 +146,49 @@ class SafetensorsStore:
         return {"R1": self.layout.hidden, **{f"R2.{i}": self.layout.head_dim for i in range(self.layout.num_layers)}}
 
     def prepare(self, phase: str, config: RotateConfig, calib, progress: bool) -> None:
-        pass  # data-free methods only: nothing is shared between a phase's units
+        """Data methods (statistics ``"activations"``): the rows each rotation of ``phase`` multiplies,
+        taken layer by layer on the current weights (:meth:`_activations`); data-free: nothing."""
+        self._phase_data = None  # the previous phase's statistics go before the next ones are taken
+        if config.entry.statistics == "activations":
+            if calib is None:
+                raise InvalidInputError(f"method {config.method!r} needs calibration text (--calib TEXT_FILE)")
+            self._phase_data = (phase, self._activations(phase, calib, progress))
+
+    def _meta_layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s tensors as shapes only (``meta``): enough to name its blocks and their inputs."""
+        return {k: torch.empty(self.ckpt.shape(k), device="meta") for k in self.reader.layer_keys(i)}
+
+    def _input_entries(self, phase: str, i: int) -> list:
+        """``(block, input module, column slice)`` of layer ``i``'s side-"in" blocks of ``phase`` that
+        learned objectives count (the in-memory store's ``_blocks``: full-precision ones left out)."""
+        L = self.layout
+        t, key, name = self._meta_layer(i), L.layer_key_prefix(i), f"{L.spec.layers}.{i}"
+        entries = (layer_r1_entries(L.spec, t, key, name) if phase == "R1" else
+                   layer_r2_entries(L.spec, t, key, name, i, L.num_heads, L.num_kv_heads, L.head_dim))
+        return [e for e in entries if e[0].side == "in" and not L.spec.is_full_precision(e[0].name)]
+
+    def _activations(self, phase: str, calib: torch.Tensor, progress: bool) -> dict[str, torch.Tensor]:
+        """``{rotation: X [rows, n]}`` of ``phase`` as the in-memory store takes them (q/k/v and
+        gate/up share one input per layer; R2.i: layer i's o_proj input per head), from one pass of the
+        calibration windows through the norm-fused (for R2: R1-rotated) layers, one layer loaded at a time."""
+        from orthoopt.streaming.statistics import FusedLayers, layer_statistics
+
+        c, L = self.config, self.layout
+        entries = {i: self._input_entries(phase, i) for i in range(L.num_layers)}
+        modules = {m for es in entries.values() for _, m, _ in es}
+        roles = [r for r in L.roles() if any(L.layer_modules(i)[r] in modules for i in range(L.num_layers))]
+        head = phase == "R1" and c.include_embeddings and self.reader.has_lm_head_block
+        if head:
+            vocab = self.ckpt.shape(self.reader.lm_head_source)[0]
+            entries["lm_head"] = [(WeightBlock(torch.empty(vocab, L.hidden, device="meta"), "R1", "in", L.lm_head),
+                                   L.lm_head, None)]
+        layered = FusedLayers(self.reader, self.R1 if phase == "R2" else None, self.device)
+        rows: dict[str, list[torch.Tensor]] = {}
+        for unit, inputs in layer_statistics(layered, calib, roles, "rows", max_tokens=c.calib.tokens, seed=c.seed,
+                                             head=head, progress=progress and self.rank == 0):
+            rotation_rows(entries[unit], inputs, rows)
+        del layered
+        return {k: torch.cat(xs) for k, xs in rows.items()}
 
     def local_units(self, units: list[Unit]) -> list[Unit]:
         """R1 (collective: every rank) and this rank's share of the layers' R2 units."""
@@ -147,6 +199,8 @@ class SafetensorsStore:
 
     def objective(self, unit: Unit, config: RotateConfig, calib, progress: bool) -> Objective:
         c = self.config
+        if unit.key == "R1" and c.entry.statistics == "activations":  # the phase's rows are in memory
+            return c.entry.objective(self._objective_inputs(unit))
         if unit.key == "R1":
             units = [u for u in self.reader.units()
                      if c.include_embeddings or not self.layout.spec.is_full_precision(self.reader.unit_block_name(u) or "")]
@@ -161,9 +215,17 @@ class SafetensorsStore:
         i = int(unit.key.split(".")[1])
         t = self._layer(i)
         self._cached = (i, t)
-        return c.entry.objective(ObjectiveInputs(blocks=r2_blocks(t, self.layout, i),
-                                                 sample_fraction=c.compute.sample_fraction, seed=c.seed,
-                                                 device=self.device))
+        inputs = self._objective_inputs(unit)
+        inputs.blocks = r2_blocks(t, self.layout, i)
+        return c.entry.objective(inputs)
+
+    def _objective_inputs(self, unit: Unit) -> ObjectiveInputs:
+        """The unit's settings and, for a data method, its rotation's rows (:meth:`prepare`)."""
+        c = self.config
+        inputs = ObjectiveInputs(sample_fraction=c.compute.sample_fraction, seed=c.seed, device=self.device)
+        if self._phase_data is not None and self._phase_data[0] == unit.phase:
+            inputs.activations = {k: v for k, v in self._phase_data[1].items() if k in unit.dims}
+        return inputs
 
     def settle(self, unit: Unit, rotations: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if unit.key == "R1" and self.world_size > 1:
