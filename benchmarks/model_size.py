@@ -31,9 +31,11 @@ diagnose            ``orthoopt diagnose CKPT --out OUT`` (weights only; whole mo
 diagnose-acts       ``orthoopt diagnose CKPT --out OUT --calib TEXT --calib-tokens W*L --seq-len L`` (and activations)
 rotate-kurtosis     ``orthoopt rotate CKPT --method kurtosis --steps 2 --calib TEXT --calib-tokens W*L --calib-seq-len L``
                     (a data method: the layers' inputs on calibration text; only when named)
+rotate-optrot+      the same with ``--method optrot+`` (the layers' input Hessians; only when named)
 *-streamed          the same command with ``--streamed``: one decoder layer in memory at a time
                     (``quantize-rtn-streamed``, ``quantize-gptq-streamed``, ``quantize-ct-streamed``, ``eval-streamed``,
-                    ``diagnose-streamed``, ``diagnose-acts-streamed``, ``rotate-kurtosis-streamed``)
+                    ``diagnose-streamed``, ``diagnose-acts-streamed``, ``rotate-kurtosis-streamed``,
+                    ``rotate-optrot+-streamed``)
 ==================  ===========================================================================
 
 The rtn and gptq commands write orthoopt's format (fake-quantized weights + quant.json) and the ct
@@ -120,11 +122,12 @@ SHAPES = {
 }
 COMMANDS = ("rotate", "rotate-streamed", "quantize-rtn", "quantize-rtn-streamed", "quantize-gptq",
             "quantize-gptq-streamed", "quantize-ct", "quantize-ct-streamed", "eval", "eval-streamed", "diagnose",
-            "diagnose-streamed", "diagnose-acts", "diagnose-acts-streamed", "rotate-kurtosis", "rotate-kurtosis-streamed")
+            "diagnose-streamed", "diagnose-acts", "diagnose-acts-streamed", "rotate-kurtosis", "rotate-kurtosis-streamed",
+            "rotate-optrot+", "rotate-optrot+-streamed")
 # the whole-model diagnose has no memory check (1.25x the checkpoint at the 1B shape, weights only), and the
 # data-method rotation (kurtosis, two solver steps per phase) is a probe of the streamed statistics: named, not default
-DEFAULT_COMMANDS = tuple(c for c in COMMANDS if c not in ("diagnose", "diagnose-acts", "rotate-kurtosis",
-                                                          "rotate-kurtosis-streamed"))
+DEFAULT_COMMANDS = tuple(c for c in COMMANDS if c not in ("diagnose", "diagnose-acts")
+                         and not c.startswith(("rotate-kurtosis", "rotate-optrot+")))
 
 
 def _prod(shape) -> int:
@@ -251,8 +254,9 @@ def command_argv(command: str, ckpt: Path, out: Path, text: Path, windows: int, 
         return ["rotate", str(ckpt), "--out", str(out), "--method", "hadamard", *tail]
     if command == "rotate-streamed":
         return ["rotate", str(ckpt), "--out", str(out), "--method", "hadamard", "--streamed", *tail]
-    if command == "rotate-kurtosis":
-        return ["rotate", str(ckpt), "--out", str(out), "--method", "kurtosis", "--steps", "2", "--calib", str(text),
+    if command in ("rotate-kurtosis", "rotate-optrot+"):
+        method = command.removeprefix("rotate-")
+        return ["rotate", str(ckpt), "--out", str(out), "--method", method, "--steps", "2", "--calib", str(text),
                 "--calib-tokens", str(windows * seq_len), "--calib-seq-len", str(seq_len), *tail]
     if command == "quantize-rtn":
         return ["quantize", str(ckpt), "--out", str(out), "--method", "rtn", "--wbits", "4", "--format", "orthoopt", *tail]
@@ -392,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--include-8b", action="store_true", help="also the Llama-3-8B shape (16 GB bf16 on disk)")
     ap.add_argument("--quick", action="store_true", help="a tiny shape only (smoke test)")
     ap.add_argument("--commands", default=",".join(DEFAULT_COMMANDS),
-                    help=f"comma-separated subset of {','.join(COMMANDS)} (default: all but the whole-model diagnoses and rotate-kurtosis*)")
+                    help=f"comma-separated subset of {','.join(COMMANDS)} (default: all but the whole-model diagnoses and rotate-kurtosis*, rotate-optrot+*)")
     ap.add_argument("--windows", type=int, default=None, help="calibration / eval windows (default 4; --quick 2)")
     ap.add_argument("--seq-len", type=int, default=None, help="window length (default 256; --quick 32)")
     ap.add_argument("--cache", default=str(CACHE), help="where checkpoints are built and outputs written")

@@ -75,8 +75,9 @@ class StreamedInputs:
 
     Parameters
     ----------
-    reader : orthoopt.streaming.FusedReader
-        The norm-fused checkpoint, read layer by layer.
+    reader : orthoopt.streaming.FusedReader or orthoopt.streaming.weighted.WeightedRows
+        The norm-fused checkpoint, read layer by layer; for statistics ``"hessians"`` its
+        Hessian-weighted blocks ``W H^(1/2)``, formed once by the store.
     units : list
         This process's share of the R1 row stream (``"embed"``, layer indices, ``"lm_head"``).
     chunk_rows, sample_fraction, seed, device
@@ -177,15 +178,15 @@ class Method:
 
     @property
     def supports_streamed(self) -> bool:
-        """True when the safetensors store can run it: fixed; data-free with a streamed R1 objective; or
+        """True when the safetensors store can run it: fixed; data-free, or of input Hessians, with a
+        streamed R1 objective (for ``"hessians"`` it reads the store's weighted blocks ``W H^(1/2)``); or
         an objective of activations alone (the store takes them layer by layer). Not a joint method,
-        nor one whose objective runs the whole model (statistics ``"model"``) or needs every layer's
-        input Hessians next to the weights at once (``"hessians"``)."""
+        nor one whose objective runs the whole model (statistics ``"model"``)."""
         if not self.learned:
             return True
         if self.joint:
             return False
-        return self.statistics == "activations" or (self.statistics == "none" and self.streamed is not None)
+        return self.statistics == "activations" or (self.statistics in ("none", "hessians") and self.streamed is not None)
 
     @property
     def streams_bit_for_bit(self) -> bool:
@@ -274,7 +275,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            streamed=_streamed_fourth_power),
     Method("optrot+", "fourth power of `W H^(1/2)` rotated (`HessianWeighted`)",
            "Gadhikar et al. 2025, arXiv:2512.24124", "learned",
-           objective=lambda i: HessianWeighted(i.blocks, i.hessians), solver="cayley-lbfgs", statistics="hessians"),
+           objective=lambda i: HessianWeighted(i.blocks, i.hessians), solver="cayley-lbfgs", statistics="hessians",
+           streamed=_streamed_fourth_power),  # streamed: the store's weighted blocks are its rows
     Method("kurtosis", "activation kurtosis towards 1.8 (`Kurtosis`, KurTail)",
            "Akhondzadeh et al. 2025, arXiv:2503.01483", "learned",
            objective=lambda i: Kurtosis(i.activations), solver="cayley-lbfgs", steps=250, statistics="activations"),

@@ -244,3 +244,19 @@ def test_diagnose_streamed_gives_the_summary_of_diagnose(capsys, tmp_path, kw, t
     for plot in whole["plots"]:  # drawn from the same per-channel maxima and heat-map rows
         if plot.endswith(".png"):
             assert (tmp_path / "a1" / plot).read_bytes() == (tmp_path / "a2" / plot).read_bytes(), plot
+
+
+@pytest.mark.parametrize("method", ["kurtosis", "optrot+"])
+def test_quantize_streamed_with_a_data_method_rotation(tmp_path, tiny_llama, text_file, method):
+    """``quantize --rotate METHOD --calib TEXT --streamed``: the rotation's statistics are taken layer by
+    layer and the written weights equal the in-memory one-command run's."""
+    import orthoopt
+
+    q = {"method": "rtn", "wbits": 4, "format": "orthoopt"}
+    rotate = {"method": method, "solve": {"steps": 2}, "calib": {"tokens": 64, "seq_len": 32}}
+    common = dict(rotate=rotate, calib=text_file, quantize=q, progress=False)
+    whole = orthoopt.oneshot(str(tiny_llama), out=tmp_path / "whole", **common)
+    streamed = orthoopt.oneshot(str(tiny_llama), out=tmp_path / "streamed", streamed=True, **common)
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "streamed")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert streamed.settings["rotation"]["method"] == whole.settings["rotation"]["method"] == method

@@ -71,7 +71,8 @@ def test_the_tables_of_the_config_are_views_of_the_registry():
         c = RotateConfig(method=name)
         assert c.learned == m.learned and c.solve.steps == m.steps and c.solver_name == m.solver
         assert c.effective_lr == m.lr and (c.spinquant.sim_quant is not None) == m.simulates_quantization
-    assert names(lambda m: m.supports_streamed) == ("identity", "random", "hadamard", "optrot", "kurtosis", "dfrot")
+    assert names(lambda m: m.supports_streamed) == ("identity", "random", "hadamard", "optrot", "optrot+", "kurtosis",
+                                                   "dfrot")
     assert names(lambda m: m.needs_calibration) == ("optrot+", "kurtosis", "dfrot", "spinquant")
     assert METHODS["kurtosis"].solver == "cayley-lbfgs"  # the module doc of the pipeline once said radam
     with pytest.raises(ValueError, match="a fixed method names an init kind"):

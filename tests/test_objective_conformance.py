@@ -215,9 +215,12 @@ def _streamed_cases() -> list[Case]:
             return factory(StreamedInputs(reader, reader.units(), **settings))
 
         def twin(method=method):
-            """The method's in-memory objective over the same R1 blocks (rows, side "in")."""
-            pieces = list(_reader().r1_pieces())
-            return METHODS[method].objective(ObjectiveInputs(blocks=[WeightBlock(r, "R1", "in", n) for n, r in pieces]))
+            """The method's in-memory objective over the same R1 blocks (rows, side "in"); for statistics
+            "hessians" the rows are the store's weighted blocks already, so the twin weights them by none."""
+            blocks = [WeightBlock(r, "R1", "in", n) for n, r in _reader().r1_pieces()]
+            weighted = METHODS[method].statistics == "hessians"
+            return METHODS[method].objective(ObjectiveInputs(blocks=blocks, hessians=[None] * len(blocks) if weighted
+                                                             else None))
 
         cases.append(Case(f"{label}-streamed", method, make, {"R1": 16}, reference=twin))
         if METHODS[method].sampling and "summed_by_layer" not in label:

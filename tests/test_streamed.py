@@ -206,7 +206,7 @@ def test_bad_inputs(saved, tmp_path):
     for name, m in METHODS.items():  # every method that needs the whole model is refused, by name
         if not m.supports_streamed:
             with pytest.raises(ValueError, match=rf"streamed mode supports methods identity, random, hadamard, "
-                                                 rf"optrot, kurtosis, dfrot .*method '{re.escape(name)}' reads "):
+                                                 rf"optrot, optrot\+, kurtosis, dfrot .*method '{re.escape(name)}' reads "):
                 rotate_streamed(src, tmp_path / "o", RotateConfig(name))
     with pytest.raises(ValueError, match="would replace the input"):
         rotate_streamed(src, src, progress=False)

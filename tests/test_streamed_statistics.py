@@ -1,6 +1,6 @@
 """Calibration statistics taken one decoder layer at a time (orthoopt.streaming.statistics) equal the
-in-memory hooks' on the fused model, and the streamed data methods (kurtosis, dfrot) equal their
-in-memory runs through the API and the CLI."""
+in-memory hooks' on the fused model, and the streamed data methods (kurtosis, dfrot, optrot+) equal
+their in-memory runs through the API and the CLI."""
 
 from __future__ import annotations
 
@@ -76,9 +76,10 @@ def test_rows_after_r1_are_the_rotated_models(planted):
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["kurtosis", "dfrot"])
+@pytest.mark.parametrize("method", ["kurtosis", "dfrot", "optrot+"])
 def test_bf16_with_embeddings_equals_in_memory(planted, tmp_path, method):
-    """bf16 weights and include_embeddings (lm_head's input, untied by fusion, counts in R1)."""
+    """bf16 weights and include_embeddings (lm_head's input, untied by fusion, counts in R1; for optrot+
+    its weighted block and the unweighted embedding)."""
     src = planted["qwen2-tied"]
     config = RotateConfig(method, seed=1, solve={"steps": 3}, calib={"tokens": 40}, include_embeddings=True,
                           checkpoint={"dtype": "bfloat16"})
@@ -91,13 +92,15 @@ def test_bf16_with_embeddings_equals_in_memory(planted, tmp_path, method):
     got, want = load_model(tmp_path / "out", dtype=torch.bfloat16).state_dict(), model.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert res.solves["R1"].history == mem.solves["R1"].history
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")) == []  # no scratch left
 
 
-def test_cli_streamed_data_method_equals_in_memory(planted, tmp_path):
+@pytest.mark.parametrize("method", ["dfrot", "optrot+"])
+def test_cli_streamed_data_method_equals_in_memory(planted, tmp_path, method):
     src = planted["llama"]
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    common = ["--method", "dfrot", "--calib", str(text), "--calib-tokens", "64", "--steps", "2", "--quiet"]
+    common = ["--method", method, "--calib", str(text), "--calib-tokens", "64", "--steps", "2", "--quiet"]
     assert main(["rotate", str(src), "--out", str(tmp_path / "mem"), *common]) == 0
     assert main(["rotate", str(src), "--out", str(tmp_path / "str"), "--streamed", *common]) == 0
     got, want = load_model(tmp_path / "str").state_dict(), load_model(tmp_path / "mem").state_dict()
@@ -111,3 +114,33 @@ def test_a_streamed_data_method_needs_calibration(planted, tmp_path, capsys):
     assert main(["rotate", str(planted["llama"]), "--out", str(tmp_path / "c"), "--method", "kurtosis", "--streamed",
                  "--quiet"]) == 2
     assert "needs calibration text" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("method", ["kurtosis", "optrot+"])
+def test_interrupted_streamed_data_method_resumes_bit_identical(planted, tmp_path, method):
+    """Stopped inside a layer's R2 and resumed: the statistics are taken again (R1 re-applied first)
+    and the run ends as an uninterrupted one, with no scratch or partial file left."""
+    src = planted["llama"]
+    config = RotateConfig(method, seed=2, solve={"steps": 4, "checkpoint_every": 1}, calib={"tokens": 40})
+    calib = _calib(259)
+    ref = rotate_streamed(src, tmp_path / "ref", config, calib=calib, progress=False,
+                          checkpoint=tmp_path / "ref.partial.safetensors")
+    partial = tmp_path / "run.partial.safetensors"
+    calls = []
+
+    def stop(phase, step, loss, rots):
+        calls.append(phase)
+        if phase == "R2" and calls.count("R2") == 6:  # inside the second layer's R2
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rotate_streamed(src, tmp_path / "out", config, calib=calib, progress=False, callback=stop, checkpoint=partial)
+    assert partial.is_file() and not (tmp_path / "out").exists()
+    res = rotate_streamed(src, tmp_path / "out", config, calib=calib, progress=False, checkpoint=partial, resume=True)
+    assert "resumed" in res.report
+    for k, R in ref.rotations.items():
+        assert torch.equal(res.rotations[k], R), k
+    got, want = load_model(tmp_path / "out").state_dict(), load_model(tmp_path / "ref").state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not any(p.name.startswith(".") for p in (tmp_path / "out").iterdir())
+    assert not any(p.name.startswith("out.") or p.name.startswith(".out") for p in tmp_path.iterdir())

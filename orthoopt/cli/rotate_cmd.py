@@ -193,7 +193,8 @@ def _check_memory(args: argparse.Namespace, config: RotateConfig, source, stream
 
     check_memory("orthoopt rotate", source, lambda ck: rotate_estimate(
         ck, config.checkpoint.torch_dtype, streamed, learned=config.learned, can_stream=config.entry.supports_streamed,
-        calib_tokens=config.calib.tokens if config.entry.statistics == "activations" else 0),
+        calib_tokens=config.calib.tokens if config.entry.per_phase_statistics else 0,
+        statistics=config.entry.statistics),
         args.force)
 
 

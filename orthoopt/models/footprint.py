@@ -114,11 +114,13 @@ def _phases(est: dict[str, int], phases: dict[str, int]) -> dict[str, int]:
 
 
 def rotate_estimate(ck: Checkpoint, dtype: torch.dtype, streamed: bool, learned: bool = False,
-                    can_stream: bool = False, calib_tokens: int = 0) -> Estimate:
+                    can_stream: bool = False, calib_tokens: int = 0, statistics: str = "activations") -> Estimate:
     """Peak of ``orthoopt rotate`` in memory or ``--streamed``; ``learned``: a learned method's
     objective holds a float32 copy of the weights (in memory); ``can_stream``: offer ``--streamed``;
-    ``calib_tokens``: a streamed data method's rows (R1: two input groups per layer, float32) and the
-    layer-by-layer pass that takes them."""
+    ``calib_tokens``: a streamed data method's layer-by-layer pass over the calibration windows, with
+    ``statistics`` (its registry kind) ``"activations"``: the rows it keeps (R1: two input groups
+    per layer, float32); ``"hessians"``: one layer's float64 input Hessians, the eigendecomposition
+    of the largest, and the layer's weighted blocks (written to disk, not kept)."""
     b = _itemsize(dtype)
     if streamed:
         big = max(ck.embed_numel, ck.lm_head_numel)
@@ -130,12 +132,20 @@ def rotate_estimate(ck: Checkpoint, dtype: torch.dtype, streamed: bool, learned:
             # one layer read, fused and being written, and the float64 product of its largest tensor
             "layer": ck.layer_numel * b * 3 + ck.layer_tensor_numel * (8 * 2 + b)}
         if calib_tokens:
-            resident["calibration rows"] = calib_tokens * ck.hidden * 4 * 2 * ck.num_layers
             # the model's non-layer weights (a rotated embedding beside the read one), one layer loaded
             # and fused, the windows' hidden states and one layer's activations
-            transients["statistics pass"] = ((ck.numel - ck.layer_numel * ck.num_layers) * b + big * b
-                                             + ck.layer_numel * b * 3
-                                             + calib_tokens * (ck.hidden * 4 * 6 + ck.intermediate * 4 * 3))
+            stats = ((ck.numel - ck.layer_numel * ck.num_layers) * b + big * b + ck.layer_numel * b * 3
+                     + calib_tokens * (ck.hidden * 4 * 6 + ck.intermediate * 4 * 3))
+            if statistics == "hessians":
+                widest = max(ck.hidden, ck.intermediate) ** 2 * 8
+                stats += (3 * ck.hidden ** 2 * 8 + ck.intermediate ** 2 * 8 + widest * 3 + ck.layer_numel * 4
+                          + ck.layer_tensor_numel * 8 * 2)
+            else:
+                rows = calib_tokens * ck.hidden * 2 * ck.num_layers
+                resident["calibration rows"] = rows * 4
+                # a solver step: the rotated rows and two more of their size, in the rotations' float64
+                transients["objective step"] = rows * 8 * 3
+            transients["statistics pass"] = stats
         est = Estimate(_phases(resident, transients),
                        f"--streamed holds one layer and the {_name(dtype)} embedding"
                        + (f", and {calib_tokens} calibration tokens' rows" if calib_tokens else ""))
@@ -148,9 +158,11 @@ def rotate_estimate(ck: Checkpoint, dtype: torch.dtype, streamed: bool, learned:
             "objective's float32 copy": ck.numel * 4 if learned else 0}),
             f"in memory holds the whole {_name(dtype)} model")
     if not streamed and can_stream:
-        est.alternatives.append(("--streamed", rotate_estimate(ck, dtype, True, calib_tokens=calib_tokens).total))
+        est.alternatives.append(("--streamed", rotate_estimate(ck, dtype, True, calib_tokens=calib_tokens,
+                                                                    statistics=statistics).total))
     if b > 2:
-        smaller = rotate_estimate(ck, torch.bfloat16, streamed, learned, calib_tokens=calib_tokens)
+        smaller = rotate_estimate(ck, torch.bfloat16, streamed, learned, calib_tokens=calib_tokens,
+                                  statistics=statistics)
         est.alternatives.append(("--dtype bfloat16", smaller.total))
     return est
 

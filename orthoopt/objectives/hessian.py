@@ -57,6 +57,25 @@ def hessian_sqrt(H: torch.Tensor, what: str = "H", normalize: bool = True) -> to
     return (evecs * evals.sqrt()) @ evecs.T
 
 
+def weighted_block(block: WeightBlock, H: torch.Tensor | None, normalize_hessian: bool = True) -> WeightBlock:
+    """``block`` with weight ``W @ H^(1/2)`` (float64 product, stored in the weight's dtype, at least
+    float32); ``block`` itself when ``H`` is None. Checks as :class:`HessianWeighted` (``H`` is
+    ``[in, in]``, finite, symmetric PSD; the weight finite)."""
+    if not isinstance(block, WeightBlock):
+        raise InvalidInputError(f"HessianWeighted expects WeightBlock items, got {type(block).__name__}")
+    if H is None:
+        return block
+    k = block.weight.shape[1]
+    if not isinstance(H, torch.Tensor) or tuple(H.shape) != (k, k):
+        shape = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
+        raise InvalidInputError(f"block {block.name!r}: hessian must be [{k}, {k}] (the layer's input size), got {shape}")
+    check_finite_tensor(block.weight, f"block {block.name!r} ({block.rotation}, side {block.side!r})")
+    S = hessian_sqrt(H, what=f"hessian of block {block.name!r}", normalize=normalize_hessian)
+    dtype = torch.promote_types(block.weight.dtype, torch.float32)
+    W = (block.weight.detach().to(torch.float64) @ S.to(block.weight.device)).to(dtype)
+    return WeightBlock(W, block.rotation, block.side, block.name)
+
+
 class HessianWeighted(Objective):
     """Fourth power of ``W H^(1/2)`` rotated: ``sum_b c_b * sum((rotated(W_b @ H_b^(1/2))) ** 4)``.
 
@@ -92,22 +111,7 @@ class HessianWeighted(Objective):
             raise InvalidInputError(
                 f"got {len(blocks)} blocks but {len(hessians)} hessians (one per block, None for unweighted)"
             )
-        weighted = []
-        for b, H in zip(blocks, hessians):
-            if not isinstance(b, WeightBlock):
-                raise InvalidInputError(f"HessianWeighted expects WeightBlock items, got {type(b).__name__}")
-            if H is None:
-                weighted.append(b)
-                continue
-            k = b.weight.shape[1]
-            if not isinstance(H, torch.Tensor) or tuple(H.shape) != (k, k):
-                shape = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
-                raise InvalidInputError(f"block {b.name!r}: hessian must be [{k}, {k}] (the layer's input size), got {shape}")
-            check_finite_tensor(b.weight, f"block {b.name!r} ({b.rotation}, side {b.side!r})")
-            S = hessian_sqrt(H, what=f"hessian of block {b.name!r}", normalize=normalize_hessian)
-            dtype = torch.promote_types(b.weight.dtype, torch.float32)
-            W = (b.weight.detach().to(torch.float64) @ S.to(b.weight.device)).to(dtype)
-            weighted.append(WeightBlock(W, b.rotation, b.side, b.name))
+        weighted = [weighted_block(b, H, normalize_hessian) for b, H in zip(blocks, hessians)]
         self.blocks = blocks
         self.normalize_hessian = bool(normalize_hessian)
         self._inner = FourthPower(weighted, normalize=normalize)

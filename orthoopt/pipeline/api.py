@@ -173,11 +173,11 @@ def rotate_streamed(
         ``docs/solvers.md``); ``checkpoint`` (dtype, layers_per_shard, arch) and
         ``compute.chunk_rows`` are the store's settings.
     calib : torch.Tensor or str or os.PathLike or CalibSource, optional
-        Calibration data of a data method that streams (kurtosis, dfrot: statistics
-        ``"activations"``), as in :func:`rotate_model`; text is cut with ``tokenizer`` (default: the
-        folder's own). The rows are taken one decoder layer at a time
-        (:mod:`orthoopt.streaming.statistics`) and held for the phase: ``calib.tokens`` rows per
-        input-sharing group and layer, as in memory.
+        Calibration data of a data method (optrot+, kurtosis, dfrot), as in :func:`rotate_model`;
+        text is cut with ``tokenizer`` (default: the folder's own). The statistics are taken one
+        decoder layer at a time (:mod:`orthoopt.streaming.statistics`): kurtosis and dfrot hold
+        ``calib.tokens`` rows per input-sharing group and layer for the phase, as in memory; optrot+
+        writes its weighted blocks to a scratch folder inside the temporary output.
     tokenizer : optional
         Cuts text ``calib`` (default: ``AutoTokenizer`` of ``model_dir``).
     init, progress, callback, checkpoint, resume : optional

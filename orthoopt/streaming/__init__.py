@@ -1,8 +1,8 @@
 """Weights of models that need not fit in memory: read safetensors layer by layer, write shards.
 
 * :class:`SafetensorsStore` -- the weight store of :func:`orthoopt.pipeline.rotate_streamed` (the
-  fixed methods, OptRot, and the data methods of activations (kurtosis, dfrot), R1 and every R2.i,
-  equal to the in-memory run); peak memory about one layer (``docs/performance.md``).
+  fixed methods, OptRot, and the data methods (optrot+, kurtosis, dfrot), R1 and every R2.i, equal to
+  the in-memory run); peak memory about one layer (``docs/performance.md``).
 * :class:`FusedLayers`, :func:`layer_statistics` -- calibration inputs taken one layer at a time
   (:mod:`orthoopt.streaming.statistics`).
 * :class:`StreamedFourthPower` -- OptRot's R1 objective read from disk each step; :class:`StreamedBlockSum`

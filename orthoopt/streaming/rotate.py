@@ -4,14 +4,15 @@ written as shards, for the one phase loop of :mod:`orthoopt.pipeline` (``rotate_
 :class:`SafetensorsStore` implements :class:`orthoopt.store.WeightStore` for every method the registry
 marks as streamed (:attr:`orthoopt.methods.Method.supports_streamed`: the fixed methods, whose rotations
 are drawn per unit and fused as below, the data-free learned ones with a ``streamed`` R1 objective,
-e.g. OptRot, and the objectives of activations, kurtosis and dfrot, whose rows :meth:`SafetensorsStore.prepare`
-takes before each phase with one pass of the calibration windows through the layers,
-:mod:`orthoopt.streaming.statistics`):
+e.g. OptRot, and the data methods, whose statistics :meth:`SafetensorsStore.prepare` takes before each
+phase with one pass of the calibration windows through the layers (:mod:`orthoopt.streaming.statistics`):
+kurtosis and dfrot keep the rows, optrot+ writes its weighted blocks ``W H^(1/2)`` to a scratch folder
+inside the temporary output, :mod:`orthoopt.streaming.weighted`):
 
 1. **R1** is one unit: each solver step reads the norm-fused R1 blocks layer by layer and accumulates
    the loss and gradient (the entry's ``streamed`` factory; OptRot:
-   :class:`~orthoopt.streaming.objective.StreamedFourthPower`); a data method's objective is the
-   in-memory one on the phase's rows.
+   :class:`~orthoopt.streaming.objective.StreamedFourthPower`, over the weighted blocks for optrot+);
+   kurtosis' and dfrot's objective is the in-memory one on the phase's rows.
 2. **R2** is one unit per layer (``R2.0``, ``R2.1``, ..., as the phase loop plans every R2): read the layer, fuse the norms, fuse R1
    (float64, cast back as the in-memory write-back does), learn ``R2.i`` (the entry's ``objective``)
    on that layer's R1-rotated v/o blocks alone (they are the only blocks next to it), fuse it, and write the layer's shard. The
@@ -67,6 +68,7 @@ from orthoopt.adapters.writeback import layer_r1_entries, layer_r2_entries
 from orthoopt.core import WeightBlock
 from orthoopt.streaming.layer_rotation import apply_r1, apply_r2, r2_blocks, rotate_rows
 from orthoopt.streaming.layout import DecoderLayout
+from orthoopt.streaming.weighted import WeightedRows, load_blocks, save_blocks
 from orthoopt.models.shards import ShardedWriter
 
 try:
@@ -77,6 +79,8 @@ except ImportError:  # pragma: no cover - Windows
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _NOT_COPIED = {"config.json", INDEX_FILE, "pytorch_model.bin.index.json", LEGACY_ROTATIONS_FILE, REPORT_FILE}
 F64 = torch.float64
+SCRATCH = ".orthoopt-scratch"
+"""The folder inside the temporary output that holds OptRot+'s weighted blocks during the run."""
 
 
 def peak_rss_mib() -> float | None:
@@ -130,7 +134,8 @@ class SafetensorsStore:
         self.R1: torch.Tensor | None = None
         self.r2: dict[int, torch.Tensor] = {}
         self._cached: tuple[int, dict[str, torch.Tensor]] | None = None  # the layer of the R2 unit in progress
-        self._phase_data: tuple[str, dict[str, torch.Tensor]] | None = None  # (phase, {rotation: X})
+        self._phase_data: tuple[str, dict | WeightedRows] | None = None  # (phase, {rotation: X} or weighted blocks)
+        self._scratch: Path | None = None  # the weighted blocks' folder, inside the temporary output folder
         self.writer: ShardedWriter | None = None
 
     # WeightStore ------------------------------------------------------------------------------
@@ -146,49 +151,95 @@ class SafetensorsStore:
         return {"R1": self.layout.hidden, **{f"R2.{i}": self.layout.head_dim for i in range(self.layout.num_layers)}}
 
     def prepare(self, phase: str, config: RotateConfig, calib, progress: bool) -> None:
-        """Data methods (statistics ``"activations"``): the rows each rotation of ``phase`` multiplies,
-        taken layer by layer on the current weights (:meth:`_activations`); data-free: nothing."""
+        """Data methods: the rows each rotation of ``phase`` multiplies (statistics ``"activations"``,
+        :meth:`_activations`) or the Hessian-weighted blocks written to the scratch folder
+        (``"hessians"``, :meth:`_weighted`), taken layer by layer on the current weights; data-free:
+        nothing."""
         self._phase_data = None  # the previous phase's statistics go before the next ones are taken
+        if config.entry.needs_calibration and calib is None:
+            raise InvalidInputError(f"method {config.method!r} needs calibration text (--calib TEXT_FILE)")
         if config.entry.statistics == "activations":
-            if calib is None:
-                raise InvalidInputError(f"method {config.method!r} needs calibration text (--calib TEXT_FILE)")
             self._phase_data = (phase, self._activations(phase, calib, progress))
+        elif config.entry.statistics == "hessians":
+            self._phase_data = (phase, self._weighted(phase, calib, progress))
 
     def _meta_layer(self, i: int) -> dict[str, torch.Tensor]:
         """Layer ``i``'s tensors as shapes only (``meta``): enough to name its blocks and their inputs."""
         return {k: torch.empty(self.ckpt.shape(k), device="meta") for k in self.reader.layer_keys(i)}
 
-    def _input_entries(self, phase: str, i: int) -> list:
-        """``(block, input module, column slice)`` of layer ``i``'s side-"in" blocks of ``phase`` that
-        learned objectives count (the in-memory store's ``_blocks``: full-precision ones left out)."""
+    def _entries(self, phase: str, i: int, t: dict[str, torch.Tensor] | None = None, side: str | None = None) -> list:
+        """``(block, input module, column slice)`` of layer ``i``'s blocks of ``phase`` that learned
+        objectives count (the in-memory store's ``_blocks``: full-precision ones left out), of ``side``
+        only when given; views of ``t`` (default: shapes only)."""
         L = self.layout
-        t, key, name = self._meta_layer(i), L.layer_key_prefix(i), f"{L.spec.layers}.{i}"
+        t = self._meta_layer(i) if t is None else t
+        key, name = L.layer_key_prefix(i), f"{L.spec.layers}.{i}"
         entries = (layer_r1_entries(L.spec, t, key, name) if phase == "R1" else
                    layer_r2_entries(L.spec, t, key, name, i, L.num_heads, L.num_kv_heads, L.head_dim))
-        return [e for e in entries if e[0].side == "in" and not L.spec.is_full_precision(e[0].name)]
+        return [e for e in entries if (side is None or e[0].side == side) and not L.spec.is_full_precision(e[0].name)]
+
+    def _roles(self, entries: dict) -> list[str]:
+        """The projection roles whose inputs ``entries`` (by layer) read."""
+        L = self.layout
+        modules = {m for es in entries.values() for _, m, _ in es}
+        return [r for r in L.roles() if any(L.layer_modules(i)[r] in modules for i in range(L.num_layers))]
+
+    def _statistics(self, phase: str, calib: torch.Tensor, roles: list[str], kind: str, head: bool, progress: bool):
+        """:func:`~orthoopt.streaming.statistics.layer_statistics` of ``phase``'s weights (R2: R1-rotated)."""
+        from orthoopt.streaming.statistics import FusedLayers, layer_statistics
+
+        layered = FusedLayers(self.reader, self.R1 if phase == "R2" else None, self.device)
+        yield from layer_statistics(layered, calib, roles, kind, max_tokens=self.config.calib.tokens,
+                                    seed=self.config.seed, head=head, progress=progress and self.rank == 0)
 
     def _activations(self, phase: str, calib: torch.Tensor, progress: bool) -> dict[str, torch.Tensor]:
         """``{rotation: X [rows, n]}`` of ``phase`` as the in-memory store takes them (q/k/v and
         gate/up share one input per layer; R2.i: layer i's o_proj input per head), from one pass of the
         calibration windows through the norm-fused (for R2: R1-rotated) layers, one layer loaded at a time."""
-        from orthoopt.streaming.statistics import FusedLayers, layer_statistics
-
-        c, L = self.config, self.layout
-        entries = {i: self._input_entries(phase, i) for i in range(L.num_layers)}
-        modules = {m for es in entries.values() for _, m, _ in es}
-        roles = [r for r in L.roles() if any(L.layer_modules(i)[r] in modules for i in range(L.num_layers))]
-        head = phase == "R1" and c.include_embeddings and self.reader.has_lm_head_block
+        L = self.layout
+        entries = {i: self._entries(phase, i, side="in") for i in range(L.num_layers)}
+        roles = self._roles(entries)
+        head = self._counts_lm_head(phase)
         if head:
             vocab = self.ckpt.shape(self.reader.lm_head_source)[0]
             entries["lm_head"] = [(WeightBlock(torch.empty(vocab, L.hidden, device="meta"), "R1", "in", L.lm_head),
                                    L.lm_head, None)]
-        layered = FusedLayers(self.reader, self.R1 if phase == "R2" else None, self.device)
         rows: dict[str, list[torch.Tensor]] = {}
-        for unit, inputs in layer_statistics(layered, calib, roles, "rows", max_tokens=c.calib.tokens, seed=c.seed,
-                                             head=head, progress=progress and self.rank == 0):
+        for unit, inputs in self._statistics(phase, calib, roles, "rows", head, progress):
             rotation_rows(entries[unit], inputs, rows)
-        del layered
         return {k: torch.cat(xs) for k, xs in rows.items()}
+
+    def _counts_lm_head(self, phase: str) -> bool:
+        """True when ``phase``'s learned objective counts lm_head (R1 with include_embeddings, untied)."""
+        return phase == "R1" and self.config.include_embeddings and self.reader.has_lm_head_block
+
+    def _weighted(self, phase: str, calib: torch.Tensor, progress: bool) -> WeightedRows:
+        """OptRot+'s blocks ``W H^(1/2)`` of ``phase`` (:func:`orthoopt.objectives.hessian.weighted_block`,
+        as :class:`~orthoopt.objectives.HessianWeighted` forms them in memory), formed layer by layer
+        while each layer's input Hessians are at hand and written to the scratch folder, one file per
+        unit (embedding: no input, left unweighted and read from the checkpoint)."""
+        from orthoopt.objectives.hessian import weighted_block
+
+        L = self.layout
+        if self._scratch is None:
+            raise InvalidInputError("the streamed store writes its weighted blocks into the output folder: "
+                                    "call open_output first")
+        folder = self._scratch / phase
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        weighted = WeightedRows(self.reader, folder, torch.promote_types(self.reader.dtype, torch.float32))
+        roles = self._roles({i: self._entries(phase, i) for i in range(L.num_layers)})
+        head = self._counts_lm_head(phase)
+        for unit, H in self._statistics(phase, calib, roles, "hessians", head, progress):
+            if unit == "lm_head":
+                W = torch.cat(list(self.reader.lm_head_rows()))
+                entries = [(WeightBlock(W, "R1", "in", L.lm_head), L.lm_head, None)]
+            else:
+                entries = self._entries(phase, unit, self._layer(unit))
+            save_blocks(weighted.path(unit), [weighted_block(b, None if m is None else H[m] if sl is None
+                                                             else H[m][sl, sl]) for b, m, sl in entries])
+            del entries
+        return weighted
 
     def local_units(self, units: list[Unit]) -> list[Unit]:
         """R1 (collective: every rank) and this rank's share of the layers' R2 units."""
@@ -207,7 +258,8 @@ class SafetensorsStore:
             share = shard_ranges([self.reader.unit_numel(u) for u in units], self.world_size)[self.rank]
             local = None
             if len(share):
-                local = c.entry.streamed(StreamedInputs(self.reader, [units[j] for j in share],
+                reader = self._phase_data[1] if c.entry.statistics == "hessians" else self.reader
+                local = c.entry.streamed(StreamedInputs(reader, [units[j] for j in share],
                                                         chunk_rows=c.compute.chunk_rows,
                                                         sample_fraction=c.compute.sample_fraction, seed=c.seed,
                                                         device=self.device))
@@ -216,14 +268,18 @@ class SafetensorsStore:
         t = self._layer(i)
         self._cached = (i, t)
         inputs = self._objective_inputs(unit)
-        inputs.blocks = r2_blocks(t, self.layout, i)
+        if c.entry.statistics == "hessians":  # the weighted blocks of prepare: weighted already
+            inputs.blocks = load_blocks(self._phase_data[1].path(i))
+            inputs.hessians = [None] * len(inputs.blocks)
+        else:
+            inputs.blocks = r2_blocks(t, self.layout, i)
         return c.entry.objective(inputs)
 
     def _objective_inputs(self, unit: Unit) -> ObjectiveInputs:
         """The unit's settings and, for a data method, its rotation's rows (:meth:`prepare`)."""
         c = self.config
         inputs = ObjectiveInputs(sample_fraction=c.compute.sample_fraction, seed=c.seed, device=self.device)
-        if self._phase_data is not None and self._phase_data[0] == unit.phase:
+        if c.entry.statistics == "activations" and self._phase_data is not None and self._phase_data[0] == unit.phase:
             inputs.activations = {k: v for k, v in self._phase_data[1].items() if k in unit.dims}
         return inputs
 
@@ -324,6 +380,7 @@ class SafetensorsStore:
         R2 is fused (:meth:`apply`), under ``torchrun`` rank 0 writes every layer after the loop."""
         self.num_shards, self.layer_shard = _shard_plan(self.layout, self.config.checkpoint.layers_per_shard)
         self.writer = ShardedWriter(folder, self.num_shards)
+        self._scratch = Path(folder) / SCRATCH
         self._next_layer = 0
         self._pending: dict[str, torch.Tensor] = {}
 
@@ -372,6 +429,9 @@ class SafetensorsStore:
     def write_weights(self, folder: Path) -> None:
         """The layers not written yet, the rest of the weights (:meth:`write_rest`), ``config.json`` and
         the input's side files (tokenizer, generation config)."""
+        self._phase_data = None
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)  # before the folder is renamed into place
         self.write_rest()
         _write_config(self.ckpt.path, folder, self.reader.untie, self.config.checkpoint.torch_dtype)
         _copy_side_files(self.ckpt.path, folder)
