@@ -13,7 +13,6 @@ pytest.importorskip("compressed_tensors")
 from orthoopt.cli import main  # noqa: E402
 from orthoopt.testing import save_planted  # noqa: E402
 
-from helpers import run_error  # noqa: E402
 
 
 def _weights(folder):
@@ -36,6 +35,8 @@ def _qconfig(folder):
     (torch.bfloat16, "rtn", {}),
     (torch.float32, "gptq", {"act": {"bits": 8}}),
     (torch.bfloat16, "gptq", {"group_size": 32}),
+    (torch.float32, "rtn", {"act": {"bits": 8, "online_hadamard": True}}),  # R4: its transform and shared matrix
+    (torch.bfloat16, "gptq", {"group_size": 32, "act": {"bits": 8, "online_hadamard": True}}),
 ])
 def test_layered_export_writes_the_whole_model_export(tmp_path, dtype, method, extra):
     from orthoopt.export.compressed_tensors import save_compressed_tensors
@@ -97,13 +98,14 @@ def test_quantize_streamed_writes_compressed_tensors(capsys, tmp_path, tiny_llam
     assert _qconfig(tmp_path / "auto") == _qconfig(tmp_path / "whole")
     assert (tmp_path / "auto" / "model.safetensors.index.json").is_file()
     assert not any(p.name.endswith(".tmp") or p.name.endswith(".ct") for p in (tmp_path / "auto").iterdir())
-    # R4 as a compressed-tensors transform is not written layer by layer: auto falls back, a named format refuses
+    # R4 as a compressed-tensors transform, layer by layer too: auto picks compressed-tensors
     r4 = {"scheme": "W4A8", "group_size": 32, "online_hadamard": True}
+    whole = orthoopt.oneshot(str(tiny_llama), out=tmp_path / "r4whole", quantize=r4, progress=False)
     got = orthoopt.oneshot(str(tiny_llama), out=tmp_path / "r4", quantize=r4, streamed=True, progress=False)
-    assert got.format == "orthoopt" and any("(R4)" in r for r in got.passed_over)
-    err = run_error(capsys, ["quantize", str(tiny_llama), "--out", str(tmp_path / "r4ct"), "--scheme", "W4A8",
-                             "--online-hadamard", "--format", "compressed-tensors", "--streamed", "--no-progress"])
-    assert "layer-by-layer export" in err and not (tmp_path / "r4ct").exists()
+    assert got.format == whole.format == "compressed-tensors" and got.passed_over == []
+    a, b = _weights(tmp_path / "r4whole"), _weights(tmp_path / "r4")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert any("R4_input" in n for n in a) and _qconfig(tmp_path / "r4") == _qconfig(tmp_path / "r4whole")
     assert main(["quantize", str(tiny_llama), "--out", str(tmp_path / "cli"), "--scheme", "W4A16", "--group-size",
                  "32", "--streamed", "--no-progress"]) == 0
     assert "quantization_config" in json.loads((tmp_path / "cli" / "config.json").read_text())

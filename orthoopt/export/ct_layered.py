@@ -12,8 +12,10 @@ lm_head form shard 0 (full precision, as in the whole-model export). ``config.js
 attached, as in the whole-model export; the tensors and the config are the whole-model export's
 (``tests/test_ct_layered.py``), only the file layout differs (numbered shards and an index).
 
-Not layer by layer: the online Hadamard before ``down_proj`` (R4) as a compressed-tensors transform
-(its matrix is one tensor the layers share; refused with the reason, :func:`layered_reasons`).
+With R4 (``--online-hadamard``) the ``transform_config`` and the one ``R4_input`` matrix the layers
+share are the whole-model export's too (:func:`orthoopt.export.ct_transform.stored_r4`: built by
+compressed-tensors on a probe linear and checked against orthoopt's matrix; written with the first
+layer's shard).
 """
 
 from __future__ import annotations
@@ -43,16 +45,11 @@ from orthoopt.models.shards import ShardedWriter
 from orthoopt.quant.model import QUANT_JSON, QuantResult
 from orthoopt.utils.atomic import atomic_dir
 
-R4_LAYERED = ("the online Hadamard before down_proj (R4) is written as a compressed-tensors transform whose matrix "
-              "the layers share, which the layer-by-layer export does not write; leave out --streamed, or keep "
-              "--format orthoopt (which runs R4 layer by layer)")
-
-
 def layered_reasons(settings: dict) -> list[str]:
     """Why ``settings`` (as :func:`orthoopt.export.compressed_tensors.unrepresentable` takes them) cannot
-    be exported layer by layer beyond what the whole-model export refuses; empty if they can."""
-    act = settings.get("act") or {}
-    return [R4_LAYERED] if (settings.get("online_hadamard") or act.get("online_hadamard")) else []
+    be exported layer by layer beyond what the whole-model export refuses: nothing today (R4 too is
+    written layer by layer); kept so that :func:`orthoopt.export.choose.can_carry` asks one place."""
+    return []
 
 
 @torch.no_grad()
@@ -113,8 +110,9 @@ def save_compressed_tensors_layered(layered: LayeredModel, tokenizer, out_dir: s
     Raises
     ------
     InvalidInputError
-        What :func:`orthoopt.export.compressed_tensors.check_exportable` refuses, R4 (:data:`R4_LAYERED`),
-        a missing compressed-tensors, a result without weight grids; before any output.
+        What :func:`orthoopt.export.compressed_tensors.check_exportable` refuses (R4 of a size that is
+        not a power of two among them), a missing compressed-tensors, a result without weight grids;
+        before any output.
     RuntimeError
         A packed weight that does not dequantize to the fake-quantized weight (a bug).
     """
@@ -144,17 +142,26 @@ def save_compressed_tensors_layered(layered: LayeredModel, tokenizer, out_dir: s
         from orthoopt.export.compressed_tensors import _check_act_targets
 
         _check_act_targets(model, set(result.params))
+    r4 = None
+    if act.get("online_hadamard"):
+        from orthoopt.export.ct_transform import stored_r4
+
+        r4 = stored_r4(model, (settings.get("online_hadamard") or {})["size"], ct["transform"], layered.dtype)
     with atomic_dir(out_dir) as tmp:
         writer = ShardedWriter(tmp, len(layered) + 1)
         for i in range(len(layered)):
-            writer.write(i + 1, _layer_state(layered, i, result, with_act, fmt, ct, progress))
+            state = _layer_state(layered, i, result, with_act, fmt, ct, progress)
+            if r4 is not None and i == 0:
+                state[r4[1]] = r4[2]
+            writer.write(i + 1, state)
         writer.write(0, layered.nonlayer_state())
         writer.finish()
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _write_quantization_config(model, tmp, result, sorted(linears - set(result.params)), with_act, fmt, ct)
+        _write_quantization_config(model, tmp, result, sorted(linears - set(result.params)), with_act, fmt, ct,
+                                   None if r4 is None else r4[0])
         settings["export"] = {"format": "compressed-tensors", "compression_format": fmt,
                               "compressed_tensors_version": ct["version"], "layered": True}
         if with_act:
@@ -164,20 +171,25 @@ def save_compressed_tensors_layered(layered: LayeredModel, tokenizer, out_dir: s
 
 
 def _write_quantization_config(model: nn.Module, folder: Path, result: QuantResult, ignore: list[str],
-                               with_act: bool, fmt: str, ct: dict) -> None:
+                               with_act: bool, fmt: str, ct: dict, transform=None) -> None:
     """``config.json``'s ``quantization_config`` as the whole-model export writes it: compressed-tensors
     derives it from the skeleton with the schemes attached (its decoder layers on ``meta``, so nothing
-    is allocated), marked compressed; the schemes are taken off again."""
+    is allocated) and ``transform`` (R4's transform config) as the model's, marked compressed; the
+    schemes and the transform config are taken off again."""
     targets = {name: model.get_submodule(name) for name in result.params}
     originals = {name: m.weight for name, m in targets.items()}
     ct["apply_quantization_config"](model, frozen_config(result.spec, ignore, with_act, fmt, ct),
                                     show_progress=False)
+    if transform is not None:
+        model.transform_config = transform  # where ModelCompressor looks for it (as apply_transform_config sets)
     try:
         compressor = ct["ModelCompressor"].from_pretrained_model(model, quantization_format=fmt)
         compressor.quantization_config.quantization_status = ct["QuantizationStatus"].COMPRESSED
         compressor.update_config(str(folder))
     finally:
         _restore(model, targets, originals, ct, None)
+        if "transform_config" in vars(model):
+            delattr(model, "transform_config")
 
 
-__all__ = ["R4_LAYERED", "layered_reasons", "save_compressed_tensors_layered"]
+__all__ = ["layered_reasons", "save_compressed_tensors_layered"]

@@ -108,6 +108,27 @@ def applied_r4(model: nn.Module, n: int, ct_transform):
         _remove(model, lins, before)
 
 
+def stored_r4(model: nn.Module, n: int, ct_transform, dtype: torch.dtype) -> tuple[object, str, torch.Tensor]:
+    """What :func:`applied_r4` makes compressed-tensors store, without attaching anything to ``model``
+    (whose layers may be on ``meta``): ``(transform config, key, matrix)``, the matrix that
+    ``save_pretrained`` writes once under ``key`` (the first target's ``R4_input.weight``; the layers
+    share it). The matrix is built by compressed-tensors on a probe linear of ``dtype`` and checked as
+    :func:`applied_r4` checks it. Raises ValueError as :func:`applied_r4` does."""
+    why = r4_size_reason(n)
+    if why:
+        raise InvalidInputError(why)
+    lins = r4_linears(model)
+    sizes = {lin.in_features for lin in lins.values()}
+    if sizes != {n}:
+        raise InvalidInputError(f"the R4 record says size {n}, the model's down_proj inputs are {sorted(sizes)}")
+    probe = nn.Module()
+    probe.add_module("down", nn.Linear(n, 1, bias=False, dtype=dtype))
+    ct_transform.apply_transform_config(probe, transform_config(["down"], ct_transform))
+    _check_matrix({"down": probe.down}, n)
+    matrix = getattr(probe.down, SUBMODULE).weight.detach().clone()
+    return transform_config(sorted(lins), ct_transform), f"{sorted(lins)[0]}.{SUBMODULE}.weight", matrix
+
+
 def _check_matrix(lins: dict[str, nn.Linear], n: int) -> None:
     """compressed-tensors' transform on every target is ``x -> x @ hadamard_matrix(n) / sqrt(n)``:
     its stored matrix equals orthoopt's exactly, and its forward agrees with orthoopt's fast transform
