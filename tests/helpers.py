@@ -5,6 +5,16 @@ from pathlib import Path
 import torch
 
 
+def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` files of ``folder`` (one file or numbered shards), by name."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
 def assert_streamed_r1_blocks_match(reader, layout, adapter) -> None:
     """The streamed reader yields, block by block and in order, exactly the fused adapter's R1 rows."""
     blocks = adapter.weight_blocks("R1")

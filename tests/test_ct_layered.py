@@ -13,15 +13,9 @@ pytest.importorskip("compressed_tensors")
 from orthoopt.cli import main  # noqa: E402
 from orthoopt.testing import save_planted  # noqa: E402
 
+from helpers import folder_tensors  # noqa: E402
 
 
-def _weights(folder):
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def _qconfig(folder):
@@ -59,7 +53,7 @@ def test_layered_export_writes_the_whole_model_export(tmp_path, dtype, method, e
     result = quantize_layered(folder, tmp_path / "fake", config, calib, progress=False)
     layered = LayeredModel(tmp_path / "fake", dtype)
     save_compressed_tensors_layered(layered, tok, tmp_path / "layered", result, progress=False)
-    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "layered")
+    a, b = folder_tensors(tmp_path / "whole"), folder_tensors(tmp_path / "layered")
     assert sorted(a) == sorted(b)
     for name in a:  # the same integer codes and scales: same arithmetic on the same fake-quantized weights
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
@@ -93,7 +87,7 @@ def test_quantize_streamed_writes_compressed_tensors(capsys, tmp_path, tiny_llam
     whole = orthoopt.oneshot(str(tiny_llama), out=tmp_path / "whole", quantize=q, progress=False)
     got = orthoopt.oneshot(str(tiny_llama), out=tmp_path / "auto", quantize=q, streamed=True, progress=False)
     assert got.format == whole.format == "compressed-tensors" and got.passed_over == []
-    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "auto")
+    a, b = folder_tensors(tmp_path / "whole"), folder_tensors(tmp_path / "auto")
     assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
     assert _qconfig(tmp_path / "auto") == _qconfig(tmp_path / "whole")
     assert (tmp_path / "auto" / "model.safetensors.index.json").is_file()
@@ -103,7 +97,7 @@ def test_quantize_streamed_writes_compressed_tensors(capsys, tmp_path, tiny_llam
     whole = orthoopt.oneshot(str(tiny_llama), out=tmp_path / "r4whole", quantize=r4, progress=False)
     got = orthoopt.oneshot(str(tiny_llama), out=tmp_path / "r4", quantize=r4, streamed=True, progress=False)
     assert got.format == whole.format == "compressed-tensors" and got.passed_over == []
-    a, b = _weights(tmp_path / "r4whole"), _weights(tmp_path / "r4")
+    a, b = folder_tensors(tmp_path / "r4whole"), folder_tensors(tmp_path / "r4")
     assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
     assert any("R4_input" in n for n in a) and _qconfig(tmp_path / "r4") == _qconfig(tmp_path / "r4whole")
     assert main(["quantize", str(tiny_llama), "--out", str(tmp_path / "cli"), "--scheme", "W4A16", "--group-size",

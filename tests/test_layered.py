@@ -19,7 +19,7 @@ from orthoopt.models.io import load_model
 from orthoopt.models.onload import LayeredModel
 from orthoopt.testing import save_planted
 
-from helpers import run_error, sample_text_file
+from helpers import folder_tensors, run_error, sample_text_file
 
 IDS = torch.randint(0, 259, (1500,), generator=torch.Generator().manual_seed(0))
 
@@ -102,14 +102,6 @@ def test_streamed_eval_estimate_holds_one_layer(tmp_path):
     assert any(flags.startswith("--streamed") for flags, _ in whole.alternatives)
 
 
-def _weights(folder):
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
 
 @pytest.mark.parametrize("dtype,method,extra", [
     (torch.float32, "rtn", {"group_size": 32, "sym": False}),
@@ -135,7 +127,7 @@ def test_layered_quantize_writes_the_weights_of_the_in_memory_path(tmp_path, dty
     whole = quantize_model(model, config, calib, progress=False)
     save_quantized(model, tok, tmp_path / "whole", whole.settings)
     got = quantize_layered(folder, tmp_path / "layered", config, calib, progress=False)
-    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "layered")
+    a, b = folder_tensors(tmp_path / "whole"), folder_tensors(tmp_path / "layered")
     assert sorted(a) == sorted(b)
     for name in a:
         assert a[name].dtype == b[name].dtype == dtype and torch.equal(a[name], b[name]), name
@@ -163,7 +155,7 @@ def test_quantize_streamed_writes_and_scores_what_quantize_does(tmp_path, tiny_l
     common = dict(calib=text_file, quantize=q, eval_text=text_file, eval_seq_len=32, eval_max_tokens=800, progress=False)
     whole = orthoopt.oneshot(str(tiny_llama), out=tmp_path / "whole", **common)
     streamed = orthoopt.oneshot(str(tiny_llama), out=tmp_path / "streamed", streamed=True, **common)
-    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "streamed")
+    a, b = folder_tensors(tmp_path / "whole"), folder_tensors(tmp_path / "streamed")
     assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
     assert {k: v for k, v in streamed.evaluation.items()} == whole.evaluation
     assert _report_perplexity(tmp_path / "streamed") == _report_perplexity(tmp_path / "whole")
@@ -183,7 +175,7 @@ def test_quantize_streamed_after_a_streamed_rotation(tmp_path, tiny_llama, text_
     orthoopt.oneshot(str(tmp_path / "rot"), out=tmp_path / "ref", quantize=q, progress=False)
     got = orthoopt.oneshot(str(tiny_llama), out=tmp_path / "one", rotate="hadamard", quantize=q, streamed=True,
                            progress=False)
-    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "one")
+    a, b = folder_tensors(tmp_path / "ref"), folder_tensors(tmp_path / "one")
     assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
     assert got.settings["rotation"]["method"] == "hadamard"
     assert not any(p.name == "rotated.tmp" for p in (tmp_path / "one").iterdir())
@@ -258,6 +250,6 @@ def test_quantize_streamed_with_a_data_method_rotation(tmp_path, tiny_llama, tex
     common = dict(rotate=rotate, calib=text_file, quantize=q, progress=False)
     whole = orthoopt.oneshot(str(tiny_llama), out=tmp_path / "whole", **common)
     streamed = orthoopt.oneshot(str(tiny_llama), out=tmp_path / "streamed", streamed=True, **common)
-    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "streamed")
+    a, b = folder_tensors(tmp_path / "whole"), folder_tensors(tmp_path / "streamed")
     assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
     assert streamed.settings["rotation"]["method"] == whole.settings["rotation"]["method"] == method

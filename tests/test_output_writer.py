@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from orthoopt.models import load_model, load_rotations
 from orthoopt.testing import save_planted
 from orthoopt.config import RotateConfig
 from orthoopt.pipeline import rotate_model, rotate_streamed
+
+from helpers import folder_tensors
 
 TINY = dict(arch="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, seed=3)
 
@@ -26,12 +27,6 @@ def model_dir(tmp_path_factory) -> Path:
 def _ids() -> torch.Tensor:
     return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
 
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def test_rotate_model_writes_through_the_writer_what_the_streamed_store_writes(model_dir, tmp_path):
@@ -55,7 +50,7 @@ def test_rotate_model_writes_through_the_writer_what_the_streamed_store_writes(m
     assert report["model"] == "tiny" and report["method"] == "hadamard"
     assert json.loads((streamed_out / "report.json").read_text())["method"] == "hadamard"
     # the weights are the rotated model's (in memory) and equal the streamed ones to float32 rounding
-    mem, st = _weights(memory_out), _weights(streamed_out)
+    mem, st = folder_tensors(memory_out), folder_tensors(streamed_out)
     for k, v in model.state_dict().items():
         if k in mem:
             assert torch.equal(mem[k], v), k

@@ -26,7 +26,7 @@ from orthoopt.pipeline import rotate_model, rotate_streamed
 from orthoopt.resume import Partial, read_partial, write_partial
 from orthoopt.solvers import SOLVERS, initial_rotations, make_solver
 
-from helpers import main_interrupted_at
+from helpers import folder_tensors, main_interrupted_at
 
 SMALL = dict(arch="llama", hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2, seed=5)
 
@@ -117,12 +117,6 @@ def test_kill9_then_resume_is_bit_identical(model_dir, tmp_path, extra, kill_pha
         assert not partial.exists()
 
 
-def _shards(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("model*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
 
 def _same_output(got: Path, want: Path) -> None:
     """Rotations, every weight of the written model and the loss curves are bit-identical."""
@@ -130,7 +124,7 @@ def _same_output(got: Path, want: Path) -> None:
     assert set(a) == set(b)
     for k in b:
         assert torch.equal(a[k], b[k]), f"rotation {k} differs"
-    wa, wb = _shards(got), _shards(want)
+    wa, wb = folder_tensors(got), folder_tensors(want)
     assert set(wa) == set(wb) and wa
     for k in wb:
         assert torch.equal(wa[k], wb[k]), f"weight {k} differs"
