@@ -144,3 +144,19 @@ def test_interrupted_streamed_data_method_resumes_bit_identical(planted, tmp_pat
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert not any(p.name.startswith(".") for p in (tmp_path / "out").iterdir())
     assert not any(p.name.startswith("out.") or p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_linear_inputs_of_several_batches_keep_the_bottom_k_tokens(planted):
+    """Several batches: the kept rows are all tokens' rows at the ``max_tokens`` smallest keys (drawn
+    batch by batch with the seed), in position order; all rows when ``max_tokens`` covers them."""
+    adapter, _ = _fused(planted["llama"])
+    batches = [_calib(259, 2, 16), _calib(259, 1, 8), _calib(259, 3, 16)]
+    module = "layers.1.mlp.gate_proj"
+    full = adapter.linear_inputs(batches, max_tokens=10 ** 6, modules=[module], progress=False)[module]
+    singles = [adapter.linear_inputs([b], max_tokens=10 ** 6, modules=[module], progress=False)[module] for b in batches]
+    assert torch.equal(full, torch.cat(singles)) and full.shape[0] == 88
+    gen = torch.Generator().manual_seed(4)
+    keys = torch.cat([torch.rand(b.numel(), generator=gen, dtype=torch.float64) for b in batches])
+    idx = torch.topk(keys, 30, largest=False).indices.sort().values
+    got = adapter.linear_inputs(batches, max_tokens=30, modules=[module], seed=4, progress=False)[module]
+    assert torch.equal(got, full[idx])

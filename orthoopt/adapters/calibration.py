@@ -68,34 +68,39 @@ def linear_inputs(model: nn.Module, m: DecoderModules, batches: Iterable[torch.T
         raise InvalidInputError(f"max_tokens must be >= 1, got {max_tokens}")
     groups = input_groups(m, modules)
     linears = m.input_modules()
+    items = list(_batches(batches, False, ""))  # checked and shaped; the bar is the forward loop's below
+    if not items:
+        raise InvalidInputError("no calibration batches given")
+    # one float64 key per token, drawn batch by batch; the max_tokens smallest are kept, in position
+    # order, so each batch's kept positions are known before any forward (the bottom-k of all tokens)
     gen = torch.Generator().manual_seed(seed)
-    kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # leader -> (keys [T], rows [T, in])
-    keys: list[torch.Tensor] = []  # this batch's per-token keys (bottom-k sampling)
+    keys = [torch.rand(ids.numel(), generator=gen, dtype=torch.float64) for ids in items]
+    sizes = [k.numel() for k in keys]
+    chosen: list[torch.Tensor | None] = [None] * len(items)  # None: every token of the batch
+    if sum(sizes) > max_tokens:
+        idx = torch.topk(torch.cat(keys), max_tokens, largest=False).indices.sort().values
+        starts = torch.tensor([0, *sizes]).cumsum(0)
+        chosen = [idx[(idx >= starts[b]) & (idx < starts[b + 1])] - starts[b] for b in range(len(items))]
+    kept: dict[str, list[torch.Tensor]] = {leader: [] for leader in groups}
+    batch = [0]
 
     def hook(leader):
         def fn(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to("cpu", torch.float32)
-            k = keys[0]
-            if leader in kept:
-                k = torch.cat([kept[leader][0], k])
-                x = torch.cat([kept[leader][1], x])
-            if k.numel() > max_tokens:
-                idx = torch.topk(k, max_tokens, largest=False).indices.sort().values
-                k, x = k[idx], x[idx]
-            kept[leader] = (k, x)
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            sel = chosen[batch[0]]
+            kept[leader].append((x if sel is None else x[sel.to(x.device)]).to("cpu", torch.float32))
         return fn
 
     handles = [linears[leader].register_forward_pre_hook(hook(leader)) for leader in groups]
     try:
-        for ids in _batches(batches, progress, "capture inputs"):
-            keys[:] = [torch.rand(ids.numel(), generator=gen, dtype=torch.float64)]
+        for b, ids in enumerate(tqdm(items, desc="capture inputs", disable=not progress, leave=False)):
+            batch[0] = b
             _run(model, ids)
     finally:
         for h in handles:
             h.remove()
-    if not kept:
-        raise InvalidInputError("no calibration batches given")
-    return {name: kept[leader][1] for leader, names in groups.items() for name in names}
+    rows = {leader: torch.cat(xs) for leader, xs in kept.items()}
+    return {name: rows[leader] for leader, names in groups.items() for name in names}
 
 
 @torch.no_grad()
