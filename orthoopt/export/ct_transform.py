@@ -80,6 +80,18 @@ def transform_config(targets: list[str], ct_transform) -> object:
     return ct_transform.TransformConfig(config_groups={SCHEME_NAME: scheme})
 
 
+def _r4_targets(model: nn.Module, n: int) -> dict[str, nn.Linear]:
+    """:func:`r4_linears` of ``model``, after checking that ``n`` can be exported and is their input size."""
+    why = r4_size_reason(n)
+    if why:
+        raise InvalidInputError(why)
+    lins = r4_linears(model)
+    sizes = {lin.in_features for lin in lins.values()}
+    if sizes != {n}:
+        raise InvalidInputError(f"the R4 record says size {n}, the model's down_proj inputs are {sorted(sizes)}")
+    return lins
+
+
 @contextmanager
 def applied_r4(model: nn.Module, n: int, ct_transform):
     """Attach compressed-tensors' R4 transform to every ``down_proj`` of ``model`` (so that
@@ -91,13 +103,7 @@ def applied_r4(model: nn.Module, n: int, ct_transform):
     compressed-tensors builds a different matrix or normalization than orthoopt's (nothing is left
     attached then either).
     """
-    why = r4_size_reason(n)
-    if why:
-        raise InvalidInputError(why)
-    lins = r4_linears(model)
-    sizes = {lin.in_features for lin in lins.values()}
-    if sizes != {n}:
-        raise InvalidInputError(f"the R4 record says size {n}, the model's down_proj inputs are {sorted(sizes)}")
+    lins = _r4_targets(model, n)
     before = {name: dict(lin._forward_pre_hooks) for name, lin in lins.items()}
     config = transform_config(sorted(lins), ct_transform)
     try:
@@ -114,13 +120,7 @@ def stored_r4(model: nn.Module, n: int, ct_transform, dtype: torch.dtype) -> tup
     ``save_pretrained`` writes once under ``key`` (the first target's ``R4_input.weight``; the layers
     share it). The matrix is built by compressed-tensors on a probe linear of ``dtype`` and checked as
     :func:`applied_r4` checks it. Raises ValueError as :func:`applied_r4` does."""
-    why = r4_size_reason(n)
-    if why:
-        raise InvalidInputError(why)
-    lins = r4_linears(model)
-    sizes = {lin.in_features for lin in lins.values()}
-    if sizes != {n}:
-        raise InvalidInputError(f"the R4 record says size {n}, the model's down_proj inputs are {sorted(sizes)}")
+    lins = _r4_targets(model, n)
     probe = nn.Module()
     probe.add_module("down", nn.Linear(n, 1, bias=False, dtype=dtype))
     ct_transform.apply_transform_config(probe, transform_config(["down"], ct_transform))
