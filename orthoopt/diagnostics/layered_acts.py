@@ -24,7 +24,7 @@ from orthoopt.adapters.calibration import input_groups
 from orthoopt.diagnostics.activations import DEFAULT_MASSIVE_RATIO, channel_max_abs
 from orthoopt.diagnostics.report import activation_report, aggregate_activation_layers
 from orthoopt.errors import InvalidInputError, OrthooptError
-from orthoopt.eval.layered import _first, record_layer_inputs, run_head
+from orthoopt.eval.layered import layer_output, record_layer_inputs, run_head
 
 
 class _Captured(OrthooptError):
@@ -106,7 +106,7 @@ def layered_activation_report(layered, ids: torch.Tensor, seq_len: int,
 
     def apply(i: int, layer) -> None:
         for b, kw in enumerate(kwargs):
-            hidden[b] = _first(layer(hidden[b], **kw[i]))
+            hidden[b] = layer_output(layer(hidden[b], **kw[i]))
 
     for i, L in enumerate(tqdm(m.layers, desc="layers", unit="layer", disable=not progress, file=sys.stderr)):
         names = set(L.names.values())

@@ -64,7 +64,7 @@ class _Replay(nn.Module):
         return hidden_states if self.hidden is None else self.hidden
 
 
-def _first(output):
+def layer_output(output):
     """A decoder layer's hidden states (transformers 5 returns a tensor, 4.x a tuple)."""
     return output[0] if isinstance(output, tuple) else output
 
@@ -150,7 +150,7 @@ def perplexity_layered(
         layer = layered.load_layer(i)
         try:
             for b, kw in enumerate(kwargs):  # one batch's states replaced at a time: no second copy of all
-                hidden[b] = _first(layer(hidden[b], **kw[i]))
+                hidden[b] = layer_output(layer(hidden[b], **kw[i]))
         finally:
             layered.release_layer(i)
 
@@ -163,4 +163,4 @@ def perplexity_layered(
     return score_windows(logits_of, ids, batch_size, progress)
 
 
-__all__ = ["perplexity_layered", "record_layer_inputs", "run_head"]
+__all__ = ["layer_output", "perplexity_layered", "record_layer_inputs", "run_head"]

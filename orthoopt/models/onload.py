@@ -139,10 +139,15 @@ class LayeredModel:
         """The checkpoint's tensor names of decoder layer ``i`` (the full state-dict names)."""
         return [self.prefixes[i] + n for n, _ in self.layers[i].named_parameters(remove_duplicate=False)]
 
+    def layer_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Decoder layer ``i``'s tensors by checkpoint name, in ``dtype``: what :meth:`load_layer` loads
+        (a subclass may transform them, e.g. fuse norms)."""
+        return self.checkpoint.read(self.layer_names(i), dtype=self.dtype)
+
     def load_layer(self, i: int) -> nn.Module:
-        """Read decoder layer ``i`` from the files (in ``dtype``, on ``device``) and return it."""
+        """Read decoder layer ``i`` (:meth:`layer_state`, on ``device``) and return it."""
         prefix = self.prefixes[i]
-        state = self.checkpoint.read(self.layer_names(i), dtype=self.dtype)
+        state = self.layer_state(i)
         layer = self.layers[i]
         # a tensor already in dtype views the memory-mapped file: clone so the pages are not kept mapped
         layer.load_state_dict({n[len(prefix):]: t.to(self.device, copy=True) for n, t in state.items()},

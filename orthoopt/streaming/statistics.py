@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from orthoopt.adapters.calibration import sampled_tokens
 from orthoopt.errors import InvalidInputError
-from orthoopt.eval.layered import record_layer_inputs
+from orthoopt.eval.layered import layer_output, record_layer_inputs
 from orthoopt.models.onload import LayeredModel
 from orthoopt.streaming.fused import FusedReader
 from orthoopt.streaming.layer_rotation import apply_r1, rotate_rows
@@ -56,15 +56,12 @@ class FusedLayers(LayeredModel):
             state[L.key(L.embed)] = torch.cat([rotate_rows(rows, R1) for rows in reader.embed_rows()])
         self.model.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=False, assign=True)
 
-    def load_layer(self, i: int) -> torch.nn.Module:
-        """Decoder layer ``i``, norm-fused (and R1-rotated), on ``device``."""
+    def layer_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Decoder layer ``i``'s tensors norm-fused (and R1-rotated), as :meth:`load_layer` loads them."""
         t = self.reader.layer(i)
         if self.R1 is not None:
             apply_r1(t, self.reader.layout, i, self.R1)
-        prefix, layer = self.prefixes[i], self.layers[i]
-        layer.load_state_dict({k[len(prefix):]: v.to(self.device, copy=True) for k, v in t.items()},
-                              strict=True, assign=True)
-        return layer
+        return t
 
 
 def _leaders(layout, roles: Iterable[str]) -> dict[str, list[str]]:
@@ -143,8 +140,7 @@ def layer_statistics(layered: FusedLayers, calib: torch.Tensor, roles: Iterable[
 
             handles.append(layer.get_submodule(layout.spec.proj(lead).path).register_forward_pre_hook(hook))
         try:
-            out = layer(h, **kw[i])
-            h = out[0] if isinstance(out, tuple) else out
+            h = layer_output(layer(h, **kw[i]))
         finally:
             for handle in handles:
                 handle.remove()
