@@ -199,7 +199,7 @@ def run(args) -> int:
         kwargs = {**load_recipe(args.recipe), "resume": args.resume, "streamed": args.streamed}
     else:
         kwargs = _kwargs_from_args(args, defaults)
-    _check_memory(args, kwargs.get("quantize"))
+    _check_memory(args, kwargs.get("quantize"), kwargs.get("rotate"))
     result = oneshot(args.model_dir, out=args.out, device=args.device, progress=not args.no_progress, **kwargs)
     settings = result.settings
     if args.json:
@@ -209,8 +209,10 @@ def run(args) -> int:
     return 0
 
 
-def _check_memory(args, quantize: QuantizeSettings | None) -> None:
-    """Refuse (exit 2) before loading when the estimated peak does not fit (``--force`` skips it)."""
+def _check_memory(args, quantize: QuantizeSettings | None, rotate=None) -> None:
+    """Refuse (exit 2) before loading when the estimated peak does not fit in memory or the output on
+    the disk of ``--out`` (``--force`` skips both); ``rotate``: the ``--rotate`` config, whose
+    ``--streamed`` run writes the rotated checkpoint (and OptRot+'s weighted blocks) beside the output."""
     from orthoopt.models.dtypes import resolve_model_dtype
     from orthoopt.models.footprint import quantize_estimate
     from orthoopt.models.sources import resolve_source
@@ -221,7 +223,16 @@ def _check_memory(args, quantize: QuantizeSettings | None) -> None:
     seq_len = q.seq_len or 2048
     check_memory("orthoopt quantize", source, lambda ck: quantize_estimate(
         ck, dtype, "gptq" if q.uses_calibration else "rtn", q.nsamples, min(seq_len, ck.max_position or seq_len),
-        streamed=args.streamed), args.force)
+        streamed=args.streamed), args.force, disk=lambda ck: _disk(ck, dtype, rotate, args.streamed), out=args.out)
+
+
+def _disk(ck, dtype, rotate, streamed: bool) -> dict[str, int]:
+    from orthoopt.models.footprint import disk_estimate
+
+    if rotate is None or not streamed:
+        return disk_estimate(ck, dtype, rotations=rotate is not None)
+    parts = disk_estimate(ck, dtype, rotations=True, scratch=rotate.entry.statistics == "hessians")
+    return {"rotated checkpoint (until quantized)": parts["output"], **parts}
 
 
 def _kwargs_from_args(args, defaults: dict) -> dict:

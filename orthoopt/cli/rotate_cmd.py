@@ -189,13 +189,15 @@ def config_from_args(args: argparse.Namespace) -> RotateConfig:
 
 
 def _check_memory(args: argparse.Namespace, config: RotateConfig, source, streamed: bool) -> None:
-    from orthoopt.models.footprint import rotate_estimate
+    from orthoopt.models.footprint import disk_estimate, rotate_estimate
 
+    dtype = config.checkpoint.torch_dtype
     check_memory("orthoopt rotate", source, lambda ck: rotate_estimate(
-        ck, config.checkpoint.torch_dtype, streamed, learned=config.learned, can_stream=config.entry.supports_streamed,
+        ck, dtype, streamed, learned=config.learned, can_stream=config.entry.supports_streamed,
         calib_tokens=config.calib.tokens if config.entry.per_phase_statistics else 0,
         statistics=config.entry.statistics),
-        args.force)
+        args.force, disk=lambda ck: disk_estimate(ck, dtype, rotations=True, scratch=streamed and config.entry.statistics == "hessians"),
+        out=args.out)
 
 
 def _with_model_dtype(args: argparse.Namespace, config: RotateConfig, source) -> RotateConfig:

@@ -227,8 +227,32 @@ def eval_estimate(ck: Checkpoint, dtype: torch.dtype, seq_len: int, batch_size: 
     return est
 
 
+DISK_SLACK = 1 << 20
+"""Bytes added to every disk estimate for the safetensors headers, ``config.json``, the tokenizer's
+files and the report."""
+
+
+def disk_estimate(ck: Checkpoint, dtype: torch.dtype, rotations: bool = False, scratch: bool = False) -> dict[str, int]:
+    """Bytes a command writes on the disk of ``--out`` (named parts, for
+    :func:`orthoopt.utils.disk.check_disk`): the output, at most the whole model in ``dtype`` plus
+    lm_head's own copy of a tied embedding (fusion unties it), and :data:`DISK_SLACK`; with
+    ``rotations``, ``R1`` and every layer's ``R2`` in float64; with ``scratch``, a streamed OptRot+'s
+    Hessian-weighted blocks kept beside it until the end: every layer's R1 blocks and each layer's
+    ``R2`` value/output blocks (at most ``2 hidden^2``) in at least float32, and lm_head's."""
+    b = _itemsize(dtype)
+    head = ck.lm_head_numel or ck.embed_numel
+    parts = {"output": ck.numel * b + (ck.embed_numel * b if ck.lm_head_numel == 0 else 0) + DISK_SLACK}
+    if rotations:
+        parts["rotations"] = (ck.hidden ** 2 + ck.num_layers * (ck.hidden // ck.num_heads) ** 2) * 8
+    if scratch:
+        w = max(b, 4)
+        parts["weighted blocks (scratch)"] = (ck.layer_numel * ck.num_layers + head
+                                              + 2 * ck.hidden ** 2 * ck.num_layers) * w
+    return parts
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-__all__ = ["Checkpoint", "RUNTIME", "eval_estimate", "quantize_estimate", "rotate_estimate"]
+__all__ = ["Checkpoint", "RUNTIME", "disk_estimate", "eval_estimate", "quantize_estimate", "rotate_estimate"]

@@ -28,11 +28,12 @@ class MemoryBudgetError(OrthooptError, ValueError):
     """The estimated peak memory of a run exceeds the available memory (see :func:`check_fits`)."""
 
 
-def parse_size(text: str) -> int:
-    """Bytes from ``"8G"``, ``"512M"``, ``"1.5G"`` or ``"123456"`` (binary units); ValueError otherwise."""
+def parse_size(text: str, name: str = LIMIT_ENV) -> int:
+    """Bytes from ``"8G"``, ``"512M"``, ``"1.5G"`` or ``"123456"`` (binary units); ValueError (naming
+    the setting ``name``) otherwise."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.I)
     if not m:
-        raise InvalidInputError(f"{LIMIT_ENV} must be a size such as 8G, 512M or a number of bytes, got {text!r}")
+        raise InvalidInputError(f"{name} must be a size such as 8G, 512M or a number of bytes, got {text!r}")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
