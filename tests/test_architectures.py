@@ -432,3 +432,15 @@ def test_one_layout_validator_for_modules_and_safetensors(tmp_path):
     with pytest.raises(UnsupportedModelError) as streamed:
         DecoderLayout.from_checkpoint(SafetensorsCheckpoint(tmp_path / "m"))
     assert want in str(loaded.value) and want in str(streamed.value)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_input_leaders_hook_one_role_per_shared_input(arch):
+    """All roles: one leader per input-sharing group (its first role), the group its value; a subset:
+    each group led by its first requested role; a role of no group leads itself."""
+    spec = ARCHS[arch]
+    assert spec.input_leaders(spec.roles) == {g[0]: list(g) for g in spec.groups}
+    for group in spec.groups:
+        tail = list(group[1:]) or list(group)
+        assert spec.input_leaders(reversed(tail)) == {tail[0]: tail}
+    assert spec.input_leaders(["not-a-role", spec.roles[0]]) == {spec.roles[0]: [spec.roles[0]], "not-a-role": ["not-a-role"]}

@@ -33,6 +33,7 @@ models refuse ``R1`` with the reason, while ``R2`` (inside attention, between v 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 NORM_KINDS = ("rms", "rms1p", "layernorm")
@@ -166,6 +167,20 @@ class ArchSpec:
         for p in self.projs:
             out.setdefault(p.group, []).append(p.role)
         return tuple(tuple(v) for v in out.values())
+
+    def input_leaders(self, roles: Iterable[str]) -> dict[str, list[str]]:
+        """``{leader: [roles reading its input]}`` for ``roles``: one entry per input-sharing group that
+        has any of them, led by the first of them in the table's order (one hook records the group's
+        input); a role of no group of the table leads itself."""
+        wanted = list(dict.fromkeys(roles))
+        out: dict[str, list[str]] = {}
+        for group in self.groups:
+            present = [r for r in group if r in wanted]
+            if present:
+                out[present[0]] = present
+        grouped = {r for g in self.groups for r in g}
+        out.update({r: [r] for r in wanted if r not in grouped})
+        return out
 
     def group_of(self, role: str) -> str:
         return self.proj(role).group

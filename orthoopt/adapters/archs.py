@@ -207,6 +207,11 @@ def layer_problems(spec: ArchSpec, num_layers: int, has, limit: int = 12) -> lis
     return missing
 
 
+def layer_output(output):
+    """A decoder layer's hidden states (transformers 5 returns a tensor, 4.x a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def locate(model: nn.Module, arch: str | None = None) -> DecoderModules:
     """Resolve the modules of ``model`` (a ``*ForCausalLM``) using ``ARCHS[arch]``.
 

@@ -32,10 +32,9 @@ def input_groups(m: DecoderModules, modules: Iterable[str] | None = None) -> dic
         raise InvalidInputError(f"not linear modules of this model: {unknown[:5]} (e.g. {next(iter(linears))!r})")
     shared: dict[str, str] = {}  # module -> group leader
     for L in m.layers:
-        for group in m.spec.groups:
-            present = [L.names[r] for r in group if r in L.projs]
-            for name in present:
-                shared.setdefault(name, present[0])
+        for lead, roles in m.spec.input_leaders(L.projs).items():
+            for r in roles:
+                shared.setdefault(L.names[r], L.names[lead])
     shared[m.names["lm_head"]] = m.names["lm_head"]
     groups: dict[str, list[str]] = {}
     for n in wanted:
@@ -71,16 +70,7 @@ def linear_inputs(model: nn.Module, m: DecoderModules, batches: Iterable[torch.T
     items = list(_batches(batches, False, ""))  # checked and shaped; the bar is the forward loop's below
     if not items:
         raise InvalidInputError("no calibration batches given")
-    # one float64 key per token, drawn batch by batch; the max_tokens smallest are kept, in position
-    # order, so each batch's kept positions are known before any forward (the bottom-k of all tokens)
-    gen = torch.Generator().manual_seed(seed)
-    keys = [torch.rand(ids.numel(), generator=gen, dtype=torch.float64) for ids in items]
-    sizes = [k.numel() for k in keys]
-    chosen: list[torch.Tensor | None] = [None] * len(items)  # None: every token of the batch
-    if sum(sizes) > max_tokens:
-        idx = torch.topk(torch.cat(keys), max_tokens, largest=False).indices.sort().values
-        starts = torch.tensor([0, *sizes]).cumsum(0)
-        chosen = [idx[(idx >= starts[b]) & (idx < starts[b + 1])] - starts[b] for b in range(len(items))]
+    chosen = kept_positions([ids.numel() for ids in items], max_tokens, seed)  # known before any forward
     kept: dict[str, list[torch.Tensor]] = {leader: [] for leader in groups}
     batch = [0]
 
@@ -148,20 +138,27 @@ def block_inputs(entries: list, inputs: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
-def sampled_tokens(num_tokens: int, max_tokens: int, seed: int = 0) -> torch.Tensor | None:
-    """The token positions :func:`linear_inputs` keeps when its ``batches`` is one tensor of
-    ``num_tokens`` tokens: the ``max_tokens`` smallest of ``num_tokens`` float64 keys drawn with
-    ``seed``, in position order; None when every token is kept (``num_tokens <= max_tokens``).
-
-    The incremental bottom-k of :func:`linear_inputs` keeps the same set in the same order, so a pass
-    that sees all the tokens at once (one decoder layer at a time) can take the same rows.
-    """
+def kept_positions(sizes: list[int], max_tokens: int, seed: int = 0) -> list[torch.Tensor | None]:
+    """The token positions :func:`linear_inputs` keeps, per batch of ``sizes[b]`` tokens: one float64
+    key per token drawn batch by batch from one generator seeded with ``seed``, the ``max_tokens``
+    smallest of all kept, each batch's in position order (None: every token of the batch, when all
+    the tokens fit in ``max_tokens``). Known before any forward, so a hook keeps only its rows."""
     if max_tokens < 1:
         raise InvalidInputError(f"max_tokens must be >= 1, got {max_tokens}")
-    keys = torch.rand(num_tokens, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    if num_tokens <= max_tokens:
-        return None
-    return torch.topk(keys, max_tokens, largest=False).indices.sort().values
+    gen = torch.Generator().manual_seed(seed)
+    keys = [torch.rand(n, generator=gen, dtype=torch.float64) for n in sizes]
+    if sum(sizes) <= max_tokens:
+        return [None] * len(sizes)
+    idx = torch.topk(torch.cat(keys), max_tokens, largest=False).indices.sort().values
+    starts = torch.tensor([0, *sizes]).cumsum(0)
+    return [idx[(idx >= starts[b]) & (idx < starts[b + 1])] - starts[b] for b in range(len(sizes))]
+
+
+def sampled_tokens(num_tokens: int, max_tokens: int, seed: int = 0) -> torch.Tensor | None:
+    """The positions :func:`linear_inputs` keeps when its ``batches`` is one tensor of ``num_tokens``
+    tokens (:func:`kept_positions` of one batch), for a pass that sees all the tokens at once (one
+    decoder layer at a time); None when every token is kept."""
+    return kept_positions([num_tokens], max_tokens, seed)[0]
 
 
 def rotation_rows(entries: Iterable, inputs: dict[str, torch.Tensor],

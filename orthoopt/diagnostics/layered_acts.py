@@ -24,7 +24,8 @@ from orthoopt.adapters.calibration import input_groups
 from orthoopt.diagnostics.activations import DEFAULT_MASSIVE_RATIO, channel_max_abs
 from orthoopt.diagnostics.report import activation_report, aggregate_activation_layers
 from orthoopt.errors import InvalidInputError, OrthooptError
-from orthoopt.eval.layered import layer_output, record_layer_inputs, run_head
+from orthoopt.adapters.archs import layer_output
+from orthoopt.eval.layered import record_layer_inputs, run_head
 
 
 class _Captured(OrthooptError):

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from orthoopt.adapters.archs import layer_output
 from orthoopt.errors import InvalidInputError, OrthooptError
 from orthoopt.eval.perplexity import default_seq_len, score_windows, window_ids
 from orthoopt.quant.calib import check_context
@@ -62,11 +63,6 @@ class _Replay(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         return hidden_states if self.hidden is None else self.hidden
-
-
-def layer_output(output):
-    """A decoder layer's hidden states (transformers 5 returns a tensor, 4.x a tuple)."""
-    return output[0] if isinstance(output, tuple) else output
 
 
 def _swapped(layers: nn.ModuleList, stand_ins: list[nn.Module]):
@@ -163,4 +159,4 @@ def perplexity_layered(
     return score_windows(logits_of, ids, batch_size, progress)
 
 
-__all__ = ["layer_output", "perplexity_layered", "record_layer_inputs", "run_head"]
+__all__ = ["perplexity_layered", "record_layer_inputs", "run_head"]

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from orthoopt.adapters.archs import locate
+from orthoopt.adapters.archs import layer_output, locate
 from orthoopt.errors import InvalidInputError, OrthooptError
 from orthoopt.quant.experts import expert_params, gptq_experts
 from orthoopt.quant.gptq import HessianAccumulator, gptq_quantize
@@ -66,11 +66,6 @@ class _Recorder(nn.Module):
 def _layer_list(model: nn.Module) -> nn.ModuleList:
     spec = locate(model).spec
     return getattr(getattr(model, spec.decoder), spec.layers)
-
-
-def _first(output):
-    """A decoder layer's hidden states (transformers 5 returns a tensor, 4.x a tuple)."""
-    return output[0] if isinstance(output, tuple) else output
 
 
 @torch.no_grad()
@@ -240,7 +235,7 @@ def gptq_quantize_model(
                 losses[name] = result.loss
                 if params is not None:
                     params[name] = WeightQuantParams(result.scale, result.zero, result.group_index)
-        inputs = [_first(layer(x, **layer_kwargs[i])) for x in inputs]
+        inputs = [layer_output(layer(x, **layer_kwargs[i])) for x in inputs]
         if onload is not None:
             onload.finish_layer(i)
     return losses

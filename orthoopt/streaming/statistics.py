@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from orthoopt.adapters.calibration import sampled_tokens
 from orthoopt.errors import InvalidInputError
-from orthoopt.eval.layered import layer_output, record_layer_inputs
+from orthoopt.adapters.archs import layer_output
+from orthoopt.eval.layered import record_layer_inputs
 from orthoopt.models.onload import LayeredModel
 from orthoopt.streaming.fused import FusedReader
 from orthoopt.streaming.layer_rotation import apply_r1, rotate_rows
@@ -62,16 +63,6 @@ class FusedLayers(LayeredModel):
         if self.R1 is not None:
             apply_r1(t, self.reader.layout, i, self.R1)
         return t
-
-
-def _leaders(layout, roles: Iterable[str]) -> dict[str, list[str]]:
-    """``{hooked role: [roles sharing its input]}``: one hook per input-sharing group of the table."""
-    wanted = list(dict.fromkeys(roles))
-    shared = {r: group[0] for group in layout.spec.groups for r in group}
-    out: dict[str, list[str]] = {}
-    for r in wanted:
-        out.setdefault(shared.get(r, r), []).append(r)
-    return out
 
 
 @torch.no_grad()
@@ -124,16 +115,15 @@ def layer_statistics(layered: FusedLayers, calib: torch.Tensor, roles: Iterable[
 
     hidden, kwargs = record_layer_inputs(layered, [calib])
     h, kw = hidden[0], kwargs[0]
-    leaders = _leaders(layout, roles)
+    roles = list(roles)
     for i in tqdm(range(len(layered)), desc="calibration statistics", unit="layer", disable=not progress,
                   file=sys.stderr):
         layer = layered.load_layer(i)
         names = layout.layer_modules(i)
         taken: dict[str, torch.Tensor] = {}
         handles = []
-        for lead, group in leaders.items():
-            if lead not in layout.roles(i):
-                continue
+        leaders = layout.spec.input_leaders([r for r in roles if r in layout.roles(i)])  # one hook per group
+        for lead in leaders:
 
             def hook(_module, args, lead=lead):
                 taken[lead] = measure(args[0])
