@@ -1,4 +1,4 @@
-"""``--device`` on ``quantize`` and ``eval`` (issue 23, item 3, in part): ``--device cpu`` gives the same
+"""``--device`` on ``quantize``, ``eval`` and ``diagnose`` (issue 23, item 3; rotate's in test_streamed): ``--device cpu`` gives the same
 result as no device, and an unavailable device is refused before any work. No GPU needed."""
 
 from __future__ import annotations
@@ -48,4 +48,16 @@ def test_an_unavailable_device_is_refused_before_any_work(model_dir, tmp_path, c
         assert "--device" in err and says in err
         err = run_error(capsys, ["eval", str(model_dir), "--text", str(text), "--device", device, *Q])
         assert "--device" in err and says in err
-    assert not (tmp_path / "q").exists()
+        err = run_error(capsys, ["diagnose", str(model_dir), "--out", str(tmp_path / "d"), "--device", device, *Q])
+        assert "device" in err and says in err
+    assert not (tmp_path / "q").exists() and not (tmp_path / "d").exists()
+
+
+def test_diagnose_device_cpu_equals_no_device(model_dir, tmp_path):
+    """Streamed, the path where layers move to the device one at a time (in memory it is one ``.to``)."""
+    text = sample_text_file(tmp_path / "t.txt")
+    common = ["--calib", str(text), "--calib-tokens", "96", "--seq-len", "32", "--streamed", *Q]
+    assert main(["diagnose", str(model_dir), "--out", str(tmp_path / "a"), *common]) == 0
+    assert main(["diagnose", str(model_dir), "--out", str(tmp_path / "b"), "--device", "cpu", *common]) == 0
+    a, b = (json.loads((tmp_path / x / "summary.json").read_text()) for x in "ab")
+    assert a["models"] == b["models"] and a["act_module"] == b["act_module"] and a["models"][0]["activations"]

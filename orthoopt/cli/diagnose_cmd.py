@@ -69,6 +69,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--streamed", action="store_true",
                    help="hold one decoder layer at a time (Hugging Face folders with safetensors weights): the same "
                         "weight and activation statistics")
+    p.add_argument("--device", default=None,
+                   help="where the statistics and the calibration forward compute, e.g. cuda or cuda:1 (default "
+                        "cpu): each model is moved there after loading, or with --streamed one layer at a time; "
+                        "refused when not available")
     p.add_argument("--json", action="store_true", help="print summary.json on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)
@@ -93,7 +97,7 @@ def run(args) -> int:
         args.models, args.out, labels=_labels(args.labels, len(args.models)), calib=args.calib,
         calib_tokens=args.calib_tokens, seq_len=args.seq_len, block=args.block, act_module=args.act_module,
         k=args.k, bits=args.bits, massive_ratio=args.massive_ratio, massive_min_abs=args.massive_min_abs,
-        dtype=args.dtype, progress=not args.no_progress, streamed=args.streamed,
+        dtype=args.dtype, progress=not args.no_progress, streamed=args.streamed, device=args.device,
     )
     if args.json:
         print(json.dumps(summary, allow_nan=False))

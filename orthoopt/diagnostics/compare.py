@@ -55,6 +55,7 @@ from orthoopt.errors import InvalidInputError
 from orthoopt.quant.quantizer import MAX_BITS, MIN_BITS
 from orthoopt.quant.calib import check_context, model_context
 from orthoopt.utils.atomic import atomic_dir
+from orthoopt.utils.checks import check_device
 from orthoopt.utils.paths import prepare_output
 
 SUMMARY_FILE = "summary.json"
@@ -118,6 +119,7 @@ def diagnose_models(
     dtype: str | torch.dtype = "auto",
     progress: bool = True,
     streamed: bool = False,
+    device: str | torch.device | None = None,
 ) -> dict:
     """Measure each model folder in ``paths``, write plots and ``summary.json`` into ``out_dir``.
 
@@ -139,6 +141,10 @@ def diagnose_models(
     streamed:    hold one decoder layer at a time (:class:`~orthoopt.diagnostics.report.LayeredWeights`
                  and, with ``calib``, :func:`~orthoopt.diagnostics.layered_acts.layered_activation_report`;
                  Hugging Face folders with safetensors weights): the same summary as without it.
+    device:      where each model computes its statistics and calibration forward (default: the CPU):
+                 the whole model is moved there after loading, or with ``streamed`` one layer at a
+                 time; the captured inputs and the plots' data come back to the host. Refused before
+                 any work when the device cannot compute.
 
     Returns the summary (also written as ``summary.json``)::
 
@@ -153,7 +159,8 @@ def diagnose_models(
         raise InvalidInputError("diagnose needs at least one model folder")
     from orthoopt.models.dtypes import parse_dtype
 
-    parse_dtype(dtype)  # a bad name is refused before any work
+    parse_dtype(dtype)  # a bad name or device is refused before any work
+    device = check_device(device, "device")
     sources = [resolve_source(p, progress=progress) for p in paths]  # fetches registered names if needed
     if labels is None:
         labels = [Path(s.spec).resolve().name if s.path is not None else s.spec for s in sources]
@@ -187,7 +194,7 @@ def diagnose_models(
             path, label, calib=calib, calib_tokens=calib_tokens, seq_len=seq_len, block=block,
             act_module=act_module, k=k, bits=bits, massive_ratio=massive_ratio,
             massive_min_abs=massive_min_abs, progress=progress, common_depth=common_depth, dtype=dtype,
-            streamed=streamed,
+            streamed=streamed, device=device,
         )
         records.append(record)
         series.append(s)
@@ -217,7 +224,8 @@ def diagnose_models(
 def _diagnose_one(path: Path | str, label: str, *, calib, calib_tokens: int, seq_len: int, block: str | None,
                   act_module: str | None, k: float, bits: int, massive_ratio: float, massive_min_abs: float,
                   progress: bool, common_depth: int | None = None,
-                  dtype: str | torch.dtype = "auto", streamed: bool = False) -> tuple[dict, _Series, str, str | None]:
+                  dtype: str | torch.dtype = "auto", streamed: bool = False,
+                  device: torch.device | None = None) -> tuple[dict, _Series, str, str | None]:
     """One model's summary record and plot data; ``block`` / ``act_module`` are chosen here when None
     (from the first model, among its first ``common_depth`` layers) and returned for the next models."""
     if streamed:
@@ -226,10 +234,12 @@ def _diagnose_one(path: Path | str, label: str, *, calib, calib_tokens: int, seq
         from orthoopt.models.onload import LayeredModel
 
         source = resolve_source(path, progress=progress)
-        layered = LayeredModel(source.folder, resolve_model_dtype(source, dtype))
+        layered = LayeredModel(source.folder, resolve_model_dtype(source, dtype), device=device)
         model, weights = layered.model, LayeredWeights(layered)
     else:
         model = load_model(path, dtype=dtype)
+        if device is not None:
+            model.to(device)
         weights = stored_weights(model)
     if calib is not None and seq_len is not None:
         check_context(model, seq_len, "seq_len")  # before the (slow) weight statistics
@@ -250,7 +260,7 @@ def _diagnose_one(path: Path | str, label: str, *, calib, calib_tokens: int, seq
         "hidden_size": getattr(config, "hidden_size", None),
         "overall": overall, "weights": wrep,
     }
-    s = _Series(label, weights[block].clone())
+    s = _Series(label, weights[block].detach().to("cpu", copy=True))
     if streamed:
         weights.release()
     if calib is not None:
@@ -276,8 +286,8 @@ def _diagnose_one(path: Path | str, label: str, *, calib, calib_tokens: int, seq
             raise InvalidInputError(f"act_module {act_module!r} is not a linear layer of {path} (e.g. {list(inputs)[:3]})")
         record["activations"] = arep
         if streamed:
-            s.channel_max, s.heatmap = inputs[act_module]
-        else:
+            s.channel_max, s.heatmap = (x.cpu() for x in inputs[act_module])
+        else:  # the captured inputs are on the host already
             s.channel_max = channel_max_abs(inputs[act_module])
             s.heatmap = inputs[act_module][:HEATMAP_TOKENS].clone()
         del inputs
