@@ -84,38 +84,54 @@ def _kill_after_checkpoint(cmd: list[str], partial: Path, phase, timeout: float 
     return _partial_meta(partial)
 
 
-@pytest.mark.parametrize("extra, kill_phases", [
-    ([], ("R1", "R2.1")),  # the default solver of optrot (L-BFGS memory, cached gradient); R2 layer by layer
-    (["--solver", "cayley-sgd", "--sample-fraction", "0.5"], ("R2.0",)),  # momentum, row-sampling generators
+@pytest.mark.parametrize("extra, kill_phases, forked", [
+    # the default solver of optrot (L-BFGS memory, cached gradient); R2 layer by layer; forked processes
+    ([], ("R1", "R2.1"), True),
+    # momentum, row-sampling generators; real interpreters, killed as a user's run is
+    (["--solver", "cayley-sgd", "--sample-fraction", "0.5"], ("R2.0",), False),
 ], ids=["default", "cayley-sgd-sampled"])
-def test_kill9_then_resume_is_bit_identical(model_dir, tmp_path, extra, kill_phases):
+def test_kill9_then_resume_is_bit_identical(model_dir, tmp_path, capsys, extra, kill_phases, forked):
     steps = ["--steps", "80"]
-    ref_out = tmp_path / "ref"
-    done = subprocess.run(_cli(model_dir, ref_out, *steps, *extra), env=_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    ref = load_file(str(ref_out / "orthoopt" / "rotations.safetensors"))
-    ref_report = json.loads((ref_out / "report.json").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the in-process runs compute as the killed ones (one thread)
 
-    for phase in kill_phases:  # several kill points: during R1, and during R2 after R1 was fused
-        out = tmp_path / f"killed_{phase}"
-        partial = out.with_name(out.name + ".partial.safetensors")
-        meta = _kill_after_checkpoint(_cli(model_dir, out, *steps, *extra), partial, phase)
-        assert not out.exists()  # a killed run leaves no output
-        assert meta["phase"] == phase
-        resumed = subprocess.run(_cli(model_dir, out, *steps, *extra, "--resume"), env=_env(),
-                                 capture_output=True, text=True)
-        assert resumed.returncode == 0, resumed.stderr[-2000:]
-        report = json.loads(resumed.stdout)
-        assert report["resumed"]["phase"] == phase and report["resumed"]["steps_done"] > 0
-        got = load_file(str(out / "orthoopt" / "rotations.safetensors"))
-        assert set(got) == set(ref)
-        for k in ref:
-            assert torch.equal(got[k], ref[k]), f"{k} differs after a kill in {phase} and --resume"
-        for p in ("R1", "R2"):  # the whole loss history, not just the end point
-            assert report["loss"][p]["curve"] == ref_report["loss"][p]["curve"]
-            assert report["loss"][p]["final"] == ref_report["loss"][p]["final"]
-        assert not partial.exists()
+    def run(out: Path, *more: str) -> dict:
+        """An uninterrupted (or resumed) run: its ``--json`` report."""
+        argv = _cli(model_dir, out, *steps, *extra, *more)
+        if forked:
+            capsys.readouterr()
+            assert main(argv[3:]) == 0
+            return json.loads(capsys.readouterr().out)
+        done = subprocess.run(argv, env=_env(), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
 
+    def killed(out: Path, partial: Path, phase: str) -> dict:
+        argv = _cli(model_dir, out, *steps, *extra)
+        return _kill_forked_cli(argv[3:], partial, _at(phase)) if forked else _kill_after_checkpoint(argv, partial, phase)
+
+    try:
+        ref_out = tmp_path / "ref"
+        ref_report = run(ref_out)
+        ref = load_file(str(ref_out / "orthoopt" / "rotations.safetensors"))
+        for phase in kill_phases:  # several kill points: during R1, and during R2 after R1 was fused
+            out = tmp_path / f"killed_{phase}"
+            partial = out.with_name(out.name + ".partial.safetensors")
+            meta = killed(out, partial, phase)
+            assert not out.exists()  # a killed run leaves no output
+            assert meta["phase"] == phase
+            report = run(out, "--resume")
+            assert report["resumed"]["phase"] == phase and report["resumed"]["steps_done"] > 0
+            got = load_file(str(out / "orthoopt" / "rotations.safetensors"))
+            assert set(got) == set(ref)
+            for k in ref:
+                assert torch.equal(got[k], ref[k]), f"{k} differs after a kill in {phase} and --resume"
+            for p in ("R1", "R2"):  # the whole loss history, not just the end point
+                assert report["loss"][p]["curve"] == ref_report["loss"][p]["curve"]
+                assert report["loss"][p]["final"] == ref_report["loss"][p]["final"]
+            assert not partial.exists()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _same_output(got: Path, want: Path) -> None:
