@@ -40,7 +40,8 @@ for _p in (REPO, Path(__file__).resolve().parent):
 
 from model_size import SHAPES, Shape  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 
-MODELLED = ("quantize-rtn-streamed", "quantize-gptq-streamed", "eval-streamed", "rotate-streamed")
+MODELLED = ("quantize-rtn-streamed", "quantize-gptq-streamed", "eval-streamed", "rotate-streamed",
+            "rotate-optrot-streamed")
 PROJECTED = {
     "8b": SHAPES["8b"],
     # meta-llama/Meta-Llama-3-70B: hidden 8192, 80 layers, 64 heads, 8 kv heads, MLP 28672, vocab 128256, untied
@@ -186,8 +187,10 @@ def _rotate_seconds(s: Shape, r: Rates) -> float:
 
 
 def phases(s: Shape, command: str, rates: Rates, windows: int = 4, seq_len: int = 256,
-           steps: int = 150) -> dict[str, float]:
-    """Seconds per phase of ``command`` (a ``model_size`` command name, or ``optrot``) on ``rates``."""
+           steps: int = 150, evaluations: dict | None = None) -> dict[str, float]:
+    """Seconds per phase of ``command`` (a ``model_size`` command name, or ``optrot``) on ``rates``;
+    OptRot makes ``steps`` loss-and-gradient evaluations for R1 and for each layer's R2, or those
+    ``evaluations`` (``{"R1": n, "R2": all layers' n}``, from a run's report) when given."""
     n = counts(s)
     h, L = s.hidden_size, s.num_hidden_layers
     disk = 2 * n["total"]  # bf16 bytes
@@ -210,11 +213,16 @@ def phases(s: Shape, command: str, rates: Rates, windows: int = 4, seq_len: int 
         r2 = 2 * (h // s.num_attention_heads) * 2 * h * h * L  # v rows and o columns per head
         out |= {"read": disk / rates.read, "R1 products": _rotate_seconds(s, rates),
                 "R2 products": r2 / rates.f64, "write": disk / rates.write}
-    elif command == "optrot":  # R1 and R2 learned, data-free: steps evaluations of 4 h P float32 FLOPs
+    elif command in ("optrot", "rotate-optrot-streamed"):
+        # R1 and R2 learned, data-free: each R1 evaluation reads the layers (streamed) and forms W R and
+        # W^T G for every layer weight (4 h P float32 FLOPs; the embedding and lm_head are not in the
+        # objective by default); each R2 evaluation 4 d per v/o weight of its layer
         d = h // s.num_attention_heads
-        out |= {"read": 2 * disk / rates.read,
-                "R1 objective": steps * 4 * h * (n["layers"] + n["heads"]) / rates.f32,
-                "R2 objective": steps * 4 * d * 2 * h * h * L / rates.f32,
+        e1 = steps if evaluations is None else evaluations.get("R1", 0)
+        e2 = steps * L if evaluations is None else evaluations.get("R2", 0)
+        out |= {"read": 2 * disk / rates.read + e1 * 2 * n["layers"] / rates.read,
+                "R1 objective": e1 * 4 * h * n["layers"] / rates.f32,
+                "R2 objective": e2 * 4 * d * 2 * h * h / rates.f32,
                 "write-back": _rotate_seconds(s, rates), "write": disk / rates.write}
     else:
         raise ValueError(f"no cost model for {command!r}")
@@ -268,7 +276,7 @@ def main(argv=None) -> int:
         windows = int(argv[argv.index("--nsamples") + 1]) if "--nsamples" in argv else 4
         seq_len = int(argv[argv.index("--seq-len") + 1]) if "--seq-len" in argv else 256
         try:
-            ph = phases(w, rec["command"], rates, windows, seq_len)
+            ph = phases(w, rec["command"], rates, windows, seq_len, evaluations=rec.get("evaluations"))
         except ValueError:
             continue
         total = sum(ph.values())

@@ -32,10 +32,12 @@ diagnose-acts       ``orthoopt diagnose CKPT --out OUT --calib TEXT --calib-toke
 rotate-kurtosis     ``orthoopt rotate CKPT --method kurtosis --steps 2 --calib TEXT --calib-tokens W*L --calib-seq-len L``
                     (a data method: the layers' inputs on calibration text; only when named)
 rotate-optrot+      the same with ``--method optrot+`` (the layers' input Hessians; only when named)
+rotate-optrot       ``orthoopt rotate CKPT --method optrot --steps 2`` (data-free, learned: the solver's
+                    loss-and-gradient evaluations over every weight; only when named)
 *-streamed          the same command with ``--streamed``: one decoder layer in memory at a time
                     (``quantize-rtn-streamed``, ``quantize-gptq-streamed``, ``quantize-ct-streamed``, ``eval-streamed``,
                     ``diagnose-streamed``, ``diagnose-acts-streamed``, ``rotate-kurtosis-streamed``,
-                    ``rotate-optrot+-streamed``)
+                    ``rotate-optrot+-streamed``, ``rotate-optrot-streamed``)
 ==================  ===========================================================================
 
 The rtn and gptq commands write orthoopt's format (fake-quantized weights + quant.json) and the ct
@@ -123,11 +125,11 @@ SHAPES = {
 COMMANDS = ("rotate", "rotate-streamed", "quantize-rtn", "quantize-rtn-streamed", "quantize-gptq",
             "quantize-gptq-streamed", "quantize-ct", "quantize-ct-streamed", "eval", "eval-streamed", "diagnose",
             "diagnose-streamed", "diagnose-acts", "diagnose-acts-streamed", "rotate-kurtosis", "rotate-kurtosis-streamed",
-            "rotate-optrot+", "rotate-optrot+-streamed")
+            "rotate-optrot+", "rotate-optrot+-streamed", "rotate-optrot", "rotate-optrot-streamed")
 # the whole-model diagnose has no memory check (1.25x the checkpoint at the 1B shape, weights only), and the
 # data-method rotation (kurtosis, two solver steps per phase) is a probe of the streamed statistics: named, not default
 DEFAULT_COMMANDS = tuple(c for c in COMMANDS if c not in ("diagnose", "diagnose-acts")
-                         and not c.startswith(("rotate-kurtosis", "rotate-optrot+")))
+                         and not c.startswith(("rotate-kurtosis", "rotate-optrot")))
 
 
 def _prod(shape) -> int:
@@ -239,6 +241,7 @@ class Record:
     returncode: int | None = None
     measured_by: str = ""
     message: str = ""
+    evaluations: dict | None = None  # rotate: loss-and-gradient evaluations per phase (its report.json)
 
     @property
     def ratio(self) -> float | None:
@@ -254,6 +257,8 @@ def command_argv(command: str, ckpt: Path, out: Path, text: Path, windows: int, 
         return ["rotate", str(ckpt), "--out", str(out), "--method", "hadamard", *tail]
     if command == "rotate-streamed":
         return ["rotate", str(ckpt), "--out", str(out), "--method", "hadamard", "--streamed", *tail]
+    if command == "rotate-optrot":
+        return ["rotate", str(ckpt), "--out", str(out), "--method", "optrot", "--steps", "2", *tail]
     if command in ("rotate-kurtosis", "rotate-optrot+"):
         method = command.removeprefix("rotate-")
         return ["rotate", str(ckpt), "--out", str(out), "--method", method, "--steps", "2", "--calib", str(text),
@@ -355,12 +360,21 @@ def run_shape(shape: Shape, commands, cache: Path, windows: int, seq_len: int, f
             argv = command_argv(command, ckpt, work / "out", text, windows, seq_len, force)
             rc, wall, rss, how, stderr = measure(argv, use_time)
             rec = Record(shape.name, command, argv, size, round(wall, 2), rss, rc, how,
-                         "" if rc == 0 else _error_line(stderr))
+                         "" if rc == 0 else _error_line(stderr), _evaluations(work / "out"))
         finally:
             shutil.rmtree(work, ignore_errors=True)
         records.append(rec)
         progress(_row(rec))
     return records
+
+
+def _evaluations(out: Path) -> dict | None:
+    """``{phase: loss-and-gradient evaluations}`` from a rotate output's ``report.json`` (None without one)."""
+    try:
+        loss = json.loads((out / "report.json").read_text()).get("loss") or {}
+    except (OSError, ValueError):
+        return None
+    return {p: r["evaluations"] for p, r in loss.items() if isinstance(r, dict) and "evaluations" in r} or None
 
 
 def _gb(b: int | None) -> str:

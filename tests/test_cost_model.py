@@ -44,3 +44,17 @@ def test_phases_are_work_over_rate():
     assert gptq["GPTQ solve"] == s.num_hidden_layers * sum(r * c * c for _, r, c in cost_model.linears(s))
     with pytest.raises(ValueError, match="no cost model"):
         cost_model.phases(s, "rotate", UNIT)
+
+
+def test_optrot_phases_count_the_evaluations_a_run_made():
+    """OptRot's objective phases are evaluations x 4 h P (R1: every layer weight; R2: v and o of one
+    layer, d wide), from the projection's steps or from a run's report; each R1 evaluation reads the layers."""
+    s = cost_model.SHAPES["1b"]
+    n, h, L = cost_model.counts(s), s.hidden_size, s.num_hidden_layers
+    d = h // s.num_attention_heads
+    run = cost_model.phases(s, "rotate-optrot-streamed", UNIT, evaluations={"R1": 3, "R2": 5 * L})
+    assert run["R1 objective"] == 3 * 4 * h * n["layers"]
+    assert run["R2 objective"] == 5 * L * 4 * d * 2 * h * h
+    assert run["read"] == 2 * 2 * n["total"] + 3 * 2 * n["layers"]
+    projected = cost_model.phases(s, "optrot", UNIT, steps=3)
+    assert projected["R1 objective"] == run["R1 objective"] and projected["R2 objective"] == 3 / 5 * run["R2 objective"]

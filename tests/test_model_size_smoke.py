@@ -47,8 +47,9 @@ def test_quick_shape_builds_and_is_measured(tmp_path):
     model = load_model(ckpt)
     assert model.dtype == torch.bfloat16 and sum(p.numel() for p in model.parameters()) == shape.numel()
     assert model_size.build_checkpoint(shape, tmp_path) == ckpt  # cached
-    (rec,) = model_size.run_shape(shape, ["rotate-streamed"], tmp_path, 2, 32, False, progress=lambda _: None)
+    (rec,) = model_size.run_shape(shape, ["rotate-optrot-streamed"], tmp_path, 2, 32, False, progress=lambda _: None)
     assert rec.returncode == 0 and rec.peak_rss_bytes > 100 << 20 and rec.wall_s > 0, rec
+    assert set(rec.evaluations) == {"R1", "R2"} and min(rec.evaluations.values()) >= 2  # from its report.json
     assert rec.measured_by == ("/usr/bin/time -v" if Path(model_size.TIME).is_file() else "getrusage(RUSAGE_CHILDREN)")
     (rec,) = model_size.run_shape(shape, ["quantize-rtn"], tmp_path, 2, 32, False, use_time=False,
                                   progress=lambda _: None)
