@@ -7,7 +7,7 @@ Each command is split into phases whose work is a function of the Llama shape an
 (:func:`phases`): FLOPs of the dense products in the dtype they run in, bytes read and written,
 elements quantized, GPTQ's per-linear solve. A phase's time is its work divided by a **rate** of this
 machine, and the rates are measured here by microbenchmarks of the kernels the commands run
-(:func:`measure_rates`: float64 / float32 / bfloat16 matmuls at the commands' shapes, a safetensors
+(:func:`measure_rates`: float64 / float32 matmuls and a bfloat16 ``nn.Linear`` at the commands' shapes, a safetensors
 read and write of 256 MiB, ``quantize_rtn`` of a 4096 x 4096 bf16 weight, ``gptq_quantize`` at three
 sizes fitted to ``a r c^2 + b r c + g c``, the float64 write-back ``rotate_rows`` at two widths fitted
 to ``a 2 r h^2 + b r h``) plus each command's fixed cost, its wall time on ``model_size``'s tiny shape.
@@ -100,10 +100,14 @@ def measure_rates() -> Rates:
 
     g = torch.Generator().manual_seed(0)
     gemm = {}
-    for dtype, (m, k, n) in {torch.float64: (2048, 2048, 2048), torch.float32: (2048, 2048, 2048),
-                             torch.bfloat16: (1024, 2048, 8192)}.items():
+    for dtype, (m, k, n) in {torch.float64: (2048, 2048, 2048), torch.float32: (2048, 2048, 2048)}.items():
         a, b = torch.randn(m, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype)
         gemm[dtype] = 2 * m * k * n / _best(lambda: a @ b)
+    # bf16 runs in the layers' nn.Linear: x [tokens, in] times a weight stored [out, in] (F.linear), one
+    # window of 256 tokens at a time. The layout matters where bf16 has no native kernel: on an AVX2 CPU
+    # (no AVX512-BF16 / AMX) F.linear ran at 7.8 GFLOP/s and x @ B with B stored [in, out] at 0.2
+    x, w = torch.randn(256, 2048, generator=g).to(torch.bfloat16), torch.randn(8192, 2048, generator=g).to(torch.bfloat16)
+    gemm[torch.bfloat16] = 2 * 256 * 2048 * 8192 / _best(lambda: torch.nn.functional.linear(x, w))
     with tempfile.TemporaryDirectory() as d:
         w = torch.randn(8192, 16384, generator=g).to(torch.bfloat16)  # 256 MiB
         path = Path(d) / "model.safetensors"
@@ -206,9 +210,9 @@ def phases(s: Shape, command: str, rates: Rates, windows: int = 4, seq_len: int 
         out |= {"read": disk / rates.read, "calibration forwards": 2 * forward / rates.bf16,
                 "Hessians": hessians / rates.f32, "GPTQ solve": _gptq_seconds(s, rates),
                 "write": disk / rates.write, "reload embedding": 2 * n["heads"] / rates.read}
-    elif command == "eval-streamed":
-        out |= {"read": disk / rates.read, "layers": forward / rates.bf16,
-                "lm_head": 2 * tokens * n["embed"] / rates.bf16}
+    elif command in ("eval-streamed", "eval-float32-streamed"):  # the layers compute in bf16 or float32
+        rate = rates.bf16 if command == "eval-streamed" else rates.f32
+        out |= {"read": disk / rates.read, "layers": forward / rate, "lm_head": 2 * tokens * n["embed"] / rate}
     elif command == "rotate-streamed":  # hadamard: every tensor W R1 (or R1^T W) in float64
         r2 = 2 * (h // s.num_attention_heads) * 2 * h * h * L  # v rows and o columns per head
         out |= {"read": disk / rates.read, "R1 products": _rotate_seconds(s, rates),

@@ -27,6 +27,8 @@ quantize-rtn        ``orthoopt quantize CKPT --method rtn --wbits 4 --format ort
 quantize-gptq       ``orthoopt quantize CKPT --method gptq --calib TEXT --nsamples W --seq-len L --format orthoopt``
 quantize-ct         ``orthoopt quantize CKPT --scheme W4A16 --format compressed-tensors`` (RTN, packed export)
 eval                ``orthoopt eval CKPT --text TEXT --seq-len L --max-tokens W*L``
+eval-float32        the same with ``--dtype float32``: the layers compute in float32 (on a CPU without
+                    native bf16 kernels, AVX2 only, the faster choice; only when named)
 diagnose            ``orthoopt diagnose CKPT --out OUT`` (weights only; whole model: only when named)
 diagnose-acts       ``orthoopt diagnose CKPT --out OUT --calib TEXT --calib-tokens W*L --seq-len L`` (and activations)
 rotate-kurtosis     ``orthoopt rotate CKPT --method kurtosis --steps 2 --calib TEXT --calib-tokens W*L --calib-seq-len L``
@@ -37,7 +39,7 @@ rotate-optrot       ``orthoopt rotate CKPT --method optrot --steps 2`` (data-fre
 *-streamed          the same command with ``--streamed``: one decoder layer in memory at a time
                     (``quantize-rtn-streamed``, ``quantize-gptq-streamed``, ``quantize-ct-streamed``, ``eval-streamed``,
                     ``diagnose-streamed``, ``diagnose-acts-streamed``, ``rotate-kurtosis-streamed``,
-                    ``rotate-optrot+-streamed``, ``rotate-optrot-streamed``)
+                    ``rotate-optrot+-streamed``, ``rotate-optrot-streamed``, ``eval-float32-streamed``)
 ==================  ===========================================================================
 
 The rtn and gptq commands write orthoopt's format (fake-quantized weights + quant.json) and the ct
@@ -125,11 +127,12 @@ SHAPES = {
 COMMANDS = ("rotate", "rotate-streamed", "quantize-rtn", "quantize-rtn-streamed", "quantize-gptq",
             "quantize-gptq-streamed", "quantize-ct", "quantize-ct-streamed", "eval", "eval-streamed", "diagnose",
             "diagnose-streamed", "diagnose-acts", "diagnose-acts-streamed", "rotate-kurtosis", "rotate-kurtosis-streamed",
-            "rotate-optrot+", "rotate-optrot+-streamed", "rotate-optrot", "rotate-optrot-streamed")
+            "rotate-optrot+", "rotate-optrot+-streamed", "rotate-optrot", "rotate-optrot-streamed", "eval-float32",
+            "eval-float32-streamed")
 # the whole-model diagnose has no memory check (1.25x the checkpoint at the 1B shape, weights only), and the
 # data-method rotation (kurtosis, two solver steps per phase) is a probe of the streamed statistics: named, not default
 DEFAULT_COMMANDS = tuple(c for c in COMMANDS if c not in ("diagnose", "diagnose-acts")
-                         and not c.startswith(("rotate-kurtosis", "rotate-optrot")))
+                         and not c.startswith(("rotate-kurtosis", "rotate-optrot", "eval-float32")))
 
 
 def _prod(shape) -> int:
@@ -278,6 +281,8 @@ def command_argv(command: str, ckpt: Path, out: Path, text: Path, windows: int, 
     if command == "eval":
         return ["eval", str(ckpt), "--text", str(text), "--seq-len", str(seq_len), "--max-tokens",
                 str(windows * seq_len), *tail]
+    if command == "eval-float32":
+        return command_argv("eval", ckpt, out, text, windows, seq_len, force) + ["--dtype", "float32"]
     raise ValueError(f"unknown command {command!r}; one of {', '.join(COMMANDS)}")
 
 
@@ -410,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--include-8b", action="store_true", help="also the Llama-3-8B shape (16 GB bf16 on disk)")
     ap.add_argument("--quick", action="store_true", help="a tiny shape only (smoke test)")
     ap.add_argument("--commands", default=",".join(DEFAULT_COMMANDS),
-                    help=f"comma-separated subset of {','.join(COMMANDS)} (default: all but the whole-model diagnoses and rotate-kurtosis*, rotate-optrot+*)")
+                    help=f"comma-separated subset of {','.join(COMMANDS)} (default: all but the whole-model diagnoses, rotate-kurtosis*, rotate-optrot*, eval-float32*)")
     ap.add_argument("--windows", type=int, default=None, help="calibration / eval windows (default 4; --quick 2)")
     ap.add_argument("--seq-len", type=int, default=None, help="window length (default 256; --quick 32)")
     ap.add_argument("--cache", default=str(CACHE), help="where checkpoints are built and outputs written")

@@ -58,3 +58,11 @@ def test_optrot_phases_count_the_evaluations_a_run_made():
     assert run["read"] == 2 * 2 * n["total"] + 3 * 2 * n["layers"]
     projected = cost_model.phases(s, "optrot", UNIT, steps=3)
     assert projected["R1 objective"] == run["R1 objective"] and projected["R2 objective"] == 3 / 5 * run["R2 objective"]
+
+
+def test_eval_in_float32_counts_the_float32_rate():
+    s = cost_model.SHAPES["1b"]
+    slow_bf16 = cost_model.Rates(**{**UNIT.__dict__, "bf16": 0.25})
+    bf16 = cost_model.phases(s, "eval-streamed", slow_bf16)
+    f32 = cost_model.phases(s, "eval-float32-streamed", slow_bf16)
+    assert bf16["layers"] == 4 * f32["layers"] and bf16["lm_head"] == 4 * f32["lm_head"] and bf16["read"] == f32["read"]
