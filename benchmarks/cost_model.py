@@ -2,6 +2,7 @@
 
     python benchmarks/cost_model.py --measured ms1b.json ms3b.json ms8b.json   # check, then project
     python benchmarks/cost_model.py                                          # projections only
+    python benchmarks/cost_model.py --rates cost.json --cpu-compute float32  # an earlier run's rates, float32 layers
 
 Each command is split into phases whose work is a function of the Llama shape and the settings alone
 (:func:`phases`): FLOPs of the dense products in the dtype they run in, bytes read and written,
@@ -30,7 +31,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,10 +258,15 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=2048, help="window length in the projection [2048]")
     ap.add_argument("--eval-tokens", type=int, default=1 << 18, help="evaluated tokens in the projection [262144]")
     ap.add_argument("--json", default=None, help="also write rates, checks and projections here")
+    ap.add_argument("--rates", default=None, help="take this machine's rates from an earlier run's --json "
+                    "instead of measuring them (checks against --measured then hold only for that machine)")
+    ap.add_argument("--cpu-compute", choices=("bf16", "float32"), default="bf16",
+                    help="dtype the layers' forwards run in on this CPU in the projection: bf16 (the checkpoint's, "
+                         "the default) or float32 (--dtype float32; faster where the CPU has no native bf16 kernels)")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
-    rates = measure_rates()
+    rates = Rates(**json.loads(Path(args.rates).read_text())["rates"]) if args.rates else measure_rates()
     print(f"rates ({rates.note}): float64 {rates.f64 / 1e9:.1f}, float32 {rates.f32 / 1e9:.1f}, bf16 "
           f"{rates.bf16 / 1e9:.1f} GFLOP/s; read {rates.read / 1e9:.2f}, write {rates.write / 1e9:.2f} GB/s; RTN "
           f"{rates.rtn / 1e6:.0f} M elements/s; GPTQ {rates.gptq_rc2:.3g} s/(r c^2) + {rates.gptq_rc:.3g} s/(r c) + "
@@ -292,7 +298,8 @@ def main(argv=None) -> int:
 
     print(f"\nOptRot ({args.steps} evaluations per phase) + GPTQ W4 ({args.windows} x {args.seq_len} tokens, true "
           f"sequential) + eval ({args.eval_tokens} tokens), layer by layer:")
-    machines = {"this CPU": rates, "H100 (assumed)": H100}
+    cpu = rates if args.cpu_compute == "bf16" else replace(rates, bf16=rates.f32)
+    machines = {f"this CPU{'' if args.cpu_compute == 'bf16' else ', float32 layers'}": cpu, "H100 (assumed)": H100}
     projections = {}
     for key, s in PROJECTED.items():
         for mname, r in machines.items():

@@ -66,3 +66,22 @@ def test_eval_in_float32_counts_the_float32_rate():
     bf16 = cost_model.phases(s, "eval-streamed", slow_bf16)
     f32 = cost_model.phases(s, "eval-float32-streamed", slow_bf16)
     assert bf16["layers"] == 4 * f32["layers"] and bf16["lm_head"] == 4 * f32["lm_head"] and bf16["read"] == f32["read"]
+
+
+def test_projections_from_saved_rates_with_float32_layers(tmp_path):
+    """``--rates`` reuses a run's rates (nothing measured); ``--cpu-compute float32`` runs the CPU
+    column's layers at the float32 rate, so only the phases with forwards change."""
+    import json
+    from dataclasses import asdict
+
+    rates = cost_model.Rates(**{**UNIT.__dict__, "bf16": 0.5, "fixed": {"eval-streamed": 1.0}})
+    saved = tmp_path / "rates.json"
+    saved.write_text(json.dumps({"rates": asdict(rates)}))
+    out = {}
+    for compute in ("bf16", "float32"):
+        assert cost_model.main(["--rates", str(saved), "--cpu-compute", compute, "--json", str(tmp_path / compute)]) == 0
+        out[compute] = json.loads((tmp_path / compute).read_text())
+    assert out["bf16"]["rates"] == asdict(rates)
+    cpu = {c: next(v for k, v in out[c]["projections"].items() if k.startswith("llama-3-8b / this CPU")) for c in out}
+    assert cpu["bf16"]["eval"] > cpu["float32"]["eval"] and cpu["bf16"]["GPTQ: solve"] == cpu["float32"]["GPTQ: solve"]
+    assert cpu["bf16"]["rotate: R1 objective"] == cpu["float32"]["rotate: R1 objective"]
