@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import torch
-from torch import nn
 
 from orthoopt.adapters.archs import ArchSpec, DecoderModules, UnsupportedModelError, part_rows, r1_refusal
 from orthoopt.core import WeightBlock
