@@ -160,7 +160,9 @@ def gptq_quantize(
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         loss += 0.5 * (Err1 * Err1).sum()
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        # the lazy batch update, in place: one GEMM into W's column slice, no [rows, cols - i2] temporary
+        # (the same product, then subtracted: equal to W[:, i2:] -= Err1 @ U[i1:i2, i2:] here)
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
 
     group_index = torch.empty(cols, dtype=torch.long, device=W.device)
     group_index[perm] = torch.arange(cols, device=W.device) // g
