@@ -154,6 +154,9 @@ def _check_memory(args, text_chars: int | None) -> None:
     check_memory("orthoopt eval", source, lambda ck: eval_estimate(
         ck, dtype, min(seq_len, ck.max_position or seq_len), args.batch_size,
         streamed_tokens=tokens if args.streamed else None), args.force)
+    from orthoopt.utils.cpu import bf16_note
+
+    bf16_note("orthoopt eval", dtype, args.device)
 
 
 def undefined_figures(record: dict) -> str | None:
