@@ -27,31 +27,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from orthoopt.adapters.archs import layer_output
-from orthoopt.errors import InvalidInputError, OrthooptError
+from orthoopt.adapters.recording import record_layer_inputs as _record, swap_layers
 from orthoopt.eval.perplexity import default_seq_len, score_windows, window_ids
 from orthoopt.quant.calib import check_context
-
-
-class _Stop(OrthooptError):
-    """Ends the recording forward after the last decoder layer's call."""
-
-
-class _Recorder(nn.Module):
-    """Stands in for decoder layer ``index`` while a batch's inputs are recorded."""
-
-    def __init__(self, index: int, last: bool, store: dict) -> None:
-        super().__init__()
-        self.index, self.last, self.store = index, last, store
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        if args:
-            raise InvalidInputError("decoder layers are expected to receive only hidden_states positionally")
-        if self.index == 0:
-            self.store["hidden"] = hidden_states
-        self.store["kwargs"].append(kwargs)
-        if self.last:
-            raise _Stop
-        return hidden_states
 
 
 class _Replay(nn.Module):
@@ -65,46 +43,24 @@ class _Replay(nn.Module):
         return hidden_states if self.hidden is None else self.hidden
 
 
-def _swapped(layers: nn.ModuleList, stand_ins: list[nn.Module]):
-    originals = list(layers)
-    for i, m in enumerate(stand_ins):
-        layers[i] = m
-    return originals
-
-
 @torch.no_grad()
 def record_layer_inputs(layered, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[dict]]]:
     """Pass 1 of the module docstring: for each batch of token ids ``[batch, seq]``, the hidden states
     entering decoder layer 0 and the keyword arguments the model hands each layer
-    (``kwargs[b][i]``: batch ``b``, layer ``i``); no decoder layer is loaded."""
-    model, layers = layered.model, layered.layers
-    hidden: list[torch.Tensor] = []
-    kwargs: list[list[dict]] = []
-    store: dict = {}
-    originals = _swapped(layers, [_Recorder(i, i == len(layers) - 1, store) for i in range(len(layers))])
-    try:
-        for batch in batches:
-            store.update(hidden=None, kwargs=[])
-            try:
-                model(input_ids=batch.to(layered.device), use_cache=False)
-            except _Stop:
-                pass
-            hidden.append(store["hidden"])
-            kwargs.append(store["kwargs"])
-    finally:
-        _swapped(layers, originals)
-    return hidden, kwargs
+    (``kwargs[b][i]``: batch ``b``, layer ``i``); no decoder layer is loaded
+    (:func:`orthoopt.adapters.recording.record_layer_inputs`)."""
+    return _record(layered.model, layered.layers, batches, layered.device)
 
 
 def run_head(layered, hidden: torch.Tensor, batch: torch.Tensor):
     """Pass 3 of the module docstring for one batch: the model's output (its own final norm and lm_head)
     on the final hidden states ``hidden`` of the token ids ``batch``."""
     layers = layered.layers
-    originals = _swapped(layers, [_Replay(hidden)] + [_Replay(None) for _ in range(len(layers) - 1)])
+    originals = swap_layers(layers, [_Replay(hidden)] + [_Replay(None) for _ in range(len(layers) - 1)])
     try:
         return layered.model(input_ids=batch.to(layered.device), use_cache=False)
     finally:
-        _swapped(layers, originals)
+        swap_layers(layers, originals)
 
 
 @torch.no_grad()

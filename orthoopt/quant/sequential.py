@@ -36,59 +36,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from orthoopt.adapters.archs import layer_output, locate
-from orthoopt.errors import InvalidInputError, OrthooptError
+from orthoopt.adapters.recording import StopForward, record_layer_inputs
+from orthoopt.errors import InvalidInputError
 from orthoopt.quant.experts import expert_params, gptq_experts
 from orthoopt.quant.gptq import HessianAccumulator, gptq_quantize
 from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams
-
-class _Stop(OrthooptError):
-    """Raised by hooks to end a forward pass early."""
-
-
-class _Recorder(nn.Module):
-    """Stands in for decoder layer ``index``: records its call and passes the hidden states on."""
-
-    def __init__(self, index: int, last: bool, store: dict):
-        super().__init__()
-        self.index, self.last, self.store = index, last, store
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        if args:
-            raise InvalidInputError("decoder layers are expected to receive only hidden_states positionally")
-        if self.index == 0:
-            self.store["inputs"].append(hidden_states.detach())
-        self.store["kwargs"].setdefault(self.index, kwargs)
-        if self.last:
-            raise _Stop
-        return hidden_states
-
 
 def _layer_list(model: nn.Module) -> nn.ModuleList:
     spec = locate(model).spec
     return getattr(getattr(model, spec.decoder), spec.layers)
 
 
-@torch.no_grad()
 def capture_layer_inputs(model: nn.Module, calib: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
     """Inputs of decoder layer 0 (one ``[1, seq_len, hidden]`` tensor per window of ``calib``) and the
-    keyword arguments the model passes each decoder layer (recorded on the first window; the windows
+    keyword arguments the model passes each decoder layer (those of the first window; the windows
     are unpadded and equally long, so masks and positions are the same for all)."""
-    layers = _layer_list(model)
-    originals = list(layers)
-    store: dict = {"inputs": [], "kwargs": {}}
-    for i in range(len(layers)):
-        layers[i] = _Recorder(i, i == len(layers) - 1, store)
-    try:
-        device = next(model.parameters()).device
-        for row in calib:
-            try:
-                model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
-    return store["inputs"], [store["kwargs"][i] for i in range(len(layers))]
+    hidden, kwargs = record_layer_inputs(model, _layer_list(model), [row.unsqueeze(0) for row in calib])
+    return hidden, kwargs[0]
 
 
 def _collect_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs, kwargs,
@@ -131,7 +95,7 @@ def _collect_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs, k
             raise RuntimeError(f"{name}: its input was shared with {shares[name]} in the first window, not in a later one")
         seen.add(name)
         if len(seen) == len(linears) + len(experts):
-            raise _Stop
+            raise StopForward
 
     def expert_hook(name, module, args, kwargs):
         hidden = (args[0] if args else kwargs["hidden_states"]).detach()
@@ -140,7 +104,7 @@ def _collect_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs, k
         accs[name].append((hidden, idx.detach().reshape(hidden.shape[0], -1)))
         seen.add(name)
         if len(seen) == len(linears) + len(experts):
-            raise _Stop
+            raise StopForward
 
     handles = [lin.register_forward_pre_hook(lambda m, a, n=name: hook(n, m, a)) for name, lin in linears.items()]
     handles += [mod.register_forward_pre_hook(lambda m, a, k, n=name: expert_hook(n, m, a, k), with_kwargs=True)
@@ -151,7 +115,7 @@ def _collect_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs, k
             inputs_seen.clear()
             try:
                 layer(x, **kwargs)
-            except _Stop:
+            except StopForward:
                 pass
     finally:
         for h in handles:
