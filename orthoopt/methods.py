@@ -125,7 +125,7 @@ class Method:
     schedule : {"constant", "cosine"}
         Cosine: the step size decays as ``lr * (1 + cos(pi * step / steps)) / 2``.
     sampling : bool
-        Takes ``sample_fraction`` and ``device`` (row sampling, objective on an accelerator).
+        Takes ``sample_fraction`` (row sampling of the objective's weight rows).
     streamed : callable or None
         ``streamed(inputs: StreamedInputs) -> Objective``: the R1 objective read from disk, for the
         safetensors store (each layer's R2 uses ``objective`` on that layer's blocks). Fixed methods
@@ -199,7 +199,9 @@ class Method:
 
 
 def check_sampling(entry: Method, sample_fraction: float | None, device: Any) -> None:
-    """Refuse row sampling and an objective device for a method that does not take them.
+    """Refuse row sampling for a method without ``sampling``, and an objective device for a method
+    that simulates quantization (its loss runs the model where the model is). Every other learned
+    objective computes where the rotations are (its rows, activations or weighted blocks follow them).
 
     Parameters
     ----------
@@ -211,12 +213,16 @@ def check_sampling(entry: Method, sample_fraction: float | None, device: Any) ->
     Raises
     ------
     ValueError
-        ``entry`` is learned without ``sampling`` and either setting is given; names the methods that
-        take them.
+        ``sample_fraction`` for a learned method without ``sampling`` (names the methods that take
+        it), or ``device`` for one that simulates quantization.
     """
-    if entry.learned and not entry.sampling and (sample_fraction is not None or device is not None):
-        raise InvalidInputError(f"sample_fraction and device are supported by method "
+    if entry.learned and not entry.sampling and sample_fraction is not None:
+        raise InvalidInputError(f"sample_fraction is supported by method "
                          f"{', '.join(map(repr, names(lambda m: m.sampling)))} only, not {entry.name!r}")
+    if entry.simulates_quantization and device is not None:
+        raise InvalidInputError(f"device: method {entry.name!r} runs the whole fake-quantized model at every step, "
+                                "so its rotations go where the model is: load the model on the device in Python "
+                                "(orthoopt.models.load_model(..., device=), benchmarks/device_check.py)")
 
 
 def summed_by_layer(objective: Callable[[ObjectiveInputs], Objective]) -> Callable[[StreamedInputs], Objective]:

@@ -61,3 +61,24 @@ def test_diagnose_device_cpu_equals_no_device(model_dir, tmp_path):
     assert main(["diagnose", str(model_dir), "--out", str(tmp_path / "b"), "--device", "cpu", *common]) == 0
     a, b = (json.loads((tmp_path / x / "summary.json").read_text()) for x in "ab")
     assert a["models"] == b["models"] and a["act_module"] == b["act_module"] and a["models"][0]["activations"]
+
+
+def test_every_learned_method_but_spinquant_takes_a_device(model_dir, tmp_path):
+    """The objectives follow the rotations' device, so ``device`` is taken by every learned method but
+    the one whose loss runs the whole model; ``sample_fraction`` stays OptRot's; ``device="cpu"``
+    gives what no device gives."""
+    from orthoopt.config import RotateConfig
+    from orthoopt.pipeline import rotate_model
+
+    for name in ("optrot", "optrot+", "kurtosis", "dfrot"):
+        assert RotateConfig(name, compute={"device": "cpu"}).compute.device == "cpu"
+    with pytest.raises(ValueError, match="whole fake-quantized model"):
+        RotateConfig("spinquant", compute={"device": "cpu"})
+    with pytest.raises(ValueError, match="sample_fraction is supported by method 'optrot' only"):
+        RotateConfig("kurtosis", compute={"sample_fraction": 0.5})
+    calib = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    runs = [rotate_model(load_model(model_dir, dtype=torch.float32), RotateConfig("kurtosis", solve={"steps": 2},
+                                                                                   calib={"tokens": 32}, **kw),
+                         calib=calib, progress=False) for kw in ({}, {"compute": {"device": "cpu"}})]
+    a, b = (r.rotations for r in runs)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -68,13 +68,15 @@ class Checkpoint:
     num_layers: int
     num_heads: int
     max_position: int | None
+    embed_width: int = 0  # the embedding's columns as stored (the hidden size the weights have)
+    stored_layers: int = 0  # decoder layers with weights in the files
 
     @classmethod
     def read(cls, folder: str | os.PathLike) -> "Checkpoint":
         folder = Path(folder)
         config = read_json_object(folder / "config.json")
         text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-        stored = numel = embed = head = largest = layer_largest = 0
+        stored = numel = embed = head = largest = layer_largest = width = 0
         layers: dict[int, int] = {}
         import re
 
@@ -89,7 +91,7 @@ class Checkpoint:
                 numel += n
                 largest = max(largest, n)
                 if name.endswith("embed_tokens.weight"):
-                    embed = n
+                    embed, width = n, int(e["shape"][-1])
                 elif name.endswith("lm_head.weight"):
                     head = n
                 m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
@@ -100,7 +102,7 @@ class Checkpoint:
         return cls(stored, numel, embed, head, largest, max(layers.values(), default=0), layer_largest, hidden,
                    int(text.get("intermediate_size") or 4 * hidden), int(text.get("vocab_size") or 0),
                    int(text.get("num_hidden_layers") or len(layers)), int(text.get("num_attention_heads") or 1),
-                   text.get("max_position_embeddings"))
+                   text.get("max_position_embeddings"), width, len(layers))
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -243,7 +245,9 @@ def disk_estimate(ck: Checkpoint, dtype: torch.dtype, rotations: bool = False, s
     head = ck.lm_head_numel or ck.embed_numel
     parts = {"output": ck.numel * b + (ck.embed_numel * b if ck.lm_head_numel == 0 else 0) + DISK_SLACK}
     if rotations:
-        parts["rotations"] = (ck.hidden ** 2 + ck.num_layers * (ck.hidden // ck.num_heads) ** 2) * 8
+        # sized from the stored weights, not config.json (a wrong config is refused later, by name)
+        h, layers = ck.embed_width or ck.hidden, ck.stored_layers or ck.num_layers
+        parts["rotations"] = (h ** 2 + layers * (h // max(1, ck.num_heads)) ** 2) * 8
     if scratch:
         w = max(b, 4)
         parts["weighted blocks (scratch)"] = (ck.layer_numel * ck.num_layers + head

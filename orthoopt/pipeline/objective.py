@@ -93,8 +93,9 @@ def build_objective(config: RotateConfig, adapter: DecoderAdapter, phase: str | 
     ----------
     config : RotateConfig
         The run's settings: ``method``, and what its objective reads (``include_embeddings``,
-        ``calib.tokens``, ``seed``; ``compute.sample_fraction`` and ``compute.device`` for methods with
-        ``sampling``; the ``spinquant`` group for a method that simulates quantization).
+        ``calib.tokens``, ``seed``; ``compute.sample_fraction`` for methods with ``sampling``;
+        ``compute.device`` for every learned method but one that simulates quantization, which reads
+        the ``spinquant`` group instead).
     adapter : DecoderAdapter
         The model's adapter (fused, possibly partly rotated weights).
     phase : str or iterable of str
