@@ -247,7 +247,7 @@ def disk_estimate(ck: Checkpoint, dtype: torch.dtype, rotations: bool = False, s
     if rotations:
         # sized from the stored weights, not config.json (a wrong config is refused later, by name)
         h, layers = ck.embed_width or ck.hidden, ck.stored_layers or ck.num_layers
-        parts["rotations"] = (h ** 2 + layers * (h // max(1, ck.num_heads)) ** 2) * 8
+        parts["rotations"] = (h ** 2 + layers * (h // ck.num_heads) ** 2) * 8
     if scratch:
         w = max(b, 4)
         parts["weighted blocks (scratch)"] = (ck.layer_numel * ck.num_layers + head

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from orthoopt.errors import OrthooptError
 from orthoopt.utils.memory import gib, parse_size
+from orthoopt.utils.paths import check_parent_writable
 
 DISK_LIMIT_ENV = "ORTHOOPT_DISK_LIMIT"
 
@@ -27,30 +28,12 @@ class DiskSpaceError(OrthooptError, ValueError):
     """The estimated bytes a run writes exceed the free space where it writes them (:func:`check_disk`)."""
 
 
-def _existing(path: str | os.PathLike) -> Path:
-    """The nearest existing folder at or above ``path``."""
-    folder = Path(path).absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return folder
-
-
-def _writable(folder: Path) -> bool:
-    """Whether a file can be created in ``folder`` (tried, then removed: root passes ``os.access``
-    on read-only file systems such as ``/sys``)."""
-    import tempfile
-
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
-
-
 def free_disk(path: str | os.PathLike) -> tuple[int, str]:
     """``(free bytes, where the figure comes from)`` for a file or folder to be created at ``path``:
     the smaller of the free space of its nearest existing folder's file system and ``ORTHOOPT_DISK_LIMIT``."""
-    folder = _existing(path)
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     found = [(shutil.disk_usage(folder).free, f"free space of {folder}")]
     limit = os.environ.get(DISK_LIMIT_ENV, "").strip()
     if limit:
@@ -60,11 +43,14 @@ def free_disk(path: str | os.PathLike) -> tuple[int, str]:
 
 def check_disk(parts: dict[str, int], out: str | os.PathLike, command: str, force: bool = False) -> int:
     """Raise :class:`DiskSpaceError` when the sum of ``parts`` (named byte counts) exceeds
-    :func:`free_disk` of ``out``, unless ``force``; returns the free bytes."""
+    :func:`free_disk` of ``out``, unless ``force`` (or raise the ValueError of
+    :func:`~orthoopt.utils.paths.check_parent_writable` when the folder cannot be written at all);
+    returns the free bytes."""
     free, source = free_disk(out)
     total = int(sum(parts.values()))
-    if force or total <= free or not _writable(_existing(out)):
-        return free  # (a folder that cannot be written is refused by the output check, by name)
+    if force or total <= free:
+        return free
+    check_parent_writable(out)  # a folder that cannot be written at all is named as such, not as full
     detail = ", ".join(f"{k} {gib(v)}" for k, v in parts.items() if v)
     raise DiskSpaceError(f"{command} would write about {gib(total)} ({detail}) but only {gib(free)} is free "
                          f"({source}): free space, pass an --out on a larger disk, or --force to run anyway")

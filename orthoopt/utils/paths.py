@@ -129,14 +129,28 @@ def check_writable(out: PathLike, kind: str = "folder", what: str = "--out", mar
         if kind == "folder" and marker is not None and any(p.iterdir()) and not (p / marker).is_file():
             raise InvalidInputError(f"{what} {out} exists, is not empty and holds no {marker} (it is not a previous "
                              f"output of this command, and writing would delete its files); choose another {what}")
-    parent = p.parent
-    while not parent.exists() and not parent.is_symlink():
-        if parent == parent.parent:
-            break
-        parent = parent.parent
+    parent = _nearest_existing(p.parent)
     if not parent.is_dir():
         raise InvalidInputError(f"cannot write {what} {out}: {parent} is {'a file' if parent.exists() else 'missing'}, "
                          "not a folder")
+    check_parent_writable(out, what)
+
+
+def _nearest_existing(folder: Path) -> Path:
+    while not folder.exists() and not folder.is_symlink():
+        if folder == folder.parent:
+            break
+        folder = folder.parent
+    return folder
+
+
+def check_parent_writable(out: PathLike, what: str = "--out") -> None:
+    """Raise ValueError when the nearest existing parent folder of ``out`` cannot hold a new entry
+    (a temporary folder is tried, then removed: root passes ``os.access`` on read-only file systems);
+    a parent that is not a folder is left to :func:`check_writable`."""
+    parent = _nearest_existing(Path(os.path.expanduser(os.fspath(out))).absolute().parent)
+    if not parent.is_dir():
+        return
     try:
         probe = tempfile.mkdtemp(prefix=".orthoopt-write-test.", dir=parent)
     except OSError as e:
@@ -200,4 +214,4 @@ def output_lock(out: PathLike, what: str = "--out") -> Iterator[None]:
         os.close(fd)
 
 
-__all__ = ["check_not_input", "check_writable", "input_paths", "output_lock", "overlap", "prepare_output", "resolve"]
+__all__ = ["check_not_input", "check_parent_writable", "check_writable", "input_paths", "output_lock", "overlap", "prepare_output", "resolve"]
