@@ -67,6 +67,10 @@ class Rates:
     rot_rh: float    # seconds per r h (its casts to float64 and back)
     fixed: dict      # seconds of each command on a tiny model (start-up, skeleton, files, checks)
     note: str = ""
+    # seconds per r h per pass of the fast write-back of a random Hadamard R1 (orthoopt.hadamard.fast_rotation):
+    # passes = its Kronecker factors + 3 (cast to float64, signs, cast back); None (a rates file from before
+    # the fast write-back): the dense products
+    rot_fast: float | None = None
 
 
 # One H100-class GPU (SXM), assumed, not measured: half of the peak dense rates (FP64 tensor 67,
@@ -75,7 +79,8 @@ class Rates:
 H100 = Rates(f64=33e12, f32=33e12, bf16=400e12, read=20e9, write=5e9, rtn=50e9,
              gptq_rc2=2 / 33e12, gptq_rc=2 / 1.5e12, gptq_c=1e-4, rot_rh2=1 / 33e12, rot_rh=20 / 1.5e12,
              fixed={}, note="assumed: 50% of H100 SXM peak FP64/FP32, 40% of BF16, PCIe 20 GB/s in, 5 GB/s out, "
-                            "0.1 ms per GPTQ column, 10 s fixed per command")
+                            "0.1 ms per GPTQ column, 10 s fixed per command, 1.5 TB/s for the fast Hadamard passes",
+             rot_fast=16 / 1.5e12)
 FIXED_DEFAULT = 10.0
 
 
@@ -135,9 +140,17 @@ def measure_rates() -> Rates:
         R = torch.linalg.qr(torch.randn(h, h, generator=g, dtype=torch.float64))[0]
         rot.append((4096, h, _best(lambda: rotate_rows(W, R), repeat=2)))
     rot_coef = _fit([[2 * r * h * h, r * h] for r, h, _ in rot], [t for *_, t in rot])
+    from orthoopt.hadamard import fast_rotation, random_hadamard
+
+    fast = []
+    for h in (2048, 4096):
+        W = torch.randn(4096, h, generator=g).to(torch.bfloat16)
+        op = fast_rotation(random_hadamard(h))
+        fast.append(_best(lambda: rotate_rows(W, op), repeat=2) / (4096 * h * _hadamard_passes(h)))
     return Rates(f64=gemm[torch.float64], f32=gemm[torch.float32], bf16=gemm[torch.bfloat16], read=read,
                  write=write, rtn=rtn, gptq_rc2=gptq[0], gptq_rc=gptq[1], gptq_c=gptq[2], rot_rh2=rot_coef[0],
-                 rot_rh=rot_coef[1], fixed=fixed_costs(), note=f"measured here, {torch.get_num_threads()} torch threads")
+                 rot_rh=rot_coef[1], fixed=fixed_costs(), note=f"measured here, {torch.get_num_threads()} torch threads",
+                 rot_fast=sum(fast) / len(fast))
 
 
 def _fit(rows, times) -> list[float]:
@@ -191,6 +204,26 @@ def _rotate_seconds(s: Shape, r: Rates) -> float:
     return (n["layers"] + n["heads"]) * (2 * h * r.rot_rh2 + r.rot_rh)
 
 
+def _hadamard_passes(h: int) -> int:
+    """Passes over a weight of the fast Hadamard write-back: one per Kronecker factor, and 3 around them."""
+    import importlib
+
+    fwht = importlib.import_module("orthoopt.hadamard.fwht")  # the package's ``fwht`` is the function
+    from orthoopt.hadamard import hadamard_plan
+
+    plan = hadamard_plan(h)
+    return (plan.base_order > 1) + len(fwht._sylvester_bits(plan.power_of_two)) + 3
+
+
+def _hadamard_rotate_seconds(s: Shape, r: Rates) -> float:
+    """The R1 write-back of a random Hadamard R1: the fast transform (a few memory passes per weight) when
+    the rates have it, else the dense float64 products of :func:`_rotate_seconds`."""
+    if r.rot_fast is None:
+        return _rotate_seconds(s, r)
+    n = counts(s)
+    return (n["layers"] + n["heads"]) * _hadamard_passes(s.hidden_size) * r.rot_fast
+
+
 def phases(s: Shape, command: str, rates: Rates, windows: int = 4, seq_len: int = 256,
            steps: int = 150, evaluations: dict | None = None) -> dict[str, float]:
     """Seconds per phase of ``command`` (a ``model_size`` command name, or ``optrot``) on ``rates``;
@@ -214,9 +247,9 @@ def phases(s: Shape, command: str, rates: Rates, windows: int = 4, seq_len: int 
     elif command in ("eval-streamed", "eval-float32-streamed"):  # the layers compute in bf16 or float32
         rate = rates.bf16 if command == "eval-streamed" else rates.f32
         out |= {"read": disk / rates.read, "layers": forward / rate, "lm_head": 2 * tokens * n["embed"] / rate}
-    elif command == "rotate-streamed":  # hadamard: every tensor W R1 (or R1^T W) in float64
+    elif command == "rotate-streamed":  # hadamard: every tensor W R1 (or R1^T W) in float64, by the fast transform
         r2 = 2 * (h // s.num_attention_heads) * 2 * h * h * L  # v rows and o columns per head
-        out |= {"read": disk / rates.read, "R1 products": _rotate_seconds(s, rates),
+        out |= {"read": disk / rates.read, "R1 products": _hadamard_rotate_seconds(s, rates),
                 "R2 products": r2 / rates.f64, "write": disk / rates.write}
     elif command in ("optrot", "rotate-optrot-streamed"):
         # R1 and R2 learned, data-free: each R1 evaluation reads the layers (streamed) and forms W R and

@@ -46,6 +46,17 @@ def test_phases_are_work_over_rate():
         cost_model.phases(s, "rotate", UNIT)
 
 
+@pytest.mark.parametrize("key, passes", [("1b", 5), ("3b", 6), ("8b", 5)])
+def test_the_hadamard_write_back_is_passes_over_the_weights(key, passes):
+    """With the fast write-back's rate the hadamard R1 products are (factors + 3) passes per weight
+    (1B: 2048 = 64 x 32; 3B: 3072 = 12 x 16 x 16; 8B: 4096 = 64 x 64); without it, the dense products."""
+    s = cost_model.SHAPES[key]
+    n = cost_model.counts(s)
+    fast = cost_model.phases(s, "rotate-streamed", cost_model.Rates(**{**UNIT.__dict__, "rot_fast": 1.0}))
+    assert fast["R1 products"] == passes * (n["layers"] + n["heads"])
+    assert cost_model.phases(s, "rotate-streamed", UNIT)["R1 products"] == 2 * s.hidden_size * (n["layers"] + n["heads"])
+
+
 def test_optrot_phases_count_the_evaluations_a_run_made():
     """OptRot's objective phases are evaluations x 4 h P (R1: every layer weight; R2: v and o of one
     layer, d wide), from the projection's steps or from a run's report; each R1 evaluation reads the layers."""

@@ -29,6 +29,7 @@ from orthoopt.adapters.archs import ArchSpec, DecoderModules, UnsupportedModelEr
 from orthoopt.core import WeightBlock
 from orthoopt.core.tolerance import check_orthogonal, orthogonality_tolerance  # noqa: F401  (the one policy, re-exported)
 from orthoopt.errors import InvalidInputError
+from orthoopt.hadamard.signed import SignedHadamard, fast_rotation, t_times, times
 
 F64 = torch.float64
 
@@ -183,14 +184,16 @@ def blockdiag_right(W: torch.Tensor, R: torch.Tensor, heads: int) -> torch.Tenso
     return (W.reshape(W.shape[0], heads, d) @ R).reshape(W.shape)
 
 
-def rotate_layer(spec: ArchSpec, t: Mapping[str, torch.Tensor], prefix: str, R1: torch.Tensor | None = None,
+def rotate_layer(spec: ArchSpec, t: Mapping[str, torch.Tensor], prefix: str,
+                 R1: torch.Tensor | SignedHadamard | None = None,
                  R2: torch.Tensor | None = None, *, num_heads: int, num_kv_heads: int,
                  dtype: torch.dtype | None = F64) -> dict[str, torch.Tensor]:
     """The rotated tensors of one layer: ``{key: float64 tensor}`` for every key of ``t`` that changes.
 
     ``t`` maps ``f"{prefix}.{path}.{param}"`` (and ``.bias``) to the layer's projection tensors (absent
     roles are skipped); ``R1`` ``[hidden, hidden]`` and ``R2`` ``[head_dim, head_dim]`` are float64
-    on the tensors' device, or None. Each weight is transformed once in ``dtype`` (float64; None: the
+    on the tensors' device, or None; ``R1`` may also be a :class:`~orthoopt.hadamard.SignedHadamard`
+    (the same products without the dense matrix, :func:`~orthoopt.hadamard.fast_rotation`). Each weight is transformed once in ``dtype`` (float64; None: the
     tensors' own dtype, as SpinQuant's differentiable path uses it), and the caller casts it back:
     side "in" ``W @ R1``; side "out" ``R1.T @ W`` with bias ``b @ R1``; then the value rows
     ``blockdiag(R2).T @ W_v`` (bias per head ``b_v[h] @ R2``) and o_proj's columns ``W_o @ blockdiag(R2)``.
@@ -207,10 +210,10 @@ def rotate_layer(spec: ArchSpec, t: Mapping[str, torch.Tensor], prefix: str, R1:
         b = None if bk is None or bk not in t else (t[bk] if dtype is None else t[bk].to(dtype))
         w_changed = b_changed = False
         if R1 is not None:
-            W = W @ R1 if pr.side == "in" else R1.T @ W
+            W = times(W, R1) if pr.side == "in" else t_times(R1, W)
             w_changed = True
             if pr.side == "out" and b is not None:
-                b, b_changed = b @ R1, True
+                b, b_changed = times(b, R1), True
         if R2 is not None and pr.role == vrole:
             d = R2.shape[0]
             rows = part_rows(spec, vrole, W.shape[0], num_heads, num_kv_heads, d)[vpart or vrole]
@@ -239,8 +242,10 @@ def apply_rotations(m: DecoderModules, rotations: Mapping[str, torch.Tensor]) ->
     """Fuse the given rotations into the weights in place (missing names act as the identity).
 
     Each parameter is transformed once in float64 and cast back to its dtype: embedding and lm_head
-    ``E @ R1``; every layer by :func:`rotate_layer` (the table's sides). Call
-    :func:`validate_rotations` first; this function does not validate.
+    ``E @ R1``; every layer by :func:`rotate_layer` (the table's sides). An ``R1`` that is a random
+    Hadamard matrix ``D H / sqrt(n)`` is applied by the fast transform (:func:`~orthoopt.hadamard.fast_rotation`;
+    equal to the dense products to float64 rounding). Call :func:`validate_rotations` first; this
+    function does not validate.
     """
     def f64(R):
         return None if R is None else R.detach().to(F64)
@@ -249,11 +254,11 @@ def apply_rotations(m: DecoderModules, rotations: Mapping[str, torch.Tensor]) ->
         p.data.copy_(value.to(p.dtype))
 
     R1 = rotations.get("R1")
-    R1 = None if R1 is None else f64(R1).to(m.embed.weight.device)
+    R1 = None if R1 is None else fast_rotation(f64(R1).to(m.embed.weight.device))
     if R1 is not None:
-        put(m.embed.weight, m.embed.weight.to(F64) @ R1)
+        put(m.embed.weight, times(m.embed.weight.to(F64), R1))
         if not m.tied:
-            put(m.lm_head.weight, m.lm_head.weight.to(F64) @ R1.to(m.lm_head.weight.device))
+            put(m.lm_head.weight, times(m.lm_head.weight.to(F64), R1.to(m.lm_head.weight.device)))
     for L in m.layers:
         params = layer_params(m, L)
         dev = next(iter(params.values())).device

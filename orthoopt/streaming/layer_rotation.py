@@ -13,6 +13,7 @@ import torch
 
 from orthoopt.adapters.writeback import layer_r2_entries, rotate_layer
 from orthoopt.core import WeightBlock
+from orthoopt.hadamard.signed import SignedHadamard, times
 from orthoopt.streaming.layout import DecoderLayout
 
 F64 = torch.float64
@@ -23,13 +24,13 @@ def _store(t: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
         t[key] = value.to(t[key].dtype)
 
 
-def rotate_rows(W: torch.Tensor, R1: torch.Tensor) -> torch.Tensor:
+def rotate_rows(W: torch.Tensor, R1: torch.Tensor | SignedHadamard) -> torch.Tensor:
     """``W @ R1`` for an input-side weight (embedding, lm_head) ``[m, hidden]``, in float64, cast back."""
-    return (W.to(F64) @ R1).to(W.dtype)
+    return times(W.to(F64), R1).to(W.dtype)
 
 
-def apply_r1(t: dict[str, torch.Tensor], layout: DecoderLayout, i: int, R1: torch.Tensor) -> None:
-    """Fuse ``R1`` (float64 ``[hidden, hidden]``) into layer ``i``'s tensors in ``t`` (replaced in the
+def apply_r1(t: dict[str, torch.Tensor], layout: DecoderLayout, i: int, R1: torch.Tensor | SignedHadamard) -> None:
+    """Fuse ``R1`` (float64 ``[hidden, hidden]``, or the :class:`~orthoopt.hadamard.SignedHadamard` it is) into layer ``i``'s tensors in ``t`` (replaced in the
     dict): readers ``W @ R1``, writers ``R1.T @ W`` with biases ``b @ R1`` (sides from the table)."""
     _store(t, rotate_layer(layout.spec, t, layout.layer_key_prefix(i), R1, None,
                            num_heads=layout.num_heads, num_kv_heads=layout.num_kv_heads))

@@ -66,6 +66,7 @@ from orthoopt.streaming.fused import FusedReader
 from orthoopt.adapters.calibration import rotation_rows
 from orthoopt.adapters.writeback import layer_r1_entries, layer_r2_entries
 from orthoopt.core import WeightBlock
+from orthoopt.hadamard.signed import SignedHadamard, fast_rotation
 from orthoopt.streaming.layer_rotation import apply_r1, apply_r2, r2_blocks, rotate_rows
 from orthoopt.streaming.layout import DecoderLayout
 from orthoopt.streaming.weighted import WeightedRows, load_blocks, save_blocks
@@ -131,7 +132,7 @@ class SafetensorsStore:
             raise InvalidInputError(f"method {config.method!r} reads calibration text: the streamed store runs it in "
                                     "one process (not under torchrun)")
         self.rank_difference = 0.0  # max |R1 - R1 of rank 0| at the end of a distributed R1 solve
-        self.R1: torch.Tensor | None = None
+        self.R1: torch.Tensor | SignedHadamard | None = None  # as fused: fast_rotation of the solved R1
         self.r2: dict[int, torch.Tensor] = {}
         self._cached: tuple[int, dict[str, torch.Tensor]] | None = None  # the layer of the R2 unit in progress
         self._phase_data: tuple[str, dict | WeightedRows] | None = None  # (phase, {rotation: X} or weighted blocks)
@@ -292,7 +293,7 @@ class SafetensorsStore:
 
     def apply(self, unit: Unit, rotations: dict[str, torch.Tensor]) -> None:
         if "R1" in rotations:
-            self.R1 = rotations["R1"]
+            self.R1 = fast_rotation(rotations["R1"])
         for k, R in rotations.items():
             if k.startswith("R2."):
                 i = int(k.split(".")[1])

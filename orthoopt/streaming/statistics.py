@@ -28,6 +28,7 @@ from orthoopt.adapters.archs import layer_output
 from orthoopt.eval.layered import record_layer_inputs
 from orthoopt.models.onload import LayeredModel
 from orthoopt.streaming.fused import FusedReader
+from orthoopt.hadamard.signed import SignedHadamard
 from orthoopt.streaming.layer_rotation import apply_r1, rotate_rows
 
 
@@ -39,7 +40,8 @@ class FusedLayers(LayeredModel):
     reader : FusedReader
         The norm-fused tensors; their dtype is the model's.
     R1 : torch.Tensor, optional
-        Float64 ``[hidden, hidden]``: fused into the embedding and every layer as it is read.
+        Float64 ``[hidden, hidden]`` (or the :class:`~orthoopt.hadamard.SignedHadamard` it is): fused into
+        the embedding and every layer as it is read.
     device : str or torch.device, optional
         Where the layers run (default: the CPU).
 
@@ -48,7 +50,7 @@ class FusedLayers(LayeredModel):
     The final norm is the fused one (the identity); ``lm_head`` is left as read (statistics never run it).
     """
 
-    def __init__(self, reader: FusedReader, R1: torch.Tensor | None = None, device=None) -> None:
+    def __init__(self, reader: FusedReader, R1: torch.Tensor | SignedHadamard | None = None, device=None) -> None:
         super().__init__(reader.ckpt.path, reader.dtype, device)
         self.reader, self.R1 = reader, R1
         L = reader.layout

@@ -1,0 +1,118 @@
+"""A random Hadamard rotation applied without its dense matrix (the fast write-back of QuaRot's R1).
+
+:func:`~orthoopt.hadamard.random_hadamard` gives ``R = D H / sqrt(n)`` as a dense ``[n, n]`` tensor: that
+is what solvers, rotation files and checks handle. Fusing it into a model costs a dense product per
+weight, ``2 n`` flops per element (at hidden 3072, most of ``rotate --method hadamard``'s time).
+:class:`SignedHadamard` is the same rotation as an operator: ``x @ R = hadamard_transform(x * d)``, a
+few passes over ``x`` (:mod:`orthoopt.hadamard.fwht`). :meth:`SignedHadamard.recognize` finds it in a
+dense tensor, so any write-back can take the fast path for any ``R`` that is exactly such a matrix,
+whoever made it; any other ``R`` (learned, float32-rounded, requiring grad) keeps the dense product.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .construct import base_matrix, hadamard_plan, is_hadamard_size
+from .fwht import hadamard_transform
+
+F64 = torch.float64
+_ROWS = 512  # rows of R compared per block in recognize (bounded memory at any n)
+
+
+class SignedHadamard:
+    """The orthogonal ``R = diag(signs) @ hadamard_matrix(n) / sqrt(n)``, applied as an operator.
+
+    Parameters
+    ----------
+    signs : torch.Tensor
+        ``[n]`` entries ±1 (any floating dtype; kept as float64 on their device); ``n`` must be a
+        supported Hadamard order.
+
+    Notes
+    -----
+    Results are computed in the input's dtype (pass float64 for the write-back's float64 products)
+    and equal the dense products to float64 rounding (different summation order, not the same bits).
+    """
+
+    def __init__(self, signs: torch.Tensor) -> None:
+        self.signs = signs.to(F64)
+        self.n = int(signs.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.n)
+
+    @property
+    def device(self) -> torch.device:
+        return self.signs.device
+
+    def to(self, device) -> "SignedHadamard":
+        """This rotation with its signs on ``device``."""
+        return SignedHadamard(self.signs.to(device))
+
+    def right(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ R`` for ``x`` ``[..., n]``."""
+        return hadamard_transform(x * self.signs.to(x.dtype))
+
+    def left_t(self, x: torch.Tensor) -> torch.Tensor:
+        """``R.T @ x`` for ``x`` ``[..., n, k]``: ``H.T @ (D x) / sqrt(n)``, the transform along ``dim=-2``."""
+        return hadamard_transform(x * self.signs.to(x.dtype)[:, None], dim=-2)
+
+    def dense(self, dtype: torch.dtype = F64) -> torch.Tensor:
+        """The ``[n, n]`` matrix ``R``."""
+        return self.right(torch.eye(self.n, dtype=dtype, device=self.device))
+
+    @classmethod
+    def recognize(cls, R: torch.Tensor, atol: float = 1e-15) -> "SignedHadamard | None":
+        """The operator equal to ``R`` if ``R`` is ``diag(d) H / sqrt(n)`` to within ``atol``, else None.
+
+        ``R`` must be a square floating tensor that does not require grad, of a supported Hadamard
+        order. Row signs are read from ``R``'s first column, then every row of ``R`` is compared with
+        the operator's (in blocks of rows, stopping at the first mismatch), so a learned ``R`` is
+        refused after one block. ``atol`` (default 1e-15, a few hundred float64 rounding units of
+        ``1/sqrt(n)``) admits float64 copies of :func:`~orthoopt.hadamard.random_hadamard` and nothing
+        rounded to float32.
+        """
+        if (not isinstance(R, torch.Tensor) or R.dim() != 2 or R.shape[0] != R.shape[1]
+                or not R.dtype.is_floating_point or R.requires_grad or not is_hadamard_size(R.shape[0])):
+            return None
+        n = R.shape[0]
+        R = R.to(F64)
+        signs = torch.sign(R[:, 0]) * _first_column(n, R.device)  # R[i, 0] = d_i H[i, 0] / sqrt(n)
+        if not bool((signs.abs() == 1).all()):
+            return None
+        op = cls(signs)
+        for start in range(0, n, _ROWS):
+            stop = min(start + _ROWS, n)
+            rows = torch.zeros(stop - start, n, dtype=F64, device=R.device)
+            rows[:, start:stop].fill_diagonal_(1.0)
+            if not torch.allclose(op.right(rows), R[start:start + _ROWS], rtol=0, atol=atol):
+                return None
+        return op
+
+
+def _first_column(n: int, device) -> torch.Tensor:
+    """``hadamard_matrix(n)[:, 0] = kron(B[:, 0], S[:, 0])``, and Sylvester's first column is all ones."""
+    plan = hadamard_plan(n)
+    return torch.kron(base_matrix(plan, F64)[:, 0], torch.ones(plan.power_of_two, dtype=F64)).to(device)
+
+
+def fast_rotation(R: torch.Tensor | None) -> "torch.Tensor | SignedHadamard | None":
+    """``R`` as a :class:`SignedHadamard` when it is one (:meth:`SignedHadamard.recognize`), else ``R``."""
+    if R is None:
+        return None
+    return SignedHadamard.recognize(R) or R
+
+
+def times(x: torch.Tensor, R: "torch.Tensor | SignedHadamard") -> torch.Tensor:
+    """``x @ R`` for a dense ``R`` or a :class:`SignedHadamard`."""
+    return R.right(x) if isinstance(R, SignedHadamard) else x @ R
+
+
+def t_times(R: "torch.Tensor | SignedHadamard", x: torch.Tensor) -> torch.Tensor:
+    """``R.T @ x`` for a dense ``R`` or a :class:`SignedHadamard`."""
+    return R.left_t(x) if isinstance(R, SignedHadamard) else R.T @ x
+
+
+__all__ = ["SignedHadamard", "fast_rotation", "t_times", "times"]

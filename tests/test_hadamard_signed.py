@@ -1,0 +1,91 @@
+"""The random Hadamard R1 applied as an operator (orthoopt.hadamard.signed) and the write-backs that use it."""
+
+import pytest
+import torch
+
+from orthoopt.adapters.arch_table import ARCHS
+from orthoopt.adapters.writeback import rotate_layer
+from orthoopt.hadamard import SignedHadamard, fast_rotation, random_hadamard
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("n", [1, 4, 12, 64, 172, 576, 1536])
+def test_recognized_and_equal_to_the_dense_products(n):
+    R = random_hadamard(n, seed=n)
+    op = SignedHadamard.recognize(R)
+    assert op is not None and op.shape == (n, n)
+    # dense(): every entry is one ±1 divided by sqrt(n), as random_hadamard computes it: the same bits
+    assert torch.equal(op.dense(), R)
+    gen = torch.Generator().manual_seed(0)
+    x, y, e = torch.randn(5, n, dtype=F64, generator=gen), torch.randn(n, 3, dtype=F64, generator=gen), \
+        torch.randn(2, 4, n, dtype=F64, generator=gen)
+    torch.testing.assert_close(op.right(x), x @ R, rtol=0, atol=1e-12)
+    torch.testing.assert_close(op.left_t(y), R.T @ y, rtol=0, atol=1e-12)
+    torch.testing.assert_close(op.right(e), e @ R, rtol=0, atol=1e-12)  # expert stacks [experts, out, in]
+    assert fast_rotation(R) is not R and isinstance(fast_rotation(R), SignedHadamard)
+
+
+def test_what_is_not_a_random_hadamard_keeps_the_dense_product():
+    n = 12
+    R = random_hadamard(n, seed=1)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=torch.Generator().manual_seed(1)))
+    flipped = random_hadamard(1024, seed=1).clone()
+    flipped[700, 5] *= -1  # a single entry off, in the second block of rows compared
+    for not_one in (Q, R.float().double(), R.T.contiguous(), flipped, torch.eye(10, dtype=F64),
+                    R.clone().requires_grad_(True), R[:, :8]):
+        assert SignedHadamard.recognize(not_one) is None
+        assert fast_rotation(not_one) is not_one
+    assert fast_rotation(None) is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "mixtral"])
+def test_rotate_layer_with_the_operator_equals_the_dense_rotation(arch):
+    """The write-back's tensor function, fast and dense, over every projection of an architecture
+    (separate q/k/v; Phi-3's fused qkv/gate_up; Mixtral's router and [experts, out, in] stacks), with
+    biases, float64 before the cast. Only the hidden side of a weight meets R1, so the other is 17."""
+    spec, hidden = ARCHS[arch], 48
+    gen = torch.Generator().manual_seed(3)
+    t = {}
+    for pr in spec.projs:
+        shape = (17, hidden) if pr.side == "in" else (hidden, 17)
+        t[f"l.{pr.path}.{pr.param}"] = torch.randn((3, *shape) if pr.experts else shape, dtype=F64, generator=gen)
+        if pr.bias_param:
+            t[f"l.{pr.path}.{pr.bias_param}"] = torch.randn(shape[0], dtype=F64, generator=gen)
+    R1 = random_hadamard(hidden, seed=2)
+    dense = rotate_layer(spec, t, "l", R1, num_heads=4, num_kv_heads=2)
+    fast = rotate_layer(spec, t, "l", fast_rotation(R1), num_heads=4, num_kv_heads=2)
+    assert dense.keys() == fast.keys() and len(dense) > len(spec.projs)  # weights and the writers' biases
+    for k in dense:
+        torch.testing.assert_close(fast[k], dense[k], rtol=0, atol=1e-12)
+
+
+def test_apply_rotations_takes_the_fast_path_for_a_hadamard_r1_only(monkeypatch):
+    """In memory: a random Hadamard R1 goes through the operator and gives the weights the dense
+    products give (float64 model, to float64 rounding); a learned R1 keeps the dense product."""
+    import orthoopt.adapters.writeback as writeback
+    from orthoopt.adapters.decoder import DecoderAdapter
+    from orthoopt.testing import planted_outlier_model
+
+    def rotated(R1):
+        model = planted_outlier_model(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, dtype=F64)
+        adapter = DecoderAdapter(model)
+        adapter.fuse_norms()
+        adapter.apply_rotations({"R1": R1})
+        return model.state_dict()
+
+    calls = []
+    real = SignedHadamard.left_t  # the writers' R1.T @ W (recognize itself only calls right)
+    monkeypatch.setattr(SignedHadamard, "left_t", lambda self, x: calls.append(x.shape) or real(self, x))
+    H = random_hadamard(64, seed=4)
+    fast = rotated(H)
+    assert calls, "a random Hadamard R1 was written back with the dense product"
+    calls.clear()
+    Q, _ = torch.linalg.qr(torch.randn(64, 64, dtype=F64, generator=torch.Generator().manual_seed(5)))
+    rotated(Q)
+    assert not calls
+    monkeypatch.setattr(writeback, "fast_rotation", lambda R: R)  # the dense products, for reference
+    dense = rotated(H)
+    assert not calls and fast.keys() == dense.keys()
+    for k in dense:
+        torch.testing.assert_close(fast[k], dense[k], rtol=0, atol=1e-12)
