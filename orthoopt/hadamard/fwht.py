@@ -28,7 +28,7 @@ from .construct import base_matrix, hadamard_plan, sylvester_matrix
 
 def _check_input(x: torch.Tensor, normalize: bool, dim: int = -1) -> int:
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
-        raise InvalidInputError("x must be a tensor with at least one dimension (transformed along the last)")
+        raise InvalidInputError("x must be a tensor with at least one dimension (transformed along dim)")
     if normalize and not (x.dtype.is_floating_point or x.dtype.is_complex):
         raise InvalidInputError(f"normalize=True needs a floating tensor, got {x.dtype}; pass normalize=False for integers")
     if not -x.dim() <= dim < x.dim():

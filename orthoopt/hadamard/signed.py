@@ -87,7 +87,7 @@ class SignedHadamard:
             stop = min(start + _ROWS, n)
             rows = torch.zeros(stop - start, n, dtype=F64, device=R.device)
             rows[:, start:stop].fill_diagonal_(1.0)
-            if not torch.allclose(op.right(rows), R[start:start + _ROWS], rtol=0, atol=atol):
+            if not torch.allclose(op.right(rows), R[start:stop], rtol=0, atol=atol):
                 return None
         return op
 
