@@ -40,6 +40,7 @@ for _p in (REPO, Path(__file__).resolve().parent):
         sys.path.insert(0, str(_p))
 
 from model_size import SHAPES, Shape  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
+from _measure import best_time  # noqa: E402
 
 MODELLED = ("quantize-rtn-streamed", "quantize-gptq-streamed", "eval-streamed", "rotate-streamed",
             "rotate-optrot-streamed")
@@ -84,16 +85,6 @@ H100 = Rates(f64=33e12, f32=33e12, bf16=400e12, read=20e9, write=5e9, rtn=50e9,
 FIXED_DEFAULT = 10.0
 
 
-def _best(fn, repeat: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def measure_rates() -> Rates:
     """The rates of this machine, from microbenchmarks of the commands' own kernels (~1 minute)."""
     import torch
@@ -108,29 +99,29 @@ def measure_rates() -> Rates:
     gemm = {}
     for dtype, (m, k, n) in {torch.float64: (2048, 2048, 2048), torch.float32: (2048, 2048, 2048)}.items():
         a, b = torch.randn(m, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype)
-        gemm[dtype] = 2 * m * k * n / _best(lambda: a @ b)
+        gemm[dtype] = 2 * m * k * n / best_time(lambda: a @ b)
     # bf16 runs in the layers' nn.Linear: x [tokens, in] times a weight stored [out, in] (F.linear), one
     # window of 256 tokens at a time. The layout matters where bf16 has no native kernel: on an AVX2 CPU
     # (no AVX512-BF16 / AMX) F.linear ran at 7.8 GFLOP/s and x @ B with B stored [in, out] at 0.2
     x, w = torch.randn(256, 2048, generator=g).to(torch.bfloat16), torch.randn(8192, 2048, generator=g).to(torch.bfloat16)
-    gemm[torch.bfloat16] = 2 * 256 * 2048 * 8192 / _best(lambda: torch.nn.functional.linear(x, w))
+    gemm[torch.bfloat16] = 2 * 256 * 2048 * 8192 / best_time(lambda: torch.nn.functional.linear(x, w))
     with tempfile.TemporaryDirectory() as d:
         w = torch.randn(8192, 16384, generator=g).to(torch.bfloat16)  # 256 MiB
         path = Path(d) / "model.safetensors"
-        write = w.numel() * 2 / _best(lambda: save_file({"w": w}, str(path)), repeat=2)
+        write = w.numel() * 2 / best_time(lambda: save_file({"w": w}, str(path)), repeats=2)
         (Path(d) / "config.json").write_text("{}")
         ck = SafetensorsCheckpoint(d)
-        read = w.numel() * 2 / _best(lambda: ck.read(["w"], torch.bfloat16)["w"].clone(), repeat=2)
+        read = w.numel() * 2 / best_time(lambda: ck.read(["w"], torch.bfloat16)["w"].clone(), repeats=2)
     spec = QuantSpec(bits=4)
     x = torch.randn(4096, 4096, generator=g).to(torch.bfloat16)
-    rtn = x.numel() / _best(lambda: quantize_rtn(x, spec))
+    rtn = x.numel() / best_time(lambda: quantize_rtn(x, spec))
     samples = []
     for r, c in ((1024, 2048), (4096, 2048), (2048, 8192)):
         W = torch.randn(r, c, generator=g)
         X = torch.randn(2 * c, c, generator=g)
         H = X.T @ X / X.shape[0]
         del X
-        samples.append((r, c, _best(lambda: gptq_quantize(W, H, spec), repeat=1)))
+        samples.append((r, c, best_time(lambda: gptq_quantize(W, H, spec), repeats=1)))
     gptq = _fit([[r * c * c, r * c, c] for r, c, _ in samples], [t for *_, t in samples])
     from orthoopt.streaming.layer_rotation import rotate_rows
 
@@ -138,7 +129,7 @@ def measure_rates() -> Rates:
     for h in (2048, 4096):
         W = torch.randn(4096, h, generator=g).to(torch.bfloat16)
         R = torch.linalg.qr(torch.randn(h, h, generator=g, dtype=torch.float64))[0]
-        rot.append((4096, h, _best(lambda: rotate_rows(W, R), repeat=2)))
+        rot.append((4096, h, best_time(lambda: rotate_rows(W, R), repeats=2)))
     rot_coef = _fit([[2 * r * h * h, r * h] for r, h, _ in rot], [t for *_, t in rot])
     from orthoopt.hadamard import fast_rotation, random_hadamard
 
@@ -146,7 +137,7 @@ def measure_rates() -> Rates:
     for h in (2048, 4096):
         W = torch.randn(4096, h, generator=g).to(torch.bfloat16)
         op = fast_rotation(random_hadamard(h))
-        fast.append(_best(lambda: rotate_rows(W, op), repeat=2) / (4096 * h * _hadamard_passes(h)))
+        fast.append(best_time(lambda: rotate_rows(W, op), repeats=2) / (4096 * h * _hadamard_passes(h)))
     return Rates(f64=gemm[torch.float64], f32=gemm[torch.float32], bf16=gemm[torch.bfloat16], read=read,
                  write=write, rtn=rtn, gptq_rc2=gptq[0], gptq_rc=gptq[1], gptq_c=gptq[2], rot_rh2=rot_coef[0],
                  rot_rh=rot_coef[1], fixed=fixed_costs(), note=f"measured here, {torch.get_num_threads()} torch threads",
@@ -206,13 +197,9 @@ def _rotate_seconds(s: Shape, r: Rates) -> float:
 
 def _hadamard_passes(h: int) -> int:
     """Passes over a weight of the fast Hadamard write-back: one per Kronecker factor, and 3 around them."""
-    import importlib
+    from orthoopt.hadamard import factor_orders
 
-    fwht = importlib.import_module("orthoopt.hadamard.fwht")  # the package's ``fwht`` is the function
-    from orthoopt.hadamard import hadamard_plan
-
-    plan = hadamard_plan(h)
-    return (plan.base_order > 1) + len(fwht._sylvester_bits(plan.power_of_two)) + 3
+    return len(factor_orders(h)) + 3
 
 
 def _hadamard_rotate_seconds(s: Shape, r: Rates) -> float:

@@ -15,13 +15,16 @@ products instead. Both forms run here on the same random bf16 layer (the shapes 
 Prints the best of ``--repeats`` wall times per layer, their ratio, the largest float64 difference
 before the cast, and the share of bf16 weights that differ after it (both forms round once from float64
 values that agree to float64 rounding, so a bf16 value differs only where one sits on a rounding
-boundary; reported, not assumed).
+boundary; reported, not assumed). Then the memory, each in a fresh process (peak RSS of the whole
+process, ``VmHWM``): building the layer alone ("layer"), and building it and running one write-back
+of each form with each weight cast back to bf16 as soon as it is rotated (``cast_back=True``, as the
+write-backs store it: "dense", "fast").
 """
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,6 +34,7 @@ for _p in (REPO, Path(__file__).resolve().parent):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+from _measure import peak_rss_bytes, timed  # noqa: E402
 from model_size import SHAPES  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 
 from orthoopt.adapters.arch_table import ARCHS  # noqa: E402
@@ -43,14 +47,24 @@ def _layer(shape, gen) -> dict[str, torch.Tensor]:
             for k, s in shape.layer_tensors().items() if k.endswith("proj.weight")}
 
 
-def _time(f, repeats: int):
-    best, out = None, None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = f()
-        t = time.perf_counter() - start
-        best = t if best is None else min(best, t)
-    return best, out
+def _peak_rss(form: str, key: str) -> float:
+    """Peak RSS in GB of a fresh process that builds the layer of ``key`` and runs one write-back of
+    ``form`` ("none": the layer only), casting each weight back to bf16 as the write-backs do."""
+    code = (f"import sys; sys.path[:0] = {[str(REPO), str(Path(__file__).resolve().parent)]!r}; "
+            f"import hadamard_writeback as b; b._child({form!r}, {key!r})")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return int(out.split()[-1]) / 1e9
+
+
+def _child(form: str, key: str) -> None:
+    shape = SHAPES[key]
+    t = _layer(shape, torch.Generator().manual_seed(0))
+    if form != "none":
+        R1 = random_hadamard(shape.hidden_size, seed=0)
+        op = R1 if form == "dense" else fast_rotation(R1)
+        t.update(rotate_layer(ARCHS["llama"], t, "l", op, num_heads=shape.num_attention_heads,
+                              num_kv_heads=shape.num_key_value_heads, cast_back=True))
+    print(peak_rss_bytes())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,8 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     spec = ARCHS["llama"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; one decoder layer, bf16 weights, "
           "float64 products")
-    print("| shape | hidden | dense s | fast s | dense / fast | max float64 diff | bf16 differing |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| shape | hidden | dense s | fast s | dense / fast | max float64 diff | bf16 differing "
+          "| peak GB: layer | dense | fast |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key in args.shapes.split(","):
         shape = SHAPES[key]
         t = _layer(shape, torch.Generator().manual_seed(0))
@@ -74,13 +89,15 @@ def main(argv: list[str] | None = None) -> None:
         if op is R1:
             raise SystemExit(f"fast_rotation did not recognize the random Hadamard R1 of order {shape.hidden_size}")
         kw = dict(num_heads=shape.num_attention_heads, num_kv_heads=shape.num_key_value_heads)
-        t_dense, dense = _time(lambda: rotate_layer(spec, t, "l", R1, **kw), args.repeats)
-        t_fast, fast = _time(lambda: rotate_layer(spec, t, "l", op, **kw), args.repeats)
+        t_dense, dense = timed(lambda: rotate_layer(spec, t, "l", R1, **kw), args.repeats, warmup=0)
+        t_fast, fast = timed(lambda: rotate_layer(spec, t, "l", op, **kw), args.repeats, warmup=0)
         diff = max((dense[k] - fast[k]).abs().max().item() for k in dense)
         differ = sum(int((dense[k].bfloat16() != fast[k].bfloat16()).sum()) for k in dense)
         total = sum(v.numel() for v in dense.values())
+        del dense, fast
+        rss = {form: _peak_rss(form, key) for form in ("none", "dense", "fast")}
         print(f"| {key} | {shape.hidden_size} | {t_dense:.2f} | {t_fast:.2f} | {t_dense / t_fast:.1f} | {diff:.1e} "
-              f"| {differ / total:.1e} |", flush=True)
+              f"| {differ / total:.1e} | {rss['none']:.2f} | {rss['dense']:.2f} | {rss['fast']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

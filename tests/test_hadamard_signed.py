@@ -26,6 +26,31 @@ def test_recognized_and_equal_to_the_dense_products(n):
     assert fast_rotation(R) is not R and isinstance(fast_rotation(R), SignedHadamard)
 
 
+@pytest.mark.parametrize("chunk", [1, 100, 5 * 96, 5 * 96 + 1])
+def test_the_blocks_of_rows_and_columns_cover_every_entry(monkeypatch, chunk):
+    """right / left_t transform in blocks of CHUNK elements: one row or column per block, a block that
+    does not divide the rows, exactly five, five and a bit; the input is left as it was."""
+    import orthoopt.hadamard.signed as signed
+
+    monkeypatch.setattr(signed, "CHUNK", chunk)
+    n = 96
+    R = random_hadamard(n, seed=5)
+    op = SignedHadamard.recognize(R)
+    gen = torch.Generator().manual_seed(5)
+    x, y, e = (torch.randn(13, n, dtype=F64, generator=gen), torch.randn(n, 11, dtype=F64, generator=gen),
+               torch.randn(3, n, 7, dtype=F64, generator=gen))
+    before = [x.clone(), y.clone(), e.clone()]
+    torch.testing.assert_close(op.right(x), x @ R, rtol=0, atol=1e-12)
+    torch.testing.assert_close(op.right(y.T), y.T @ R, rtol=0, atol=1e-12)  # a non-contiguous input
+    torch.testing.assert_close(op.left_t(y), R.T @ y, rtol=0, atol=1e-12)
+    torch.testing.assert_close(op.left_t(e), R.T @ e, rtol=0, atol=1e-12)  # expert stacks [experts, hidden, k]
+    assert all(torch.equal(a, b) for a, b in zip((x, y, e), before))
+    with pytest.raises(ValueError, match=r"\[\.\.\., 96\]"):
+        op.right(y)
+    with pytest.raises(ValueError, match="96, k"):
+        op.left_t(x)
+
+
 def test_what_is_not_a_random_hadamard_keeps_the_dense_product():
     n = 12
     R = random_hadamard(n, seed=1)
@@ -58,6 +83,13 @@ def test_rotate_layer_with_the_operator_equals_the_dense_rotation(arch):
     assert dense.keys() == fast.keys() and len(dense) > len(spec.projs)  # weights and the writers' biases
     for k in dense:
         torch.testing.assert_close(fast[k], dense[k], rtol=0, atol=1e-12)
+    # cast_back: each tensor in its own dtype as soon as it is rotated, the same bits as casting after
+    b16 = {k: v.bfloat16() for k, v in t.items()}
+    for R in (R1, fast_rotation(R1)):
+        after = rotate_layer(spec, b16, "l", R, num_heads=4, num_kv_heads=2)
+        early = rotate_layer(spec, b16, "l", R, num_heads=4, num_kv_heads=2, cast_back=True)
+        assert early.keys() == after.keys()
+        assert all(early[k].dtype == torch.bfloat16 and torch.equal(early[k], after[k].bfloat16()) for k in after)
 
 
 def test_apply_rotations_takes_the_fast_path_for_a_hadamard_r1_only(monkeypatch):
@@ -89,3 +121,19 @@ def test_apply_rotations_takes_the_fast_path_for_a_hadamard_r1_only(monkeypatch)
     assert not calls and fast.keys() == dense.keys()
     for k in dense:
         torch.testing.assert_close(fast[k], dense[k], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 128, 172, 3072, 4096, 8192, 14336])
+def test_factor_orders_are_the_factors_the_transform_applies(n):
+    """factor_orders (what the cost model counts as passes) names exactly the matrices hadamard_transform
+    multiplies by: their orders in order, a product of n, the Sylvester ones at most 64."""
+    import importlib
+    import math
+
+    from orthoopt.hadamard import factor_orders, hadamard_plan
+
+    fwht = importlib.import_module("orthoopt.hadamard.fwht")  # the package's fwht is the function
+    applied = [F.shape[0] for F in fwht._factors(n, torch.empty(0, dtype=F64))]
+    assert factor_orders(n) == applied and math.prod(applied) == n
+    base = hadamard_plan(n).base_order
+    assert all(f <= 64 for f in applied[base > 1:])

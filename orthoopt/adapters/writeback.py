@@ -187,7 +187,7 @@ def blockdiag_right(W: torch.Tensor, R: torch.Tensor, heads: int) -> torch.Tenso
 def rotate_layer(spec: ArchSpec, t: Mapping[str, torch.Tensor], prefix: str,
                  R1: torch.Tensor | SignedHadamard | None = None,
                  R2: torch.Tensor | None = None, *, num_heads: int, num_kv_heads: int,
-                 dtype: torch.dtype | None = F64) -> dict[str, torch.Tensor]:
+                 dtype: torch.dtype | None = F64, cast_back: bool = False) -> dict[str, torch.Tensor]:
     """The rotated tensors of one layer: ``{key: float64 tensor}`` for every key of ``t`` that changes.
 
     ``t`` maps ``f"{prefix}.{path}.{param}"`` (and ``.bias``) to the layer's projection tensors (absent
@@ -197,7 +197,9 @@ def rotate_layer(spec: ArchSpec, t: Mapping[str, torch.Tensor], prefix: str,
     tensors' own dtype, as SpinQuant's differentiable path uses it), and the caller casts it back:
     side "in" ``W @ R1``; side "out" ``R1.T @ W`` with bias ``b @ R1``; then the value rows
     ``blockdiag(R2).T @ W_v`` (bias per head ``b_v[h] @ R2``) and o_proj's columns ``W_o @ blockdiag(R2)``.
-    ``t`` is not modified.
+    With ``cast_back=True`` each tensor is instead returned in its own dtype in ``t``, cast as soon as its
+    products are done, so one weight's float64 copy is alive at a time rather than the layer's (the
+    same values as casting the float64 results afterwards). ``t`` is not modified.
     """
     out: dict[str, torch.Tensor] = {}
     vrole, vpart = spec.v_rows
@@ -231,9 +233,10 @@ def rotate_layer(spec: ArchSpec, t: Mapping[str, torch.Tensor], prefix: str,
             W = blockdiag_right(W, R2, W.shape[-1] // R2.shape[0])
             w_changed = True
         if w_changed:
-            out[wk] = W
+            out[wk] = W.to(t[wk].dtype) if cast_back else W
         if b_changed:
-            out[bk] = b
+            out[bk] = b.to(t[bk].dtype) if cast_back else b
+        del W, b
     return out
 
 
@@ -267,6 +270,7 @@ def apply_rotations(m: DecoderModules, rotations: Mapping[str, torch.Tensor]) ->
         r2 = None if R2 is None else f64(R2).to(dev)
         if r1 is None and r2 is None:
             continue
-        new = rotate_layer(m.spec, params, L.prefix, r1, r2, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads)
+        new = rotate_layer(m.spec, params, L.prefix, r1, r2, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+                           cast_back=True)
         for k, v in new.items():
             put(params[k], v)

@@ -1,7 +1,8 @@
-"""Fast Hadamard transforms along the last dimension, without forming the dense matrix.
+"""Fast Hadamard transforms along one dimension, without forming the dense matrix.
 
 * :func:`fwht`: ``x @ S_n`` (Sylvester order, ``n`` a power of two).
 * :func:`hadamard_transform`: ``x @ hadamard_matrix(n)`` for any supported ``n = 2^j * m``.
+* :func:`factor_orders`: the orders of the factors it applies (a pass over ``x`` each; the cost model counts them).
 
 Both use the Kronecker structure ``hadamard_matrix(n) = kron(B_m, S_{2^j})`` and
 ``S_{2^j} = kron(S_{2^a}, S_{2^b}, ...)`` (``a + b + ... = j``, each at most 6): ``x`` is viewed as
@@ -85,6 +86,33 @@ def _sylvester_factors(n: int, x: torch.Tensor) -> list[torch.Tensor]:
     return [] if n == 1 else [_sylvester_factor(b, x.dtype).to(x.device) for b in _sylvester_bits(n)]
 
 
+def _factors(n: int, x: torch.Tensor) -> list[torch.Tensor]:
+    """The factors :func:`hadamard_transform` applies for order ``n``: ``B_m`` (if ``m > 1``), then Sylvester's."""
+    plan = hadamard_plan(n)
+    return ([base_matrix(plan, x.dtype).to(x.device)] if plan.base_order > 1 else []) \
+        + _sylvester_factors(plan.power_of_two, x)
+
+
+def factor_orders(n: int) -> list[int]:
+    """The orders of the square factors :func:`hadamard_transform` applies for order ``n``, in order.
+
+    Parameters
+    ----------
+    n : int
+        A supported Hadamard order (:func:`~orthoopt.hadamard.is_hadamard_size`).
+
+    Returns
+    -------
+    list of int
+        The base order ``m`` when ``m > 1``, then the Sylvester factors' orders (each at most 64); their
+        product is ``n``, and each is one pass over ``x`` of ``2 * order`` flops per element. Empty for
+        ``n = 1``.
+    """
+    plan = hadamard_plan(n)
+    sylvester = [] if plan.power_of_two == 1 else [1 << b for b in _sylvester_bits(plan.power_of_two)]
+    return ([plan.base_order] if plan.base_order > 1 else []) + sylvester
+
+
 _FOLD_SCALE = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 
 
@@ -125,7 +153,4 @@ def hadamard_transform(x: torch.Tensor, normalize: bool = True, dim: int = -1) -
     ``n`` (naming the nearest supported sizes).
     """
     n = _check_input(x, normalize, dim)
-    plan = hadamard_plan(n)
-    factors = ([base_matrix(plan, x.dtype).to(x.device)] if plan.base_order > 1 else []) \
-        + _sylvester_factors(plan.power_of_two, x)
-    return _transform(x, factors, n, normalize, dim)
+    return _transform(x, _factors(n, x), n, normalize, dim)

@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 from .construct import base_matrix, hadamard_plan, is_hadamard_size
 from .fwht import hadamard_transform
 
 F64 = torch.float64
+#: Elements per block of :meth:`SignedHadamard.right` / :meth:`~SignedHadamard.left_t` (8 MiB of float64):
+#: the transform's temporaries are one block's, and a block stays in the cache between factors.
+CHUNK = 1 << 20
 _ROWS = 512  # rows of R compared per block in recognize (bounded memory at any n)
 
 
@@ -52,12 +57,35 @@ class SignedHadamard:
         return SignedHadamard(self.signs.to(device))
 
     def right(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ R`` for ``x`` ``[..., n]``."""
-        return hadamard_transform(x * self.signs.to(x.dtype))
+        """``x @ R`` for ``x`` ``[..., n]``, a new tensor (``x`` is not modified).
+
+        Rows are transformed in blocks of about :data:`CHUNK` elements written into the output, so the
+        work beside ``x`` and the result is one block (the dense ``x @ R`` needs the same two tensors).
+        """
+        if x.dim() == 0 or x.shape[-1] != self.n:
+            raise InvalidInputError(f"x @ R needs x [..., {self.n}], got {tuple(x.shape)}")
+        d = self.signs.to(x.dtype)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        rows, flat = x.reshape(-1, self.n), out.view(-1, self.n)
+        step = max(1, CHUNK // self.n)
+        for start in range(0, rows.shape[0], step):
+            flat[start:start + step] = hadamard_transform(rows[start:start + step] * d)
+        return out
 
     def left_t(self, x: torch.Tensor) -> torch.Tensor:
-        """``R.T @ x`` for ``x`` ``[..., n, k]``: ``H.T @ (D x) / sqrt(n)``, the transform along ``dim=-2``."""
-        return hadamard_transform(x * self.signs.to(x.dtype)[:, None], dim=-2)
+        """``R.T @ x`` for ``x`` ``[..., n, k]``, a new tensor: ``H.T @ (D x) / sqrt(n)``, the transform along
+        ``dim=-2``, in blocks of columns of about :data:`CHUNK` elements (as :meth:`right`)."""
+        if x.dim() < 2 or x.shape[-2] != self.n:
+            raise InvalidInputError(f"R.T @ x needs x [..., {self.n}, k], got {tuple(x.shape)}")
+        d = self.signs.to(x.dtype)[:, None]
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        mats, flat = x.reshape(-1, self.n, x.shape[-1]), out.view(-1, self.n, x.shape[-1])
+        step = max(1, CHUNK // self.n)
+        for b in range(mats.shape[0]):
+            for start in range(0, x.shape[-1], step):
+                cols = slice(start, start + step)
+                flat[b, :, cols] = hadamard_transform(mats[b, :, cols] * d, dim=-2)
+        return out
 
     def dense(self, dtype: torch.dtype = F64) -> torch.Tensor:
         """The ``[n, n]`` matrix ``R``."""
