@@ -34,13 +34,12 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size in bytes (``VmHWM`` of ``/proc/self/status``).
+    """This process's peak resident set size in bytes (:func:`orthoopt.utils.memory.peak_rss_bytes`: ``VmHWM``;
+    ``getrusage``'s ``ru_maxrss`` carries across ``execve``, so a child of a large process would report
+    at least its parent's peak)."""
+    from orthoopt.utils.memory import peak_rss_bytes as peak
 
-    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux carries that across ``execve``, so a child started
-    by a large process reports at least its parent's peak.
-    """
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (peak RSS is read from Linux's /proc)")
+    value = peak()
+    if value is None:
+        raise RuntimeError("the peak resident memory of this process cannot be read here")
+    return value

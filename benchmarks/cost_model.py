@@ -11,7 +11,8 @@ machine, and the rates are measured here by microbenchmarks of the kernels the c
 (:func:`measure_rates`: float64 / float32 matmuls and a bfloat16 ``nn.Linear`` at the commands' shapes, a safetensors
 read and write of 256 MiB, ``quantize_rtn`` of a 4096 x 4096 bf16 weight, ``gptq_quantize`` at three
 sizes fitted to ``a r c^2 + b r c + g c``, the float64 write-back ``rotate_rows`` at two widths fitted
-to ``a 2 r h^2 + b r h``) plus each command's fixed cost, its wall time on ``model_size``'s tiny shape.
+to ``a 2 r h^2 + b r h``, the fast write-back of a random Hadamard R1 per element at each hidden size
+of :data:`FAST_HIDDEN`) plus each command's fixed cost, its wall time on ``model_size``'s tiny shape.
 Nothing is fitted to the commands' timings at size, so ``--measured`` (records of ``benchmarks/model_size.py --json``) is a check:
 predicted vs measured wall time per command and shape.
 
@@ -44,6 +45,8 @@ from _measure import best_time  # noqa: E402
 
 MODELLED = ("quantize-rtn-streamed", "quantize-gptq-streamed", "eval-streamed", "rotate-streamed",
             "rotate-optrot-streamed")
+# hidden sizes at which the fast Hadamard write-back is timed: the measured and the projected shapes
+FAST_HIDDEN = (2048, 3072, 4096, 8192)
 PROJECTED = {
     "8b": SHAPES["8b"],
     # meta-llama/Meta-Llama-3-70B: hidden 8192, 80 layers, 64 heads, 8 kv heads, MLP 28672, vocab 128256, untied
@@ -68,10 +71,19 @@ class Rates:
     rot_rh: float    # seconds per r h (its casts to float64 and back)
     fixed: dict      # seconds of each command on a tiny model (start-up, skeleton, files, checks)
     note: str = ""
-    # seconds per r h per pass of the fast write-back of a random Hadamard R1 (orthoopt.hadamard.fast_rotation):
-    # passes = its Kronecker factors + 3 (cast to float64, signs, cast back); None (a rates file from before
-    # the fast write-back): the dense products
-    rot_fast: float | None = None
+    # seconds per weight element of the fast write-back of a random Hadamard R1 (orthoopt.hadamard.fast_rotation)
+    # at each hidden size {str(h): s}: measured on a reader [r, h] and a writer [h, r] bf16 weight (the
+    # cast to float64, signs, one product per Kronecker factor of h, cast back); None or a missing h (a
+    # rates file from before the fast write-back): the dense products
+    rot_fast: dict | None = None
+
+
+def _hadamard_passes(h: int) -> int:
+    """Passes over a weight of the fast Hadamard write-back (the assumed GPU rate counts them): one per
+    Kronecker factor, and 3 around them (cast to float64, signs, cast back)."""
+    from orthoopt.hadamard import factor_orders
+
+    return len(factor_orders(h)) + 3
 
 
 # One H100-class GPU (SXM), assumed, not measured: half of the peak dense rates (FP64 tensor 67,
@@ -80,8 +92,9 @@ class Rates:
 H100 = Rates(f64=33e12, f32=33e12, bf16=400e12, read=20e9, write=5e9, rtn=50e9,
              gptq_rc2=2 / 33e12, gptq_rc=2 / 1.5e12, gptq_c=1e-4, rot_rh2=1 / 33e12, rot_rh=20 / 1.5e12,
              fixed={}, note="assumed: 50% of H100 SXM peak FP64/FP32, 40% of BF16, PCIe 20 GB/s in, 5 GB/s out, "
-                            "0.1 ms per GPTQ column, 10 s fixed per command, 1.5 TB/s for the fast Hadamard passes",
-             rot_fast=16 / 1.5e12)
+                            "0.1 ms per GPTQ column, 10 s fixed per command, 1.5 TB/s for the fast Hadamard write-back "
+                            "(16 B per element per pass: factors + 3)",
+             rot_fast={str(h): _hadamard_passes(h) * 16 / 1.5e12 for h in FAST_HIDDEN})
 FIXED_DEFAULT = 10.0
 
 
@@ -133,15 +146,18 @@ def measure_rates() -> Rates:
     rot_coef = _fit([[2 * r * h * h, r * h] for r, h, _ in rot], [t for *_, t in rot])
     from orthoopt.hadamard import fast_rotation, random_hadamard
 
-    fast = []
-    for h in (2048, 4096):
-        W = torch.randn(4096, h, generator=g).to(torch.bfloat16)
+    fast = {}
+    for h in FAST_HIDDEN:  # a reader W @ R1 and a writer R1^T W, as rotate_layer forms them: 2^24 elements each
+        r = (1 << 24) // h
+        reader, writer = torch.randn(r, h, generator=g).to(torch.bfloat16), torch.randn(h, r, generator=g).to(torch.bfloat16)
         op = fast_rotation(random_hadamard(h))
-        fast.append(best_time(lambda: rotate_rows(W, op), repeats=2) / (4096 * h * _hadamard_passes(h)))
+        t = best_time(lambda: (op.right(reader.to(torch.float64)).to(torch.bfloat16),
+                               op.left_t(writer.to(torch.float64)).to(torch.bfloat16)), repeats=2)
+        fast[str(h)] = t / (2 * r * h)
     return Rates(f64=gemm[torch.float64], f32=gemm[torch.float32], bf16=gemm[torch.bfloat16], read=read,
                  write=write, rtn=rtn, gptq_rc2=gptq[0], gptq_rc=gptq[1], gptq_c=gptq[2], rot_rh2=rot_coef[0],
                  rot_rh=rot_coef[1], fixed=fixed_costs(), note=f"measured here, {torch.get_num_threads()} torch threads",
-                 rot_fast=sum(fast) / len(fast))
+                 rot_fast=fast)
 
 
 def _fit(rows, times) -> list[float]:
@@ -195,20 +211,14 @@ def _rotate_seconds(s: Shape, r: Rates) -> float:
     return (n["layers"] + n["heads"]) * (2 * h * r.rot_rh2 + r.rot_rh)
 
 
-def _hadamard_passes(h: int) -> int:
-    """Passes over a weight of the fast Hadamard write-back: one per Kronecker factor, and 3 around them."""
-    from orthoopt.hadamard import factor_orders
-
-    return len(factor_orders(h)) + 3
-
-
 def _hadamard_rotate_seconds(s: Shape, r: Rates) -> float:
-    """The R1 write-back of a random Hadamard R1: the fast transform (a few memory passes per weight) when
-    the rates have it, else the dense float64 products of :func:`_rotate_seconds`."""
-    if r.rot_fast is None:
+    """The R1 write-back of a random Hadamard R1: the fast transform's measured seconds per element at this
+    hidden size when the rates have it, else the dense float64 products of :func:`_rotate_seconds`."""
+    per_element = (r.rot_fast or {}).get(str(s.hidden_size))
+    if per_element is None:
         return _rotate_seconds(s, r)
     n = counts(s)
-    return (n["layers"] + n["heads"]) * _hadamard_passes(s.hidden_size) * r.rot_fast
+    return (n["layers"] + n["heads"]) * per_element
 
 
 def phases(s: Shape, command: str, rates: Rates, windows: int = 4, seq_len: int = 256,

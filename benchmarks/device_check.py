@@ -57,10 +57,10 @@ def skip_reason(device: str, allow_cpu: bool = False) -> str | None:
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (``ru_maxrss``, KiB on Linux)."""
-    import resource
+    """The process's peak resident set size so far (:func:`orthoopt.utils.memory.peak_rss_bytes`), 0 if unknown."""
+    from orthoopt.utils.memory import peak_rss_bytes as peak
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak() or 0
 
 
 def main(argv: list[str] | None = None) -> int:

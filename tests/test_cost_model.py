@@ -46,15 +46,25 @@ def test_phases_are_work_over_rate():
         cost_model.phases(s, "rotate", UNIT)
 
 
-@pytest.mark.parametrize("key, passes", [("1b", 5), ("3b", 6), ("8b", 5)])
-def test_the_hadamard_write_back_is_passes_over_the_weights(key, passes):
-    """With the fast write-back's rate the hadamard R1 products are (factors + 3) passes per weight
-    (1B: 2048 = 64 x 32; 3B: 3072 = 12 x 16 x 16; 8B: 4096 = 64 x 64); without it, the dense products."""
+@pytest.mark.parametrize("key", ["1b", "3b", "8b"])
+def test_the_hadamard_write_back_is_its_measured_time_per_element(key):
+    """With the fast write-back's rate at the shape's hidden size the hadamard R1 products are that many
+    seconds per weight element; at another hidden size, or without it, the dense products."""
     s = cost_model.SHAPES[key]
     n = cost_model.counts(s)
-    fast = cost_model.phases(s, "rotate-streamed", cost_model.Rates(**{**UNIT.__dict__, "rot_fast": 1.0}))
-    assert fast["R1 products"] == passes * (n["layers"] + n["heads"])
-    assert cost_model.phases(s, "rotate-streamed", UNIT)["R1 products"] == 2 * s.hidden_size * (n["layers"] + n["heads"])
+    dense = 2 * s.hidden_size * (n["layers"] + n["heads"])
+    fast = cost_model.phases(s, "rotate-streamed", cost_model.Rates(**{**UNIT.__dict__, "rot_fast": {str(s.hidden_size): 3.0}}))
+    assert fast["R1 products"] == 3.0 * (n["layers"] + n["heads"])
+    other = cost_model.Rates(**{**UNIT.__dict__, "rot_fast": {str(s.hidden_size + 1): 3.0}})
+    assert cost_model.phases(s, "rotate-streamed", other)["R1 products"] == dense
+    assert cost_model.phases(s, "rotate-streamed", UNIT)["R1 products"] == dense
+
+
+def test_the_assumed_gpu_counts_passes_of_the_transform():
+    """The H100's assumed rate: (factors + 3) passes of 16 bytes per element (2048 = 16 x 16 x 8;
+    3072 = 12 x 16 x 16; 4096 = 16 x 16 x 16; 8192 = 32 x 16 x 16)."""
+    assert {h: cost_model._hadamard_passes(h) for h in cost_model.FAST_HIDDEN} == {2048: 6, 3072: 6, 4096: 6, 8192: 6}
+    assert cost_model.H100.rot_fast["8192"] == 6 * 16 / 1.5e12
 
 
 def test_optrot_phases_count_the_evaluations_a_run_made():

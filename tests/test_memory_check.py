@@ -122,3 +122,27 @@ def test_nothing_fits_says_so(bf16, tmp_path, capsys, monkeypatch):
     err = run_error(capsys, ["rotate", str(bf16), "--out", str(tmp_path / "o"), "--method", "hadamard", "--streamed",
                              "--no-progress"])
     assert "estimated peak memory" in err and "or --force to run anyway" in err
+
+
+def test_the_peak_rss_is_the_process_own_not_its_parent(tmp_path):
+    """peak_rss_bytes reads VmHWM: a small child of a large process reports its own peak, where
+    getrusage's ru_maxrss (carried across execve on Linux) reports at least the parent's."""
+    import subprocess
+    import sys
+
+    from orthoopt.utils.memory import peak_rss_bytes
+
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmPeak:\t  99999 kB\nVmHWM:\t    1234 kB\nVmRSS:\t  1000 kB\n")
+    assert peak_rss_bytes(status) == 1234 * 1024
+    assert peak_rss_bytes(tmp_path / "missing") > 0  # getrusage where /proc is not there
+    ballast = bytearray(400 << 20)  # this process now holds 400 MiB more than the child will
+    ballast[:: 4096] = b"\1" * len(ballast[:: 4096])
+    code = ("import resource; from orthoopt.utils.memory import peak_rss_bytes; "
+            "print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    own, maxrss = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                          check=True).stdout.split())
+    parent = peak_rss_bytes()
+    assert parent > 400 << 20 and own < 200 << 20, (own, parent)
+    del ballast
+    assert maxrss >= own  # what the old reading gave: never less than the process's own peak

@@ -5,7 +5,7 @@
 * :func:`factor_orders`: the orders of the factors it applies (a pass over ``x`` each; the cost model counts them).
 
 Both use the Kronecker structure ``hadamard_matrix(n) = kron(B_m, S_{2^j})`` and
-``S_{2^j} = kron(S_{2^a}, S_{2^b}, ...)`` (``a + b + ... = j``, each at most 6): ``x`` is viewed as
+``S_{2^j} = kron(S_{2^a}, S_{2^b}, ...)`` (``a + b + ... = j``, each at most 5): ``x`` is viewed as
 ``[..., m, 2^a, 2^b, ...]`` and each factor is one matrix product along its axis (:func:`kron_apply`),
 ``2 (m + 2^a + 2^b + ...)`` flops per element instead of the dense ``2 n``, one pass over ``x`` per factor
 (matrix products rather than ``log2 n`` butterfly stages: each stage is a pass too, with almost no
@@ -38,9 +38,10 @@ def _check_input(x: torch.Tensor, normalize: bool, dim: int = -1) -> int:
 
 
 # The widest Sylvester factor one matrix product applies: 2^_MAX_FACTOR_BITS. Each factor is one pass
-# over ``x`` at 2 * width flops per element, so the width trades passes against arithmetic; 64 was the
-# fastest on a 2-core AVX2 CPU in float64 (benchmarks/hadamard_writeback.py prints the write-back).
-_MAX_FACTOR_BITS = 6
+# over ``x`` at 2 * width flops per element, so the width trades passes against arithmetic. With the
+# write-back's blocks in the cache (orthoopt.hadamard.signed.CHUNK) widths 16-32 were fastest on a 2-core
+# AVX2 CPU in float64 (4096: 1.23 s at 32, 1.48 s at 64 for a [14336, 4096] weight and its transpose).
+_MAX_FACTOR_BITS = 5
 
 
 @lru_cache(maxsize=None)
@@ -104,7 +105,7 @@ def factor_orders(n: int) -> list[int]:
     Returns
     -------
     list of int
-        The base order ``m`` when ``m > 1``, then the Sylvester factors' orders (each at most 64); their
+        The base order ``m`` when ``m > 1``, then the Sylvester factors' orders (each at most 32); their
         product is ``n``, and each is one pass over ``x`` of ``2 * order`` flops per element. Empty for
         ``n = 1``.
     """

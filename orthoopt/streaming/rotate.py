@@ -71,11 +71,7 @@ from orthoopt.streaming.layer_rotation import apply_r1, apply_r2, r2_blocks, rot
 from orthoopt.streaming.layout import DecoderLayout
 from orthoopt.streaming.weighted import WeightedRows, load_blocks, save_blocks
 from orthoopt.models.shards import ShardedWriter
-
-try:
-    import resource
-except ImportError:  # pragma: no cover - Windows
-    resource = None
+from orthoopt.utils.memory import peak_rss_bytes
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _NOT_COPIED = {"config.json", INDEX_FILE, "pytorch_model.bin.index.json", LEGACY_ROTATIONS_FILE, REPORT_FILE}
@@ -85,11 +81,10 @@ SCRATCH = ".orthoopt-scratch"
 
 
 def peak_rss_mib() -> float | None:
-    """Peak resident memory of this process so far, in MiB (``getrusage``: KiB on Linux); None where
-    the ``resource`` module is missing (Windows)."""
-    if resource is None:  # pragma: no cover
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far, in MiB (:func:`orthoopt.utils.memory.peak_rss_bytes`);
+    None where it cannot be read."""
+    peak = peak_rss_bytes()
+    return None if peak is None else peak / (1 << 20)
 
 
 def rank_partial(path: str | os.PathLike, rank: int, world_size: int) -> Path:

@@ -96,6 +96,26 @@ def available_memory() -> tuple[int | None, str]:
     return min(found)
 
 
+def peak_rss_bytes(status: Path = Path("/proc/self/status")) -> int | None:
+    """This process's peak resident set size in bytes: ``VmHWM`` of ``/proc/self/status``.
+
+    Where that is missing, ``getrusage(RUSAGE_SELF).ru_maxrss``; None where neither exists. Linux
+    carries ``ru_maxrss`` across ``execve``, so a command started by a large process would report at
+    least its parent's peak: ``VmHWM`` is the process's own.
+    """
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
