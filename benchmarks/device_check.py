@@ -127,12 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(source)
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     config = RotateConfig(args.method, **settings)
-    phase("rotate", lambda: rotate_model(model, config, verify_ids=ids, progress=False))
     text = text_path.read_text(encoding="utf-8") if text_path else " rotations and outliers .\n" * 20000
     with tempfile.TemporaryDirectory() as tmp:
         calib_file = Path(tmp) / "calib.txt"
         calib_file.write_text(text[: 4 * args.windows * args.seq_len * 8], encoding="utf-8")
         calib = calibration_batches(calib_file, tokenizer, nsamples=args.windows, seq_len=args.seq_len, seed=0)
+    rot_calib = calib if config.entry.needs_calibration else None  # the data methods' (spinquant's) windows
+    phase("rotate", lambda: rotate_model(model, config, calib=rot_calib, verify_ids=ids, progress=False))
     phase("quantize-gptq", lambda: quantize_model(model, QuantizeConfig("gptq", wbits=4), calib=calib, progress=False))
     result = phase("eval", lambda: perplexity(model, tokenizer, text=text, seq_len=args.seq_len,
                                               max_tokens=args.windows * args.seq_len, progress=False))

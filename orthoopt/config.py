@@ -201,8 +201,9 @@ class ComputeConfig:
                              "stored by name; the command line's default: float64 for a float64 model, else float32)")
     device: str | None = option(None, flag="--device",
                                 help=lambda: "where the objective and solver compute, e.g. cuda (default the CPU; "
-                                             f"every learned method but {', '.join(names(lambda m: m.simulates_quantization))}); "
-                                             "weights are fused on the CPU")
+                                             "every learned method: "
+                                             f"{', '.join(names(lambda m: m.simulates_quantization))} moves the whole model "
+                                             "there while it is solved); weights are fused on the CPU")
     sample_fraction: float | None = option(None, flag="--sample-fraction", type=real(0, 1, low_open=True),
                                            help=lambda: f"{_sampling()}: use this fraction of the weight rows per step "
                                                         "(unbiased; docs/performance.md)")

@@ -199,9 +199,11 @@ class Method:
 
 
 def check_sampling(entry: Method, sample_fraction: float | None, device: Any) -> None:
-    """Refuse row sampling for a method without ``sampling``, and an objective device for a method
-    that simulates quantization (its loss runs the model where the model is). Every other learned
-    objective computes where the rotations are (its rows, activations or weighted blocks follow them).
+    """Refuse row sampling for a method without ``sampling``.
+
+    Every learned objective computes on ``device``: most where the rotations are (their rows,
+    activations or weighted blocks follow them); one that simulates quantization where the model is,
+    which the in-memory store moves to ``device`` while that method's rotations are solved.
 
     Parameters
     ----------
@@ -213,16 +215,11 @@ def check_sampling(entry: Method, sample_fraction: float | None, device: Any) ->
     Raises
     ------
     ValueError
-        ``sample_fraction`` for a learned method without ``sampling`` (names the methods that take
-        it), or ``device`` for one that simulates quantization.
+        ``sample_fraction`` for a learned method without ``sampling`` (names the methods that take it).
     """
     if entry.learned and not entry.sampling and sample_fraction is not None:
         raise InvalidInputError(f"sample_fraction is supported by method "
                          f"{', '.join(map(repr, names(lambda m: m.sampling)))} only, not {entry.name!r}")
-    if entry.simulates_quantization and device is not None:
-        raise InvalidInputError(f"device: method {entry.name!r} runs the whole fake-quantized model at every step, "
-                                "so its rotations go where the model is: load the model on the device in Python "
-                                "(orthoopt.models.load_model(..., device=), benchmarks/device_check.py)")
 
 
 def summed_by_layer(objective: Callable[[ObjectiveInputs], Objective]) -> Callable[[StreamedInputs], Objective]:

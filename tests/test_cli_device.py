@@ -63,22 +63,42 @@ def test_diagnose_device_cpu_equals_no_device(model_dir, tmp_path):
     assert a["models"] == b["models"] and a["act_module"] == b["act_module"] and a["models"][0]["activations"]
 
 
-def test_every_learned_method_but_spinquant_takes_a_device(model_dir, tmp_path):
-    """The objectives follow the rotations' device, so ``device`` is taken by every learned method but
-    the one whose loss runs the whole model; ``sample_fraction`` stays OptRot's; ``device="cpu"``
-    gives what no device gives."""
+def test_every_learned_method_takes_a_device(model_dir, tmp_path):
+    """The objectives follow the rotations' device, and spinquant's (whose loss runs the whole model)
+    the model's, which goes to the device for its solve; ``sample_fraction`` stays OptRot's;
+    ``device="cpu"`` gives what no device gives."""
     from orthoopt.config import RotateConfig
     from orthoopt.pipeline import rotate_model
 
-    for name in ("optrot", "optrot+", "kurtosis", "dfrot"):
+    for name in ("optrot", "optrot+", "kurtosis", "dfrot", "spinquant"):
         assert RotateConfig(name, compute={"device": "cpu"}).compute.device == "cpu"
-    with pytest.raises(ValueError, match="whole fake-quantized model"):
-        RotateConfig("spinquant", compute={"device": "cpu"})
     with pytest.raises(ValueError, match="sample_fraction is supported by method 'optrot' only"):
         RotateConfig("kurtosis", compute={"sample_fraction": 0.5})
     calib = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
     runs = [rotate_model(load_model(model_dir, dtype=torch.float32), RotateConfig("kurtosis", solve={"steps": 2},
                                                                                    calib={"tokens": 32}, **kw),
                          calib=calib, progress=False) for kw in ({}, {"compute": {"device": "cpu"}})]
+    a, b = (r.rotations for r in runs)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_spinquant_on_a_device_moves_the_model_there_for_its_solve_and_back(model_dir, monkeypatch):
+    """In memory, spinquant's loss runs where the model is: with a device the model is moved there
+    before its objective is built and back to where it was once its rotations are fused; the result is
+    the one without a device (cpu to cpu: the same arithmetic)."""
+    from orthoopt.config import RotateConfig
+    from orthoopt.pipeline import rotate_model
+
+    calib = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    runs, moves = [], []
+    for kw in ({}, {"compute": {"device": "cpu"}}):
+        model = load_model(model_dir, dtype=torch.float32)
+        real = type(model).to
+        monkeypatch.setattr(model, "to", lambda *a, _m=model, **k: moves.append(a or tuple(k.values())) or real(_m, *a, **k),
+                            raising=False)
+        config = RotateConfig("spinquant", solve={"steps": 2}, calib={"tokens": 32}, **kw)
+        runs.append(rotate_model(model, config, calib=calib, progress=False))
+        assert next(model.parameters()).device == torch.device("cpu")
+    assert moves == [("cpu",), (torch.device("cpu"),)]  # only the run with a device: there, then home
     a, b = (r.rotations for r in runs)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -85,7 +85,9 @@ def test_device_check_skips_cleanly_without_cuda(capsys):
         assert out.startswith("device_check: skipped: ") and says in out
 
 
-def test_device_check_runs_its_phases_on_the_cpu_when_allowed(tmp_path, capsys):
+@pytest.mark.parametrize("method", [[], ["--method", "spinquant", "--steps", "1"]])
+def test_device_check_runs_its_phases_on_the_cpu_when_allowed(tmp_path, capsys, method):
+    """The default hadamard, and spinquant (its loss on calibration windows, the model where it is)."""
     import json
 
     import device_check
@@ -93,8 +95,9 @@ def test_device_check_runs_its_phases_on_the_cpu_when_allowed(tmp_path, capsys):
     out = tmp_path / "dc.json"
     assert device_check.main(["--device", "cpu", "--allow-cpu", "--shape", "tiny", "--windows", "2", "--seq-len", "16",
                               "--cache", str(tmp_path / "cache"), "--text", str(tmp_path / "absent.txt"),
-                              "--json", str(out)]) == 0
+                              "--json", str(out), *method]) == 0
     rec = json.loads(out.read_text())
+    assert rec["method"] == (method[1] if method else "hadamard")
     assert [p["phase"] for p in rec["phases"]] == ["load", "rotate", "quantize-gptq", "eval"]
     assert all(p["seconds"] >= 0 and p["peak_rss_bytes"] > 0 and p["max_memory_allocated_bytes"] is None
                for p in rec["phases"])

@@ -26,6 +26,7 @@ class MemoryStore:
         self.tokenizer = tokenizer
         self.adapter: DecoderAdapter | None = None
         self._phase_data: tuple[str, dict] | None = None  # (phase, its calibration statistics)
+        self._home: torch.device | None = None  # where the model was before a unit moved it to the device
 
     def fingerprint(self) -> dict:
         return {"store": "memory",
@@ -51,6 +52,12 @@ class MemoryStore:
 
     def objective(self, unit: Unit, config: RotateConfig, calib, progress: bool) -> Objective:
         joint = config.entry.joint
+        device = config.compute.device
+        if config.entry.simulates_quantization and device is not None and self._home is None:
+            # its loss runs the whole (fake-quantized) model: the model goes to the device for this
+            # unit, back to where it was in apply (the norms were fused before, where it was loaded)
+            self._home = self.adapter.modules.embed.weight.device
+            self.model.to(device)
         cache = None
         if not joint and self._phase_data is not None and self._phase_data[0] == unit.phase:
             cache = self._phase_data[1]
@@ -62,6 +69,9 @@ class MemoryStore:
 
     def apply(self, unit: Unit, rotations: dict[str, torch.Tensor]) -> None:
         self.adapter.apply_rotations(rotations)
+        if self._home is not None:
+            self.model.to(self._home)
+            self._home = None
 
     def report(self) -> dict:
         return {}

@@ -94,8 +94,8 @@ def build_objective(config: RotateConfig, adapter: DecoderAdapter, phase: str | 
     config : RotateConfig
         The run's settings: ``method``, and what its objective reads (``include_embeddings``,
         ``calib.tokens``, ``seed``; ``compute.sample_fraction`` for methods with ``sampling``;
-        ``compute.device`` for every learned method but one that simulates quantization, which reads
-        the ``spinquant`` group instead).
+        ``compute.device`` for every learned method; one that simulates quantization also reads the
+        ``spinquant`` group, and its loss runs where the model is).
     adapter : DecoderAdapter
         The model's adapter (fused, possibly partly rotated weights).
     phase : str or iterable of str
