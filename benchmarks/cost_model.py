@@ -76,6 +76,9 @@ class Rates:
     # cast to float64, signs, one product per Kronecker factor of h, cast back); None or a missing h (a
     # rates file from before the fast write-back): the dense products
     rot_fast: dict | None = None
+    # seconds per element of the norm fusion (orthoopt.adapters.fusion.fold_scale: W * w in float64, cast
+    # back) of a bf16 reader weight; None (an older rates file): not counted
+    fold: float | None = None
 
 
 def _hadamard_passes(h: int) -> int:
@@ -93,8 +96,8 @@ H100 = Rates(f64=33e12, f32=33e12, bf16=400e12, read=20e9, write=5e9, rtn=50e9,
              gptq_rc2=2 / 33e12, gptq_rc=2 / 1.5e12, gptq_c=1e-4, rot_rh2=1 / 33e12, rot_rh=20 / 1.5e12,
              fixed={}, note="assumed: 50% of H100 SXM peak FP64/FP32, 40% of BF16, PCIe 20 GB/s in, 5 GB/s out, "
                             "0.1 ms per GPTQ column, 10 s fixed per command, 1.5 TB/s for the fast Hadamard write-back "
-                            "(16 B per element per pass: factors + 3)",
-             rot_fast={str(h): _hadamard_passes(h) * 16 / 1.5e12 for h in FAST_HIDDEN})
+                            "(16 B per element per pass: factors + 3) and the norm fusion (4 B per element)",
+             rot_fast={str(h): _hadamard_passes(h) * 16 / 1.5e12 for h in FAST_HIDDEN}, fold=4 / 1.5e12)
 FIXED_DEFAULT = 10.0
 
 
@@ -146,6 +149,10 @@ def measure_rates() -> Rates:
     rot_coef = _fit([[2 * r * h * h, r * h] for r, h, _ in rot], [t for *_, t in rot])
     from orthoopt.hadamard import fast_rotation, random_hadamard
 
+    from orthoopt.adapters.fusion import fold_scale
+
+    W, w = torch.randn(8192, 2048, generator=g).to(torch.bfloat16), torch.rand(2048, generator=g, dtype=torch.float64)
+    fold = best_time(lambda: fold_scale(W, w), repeats=2) / W.numel()
     fast = {}
     for h in FAST_HIDDEN:  # a reader W @ R1 and a writer R1^T W, as rotate_layer forms them: 2^24 elements each
         r = (1 << 24) // h
@@ -157,7 +164,7 @@ def measure_rates() -> Rates:
     return Rates(f64=gemm[torch.float64], f32=gemm[torch.float32], bf16=gemm[torch.bfloat16], read=read,
                  write=write, rtn=rtn, gptq_rc2=gptq[0], gptq_rc=gptq[1], gptq_c=gptq[2], rot_rh2=rot_coef[0],
                  rot_rh=rot_coef[1], fixed=fixed_costs(), note=f"measured here, {torch.get_num_threads()} torch threads",
-                 rot_fast=fast)
+                 rot_fast=fast, fold=fold)
 
 
 def _fit(rows, times) -> list[float]:
@@ -211,6 +218,15 @@ def _rotate_seconds(s: Shape, r: Rates) -> float:
     return (n["layers"] + n["heads"]) * (2 * h * r.rot_rh2 + r.rot_rh)
 
 
+def _fold_seconds(s: Shape, r: Rates) -> float:
+    """The norm fusion: each layer's two pre-norms folded into their readers (q, k, v; gate, up) and the
+    final norm into lm_head, one float64 product per element (:func:`orthoopt.adapters.fusion.fold_scale`)."""
+    if r.fold is None:
+        return 0.0
+    readers = sum(rows * cols for name, rows, cols in linears(s) if name in ("q", "k", "v", "gate", "up"))
+    return (readers * s.num_hidden_layers + counts(s)["embed"]) * r.fold
+
+
 def _hadamard_rotate_seconds(s: Shape, r: Rates) -> float:
     """The R1 write-back of a random Hadamard R1: the fast transform's measured seconds per element at this
     hidden size when the rates have it, else the dense float64 products of :func:`_rotate_seconds`."""
@@ -246,8 +262,13 @@ def phases(s: Shape, command: str, rates: Rates, windows: int = 4, seq_len: int 
         out |= {"read": disk / rates.read, "layers": forward / rate, "lm_head": 2 * tokens * n["embed"] / rate}
     elif command == "rotate-streamed":  # hadamard: every tensor W R1 (or R1^T W) in float64, by the fast transform
         r2 = 2 * (h // s.num_attention_heads) * 2 * h * h * L  # v rows and o columns per head
-        out |= {"read": disk / rates.read, "R1 products": _hadamard_rotate_seconds(s, rates),
-                "R2 products": r2 / rates.f64, "write": disk / rates.write}
+        # the final norm folded into lm_head unties a tied one (the random checkpoints' norms are not
+        # ones): the embedding and lm_head are both rotated and written
+        untied = replace(s, tie_word_embeddings=False)
+        extra = counts(untied)["heads"] - n["heads"]
+        out |= {"read": disk / rates.read, "fuse norms": _fold_seconds(s, rates),
+                "R1 products": _hadamard_rotate_seconds(untied, rates),
+                "R2 products": r2 / rates.f64, "write": (disk + 2 * extra) / rates.write}
     elif command in ("optrot", "rotate-optrot-streamed"):
         # R1 and R2 learned, data-free: each R1 evaluation reads the layers (streamed) and forms W R and
         # W^T G for every layer weight (4 h P float32 FLOPs; the embedding and lm_head are not in the

@@ -31,13 +31,20 @@ def test_the_70b_shape_is_llama_3_70b():
 
 
 def test_phases_are_work_over_rate():
-    """With unit rates a phase's seconds are its work: the hadamard write-back is 2 h P float64 FLOPs,
-    halving a rate doubles only the phases that use it, GPTQ's solve is sum r c^2 over the linears."""
-    s = cost_model.SHAPES["1b"]
+    """With unit rates a phase's seconds are its work: the hadamard write-back is 2 h P float64 FLOPs
+    (P with lm_head untied by the final norm's fold, and written besides the embedding), the norm fusion
+    one product per reader element and lm_head's, halving a rate doubles only the phases that use it,
+    GPTQ's solve is sum r c^2 over the linears."""
+    s = cost_model.SHAPES["1b"]  # tied
     n, h = cost_model.counts(s), s.hidden_size
     ph = cost_model.phases(s, "rotate-streamed", UNIT)
-    assert ph["R1 products"] == 2 * h * (n["layers"] + n["heads"])
-    assert ph["read"] == ph["write"] == 2 * n["total"]
+    assert ph["R1 products"] == 2 * h * (n["layers"] + 2 * n["embed"])
+    assert ph["read"] == 2 * n["total"] and ph["write"] == 2 * (n["total"] + n["embed"])
+    assert ph["fuse norms"] == 0.0  # UNIT has no fold rate
+    folded = cost_model.phases(s, "rotate-streamed", cost_model.Rates(**{**UNIT.__dict__, "fold": 1.0}))
+    d = h // s.num_attention_heads
+    readers = h * (h + 2 * s.num_key_value_heads * d + 2 * s.intermediate_size)
+    assert folded["fuse norms"] == s.num_hidden_layers * readers + n["embed"]
     slow = cost_model.phases(s, "rotate-streamed", cost_model.Rates(**{**UNIT.__dict__, "rot_rh2": 2.0}))
     assert slow["R1 products"] == 2 * ph["R1 products"] and slow["read"] == ph["read"]
     gptq = cost_model.phases(s, "quantize-gptq-streamed", UNIT)
@@ -52,9 +59,9 @@ def test_the_hadamard_write_back_is_its_measured_time_per_element(key):
     seconds per weight element; at another hidden size, or without it, the dense products."""
     s = cost_model.SHAPES[key]
     n = cost_model.counts(s)
-    dense = 2 * s.hidden_size * (n["layers"] + n["heads"])
+    dense = 2 * s.hidden_size * (n["layers"] + 2 * n["embed"])
     fast = cost_model.phases(s, "rotate-streamed", cost_model.Rates(**{**UNIT.__dict__, "rot_fast": {str(s.hidden_size): 3.0}}))
-    assert fast["R1 products"] == 3.0 * (n["layers"] + n["heads"])
+    assert fast["R1 products"] == 3.0 * (n["layers"] + 2 * n["embed"])  # lm_head untied by the final norm
     other = cost_model.Rates(**{**UNIT.__dict__, "rot_fast": {str(s.hidden_size + 1): 3.0}})
     assert cost_model.phases(s, "rotate-streamed", other)["R1 products"] == dense
     assert cost_model.phases(s, "rotate-streamed", UNIT)["R1 products"] == dense

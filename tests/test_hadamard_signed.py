@@ -45,6 +45,10 @@ def test_the_blocks_of_rows_and_columns_cover_every_entry(monkeypatch, chunk):
     torch.testing.assert_close(op.left_t(y), R.T @ y, rtol=0, atol=1e-12)
     torch.testing.assert_close(op.left_t(e), R.T @ e, rtol=0, atol=1e-12)  # expert stacks [experts, hidden, k]
     assert all(torch.equal(a, b) for a, b in zip((x, y, e), before))
+    # dtype: each block cast on the way in, the same values as casting the whole input first
+    h = x.bfloat16()
+    assert op.right(h, F64).dtype == F64 and torch.equal(op.right(h, F64), op.right(h.double()))
+    assert torch.equal(op.left_t(y.bfloat16(), F64), op.left_t(y.bfloat16().double()))
     with pytest.raises(ValueError, match=r"\[\.\.\., 96\]"):
         op.right(y)
     with pytest.raises(ValueError, match="96, k"):
@@ -108,7 +112,7 @@ def test_apply_rotations_takes_the_fast_path_for_a_hadamard_r1_only(monkeypatch)
 
     calls = []
     real = SignedHadamard.left_t  # the writers' R1.T @ W (recognize itself only calls right)
-    monkeypatch.setattr(SignedHadamard, "left_t", lambda self, x: calls.append(x.shape) or real(self, x))
+    monkeypatch.setattr(SignedHadamard, "left_t", lambda self, x, *a: calls.append(x.shape) or real(self, x, *a))
     H = random_hadamard(64, seed=4)
     fast = rotated(H)
     assert calls, "a random Hadamard R1 was written back with the dense product"
@@ -137,3 +141,18 @@ def test_factor_orders_are_the_factors_the_transform_applies(n):
     assert factor_orders(n) == applied and math.prod(applied) == n
     base = hadamard_plan(n).base_order
     assert all(f <= 32 for f in applied[base > 1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fold_scale_in_blocks_is_the_whole_tensor_product(monkeypatch, dtype):
+    """fold_scale forms W * w block by block: every element is the same float64 product rounded once,
+    so the result is the whole-tensor product's bit for bit (blocks of one row, of a few rows, all)."""
+    import orthoopt.adapters.fusion as fusion
+
+    gen = torch.Generator().manual_seed(7)
+    W, w = torch.randn(3, 9, 40, generator=gen).to(dtype), torch.rand(40, generator=gen, dtype=F64) + 0.5
+    whole = (W.to(F64) * w[None, :]).to(dtype)
+    for block in (1, 100, 1 << 16):
+        monkeypatch.setattr(fusion, "_FOLD_BLOCK", block)
+        out = fusion.fold_scale(W, w)
+        assert out.dtype == dtype and torch.equal(out, whole)

@@ -208,14 +208,18 @@ def rotate_layer(spec: ArchSpec, t: Mapping[str, torch.Tensor], prefix: str,
         if wk not in t:
             continue
         bk = _key(prefix, pr.path, pr.bias_param) if pr.bias_param else None
-        W = t[wk] if dtype is None else t[wk].to(dtype)
+        W = t[wk]  # cast to dtype by the R1 product (block by block for a SignedHadamard), else below
+        r2 = R2 is not None and pr.role in (vrole, spec.o_role)
+        if R1 is None and not r2:
+            continue  # nothing to do: no cast either
         b = None if bk is None or bk not in t else (t[bk] if dtype is None else t[bk].to(dtype))
         w_changed = b_changed = False
         if R1 is not None:
-            W = times(W, R1) if pr.side == "in" else t_times(R1, W)
+            W = times(W, R1, dtype) if pr.side == "in" else t_times(R1, W, dtype)
             w_changed = True
             if pr.side == "out" and b is not None:
                 b, b_changed = times(b, R1), True
+        W = W if dtype is None else W.to(dtype)  # the same tensor when the product above made it
         if R2 is not None and pr.role == vrole:
             d = R2.shape[0]
             rows = part_rows(spec, vrole, W.shape[0], num_heads, num_kv_heads, d)[vpart or vrole]

@@ -19,10 +19,12 @@ from .construct import base_matrix, hadamard_plan, is_hadamard_size
 from .fwht import hadamard_transform
 
 F64 = torch.float64
-#: Elements per block of :meth:`SignedHadamard.right` / :meth:`~SignedHadamard.left_t` (2 MiB of float64):
-#: the transform's temporaries are one block's, and a block stays in the cache between factors (2^18 was
-#: the fastest of 2^16..2^22 on a 2-core AVX2 CPU; 2^22 took 1.6-1.8x as long).
-CHUNK = 1 << 18
+#: Elements per block of :meth:`SignedHadamard.right` / :meth:`~SignedHadamard.left_t` (512 KiB of
+#: float64): the transform's temporaries are one block's, a block stays in the cache between factors, and
+#: they stay below the 1 MiB mmap threshold the command line fixes (orthoopt.utils.heap), so they come
+#: from the heap: at 2^18 each temporary was a fresh mmap, and a [8192, 3072] weight and its transpose
+#: took 1.21 s instead of 0.49 s with that threshold, against 0.57 s at 2^16 with or without it.
+CHUNK = 1 << 16
 _ROWS = 512  # rows of R compared per block in recognize (bounded memory at any n)
 
 
@@ -57,35 +59,39 @@ class SignedHadamard:
         """This rotation with its signs on ``device``."""
         return SignedHadamard(self.signs.to(device))
 
-    def right(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ R`` for ``x`` ``[..., n]``, a new tensor (``x`` is not modified).
+    def right(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x @ R`` for ``x`` ``[..., n]``, a new tensor in ``dtype`` (default ``x``'s; ``x`` is not modified).
 
-        Rows are transformed in blocks of about :data:`CHUNK` elements written into the output, so the
-        work beside ``x`` and the result is one block (the dense ``x @ R`` needs the same two tensors).
+        Rows are cast to ``dtype`` and transformed in blocks of about :data:`CHUNK` elements written into
+        the output, so the work beside ``x`` and the result is one block (``x.to(dtype) @ R`` needs a
+        cast copy of ``x`` besides). The same values as ``hadamard_transform(x.to(dtype) * d)``.
         """
         if x.dim() == 0 or x.shape[-1] != self.n:
             raise InvalidInputError(f"x @ R needs x [..., {self.n}], got {tuple(x.shape)}")
-        d = self.signs.to(x.dtype)
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dtype = x.dtype if dtype is None else dtype
+        d = self.signs.to(dtype)
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
         rows, flat = x.reshape(-1, self.n), out.view(-1, self.n)
         step = max(1, CHUNK // self.n)
         for start in range(0, rows.shape[0], step):
-            flat[start:start + step] = hadamard_transform(rows[start:start + step] * d)
+            flat[start:start + step] = hadamard_transform(rows[start:start + step].to(dtype) * d)
         return out
 
-    def left_t(self, x: torch.Tensor) -> torch.Tensor:
-        """``R.T @ x`` for ``x`` ``[..., n, k]``, a new tensor: ``H.T @ (D x) / sqrt(n)``, the transform along
-        ``dim=-2``, in blocks of columns of about :data:`CHUNK` elements (as :meth:`right`)."""
+    def left_t(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``R.T @ x`` for ``x`` ``[..., n, k]``, a new tensor in ``dtype`` (default ``x``'s): ``H.T @ (D x) /
+        sqrt(n)``, the transform along ``dim=-2``, in blocks of columns of about :data:`CHUNK` elements
+        cast to ``dtype`` one at a time (as :meth:`right`)."""
         if x.dim() < 2 or x.shape[-2] != self.n:
             raise InvalidInputError(f"R.T @ x needs x [..., {self.n}, k], got {tuple(x.shape)}")
-        d = self.signs.to(x.dtype)[:, None]
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dtype = x.dtype if dtype is None else dtype
+        d = self.signs.to(dtype)[:, None]
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
         mats, flat = x.reshape(-1, self.n, x.shape[-1]), out.view(-1, self.n, x.shape[-1])
         step = max(1, CHUNK // self.n)
         for b in range(mats.shape[0]):
             for start in range(0, x.shape[-1], step):
                 cols = slice(start, start + step)
-                flat[b, :, cols] = hadamard_transform(mats[b, :, cols] * d, dim=-2)
+                flat[b, :, cols] = hadamard_transform(mats[b, :, cols].to(dtype) * d, dim=-2)
         return out
 
     def dense(self, dtype: torch.dtype = F64) -> torch.Tensor:
@@ -134,14 +140,19 @@ def fast_rotation(R: torch.Tensor | None) -> "torch.Tensor | SignedHadamard | No
     return SignedHadamard.recognize(R) or R
 
 
-def times(x: torch.Tensor, R: "torch.Tensor | SignedHadamard") -> torch.Tensor:
-    """``x @ R`` for a dense ``R`` or a :class:`SignedHadamard`."""
-    return R.right(x) if isinstance(R, SignedHadamard) else x @ R
+def times(x: torch.Tensor, R: "torch.Tensor | SignedHadamard", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x.to(dtype) @ R`` (``dtype`` None: ``x``'s) for a dense ``R`` or a :class:`SignedHadamard`
+    (which casts block by block)."""
+    if isinstance(R, SignedHadamard):
+        return R.right(x, dtype)
+    return (x if dtype is None else x.to(dtype)) @ R
 
 
-def t_times(R: "torch.Tensor | SignedHadamard", x: torch.Tensor) -> torch.Tensor:
-    """``R.T @ x`` for a dense ``R`` or a :class:`SignedHadamard`."""
-    return R.left_t(x) if isinstance(R, SignedHadamard) else R.T @ x
+def t_times(R: "torch.Tensor | SignedHadamard", x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``R.T @ x.to(dtype)`` (``dtype`` None: ``x``'s) for a dense ``R`` or a :class:`SignedHadamard`."""
+    if isinstance(R, SignedHadamard):
+        return R.left_t(x, dtype)
+    return R.T @ (x if dtype is None else x.to(dtype))
 
 
 __all__ = ["SignedHadamard", "fast_rotation", "t_times", "times"]

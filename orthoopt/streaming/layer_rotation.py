@@ -26,7 +26,7 @@ def _store(t: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
 
 def rotate_rows(W: torch.Tensor, R1: torch.Tensor | SignedHadamard) -> torch.Tensor:
     """``W @ R1`` for an input-side weight (embedding, lm_head) ``[m, hidden]``, in float64, cast back."""
-    return times(W.to(F64), R1).to(W.dtype)
+    return times(W, R1, F64).to(W.dtype)
 
 
 def apply_r1(t: dict[str, torch.Tensor], layout: DecoderLayout, i: int, R1: torch.Tensor | SignedHadamard) -> None:
