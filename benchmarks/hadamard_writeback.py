@@ -40,6 +40,7 @@ from model_size import SHAPES  # noqa: E402  (benchmarks/ is on sys.path when a 
 from orthoopt.adapters.arch_table import ARCHS  # noqa: E402
 from orthoopt.adapters.writeback import rotate_layer  # noqa: E402
 from orthoopt.hadamard import fast_rotation, random_hadamard  # noqa: E402
+from orthoopt.utils.heap import release_large_blocks  # noqa: E402
 
 
 def _layer(shape, gen) -> dict[str, torch.Tensor]:
@@ -57,6 +58,7 @@ def _peak_rss(form: str, key: str) -> float:
 
 
 def _child(form: str, key: str) -> None:
+    release_large_blocks()
     shape = SHAPES[key]
     t = _layer(shape, torch.Generator().manual_seed(0))
     if form != "none":
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
+    release_large_blocks()  # the allocator setting the command line runs the write-back under
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = ARCHS["llama"]

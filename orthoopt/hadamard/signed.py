@@ -73,8 +73,9 @@ class SignedHadamard:
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
         rows, flat = x.reshape(-1, self.n), out.view(-1, self.n)
         step = max(1, CHUNK // self.n)
+        signed = _signer(x.dtype, dtype)
         for start in range(0, rows.shape[0], step):
-            flat[start:start + step] = hadamard_transform(rows[start:start + step].to(dtype) * d)
+            flat[start:start + step] = hadamard_transform(signed(rows[start:start + step], d))
         return out
 
     def left_t(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -88,10 +89,11 @@ class SignedHadamard:
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
         mats, flat = x.reshape(-1, self.n, x.shape[-1]), out.view(-1, self.n, x.shape[-1])
         step = max(1, CHUNK // self.n)
+        signed = _signer(x.dtype, dtype)
         for b in range(mats.shape[0]):
             for start in range(0, x.shape[-1], step):
                 cols = slice(start, start + step)
-                flat[b, :, cols] = hadamard_transform(mats[b, :, cols].to(dtype) * d, dim=-2)
+                flat[b, :, cols] = hadamard_transform(signed(mats[b, :, cols], d), dim=-2)
         return out
 
     def dense(self, dtype: torch.dtype = F64) -> torch.Tensor:
@@ -125,6 +127,14 @@ class SignedHadamard:
             if not torch.allclose(op.right(rows), R[start:stop], rtol=0, atol=atol):
                 return None
         return op
+
+
+def _signer(source: torch.dtype, dtype: torch.dtype):
+    """``block -> block.to(dtype) * d`` in one pass where ``dtype`` is ``source`` promoted (bf16 times a
+    float64 ``d`` is formed in float64: the same values, the cast is exact), else cast first."""
+    if torch.promote_types(source, dtype) == dtype:
+        return torch.mul
+    return lambda block, d: block.to(dtype) * d
 
 
 def _first_column(n: int, device) -> torch.Tensor:
