@@ -263,9 +263,9 @@ def apply_rotations(m: DecoderModules, rotations: Mapping[str, torch.Tensor]) ->
     R1 = rotations.get("R1")
     R1 = None if R1 is None else fast_rotation(f64(R1).to(m.embed.weight.device))
     if R1 is not None:
-        put(m.embed.weight, times(m.embed.weight.to(F64), R1))
+        put(m.embed.weight, times(m.embed.weight.detach(), R1, F64))
         if not m.tied:
-            put(m.lm_head.weight, times(m.lm_head.weight.to(F64), R1.to(m.lm_head.weight.device)))
+            put(m.lm_head.weight, times(m.lm_head.weight.detach(), R1.to(m.lm_head.weight.device), F64))
     for L in m.layers:
         params = layer_params(m, L)
         dev = next(iter(params.values())).device
