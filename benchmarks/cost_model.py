@@ -290,12 +290,15 @@ def phases(s: Shape, command: str, rates: Rates, windows: int = 4, seq_len: int 
         # W^T G for every layer weight (4 h P float32 FLOPs; the embedding and lm_head are not in the
         # objective by default); each R2 evaluation 4 d per v/o weight of its layer
         d = h // s.num_attention_heads
+        untied = replace(s, tie_word_embeddings=False)  # lm_head untied by the final norm's fold, as above
+        extra = counts(untied)["heads"] - n["heads"]
         e1 = steps if evaluations is None else evaluations.get("R1", 0)
         e2 = steps * L if evaluations is None else evaluations.get("R2", 0)
         out |= {"read": 2 * disk / rates.read + e1 * 2 * n["layers"] / rates.read,
                 "R1 objective": e1 * 4 * h * n["layers"] / rates.f32,
                 "R2 objective": e2 * 4 * d * 2 * h * h / rates.f32,
-                "write-back": _rotate_seconds(s, rates), "write": disk / rates.write}
+                "fuse norms": _fold_seconds(s, rates), "write-back": _rotate_seconds(untied, rates),
+                "write": (disk + 2 * extra) / rates.write}
     else:
         raise ValueError(f"no cost model for {command!r}")
     return out
@@ -306,7 +309,7 @@ def pipeline(s: Shape, rates: Rates, windows: int, seq_len: int, steps: int, eva
     rot = phases(s, "optrot", rates, steps=steps)
     gptq = phases(s, "quantize-gptq-streamed", rates, windows, seq_len)
     ev = phases(s, "eval-streamed", rates, eval_tokens // seq_len, seq_len)
-    return {"fixed (3 commands)": rot["fixed"] + gptq["fixed"] + ev["fixed"], "rotate: read + write": rot["read"] + rot["write"] + rot["write-back"],
+    return {"fixed (3 commands)": rot["fixed"] + gptq["fixed"] + ev["fixed"], "rotate: read, fuse, write-back, write": rot["read"] + rot["fuse norms"] + rot["write-back"] + rot["write"],
             "rotate: R1 objective": rot["R1 objective"], "rotate: R2 objective": rot["R2 objective"],
             "GPTQ: read + write": gptq["read"] + gptq["write"] + gptq["reload embedding"],
             "GPTQ: calibration + Hessians": gptq["calibration forwards"] + gptq["Hessians"],
