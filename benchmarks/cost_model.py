@@ -174,8 +174,8 @@ def measure_rates() -> Rates:
         r = (1 << 24) // h
         reader, writer = torch.randn(r, h, generator=g).to(torch.bfloat16), torch.randn(h, r, generator=g).to(torch.bfloat16)
         op = fast_rotation(random_hadamard(h))
-        t = best_time(lambda: (op.right(reader.to(torch.float64)).to(torch.bfloat16),
-                               op.left_t(writer.to(torch.float64)).to(torch.bfloat16)), repeats=2)
+        t = best_time(lambda: (op.right(reader, torch.float64).to(torch.bfloat16),
+                               op.left_t(writer, torch.float64).to(torch.bfloat16)), repeats=2)
         fast[str(h)] = t / (2 * r * h)
     return Rates(f64=gemm[torch.float64], f32=gemm[torch.float32], bf16=gemm[torch.bfloat16], read=read,
                  write=write, rtn=rtn, gptq_rc2=gptq[0], gptq_rc=gptq[1], gptq_c=gptq[2], rot_rh2=rot_coef[0],
@@ -262,6 +262,10 @@ def phases(s: Shape, command: str, rates: Rates, windows: int = 4, seq_len: int 
     h, L = s.hidden_size, s.num_hidden_layers
     disk = 2 * n["total"]  # bf16 bytes
     tokens = windows * seq_len
+    # a rotation folds the final norm into lm_head, which unties a tied one (the random checkpoints'
+    # norms are not ones): the embedding and lm_head are both rotated and written
+    untied = replace(s, tie_word_embeddings=False)
+    extra = counts(untied)["heads"] - n["heads"]
     forward = 2 * tokens * n["layers"] + 4 * tokens * seq_len * h * L // 2  # linears + causal attention
     out: dict[str, float] = {"fixed": rates.fixed.get("rotate-streamed" if command == "optrot" else command,
                                                         FIXED_DEFAULT)}
@@ -278,10 +282,6 @@ def phases(s: Shape, command: str, rates: Rates, windows: int = 4, seq_len: int 
         out |= {"read": disk / rates.read, "layers": forward / rate, "lm_head": 2 * tokens * n["embed"] / rate}
     elif command == "rotate-streamed":  # hadamard: every tensor W R1 (or R1^T W) in float64, by the fast transform
         r2 = 2 * (h // s.num_attention_heads) * 2 * h * h * L  # v rows and o columns per head
-        # the final norm folded into lm_head unties a tied one (the random checkpoints' norms are not
-        # ones): the embedding and lm_head are both rotated and written
-        untied = replace(s, tie_word_embeddings=False)
-        extra = counts(untied)["heads"] - n["heads"]
         out |= {"read": disk / rates.read, "fuse norms": _fold_seconds(s, rates),
                 "R1 products": _hadamard_rotate_seconds(untied, rates),
                 "R2 products": r2 / rates.f64, "write": (disk + 2 * extra) / rates.write}
@@ -290,8 +290,6 @@ def phases(s: Shape, command: str, rates: Rates, windows: int = 4, seq_len: int 
         # W^T G for every layer weight (4 h P float32 FLOPs; the embedding and lm_head are not in the
         # objective by default); each R2 evaluation 4 d per v/o weight of its layer
         d = h // s.num_attention_heads
-        untied = replace(s, tie_word_embeddings=False)  # lm_head untied by the final norm's fold, as above
-        extra = counts(untied)["heads"] - n["heads"]
         e1 = steps if evaluations is None else evaluations.get("R1", 0)
         e2 = steps * L if evaluations is None else evaluations.get("R2", 0)
         out |= {"read": 2 * disk / rates.read + e1 * 2 * n["layers"] / rates.read,

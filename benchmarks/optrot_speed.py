@@ -146,10 +146,7 @@ def section_step(args) -> dict:
 CHILD = textwrap.dedent("""
     import json, sys, time, torch
     torch.set_num_threads({threads})
-    def vmhwm():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+    from orthoopt.utils.memory import peak_rss_bytes
     from orthoopt.models import load_model, load_tokenizer, save_rotated
     from orthoopt.pipeline import rotate_model
     from orthoopt.pipeline import rotate_streamed
@@ -161,7 +158,7 @@ CHILD = textwrap.dedent("""
         save_rotated(model, load_tokenizer(src), out, res.rotations, res.report)
     elif mode == "streamed":
         rotate_streamed(src, out, steps={steps}, seed=0, progress=False)
-    print(json.dumps({{"mode": mode, "seconds": time.perf_counter() - t, "vmhwm_mib": vmhwm()}}))
+    print(json.dumps({{"mode": mode, "seconds": time.perf_counter() - t, "vmhwm_mib": peak_rss_bytes() / 2 ** 20}}))
 """)
 
 

@@ -148,11 +148,12 @@ def test_fold_scale_in_blocks_is_the_whole_tensor_product(monkeypatch, dtype):
     """fold_scale forms W * w block by block: every element is the same float64 product rounded once,
     so the result is the whole-tensor product's bit for bit (blocks of one row, of a few rows, all)."""
     import orthoopt.adapters.fusion as fusion
+    import orthoopt.core.rowwise as rowwise
 
     gen = torch.Generator().manual_seed(7)
     W, w = torch.randn(3, 9, 40, generator=gen).to(dtype), torch.rand(40, generator=gen, dtype=F64) + 0.5
     whole = (W.to(F64) * w[None, :]).to(dtype)
     for block in (1, 100, 1 << 16):
-        monkeypatch.setattr(fusion, "_FOLD_BLOCK", block)
+        monkeypatch.setattr(rowwise, "ROW_BLOCK", block)
         out = fusion.fold_scale(W, w)
         assert out.dtype == dtype and torch.equal(out, whole)

@@ -19,6 +19,7 @@ from torch import nn
 
 from orthoopt.adapters.archs import ArchSpec, DecoderModules, effective_scale, identity_weight
 from orthoopt.adapters.writeback import layer_params
+from orthoopt.core.rowwise import by_row_blocks
 
 
 def unfused_norms(m: DecoderModules) -> list[str]:
@@ -28,25 +29,17 @@ def unfused_norms(m: DecoderModules) -> list[str]:
             if not bool((effective_scale(norm.weight, kinds[name]) == 1).all())]
 
 
-_FOLD_BLOCK = 1 << 16  # elements per block of fold_scale: its float64 temporaries stay in the cache
-
-
 def fold_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``W * w``: an RMSNorm scale ``w`` (``[in]``) folded into a reader's weight ``W`` (``[out, in]``,
     or ``[..., in]``; column ``j`` scaled by ``w[j]``), formed in float64 and cast back to ``W``'s dtype.
 
-    Rows are done in blocks of about 2^16 elements (the same values as the whole-tensor product: each
-    element is one float64 product rounded once, with no float64 copy of ``W``). The tensor-level step
+    Rows are done in blocks (:func:`orthoopt.core.rowwise.by_row_blocks`: the same values as the
+    whole-tensor product, each element one float64 product rounded once, with no float64 copy of ``W``). The tensor-level step
     of :func:`fuse_norms`, shared with the streamed path (:mod:`orthoopt.streaming`), which folds
     weights read from disk the same way.
     """
-    w, s = weight.detach(), scale.detach().to(torch.float64)[None, :]
-    out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
-    rows, flat = w.reshape(-1, w.shape[-1]), out.view(-1, w.shape[-1])
-    step = max(1, _FOLD_BLOCK // max(1, w.shape[-1]))
-    for start in range(0, rows.shape[0], step):
-        flat[start:start + step] = rows[start:start + step].to(torch.float64) * s
-    return out
+    s = scale.detach().to(torch.float64)[None, :]
+    return by_row_blocks(weight.detach(), lambda rows: rows.to(torch.float64) * s)
 
 
 def fold_layer(spec: ArchSpec, t: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

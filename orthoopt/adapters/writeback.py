@@ -240,7 +240,6 @@ def rotate_layer(spec: ArchSpec, t: Mapping[str, torch.Tensor], prefix: str,
             out[wk] = W.to(t[wk].dtype) if cast_back else W
         if b_changed:
             out[bk] = b.to(t[bk].dtype) if cast_back else b
-        del W, b
     return out
 
 

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import torch
 
+from orthoopt.core.rowwise import ROW_BLOCK, by_row_blocks
 from orthoopt.errors import InvalidInputError
 
 from .construct import base_matrix, hadamard_plan, is_hadamard_size
 from .fwht import hadamard_transform
 
 F64 = torch.float64
-#: Elements per block of :meth:`SignedHadamard.right` / :meth:`~SignedHadamard.left_t` (512 KiB of
-#: float64): the transform's temporaries are one block's, a block stays in the cache between factors, and
-#: they stay below the 1 MiB mmap threshold the command line fixes (orthoopt.utils.heap), so they come
-#: from the heap: at 2^18 each temporary was a fresh mmap, and a [8192, 3072] weight and its transpose
-#: took 1.21 s instead of 0.49 s with that threshold, against 0.57 s at 2^16 with or without it.
-CHUNK = 1 << 16
+#: Elements per block of :meth:`SignedHadamard.right` / :meth:`~SignedHadamard.left_t`: the transform's
+#: temporaries are one block's and a block stays in the cache between factors (the write-backs' shared
+#: block size, :data:`orthoopt.core.rowwise.ROW_BLOCK`, and why).
+CHUNK = ROW_BLOCK
 _ROWS = 512  # rows of R compared per block in recognize (bounded memory at any n)
 
 
@@ -39,8 +38,9 @@ class SignedHadamard:
 
     Notes
     -----
-    Results are computed in the input's dtype (pass float64 for the write-back's float64 products)
-    and equal the dense products to float64 rounding (different summation order, not the same bits).
+    Results are computed in the ``dtype`` asked for (default the input's; the write-back asks for
+    float64) and equal the dense products to float64 rounding (different summation order, not the
+    same bits).
     """
 
     def __init__(self, signs: torch.Tensor) -> None:
@@ -69,14 +69,8 @@ class SignedHadamard:
         if x.dim() == 0 or x.shape[-1] != self.n:
             raise InvalidInputError(f"x @ R needs x [..., {self.n}], got {tuple(x.shape)}")
         dtype = x.dtype if dtype is None else dtype
-        d = self.signs.to(dtype)
-        out = torch.empty(x.shape, dtype=dtype, device=x.device)
-        rows, flat = x.reshape(-1, self.n), out.view(-1, self.n)
-        step = max(1, CHUNK // self.n)
-        signed = _signer(x.dtype, dtype)
-        for start in range(0, rows.shape[0], step):
-            flat[start:start + step] = hadamard_transform(signed(rows[start:start + step], d))
-        return out
+        d, signed = self.signs.to(dtype), _signer(x.dtype, dtype)
+        return by_row_blocks(x, lambda rows: hadamard_transform(signed(rows, d)), dtype, CHUNK)
 
     def left_t(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``R.T @ x`` for ``x`` ``[..., n, k]``, a new tensor in ``dtype`` (default ``x``'s): ``H.T @ (D x) /
