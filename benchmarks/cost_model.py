@@ -84,10 +84,10 @@ class Rates:
 
 def _hadamard_passes(h: int) -> int:
     """Passes over a weight of the fast Hadamard write-back (the assumed GPU rate counts them): one per
-    Kronecker factor, and 3 around them (cast to float64, signs, cast back)."""
+    Kronecker factor, and 2 around them (cast to float64 and signs in one product, the cast back)."""
     from orthoopt.hadamard import factor_orders
 
-    return len(factor_orders(h)) + 3
+    return len(factor_orders(h)) + 2
 
 
 # One H100-class GPU (SXM), assumed, not measured: half of the peak dense rates (FP64 tensor 67,
@@ -97,7 +97,7 @@ H100 = Rates(f64=33e12, f32=33e12, bf16=400e12, read=20e9, write=5e9, rtn=50e9,
              gptq_rc2=2 / 33e12, gptq_rc=2 / 1.5e12, gptq_c=1e-4, rot_rh2=1 / 33e12, rot_rh=20 / 1.5e12,
              fixed={}, note="assumed: 50% of H100 SXM peak FP64/FP32, 40% of BF16, PCIe 20 GB/s in, 5 GB/s out, "
                             "0.1 ms per GPTQ column, 10 s fixed per command, 1.5 TB/s for the fast Hadamard write-back "
-                            "(16 B per element per pass: factors + 3) and the norm fusion (4 B per element)",
+                            "(16 B per element per pass: factors + 2) and the norm fusion (4 B per element)",
              rot_fast={str(h): _hadamard_passes(h) * 16 / 1.5e12 for h in FAST_HIDDEN}, fold=4 / 1.5e12)
 FIXED_DEFAULT = 10.0
 

@@ -303,19 +303,29 @@ def _parse_time_v(stderr: str) -> tuple[float | None, int | None]:
     return seconds, (int(rss.group(1)) * 1024 if rss else None)
 
 
-def measure(argv: list[str], use_time: bool | None = None) -> tuple[int, float, int | None, str, str]:
-    """Run ``python -m orthoopt ARGV`` as a subprocess: ``(returncode, wall s, peak RSS bytes, how, stderr)``."""
+def measure(argv: list[str], use_time: bool | None = None,
+            stdout: Path | None = None) -> tuple[int, float, int | None, str, str]:
+    """Run ``python -m orthoopt ARGV`` as a subprocess: ``(returncode, wall s, peak RSS bytes, how, stderr)``.
+
+    The command's stdout is discarded, or written to the file ``stdout`` when given."""
     cmd = [sys.executable, "-m", "orthoopt", *argv]
     use_time = os.access(TIME, os.X_OK) if use_time is None else use_time
+    if stdout is not None:
+        with open(stdout, "w", encoding="utf-8") as sink:
+            return _measure(cmd, use_time, sink)
+    return _measure(cmd, use_time, subprocess.DEVNULL)
+
+
+def _measure(cmd: list[str], use_time: bool, sink) -> tuple[int, float, int | None, str, str]:
     began = time.perf_counter()
     if use_time:
-        p = subprocess.run([TIME, "-v", *cmd], env=_child_env(), capture_output=True, text=True)
+        p = subprocess.run([TIME, "-v", *cmd], env=_child_env(), stdout=sink, stderr=subprocess.PIPE, text=True)
         wall = time.perf_counter() - began
         t_wall, rss = _parse_time_v(p.stderr)
         return p.returncode, t_wall or wall, rss, "/usr/bin/time -v", p.stderr
     # a wrapper whose only child is the command: its RUSAGE_CHILDREN peak is the command's
     p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_measure", *cmd], env=_child_env(),
-                       capture_output=True, text=True)
+                       stdout=sink, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - began
     m = re.search(r"^model_size-rss: (\d+)$", p.stderr, re.M)
     return p.returncode, wall, (int(m.group(1)) if m else None), "getrusage(RUSAGE_CHILDREN)", p.stderr

@@ -128,19 +128,35 @@ def test_apply_rotations_takes_the_fast_path_for_a_hadamard_r1_only(monkeypatch)
 
 
 @pytest.mark.parametrize("n", [1, 2, 12, 128, 172, 3072, 4096, 8192, 14336])
-def test_factor_orders_are_the_factors_the_transform_applies(n):
+def test_factor_orders_are_the_factors_the_transform_applies(monkeypatch, n):
     """factor_orders (what the cost model counts as passes) names exactly the matrices hadamard_transform
-    multiplies by: their orders in order, a product of n, the Sylvester ones at most 32."""
+    multiplies by (spied on kron_apply): their orders in order, a product of n, the Sylvester ones at
+    most 32, and the transform they make is the Hadamard matrix's."""
     import importlib
     import math
 
-    from orthoopt.hadamard import factor_orders, hadamard_plan
+    from orthoopt.hadamard import factor_orders, hadamard_matrix, hadamard_plan, hadamard_transform
 
     fwht = importlib.import_module("orthoopt.hadamard.fwht")  # the package's fwht is the function
-    applied = [F.shape[0] for F in fwht._factors(n, torch.empty(0, dtype=F64))]
-    assert factor_orders(n) == applied and math.prod(applied) == n
+    applied = []
+    kron_apply = fwht.kron_apply
+
+    def spy(x, factors, dim=-1):
+        applied.extend(F.shape[0] for F in factors)
+        return kron_apply(x, factors, dim)
+
+    monkeypatch.setattr(fwht, "kron_apply", spy)
+    x = torch.randn(3, n, dtype=F64, generator=torch.Generator().manual_seed(n))
+    y = hadamard_transform(x, normalize=False)
+    if n > 1:
+        assert applied == factor_orders(n)
+    else:
+        assert applied == [] and factor_orders(n) == []
+    assert math.prod(factor_orders(n)) == n
     base = hadamard_plan(n).base_order
-    assert all(f <= 32 for f in applied[base > 1:])
+    assert all(f <= 32 for f in factor_orders(n)[base > 1:])
+    if n <= 3072:
+        torch.testing.assert_close(y, x @ hadamard_matrix(n, dtype=F64), rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -109,9 +109,7 @@ def factor_orders(n: int) -> list[int]:
         product is ``n``, and each is one pass over ``x`` of ``2 * order`` flops per element. Empty for
         ``n = 1``.
     """
-    plan = hadamard_plan(n)
-    sylvester = [] if plan.power_of_two == 1 else [1 << b for b in _sylvester_bits(plan.power_of_two)]
-    return ([plan.base_order] if plan.base_order > 1 else []) + sylvester
+    return [F.shape[0] for F in _factors(n, torch.empty(0, dtype=torch.float64))]
 
 
 _FOLD_SCALE = (torch.float32, torch.float64, torch.complex64, torch.complex128)
