@@ -28,6 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
@@ -58,38 +60,37 @@ def step_argv(step: str, model: str, work: Path, text: Path, windows: int, calib
 
 
 def _tensors(folder: Path) -> dict:
-    from safetensors.torch import load_file
+    from orthoopt.models.safetensors_folder import SafetensorsCheckpoint
 
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
+    ck = SafetensorsCheckpoint(folder)
+    return ck.read(ck.keys())
+
+
+def _bits(t):
+    return t.reshape(-1).view(torch.uint8)
 
 
 def compare_tensors(a: Path, b: Path) -> dict:
-    """``{"tensors", "identical", "max_abs_diff", "differing"}`` of the safetensors of two folders: a tensor
-    is identical when its dtype, shape and bits are (``-0.0`` is not ``0.0``); ``differing`` names the first
-    five that are not. Both folders are read whole (meant for the 135M model, not the 8B shape)."""
+    """``{"tensors", "identical", "same", "max_abs_diff", "differing"}`` of the safetensors of two folders
+    (read by :class:`orthoopt.models.safetensors_folder.SafetensorsCheckpoint`): a tensor is identical when
+    its dtype, shape and bits are (``-0.0`` is not ``0.0``); ``same`` when every tensor is; ``differing``
+    names the first five that are not. Both folders are read whole (meant for the 135M model, not the 8B
+    shape)."""
     ta, tb = _tensors(a), _tensors(b)
     if set(ta) != set(tb):
-        return {"tensors": len(ta), "identical": 0, "max_abs_diff": None,
+        return {"tensors": len(ta), "identical": 0, "same": False, "max_abs_diff": None,
                 "differing": sorted(set(ta) ^ set(tb))[:5], "names_differ": True}
     identical, worst, differing = 0, 0.0, []
     for name, x in ta.items():
         y = tb[name]
-        if x.dtype == y.dtype and x.shape == y.shape and x.view(-1).view(_int(x)).equal(y.view(-1).view(_int(y))):
+        if x.dtype == y.dtype and x.shape == y.shape and _bits(x).equal(_bits(y)):
             identical += 1
             continue
         differing.append(name)
         if x.shape == y.shape and x.is_floating_point():
             worst = max(worst, float((x.double() - y.double()).abs().max()))
-    return {"tensors": len(ta), "identical": identical, "max_abs_diff": worst, "differing": differing[:5]}
-
-
-def _int(t):
-    import torch
-
-    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return {"tensors": len(ta), "identical": identical, "same": identical == len(ta), "max_abs_diff": worst,
+            "differing": differing[:5]}
 
 
 def compare_evals(a: dict, b: dict) -> dict:
@@ -97,7 +98,7 @@ def compare_evals(a: dict, b: dict) -> dict:
     wa, wb = a["window_nll"], b["window_nll"]
     diff = max(abs(x - y) for x, y in zip(wa, wb)) if len(wa) == len(wb) else None
     return {"windows": len(wa), "max_window_nll_diff": diff, "ppl": a["ppl"], "ppl_streamed": b["ppl"],
-            "identical": diff == 0.0 and a["ppl"] == b["ppl"]}
+            "same": diff == 0.0 and a["ppl"] == b["ppl"]}
 
 
 def run(model: str, windows: int, calib_windows: int, seq_len: int, text: Path, cache: Path | None = None,
@@ -129,9 +130,7 @@ def run(model: str, windows: int, calib_windows: int, seq_len: int, text: Path, 
                 rec["compare"] = compare_evals(outputs[False], outputs[True])
             else:
                 out = {"rotate": "rotated", "quantize-rtn": "rtn", "quantize-gptq": "gptq"}[step]
-                c = compare_tensors(works[False] / out, works[True] / out)
-                c["identical_all"] = c["identical"] == c["tensors"]
-                rec["compare"] = c
+                rec["compare"] = compare_tensors(works[False] / out, works[True] / out)
             records.append(rec)
             progress(_row(rec))
     finally:
@@ -153,11 +152,12 @@ def _row(rec: dict) -> str:
     if c is None:
         same = "failed: " + (b.get("message") or a.get("message") or "")
     elif "windows" in c:
-        same = ("bit-identical" if c["identical"] else f"window NLL max diff {c['max_window_nll_diff']:.3g}") + \
+        same = ("bit-identical" if c["same"] else f"window NLL max diff {c['max_window_nll_diff']:.3g}") + \
             f" (ppl {c['ppl']:.4f} / {c['ppl_streamed']:.4f}, {c['windows']} windows)"
     else:
         same = f"{c['identical']} of {c['tensors']} tensors bit-identical" + \
-            ("" if c["identical_all"] else f", max abs diff {c['max_abs_diff']:.3g} ({', '.join(c['differing'])})")
+            ("" if c["same"] else ", tensor names differ" if c.get("names_differ")
+             else f", max abs diff {c['max_abs_diff']:.3g}") + ("" if c["same"] else f" ({', '.join(c['differing'])})")
     return (f"| {rec['step']} | {a.get('wall_s', '-')} | {b.get('wall_s', '-')} | {_gb(a.get('peak_rss_bytes'))} "
             f"| {_gb(b.get('peak_rss_bytes'))} | {same} |")
 
@@ -191,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(records, indent=1) + "\n")
     if any(r.get("compare") is None for r in records):
         return 2
-    same = all(r["compare"].get("identical_all", r["compare"].get("identical")) for r in records)
-    return 0 if same else 1
+    return 0 if all(r["compare"]["same"] for r in records) else 1
 
 
 def _planted(cache: Path) -> Path:

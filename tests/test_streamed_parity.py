@@ -20,6 +20,7 @@ from orthoopt.cli import build_parser  # noqa: E402
 
 def _folder(path: Path, tensors: dict) -> Path:
     path.mkdir()
+    (path / "config.json").write_text("{}")
     save_file(tensors, str(path / "model.safetensors"))
     return path
 
@@ -31,13 +32,14 @@ def test_one_ulp_apart_is_a_difference(tmp_path, dtype):
     g = torch.Generator().manual_seed(0)
     a = {"w": torch.randn(8, 8, generator=g).to(dtype), "b": torch.zeros(4, dtype=dtype)}
     same = _folder(tmp_path / "a", a)
-    assert streamed_parity.compare_tensors(same, _folder(tmp_path / "a2", dict(a)))["identical"] == 2
+    c = streamed_parity.compare_tensors(same, _folder(tmp_path / "a2", dict(a)))
+    assert c["identical"] == 2 and c["same"]
     moved = a["w"].clone()
     moved[3, 5] = torch.nextafter(moved[3, 5].float(), torch.tensor(float("inf"))).to(dtype) \
         if dtype == torch.float32 else (moved[3, 5].view(torch.int16) + 1).view(dtype)
     signed = -a["b"]  # -0.0
     c = streamed_parity.compare_tensors(same, _folder(tmp_path / "b", {"w": moved, "b": signed}))
-    assert c["tensors"] == 2 and c["identical"] == 0 and sorted(c["differing"]) == ["b", "w"]
+    assert c["tensors"] == 2 and c["identical"] == 0 and not c["same"] and sorted(c["differing"]) == ["b", "w"]
     assert c["max_abs_diff"] == pytest.approx(float((moved[3, 5].double() - a["w"][3, 5].double()).abs()), rel=0)
     assert c["max_abs_diff"] > 0
 
@@ -45,14 +47,15 @@ def test_one_ulp_apart_is_a_difference(tmp_path, dtype):
 def test_other_names_are_not_the_same_checkpoint(tmp_path):
     a = _folder(tmp_path / "a", {"w": torch.ones(2)})
     c = streamed_parity.compare_tensors(a, _folder(tmp_path / "b", {"v": torch.ones(2)}))
-    assert c["identical"] == 0 and c["names_differ"] and c["differing"] == ["v", "w"]
+    assert c["identical"] == 0 and not c["same"] and c["names_differ"] and c["differing"] == ["v", "w"]
+    assert "tensor names differ (v, w)" in streamed_parity._row({"step": "rotate", "compare": c})
 
 
 def test_window_nlls_compare_exactly():
     a = {"ppl": 10.0, "window_nll": [2.0, 2.5]}
-    assert streamed_parity.compare_evals(a, dict(a))["identical"]
+    assert streamed_parity.compare_evals(a, dict(a))["same"]
     c = streamed_parity.compare_evals(a, {"ppl": 10.0, "window_nll": [2.0, 2.5 + 2 ** -40]})
-    assert not c["identical"] and c["max_window_nll_diff"] == pytest.approx(2 ** -40, rel=1e-6)
+    assert not c["same"] and c["max_window_nll_diff"] == pytest.approx(2 ** -40, rel=1e-6)
 
 
 @pytest.mark.parametrize("streamed", [False, True])

@@ -28,14 +28,14 @@ def apply_r1(t: dict[str, torch.Tensor], layout: DecoderLayout, i: int, R1: torc
     """Fuse ``R1`` (float64 ``[hidden, hidden]``, or the :class:`~orthoopt.hadamard.SignedHadamard` it is) into layer ``i``'s tensors in ``t`` (replaced in the
     dict): readers ``W @ R1``, writers ``R1.T @ W`` with biases ``b @ R1`` (sides from the table)."""
     t.update(rotate_layer(layout.spec, t, layout.layer_key_prefix(i), R1, None,
-                           num_heads=layout.num_heads, num_kv_heads=layout.num_kv_heads, cast_back=True))
+                          num_heads=layout.num_heads, num_kv_heads=layout.num_kv_heads, cast_back=True))
 
 
 def apply_r2(t: dict[str, torch.Tensor], layout: DecoderLayout, i: int, R2: torch.Tensor) -> None:
     """Fuse ``R2.i`` (float64 ``[head_dim, head_dim]``) into layer ``i``'s tensors in ``t``: value rows
     per kv head ``R2.T @ W_v[h]`` (bias ``b_v[h] @ R2``), o columns per query head ``W_o[:, h] @ R2``."""
     t.update(rotate_layer(layout.spec, t, layout.layer_key_prefix(i), None, R2,
-                           num_heads=layout.num_heads, num_kv_heads=layout.num_kv_heads, cast_back=True))
+                          num_heads=layout.num_heads, num_kv_heads=layout.num_kv_heads, cast_back=True))
 
 
 def r2_blocks(t: dict[str, torch.Tensor], layout: DecoderLayout, i: int) -> list[WeightBlock]:
