@@ -25,18 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-KEYS = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
-
-
-def _status() -> dict[str, int]:
-    """Those of :data:`KEYS` that ``/proc/self/status`` has, in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in KEYS:
-                out[key] = int(value.split()[0]) * 1024
-    return out
+from orthoopt.utils.memory import memory_status  # noqa: E402
 
 
 def _child(folder: str, dtype: str) -> None:
@@ -49,7 +38,7 @@ def _child(folder: str, dtype: str) -> None:
 
     def watch():
         while not done.is_set():
-            s = _status()
+            s = memory_status()
             for k in seen:
                 seen[k] = max(seen[k], s.get(k, 0))
             time.sleep(0.02)
@@ -59,7 +48,7 @@ def _child(folder: str, dtype: str) -> None:
     model = load_model(folder, dtype=getattr(torch, dtype))
     done.set()
     t.join()
-    after = _status()
+    after = memory_status()
     print(json.dumps({"dtype": dtype, "peak_rss": after["VmHWM"], "max_anon": seen["RssAnon"],
                       "max_file": seen["RssFile"], "anon_after": after["RssAnon"], "file_after": after["RssFile"],
                       "parameters": sum(p.numel() for p in model.parameters())}))

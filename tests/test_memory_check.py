@@ -135,6 +135,11 @@ def test_the_peak_rss_is_the_process_own_not_its_parent(tmp_path):
     status = tmp_path / "status"
     status.write_text("Name:\tpython\nVmPeak:\t  99999 kB\nVmHWM:\t    1234 kB\nVmRSS:\t  1000 kB\n")
     assert peak_rss_bytes(status) == 1234 * 1024
+    from orthoopt.utils.memory import memory_status
+
+    status.write_text("Name:\tpython\nVmHWM:\t    1234 kB\nRssAnon:\t  7 kB\nRssFile:\t 9 kB\nThreads:\t3\n")
+    assert memory_status(status) == {"VmHWM": 1234 * 1024, "RssAnon": 7 * 1024, "RssFile": 9 * 1024}
+    assert memory_status(tmp_path / "missing") == {}
     assert peak_rss_bytes(tmp_path / "missing") > 0  # getrusage where /proc is not there
     ballast = bytearray(400 << 20)  # this process now holds 400 MiB more than the child will
     ballast[:: 4096] = b"\1" * len(ballast[:: 4096])

@@ -9,7 +9,8 @@ part                bytes
 ==================  ==============================================================================
 runtime             :data:`RUNTIME`: Python, torch, transformers and the tokenizer
 model               the whole model in the load dtype (``numel x itemsize``): in-memory paths
-non-layer weights   ``--streamed`` quantize / eval: the embedding, final norm and lm_head
+non-layer weights   ``--streamed`` eval: the embedding, final norm and lm_head (``--streamed``
+                    quantize: read and written as shard 0, freed before the first layer)
 load                the checkpoint read while the model is built (``from_pretrained`` maps the
                     files; ``LOAD_FACTOR`` of their bytes is resident at once)
 save                the output's serialization buffer (``SAVE_FACTOR`` of the model)
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from orthoopt.models.shards import shard_write_copies
 from orthoopt.utils.memory import Estimate
 from orthoopt.utils.tensorfile import DTYPE_BYTES, check_safetensors, check_weight_files, read_json_object
 
@@ -172,7 +174,8 @@ def rotate_estimate(ck: Checkpoint, dtype: torch.dtype, streamed: bool, learned:
 def quantize_estimate(ck: Checkpoint, dtype: torch.dtype, method: str, nsamples: int = 0, seq_len: int = 0,
                       streamed: bool = False) -> Estimate:
     """Peak of ``orthoopt quantize``: the whole model held (GPTQ adds one layer's calibration), or with
-    ``streamed`` the non-layer weights and one layer (read, quantized and its shard being written)."""
+    ``streamed`` the larger of the non-layer weights (read and written as shard 0, then freed) and one
+    layer (read, quantized and its shard being written) with its work."""
     b = _itemsize(dtype)
     grid = ck.layer_tensor_numel * 4 * 4  # float32 weight, grid, codes and error of the largest linear
     phases = {"float32 grid of the largest linear": grid}
@@ -180,13 +183,19 @@ def quantize_estimate(ck: Checkpoint, dtype: torch.dtype, method: str, nsamples:
         tokens = nsamples * seq_len
         phases["calibration"] = (tokens * ck.hidden * 4 * 3 + tokens * ck.intermediate * 4 * 2
                                  + (3 * ck.hidden ** 2 + ck.intermediate ** 2) * 4 + ck.num_heads * seq_len ** 2 * 4 * 2
-                                 # the solve of the widest linear: its Hessian's copy and two Cholesky factors
-                                 + 3 * ck.intermediate ** 2 * 4 + grid)
+                                 # the solve of the widest linear: two [n, n] beside its Hessian
+                                 # (gptq_quantize frees its copy, L and H^-1 as it goes)
+                                 + 2 * ck.intermediate ** 2 * 4 + grid)
     if streamed:
+        # the non-layer weights are written as shard 0 and freed before the first layer is read; a
+        # shard's write may hold a serialized copy (shard_write_copies)
+        copies = shard_write_copies()
         nonlayer = ck.numel - ck.layer_numel * ck.num_layers
-        est = Estimate(_phases({"runtime": RUNTIME, "non-layer weights": nonlayer * b,
-                                "layer (read, quantized, shard)": ck.layer_numel * b * 3}, phases),
-                       f"--streamed holds one {_name(dtype)} layer")
+        work = max(phases, key=phases.get)
+        est = Estimate(_phases({"runtime": RUNTIME}, {
+            "non-layer weights (read, written, freed)": nonlayer * b * (1 + copies),
+            f"layer (read, quantized, shard) and {work}": ck.layer_numel * b * (2 + copies) + phases[work]}),
+            f"--streamed holds one {_name(dtype)} layer")
     else:
         phases.update({"load": int(LOAD_FACTOR * ck.stored_bytes), "save": int(SAVE_FACTOR * ck.numel * b)})
         est = Estimate(_phases({"runtime": RUNTIME, "model": ck.numel * b}, phases),

@@ -47,6 +47,14 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
+def _to_meta(modules) -> None:
+    """Replace each module's own parameters by ``meta`` ones (freeing their memory; buffers stay)."""
+    for module in modules:
+        for name, p in module._parameters.items():
+            if p is not None and not p.is_meta:
+                module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+
 class LayeredModel:
     """The ``*ForCausalLM`` of a Hugging Face folder with its decoder layers read one at a time.
 
@@ -156,10 +164,14 @@ class LayeredModel:
 
     def release_layer(self, i: int) -> None:
         """Free decoder layer ``i``'s parameters (back on ``meta``; its buffers stay)."""
-        for module in self.layers[i].modules():
-            for name, p in module._parameters.items():
-                if p is not None:
-                    module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+        _to_meta(self.layers[i].modules())
+
+    def release_nonlayer(self) -> None:
+        """Free the weights outside the decoder layers (embedding, final norm, lm_head: back on ``meta``)
+        once the caller has no more use for them: a quantizer writes them out and drops them before its
+        first layer. The model cannot run a forward afterwards."""
+        in_layer = tuple(self.prefixes)
+        _to_meta(m for n, m in self.model.named_modules() if not (n + ".").startswith(in_layer))
 
     def nonlayer_state(self) -> dict[str, torch.Tensor]:
         """The loaded tensors outside the decoder layers, by checkpoint name (lm_head left out when tied)."""

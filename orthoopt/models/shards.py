@@ -17,6 +17,15 @@ from orthoopt.errors import InvalidInputError
 from orthoopt.models.safetensors_folder import INDEX_FILE
 
 
+def shard_write_copies() -> int:
+    """Copies of a shard's bytes ``save_file`` builds while writing it: 0 where the installed safetensors
+    writes from the tensors' own memory (recent versions), 1 where it serializes the shard to bytes
+    first (older ones); the memory estimates count it (``orthoopt.models.footprint``)."""
+    import safetensors.torch
+
+    return 0 if hasattr(safetensors.torch, "_flatten_as_ptr") else 1
+
+
 class ShardedWriter:
     """Shards ``0 .. num_shards - 1`` of a checkpoint in ``folder`` (which must exist)."""
 

@@ -4,10 +4,10 @@
 :class:`orthoopt.models.onload.LayeredModel`: each decoder layer is read from the safetensors files
 when the quantizer reaches it (with its ``down_proj`` rotated there when the online Hadamard is on),
 quantized (RTN, or GPTQ on the calibration activations carried from the layer before), written as
-its own shard and freed. The embedding, final norm and lm_head (full precision) form shard 0. The
-weights written are bit-identical to ``quantize_model`` on the model loaded whole followed by
-``save_quantized`` (``tests/test_layered.py``); only the file layout differs (numbered shards and an
-index, which ``from_pretrained`` reads).
+its own shard and freed. The embedding, final norm and lm_head (full precision) form shard 0, written
+and freed before the first layer is read. The weights written are bit-identical to ``quantize_model``
+on the model loaded whole followed by ``save_quantized`` (``tests/test_layered.py``); only the file
+layout differs (numbered shards and an index, which ``from_pretrained`` reads).
 """
 
 from __future__ import annotations
@@ -27,12 +27,24 @@ from orthoopt.utils.atomic import atomic_dir
 
 
 class _ShardPerLayer:
-    """``quantize_model``'s ``onload``: read a layer before it is quantized, write and free it after."""
+    """``quantize_model``'s ``onload``: read a layer before it is quantized, write and free it after.
+
+    The weights outside the decoder layers (the quantizer leaves them as they are) are written as shard 0
+    and freed before the first layer is read: GPTQ has embedded its calibration windows by then, and
+    nothing later needs the embedding or lm_head, so they are not resident beside the layers."""
 
     def __init__(self, layered: LayeredModel, writer: ShardedWriter) -> None:
         self.layered, self.writer = layered, writer
+        self.nonlayer_written = False
+
+    def write_nonlayer(self) -> None:
+        self.writer.write(0, self.layered.nonlayer_state())
+        self.layered.release_nonlayer()
+        self.nonlayer_written = True
 
     def load_layer(self, i: int) -> None:
+        if not self.nonlayer_written:
+            self.write_nonlayer()
         self.layered.load_layer(i)
 
     def finish_layer(self, i: int) -> None:
@@ -45,12 +57,14 @@ def write_layered(layered: LayeredModel, tokenizer, folder: str | os.PathLike, c
                   calib: torch.Tensor | None = None, *, progress: bool = True) -> QuantResult:
     """Quantize ``layered`` layer by layer into the existing empty ``folder``: the weight shards and
     their index, ``config.json`` and the tokenizer (not quant.json: the caller writes the settings,
-    which it may extend). Arguments as :func:`quantize_layered`; returns ``quantize_model``'s result."""
+    which it may extend). Arguments as :func:`quantize_layered`; returns ``quantize_model``'s result.
+    ``layered`` is used up: its non-layer weights are freed once written (reload the output to run it)."""
     folder = Path(folder)
     writer = ShardedWriter(folder, len(layered) + 1)
-    result = quantize_model(layered.model, config, calib, progress=progress,
-                            onload=_ShardPerLayer(layered, writer))
-    writer.write(0, layered.nonlayer_state())
+    onload = _ShardPerLayer(layered, writer)
+    result = quantize_model(layered.model, config, calib, progress=progress, onload=onload)
+    if not onload.nonlayer_written:
+        onload.write_nonlayer()
     writer.finish()
     layered.model.config.save_pretrained(folder)
     if getattr(layered.model, "generation_config", None) is not None and layered.model.can_generate():

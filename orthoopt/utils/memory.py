@@ -96,6 +96,22 @@ def available_memory() -> tuple[int | None, str]:
     return min(found)
 
 
+def memory_status(status: Path = Path("/proc/self/status")) -> dict[str, int]:
+    """The memory lines of ``/proc/self/status`` in bytes: ``{"VmHWM": ..., "VmRSS": ..., "RssAnon": ...,
+    "RssFile": ...}`` (every ``kB`` line it has); empty where the file is missing (not Linux)."""
+    out: dict[str, int] = {}
+    try:
+        text = status.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields = value.split()
+        if len(fields) == 2 and fields[1] == "kB":
+            out[key] = int(fields[0]) * 1024
+    return out
+
+
 def peak_rss_bytes(status: Path = Path("/proc/self/status")) -> int | None:
     """This process's peak resident set size in bytes: ``VmHWM`` of ``/proc/self/status``.
 
@@ -103,12 +119,9 @@ def peak_rss_bytes(status: Path = Path("/proc/self/status")) -> int | None:
     carries ``ru_maxrss`` across ``execve``, so a command started by a large process would report at
     least its parent's peak: ``VmHWM`` is the process's own.
     """
-    try:
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = memory_status(status).get("VmHWM")
+    if peak is not None:
+        return peak
     try:
         import resource
     except ImportError:  # pragma: no cover - Windows
