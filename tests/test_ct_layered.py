@@ -32,7 +32,7 @@ def _qconfig(folder):
     (torch.float32, "rtn", {"act": {"bits": 8, "online_hadamard": True}}),  # R4: its transform and shared matrix
     (torch.bfloat16, "gptq", {"group_size": 32, "act": {"bits": 8, "online_hadamard": True}}),
 ])
-def test_layered_export_writes_the_whole_model_export(tmp_path, dtype, method, extra):
+def test_layered_export_writes_the_whole_model_export(tmp_path, monkeypatch, dtype, method, extra):
     from orthoopt.export.compressed_tensors import save_compressed_tensors
     from orthoopt.export.ct_layered import save_compressed_tensors_layered
     from orthoopt.models.onload import LayeredModel
@@ -52,7 +52,17 @@ def test_layered_export_writes_the_whole_model_export(tmp_path, dtype, method, e
     save_compressed_tensors(model, tok, tmp_path / "whole", whole, progress=False)
     result = quantize_layered(folder, tmp_path / "fake", config, calib, progress=False)
     layered = LayeredModel(tmp_path / "fake", dtype)
+    load, kept = LayeredModel.load_layer, []  # the non-layer weights still real when each layer is read
+
+    def spy(self, i):
+        kept.extend(n for n, p in self.model.named_parameters() if not n.startswith(tuple(self.prefixes))
+                    and not p.is_meta)
+        return load(self, i)
+
+    monkeypatch.setattr(LayeredModel, "load_layer", spy)
     save_compressed_tensors_layered(layered, tok, tmp_path / "layered", result, progress=False)
+    monkeypatch.undo()
+    assert kept == []  # shard 0 was written and freed before the first layer
     a, b = folder_tensors(tmp_path / "whole"), folder_tensors(tmp_path / "layered")
     assert sorted(a) == sorted(b)
     for name in a:  # the same integer codes and scales: same arithmetic on the same fake-quantized weights

@@ -7,7 +7,7 @@ linears, sets their scales and zero points from the :class:`~orthoopt.quant.mode
 same grid mapping as :func:`orthoopt.export.compressed_tensors.save_compressed_tensors`), packs them
 with compressed-tensors' own compressor, checks that every packed weight dequantizes to orthoopt's
 fake-quantized weight, writes the layer as its own shard and frees it. The embedding, final norm and
-lm_head form shard 0 (full precision, as in the whole-model export). ``config.json``'s
+lm_head form shard 0 (full precision, as in the whole-model export), written and freed first. ``config.json``'s
 ``quantization_config`` is the one compressed-tensors derives from the model with the schemes
 attached, as in the whole-model export; the tensors and the config are the whole-model export's
 (``tests/test_ct_layered.py``), only the file layout differs (numbered shards and an index).
@@ -89,7 +89,7 @@ def save_compressed_tensors_layered(layered: LayeredModel, tokenizer, out_dir: s
     ----------
     layered : LayeredModel
         The fake-quantized model (as :func:`orthoopt.quant.quantize_layered` writes it), read layer by
-        layer; its layers are left released (on ``meta``).
+        layer; it is used up: its layers and its non-layer weights are left released (on ``meta``).
     tokenizer
         Saved beside the weights.
     out_dir : str or os.PathLike
@@ -149,12 +149,13 @@ def save_compressed_tensors_layered(layered: LayeredModel, tokenizer, out_dir: s
         r4 = stored_r4(model, (settings.get("online_hadamard") or {})["size"], ct["transform"], layered.dtype)
     with atomic_dir(out_dir) as tmp:
         writer = ShardedWriter(tmp, len(layered) + 1)
+        writer.write(0, layered.nonlayer_state())  # written as read and freed: not resident beside the layers
+        layered.release_nonlayer()
         for i in range(len(layered)):
             state = _layer_state(layered, i, result, with_act, fmt, ct, progress)
             if r4 is not None and i == 0:
                 state[r4[1]] = r4[2]
             writer.write(i + 1, state)
-        writer.write(0, layered.nonlayer_state())
         writer.finish()
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None and model.can_generate():

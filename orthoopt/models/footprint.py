@@ -172,13 +172,14 @@ def rotate_estimate(ck: Checkpoint, dtype: torch.dtype, streamed: bool, learned:
 
 
 def quantize_estimate(ck: Checkpoint, dtype: torch.dtype, method: str, nsamples: int = 0, seq_len: int = 0,
-                      streamed: bool = False) -> Estimate:
+                      streamed: bool = False, packed: bool = False) -> Estimate:
     """Peak of ``orthoopt quantize``: the whole model held (GPTQ adds one layer's calibration), or with
     ``streamed`` the larger of the non-layer weights (read and written as shard 0, then freed) and one
-    layer (read, quantized and its shard being written) with its work."""
+    layer (read, quantized and its shard being written) with its work; ``packed``: a compressed-tensors
+    output (its packing adds the packed codes and a float32 dequantized check of the largest linear)."""
     b = _itemsize(dtype)
     grid = ck.layer_tensor_numel * 4 * 4  # float32 weight, grid, codes and error of the largest linear
-    phases = {"float32 grid of the largest linear": grid}
+    phases = {"float32 grid of the largest linear": grid + (ck.layer_tensor_numel * 4 * 2 if packed else 0)}
     if method == "gptq":
         tokens = nsamples * seq_len
         phases["calibration"] = (tokens * ck.hidden * 4 * 3 + tokens * ck.intermediate * 4 * 2
@@ -200,13 +201,13 @@ def quantize_estimate(ck: Checkpoint, dtype: torch.dtype, method: str, nsamples:
         phases.update({"load": int(LOAD_FACTOR * ck.stored_bytes), "save": int(SAVE_FACTOR * ck.numel * b)})
         est = Estimate(_phases({"runtime": RUNTIME, "model": ck.numel * b}, phases),
                        f"holds the whole {_name(dtype)} model")
-        est.alternatives.append(("--streamed", quantize_estimate(ck, dtype, method, nsamples, seq_len, True).total))
+        est.alternatives.append(("--streamed", quantize_estimate(ck, dtype, method, nsamples, seq_len, True, packed).total))
     if b > 2:
         est.alternatives.append(("--dtype bfloat16",
-                                 quantize_estimate(ck, torch.bfloat16, method, nsamples, seq_len, streamed).total))
+                                 quantize_estimate(ck, torch.bfloat16, method, nsamples, seq_len, streamed, packed).total))
     if method == "gptq" and nsamples > 8:
         est.alternatives.append((f"--nsamples {nsamples // 4}",
-                                 quantize_estimate(ck, dtype, method, nsamples // 4, seq_len, streamed).total))
+                                 quantize_estimate(ck, dtype, method, nsamples // 4, seq_len, streamed, packed).total))
     return est
 
 
