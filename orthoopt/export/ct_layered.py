@@ -7,8 +7,8 @@ linears, sets their scales and zero points from the :class:`~orthoopt.quant.mode
 same grid mapping as :func:`orthoopt.export.compressed_tensors.save_compressed_tensors`), packs them
 with compressed-tensors' own compressor, checks that every packed weight dequantizes to orthoopt's
 fake-quantized weight, writes the layer as its own shard and frees it. The embedding, final norm and
-lm_head form shard 0 (full precision, as in the whole-model export), written and freed first. ``config.json``'s
-``quantization_config`` is the one compressed-tensors derives from the model with the schemes
+lm_head form shard 0 (full precision, as in the whole-model export), written and freed first.
+``config.json``'s ``quantization_config`` is the one compressed-tensors derives from the model with the schemes
 attached, as in the whole-model export; the tensors and the config are the whole-model export's
 (``tests/test_ct_layered.py``), only the file layout differs (numbered shards and an index).
 
