@@ -55,8 +55,7 @@ def test_layered_export_writes_the_whole_model_export(tmp_path, monkeypatch, dty
     load, kept = LayeredModel.load_layer, []  # the non-layer weights still real when each layer is read
 
     def spy(self, i):
-        kept.extend(n for n, p in self.model.named_parameters() if not n.startswith(tuple(self.prefixes))
-                    and not p.is_meta)
+        kept.extend(n for n, t in self.nonlayer_state().items() if not t.is_meta)
         return load(self, i)
 
     monkeypatch.setattr(LayeredModel, "load_layer", spy)

@@ -223,7 +223,8 @@ def _check_memory(args, quantize: QuantizeSettings | None, rotate=None) -> None:
     seq_len = q.seq_len or 2048
     check_memory("orthoopt quantize", source, lambda ck: quantize_estimate(
         ck, dtype, "gptq" if q.uses_calibration else "rtn", q.nsamples, min(seq_len, ck.max_position or seq_len),
-        streamed=args.streamed, packed=q.format != "orthoopt"), args.force, disk=lambda ck: _disk(ck, dtype, rotate, args.streamed), out=args.out)
+        streamed=args.streamed, packed=q.format != "orthoopt"), args.force,
+        disk=lambda ck: _disk(ck, dtype, rotate, args.streamed), out=args.out)
     if q.uses_calibration or args.eval_text or (rotate is not None and rotate.entry.needs_calibration):
         from orthoopt.utils.cpu import bf16_note
 

@@ -8,8 +8,8 @@ same grid mapping as :func:`orthoopt.export.compressed_tensors.save_compressed_t
 with compressed-tensors' own compressor, checks that every packed weight dequantizes to orthoopt's
 fake-quantized weight, writes the layer as its own shard and frees it. The embedding, final norm and
 lm_head form shard 0 (full precision, as in the whole-model export), written and freed first.
-``config.json``'s ``quantization_config`` is the one compressed-tensors derives from the model with the schemes
-attached, as in the whole-model export; the tensors and the config are the whole-model export's
+``config.json``'s ``quantization_config`` is the one compressed-tensors derives from the model with
+the schemes attached, as in the whole-model export; the tensors and the config are the whole-model export's
 (``tests/test_ct_layered.py``), only the file layout differs (numbered shards and an index).
 
 With R4 (``--online-hadamard``) the ``transform_config`` and the one ``R4_input`` matrix the layers
@@ -42,6 +42,7 @@ from orthoopt.export.compressed_tensors import (
 )
 from orthoopt.models.onload import LayeredModel
 from orthoopt.models.shards import ShardedWriter
+from orthoopt.quant.layered import write_nonlayer
 from orthoopt.quant.model import QUANT_JSON, QuantResult
 from orthoopt.utils.atomic import atomic_dir
 
@@ -149,8 +150,7 @@ def save_compressed_tensors_layered(layered: LayeredModel, tokenizer, out_dir: s
         r4 = stored_r4(model, (settings.get("online_hadamard") or {})["size"], ct["transform"], layered.dtype)
     with atomic_dir(out_dir) as tmp:
         writer = ShardedWriter(tmp, len(layered) + 1)
-        writer.write(0, layered.nonlayer_state())  # written as read and freed: not resident beside the layers
-        layered.release_nonlayer()
+        write_nonlayer(layered, writer)
         for i in range(len(layered)):
             state = _layer_state(layered, i, result, with_act, fmt, ct, progress)
             if r4 is not None and i == 0:

@@ -73,6 +73,12 @@ class Checkpoint:
     embed_width: int = 0  # the embedding's columns as stored (the hidden size the weights have)
     stored_layers: int = 0  # decoder layers with weights in the files
 
+    @property
+    def nonlayer_numel(self) -> int:
+        """The elements outside the decoder layers (embedding, final norm, lm_head), with every layer
+        counted at the largest layer's size."""
+        return self.numel - self.layer_numel * self.num_layers
+
     @classmethod
     def read(cls, folder: str | os.PathLike) -> "Checkpoint":
         folder = Path(folder)
@@ -138,7 +144,7 @@ def rotate_estimate(ck: Checkpoint, dtype: torch.dtype, streamed: bool, learned:
         if calib_tokens:
             # the model's non-layer weights (a rotated embedding beside the read one), one layer loaded
             # and fused, the windows' hidden states and one layer's activations
-            stats = ((ck.numel - ck.layer_numel * ck.num_layers) * b + big * b + ck.layer_numel * b * 3
+            stats = (ck.nonlayer_numel * b + big * b + ck.layer_numel * b * 3
                      + calib_tokens * (ck.hidden * 4 * 6 + ck.intermediate * 4 * 3))
             if statistics == "hessians":
                 widest = max(ck.hidden, ck.intermediate) ** 2 * 8
@@ -191,7 +197,7 @@ def quantize_estimate(ck: Checkpoint, dtype: torch.dtype, method: str, nsamples:
         # the non-layer weights are written as shard 0 and freed before the first layer is read; a
         # shard's write may hold a serialized copy (shard_write_copies)
         copies = shard_write_copies()
-        nonlayer = ck.numel - ck.layer_numel * ck.num_layers
+        nonlayer = ck.nonlayer_numel
         work = max(phases, key=phases.get)
         est = Estimate(_phases({"runtime": RUNTIME}, {
             "non-layer weights (read, written, freed)": nonlayer * b * (1 + copies),
@@ -201,10 +207,11 @@ def quantize_estimate(ck: Checkpoint, dtype: torch.dtype, method: str, nsamples:
         phases.update({"load": int(LOAD_FACTOR * ck.stored_bytes), "save": int(SAVE_FACTOR * ck.numel * b)})
         est = Estimate(_phases({"runtime": RUNTIME, "model": ck.numel * b}, phases),
                        f"holds the whole {_name(dtype)} model")
-        est.alternatives.append(("--streamed", quantize_estimate(ck, dtype, method, nsamples, seq_len, True, packed).total))
+        est.alternatives.append(("--streamed",
+                                 quantize_estimate(ck, dtype, method, nsamples, seq_len, True, packed).total))
     if b > 2:
-        est.alternatives.append(("--dtype bfloat16",
-                                 quantize_estimate(ck, torch.bfloat16, method, nsamples, seq_len, streamed, packed).total))
+        smaller = quantize_estimate(ck, torch.bfloat16, method, nsamples, seq_len, streamed, packed)
+        est.alternatives.append(("--dtype bfloat16", smaller.total))
     if method == "gptq" and nsamples > 8:
         est.alternatives.append((f"--nsamples {nsamples // 4}",
                                  quantize_estimate(ck, dtype, method, nsamples // 4, seq_len, streamed, packed).total))
@@ -219,7 +226,7 @@ def eval_estimate(ck: Checkpoint, dtype: torch.dtype, seq_len: int, batch_size: 
     b = _itemsize(dtype)
     batch = batch_size * seq_len * (ck.vocab * 4 * 3 + ck.intermediate * 4 * 4)
     if streamed_tokens is not None:
-        nonlayer = ck.numel - ck.layer_numel * ck.num_layers
+        nonlayer = ck.nonlayer_numel
         est = Estimate(_phases({"runtime": RUNTIME, "non-layer weights": nonlayer * b,
                                 "hidden states": streamed_tokens * ck.hidden * b}, {
             "layer": ck.layer_numel * b * 2 + batch_size * seq_len * ck.intermediate * 4 * 4,

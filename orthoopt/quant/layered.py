@@ -26,6 +26,13 @@ from orthoopt.quant.model import QUANT_JSON, QuantResult, quantize_model
 from orthoopt.utils.atomic import atomic_dir
 
 
+def write_nonlayer(layered: LayeredModel, writer: ShardedWriter) -> None:
+    """Write ``layered``'s weights outside the decoder layers as shard 0, as read, and free them (a
+    layer-by-layer writer calls it before its first layer, so they are not resident beside the layers)."""
+    writer.write(0, layered.nonlayer_state())
+    layered.release_nonlayer()
+
+
 class _ShardPerLayer:
     """``quantize_model``'s ``onload``: read a layer before it is quantized, write and free it after.
 
@@ -38,8 +45,7 @@ class _ShardPerLayer:
         self.nonlayer_written = False
 
     def write_nonlayer(self) -> None:
-        self.writer.write(0, self.layered.nonlayer_state())
-        self.layered.release_nonlayer()
+        write_nonlayer(self.layered, self.writer)
         self.nonlayer_written = True
 
     def load_layer(self, i: int) -> None:
