@@ -9,9 +9,10 @@ Each command is split into phases whose work is a function of the Llama shape an
 elements quantized, GPTQ's per-linear solve. A phase's time is its work divided by a **rate** of this
 machine, and the rates are measured here by microbenchmarks of the kernels the commands run
 (:func:`measure_rates`: float64 / float32 matmuls and a bfloat16 ``nn.Linear`` at the commands' shapes, a safetensors
-read and write of 256 MiB, ``quantize_rtn`` of a 4096 x 4096 bf16 weight, ``gptq_quantize`` at three
-sizes fitted to ``a r c^2 + b r c + g c``, the float64 write-back ``rotate_rows`` at two widths fitted
-to ``a 2 r h^2 + b r h``, the fast write-back of a random Hadamard R1 per element at each hidden size
+read and write of 256 MiB, ``quantize_rtn`` of a 4096 x 4096 bf16 weight, GPTQ's Hessian factorization
+at each input width of :data:`GPTQ_WIDTHS` (per ``c^3``), its lazy block updates (per ``r c^2``) and its
+column loop (``gptq_quantize`` at three sizes less those two, fitted to ``b r c + g c``), the float64
+write-back ``rotate_rows`` at two widths fitted to ``a 2 r h^2 + b r h``, the fast write-back of a random Hadamard R1 per element at each hidden size
 of :data:`FAST_HIDDEN`) plus each command's fixed cost, its wall time on ``model_size``'s tiny shape.
 Nothing is fitted to the commands' timings at size, so ``--measured`` (records of ``benchmarks/model_size.py --json``) is a check:
 predicted vs measured wall time per command and shape.
@@ -48,6 +49,9 @@ MODELLED = ("quantize-rtn-streamed", "quantize-gptq-streamed", "eval-streamed", 
             "rotate-optrot-streamed")
 # hidden sizes at which the fast Hadamard write-back is timed: the measured and the projected shapes
 FAST_HIDDEN = (2048, 3072, 4096, 8192)
+# input widths at which GPTQ's Hessian factorization is timed: the hidden and MLP sizes of the measured
+# shapes (8192 is also 70B's hidden size); 70B's 28672 (about 4 minutes, 3 GB a matrix) takes 14336's rate
+GPTQ_WIDTHS = (2048, 3072, 4096, 8192, 14336)
 PROJECTED = {
     "8b": SHAPES["8b"],
     # meta-llama/Meta-Llama-3-70B: hidden 8192, 80 layers, 64 heads, 8 kv heads, MLP 28672, vocab 128256, untied
@@ -65,9 +69,9 @@ class Rates:
     read: float
     write: float
     rtn: float
-    gptq_rc2: float  # seconds per r c^2 of one gptq_quantize of an [r, c] weight
-    gptq_rc: float   # seconds per r c (the per-column updates)
-    gptq_c: float    # seconds per column (the per-column launch / interpreter cost)
+    gptq_rc2: float  # seconds per r c^2 FLOPs of GPTQ's lazy block updates (Err1 @ U[block, rest]), float32
+    gptq_rc: float   # seconds per r c of GPTQ's column loop (the per-column updates inside a block)
+    gptq_c: float    # seconds per column of that loop (the per-column launch / interpreter cost)
     rot_rh2: float   # seconds per 2 r h^2 of the float64 write-back W @ R of an [r, h] bf16 weight
     rot_rh: float    # seconds per r h (its casts to float64 and back)
     fixed: dict      # seconds of each command on a tiny model (start-up, skeleton, files, checks)
@@ -80,6 +84,11 @@ class Rates:
     # seconds per element of the norm fusion (orthoopt.adapters.fusion.fold_scale: W * w in float64, cast
     # back) of a bf16 reader weight; None (an older rates file): not counted
     fold: float | None = None
+    # seconds per c^3 of GPTQ's factorization of a [c, c] Hessian (Cholesky, cholesky_inverse, Cholesky of
+    # the inverse: orthoopt.quant.gptq) at each input width {str(c): s}; a width not measured takes the
+    # nearest measured one below it; None (a rates file from before): not counted apart (older files
+    # fitted it into gptq_rc2)
+    gptq_factor: dict | None = None
 
 
 def _hadamard_passes(h: int) -> int:
@@ -94,11 +103,13 @@ def _hadamard_passes(h: int) -> int:
 # FP32 67, BF16 989 TFLOP/s), layers arriving over PCIe at 20 GB/s from page-cached files, and
 # GPTQ's per-column step costing ~12 kernel launches (~0.1 ms per column).
 H100 = Rates(f64=33e12, f32=33e12, bf16=400e12, read=20e9, write=5e9, rtn=50e9,
-             gptq_rc2=2 / 33e12, gptq_rc=2 / 1.5e12, gptq_c=1e-4, rot_rh2=1 / 33e12, rot_rh=20 / 1.5e12,
+             gptq_rc2=1 / 33e12, gptq_rc=2 / 1.5e12, gptq_c=1e-4, rot_rh2=1 / 33e12, rot_rh=20 / 1.5e12,
              fixed={}, note="assumed: 50% of H100 SXM peak FP64/FP32, 40% of BF16, PCIe 20 GB/s in, 5 GB/s out, "
                             "0.1 ms per GPTQ column, 10 s fixed per command, 1.5 TB/s for the fast Hadamard write-back "
-                            "(16 B per element per pass: factors + 2) and the norm fusion (4 B per element)",
-             rot_fast={str(h): _hadamard_passes(h) * 16 / 1.5e12 for h in FAST_HIDDEN}, fold=4 / 1.5e12)
+                            "(16 B per element per pass: factors + 2) and the norm fusion (4 B per element), GPTQ's Hessian "
+                            "factorization (4/3 c^3 FLOPs) at 10 TFLOP/s",
+             rot_fast={str(h): _hadamard_passes(h) * 16 / 1.5e12 for h in FAST_HIDDEN}, fold=4 / 1.5e12,
+             gptq_factor={str(c): (4 / 3) / 10e12 for c in GPTQ_WIDTHS})
 FIXED_DEFAULT = 10.0
 
 
@@ -147,14 +158,18 @@ def measure_rates() -> Rates:
     spec = QuantSpec(bits=4)
     x = torch.randn(4096, 4096, generator=g).to(torch.bfloat16)
     rtn = x.numel() / best_time(lambda: quantize_rtn(x, spec))
+    # GPTQ, in its three parts: the factorization of each [c, c] Hessian at the widths the shapes have
+    # (its time per c^3 grows with c: 36 G c^3/s at 2048, 93 G at 14336 on this machine), the lazy block
+    # updates (r c^2 FLOPs, at the rate of their own product), and the column loop (r c and c), fitted on
+    # whole solves less the other two parts
+    factor = {str(c): _time_factor(_spd(c, g)) / c ** 3 for c in GPTQ_WIDTHS}
+    gptq_lazy = _time_lazy(4096, 4096, g)
     samples = []
-    for r, c in ((1024, 2048), (4096, 2048), (2048, 8192)):
-        W = torch.randn(r, c, generator=g)
-        X = torch.randn(2 * c, c, generator=g)
-        H = X.T @ X / X.shape[0]
-        del X
-        samples.append((r, c, best_time(lambda: gptq_quantize(W, H, spec), repeats=1)))
-    gptq = _fit([[r * c * c, r * c, c] for r, c, _ in samples], [t for *_, t in samples])
+    for r, c in ((8192, 2048), (4096, 4096), (1024, 8192)):
+        W, H = torch.randn(r, c, generator=g), _spd(c, g)
+        t = best_time(lambda: gptq_quantize(W, H, spec), repeats=1, warmup=0)
+        samples.append((r, c, t - factor[str(c)] * c ** 3 - gptq_lazy * r * c * c))
+    gptq_loop = _fit([[r * c, c] for r, c, _ in samples], [t for *_, t in samples])
     from orthoopt.streaming.layer_rotation import rotate_rows
 
     rot = []
@@ -178,17 +193,60 @@ def measure_rates() -> Rates:
                                op.left_t(writer, torch.float64).to(torch.bfloat16)), repeats=2)
         fast[str(h)] = t / (2 * r * h)
     return Rates(f64=gemm[torch.float64], f32=gemm[torch.float32], bf16=gemm[torch.bfloat16], read=read,
-                 write=write, rtn=rtn, gptq_rc2=gptq[0], gptq_rc=gptq[1], gptq_c=gptq[2], rot_rh2=rot_coef[0],
-                 rot_rh=rot_coef[1], fixed=fixed_costs(), note=f"measured here, {torch.get_num_threads()} torch threads",
-                 rot_fast=fast, fold=fold)
+                 write=write, rtn=rtn, gptq_rc2=gptq_lazy, gptq_rc=gptq_loop[0], gptq_c=gptq_loop[1],
+                 rot_rh2=rot_coef[0], rot_rh=rot_coef[1], fixed=fixed_costs(), note=f"measured here, {torch.get_num_threads()} torch threads",
+                 rot_fast=fast, fold=fold, gptq_factor=factor)
+
+
+def _spd(c: int, g):
+    """A symmetric positive definite ``[c, c]`` float32 matrix, cheaply (diagonally dominant: the Cholesky
+    kernels' time does not depend on the values)."""
+    import torch
+
+    a = torch.rand(c, c, generator=g)
+    a = a + a.T
+    a.diagonal().add_(2 * c)
+    return a
+
+
+def _time_factor(H) -> float:
+    """Seconds of GPTQ's factorization of ``H``, the calls of :func:`orthoopt.quant.gptq.gptq_quantize`:
+    ``L``, ``H^-1``, the upper Cholesky factor of ``H^-1``."""
+    import torch
+
+    from orthoopt.quant.gptq import _cholesky
+
+    def factor():
+        L = _cholesky(H)
+        H_inv = torch.cholesky_inverse(L)
+        del L
+        _cholesky(H_inv, upper=True)
+
+    return best_time(factor, repeats=1, warmup=0)
+
+
+def _time_lazy(r: int, c: int, g, block: int = 128) -> float:
+    """Seconds per ``r c^2`` of GPTQ's lazy block updates of an ``[r, c]`` weight, its own in-place product
+    per block of ``block`` columns (``2 r block (c - i2)`` FLOPs each: about ``r c^2`` in all)."""
+    import torch
+
+    W, E, U = torch.randn(r, c, generator=g), torch.randn(r, block, generator=g), torch.randn(c, c, generator=g)
+
+    def lazy():
+        for i1 in range(0, c, block):
+            W[:, i1 + block:].addmm_(E, U[i1:i1 + block, i1 + block:], alpha=-1)
+
+    return best_time(lazy, repeats=2) / (r * c * c)
 
 
 def _fit(rows, times) -> list[float]:
-    """Non-negative coefficients of ``times ~ rows @ coef`` (as many samples as coefficients: solved)."""
+    """Coefficients of ``times ~ rows @ coef``, least squares in relative error (each sample's row and time
+    divided by its time), clamped at 0; as many samples as coefficients: solved."""
     import torch
 
     A, t = torch.tensor(rows, dtype=torch.float64), torch.tensor(times, dtype=torch.float64)
-    return [float(v) for v in torch.linalg.solve(A, t).clamp(min=0)]
+    w = 1 / t.abs().clamp(min=1e-9)
+    return [float(v) for v in torch.linalg.lstsq(A * w[:, None], (t * w)[:, None]).solution.squeeze(1).clamp(min=0)]
 
 
 def fixed_costs() -> dict:
@@ -223,8 +281,21 @@ def counts(s: Shape) -> dict[str, int]:
 
 
 def _gptq_seconds(s: Shape, r: Rates) -> float:
-    return s.num_hidden_layers * sum(r.gptq_rc2 * m * c * c + r.gptq_rc * m * c + r.gptq_c * c
-                                     for _, m, c in linears(s))
+    """GPTQ's solves, one per linear of every layer: the factorization of its ``[c, c]`` Hessian, the lazy
+    block updates and the column loop of an ``[m, c]`` weight."""
+    return s.num_hidden_layers * sum(_factor_seconds(c, r) + r.gptq_rc2 * m * c * c + r.gptq_rc * m * c
+                                     + r.gptq_c * c for _, m, c in linears(s))
+
+
+def _factor_seconds(c: int, r: Rates) -> float:
+    """The factorization of a ``[c, c]`` Hessian: ``c^3`` times the seconds per ``c^3`` measured at ``c``, or
+    at the nearest measured width below it (the smallest measured when none is below; 0 without
+    measurements)."""
+    if not r.gptq_factor:
+        return 0.0
+    widths = sorted(int(k) for k in r.gptq_factor)
+    below = [w for w in widths if w <= c]
+    return r.gptq_factor[str(below[-1] if below else widths[0])] * c ** 3
 
 
 def _rotate_seconds(s: Shape, r: Rates) -> float:
@@ -314,6 +385,12 @@ def pipeline(s: Shape, rates: Rates, windows: int, seq_len: int, steps: int, eva
             "GPTQ: solve": gptq["GPTQ solve"], "eval": ev["layers"] + ev["lm_head"] + ev["read"]}
 
 
+def _per_c3(r: Rates) -> str:
+    if not r.gptq_factor:
+        return "(not apart)"
+    return ", ".join(f"{1 / v / 1e9:.0f} G c^3/s at {c}" for c, v in r.gptq_factor.items())
+
+
 def _fmt(sec: float) -> str:
     return f"{sec:.0f} s" if sec < 600 else f"{sec / 60:.0f} min" if sec < 36000 else f"{sec / 3600:.1f} h"
 
@@ -337,7 +414,8 @@ def main(argv=None) -> int:
     rates = Rates(**json.loads(Path(args.rates).read_text())["rates"]) if args.rates else measure_rates()
     print(f"rates ({rates.note}): float64 {rates.f64 / 1e9:.1f}, float32 {rates.f32 / 1e9:.1f}, bf16 "
           f"{rates.bf16 / 1e9:.1f} GFLOP/s; read {rates.read / 1e9:.2f}, write {rates.write / 1e9:.2f} GB/s; RTN "
-          f"{rates.rtn / 1e6:.0f} M elements/s; GPTQ {rates.gptq_rc2:.3g} s/(r c^2) + {rates.gptq_rc:.3g} s/(r c) + "
+          f"{rates.rtn / 1e6:.0f} M elements/s; GPTQ factorization {_per_c3(rates)} + {rates.gptq_rc2:.3g} s/(r c^2) + "
+          f"{rates.gptq_rc:.3g} s/(r c) + "
           f"{rates.gptq_c:.3g} s/column; write-back {rates.rot_rh2:.3g} s/(2 r h^2) + {rates.rot_rh:.3g} s/(r h); "
           f"fixed s per command {rates.fixed}")
     by_name = {s.name: s for s in [*SHAPES.values(), *PROJECTED.values()]}

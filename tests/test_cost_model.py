@@ -53,6 +53,31 @@ def test_phases_are_work_over_rate():
         cost_model.phases(s, "rotate", UNIT)
 
 
+def test_gptq_factorization_is_c_cubed_at_the_nearest_measured_width_below():
+    """Each linear's Hessian factorization costs ``c^3`` times the seconds per ``c^3`` measured at its input
+    width ``c``, or at the nearest measured width below it (8B: q/k/v/o/gate/up read 4096 columns, down
+    14336); below every measured width, the smallest's."""
+    s = cost_model.SHAPES["8b"]
+    L, h, i = s.num_hidden_layers, s.hidden_size, s.intermediate_size
+    base = cost_model.phases(s, "quantize-gptq-streamed", UNIT)["GPTQ solve"]
+
+    def solve(factor):
+        return cost_model.phases(s, "quantize-gptq-streamed", cost_model.Rates(**{**UNIT.__dict__, "gptq_factor": factor}))["GPTQ solve"]
+
+    assert solve({"4096": 1.0}) - base == L * (6 * h ** 3 + i ** 3)
+    assert solve({"4096": 1.0, "8192": 2.0}) - base == L * (6 * h ** 3 + 2 * i ** 3)
+    assert solve({"14336": 3.0}) - base == L * 3 * (6 * h ** 3 + i ** 3)  # none below 4096: the smallest's
+
+
+def test_the_fit_is_least_squares_in_relative_error():
+    """Consistent samples give their coefficients back, over- or exactly determined; a negative one is 0."""
+    rows = [[1.0, 2.0], [3.0, 1.0], [2.0, 5.0]]
+    times = [2 * a + 0.5 * b for a, b in rows]
+    assert cost_model._fit(rows, times) == pytest.approx([2.0, 0.5], rel=1e-12)
+    assert cost_model._fit(rows[:2], times[:2]) == pytest.approx([2.0, 0.5], rel=1e-12)
+    assert cost_model._fit([[1.0, 1.0], [1.0, 2.0]], [2.0, 1.0])[1] == 0.0  # solved: [3, -1], clamped
+
+
 @pytest.mark.parametrize("key", ["1b", "3b", "8b"])
 def test_the_hadamard_write_back_is_its_measured_time_per_element(key):
     """With the fast write-back's rate at the shape's hidden size the hadamard R1 products are that many
