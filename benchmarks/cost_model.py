@@ -12,8 +12,8 @@ machine, and the rates are measured here by microbenchmarks of the kernels the c
 read and write of 256 MiB, ``quantize_rtn`` of a 4096 x 4096 bf16 weight, GPTQ's Hessian factorization
 at each input width of :data:`GPTQ_WIDTHS` (per ``c^3``), its lazy block updates (per ``r c^2``) and its
 column loop (``gptq_quantize`` at three sizes less those two, fitted to ``b r c + g c``), the float64
-write-back ``rotate_rows`` at two widths fitted to ``a 2 r h^2 + b r h``, the fast write-back of a random Hadamard R1 per element at each hidden size
-of :data:`FAST_HIDDEN`) plus each command's fixed cost, its wall time on ``model_size``'s tiny shape.
+write-back ``rotate_rows`` at two widths fitted to ``a 2 r h^2 + b r h``, the fast write-back of a random
+Hadamard R1 per element at each hidden size of :data:`FAST_HIDDEN`) plus each command's fixed cost, its wall time on ``model_size``'s tiny shape.
 Nothing is fitted to the commands' timings at size, so ``--measured`` (records of ``benchmarks/model_size.py --json``) is a check:
 predicted vs measured wall time per command and shape.
 
@@ -194,7 +194,8 @@ def measure_rates() -> Rates:
         fast[str(h)] = t / (2 * r * h)
     return Rates(f64=gemm[torch.float64], f32=gemm[torch.float32], bf16=gemm[torch.bfloat16], read=read,
                  write=write, rtn=rtn, gptq_rc2=gptq_lazy, gptq_rc=gptq_loop[0], gptq_c=gptq_loop[1],
-                 rot_rh2=rot_coef[0], rot_rh=rot_coef[1], fixed=fixed_costs(), note=f"measured here, {torch.get_num_threads()} torch threads",
+                 rot_rh2=rot_coef[0], rot_rh=rot_coef[1], fixed=fixed_costs(),
+                 note=f"measured here, {torch.get_num_threads()} torch threads",
                  rot_fast=fast, fold=fold, gptq_factor=factor)
 
 
