@@ -24,6 +24,12 @@ GPU (the assumed rates of :data:`H100`, stated in the output). The OptRot phase 
 measured at these sizes: one loss-and-gradient evaluation of the fused fourth-power objective forms
 ``W R`` for every weight that touches the residual stream and its gradient ``W^T G``: ``4 h P``
 FLOPs in float32 (``h`` hidden size, ``P`` those weights' count).
+
+Reads: the share of the checkpoint in the page cache (``model_size``'s ``resident`` record; 1 without
+one) is read at the cached rate, the rest at the rate of an evicted file (``--disk-read`` sets it: a
+virtual machine's host cache can serve an evicted file faster than its disk). In the projections a
+checkpoint that fits the page cache (the machine's memory less 4 GiB) is read from it; one that does
+not (70B on this 24 GiB machine) is read from disk on every pass, OptRot's R1 evaluations included.
 """
 
 from __future__ import annotations
@@ -89,6 +95,13 @@ class Rates:
     # nearest measured one below it; None (a rates file from before): not counted apart (older files
     # fitted it into gptq_rc2)
     gptq_factor: dict | None = None
+    # bytes/s of a read the page cache does not hold (a file evicted first, benchmarks/_pagecache.py); None
+    # (an older rates file): every read at ``read``. Under a virtual machine the host's cache can serve
+    # an evicted file, so this can exceed the disk's rate (--disk-read sets it)
+    disk: float | None = None
+    # bytes of page cache a command's checkpoint may take (the machine's memory less 4 GiB for the
+    # command itself): a checkpoint larger than this is read from disk on every pass; None: no limit
+    cache_bytes: float | None = None
 
 
 def _hadamard_passes(h: int) -> int:
@@ -107,9 +120,10 @@ H100 = Rates(f64=33e12, f32=33e12, bf16=400e12, read=20e9, write=5e9, rtn=50e9,
              fixed={}, note="assumed: 50% of H100 SXM peak FP64/FP32, 40% of BF16, PCIe 20 GB/s in, 5 GB/s out, "
                             "0.1 ms per GPTQ column, 10 s fixed per command, 1.5 TB/s for the fast Hadamard write-back "
                             "(16 B per element per pass: factors + 2) and the norm fusion (4 B per element), GPTQ's Hessian "
-                            "factorization (4/3 c^3 FLOPs) at 10 TFLOP/s",
+                            "factorization (4/3 c^3 FLOPs) at 10 TFLOP/s; the host of the lent H100 "
+                            "machine: 128 GiB (124 for the page cache), an NVMe disk read at 2 GB/s",
              rot_fast={str(h): _hadamard_passes(h) * 16 / 1.5e12 for h in FAST_HIDDEN}, fold=4 / 1.5e12,
-             gptq_factor={str(c): (4 / 3) / 10e12 for c in GPTQ_WIDTHS})
+             gptq_factor={str(c): (4 / 3) / 10e12 for c in GPTQ_WIDTHS}, disk=2e9, cache_bytes=124 * 2 ** 30)
 FIXED_DEFAULT = 10.0
 
 
@@ -155,11 +169,19 @@ def measure_rates() -> Rates:
         (Path(d) / "config.json").write_text("{}")
         ck = SafetensorsCheckpoint(d)
         read = w.numel() * 2 / best_time(lambda: ck.read(["w"], torch.bfloat16)["w"].clone(), repeats=2)
+        import _pagecache
+
+        def evicted():
+            _pagecache.evict([path])
+            return ck.read(["w"], torch.bfloat16)["w"].clone()
+
+        # evicting is inside the timed call: an fadvise of a synced file, microseconds
+        disk = w.numel() * 2 / best_time(evicted, repeats=2)
     spec = QuantSpec(bits=4)
     x = torch.randn(4096, 4096, generator=g).to(torch.bfloat16)
     rtn = x.numel() / best_time(lambda: quantize_rtn(x, spec))
     # GPTQ, in its three parts: the factorization of each [c, c] Hessian at the widths the shapes have
-    # (its time per c^3 grows with c: 36 G c^3/s at 2048, 93 G at 14336 on this machine), the lazy block
+    # (its time per c^3 grows with c: 33 G c^3/s at 2048, 92 G at 14336 on this machine), the lazy block
     # updates (r c^2 FLOPs, at the rate of their own product), and the column loop (r c and c), fitted on
     # whole solves less the other two parts
     factor = {str(c): _time_factor(_spd(c, g)) / c ** 3 for c in GPTQ_WIDTHS}
@@ -196,7 +218,18 @@ def measure_rates() -> Rates:
                  write=write, rtn=rtn, gptq_rc2=gptq_lazy, gptq_rc=gptq_loop[0], gptq_c=gptq_loop[1],
                  rot_rh2=rot_coef[0], rot_rh=rot_coef[1], fixed=fixed_costs(),
                  note=f"measured here, {torch.get_num_threads()} torch threads",
-                 rot_fast=fast, fold=fold, gptq_factor=factor)
+                 rot_fast=fast, fold=fold, gptq_factor=factor, disk=disk, cache_bytes=_cache_bytes())
+
+
+def _cache_bytes() -> float | None:
+    """This machine's memory (``MemTotal``) less 4 GiB: the page cache a command's checkpoint may take."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024 - 4 * 2 ** 30
+    except OSError:
+        pass
+    return None
 
 
 def _spd(c: int, g):
@@ -211,19 +244,12 @@ def _spd(c: int, g):
 
 
 def _time_factor(H) -> float:
-    """Seconds of GPTQ's factorization of ``H``, the calls of :func:`orthoopt.quant.gptq.gptq_quantize`:
-    ``L``, ``H^-1``, the upper Cholesky factor of ``H^-1``."""
-    import torch
+    """Seconds of GPTQ's factorization of ``H`` (``orthoopt.quant.gptq._inverse_factor``, the call
+    :func:`orthoopt.quant.gptq.gptq_quantize` makes: ``L``, ``H^-1``, the upper Cholesky factor of
+    ``H^-1``); it consumes ``H``, so each timed call factors a fresh copy (``c^2`` to copy, against ``c^3``)."""
+    from orthoopt.quant.gptq import _inverse_factor
 
-    from orthoopt.quant.gptq import _cholesky
-
-    def factor():
-        L = _cholesky(H)
-        H_inv = torch.cholesky_inverse(L)
-        del L
-        _cholesky(H_inv, upper=True)
-
-    return best_time(factor, repeats=1, warmup=0)
+    return best_time(lambda: _inverse_factor(H.clone()), repeats=1, warmup=0)
 
 
 def _time_lazy(r: int, c: int, g, block: int = 128) -> float:
@@ -325,12 +351,29 @@ def _hadamard_rotate_seconds(s: Shape, r: Rates) -> float:
     return (n["layers"] + n["heads"]) * per_element
 
 
+def _read_seconds(nbytes: float, rates: Rates, cached: float) -> float:
+    """Reading ``nbytes`` of which the share ``cached`` is in the page cache, the rest on disk."""
+    disk = rates.disk or rates.read
+    return nbytes * (cached / rates.read + (1 - cached) / disk)
+
+
+def fits_cache(s: Shape, rates: Rates) -> bool:
+    """Whether the bf16 checkpoint of ``s`` fits in the page cache ``rates.cache_bytes`` leaves it."""
+    return rates.cache_bytes is None or 2 * counts(s)["total"] <= rates.cache_bytes
+
+
 def phases(s: Shape, command: str, rates: Rates, windows: int = 4, seq_len: int = 256,
-           steps: int = 150, evaluations: dict | None = None) -> dict[str, float]:
+           steps: int = 150, evaluations: dict | None = None, cached: float = 1.0) -> dict[str, float]:
     """Seconds per phase of ``command`` (a ``model_size`` command name, or ``optrot``) on ``rates``;
     OptRot makes ``steps`` loss-and-gradient evaluations for R1 and for each layer's R2, or those
-    ``evaluations`` (``{"R1": n, "R2": all layers' n}``, from a run's report) when given."""
+    ``evaluations`` (``{"R1": n, "R2": all layers' n}``, from a run's report) when given.
+
+    ``cached`` is the share of the checkpoint in the page cache as the command starts (``model_size``'s
+    record of it); its first read takes the rest from disk (``rates.disk``). A second read of the same
+    bytes (OptRot's passes, the embedding read again) finds them cached when the checkpoint fits the
+    page cache (:func:`fits_cache`), else reads the disk again."""
     n = counts(s)
+    again = 1.0 if fits_cache(s, rates) else 0.0
     h, L = s.hidden_size, s.num_hidden_layers
     disk = 2 * n["total"]  # bf16 bytes
     tokens = windows * seq_len
@@ -342,19 +385,19 @@ def phases(s: Shape, command: str, rates: Rates, windows: int = 4, seq_len: int 
     out: dict[str, float] = {"fixed": rates.fixed.get("rotate-streamed" if command == "optrot" else command,
                                                         FIXED_DEFAULT)}
     if command == "quantize-rtn-streamed":
-        out |= {"read": disk / rates.read, "RTN": n["layers"] / rates.rtn, "write": disk / rates.write,
-                "reload embedding": 2 * n["heads"] / rates.read}
+        out |= {"read": _read_seconds(disk, rates, cached), "RTN": n["layers"] / rates.rtn, "write": disk / rates.write,
+                "reload embedding": _read_seconds(2 * n["heads"], rates, again)}
     elif command == "quantize-gptq-streamed":
         hessians = 2 * tokens * L * (3 * h * h + s.intermediate_size ** 2)  # X^T X of the four inputs, float32
-        out |= {"read": disk / rates.read, "calibration forwards": 2 * forward / rates.bf16,
+        out |= {"read": _read_seconds(disk, rates, cached), "calibration forwards": 2 * forward / rates.bf16,
                 "Hessians": hessians / rates.f32, "GPTQ solve": _gptq_seconds(s, rates),
-                "write": disk / rates.write, "reload embedding": 2 * n["heads"] / rates.read}
+                "write": disk / rates.write, "reload embedding": _read_seconds(2 * n["heads"], rates, again)}
     elif command in ("eval-streamed", "eval-float32-streamed"):  # the layers compute in bf16 or float32
         rate = rates.bf16 if command == "eval-streamed" else rates.f32
-        out |= {"read": disk / rates.read, "layers": forward / rate, "lm_head": 2 * tokens * n["embed"] / rate}
+        out |= {"read": _read_seconds(disk, rates, cached), "layers": forward / rate, "lm_head": 2 * tokens * n["embed"] / rate}
     elif command == "rotate-streamed":  # hadamard: every tensor W R1 (or R1^T W) in float64, by the fast transform
         r2 = 2 * (h // s.num_attention_heads) * 2 * h * h * L  # v rows and o columns per head
-        out |= {"read": disk / rates.read, "fuse norms": _fold_seconds(s, rates),
+        out |= {"read": _read_seconds(disk, rates, cached), "fuse norms": _fold_seconds(s, rates),
                 "R1 products": _hadamard_rotate_seconds(untied, rates),
                 "R2 products": r2 / rates.f64, "write": (disk + 2 * extra) / rates.write}
     elif command in ("optrot", "rotate-optrot-streamed"):
@@ -364,7 +407,7 @@ def phases(s: Shape, command: str, rates: Rates, windows: int = 4, seq_len: int 
         d = h // s.num_attention_heads
         e1 = steps if evaluations is None else evaluations.get("R1", 0)
         e2 = steps * L if evaluations is None else evaluations.get("R2", 0)
-        out |= {"read": 2 * disk / rates.read + e1 * 2 * n["layers"] / rates.read,
+        out |= {"read": _read_seconds(disk, rates, cached) + _read_seconds(disk + e1 * 2 * n["layers"], rates, again),
                 "R1 objective": e1 * 4 * h * n["layers"] / rates.f32,
                 "R2 objective": e2 * 4 * d * 2 * h * h / rates.f32,
                 "fuse norms": _fold_seconds(s, rates), "write-back": _rotate_seconds(untied, rates),
@@ -375,15 +418,24 @@ def phases(s: Shape, command: str, rates: Rates, windows: int = 4, seq_len: int 
 
 
 def pipeline(s: Shape, rates: Rates, windows: int, seq_len: int, steps: int, eval_tokens: int) -> dict[str, float]:
-    """An OptRot + GPTQ W4 run with evaluation, phase by phase (seconds)."""
-    rot = phases(s, "optrot", rates, steps=steps)
-    gptq = phases(s, "quantize-gptq-streamed", rates, windows, seq_len)
-    ev = phases(s, "eval-streamed", rates, eval_tokens // seq_len, seq_len)
+    """An OptRot + GPTQ W4 run with evaluation, phase by phase (seconds). Each command reads its input from
+    the page cache when the checkpoint fits it (:func:`fits_cache`; the rotation's input read once
+    before), else from disk."""
+    cached = 1.0 if fits_cache(s, rates) else 0.0
+    rot = phases(s, "optrot", rates, steps=steps, cached=cached)
+    gptq = phases(s, "quantize-gptq-streamed", rates, windows, seq_len, cached=cached)
+    ev = phases(s, "eval-streamed", rates, eval_tokens // seq_len, seq_len, cached=cached)
     return {"fixed (3 commands)": rot["fixed"] + gptq["fixed"] + ev["fixed"], "rotate: read, fuse, write-back, write": rot["read"] + rot["fuse norms"] + rot["write-back"] + rot["write"],
             "rotate: R1 objective": rot["R1 objective"], "rotate: R2 objective": rot["R2 objective"],
             "GPTQ: read + write": gptq["read"] + gptq["write"] + gptq["reload embedding"],
             "GPTQ: calibration + Hessians": gptq["calibration forwards"] + gptq["Hessians"],
             "GPTQ: solve": gptq["GPTQ solve"], "eval": ev["layers"] + ev["lm_head"] + ev["read"]}
+
+
+def _gbps(v: float | None, unit: str = "GB/s") -> str:
+    if v is None:
+        return "-"
+    return f"{v / 2 ** 30:.0f} GiB" if unit == "GiB" else f"{v / 1e9:.2f} {unit}"
 
 
 def _per_c3(r: Rates) -> str:
@@ -406,6 +458,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write rates, checks and projections here")
     ap.add_argument("--rates", default=None, help="take this machine's rates from an earlier run's --json "
                     "instead of measuring them (checks against --measured then hold only for that machine)")
+    ap.add_argument("--disk-read", type=float, default=None, metavar="GB/s",
+                    help="this machine's read rate for what the page cache does not hold, instead of the measured "
+                         "rate of an evicted file (which a virtual machine's host cache can serve faster than its disk)")
     ap.add_argument("--cpu-compute", choices=("bf16", "float32"), default="bf16",
                     help="dtype the layers' forwards run in on this CPU in the projection: bf16 (the checkpoint's, "
                          "the default) or float32 (--dtype float32; faster where the CPU has no native bf16 kernels)")
@@ -413,8 +468,11 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     rates = Rates(**json.loads(Path(args.rates).read_text())["rates"]) if args.rates else measure_rates()
+    if args.disk_read is not None:
+        rates = replace(rates, disk=args.disk_read * 1e9, note=rates.note + f"; disk read {args.disk_read} GB/s given")
     print(f"rates ({rates.note}): float64 {rates.f64 / 1e9:.1f}, float32 {rates.f32 / 1e9:.1f}, bf16 "
-          f"{rates.bf16 / 1e9:.1f} GFLOP/s; read {rates.read / 1e9:.2f}, write {rates.write / 1e9:.2f} GB/s; RTN "
+          f"{rates.bf16 / 1e9:.1f} GFLOP/s; read {rates.read / 1e9:.2f} (cached), {_gbps(rates.disk)} (evicted), write "
+          f"{rates.write / 1e9:.2f} GB/s; page cache for a checkpoint {_gbps(rates.cache_bytes, 'GiB')}; RTN "
           f"{rates.rtn / 1e6:.0f} M elements/s; GPTQ factorization {_per_c3(rates)} + {rates.gptq_rc2:.3g} s/(r c^2) + "
           f"{rates.gptq_rc:.3g} s/(r c) + "
           f"{rates.gptq_c:.3g} s/column; write-back {rates.rot_rh2:.3g} s/(2 r h^2) + {rates.rot_rh:.3g} s/(r h); "
@@ -423,8 +481,8 @@ def main(argv=None) -> int:
     checks = []
     records = [r for f in args.measured for r in json.loads(Path(f).read_text())]
     if records:
-        print("\n| shape | command | measured s | model s | model / measured | largest phase |")
-        print("|---|---|---:|---:|---:|---|")
+        print("\n| shape | command | cached | measured s | model s | model / measured | largest phase |")
+        print("|---|---|---:|---:|---:|---:|---|")
     for rec in records:
         if rec.get("wall_s") is None or rec["shape"] not in by_name:
             continue
@@ -433,14 +491,16 @@ def main(argv=None) -> int:
         windows = int(argv[argv.index("--nsamples") + 1]) if "--nsamples" in argv else 4
         seq_len = int(argv[argv.index("--seq-len") + 1]) if "--seq-len" in argv else 256
         try:
-            ph = phases(w, rec["command"], rates, windows, seq_len, evaluations=rec.get("evaluations"))
+            ph = phases(w, rec["command"], rates, windows, seq_len, evaluations=rec.get("evaluations"),
+                        cached=1.0 if rec.get("resident") is None else rec["resident"])
         except ValueError:
             continue
         total = sum(ph.values())
         top = max(ph, key=ph.get)
         checks.append({"shape": s.name, "command": rec["command"], "measured_s": rec["wall_s"], "model_s": total,
-                       "phases": ph})
-        print(f"| {s.name} | {rec['command']} | {rec['wall_s']:.1f} | {total:.1f} | {total / rec['wall_s']:.2f} | "
+                       "cached": rec.get("resident"), "phases": ph})
+        cached = "-" if rec.get("resident") is None else f"{rec['resident']:.2f}"
+        print(f"| {s.name} | {rec['command']} | {cached} | {rec['wall_s']:.1f} | {total:.1f} | {total / rec['wall_s']:.2f} | "
               f"{top} ({ph[top]:.1f} s) |")
 
     print(f"\nOptRot ({args.steps} evaluations per phase) + GPTQ W4 ({args.windows} x {args.seq_len} tokens, true "

@@ -49,7 +49,15 @@ compares like for like.
 A command the memory check refuses (``orthoopt`` exits 2 when its estimated peak exceeds the
 available memory, ``docs/performance.md``) is reported as refused with the message; ``--force`` passes
 ``--force`` on. The table prints wall time, peak RSS and peak RSS / checkpoint size per command and
-shape; ``--json PATH`` also writes the records.
+shape, and the share of the checkpoint in the page cache as the command started (``cached``, from
+``mincore``: ``benchmarks/_pagecache.py``); ``--json PATH`` also writes the records.
+
+Before each command ``--page-cache`` sets that share: ``warm`` (the default) reads the checkpoint's
+files once, so a command's reads come from memory as far as it holds them (all three shapes fit in
+this 24 GiB machine's cache, but the cache shrinks again when the machine idles: 15 GB cached after
+the 8B eval, 8 GB ten idle minutes later, 45% of the 8B checkpoint); ``cold`` evicts them; ``as-is`` leaves the cache as the
+last command left it. Without this a command's time depended on what ran before it (the 8B eval: 62.5 s
+cached, 99.5 s evicted).
 """
 
 from __future__ import annotations
@@ -245,6 +253,9 @@ class Record:
     measured_by: str = ""
     message: str = ""
     evaluations: dict | None = None  # rotate: loss-and-gradient evaluations per phase (its report.json)
+    # the fraction of the checkpoint's files in the page cache as the command started (after --page-cache
+    # set it; _pagecache.resident_fraction), None where it cannot be asked or in records from before
+    resident: float | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -359,9 +370,28 @@ def text_file(cache: Path, chars: int) -> Path:
     return path
 
 
+PAGE_CACHE = ("warm", "cold", "as-is")
+
+
+def prepare_cache(ckpt: Path, mode: str) -> float | None:
+    """Set the page cache's share of ``ckpt`` before a command (:data:`PAGE_CACHE`): ``warm`` reads its
+    files once, ``cold`` evicts them, ``as-is`` leaves the cache alone; returns the resident fraction."""
+    import _pagecache
+
+    files = _pagecache.checkpoint_files(ckpt)
+    if mode == "warm":
+        _pagecache.warm(files)
+    elif mode == "cold":
+        _pagecache.evict(files)
+    elif mode != "as-is":
+        raise ValueError(f"page cache mode {mode!r}; one of {', '.join(PAGE_CACHE)}")
+    return _pagecache.resident_fraction(files)
+
+
 def run_shape(shape: Shape, commands, cache: Path, windows: int, seq_len: int, force: bool,
-              use_time: bool | None = None, progress=print) -> list[Record]:
-    """Build (or reuse) the checkpoint of ``shape`` and measure ``commands`` one after the other."""
+              use_time: bool | None = None, progress=print, page_cache: str = "warm") -> list[Record]:
+    """Build (or reuse) the checkpoint of ``shape`` and measure ``commands`` one after the other, each after
+    :func:`prepare_cache` set the page cache's share of the checkpoint (``page_cache``)."""
     ckpt = build_checkpoint(shape, cache)
     check_disk(shape, cache, built=True)
     from orthoopt.models.dtypes import folder_dtype_bytes
@@ -373,9 +403,11 @@ def run_shape(shape: Shape, commands, cache: Path, windows: int, seq_len: int, f
         work = Path(tempfile.mkdtemp(prefix=f"{shape.name}-{command}-", dir=cache))
         try:
             argv = command_argv(command, ckpt, work / "out", text, windows, seq_len, force)
+            resident = prepare_cache(ckpt, page_cache)
             rc, wall, rss, how, stderr = measure(argv, use_time)
             rec = Record(shape.name, command, argv, size, round(wall, 2), rss, rc, how,
-                         "" if rc == 0 else _error_line(stderr), _evaluations(work / "out"))
+                         "" if rc == 0 else _error_line(stderr), _evaluations(work / "out"),
+                         None if resident is None else round(resident, 3))
         finally:
             shutil.rmtree(work, ignore_errors=True)
         records.append(rec)
@@ -404,12 +436,13 @@ def _row(r: Record) -> str:
     else:
         status = f"exit {r.returncode}"
     ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
+    cached = "-" if r.resident is None else f"{r.resident:.2f}"
     return (f"| {r.shape} | {_gb(r.checkpoint_bytes)} | {r.command} | {status} | {r.wall_s if r.wall_s is not None else '-'} "
-            f"| {_gb(r.peak_rss_bytes)} | {ratio} |")
+            f"| {_gb(r.peak_rss_bytes)} | {ratio} | {cached} |")
 
 
-HEADER = ("| shape | checkpoint GB | command | status | wall s | peak RSS GB | RSS / checkpoint |\n"
-          "|---|---:|---|---|---:|---:|---:|")
+HEADER = ("| shape | checkpoint GB | command | status | wall s | peak RSS GB | RSS / checkpoint | cached |\n"
+          "|---|---:|---|---|---:|---:|---:|---:|")
 
 
 def table(records: list[Record]) -> str:
@@ -431,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=str(CACHE), help="where checkpoints are built and outputs written")
     ap.add_argument("--force", action="store_true", help="pass --force on (skip orthoopt's memory check)")
     ap.add_argument("--no-time", action="store_true", help="measure with getrusage instead of /usr/bin/time -v")
+    ap.add_argument("--page-cache", choices=PAGE_CACHE, default="warm",
+                    help="the checkpoint's share of the page cache before each command: warm (read once first, the "
+                         "default: every command finds it cached as far as memory allows), cold (evicted: read from "
+                         "disk, or from a virtual machine's host cache), as-is; the share is recorded ('cached')")
     ap.add_argument("--json", default=None, help="also write the records to this file")
     args = ap.parse_args(argv)
     commands = [c.strip() for c in args.commands.split(",") if c.strip()]
@@ -457,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     records: list[Record] = []
     for n in names:
         records += run_shape(SHAPES[n], commands, cache, windows, seq_len, args.force, use_time,
-                             progress=lambda line: print(line, flush=True))
+                             progress=lambda line: print(line, flush=True), page_cache=args.page_cache)
     if args.json:
         Path(args.json).write_text(json.dumps([{**asdict(r), "ratio": r.ratio} for r in records], indent=1) + "\n")
     return 0 if all(r.returncode in (0, 2) for r in records) else 1

@@ -138,3 +138,37 @@ def test_projections_from_saved_rates_with_float32_layers(tmp_path):
     cpu = {c: next(v for k, v in out[c]["projections"].items() if k.startswith("llama-3-8b / this CPU")) for c in out}
     assert cpu["bf16"]["eval"] > cpu["float32"]["eval"] and cpu["bf16"]["GPTQ: solve"] == cpu["float32"]["GPTQ: solve"]
     assert cpu["bf16"]["rotate: R1 objective"] == cpu["float32"]["rotate: R1 objective"]
+
+
+def test_reads_take_the_uncached_share_at_the_disk_rate():
+    """The first read: the cached share at ``read``, the rest at ``disk``; a read again (OptRot's passes)
+    is cached when the checkpoint fits the page cache, else at ``disk`` too; no disk rate (an older rates
+    file): every read at ``read``."""
+    s = cost_model.SHAPES["1b"]
+    n = cost_model.counts(s)
+    slow_disk = cost_model.Rates(**{**UNIT.__dict__, "disk": 0.25})
+    assert cost_model.phases(s, "eval-streamed", slow_disk, cached=1.0)["read"] == 2 * n["total"]
+    assert cost_model.phases(s, "eval-streamed", slow_disk, cached=0.0)["read"] == 4 * 2 * n["total"]
+    assert cost_model.phases(s, "eval-streamed", slow_disk, cached=0.5)["read"] == 2.5 * 2 * n["total"]
+    assert cost_model.phases(s, "eval-streamed", UNIT, cached=0.0)["read"] == 2 * n["total"]
+    fits = cost_model.phases(s, "rotate-optrot-streamed", slow_disk, evaluations={"R1": 3, "R2": 0}, cached=0.0)
+    again = 2 * n["total"] + 3 * 2 * n["layers"]
+    assert fits["read"] == 4 * 2 * n["total"] + again
+    small = cost_model.Rates(**{**slow_disk.__dict__, "cache_bytes": 2 * n["total"] - 1})
+    assert not cost_model.fits_cache(s, small) and cost_model.fits_cache(s, slow_disk)
+    spill = cost_model.phases(s, "rotate-optrot-streamed", small, evaluations={"R1": 3, "R2": 0}, cached=0.0)
+    assert spill["read"] == 4 * (2 * n["total"] + again)
+
+
+def test_a_checkpoint_larger_than_the_page_cache_is_read_from_disk_in_the_projection():
+    """70B (141 GB of bf16) does not fit a 20 GiB page cache: the whole pipeline reads at the disk rate;
+    8B (16 GB) fits, and is read at the cached rate."""
+    rates = cost_model.Rates(**{**UNIT.__dict__, "disk": 0.5, "cache_bytes": 20 * 2 ** 30})
+    big, small = cost_model.PROJECTED["70b"], cost_model.PROJECTED["8b"]
+    cached = cost_model.Rates(**{**rates.__dict__, "disk": 1.0})
+    assert not cost_model.fits_cache(big, rates) and cost_model.fits_cache(small, rates)
+    for s, factor in ((big, 2.0), (small, 1.0)):
+        ph, ref = cost_model.pipeline(s, rates, 4, 256, 3, 1024), cost_model.pipeline(s, cached, 4, 256, 3, 1024)
+        assert ph["GPTQ: read + write"] - ref["GPTQ: read + write"] == pytest.approx(
+            (factor - 1) * (cost_model.phases(s, "quantize-gptq-streamed", cached)["read"]
+                            + cost_model.phases(s, "quantize-gptq-streamed", cached)["reload embedding"]), rel=1e-12)

@@ -311,3 +311,19 @@ def test_hessian_collection_shares_an_input_once_and_never_runs_the_last_linear(
     want = input_hessians(model, linears, calib)
     for n in linears:
         assert torch.allclose(accs[n].hessian, want[n].hessian, atol=1e-12, rtol=0), n
+
+
+def test_the_inverse_factor_is_the_upper_cholesky_of_the_inverse_and_consumes_h():
+    """``_inverse_factor(H)`` gives ``U`` with ``U^T U = H^-1`` (float64, rtol 1e-10 / atol 1e-12 on a
+    well-conditioned H), upper triangular, and leaves ``H`` empty: its storage is released so that
+    at most two ``[n, n]`` matrices are alive."""
+    from orthoopt.quant.gptq import _inverse_factor
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(40, 24, generator=g, dtype=torch.float64)
+    H0 = A.T @ A + 0.1 * torch.eye(24, dtype=torch.float64)
+    H = H0.clone()
+    U = _inverse_factor(H)
+    assert H.numel() == 0 and H.untyped_storage().nbytes() == 0
+    assert torch.equal(U, torch.triu(U))
+    torch.testing.assert_close(U.T @ U, torch.linalg.inv(H0), rtol=1e-10, atol=1e-12)

@@ -51,6 +51,7 @@ def test_quick_shape_builds_and_is_measured(tmp_path):
     assert rec.returncode == 0 and rec.peak_rss_bytes > 100 << 20 and rec.wall_s > 0, rec
     assert set(rec.evaluations) == {"R1", "R2"} and min(rec.evaluations.values()) >= 2  # from its report.json
     assert rec.measured_by == ("/usr/bin/time -v" if Path(model_size.TIME).is_file() else "getrusage(RUSAGE_CHILDREN)")
+    assert rec.resident in (None, 1.0)  # --page-cache warm (the default): read first, all of it cached
     (rec,) = model_size.run_shape(shape, ["quantize-rtn"], tmp_path, 2, 32, False, use_time=False,
                                   progress=lambda _: None)
     assert rec.returncode == 0 and rec.peak_rss_bytes > 100 << 20 and rec.measured_by.startswith("getrusage")
@@ -111,3 +112,41 @@ def test_device_check_refuses_a_shape_and_a_model_together(capsys):
     with pytest.raises(SystemExit) as stop:
         device_check.main(["--shape", "tiny", "--model", "planted"])
     assert stop.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def _fs_type(path: Path) -> str:
+    """The filesystem type of the mount holding ``path`` (``/proc/mounts``; "" where unknown)."""
+    best, kind = "", ""
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _, mount, fs, *_ = line.split()
+            if str(path.resolve()).startswith(mount) and len(mount) > len(best):
+                best, kind = mount, fs
+    except OSError:
+        pass
+    return kind
+
+
+def test_the_page_cache_share_is_read_warmed_and_evicted(tmp_path):
+    """``warm`` leaves a file all in the page cache (``mincore``); ``evict`` drops it on a disk filesystem
+    (a tmpfs file lives in memory and cannot be dropped); a checkpoint's files are its safetensors."""
+    import _pagecache
+
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(bytes(range(256)) * (16 << 12))  # 4 MiB
+    (tmp_path / "config.json").write_text("{}")
+    assert _pagecache.checkpoint_files(tmp_path) == [f]
+    _pagecache.warm([f])
+    share = _pagecache.resident_fraction([f])
+    if share is None:
+        pytest.skip("mincore is not available here")
+    assert share == 1.0
+    _pagecache.evict([f])
+    if _fs_type(tmp_path) in ("tmpfs", "ramfs", "overlay"):
+        pytest.skip(f"{tmp_path} is on {_fs_type(tmp_path)}: its pages are not dropped")
+    assert _pagecache.resident_fraction([f]) < 0.5
+    _pagecache.warm([f])
+    assert _pagecache.resident_fraction([f]) == 1.0
+    assert model_size.prepare_cache(tmp_path, "cold") < 0.5 and model_size.prepare_cache(tmp_path, "warm") == 1.0
+    with pytest.raises(ValueError, match="page cache mode"):
+        model_size.prepare_cache(tmp_path, "hot")

@@ -77,6 +77,17 @@ def _cholesky(A: torch.Tensor, upper: bool = False) -> torch.Tensor:
         ) from e
 
 
+def _inverse_factor(H: torch.Tensor) -> torch.Tensor:
+    """``U``, the upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``), by the Cholesky factor ``L`` of ``H``
+    and ``cholesky_inverse``. Consumes ``H``: its storage is released once ``L`` is formed (``H`` is left
+    empty), so at most two ``[n, n]`` matrices are alive at a time although the caller holds ``H``."""
+    L = _cholesky(H)
+    H.set_()
+    H_inv = torch.cholesky_inverse(L)
+    del L
+    return _cholesky(H_inv, upper=True)
+
+
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
@@ -118,13 +129,8 @@ def gptq_quantize(
     else:
         perm = torch.arange(cols, device=W.device)
     H.diagonal().add_(percdamp * torch.diag(H).mean())  # H + damp I without an [n, n] identity
-    # U, the upper Cholesky factor of H^-1, with at most two [n, n] matrices alive at a time
-    L = _cholesky(H)
+    U = _inverse_factor(H)
     del H
-    H_inv = torch.cholesky_inverse(L)
-    del L
-    U = _cholesky(H_inv, upper=True)
-    del H_inv
 
     ngroups = cols // g
     scales = torch.empty(rows, ngroups, dtype=dtype, device=W.device)
