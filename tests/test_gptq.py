@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from orthoopt.errors import InvalidInputError
+
 from orthoopt.testing import planted_outlier_model
 from orthoopt.adapters.archs import locate
 from orthoopt.quant import (
@@ -327,3 +329,41 @@ def test_the_inverse_factor_is_the_upper_cholesky_of_the_inverse_and_consumes_h(
     assert H.numel() == 0 and H.untyped_storage().nbytes() == 0
     assert torch.equal(U, torch.triu(U))
     torch.testing.assert_close(U.T @ U, torch.linalg.inv(H0), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_shared_factor_gives_the_results_of_the_hessian(act_order, dtype):
+    """``gptq_quantize(W, gptq_factor(H))`` is ``gptq_quantize(W, H)``, equal (the same arithmetic), for two
+    weights reading one input, with a dead input and act-order; a factor made with other settings is
+    refused by name."""
+    from orthoopt.quant.gptq import gptq_factor
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(64, 32, generator=g, dtype=torch.float64)
+    X[:, 5] = 0  # a dead input
+    H = (2 * X.T @ X / 64).to(dtype)
+    spec = QuantSpec(bits=4, group_size=8)
+    factor = gptq_factor(H, percdamp=0.01, act_order=act_order, dtype=dtype)
+    for rows in (16, 40):
+        W = torch.randn(rows, 32, generator=g, dtype=torch.float64).to(dtype)
+        a = gptq_quantize(W, H, spec, act_order=act_order, block_size=8)
+        b = gptq_quantize(W, factor, spec, act_order=act_order, block_size=8)
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.scale, b.scale) and a.loss == b.loss
+        assert torch.equal(a.group_index, b.group_index)
+    with pytest.raises(InvalidInputError, match="GPTQFactor was made with"):
+        gptq_quantize(W, factor, spec, act_order=not act_order)
+
+
+def test_the_shared_factor_benchmark_compares_equal_results(capsys, monkeypatch):
+    """benchmarks/gptq_shared_factor.py on a tiny group: both forms timed, results equal bit for bit."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gptq_shared_factor
+
+    monkeypatch.setattr(gptq_shared_factor, "SHAPES", {"1b": {"q, k, v": ((256, 128, 128), 256)}})
+    gptq_shared_factor.main(["--shapes", "1b", "--repeats", "2"])
+    row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 1b |")]
+    assert len(row) == 1 and row[0].endswith("| True |")

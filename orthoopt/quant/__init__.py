@@ -7,7 +7,7 @@ stay in full precision.
 from importlib import import_module
 
 from orthoopt.quant.calib import calibration_batches, read_text, tokenize_text
-from orthoopt.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize
+from orthoopt.quant.gptq import GPTQFactor, GPTQResult, HessianAccumulator, gptq_factor, gptq_quantize
 from orthoopt.quant.quantizer import QuantSpec, WeightQuantParams, fake_quantize, find_params, quantize_rows
 from orthoopt.quant.rtn import quantize_rtn, quantize_rtn_params
 
@@ -38,6 +38,7 @@ __all__ = [
     "ActQuantConfig",
     "ActQuantHooks",
     "GPTQConfig",
+    "GPTQFactor",
     "GPTQResult",
     "HessianAccumulator",
     "KVQuantConfig",
@@ -50,6 +51,7 @@ __all__ = [
     "calibration_batches",
     "fake_quantize",
     "find_params",
+    "gptq_factor",
     "gptq_quantize",
     "gptq_quantize_model",
     "install_act_quant",

@@ -77,6 +77,62 @@ def _cholesky(A: torch.Tensor, upper: bool = False) -> torch.Tensor:
         ) from e
 
 
+@dataclass
+class GPTQFactor:
+    """What GPTQ needs of one input Hessian, from :func:`gptq_factor`: one factorization serves every linear
+    that reads the same input (q/k/v, gate/up).
+
+    U:         upper Cholesky factor of the dampened ``H^-1`` (in act-order's column order), ``[in, in]``.
+    dead:      ``[in]`` bool, the inputs with ``diag H = 0`` (their weight columns are zeroed).
+    perm:      ``[in]`` long, the column order (act-order's; ``arange`` without it).
+    percdamp, act_order: the settings it was made with.
+    """
+
+    U: torch.Tensor
+    dead: torch.Tensor
+    perm: torch.Tensor
+    percdamp: float
+    act_order: bool
+
+
+@torch.no_grad()
+def gptq_factor(hessian: torch.Tensor, *, percdamp: float = 0.01, act_order: bool = False,
+                dtype: torch.dtype = torch.float32) -> GPTQFactor:
+    """Factor the input Hessian ``hessian`` (``[in, in]``) once for :func:`gptq_quantize`.
+
+    Parameters
+    ----------
+    hessian : torch.Tensor
+        ``[in, in]`` input Hessian (not modified).
+    percdamp : float
+        Dampening: ``H + percdamp * mean(diag H) * I``.
+    act_order : bool
+        Columns in order of decreasing ``diag H``.
+    dtype : torch.dtype
+        float64 for float64 weights, else float32 (what :func:`gptq_quantize` computes in).
+
+    Returns
+    -------
+    GPTQFactor
+        ``U``, the dead inputs and the column order; at most three ``[in, in]`` matrices are alive while
+        it is formed (``hessian``, and two of the copy, ``L``, ``H^-1``, ``U``).
+    """
+    if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise InvalidInputError(f"the Hessian must be square [in, in], got shape {tuple(hessian.shape)}")
+    if percdamp < 0:
+        raise InvalidInputError(f"percdamp must be non-negative, got {percdamp}")
+    H = hessian.detach().to(dtype=dtype).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        H = H[perm][:, perm]
+    else:
+        perm = torch.arange(H.shape[0], device=H.device)
+    H.diagonal().add_(percdamp * torch.diag(H).mean())  # H + damp I without an [n, n] identity
+    return GPTQFactor(_inverse_factor(H), dead, perm, percdamp, act_order)
+
+
 def _inverse_factor(H: torch.Tensor) -> torch.Tensor:
     """``U``, the upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``), by the Cholesky factor ``L`` of ``H``
     and ``cholesky_inverse``. Consumes ``H``: its storage is released once ``L`` is formed (``H`` is left
@@ -91,7 +147,7 @@ def _inverse_factor(H: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | GPTQFactor,
     spec: QuantSpec,
     *,
     block_size: int = 128,
@@ -101,12 +157,16 @@ def gptq_quantize(
     """Quantize ``weight`` (``[out, in]``) with GPTQ given the input Hessian ``hessian`` (``[in, in]``).
 
     Computed in float64 if ``weight`` is float64, else float32. ``spec.group_size`` must divide ``in``.
+    ``hessian`` may be a :class:`GPTQFactor` of it (:func:`gptq_factor`, made with this ``percdamp`` and
+    ``act_order`` and the dtype of this computation): the linears that read one input then share one
+    factorization, with the same arithmetic (results equal to passing the Hessian).
     """
     if weight.ndim != 2:
         raise InvalidInputError(f"gptq_quantize expects a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
     rows, cols = weight.shape
-    if hessian.shape != (cols, cols):
-        raise InvalidInputError(f"Hessian of shape {tuple(hessian.shape)} does not match weight with {cols} input columns")
+    shape = tuple((hessian.U if isinstance(hessian, GPTQFactor) else hessian).shape)
+    if shape != (cols, cols):
+        raise InvalidInputError(f"Hessian of shape {shape} does not match weight with {cols} input columns")
     if block_size < 1:
         raise InvalidInputError(f"block_size must be positive, got {block_size}")
     if percdamp < 0:
@@ -117,20 +177,18 @@ def gptq_quantize(
 
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     W = weight.detach().to(dtype).clone()
-    H = hessian.detach().to(dtype=dtype, device=W.device).clone()
-
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+    if isinstance(hessian, GPTQFactor):
+        made = (hessian.percdamp, hessian.act_order, hessian.U.dtype)
+        if made != (percdamp, act_order, dtype):
+            raise InvalidInputError(f"the GPTQFactor was made with percdamp, act_order, dtype = {made}, "
+                                    f"this call has {(percdamp, act_order, dtype)}")
+        factor = hessian
     else:
-        perm = torch.arange(cols, device=W.device)
-    H.diagonal().add_(percdamp * torch.diag(H).mean())  # H + damp I without an [n, n] identity
-    U = _inverse_factor(H)
-    del H
+        factor = gptq_factor(hessian.to(W.device), percdamp=percdamp, act_order=act_order, dtype=dtype)
+    U, perm = factor.U, factor.perm
+    W[:, factor.dead] = 0.0
+    if act_order:
+        W = W[:, perm]
 
     ngroups = cols // g
     scales = torch.empty(rows, ngroups, dtype=dtype, device=W.device)
