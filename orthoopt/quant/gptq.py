@@ -114,8 +114,9 @@ def gptq_factor(hessian: torch.Tensor, *, percdamp: float = 0.01, act_order: boo
     Returns
     -------
     GPTQFactor
-        ``U``, the dead inputs and the column order; at most three ``[in, in]`` matrices are alive while
-        it is formed (``hessian``, and two of the copy, ``L``, ``H^-1``, ``U``).
+        ``U``, the dead inputs and the column order. While it is formed at most three ``[in, in]``
+        matrices are alive: ``hessian`` and two of its dampened copy, ``L``, ``H^-1`` and ``U`` (with
+        act-order the permuted copy adds one for a moment).
     """
     if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
         raise InvalidInputError(f"the Hessian must be square [in, in], got shape {tuple(hessian.shape)}")
